@@ -1,0 +1,169 @@
+"""The `verifier` CLI: documented JSON, exit codes, one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHIPPED, float_io, make_model, shipped_data, shipped_model
+from onnx import TensorProto, helper
+
+from verifier import cli
+
+INSPECT_KEYS = {"activation_counts", "activation_sites", "family", "opset", "inputs", "outputs", "op_histogram",
+                "producer", "sha256", "ir_version", "logits", "node_count"}
+VALIDATE_KEYS = {"max_abs_diff", "max_rel_diff", "top1_agreement", "providers", "passed", "samples", "outputs"}
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_inspect_json_on_shipped_models(capsys, name):
+    code, out, _ = run_cli(capsys, "inspect", shipped_model(name), "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert INSPECT_KEYS <= set(payload)
+    assert payload["opset"] == 18
+    assert payload["inputs"][0]["dtype"] == "float32"
+    assert sum(payload["activation_counts"].values()) == len(payload["activation_sites"]) > 0
+    assert payload["family"] in {"piecewise-linear", "smooth"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_validate_json_on_shipped_models(capsys, name):
+    code, out, _ = run_cli(capsys, "validate", shipped_model(name), "--data", shipped_data(name),
+                           "--samples", "50", "--json")
+    payload = json.loads(out)
+    assert code == 0 and payload["passed"] is True
+    assert VALIDATE_KEYS <= set(payload)
+    assert payload["samples"] == 50
+    assert payload["max_abs_diff"] <= 1e-5 and payload["top1_agreement"] == 1.0
+    assert "CPUExecutionProvider" in payload["providers"]
+
+
+def test_validate_without_data_uses_random_inputs(capsys):
+    code, out, _ = run_cli(capsys, "validate", shipped_model("mlp_gelu"), "--samples", "8")
+    assert code == 0
+    assert "random uniform" in out and "PASS" in out
+
+
+def test_validate_mismatch_exits_1(capsys, monkeypatch):
+    """A converted module that disagrees with onnxruntime fails the check (exit 1)."""
+    import verifier.convert as convert_module
+
+    original = convert_module.convert_model
+
+    def tampered(loaded):
+        converted = original(loaded)
+        with torch.no_grad():
+            next(iter(converted.module.parameters())).add_(0.1)
+        return converted
+
+    monkeypatch.setattr(convert_module, "convert_model", tampered)
+    code, out, _ = run_cli(capsys, "validate", shipped_model("mlp_relu"), "--samples", "8", "--json")
+    payload = json.loads(out)
+    assert code == 1 and payload["passed"] is False and payload["max_abs_diff"] > 1e-3
+
+
+def _bad_inputs(tmp_path):
+    text = tmp_path / "text.onnx"
+    text.write_text("not a model")
+    raw = shipped_model("mlp_relu").read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(raw[: len(raw) // 3])
+    int_input = tmp_path / "int.onnx"
+    int_input.write_bytes(make_model([helper.make_node("Cast", ["ids"], ["y"], to=TensorProto.FLOAT)],
+                                     [("ids", TensorProto.INT64, [1, 3])], [float_io("y", [1, 3])]).SerializeToString())
+    two = tmp_path / "two.onnx"
+    two.write_bytes(make_model([helper.make_node("Add", ["a", "b"], ["y"])],
+                               [float_io("a", [1, 3]), float_io("b", [1, 3])], [float_io("y", [1, 3])]).SerializeToString())
+    domain = tmp_path / "domain.onnx"
+    domain.write_bytes(make_model([helper.make_node("Magic", ["x"], ["y"], name="m", domain="com.acme")],
+                                  [float_io("x", [1, 3])], [float_io("y", [1, 3])],
+                                  extra_opsets=[("com.acme", 1)]).SerializeToString())
+    unsupported = tmp_path / "unsupported.onnx"
+    unsupported.write_bytes(make_model([helper.make_node("Hardmax", ["x"], ["y"], name="hm")],
+                                       [float_io("x", [2, 3])], [float_io("y", [2, 3])]).SerializeToString())
+    return {
+        "missing": (tmp_path / "missing.onnx", "not found"),
+        "text": (text, "not an ONNX model"),
+        "truncated": (cut, "truncated"),
+        "int_input": (int_input, "int64"),
+        "two_inputs": (two, "2 data inputs"),
+        "unknown_domain": (domain, "com.acme"),
+        "unsupported": (unsupported, "Hardmax"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "truncated", "int_input", "two_inputs", "unknown_domain",
+                                  "unsupported"])
+def test_bad_models_exit_2_with_one_line(capsys, tmp_path, case):
+    path, expected = _bad_inputs(tmp_path)[case]
+    command = "validate" if case == "unsupported" else "inspect"
+    code, out, err = run_cli(capsys, command, path)
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _npz(tmp_path, **arrays):
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("wrong_shape", "expects"), ("nan", "NaN"), ("no_x", "no array 'x'"), ("int_x", "floating point"),
+    ("bad_y", "'y'"), ("not_npz", "not a readable"), ("missing", "not found"),
+])
+def test_bad_data_exit_2(capsys, tmp_path, case, expected):
+    good = np.zeros((4, 64), dtype=np.float32)
+    if case == "wrong_shape":
+        path = _npz(tmp_path, x=np.zeros((4, 8, 8), dtype=np.float32))
+    elif case == "nan":
+        bad = good.copy()
+        bad[1, 3] = np.nan
+        path = _npz(tmp_path, x=bad)
+    elif case == "no_x":
+        path = _npz(tmp_path, inputs=good)
+    elif case == "int_x":
+        path = _npz(tmp_path, x=good.astype(np.int32))
+    elif case == "bad_y":
+        path = _npz(tmp_path, x=good, y=np.zeros(3, dtype=np.int64))
+    elif case == "not_npz":
+        path = tmp_path / "data.npz"
+        path.write_text("hello")
+    else:
+        path = tmp_path / "absent.npz"
+    code, _, err = run_cli(capsys, "validate", shipped_model("mlp_relu"), "--data", path)
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_bad_usage_exits_2(capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["validate", str(shipped_model("mlp_relu")), "--device", "tpu"])
+    assert caught.value.code == 2
+    code, _, err = run_cli(capsys, "validate", shipped_model("mlp_relu"), "--atol", "-1")
+    assert code == 2 and "--atol" in err
+
+
+def test_json_error_object(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "nothing.onnx", "--json")
+    assert code == 2
+    assert json.loads(out)["error_type"] == "ModelNotFoundError"
+
+
+def test_console_script_runs():
+    """The installed entry point works end to end in a fresh process."""
+    result = subprocess.run([sys.executable, "-m", "verifier.cli", "inspect", str(shipped_model("cnn"))],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "family     piecewise-linear" in result.stdout and "max_pool 2" in result.stdout

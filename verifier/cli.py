@@ -1,0 +1,133 @@
+"""`verifier` command line: a thin layer over the Python API.
+
+Exit codes: 0 ok, 1 a check failed (e.g. the conversion does not match onnxruntime),
+2 bad input or usage (one line on stderr, no traceback), 4 internal error (a bug: please report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+from verifier import __version__
+from verifier.errors import UsageError, VerifierError
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 4
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL.onnx", help="path to the ONNX model")
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", metavar="FILE.npz", help="npz with arrays x (float inputs) and y (int labels)")
+    parser.add_argument("--samples", type=int, metavar="N", help="use the first N samples (default: all, or 64 random)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="torch device (default auto: CUDA when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="verifier", description="Robustness verifier for ONNX models.")
+    parser.add_argument("--version", action="version", version=f"verifier {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="model specs, op histogram, activation sites, family")
+    _add_model(inspect)
+    _add_json(inspect)
+    inspect.set_defaults(run=_run_inspect)
+
+    validate = commands.add_parser("validate", help="check the torch conversion against onnxruntime")
+    _add_model(validate)
+    _add_data(validate)
+    validate.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    validate.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
+    _add_device(validate)
+    _add_json(validate)
+    validate.set_defaults(run=_run_validate)
+    return parser
+
+
+def _run_inspect(args: argparse.Namespace) -> tuple[int, dict, str]:
+    from verifier.summary import inspect_model
+
+    summary = inspect_model(args.model)
+    return EXIT_OK, summary.to_dict(), summary.to_text()
+
+
+def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
+    from verifier.convert import convert_model
+    from verifier.data import load_samples, random_samples
+    from verifier.onnx_io import load_model
+    from verifier.validate import validate_against_onnxruntime
+
+    if args.atol < 0 or args.rtol < 0:
+        raise UsageError("--atol and --rtol must be >= 0")
+    loaded = load_model(args.model)
+    spec = loaded.info.data_input
+    if args.data:
+        samples = load_samples(args.data, spec, args.samples)
+    else:
+        fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
+        samples = random_samples(spec, args.samples or fixed or 64, seed=args.seed)
+    converted = convert_model(loaded)
+    report = validate_against_onnxruntime(loaded, converted, samples.x, args.atol, args.rtol, args.device)
+    payload = {"model": args.model, "data": samples.source, **report.to_dict()}
+    lines = [
+        f"model      {args.model}",
+        f"data       {samples.source} ({report.samples} samples)",
+        f"providers  onnxruntime {', '.join(report.providers)}; torch {report.torch_device}",
+    ]
+    lines += [
+        f"output     {o.name}: max abs diff {o.max_abs_diff:.3g}, max rel diff {o.max_rel_diff:.3g}"
+        f"{'' if o.within_tolerance else '  <-- out of tolerance'}"
+        for o in report.outputs
+    ]
+    lines.append(f"top-1      {report.top1_agreement:.2%} agreement")
+    lines.append(f"result     {'PASS' if report.passed else 'FAIL'} (atol {args.atol:g}, rtol {args.rtol:g})")
+    return (EXIT_OK if report.passed else EXIT_CHECK_FAILED), payload, "\n".join(lines)
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("onnxscript", "onnx_ir", "torch", "onnx2torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `verifier` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    run: Callable[[argparse.Namespace], tuple[int, dict, str]] = args.run
+    try:
+        code, payload, text = run(args)
+    except VerifierError as err:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(err), "error_type": type(err).__name__}))
+        print(f"verifier: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("verifier: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a bug must still end in one readable line
+        print(f"verifier: internal error (please report): {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_INTERNAL
+    print(json.dumps(payload, indent=2) if args.json else text)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""ONNX -> torch.fx conversion with onnx2torch, plus hooks on every activation site.
+
+`convert_model` normalises the graph (`normalize.py`), checks that every node has a converter
+(listing *all* offenders before any work), converts with onnx2torch (own converters in
+`converters.py`), and returns a `ConvertedModel`: the eval-mode `GraphModule`, which output is
+the logits, and the activation sites of the normalised graph mapped to fx nodes so that later
+stages can read pre-activation values and activation patterns (`probe_module`).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import onnx
+import torch
+from torch import fx
+
+from verifier.convert import converters  # noqa: F401  (registers verifier's converters)
+from verifier.convert.compat import import_onnx2torch
+from verifier.convert.normalize import NormalizedModel, normalize_model
+from verifier.errors import ConversionError, UnsupportedOpsError
+from verifier.graph import ActivationSite, OperatorGraph
+from verifier.onnx_io import LoadedModel, TensorSpec
+
+onnx2torch = import_onnx2torch()
+from onnx2torch.node_converters.registry import get_converter  # noqa: E402
+from onnx2torch.onnx_graph import OnnxGraph  # noqa: E402
+
+
+@dataclass(frozen=True, eq=False)
+class ConvertedModel:
+    """A torch view of an ONNX model: outputs, logits, and hookable activation sites."""
+
+    module: fx.GraphModule = field(repr=False)
+    input_spec: TensorSpec
+    output_names: tuple[str, ...]
+    logits_index: int
+    sites: tuple[ActivationSite, ...]
+    normalized: onnx.ModelProto = field(repr=False)
+    tensor_nodes: dict[str, str] = field(repr=False)
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All normalised outputs (original float outputs, then the logits if they were exposed)."""
+        result = self.module(x)
+        return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+    @cached_property
+    def logits_module(self) -> fx.GraphModule:
+        """A GraphModule computing only the logits from the input."""
+        return self._rewired(lambda nodes: nodes[self.output_names[self.logits_index]])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch."""
+        return self.logits_module(x)
+
+    def probe_module(self, sites: Sequence[int] | None = None) -> fx.GraphModule:
+        """A GraphModule returning `(logits, {site index: (pre-activation, post-activation)})`."""
+        chosen = [s for s in self.sites if sites is None or s.index in set(sites)]
+
+        def outputs(nodes: dict[str, fx.Node]):
+            probes = {site.index: (nodes[site.input], nodes[site.output]) for site in chosen}
+            return (nodes[self.output_names[self.logits_index]], probes)
+
+        return self._rewired(outputs)
+
+    def _rewired(self, choose) -> fx.GraphModule:
+        graph = fx.Graph()
+        value_map: dict[fx.Node, fx.Node] = {}
+        graph.graph_copy(self.module.graph, value_map)
+        by_name = {node.name: node for node in graph.nodes}
+        nodes = {tensor: by_name[name] for tensor, name in self.tensor_nodes.items() if name in by_name}
+        missing = _multi_output_getitems(self, graph, by_name)
+        nodes.update(missing)
+        graph.output(choose(nodes))
+        module = fx.GraphModule(self.module, graph)
+        module.graph.eliminate_dead_code()
+        module.recompile()
+        return module.eval()
+
+
+def _multi_output_getitems(model: ConvertedModel, graph: fx.Graph, by_name: dict[str, fx.Node]) -> dict:
+    """getitem nodes for outputs of multi-output ops that the original graph never indexed."""
+    added: dict[str, fx.Node] = {}
+    for tensor, name in model.tensor_nodes.items():
+        if name.startswith("__multi__:"):
+            _, owner, index = name.split(":")
+            with graph.inserting_after(by_name[owner]):
+                added[tensor] = graph.call_function(operator.getitem, (by_name[owner], int(index)))
+    return added
+
+
+def convert_model(model: LoadedModel) -> ConvertedModel:
+    """Convert a loaded model to a `ConvertedModel` (eval mode), or explain every blocking node."""
+    normalized = normalize_model(model.proto)
+    onnx_graph = OnnxGraph(normalized.proto.graph)
+    _check_supported(normalized, onnx_graph)
+    try:
+        module = onnx2torch.convert(normalized.proto)
+    except Exception as err:  # noqa: BLE001 - onnx2torch raises bare exceptions of many kinds
+        raise ConversionError(f"onnx2torch failed: {type(err).__name__}: {err}") from err
+    module.eval()
+    tensor_nodes = _tensor_to_fx(normalized, onnx_graph, module)
+    sites = OperatorGraph(normalized.proto).find_activations()
+    return ConvertedModel(
+        module=module,
+        input_spec=model.info.data_input,
+        output_names=normalized.output_names,
+        logits_index=normalized.logits_index,
+        sites=tuple(sites),
+        normalized=normalized.proto,
+        tensor_nodes=tensor_nodes,
+    )
+
+
+def _check_supported(normalized: NormalizedModel, onnx_graph: OnnxGraph) -> None:
+    opsets = {o.domain: o.version for o in normalized.proto.opset_import}
+    problems: list[tuple[str, str, str]] = []
+    for name, node in onnx_graph.nodes.items():
+        domain = node.domain
+        label = node.operation_type if domain in ("", "ai.onnx") else f"{domain}.{node.operation_type}"
+        try:
+            converter = get_converter(
+                domain=domain, operation_type=node.operation_type, version=opsets.get(domain, 1)
+            )
+            converter(node, onnx_graph)
+        except NotImplementedError as err:
+            problems.append((name, f"{label} (opset {opsets.get(domain, 1)})", _reason(err)))
+        except Exception as err:  # noqa: BLE001 - a converter choking on attributes is also unsupported
+            problems.append((name, label, f"{type(err).__name__}: {err}"))
+    if problems:
+        raise UnsupportedOpsError("conversion", problems)
+
+
+def _reason(err: Exception) -> str:
+    text = str(err)
+    return "no converter" if "Converter is not implemented" in text else text
+
+
+def _tensor_to_fx(normalized: NormalizedModel, onnx_graph: OnnxGraph, module: fx.GraphModule) -> dict[str, str]:
+    """ONNX tensor name -> fx node name (or `__multi__:owner:index` for unindexed outputs)."""
+    fx_nodes = {node.name: node for node in module.graph.nodes}
+    by_target = {node.target: node for node in module.graph.nodes if node.op == "call_module"}
+    mapping: dict[str, str] = {}
+    for node in module.graph.nodes:
+        if node.op == "placeholder":
+            mapping[normalized.input_name] = node.name
+    for unique_name, onnx_node in onnx_graph.nodes.items():
+        fx_node = by_target.get(unique_name)
+        if fx_node is None:
+            continue
+        outputs = onnx_node.output_values
+        if len(outputs) == 1:
+            mapping[outputs[0]] = fx_node.name
+            continue
+        for index, tensor in enumerate(outputs):
+            user = next(
+                (u for u in fx_node.users if u.op == "call_function" and u.target is operator.getitem
+                 and u.args[1] == index),
+                None,
+            )
+            mapping[tensor] = user.name if user is not None else f"__multi__:{fx_node.name}:{index}"
+    missing = [t for t in normalized.output_names if t not in mapping]
+    if missing or any(n not in fx_nodes and not n.startswith("__multi__") for n in mapping.values()):
+        raise ConversionError(f"cannot map outputs {missing} to the converted module")
+    return mapping
+
+
+__all__ = ["ConvertedModel", "convert_model"]

@@ -1,0 +1,253 @@
+"""verifier's own converters, registered through onnx2torch's public registry.
+
+onnx2torch keys converters by the exact `since_version` of an op's schema and stops at
+opset 16, so exports at opsets 17-21 miss converters for ops whose schema only widened its types.
+Those get an *alias* to the newest older converter (with a guard where the new version added a
+feature). Ops whose semantics changed get a converter here: `Gelu`-20, `Split`-18, the
+`Reduce*`-18/20 family (axes became an input), and verifier-domain `Reshape`/`Slice` whose
+constant operands are baked in at conversion time so that `torch.func.vmap` can trace them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from verifier.convert.compat import import_onnx2torch
+from verifier.convert.normalize import VERIFIER_DOMAIN
+
+onnx2torch = import_onnx2torch()
+from onnx2torch.node_converters.registry import add_converter, get_converter  # noqa: E402
+from onnx2torch.onnx_graph import OnnxGraph  # noqa: E402
+from onnx2torch.onnx_node import OnnxNode  # noqa: E402
+from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult  # noqa: E402
+
+Guard = Callable[[OnnxNode], str | None]
+
+
+def _constant(graph: OnnxGraph, name: str) -> torch.Tensor | None:
+    if not name or name not in graph.initializers:
+        return None
+    return graph.initializers[name].to_torch()
+
+
+def _data_only(node: OnnxNode) -> OnnxMapping:
+    """Map only the first input: the others were baked into the module."""
+    return OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values)
+
+
+def _result(module: nn.Module, mapping: OnnxMapping) -> OperationConverterResult:
+    return OperationConverterResult(torch_module=module, onnx_mapping=mapping)
+
+
+class BakedReshape(nn.Module, OnnxToTorchModule):
+    """ONNX Reshape with its target shape fixed at conversion (allowzero handled)."""
+
+    def __init__(self, shape: Sequence[int], allowzero: bool) -> None:
+        super().__init__()
+        self.shape = [int(s) for s in shape]
+        self.allowzero = allowzero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        target = self.shape if self.allowzero else [x.shape[i] if s == 0 else s for i, s in enumerate(self.shape)]
+        return torch.reshape(x, target)
+
+
+class DynamicReshape(nn.Module, OnnxToTorchModule):
+    """ONNX Reshape whose shape is computed in the graph (not vmap-traceable)."""
+
+    def __init__(self, allowzero: bool) -> None:
+        super().__init__()
+        self.allowzero = allowzero
+
+    def forward(self, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        dims = [int(s) for s in shape.tolist()]
+        if not self.allowzero:
+            dims = [x.shape[i] if s == 0 else s for i, s in enumerate(dims)]
+        return torch.reshape(x, dims)
+
+
+class BakedSlice(nn.Module, OnnxToTorchModule):
+    """ONNX Slice with constant starts/ends/axes/steps (Python slice semantics match ONNX's)."""
+
+    def __init__(self, starts: list[int], ends: list[int], axes: list[int], steps: list[int]) -> None:
+        super().__init__()
+        self.parts = list(zip(axes, starts, ends, steps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        for axis, start, end, step in self.parts:
+            axis = axis % x.dim()
+            if step > 0:
+                index = [slice(None)] * axis + [slice(start, end, step)]
+                x = x[tuple(index)]
+            else:
+                picks = range(*slice(start, end, step).indices(x.shape[axis]))
+                x = torch.index_select(x, axis, torch.tensor(list(picks), dtype=torch.long, device=x.device))
+        return x
+
+
+class Reduce(nn.Module, OnnxToTorchModule):
+    """ONNX Reduce* (opset 18+: axes as an input) with constant axes."""
+
+    _OPS: dict[str, Callable[[torch.Tensor, list[int], bool], torch.Tensor]] = {
+        "ReduceMean": lambda x, d, k: torch.mean(x, dim=d, keepdim=k),
+        "ReduceSum": lambda x, d, k: torch.sum(x, dim=d, keepdim=k),
+        "ReduceMax": lambda x, d, k: torch.amax(x, dim=d, keepdim=k),
+        "ReduceMin": lambda x, d, k: torch.amin(x, dim=d, keepdim=k),
+        "ReduceProd": lambda x, d, k: _prod(x, d, k),
+        "ReduceL1": lambda x, d, k: torch.sum(torch.abs(x), dim=d, keepdim=k),
+        "ReduceL2": lambda x, d, k: torch.sqrt(torch.sum(x * x, dim=d, keepdim=k)),
+        "ReduceSumSquare": lambda x, d, k: torch.sum(x * x, dim=d, keepdim=k),
+        "ReduceLogSum": lambda x, d, k: torch.log(torch.sum(x, dim=d, keepdim=k)),
+        "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, dim=d, keepdim=k),
+    }
+
+    def __init__(self, op_type: str, axes: list[int] | None, keepdims: bool, noop_with_empty_axes: bool) -> None:
+        super().__init__()
+        self.op_type, self.axes, self.keepdims, self.noop = op_type, axes, keepdims, noop_with_empty_axes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not self.axes:
+            if self.noop:
+                return x
+            return self._OPS[self.op_type](x, list(range(x.dim())), self.keepdims)
+        return self._OPS[self.op_type](x, self.axes, self.keepdims)
+
+
+def _prod(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
+    for dim in sorted((d % x.dim() for d in dims), reverse=True):
+        x = torch.prod(x, dim=dim, keepdim=keepdim)
+    return x
+
+
+class SplitSizes(nn.Module, OnnxToTorchModule):
+    """ONNX Split-18 with constant sizes (or `num_outputs`, last chunk smaller)."""
+
+    def __init__(self, axis: int, sizes: list[int] | None, num_outputs: int) -> None:
+        super().__init__()
+        self.axis, self.sizes, self.num_outputs = axis, sizes, num_outputs
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: D102
+        if self.sizes is not None:
+            return tuple(torch.split(x, self.sizes, dim=self.axis))
+        chunk = -(-x.shape[self.axis] // self.num_outputs)
+        return tuple(torch.split(x, chunk, dim=self.axis))
+
+
+@add_converter(operation_type="Reshape", version=1, domain=VERIFIER_DOMAIN)
+def _reshape(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    allowzero = bool(node.attributes.get("allowzero", 0))
+    shape = _constant(graph, node.input_values[1])
+    if shape is None:
+        return _result(DynamicReshape(allowzero), OnnxMapping(node.input_values[:2], node.output_values))
+    return _result(BakedReshape(shape.tolist(), allowzero), _data_only(node))
+
+
+@add_converter(operation_type="Slice", version=1, domain=VERIFIER_DOMAIN)
+def _slice(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    inputs = list(node.input_values) + [""] * (5 - len(node.input_values))
+    starts = _constant(graph, inputs[1]).tolist()
+    ends = _constant(graph, inputs[2]).tolist()
+    axes_t, steps_t = _constant(graph, inputs[3]), _constant(graph, inputs[4])
+    axes = axes_t.tolist() if axes_t is not None else list(range(len(starts)))
+    steps = steps_t.tolist() if steps_t is not None else [1] * len(starts)
+    return _result(BakedSlice(starts, ends, axes, steps), _data_only(node))
+
+
+@add_converter(operation_type="Gelu", version=20)
+def _gelu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # noqa: ARG001
+    approximate = node.attributes.get("approximate", "none")
+    if isinstance(approximate, bytes):
+        approximate = approximate.decode()
+    return _result(nn.GELU(approximate=approximate), _data_only(node))
+
+
+@add_converter(operation_type="Split", version=18)
+def _split(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    sizes_name = node.input_values[1] if len(node.input_values) > 1 else ""
+    sizes = _constant(graph, sizes_name)
+    if sizes_name and sizes is None:
+        raise NotImplementedError("Split with sizes computed in the graph")
+    module = SplitSizes(
+        axis=int(node.attributes.get("axis", 0)),
+        sizes=None if sizes is None else [int(s) for s in sizes.tolist()],
+        num_outputs=int(node.attributes.get("num_outputs", len(node.output_values))),
+    )
+    return _result(module, _data_only(node))
+
+
+def _reduce(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    axes_name = node.input_values[1] if len(node.input_values) > 1 else ""
+    axes = _constant(graph, axes_name)
+    if axes_name and axes is None:
+        raise NotImplementedError("axes computed in the graph")
+    module = Reduce(
+        node.operation_type,
+        None if axes is None else [int(a) for a in axes.tolist()],
+        keepdims=bool(node.attributes.get("keepdims", 1)),
+        noop_with_empty_axes=bool(node.attributes.get("noop_with_empty_axes", 0)),
+    )
+    return _result(module, _data_only(node))
+
+
+for _op in Reduce._OPS:
+    for _version in (18, 20) if _op in ("ReduceMax", "ReduceMin") else (18,):
+        add_converter(operation_type=_op, version=_version)(_reduce)
+
+
+def _no_dilations(node: OnnxNode) -> str | None:
+    dilations = node.attributes.get("dilations")
+    return None if not dilations or all(d == 1 for d in dilations) else "dilations are not supported"
+
+
+def _pad_guard(node: OnnxNode) -> str | None:
+    if len(node.input_values) > 3 and node.input_values[3]:
+        return "Pad with an axes input is not supported"
+    mode = node.attributes.get("mode", "constant")
+    return "Pad mode 'wrap' is not supported" if mode in ("wrap", b"wrap") else None
+
+
+def _no_reduction(node: OnnxNode) -> str | None:
+    return None if node.attributes.get("reduction", "none") in ("none", b"none") else "reduction is not supported"
+
+
+# (op, new since_version) -> (older since_version whose converter is equivalent, guard)
+_ALIASES: dict[tuple[str, int], tuple[int, Guard | None]] = {
+    ("AveragePool", 19): (11, _no_dilations),
+    ("Cast", 19): (13, None), ("Cast", 21): (13, None),
+    ("Constant", 19): (13, None), ("Constant", 21): (13, None),
+    ("ConstantOfShape", 20): (9, None), ("ConstantOfShape", 21): (9, None),
+    ("Equal", 19): (13, None),
+    ("Flatten", 21): (13, None),
+    ("GreaterOrEqual", 16): (12, None), ("LessOrEqual", 16): (12, None),
+    ("Identity", 19): (16, None), ("Identity", 21): (16, None),
+    ("IsInf", 20): (10, None), ("IsNaN", 20): (13, None),
+    ("Pad", 18): (13, _pad_guard), ("Pad", 19): (13, _pad_guard), ("Pad", 21): (13, _pad_guard),
+    ("ScatterND", 18): (16, _no_reduction),
+    ("Shape", 19): (15, None), ("Shape", 21): (15, None),
+    ("Squeeze", 21): (13, None), ("Unsqueeze", 21): (13, None),
+    ("Transpose", 21): (13, None),
+}
+
+
+def _alias(op_type: str, older: int, guard: Guard | None):
+    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        problem = guard(node) if guard else None
+        if problem:
+            raise NotImplementedError(problem)
+        return get_converter(operation_type=op_type, version=older)(node, graph)
+
+    return convert
+
+
+def _register_aliases() -> None:
+    for (op_type, version), (older, guard) in _ALIASES.items():
+        try:
+            get_converter(operation_type=op_type, version=version)
+        except NotImplementedError:
+            add_converter(operation_type=op_type, version=version)(_alias(op_type, older, guard))
+
+
+_register_aliases()

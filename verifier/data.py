@@ -1,0 +1,92 @@
+"""Sample data for a model: `.npz` files with `x` (float inputs) and `y` (integer labels).
+
+`load_samples` checks a file against the model's input spec and says precisely what does not
+fit; `random_samples` makes seeded inputs of the model's shape when the user gives no data.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from verifier.errors import DataError
+from verifier.onnx_io import TensorSpec
+
+
+@dataclass(frozen=True, eq=False)
+class Samples:
+    """Inputs `x` (N, *sample shape) in the model's dtype, labels `y` (N,) or None."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def load_samples(path: str | os.PathLike[str], spec: TensorSpec, limit: int | None = None) -> Samples:
+    """Read and check `x`/`y` from an npz file for a model input; keep the first `limit` samples."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from err
+    if "x" not in arrays:
+        raise DataError(f"{path} has no array 'x' (found: {', '.join(sorted(arrays)) or 'nothing'})")
+    x = arrays["x"]
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"'x' in {path} has dtype {x.dtype}; inputs must be floating point")
+    y = arrays.get("y")
+    if y is not None:
+        if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"'y' in {path} must be a 1-D integer array with one label per row of 'x' "
+                            f"(got dtype {y.dtype}, shape {y.shape}, {len(x)} inputs)")
+    if limit is not None:
+        if limit < 1:
+            raise DataError(f"the number of samples must be at least 1 (got {limit})")
+        x, y = x[:limit], (None if y is None else y[:limit])
+    check_fits(x, spec, str(path))
+    if not np.all(np.isfinite(x)):
+        bad = int(np.count_nonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1)))
+        raise DataError(f"'x' in {path} contains NaN or Inf values ({bad} sample(s))")
+    return Samples(x=np.ascontiguousarray(x.astype(spec.dtype, copy=False)),
+                   y=None if y is None else y.astype(np.int64), source=str(path))
+
+
+def check_fits(x: np.ndarray, spec: TensorSpec, source: str) -> None:
+    """Raise `DataError` unless `x` (with a leading sample axis) fits the input's shape."""
+    if spec.shape is None:
+        return
+    if x.ndim != len(spec.shape) or x.shape[0] == 0:
+        raise DataError(f"inputs in {source} have shape {tuple(x.shape)}; model input {spec.name!r} "
+                        f"expects {_describe(spec.shape)}")
+    for axis, (got, want) in enumerate(zip(x.shape[1:], spec.shape[1:]), start=1):
+        if isinstance(want, int) and want != got:
+            raise DataError(f"inputs in {source} have shape {tuple(x.shape)}; model input {spec.name!r} "
+                            f"expects {_describe(spec.shape)} (axis {axis}: {got} != {want})")
+
+
+def random_samples(spec: TensorSpec, count: int, seed: int = 0) -> Samples:
+    """Seeded uniform [0, 1) inputs of the model's per-sample shape."""
+    if spec.shape is None or any(not isinstance(d, int) for d in spec.shape[1:]):
+        raise DataError(f"input {spec.name!r} has shape {_describe(spec.shape)}: give --data, "
+                        "random inputs need fixed sizes beyond the batch axis")
+    if count < 1:
+        raise DataError(f"the number of samples must be at least 1 (got {count})")
+    rng = np.random.default_rng(seed)
+    x = rng.random((count, *spec.shape[1:])).astype(spec.dtype)
+    return Samples(x=x, y=None, source=f"random uniform [0, 1), seed {seed}")
+
+
+def _describe(shape: tuple[int | str | None, ...] | None) -> str:
+    if shape is None:
+        return "an unknown shape"
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"

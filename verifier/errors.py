@@ -1,0 +1,114 @@
+"""The one exception family of verifier: every failure a user can cause has a typed subclass.
+
+Each subclass builds a one-line, human message from its fields; the CLI prints it and exits
+with ``exit_code`` (2 for bad input). A raw traceback is never the answer to a bad file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class VerifierError(Exception):
+    """Root of every error verifier raises on purpose; ``str(err)`` is one line for humans."""
+
+    exit_code: int = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+
+class ModelFileError(VerifierError):
+    """The model file is missing, unreadable, not ONNX, or damaged."""
+
+
+class ModelNotFoundError(ModelFileError):
+    """No file at the given path."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"model file not found: {path}")
+
+
+class NotOnnxError(ModelFileError):
+    """The bytes are not an ONNX ModelProto."""
+
+    def __init__(self, path: str, detail: str = "") -> None:
+        extra = f" ({detail})" if detail else ""
+        super().__init__(f"{path} is not an ONNX model{extra}")
+
+
+class TruncatedModelError(ModelFileError):
+    """The file starts like an ONNX model but cannot be parsed to the end."""
+
+    def __init__(self, path: str, size: int) -> None:
+        super().__init__(
+            f"{path} looks like an ONNX model but is truncated or corrupted ({size} bytes could not be parsed)"
+        )
+
+
+class ExternalDataError(ModelFileError):
+    """External tensor data is missing, too short, or points outside the model's folder."""
+
+    def __init__(self, tensor: str, location: str, reason: str) -> None:
+        super().__init__(f"external data of tensor {tensor!r} at {location!r} refused: {reason}")
+
+
+class CheckerError(VerifierError):
+    """onnx.checker or strict shape inference rejected the model."""
+
+    def __init__(self, what: str, detail: str, node: str | None = None) -> None:
+        where = f" at node {node!r}" if node else ""
+        super().__init__(f"{what} failed{where}: {detail}")
+
+
+class UnknownDomainError(VerifierError):
+    """A node uses an operator domain that is neither standard ONNX nor defined in the model."""
+
+    def __init__(self, nodes: Sequence[tuple[str, str, str]]) -> None:
+        listed = ", ".join(f"{op} (domain {dom!r}) at node {name!r}" for name, op, dom in nodes)
+        super().__init__(f"unknown operator domain: {listed}")
+
+
+class InputSpecError(VerifierError):
+    """The model's data inputs are not what a robustness analysis can perturb."""
+
+
+class NonFloatInputError(InputSpecError):
+    """The data input is not a floating-point tensor."""
+
+    def __init__(self, name: str, dtype: str) -> None:
+        super().__init__(
+            f"input {name!r} has dtype {dtype}; verifier perturbs continuous inputs and needs a float tensor"
+        )
+
+
+class MultipleInputsError(InputSpecError):
+    """The model has more than one (or no) data input."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        if names:
+            msg = f"the model has {len(names)} data inputs ({', '.join(names)}); verifier supports exactly one"
+        else:
+            msg = "the model has no data input"
+        super().__init__(msg)
+
+
+class UnsupportedOpsError(VerifierError):
+    """Some nodes cannot be converted or analysed; all of them are listed at once."""
+
+    def __init__(self, purpose: str, nodes: Sequence[tuple[str, str, str]]) -> None:
+        self.nodes = tuple(nodes)
+        listed = "; ".join(f"{op} at node {name!r} ({why})" for name, op, why in nodes)
+        super().__init__(f"unsupported for {purpose}: {len(self.nodes)} node(s): {listed}")
+
+
+class ConversionError(VerifierError):
+    """onnx2torch failed on a graph that passed the support check."""
+
+
+class DataError(VerifierError):
+    """A data file (npz with ``x`` and ``y``) is missing, malformed, or does not fit the model."""
+
+
+class UsageError(VerifierError):
+    """A command-line value is out of range or inconsistent."""

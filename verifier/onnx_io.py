@@ -1,0 +1,256 @@
+"""Loading an ONNX model safely: parse, external data, checker, shape inference, input specs.
+
+`load_model` is the only door into the pipeline. It refuses, with a typed `VerifierError`,
+anything the rest of verifier could not analyse honestly: a missing or damaged file, external
+data outside the model's folder (audits run on untrusted files), a checker failure, an unknown
+operator domain, a non-float data input, or more than one data input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from verifier.errors import (
+    CheckerError,
+    ExternalDataError,
+    ModelNotFoundError,
+    MultipleInputsError,
+    NonFloatInputError,
+    NotOnnxError,
+    TruncatedModelError,
+    UnknownDomainError,
+)
+
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+)
+_ONNX_FIRST_BYTES = frozenset({0x08, 0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42})  # ModelProto field tags 1..8
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape (ints, symbolic names, or None for unknown) and dtype of a graph input/output."""
+
+    name: str
+    shape: tuple[int | str | None, ...] | None
+    dtype: str
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"name": self.name, "shape": None if self.shape is None else list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a reviewer wants to know about a model file before trusting any analysis of it."""
+
+    path: str
+    sha256: str
+    size_bytes: int
+    ir_version: int
+    opsets: dict[str, int]
+    producer_name: str
+    producer_version: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def opset(self) -> int:
+        """The default-domain (ai.onnx) opset version."""
+        return self.opsets.get("", self.opsets.get("ai.onnx", 0))
+
+    @property
+    def data_input(self) -> TensorSpec:
+        """The single float input that analyses perturb."""
+        return self.inputs[0]
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "ir_version": self.ir_version,
+            "opset": self.opset,
+            "opsets": dict(self.opsets),
+            "producer": {"name": self.producer_name, "version": self.producer_version},
+            "inputs": [spec.to_dict() for spec in self.inputs],
+            "outputs": [spec.to_dict() for spec in self.outputs],
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A checked model: the shape-inferred proto (external data loaded) and its `ModelInfo`."""
+
+    proto: onnx.ModelProto = field(repr=False)
+    info: ModelInfo
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Load, check and describe an ONNX model; raise a typed `VerifierError` on any problem."""
+    model_path = Path(path)
+    if not model_path.is_file():
+        raise ModelNotFoundError(str(path))
+    raw = model_path.read_bytes()
+    proto = _parse(raw, str(path))
+    _load_external_data(proto, model_path.resolve().parent)
+    _check_domains(proto)
+    _run_checker(proto)
+    inferred = _infer_shapes(proto)
+    inputs = _data_inputs(inferred)
+    _require_single_float_input(inputs)
+    info = ModelInfo(
+        path=str(path),
+        sha256=hashlib.sha256(raw).hexdigest(),
+        size_bytes=len(raw),
+        ir_version=int(inferred.ir_version),
+        opsets={o.domain: int(o.version) for o in inferred.opset_import},
+        producer_name=inferred.producer_name,
+        producer_version=inferred.producer_version,
+        inputs=tuple(_spec(vi) for vi in inputs),
+        outputs=tuple(_spec(vi) for vi in inferred.graph.output),
+    )
+    return LoadedModel(proto=inferred, info=info)
+
+
+def _parse(raw: bytes, path: str) -> onnx.ModelProto:
+    looks_like_onnx = bool(raw) and raw[0] in _ONNX_FIRST_BYTES
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(raw)
+    except (DecodeError, RuntimeError, ValueError) as err:
+        if looks_like_onnx:
+            raise TruncatedModelError(path, len(raw)) from err
+        raise NotOnnxError(path, "not a protobuf file") from err
+    if not proto.HasField("graph") or not proto.graph.output or proto.ir_version <= 0:
+        if looks_like_onnx and proto.ir_version > 0:
+            raise TruncatedModelError(path, len(raw))
+        raise NotOnnxError(path, "no graph found")
+    return proto
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
+    """Read external tensors, refusing locations that leave the model's own folder."""
+    for tensor in _all_tensors(proto.graph):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location
+        if not location:
+            raise ExternalDataError(tensor.name, location, "no location given")
+        if os.path.isabs(location) or Path(location).drive or ".." in Path(location).parts:
+            raise ExternalDataError(tensor.name, location, "it leaves the model's folder")
+        target = (base_dir / location).resolve()
+        if not target.is_relative_to(base_dir):
+            raise ExternalDataError(tensor.name, location, "it resolves outside the model's folder (symlink?)")
+        if not target.is_file():
+            raise ExternalDataError(tensor.name, location, "file not found next to the model")
+        size = target.stat().st_size
+        offset = int(info.offset or 0)
+        if info.length is not None and offset + int(info.length) > size or offset > size:
+            raise ExternalDataError(tensor.name, location, f"file too short ({size} bytes)")
+        external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _check_domains(proto: onnx.ModelProto) -> None:
+    local = {f.domain for f in proto.functions}
+    unknown = [
+        (node.name or f"#{i}", node.op_type, node.domain)
+        for i, node in enumerate(proto.graph.node)
+        if node.domain not in STANDARD_DOMAINS and node.domain not in local
+    ]
+    if unknown:
+        raise UnknownDomainError(unknown)
+
+
+_NODE_IN_MESSAGE = re.compile(r"name:\s*(\S+)\s+OpType|[Nn]ode \(([^)\s]+)\)|node name:\s*([^)\s,]+)")
+
+
+def _first_line(message: str) -> str:
+    """The message without onnx's context trailer, on one line, at most 300 characters."""
+    text = " ".join(str(message).split("==> Context")[0].split())
+    return (text[:297] + "...") if len(text) > 300 else (text or "unknown error")
+
+
+def _node_named(message: str) -> str | None:
+    match = _NODE_IN_MESSAGE.search(str(message))
+    return next((g for g in match.groups() if g), None) if match else None
+
+
+def _run_checker(proto: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as err:
+        raise CheckerError("onnx.checker", _first_line(str(err)), _node_named(str(err))) from err
+
+
+def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as err:
+        raise CheckerError("shape inference", _first_line(str(err)), _node_named(str(err))) from err
+
+
+def _data_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    constants = {init.name for init in proto.graph.initializer}
+    return [vi for vi in proto.graph.input if vi.name not in constants]
+
+
+def _require_single_float_input(inputs: list[onnx.ValueInfoProto]) -> None:
+    if len(inputs) != 1:
+        raise MultipleInputsError([vi.name for vi in inputs])
+    only = inputs[0]
+    tensor_type = only.type.tensor_type if only.type.HasField("tensor_type") else None
+    if tensor_type is None or tensor_type.elem_type not in FLOAT_TYPES:
+        raise NonFloatInputError(only.name, _type_name(only.type))
+
+
+def _type_name(type_proto: onnx.TypeProto) -> str:
+    kind = type_proto.WhichOneof("value")
+    if kind == "tensor_type":
+        return onnx.helper.tensor_dtype_to_np_dtype(type_proto.tensor_type.elem_type).name
+    if kind == "sequence_type":
+        return f"sequence<{_type_name(type_proto.sequence_type.elem_type)}>"
+    if kind == "map_type":
+        key = onnx.helper.tensor_dtype_to_np_dtype(type_proto.map_type.key_type).name
+        return f"map<{key},{_type_name(type_proto.map_type.value_type)}>"
+    return kind or "unknown"
+
+
+def _spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
+    shape: tuple[int | str | None, ...] | None = None
+    if value_info.type.HasField("tensor_type") and value_info.type.tensor_type.HasField("shape"):
+        shape = tuple(
+            int(d.dim_value) if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
+            for d in value_info.type.tensor_type.shape.dim
+        )
+    return TensorSpec(name=value_info.name, shape=shape, dtype=_type_name(value_info.type))
