@@ -47,6 +47,7 @@ def test_validate_json_on_shipped_models(capsys, name):
     assert payload["samples"] == 50
     assert payload["max_abs_diff"] <= 1e-5 and payload["top1_agreement"] == 1.0
     assert "CPUExecutionProvider" in payload["providers"]
+    assert payload["accuracy"]["onnxruntime"] == payload["accuracy"]["torch"] >= 0.9
 
 
 def test_validate_without_data_uses_random_inputs(capsys):
@@ -145,6 +146,17 @@ def test_bad_data_exit_2(capsys, tmp_path, case, expected):
         path = tmp_path / "absent.npz"
     code, _, err = run_cli(capsys, "validate", shipped_model("mlp_relu"), "--data", path)
     assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_labels_outside_class_range_exit_2(capsys, tmp_path):
+    path = _npz(tmp_path, x=np.zeros((4, 64), dtype=np.float32), y=np.array([0, 1, 2, 10]))
+    code, _, err = run_cli(capsys, "validate", shipped_model("mlp_relu"), "--data", path)
+    assert code == 2 and "[0, 9]" in err
+
+
+def test_directory_is_not_a_model(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "inspect", tmp_path)
+    assert code == 2 and "directory" in err
 
 
 def test_bad_usage_exits_2(capsys):

@@ -83,7 +83,7 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
         fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
         samples = random_samples(spec, args.samples or fixed or 64, seed=args.seed)
     converted = convert_model(loaded)
-    report = validate_against_onnxruntime(loaded, converted, samples.x, args.atol, args.rtol, args.device)
+    report = validate_against_onnxruntime(loaded, converted, samples.x, args.atol, args.rtol, args.device, samples.y)
     payload = {"model": args.model, "data": samples.source, **report.to_dict()}
     lines = [
         f"model      {args.model}",
@@ -96,6 +96,8 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
         for o in report.outputs
     ]
     lines.append(f"top-1      {report.top1_agreement:.2%} agreement")
+    if report.accuracy_onnxruntime is not None:
+        lines.append(f"accuracy   onnxruntime {report.accuracy_onnxruntime:.2%}, torch {report.accuracy_torch:.2%}")
     lines.append(f"result     {'PASS' if report.passed else 'FAIL'} (atol {args.atol:g}, rtol {args.rtol:g})")
     return (EXIT_OK if report.passed else EXIT_CHECK_FAILED), payload, "\n".join(lines)
 

@@ -100,6 +100,8 @@ class LoadedModel:
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     """Load, check and describe an ONNX model; raise a typed `VerifierError` on any problem."""
     model_path = Path(path)
+    if model_path.is_dir():
+        raise NotOnnxError(str(path), "it is a directory")
     if not model_path.is_file():
         raise ModelNotFoundError(str(path))
     raw = model_path.read_bytes()

@@ -53,6 +53,8 @@ class ValidationReport:
     torch_device: str
     atol: float
     rtol: float
+    accuracy_onnxruntime: float | None = None
+    accuracy_torch: float | None = None
 
     @property
     def max_abs_diff(self) -> float:
@@ -81,6 +83,8 @@ class ValidationReport:
             "torch_device": self.torch_device,
             "atol": self.atol,
             "rtol": self.rtol,
+            "accuracy": None if self.accuracy_onnxruntime is None else {
+                "onnxruntime": self.accuracy_onnxruntime, "torch": self.accuracy_torch},
             "outputs": [o.to_dict() for o in self.outputs],
         }
 
@@ -132,8 +136,12 @@ def validate_against_onnxruntime(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     device: str = "auto",
+    y: np.ndarray | None = None,
 ) -> ValidationReport:
-    """Run `x` through onnxruntime and the converted module and compare every output."""
+    """Run `x` through onnxruntime and the converted module and compare every output.
+
+    With labels `y`, the top-1 accuracy of both runtimes is reported too.
+    """
     torch_device = resolve_device(device)
     session = onnxruntime_session(_with_outputs(loaded.proto, converted.output_names), torch_device)
     module = converted.module.to(torch_device)
@@ -167,6 +175,12 @@ def validate_against_onnxruntime(
     rows = len(x) if logits_ort.ndim and logits_ort.shape[0] == len(x) else 1
     logits_ort, logits_torch = logits_ort.reshape(rows, -1), logits_torch.reshape(rows, -1)
     agreement = float(np.mean(logits_ort.argmax(1) == logits_torch.argmax(1)))
+    accuracies: tuple[float | None, float | None] = (None, None)
+    if y is not None and rows == len(y):
+        if y.min(initial=0) < 0 or y.max(initial=0) >= logits_ort.shape[1]:
+            raise VerifierError(f"labels must lie in [0, {logits_ort.shape[1] - 1}] for this model's "
+                                f"{logits_ort.shape[1]} classes (got {y.min()}..{y.max()})")
+        accuracies = (float(np.mean(logits_ort.argmax(1) == y)), float(np.mean(logits_torch.argmax(1) == y)))
     return ValidationReport(
         samples=len(x),
         outputs=tuple(diffs),
@@ -175,4 +189,6 @@ def validate_against_onnxruntime(
         torch_device=str(torch_device),
         atol=atol,
         rtol=rtol,
+        accuracy_onnxruntime=accuracies[0],
+        accuracy_torch=accuracies[1],
     )
