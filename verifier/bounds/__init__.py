@@ -1,0 +1,1 @@
+"""Sound bounds through the ONNX graph: intervals, linear relaxations, slopes, global Lipschitz."""
