@@ -1,0 +1,128 @@
+"""Exact per-sample Jacobians of the logits and gradients of each loss, batched with torch.func.
+
+Samples never interact in an eval-mode classifier, so the Jacobian of the batch-summed logits
+`x -> sum_n f(x)_n` holds every per-sample Jacobian at once: reverse mode (`jacrev`, one vjp
+per class) when there are fewer classes than input coordinates, forward mode (`jacfwd`, one
+jvp per coordinate) otherwise; both vmapped by torch.func. Work is chunked to stay under a
+memory budget, and models exported with a fixed batch are fed chunks of exactly that batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from verifier.convert import ConvertedModel
+from verifier.device import resolve_device
+from verifier.losses import DIFFERENTIABLE_LOSSES, check_loss, loss_values
+from verifier.errors import UsageError
+
+DEFAULT_MEMORY_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class LogitJacobians:
+    """Logits `z` (N, C) and exact Jacobians `dz/dx` (N, C, *input shape) at a batch of inputs."""
+
+    logits: torch.Tensor
+    jacobian: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LossGradients:
+    """Per-sample loss values (N), their input gradients (N, *input shape) and the logits."""
+
+    loss: str
+    values: torch.Tensor
+    gradients: torch.Tensor
+    logits: torch.Tensor
+
+
+def prepared_module(model: ConvertedModel, device: str | torch.device = "auto",
+                    dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A copy of the logits module on `device` in `dtype` (the cached module is never mutated)."""
+    target = device if isinstance(device, torch.device) else resolve_device(device)
+    module = copy.deepcopy(model.logits_module)
+    return module.to(device=target, dtype=dtype).eval()
+
+
+def _as_tensor(x: torch.Tensor | np.ndarray, module: torch.nn.Module) -> torch.Tensor:
+    reference = next(iter(module.buffers()), None)
+    reference = reference if reference is not None else next(iter(module.parameters()))
+    tensor = torch.as_tensor(x)
+    return tensor.to(device=reference.device, dtype=reference.dtype if tensor.is_floating_point() else None)
+
+
+def _chunks(count: int, per_sample_bytes: int, fixed_batch: int | None, budget: int) -> Iterator[slice]:
+    if fixed_batch:
+        step = fixed_batch
+    else:
+        step = max(1, min(count, budget // max(per_sample_bytes, 1)))
+    for start in range(0, count, step):
+        yield slice(start, min(start + step, count))
+
+
+def _fixed_batch(model: ConvertedModel) -> int | None:
+    shape = model.input_spec.shape
+    return shape[0] if shape and isinstance(shape[0], int) else None
+
+
+def batched_jacobian(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                     outputs: int) -> torch.Tensor:
+    """Per-sample Jacobians (N, outputs, *x.shape[1:]) of a sample-wise `function` (N, ...) -> (N, outputs)."""
+    inputs = math.prod(x.shape[1:])
+
+    def summed(v: torch.Tensor) -> torch.Tensor:
+        return function(v).reshape(v.shape[0], outputs).sum(0)
+
+    if outputs <= inputs:
+        jac = torch.func.jacrev(summed)(x)  # (outputs, N, *in)
+        return jac.movedim(0, 1)
+    jac = torch.func.jacfwd(summed)(x)  # (outputs, N, *in)
+    return jac.movedim(0, 1)
+
+
+def logits_jacobian(model: ConvertedModel, x: torch.Tensor | np.ndarray, device: str | torch.device = "auto",
+                    dtype: torch.dtype | None = None,
+                    memory_bytes: int = DEFAULT_MEMORY_BYTES) -> LogitJacobians:
+    """Exact Jacobians of the logits for every sample, chunked under `memory_bytes`."""
+    module = prepared_module(model, device, dtype)
+    inputs = _as_tensor(x, module)
+    with torch.no_grad():
+        probe = module(inputs[: (_fixed_batch(model) or 1)])
+    classes = probe.shape[-1]
+    per_sample = classes * math.prod(inputs.shape[1:]) * inputs.element_size() * 4
+    logits_parts, jac_parts = [], []
+    for part in _chunks(len(inputs), per_sample, _fixed_batch(model), memory_bytes):
+        chunk = inputs[part]
+        jac_parts.append(batched_jacobian(module, chunk, classes).detach())
+        with torch.no_grad():
+            logits_parts.append(module(chunk))
+    return LogitJacobians(logits=torch.cat(logits_parts), jacobian=torch.cat(jac_parts))
+
+
+def loss_gradients(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
+                   loss: str, device: str | torch.device = "auto", dtype: torch.dtype | None = None,
+                   memory_bytes: int = DEFAULT_MEMORY_BYTES) -> LossGradients:
+    """Per-sample loss values and exact input gradients (one backward pass of the summed loss)."""
+    if check_loss(loss) not in DIFFERENTIABLE_LOSSES:
+        raise UsageError(f"the {loss} loss has no gradient; choose one of {', '.join(DIFFERENTIABLE_LOSSES)}")
+    module = prepared_module(model, device, dtype)
+    inputs = _as_tensor(x, module)
+    labels = torch.as_tensor(y, dtype=torch.long, device=inputs.device)
+    per_sample = math.prod(inputs.shape[1:]) * inputs.element_size() * 8
+    values, grads, logits = [], [], []
+    for part in _chunks(len(inputs), per_sample, _fixed_batch(model), memory_bytes):
+        chunk = inputs[part].detach().requires_grad_(True)
+        out = module(chunk)
+        per_sample_loss = loss_values(out, labels[part], loss)
+        (grad,) = torch.autograd.grad(per_sample_loss.sum(), chunk)
+        values.append(per_sample_loss.detach())
+        grads.append(grad.detach())
+        logits.append(out.detach())
+    return LossGradients(loss=loss, values=torch.cat(values), gradients=torch.cat(grads), logits=torch.cat(logits))
