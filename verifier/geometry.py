@@ -41,6 +41,15 @@ def dual_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
     return vector_norm(v, {"inf": "1", "2": "2", "1": "inf"}[norm])
 
 
+def _broadcast(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, per_row: torch.Tensor):
+    """Broadcast coefficient rows, box ends and one value per row to a common batch shape."""
+    lo, hi = torch.as_tensor(lo, dtype=g.dtype), torch.as_tensor(hi, dtype=g.dtype)
+    shape = torch.broadcast_shapes(g.shape[:-1], lo.shape[:-1], hi.shape[:-1], per_row.shape)
+    size = g.shape[-1]
+    return (g.expand(*shape, size), lo.expand(*shape, size), hi.expand(*shape, size),
+            per_row.expand(shape))
+
+
 def _room(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """How far each coordinate can move in the direction that increases g·d (0 where g = 0)."""
     lo, hi = torch.broadcast_to(lo, g.shape), torch.broadcast_to(hi, g.shape)
@@ -113,7 +122,8 @@ def _segments(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, norm: str):
 def max_linear(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torch.Tensor | float,
                norm: str) -> torch.Tensor:
     """Exact `max g·d` over `lo <= d <= hi`, `||d||_r <= radius` (radius broadcast over g[..., 0])."""
-    radius = torch.broadcast_to(torch.as_tensor(radius, dtype=g.dtype, device=g.device), g.shape[:-1])
+    radius = torch.as_tensor(radius, dtype=g.dtype, device=g.device)
+    g, lo, hi, radius = _broadcast(g, lo, hi, radius)
     gain, spent, rate, event_radius, _, total = _segments(g, lo, hi, norm)
     reached = event_radius >= radius.unsqueeze(-1)
     m = reached.to(torch.int8).argmax(-1)
@@ -134,7 +144,8 @@ def radius_to_reach(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, target:
 
     Rounded towards zero, so the result is a sound lower bound on a distance.
     """
-    target = torch.broadcast_to(torch.as_tensor(target, dtype=g.dtype, device=g.device), g.shape[:-1])
+    target = torch.as_tensor(target, dtype=g.dtype, device=g.device)
+    g, lo, hi, target = _broadcast(g, lo, hi, target)
     gain, spent, rate, _, event_value, _ = _segments(g, lo, hi, norm)
     reached = event_value >= target.unsqueeze(-1)
     m = reached.to(torch.int8).argmax(-1)

@@ -46,6 +46,7 @@ _LINEAR_OPS = frozenset(
     Range Einsum DepthToSpace SpaceToDepth Resize""".split()
 )
 _PIECEWISE_LINEAR_OPS = frozenset({"Max", "Min", "ReduceMax", "ReduceMin", "GlobalMaxPool", "ReduceL1"})
+_MAX_POOL_ATTRIBUTES = ("kernel_shape", "strides", "pads", "dilations", "ceil_mode", "auto_pad", "storage_order")
 _OUTPUT_TRANSFORMS = frozenset({"Softmax", "LogSoftmax"})
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 _FLOAT_ELEM_TYPES = frozenset(
@@ -62,7 +63,7 @@ class ActivationSite:
     nodes: tuple[str, ...]
     input: str
     output: str
-    params: dict[str, float | str] = field(default_factory=dict)
+    params: dict[str, float | str | list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -224,8 +225,9 @@ class OperatorGraph:
                 high = _scalar(self.constant(node.input[2]))
             return {k: float(v) for k, v in (("min", low), ("max", high)) if v is not None}
         if node.op_type in ("Softmax", "MaxPool"):
-            keep = ("axis",) if node.op_type == "Softmax" else ("kernel_shape", "strides", "pads")
-            return {k: (str(list(v)) if isinstance(v, list) else v) for k, v in attrs.items() if k in keep}
+            keep = ("axis",) if node.op_type == "Softmax" else _MAX_POOL_ATTRIBUTES
+            return {k: (list(v) if isinstance(v, list) else v.decode() if isinstance(v, bytes) else v)
+                    for k, v in attrs.items() if k in keep}
         return {}
 
     def model_family(self, sites: list[ActivationSite]) -> str:

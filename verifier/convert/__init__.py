@@ -38,9 +38,10 @@ class ConvertedModel:
     input_spec: TensorSpec
     output_names: tuple[str, ...]
     logits_index: int
-    sites: tuple[ActivationSite, ...]
+    sites: tuple[ActivationSite, ...]  # every site; `logit_sites` are those the logits depend on
     normalized: onnx.ModelProto = field(repr=False)
     tensor_nodes: dict[str, str] = field(repr=False)
+    logit_sites: tuple[ActivationSite, ...] = ()
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """All normalised outputs (original float outputs, then the logits if they were exposed)."""
@@ -103,7 +104,9 @@ def convert_model(model: LoadedModel) -> ConvertedModel:
         raise ConversionError(f"onnx2torch failed: {type(err).__name__}: {err}") from err
     module.eval()
     tensor_nodes = _tensor_to_fx(normalized, onnx_graph, module)
-    sites = OperatorGraph(normalized.proto).find_activations()
+    graph = OperatorGraph(normalized.proto)
+    sites = graph.find_activations()
+    upstream = graph.ancestors_of_tensors([normalized.output_names[normalized.logits_index]])
     return ConvertedModel(
         module=module,
         input_spec=model.info.data_input,
@@ -112,6 +115,7 @@ def convert_model(model: LoadedModel) -> ConvertedModel:
         sites=tuple(sites),
         normalized=normalized.proto,
         tensor_nodes=tensor_nodes,
+        logit_sites=tuple(site for site in sites if set(site.nodes) & upstream),
     )
 
 

@@ -1,0 +1,255 @@
+"""Activation cells of piecewise-linear networks (method §3.2).
+
+At a sample `x_i` the activation pattern fixes a polyhedral cell on which the network is affine,
+`z = A_i x + b_i` with `A_i` the exact Jacobian. Every kink is an affine constraint `kappa` on the
+cell (ReLU/LeakyReLU/PReLU/Abs: the unit's input; Clip: input minus each bound; MaxPool: the
+window's winner minus each other entry). The exact cell radius is the distance, within the input
+box, from `x_i` to the nearest constraint boundary; inside it the margin growth and the minimal
+flip distance are small LPs solved exactly by `verifier.geometry`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from verifier.convert import ConvertedModel
+from verifier.device import resolve_device
+from verifier.errors import VerifierError
+from verifier.geometry import max_linear, parse_norm, radius_to_reach
+from verifier.graph import PIECEWISE_LINEAR_KINDS, ActivationSite
+from verifier.jacobian import batched_jacobian
+from verifier.losses import margins
+
+_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class CellAnalysis:
+    """Per-sample cells: affine maps, exact radii, patterns, and the box around each sample."""
+
+    norm: str
+    labels: torch.Tensor  # (N,)
+    logits: torch.Tensor  # (N, C)
+    jacobian: torch.Tensor  # A_i: (N, C, d), input flattened
+    offset: torch.Tensor  # b_i = z_i - A_i x_i: (N, C)
+    radius: torch.Tensor  # exact cell radius within the box: (N,)
+    closest_site: torch.Tensor  # site index of the nearest kink (-1: no kink can be reached)
+    patterns: dict[int, torch.Tensor]  # site index -> pattern (sign of units / argmax of windows)
+    lower: torch.Tensor  # box - x_i, lower end of the displacement: (N, d)
+    upper: torch.Tensor  # box - x_i, upper end: (N, d)
+
+    @property
+    def margins(self) -> torch.Tensor:
+        """`m_j = z_j - z_y` at the samples (N, C)."""
+        return margins(self.logits, self.labels)
+
+    def _directions(self) -> torch.Tensor:
+        rows = torch.arange(len(self.labels), device=self.labels.device)
+        return self.jacobian - self.jacobian[rows, self.labels].unsqueeze(1)  # a_j - a_y
+
+    def margin_growth(self, radii: torch.Tensor | float) -> torch.Tensor:
+        """Exact in-cell margin growth `g_i(s)` (§3.2) for radii `s` (N, K) or (K,); exact for s <= r_i."""
+        radii = torch.as_tensor(radii, dtype=self.jacobian.dtype, device=self.jacobian.device)
+        if radii.dim() == 1:
+            radii = radii.expand(len(self.labels), -1)
+        directions = self._directions().unsqueeze(1)  # (N, 1, C, d)
+        gains = max_linear(directions, self.lower[:, None, None], self.upper[:, None, None],
+                           radii.unsqueeze(-1), self.norm)  # (N, K, C)
+        base = self.margins
+        others = _mask_true(base, self.labels)
+        reached = (others.unsqueeze(1) + gains).masked_fill(_true_mask(base, self.labels).unsqueeze(1), -math.inf)
+        return reached.max(-1).values - others.max(-1).values.unsqueeze(-1)
+
+    def flip_distance(self) -> torch.Tensor:
+        """Smallest in-cell distance at which some `m_j >= 0` (0 if already wrong); exact when <= radius."""
+        base = self.margins
+        targets = (-base).masked_fill(_true_mask(base, self.labels), math.inf)
+        distances = radius_to_reach(self._directions(), self.lower[:, None], self.upper[:, None], targets, self.norm)
+        return distances.min(-1).values
+
+    def certified_radius(self) -> torch.Tensor:
+        """A radius below the true minimal flip distance: the in-cell one, capped at the cell radius."""
+        return torch.minimum(self.flip_distance(), self.radius)
+
+
+def _true_mask(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(labels, values.shape[-1]).bool()
+
+
+def _mask_true(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return values.masked_fill(_true_mask(values, labels), -math.inf)
+
+
+def displacement_box(x: torch.Tensor, box: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(box_lo - x, box_hi - x) flattened per sample; ±inf without a box. Refuses x outside the box."""
+    flat = x.flatten(1)
+    if box is None:
+        return torch.full_like(flat, -math.inf), torch.full_like(flat, math.inf)
+    low, high = float(box[0]), float(box[1])
+    if not low < high:
+        raise VerifierError(f"the box needs low < high (got {low}, {high})")
+    outside = ((flat < low) | (flat > high)).any(1)
+    if outside.any():
+        first = int(outside.nonzero()[0])
+        raise VerifierError(f"{int(outside.sum())} sample(s) lie outside the box [{low:g}, {high:g}] "
+                            f"(first: sample {first}); every sample must lie in the box")
+    return low - flat, high - flat
+
+
+def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
+                  norm: str | float = "inf", box: tuple[float, float] | None = None,
+                  device: str = "auto", dtype: torch.dtype = torch.float64) -> CellAnalysis:
+    """Cells of a piecewise-linear model at samples `x` with labels `y` (float64 by default)."""
+    norm = parse_norm(norm)
+    sites = _piecewise_linear_sites(model)
+    target = resolve_device(device)
+    probe = model.probe_module([s.index for s in sites]).to(device=target, dtype=dtype)
+    inputs = torch.as_tensor(x).to(device=target, dtype=dtype)
+    labels = torch.as_tensor(y, dtype=torch.long, device=target)
+    lower, upper = displacement_box(inputs, box)
+    fixed = model.input_spec.shape[0] if model.input_spec.shape and isinstance(model.input_spec.shape[0], int) else None
+    step = fixed or _CHUNK
+    parts = [_analyse_chunk(probe, sites, inputs[i:i + step], lower[i:i + step], upper[i:i + step], norm, fixed)
+             for i in range(0, len(inputs), step)]
+    logits = torch.cat([p[0] for p in parts])
+    jacobian = torch.cat([p[1] for p in parts])
+    return CellAnalysis(
+        norm=norm,
+        labels=labels,
+        logits=logits,
+        jacobian=jacobian,
+        offset=logits - torch.einsum("ncd,nd->nc", jacobian, inputs.flatten(1)),
+        radius=torch.cat([p[2] for p in parts]),
+        closest_site=torch.cat([p[3] for p in parts]),
+        patterns={s.index: torch.cat([p[4][s.index] for p in parts]) for s in sites},
+        lower=lower,
+        upper=upper,
+    )
+
+
+def _piecewise_linear_sites(model: ConvertedModel) -> list[ActivationSite]:
+    others = [s for s in model.logit_sites if s.kind not in PIECEWISE_LINEAR_KINDS]
+    if others:
+        listed = ", ".join(f"{s.kind} at {s.nodes[0]}" for s in others[:5])
+        raise VerifierError(f"cell analysis needs a piecewise-linear model; found {listed}")
+    return list(model.logit_sites)
+
+
+def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch.Tensor, lower: torch.Tensor,
+                   upper: torch.Tensor, norm: str, fixed_batch: int | None):
+    with torch.no_grad():
+        logits, values = probe(x)
+    classes = logits.shape[-1]
+    sizes = [values[s.index][0][0].numel() for s in sites]
+
+    def stacked(v: torch.Tensor) -> torch.Tensor:
+        out, probes = probe(v)
+        return torch.cat([out.flatten(1)] + [probes[s.index][0].flatten(1) for s in sites], 1)
+
+    jac = batched_jacobian(stacked, x, classes + sum(sizes), fixed_batch).flatten(2)  # (n, C + units, d)
+    radius = torch.full((len(x),), math.inf, dtype=x.dtype, device=x.device)
+    closest = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+    patterns: dict[int, torch.Tensor] = {}
+    start = classes
+    for site, size in zip(sites, sizes):
+        pre = values[site.index][0]
+        grads = jac[:, start:start + size].reshape(*pre.shape, jac.shape[-1])
+        start += size
+        kappa, kappa_grad, patterns[site.index] = _constraints(site, pre, grads)
+        distance = _distance_to_kinks(kappa, kappa_grad, lower, upper, norm)
+        nearer = distance < radius
+        radius = torch.where(nearer, distance, radius)
+        closest = torch.where(nearer, torch.full_like(closest, site.index), closest)
+    return logits, jac[:, :classes], radius, closest, patterns
+
+
+def _distance_to_kinks(kappa: torch.Tensor, grad: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                       norm: str) -> torch.Tensor:
+    """Per sample: min over constraints of the in-box distance to {kappa = 0} (kappa affine on the cell)."""
+    constant = (grad == 0).all(-1)
+    toward_zero = -torch.sign(kappa).unsqueeze(-1) * grad
+    toward_zero = torch.where((kappa == 0).unsqueeze(-1), grad, toward_zero)
+    distances = radius_to_reach(toward_zero, lower[:, None], upper[:, None], kappa.abs(), norm)
+    distances = torch.where(constant, torch.full_like(distances, math.inf), distances)
+    return distances.min(-1).values if distances.shape[-1] else torch.full_like(lower[:, 0], math.inf)
+
+
+def _constraints(site: ActivationSite, pre: torch.Tensor, grads: torch.Tensor):
+    """Kink values kappa (n, K), their gradients (n, K, d), and the pattern of one site."""
+    n, d = pre.shape[0], grads.shape[-1]
+    if site.kind in ("relu", "leaky_relu", "prelu", "abs"):
+        return pre.reshape(n, -1), grads.reshape(n, -1, d), torch.sign(pre)
+    if site.kind == "clip":
+        kappas, kappa_grads = [], []
+        flat, flat_grads = pre.reshape(n, -1), grads.reshape(n, -1, d)
+        for bound in (site.params.get("min"), site.params.get("max")):
+            if bound is not None:
+                kappas.append(flat - bound)
+                kappa_grads.append(flat_grads)
+        pattern = torch.zeros_like(pre, dtype=torch.long)
+        if "min" in site.params:
+            pattern = torch.where(pre < site.params["min"], -1, pattern)
+        if "max" in site.params:
+            pattern = torch.where(pre > site.params["max"], 1, pattern)
+        if not kappas:
+            return flat[:, :0], flat_grads[:, :0], pattern
+        return torch.cat(kappas, 1), torch.cat(kappa_grads, 1), pattern
+    if site.kind == "max_pool":
+        return _max_pool_constraints(site, pre, grads)
+    raise VerifierError(f"no cell rule for {site.kind} at {site.nodes[0]}")
+
+
+def _window_index(site: ActivationSite, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(windows, taps) flat input positions of each MaxPool window, -1 for padding."""
+    params = site.params
+    if params.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise VerifierError(f"cell analysis does not support MaxPool auto_pad={params['auto_pad']} "
+                            f"(node {site.nodes[0]})")
+    kernel = [int(k) for k in _as_list(params.get("kernel_shape"))]
+    if len(kernel) != 2:
+        raise VerifierError(f"cell analysis supports 2-D MaxPool only (node {site.nodes[0]})")
+    strides = [int(s) for s in _as_list(params.get("strides", [1, 1]))]
+    pads = [int(p) for p in _as_list(params.get("pads", [0, 0, 0, 0]))]
+    dilations = [int(v) for v in _as_list(params.get("dilations", [1, 1]))]
+    ceil = bool(int(params.get("ceil_mode", 0)))
+    index = torch.arange(height * width, dtype=torch.float64, device=device).reshape(1, 1, height, width)
+    extra = []
+    for axis, size in enumerate((height, width)):
+        span = dilations[axis] * (kernel[axis] - 1) + 1
+        padded = size + pads[axis] + pads[axis + 2]
+        count = (padded - span) / strides[axis] + 1
+        outputs = math.ceil(count) if ceil else math.floor(count)
+        extra.append(max(0, (outputs - 1) * strides[axis] + span - padded))
+    index = F.pad(index, (pads[1], pads[3] + extra[1], pads[0], pads[2] + extra[0]), value=-1.0)
+    windows = F.unfold(index, kernel, dilation=dilations, stride=strides)  # (1, taps, windows)
+    return windows[0].T.round().long()
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value)
+
+
+def _max_pool_constraints(site: ActivationSite, pre: torch.Tensor, grads: torch.Tensor):
+    n, channels, height, width = pre.shape
+    d = grads.shape[-1]
+    index = _window_index(site, height, width, pre.device)  # (W, T)
+    valid = index >= 0
+    safe = index.clamp_min(0)
+    flat = pre.reshape(n, channels, height * width)
+    values = flat[:, :, safe].masked_fill(~valid, -math.inf)  # (n, c, W, T)
+    winner = values.argmax(-1, keepdim=True)  # (n, c, W, 1)
+    flat_grads = grads.reshape(n, channels, height * width, d)
+    win_pos = safe.expand(n, channels, -1, -1).gather(-1, winner)  # (n, c, W, 1)
+    kappa = values.gather(-1, winner) - values  # (n, c, W, T): winner minus each entry
+    win_grad = flat_grads.gather(2, win_pos.reshape(n, channels, -1, 1).expand(-1, -1, -1, d))
+    other_grad = flat_grads[:, :, safe.reshape(-1)].reshape(n, channels, *safe.shape, d)
+    kappa_grad = win_grad.reshape(n, channels, -1, 1, d) - other_grad
+    keep = valid.expand_as(kappa) & (torch.arange(index.shape[1], device=pre.device) != winner)
+    kappa = torch.where(keep, kappa, torch.full_like(kappa, math.inf))
+    kappa_grad = torch.where(keep.unsqueeze(-1), kappa_grad, torch.zeros_like(kappa_grad))
+    return kappa.reshape(n, -1), kappa_grad.reshape(n, -1, d), winner.squeeze(-1)
