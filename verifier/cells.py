@@ -204,15 +204,13 @@ def _constraints(site: ActivationSite, pre: torch.Tensor, grads: torch.Tensor):
     raise VerifierError(f"no cell rule for {site.kind} at {site.nodes[0]}")
 
 
-def _window_index(site: ActivationSite, height: int, width: int, device: torch.device) -> torch.Tensor:
-    """(windows, taps) flat input positions of each MaxPool window, -1 for padding."""
-    params = site.params
+def window_index(params: dict, node: str, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(windows, taps) flat input positions of each 2-D MaxPool window, -1 for padding."""
     if params.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise VerifierError(f"cell analysis does not support MaxPool auto_pad={params['auto_pad']} "
-                            f"(node {site.nodes[0]})")
+        raise VerifierError(f"MaxPool auto_pad={params['auto_pad']} is not supported (node {node})")
     kernel = [int(k) for k in _as_list(params.get("kernel_shape"))]
     if len(kernel) != 2:
-        raise VerifierError(f"cell analysis supports 2-D MaxPool only (node {site.nodes[0]})")
+        raise VerifierError(f"only 2-D MaxPool is supported (node {node})")
     strides = [int(s) for s in _as_list(params.get("strides", [1, 1]))]
     pads = [int(p) for p in _as_list(params.get("pads", [0, 0, 0, 0]))]
     dilations = [int(v) for v in _as_list(params.get("dilations", [1, 1]))]
@@ -237,7 +235,7 @@ def _as_list(value) -> list:
 def _max_pool_constraints(site: ActivationSite, pre: torch.Tensor, grads: torch.Tensor):
     n, channels, height, width = pre.shape
     d = grads.shape[-1]
-    index = _window_index(site, height, width, pre.device)  # (W, T)
+    index = window_index(site.params, site.nodes[0], height, width, pre.device)  # (W, T)
     valid = index >= 0
     safe = index.clamp_min(0)
     flat = pre.reshape(n, channels, height * width)

@@ -1,0 +1,264 @@
+"""The logits path of a converted model as a list of bound-propagation nodes.
+
+`BoundNetwork.from_model` walks the fx graph of `ConvertedModel.logits_module` in order and
+gives every node a rule from `verifier.bounds.ops`: an `Affine` map, an `Activation` (one per
+site found by `verifier.graph`, decomposed patterns included), or an `Interval`-only rule. The
+ONNX node (op type, attributes, constants) decides the rule; the converted module is reused only
+to execute structural ops. Every node without a rule is listed in one error.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+from torch import fx
+
+from verifier.bounds import ops
+from verifier.convert import ConvertedModel
+from verifier.convert.compat import import_onnx2torch
+from verifier.errors import UnsupportedOpsError
+from verifier.graph import ActivationSite, OperatorGraph
+
+import_onnx2torch()
+from onnx2torch.onnx_graph import OnnxGraph  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation site as a bound node: kind, parameters, PReLU slope if any."""
+
+    kind: str
+    params: dict
+    slope: torch.Tensor | None = None
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+
+
+Rule = ops.Affine | ops.Interval | Activation
+
+
+@dataclass(frozen=True)
+class BoundNode:
+    """One node: its name (fx), what it is (ONNX op or site kind), variable inputs, and rule."""
+
+    name: str
+    op: str
+    onnx_node: str
+    inputs: tuple[str, ...]
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class BoundNetwork:
+    """Nodes in topological order from the input to the logits."""
+
+    input: str
+    output: str
+    nodes: tuple[BoundNode, ...]
+
+    @classmethod
+    def from_model(cls, model: ConvertedModel, dtype: torch.dtype = torch.float64,
+                   device: torch.device | str = "cpu") -> BoundNetwork:
+        """Build the bound network of a converted model (constants cast to `dtype` on `device`)."""
+        return _Builder(model, dtype, torch.device(device)).build()
+
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward pass through the rules (a check that the network matches the model)."""
+        values = {self.input: x}
+        for node in self.nodes:
+            values[node.name] = forward(node, [values[i] for i in node.inputs])
+        return values[self.output]
+
+
+def forward(node: BoundNode, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Evaluate one node on concrete tensors."""
+    rule = node.rule
+    if isinstance(rule, ops.Affine):
+        return rule(*inputs)
+    return rule.forward(*inputs)
+
+
+class _Builder:
+    def __init__(self, model: ConvertedModel, dtype: torch.dtype, device: torch.device) -> None:
+        self.model, self.dtype, self.device = model, dtype, device
+        self.module = model.logits_module
+        self.graph = OperatorGraph(model.normalized)
+        by_target = {n.unique_name: n for n in OnnxGraph(model.normalized.graph).nodes.values()}
+        self.onnx_of_target = {target: self.graph.nodes.get(n.name) for target, n in by_target.items()}
+        self.tensor_of_fx = {fx_name: tensor for tensor, fx_name in model.tensor_nodes.items()}
+        self.sites_by_output = {s.output: s for s in model.logit_sites}
+        self.inner = {key for s in model.logit_sites for key in s.nodes}
+        self.problems: list[tuple[str, str, str]] = []
+
+    def constant(self, tensor: str) -> torch.Tensor | None:
+        value = self.graph.constant(tensor)
+        return None if value is None else torch.tensor(value, device=self.device, dtype=self.dtype)
+
+    def build(self) -> BoundNetwork:
+        nodes: list[BoundNode] = []
+        input_name = output_name = ""
+        for fx_node in self.module.graph.nodes:
+            if fx_node.op == "placeholder":
+                input_name = fx_node.name
+            elif fx_node.op == "output":
+                output_name = fx_node.args[0].name
+            elif fx_node.op == "call_module":
+                node = self._module_node(fx_node)
+                if node is not None:
+                    nodes.append(node)
+            elif fx_node.op == "call_function" and fx_node.target is operator.getitem:
+                owner, index = fx_node.args
+                nodes.append(BoundNode(fx_node.name, "getitem", owner.name, (owner.name,),
+                                       ops.structural(lambda u, i=index: u[i])))
+        if self.problems:
+            raise UnsupportedOpsError("bounds", self.problems)
+        return BoundNetwork(input=input_name, output=output_name, nodes=tuple(_drop_unused(nodes, output_name)))
+
+    def _fx_name(self, tensor: str) -> str:
+        return self.model.tensor_nodes[tensor]
+
+    def _module_node(self, fx_node: fx.Node) -> BoundNode | None:
+        onnx_node = self.onnx_of_target.get(fx_node.target)
+        key = next((k for k, n in self.graph.nodes.items() if n is onnx_node), fx_node.target)
+        tensor = self.tensor_of_fx.get(fx_node.name)
+        site = self.sites_by_output.get(tensor)
+        if site is not None:
+            return BoundNode(fx_node.name, site.kind, key, (self._fx_name(site.input),), self._activation(site))
+        if key in self.inner:
+            return None  # inside a decomposed activation: covered by the site's node
+        variables = [t for t in onnx_node.input if t and not self.graph.is_constant(t)]
+        try:
+            rule = self._rule(onnx_node, variables, fx_node)
+        except (KeyError, ValueError, TypeError, NotImplementedError, RuntimeError) as err:
+            rule = None
+            self.problems.append((key, onnx_node.op_type, f"{type(err).__name__}: {err}"))
+        if rule is None:
+            if not any(p[0] == key for p in self.problems):
+                self.problems.append((key, onnx_node.op_type, "no bound rule"))
+            return None
+        return BoundNode(fx_node.name, onnx_node.op_type, key, tuple(self._fx_name(t) for t in variables), rule)
+
+    def _activation(self, site: ActivationSite) -> Activation:
+        slope = None
+        if site.kind == "prelu":
+            slope = self.constant(self.graph.nodes[site.nodes[0]].input[1])
+        function = _site_function(site, slope, self)
+        return Activation(site.kind, dict(site.params), slope, function)
+
+    def _rule(self, node: onnx.NodeProto, variables: list[str], fx_node: fx.Node) -> Rule | None:
+        op = node.op_type
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        consts = [self.constant(t) if t else None for t in node.input]
+        single = len(variables) == 1
+        if op == "Gemm" and single and node.input[0] == variables[0] and not attributes.get("transA", 0):
+            return ops.gemm(attributes, consts[1], consts[2] if len(consts) > 2 else None)
+        if op == "MatMul" and single:
+            first = node.input[0] == variables[0]
+            return ops.matmul(consts[1] if first else consts[0], first)
+        if op == "MatMul" and len(variables) == 2:
+            return ops.matrix_product()
+        if op == "Conv" and single and node.input[0] == variables[0]:
+            return ops.conv(attributes, consts[1], consts[2] if len(consts) > 2 else None)
+        if op == "BatchNormalization" and single:
+            return ops.batch_norm(attributes, *consts[1:5])
+        if op in ("Add", "Sub") and single:
+            other = consts[1] if node.input[0] == variables[0] else consts[0]
+            sign = -1.0 if op == "Sub" and node.input[1] == variables[0] else 1.0
+            offset = other if (op == "Add" or sign < 0) else -other
+            return ops.shift(offset, sign)
+        if op in ("Add", "Sub") and len(variables) == 2:
+            return ops.add_variables([1.0, -1.0 if op == "Sub" else 1.0])
+        if op == "Mul" and single:
+            return ops.scale(consts[1] if node.input[0] == variables[0] else consts[0])
+        if op == "Mul" and len(variables) == 2:
+            return ops.product()
+        if op == "Div" and single and node.input[0] == variables[0]:
+            return ops.scale(1.0 / consts[1])
+        if op == "Neg":
+            return ops.scale(-1.0)
+        if op == "Softmax":
+            return ops.softmax(int(attributes.get("axis", -1)))
+        if op == "LayerNormalization":
+            axis = int(attributes.get("axis", -1))
+            rank = len(self._shape(node.input[0]))
+            dims = rank - axis if axis >= 0 else -axis
+            return ops.layer_norm(attributes, consts[1], consts[2] if len(consts) > 2 else None, dims)
+        if op in ops.MONOTONE_UNARY and single:
+            return ops.monotone(ops.MONOTONE_UNARY[op])
+        if op in ops.STRUCTURAL_OPS:
+            return ops.structural(self._module_call(fx_node, variables))
+        return None
+
+    def _shape(self, tensor: str) -> list:
+        infos = {vi.name: vi for vi in list(self.model.normalized.graph.value_info)
+                 + list(self.model.normalized.graph.input) + list(self.model.normalized.graph.output)}
+        if tensor not in infos:
+            inferred = onnx.shape_inference.infer_shapes(self.model.normalized)
+            infos = {vi.name: vi for vi in inferred.graph.value_info}
+        return list(infos[tensor].type.tensor_type.shape.dim)
+
+    def _module_call(self, fx_node: fx.Node, variables: list[str]) -> Callable[..., torch.Tensor]:
+        """Call the converted module with constants in place and variables in ONNX input order."""
+        module = self.module.get_submodule(fx_node.target)
+        slots = []
+        for arg in fx_node.args:
+            if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                value = _fetch(self.module, arg.target)
+                slots.append(("const", value))
+            elif isinstance(arg, fx.Node):
+                slots.append(("var", variables.index(self.tensor_of_fx[arg.name])))
+            else:
+                slots.append(("const", arg))
+        kwargs = dict(fx_node.kwargs)
+
+        def call(*inputs: torch.Tensor) -> torch.Tensor:
+            args = [inputs[v] if kind == "var" else v for kind, v in slots]
+            return module(*args, **kwargs)
+
+        return call
+
+
+def _fetch(module: torch.nn.Module, target: str) -> torch.Tensor:
+    owner = module
+    for part in target.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
+def _site_function(site: ActivationSite, slope, builder: _Builder) -> Callable[[torch.Tensor], torch.Tensor]:
+    kind, params = site.kind, site.params
+    functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "relu": torch.relu,
+        "leaky_relu": lambda u: torch.nn.functional.leaky_relu(u, float(params.get("alpha", 0.01))),
+        "prelu": lambda u: torch.where(u >= 0, u, u * slope),
+        "abs": torch.abs,
+        "clip": lambda u: torch.clamp(u, params.get("min"), params.get("max")),
+        "gelu": lambda u: torch.nn.functional.gelu(u, approximate=str(params.get("approximate", "none"))),
+        "silu": torch.nn.functional.silu,
+        "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh,
+        "softplus": torch.nn.functional.softplus,
+        "hard_swish": torch.nn.functional.hardswish,
+    }
+    if kind in functions:
+        return functions[kind]
+    if kind == "max_pool":
+        fx_name = builder.model.tensor_nodes[site.output]
+        fx_node = next(n for n in builder.module.graph.nodes if n.name == fx_name)
+        return builder.module.get_submodule(fx_node.target)
+    if kind == "softmax":
+        return lambda u: torch.softmax(u, int(params.get("axis", -1)))
+    raise NotImplementedError(kind)
+
+
+def _drop_unused(nodes: list[BoundNode], output: str) -> list[BoundNode]:
+    needed = {output}
+    kept: list[BoundNode] = []
+    for node in reversed(nodes):
+        if node.name in needed:
+            kept.append(node)
+            needed.update(node.inputs)
+    return list(reversed(kept))

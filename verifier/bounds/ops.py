@@ -1,0 +1,249 @@
+"""One rule per ONNX op family for bound propagation (bounds-design.md §2–§3).
+
+Every node of the logits path becomes one of:
+- `Affine`: `v = L(u_1, …) + offset` with `L` linear. Weighted ops (Gemm, MatMul/Mul/Div by a
+  constant, Conv, BatchNormalization, Add/Sub/Neg) are written here from ONNX semantics so that
+  the same code with `|weights|` gives `|L|`; structural ops (Reshape, Transpose, Slice, Concat,
+  Pad, pooling averages, reductions by sums …) reuse the converted module, whose linear part is
+  entrywise non-negative, so `|L| = L`.
+- `Interval`: ops with no linear rule (Softmax, LayerNormalization, products of two variable
+  tensors, monotone unary functions, MaxPool until relaxed) give sound intervals only and are
+  concretised during back-substitution.
+An op with no rule raises "unsupported for bounds: OP at NODE".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+Linear = Callable[..., torch.Tensor]
+
+STRUCTURAL_OPS = frozenset(
+    """Reshape Flatten Transpose Squeeze Unsqueeze Identity Dropout Slice Gather Concat Split Pad
+    AveragePool GlobalAveragePool ReduceMean ReduceSum Expand Tile Sum Mean""".split()
+)
+MONOTONE_UNARY = {"Exp": torch.exp, "Erf": torch.erf, "Sqrt": torch.sqrt, "Log": torch.log,
+                  "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Relu": torch.relu}
+
+
+@dataclass(frozen=True)
+class Affine:
+    """`v = linear(u_1, …) + offset`; `magnitude(r_1, …) = |linear|(r_1, …)` for radii r >= 0."""
+
+    linear: Linear
+    magnitude: Linear
+    offset: torch.Tensor | float = 0.0
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.linear(*inputs) + self.offset
+
+    def interval(self, bounds: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact interval image in centre-radius form: `c' = A(c)`, `r' = |L|(r)`."""
+        centres = [(lo + hi) / 2 for lo, hi in bounds]
+        radii = [(hi - lo) / 2 for lo, hi in bounds]
+        centre, radius = self(*centres), self.magnitude(*radii)
+        return centre - radius, centre + radius
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A node bounded by intervals only: `rule(bounds of variable inputs) -> (lower, upper)`."""
+
+    rule: Callable[[Sequence[tuple[torch.Tensor, torch.Tensor]]], tuple[torch.Tensor, torch.Tensor]]
+    forward: Callable[..., torch.Tensor] = field(repr=False, default=None)
+
+
+def _attr(attributes: dict, name: str, default):
+    value = attributes.get(name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def gemm(attributes: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> Affine:
+    """Gemm with a variable A (transA = 0) and constant B, C."""
+    alpha, beta = float(_attr(attributes, "alpha", 1.0)), float(_attr(attributes, "beta", 1.0))
+    matrix = alpha * (weight.T if _attr(attributes, "transB", 0) else weight)
+    offset = 0.0 if bias is None else beta * bias
+    return Affine(lambda u: u @ matrix, lambda r: r @ matrix.abs(), offset)
+
+
+def matmul(constant: torch.Tensor, variable_first: bool) -> Affine:
+    """MatMul with one constant operand."""
+    if variable_first:
+        return Affine(lambda u: torch.matmul(u, constant), lambda r: torch.matmul(r, constant.abs()))
+    return Affine(lambda u: torch.matmul(constant, u), lambda r: torch.matmul(constant.abs(), r))
+
+
+def scale(factor: torch.Tensor | float, offset: torch.Tensor | float = 0.0) -> Affine:
+    """Elementwise `u * factor + offset` (Mul/Div by a constant, Neg, BatchNormalization)."""
+    factor = torch.as_tensor(factor)
+    return Affine(lambda u: u * factor, lambda r: r * factor.abs(), offset)
+
+
+def shift(offset: torch.Tensor | float, sign: float = 1.0) -> Affine:
+    """`sign * u + offset` (Add/Sub with a constant)."""
+    return Affine(lambda u: sign * u, lambda r: r, offset)
+
+
+def add_variables(signs: Sequence[float]) -> Affine:
+    """Sum of variable inputs with signs (Add, Sub of two branches)."""
+    return Affine(lambda *us: sum(s * u for s, u in zip(signs, us)), lambda *rs: sum(rs))
+
+
+def batch_norm(attributes: dict, gamma, beta, mean, var) -> Affine:
+    """Inference BatchNormalization over axis 1."""
+    eps = float(_attr(attributes, "epsilon", 1e-5))
+    factor = gamma / torch.sqrt(var + eps)
+    shape = (1, -1) + (1,) * 8
+
+    def per_channel(t: torch.Tensor, dims: int) -> torch.Tensor:
+        return t.reshape(shape[: dims])
+
+    return Affine(
+        lambda u: u * per_channel(factor, u.dim()),
+        lambda r: r * per_channel(factor.abs(), r.dim()),
+        _LazyChannelOffset(beta - factor * mean),
+    )
+
+
+class _LazyChannelOffset:
+    """A per-channel offset that broadcasts against axis 1 of whatever it is added to."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values
+
+    def __radd__(self, other: torch.Tensor) -> torch.Tensor:
+        return other + self.values.reshape((1, -1) + (1,) * (other.dim() - 2))
+
+    def reshaped(self, like: torch.Tensor) -> torch.Tensor:
+        """The offset as a tensor broadcastable to `like`."""
+        return self.values.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def conv(attributes: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> Affine:
+    """Conv (1-3 spatial dims) with ONNX pads / auto_pad / strides / dilations / groups."""
+    dims = weight.dim() - 2
+    strides = list(_attr(attributes, "strides", [1] * dims))
+    dilations = list(_attr(attributes, "dilations", [1] * dims))
+    groups = int(_attr(attributes, "group", 1))
+    auto_pad = _attr(attributes, "auto_pad", "NOTSET")
+    pads = list(_attr(attributes, "pads", [0] * (2 * dims)))
+    function = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+
+    def padding_for(u: torch.Tensor) -> list[int]:
+        if auto_pad in ("NOTSET", "VALID"):
+            begin, end = (pads[:dims], pads[dims:]) if auto_pad == "NOTSET" else ([0] * dims, [0] * dims)
+        else:
+            begin, end = [], []
+            for axis in range(dims):
+                size, kernel = u.shape[2 + axis], (weight.shape[2 + axis] - 1) * dilations[axis] + 1
+                total = max(0, (math.ceil(size / strides[axis]) - 1) * strides[axis] + kernel - size)
+                low = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+                begin.append(low)
+                end.append(total - low)
+        flat: list[int] = []
+        for axis in reversed(range(dims)):
+            flat += [begin[axis], end[axis]]
+        return flat
+
+    def apply(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        return function(F.pad(u, padding_for(u)), kernel, stride=strides, dilation=dilations, groups=groups)
+
+    offset = 0.0 if bias is None else _LazyChannelOffset(bias)
+    return Affine(lambda u: apply(u, weight), lambda r: apply(r, weight.abs()), offset)
+
+
+def structural(call: Callable[..., torch.Tensor]) -> Affine:
+    """A data-movement / averaging op whose linear part is entrywise non-negative."""
+    return Affine(call, call)
+
+
+# ---- interval-only rules -------------------------------------------------------------------
+
+def monotone(function: Callable[[torch.Tensor], torch.Tensor]) -> Interval:
+    """Non-decreasing unary function: map the ends."""
+    return Interval(lambda b: (function(b[0][0]), function(b[0][1])), function)
+
+
+def product() -> Interval:
+    """Elementwise product of two variable tensors (all four corner products)."""
+    def rule(bounds):
+        (a_lo, a_hi), (b_lo, b_hi) = bounds
+        corners = torch.stack([a_lo * b_lo, a_lo * b_hi, a_hi * b_lo, a_hi * b_hi])
+        return corners.min(0).values, corners.max(0).values
+    return Interval(rule, torch.mul)
+
+
+def matrix_product() -> Interval:
+    """MatMul of two variable tensors in centre-radius form (sound, not exact)."""
+    def rule(bounds):
+        (a_lo, a_hi), (b_lo, b_hi) = bounds
+        a_c, a_r, b_c, b_r = (a_lo + a_hi) / 2, (a_hi - a_lo) / 2, (b_lo + b_hi) / 2, (b_hi - b_lo) / 2
+        centre = torch.matmul(a_c, b_c)
+        radius = torch.matmul(a_c.abs(), b_r) + torch.matmul(a_r, b_c.abs()) + torch.matmul(a_r, b_r)
+        return centre - radius, centre + radius
+    return Interval(rule, torch.matmul)
+
+
+def softmax(axis: int) -> Interval:
+    """`softmax_k ∈ [1/(1+Σ_{m≠k} exp(u_m - l_k)), 1/(1+Σ_{m≠k} exp(l_m - u_k))]`, in log space."""
+    def side(own: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        own, others = own.movedim(axis, -1), others.movedim(axis, -1)
+        gaps = others.unsqueeze(-2) - own.unsqueeze(-1)  # [..., k, m] = others_m - own_k
+        eye = torch.eye(own.shape[-1], dtype=torch.bool, device=own.device)
+        gaps = gaps.masked_fill(eye, -math.inf)
+        return torch.sigmoid(-torch.logsumexp(gaps, dim=-1)).movedim(-1, axis)
+
+    def rule(bounds):
+        (lo, hi), = bounds
+        return side(lo, hi), side(hi, lo)
+    return Interval(rule, lambda u: torch.softmax(u, axis))
+
+
+def layer_norm(attributes: dict, scale_: torch.Tensor | None, bias: torch.Tensor | None, dims: int) -> Interval:
+    """LayerNormalization over the last `dims` axes: exact centring, variance interval, division."""
+    eps = float(_attr(attributes, "epsilon", 1e-5))
+
+    def rule(bounds):
+        (lo, hi), = bounds
+        axes = tuple(range(-dims, 0))
+        count = math.prod(lo.shape[-dims:])
+        mean_lo, mean_hi = lo.mean(axes, keepdim=True), hi.mean(axes, keepdim=True)
+        c_lo, c_hi = _centred_bounds(lo, hi, axes, count)
+        square_hi = torch.maximum(c_lo**2, c_hi**2)
+        square_lo = torch.where((c_lo <= 0) & (c_hi >= 0), torch.zeros_like(c_lo), torch.minimum(c_lo**2, c_hi**2))
+        var_lo, var_hi = square_lo.mean(axes, keepdim=True), square_hi.mean(axes, keepdim=True)
+        del mean_lo, mean_hi
+        denominators = torch.sqrt(torch.stack([var_lo, var_hi]) + eps)
+        quotients = torch.stack([c_lo / denominators[0], c_lo / denominators[1],
+                                 c_hi / denominators[0], c_hi / denominators[1]])
+        y_lo, y_hi = quotients.min(0).values, quotients.max(0).values
+        cap = math.sqrt(max(count - 1, 1))
+        y_lo, y_hi = y_lo.clamp(-cap, cap), y_hi.clamp(-cap, cap)
+        if scale_ is not None:
+            y_lo, y_hi = torch.minimum(y_lo * scale_, y_hi * scale_), torch.maximum(y_lo * scale_, y_hi * scale_)
+        if bias is not None:
+            y_lo, y_hi = y_lo + bias, y_hi + bias
+        return y_lo, y_hi
+
+    def forward(u: torch.Tensor) -> torch.Tensor:
+        shape = u.shape[-dims:]
+        return F.layer_norm(u, shape, scale_, bias, eps)
+
+    return Interval(rule, forward)
+
+
+def _centred_bounds(lo: torch.Tensor, hi: torch.Tensor, axes: tuple[int, ...], count: int):
+    """Bounds of `x_k - mean(x)` = `(1 - 1/n) x_k - (1/n) Σ_{m≠k} x_m`: exact per coordinate."""
+    total_lo, total_hi = lo.sum(axes, keepdim=True), hi.sum(axes, keepdim=True)
+    own = 1.0 - 1.0 / count
+    return own * lo - (total_hi - hi) / count, own * hi - (total_lo - lo) / count
+
+
+def max_pool(forward: Callable[[torch.Tensor], torch.Tensor]) -> Interval:
+    """MaxPool is monotone in every input: pool the ends."""
+    return Interval(lambda b: (forward(b[0][0]), forward(b[0][1])), forward)

@@ -1,0 +1,228 @@
+"""Interval and linear (CROWN-style) bound propagation over a `BoundNetwork` (bounds-design §2–§4).
+
+`InputSet` is `B_r(x0, s) ∩ box` per sample. `propagate` runs the interval pass forward; at the
+input of every nonlinear node it first tightens the interval by back-substituting the node's
+units as objectives (`tighten=True`), so each activation is relaxed on the tightest interval
+known. `upper_bound` back-substitutes any objective `C · v` to the input and maximises it
+exactly over the set (`verifier.geometry.max_linear`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from verifier.bounds import ops, relaxations
+from verifier.bounds.network import Activation, BoundNetwork, BoundNode
+from verifier.cells import window_index
+from verifier.geometry import max_linear
+
+_RELAXED = frozenset({"relu", "leaky_relu", "prelu", "abs", "clip", "gelu", "silu", "sigmoid", "tanh",
+                      "softplus", "hard_swish"})
+UNIT_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """`{x0 + d : lower <= d <= upper, ||d||_norm <= radius}` per sample (d flattened)."""
+
+    center: torch.Tensor  # (N, *input shape)
+    radius: torch.Tensor  # (N,)
+    norm: str
+    lower: torch.Tensor  # (N, d): box - x0, -inf without a box
+    upper: torch.Tensor  # (N, d)
+
+    def interval(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The interval hull of the set (the same for every norm)."""
+        flat = self.center.flatten(1)
+        reach = self.radius.unsqueeze(1)
+        low = flat + torch.maximum(self.lower, -reach)
+        high = flat + torch.minimum(self.upper, reach)
+        return low.reshape(self.center.shape), high.reshape(self.center.shape)
+
+    def maximise(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Exact `max over the set of <coefficients_k, x>` for coefficients (N, K, *input shape)."""
+        flat = coefficients.flatten(2)
+        at_center = torch.einsum("nkd,nd->nk", flat, self.center.flatten(1))
+        gain = max_linear(flat, self.lower[:, None], self.upper[:, None], self.radius[:, None], self.norm)
+        return at_center + gain
+
+
+@dataclass(frozen=True)
+class PoolRelaxation:
+    """MaxPool on an interval: `y >= x[winner]` always; `y <= x[winner]` where the winner is decided
+    (its lower bound beats every other upper bound), else `y <= max upper` (a constant)."""
+
+    winner: torch.Tensor  # (N, C, windows): flat input position of the largest lower bound
+    decided: torch.Tensor  # (N, C, windows) bool
+    ceiling: torch.Tensor  # (N, C, windows): max of the upper bounds in the window
+    input_shape: torch.Size
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Interval bounds of every node and the relaxations used at every activation."""
+
+    intervals: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    relaxed: dict[str, relaxations.Relaxation | PoolRelaxation]
+
+
+def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True) -> Bounds:
+    """Interval bounds of every node, tightened by back-substitution at nonlinear inputs."""
+    intervals = {network.input: region.interval()}
+    relaxed: dict[str, relaxations.Relaxation] = {}
+    state = Bounds(intervals, relaxed)
+    # Outputs of nonlinear nodes are already bounded from tightened inputs: only affine outputs
+    # feeding a nonlinear node are worth a back-substitution.
+    tightened = {network.input} | {n.name for n in network.nodes if not isinstance(n.rule, ops.Affine)}
+    for node in network.nodes:
+        if not isinstance(node.rule, ops.Affine) and tighten:
+            for name in node.inputs:
+                if name not in tightened:
+                    intervals[name] = _intersect(intervals[name], _linear_interval(network, state, region, name))
+                    tightened.add(name)
+        intervals[node.name] = _interval(node, [intervals[i] for i in node.inputs])
+        if isinstance(node.rule, Activation) and node.rule.kind in _RELAXED:
+            low, high = intervals[node.inputs[0]]
+            relaxed[node.name] = relaxations.linear_relaxation(node.rule.kind, low, high, node.rule.params,
+                                                               node.rule.slope)
+        elif isinstance(node.rule, Activation) and node.rule.kind == "max_pool":
+            relaxed[node.name] = _pool_relaxation(node, *intervals[node.inputs[0]])
+    return state
+
+
+def _intersect(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
+    return torch.maximum(a[0], b[0]), torch.minimum(a[1], b[1])
+
+
+def _interval(node: BoundNode, inputs: list[tuple[torch.Tensor, torch.Tensor]]):
+    rule = node.rule
+    if isinstance(rule, ops.Affine):
+        return rule.interval(inputs)
+    if isinstance(rule, ops.Interval):
+        return rule.rule(inputs)
+    low, high = inputs[0]
+    if rule.kind in ("max_pool", "softmax"):
+        if rule.kind == "softmax":
+            return ops.softmax(int(rule.params.get("axis", -1))).rule(inputs)
+        return rule.forward(low), rule.forward(high)
+    return relaxations.interval(rule.kind, low, high, rule.params, rule.slope)
+
+
+def _linear_interval(network: BoundNetwork, state: Bounds, region: InputSet, name: str):
+    """Lower and upper bounds of every unit of node `name` by back-substitution (chunked)."""
+    low, high = state.intervals[name]
+    count, units = low.shape[0], low[0].numel()
+    lower_parts, upper_parts = [], []
+    for start in range(0, units, UNIT_CHUNK):
+        stop = min(start + UNIT_CHUNK, units)
+        eye = torch.zeros(stop - start, units, dtype=low.dtype, device=low.device)
+        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        rows = torch.cat([eye, -eye]).expand(count, -1, -1).reshape(count, 2 * (stop - start), *low.shape[1:])
+        values = upper_bound(network, state, region, name, rows)
+        upper_parts.append(values[:, : stop - start])
+        lower_parts.append(-values[:, stop - start:])
+    return torch.cat(lower_parts, 1).reshape(low.shape), torch.cat(upper_parts, 1).reshape(high.shape)
+
+
+def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: str,
+                coefficients: torch.Tensor) -> torch.Tensor:
+    """Sound upper bounds (N, K) of `<coefficients_k, v_target>` over the input set."""
+    count, objectives = coefficients.shape[:2]
+    pending: dict[str, torch.Tensor] = {target: coefficients}
+    bias = torch.zeros(count, objectives, dtype=coefficients.dtype, device=coefficients.device)
+    position = next(i for i, n in enumerate(network.nodes) if n.name == target) if target != network.input else -1
+    for node in reversed(network.nodes[: position + 1]):
+        lam = pending.pop(node.name, None)
+        if lam is None:
+            continue
+        rule = node.rule
+        if isinstance(rule, ops.Affine):
+            shapes = [state.intervals[i][0].shape[1:] for i in node.inputs]
+            contributions, offset = _affine_adjoint(rule, lam, shapes)
+            bias = bias + offset
+        elif isinstance(rule, Activation) and isinstance(state.relaxed.get(node.name), PoolRelaxation):
+            contribution, offset = _pool_adjoint(state.relaxed[node.name], lam)
+            contributions = [contribution]
+            bias = bias + offset
+        elif isinstance(rule, Activation) and node.name in state.relaxed:
+            relax = state.relaxed[node.name]
+            positive, negative = lam.clamp_min(0), lam.clamp_max(0)
+            upper_slope, lower_slope = relax.upper_slope.unsqueeze(1), relax.lower_slope.unsqueeze(1)
+            upper_offset, lower_offset = relax.upper_offset.unsqueeze(1), relax.lower_offset.unsqueeze(1)
+            contributions = [positive * upper_slope + negative * lower_slope]
+            bias = bias + _inner(positive, upper_offset) + _inner(negative, lower_offset)
+        else:
+            low, high = state.intervals[node.name]
+            bias = bias + _inner(lam.clamp_min(0), high.unsqueeze(1)) + _inner(lam.clamp_max(0), low.unsqueeze(1))
+            contributions = []
+        for name, contribution in zip(node.inputs, contributions):
+            pending[name] = pending[name] + contribution if name in pending else contribution
+    lam = pending.pop(network.input, None)
+    if lam is None:
+        return bias
+    return bias + region.maximise(lam)
+
+
+def _pool_relaxation(node: BoundNode, low: torch.Tensor, high: torch.Tensor) -> PoolRelaxation:
+    count, channels, height, width = low.shape
+    index = window_index(node.rule.params, node.onnx_node, height, width, low.device)  # (windows, taps)
+    valid, safe = index >= 0, index.clamp_min(0)
+    lows = low.reshape(count, channels, -1)[:, :, safe].masked_fill(~valid, -math.inf)
+    highs = high.reshape(count, channels, -1)[:, :, safe].masked_fill(~valid, -math.inf)
+    best = lows.argmax(-1, keepdim=True)  # (N, C, W, 1)
+    others = highs.scatter(-1, best, -math.inf).max(-1).values
+    winner = safe.expand(count, channels, -1, -1).gather(-1, best).squeeze(-1)
+    return PoolRelaxation(winner=winner, decided=lows.gather(-1, best).squeeze(-1) >= others,
+                          ceiling=highs.max(-1).values, input_shape=low.shape)
+
+
+def _pool_adjoint(relax: PoolRelaxation, lam: torch.Tensor):
+    count, objectives = lam.shape[:2]
+    flat = lam.reshape(count, objectives, relax.winner.shape[1], -1)  # (N, K, C, windows)
+    positive, negative = flat.clamp_min(0), flat.clamp_max(0)
+    decided = relax.decided.unsqueeze(1)
+    selected = negative + torch.where(decided, positive, torch.zeros_like(positive))
+    offset = _inner(torch.where(decided, torch.zeros_like(positive), positive), relax.ceiling.unsqueeze(1))
+    _, channels, height, width = relax.input_shape
+    contribution = torch.zeros(count, objectives, channels, height * width, dtype=lam.dtype, device=lam.device)
+    contribution.scatter_add_(-1, relax.winner.unsqueeze(1).expand(-1, objectives, -1, -1), selected)
+    return contribution.reshape(count, objectives, channels, height, width), offset
+
+
+def _inner(lam: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Σ over unit axes of lam * values, with infinities times zero counted as zero."""
+    product = lam * values
+    product = torch.where(lam == 0, torch.zeros_like(product), product)
+    return product.flatten(2).sum(-1)
+
+
+def _affine_adjoint(rule: ops.Affine, lam: torch.Tensor, shapes: list[torch.Size]):
+    """Adjoint of the linear part applied to lam (N, K, *out), and <lam, offset>."""
+    count, objectives = lam.shape[:2]
+    flat = lam.reshape(count * objectives, *lam.shape[2:])
+    zeros = [torch.zeros(count * objectives, *shape, dtype=lam.dtype, device=lam.device) for shape in shapes]
+    _, pullback = torch.func.vjp(rule.linear, *zeros)
+    adjoints = pullback(flat)
+    contributions = [a.reshape(count, objectives, *a.shape[1:]) for a in adjoints]
+    offset_value = rule(*[z[:1] for z in zeros])
+    if isinstance(offset_value, torch.Tensor) and offset_value.abs().sum() > 0:
+        offset = (lam * offset_value.unsqueeze(1)).flatten(2).sum(-1)
+    else:
+        offset = torch.zeros(count, objectives, dtype=lam.dtype, device=lam.device)
+    return contributions, offset
+
+
+def objective_upper_bounds(network: BoundNetwork, region: InputSet, coefficients: torch.Tensor,
+                           tighten: bool = True) -> torch.Tensor:
+    """Upper bounds (N, K) of `<coefficients_k, logits>` over the input set."""
+    state = propagate(network, region, tighten)
+    return upper_bound(network, state, region, network.output, coefficients)
+
+
+def no_box(center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Displacement limits without a box."""
+    flat = center.flatten(1)
+    return torch.full_like(flat, -math.inf), torch.full_like(flat, math.inf)

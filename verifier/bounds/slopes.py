@@ -1,0 +1,148 @@
+"""The Jacobian route (method §3.4): sound bounds on the local slope of the margins.
+
+Gradients are propagated backwards as intervals: through an affine node the centre goes through
+the adjoint of the linear part and the radius through the adjoint of `|L|`; through an
+activation the gradient interval is multiplied by the activation's derivative range on its
+input interval (GELU'/SiLU' are non-monotone: `relaxations.derivative_range` knows their
+extremes); through MaxPool the gradient may go to any window entry that can still win. The result
+`Lambda_j(s) >= sup over B(x, s) ∩ box of ||grad (z_j - z_y)||_*` bounds the margin's (and the
+cross-entropy's) local Lipschitz constant. Nodes without a derivative rule (Softmax,
+LayerNormalization, products of variables) make the route inapplicable: +inf.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from verifier.bounds import ops, relaxations
+from verifier.bounds.network import Activation, BoundNetwork
+from verifier.bounds.propagate import InputSet, propagate
+from verifier.cells import displacement_box, window_index
+from verifier.convert import ConvertedModel
+from verifier.device import resolve_device
+from verifier.geometry import dual_norm, parse_norm
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SlopeBounds:
+    """`per_class[i, j] >= sup ||grad (z_j - z_y)||_*` over the set (0 at j = y; inf if no rule)."""
+
+    norm: str
+    radius: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,)
+    per_class: torch.Tensor  # (N, C)
+    unsupported: tuple[str, ...]  # nodes that made the route inapplicable
+
+    @property
+    def loss_slope(self) -> torch.Tensor:
+        """Bound on the local Lipschitz constant of the margin and of the cross-entropy (N,).
+
+        CE's gradient in z is `p - e_y = sum_{j != y} p_j (e_j - e_y)`, a convex combination,
+        so its dual norm after the Jacobian is at most the largest per-class bound.
+        """
+        mask = torch.nn.functional.one_hot(self.labels, self.per_class.shape[1]).bool()
+        return self.per_class.masked_fill(mask, -math.inf).max(1).values
+
+
+def slope_bounds(model: ConvertedModel | BoundNetwork, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
+                 radius: torch.Tensor | float, norm: str | float = "inf", box: tuple[float, float] | None = None,
+                 device: str = "auto", dtype: torch.dtype = torch.float64) -> SlopeBounds:
+    """Interval-Jacobian bounds on the margins' slopes over `B_r(x_i, s_i) ∩ box`."""
+    norm = parse_norm(norm)
+    target = resolve_device(device)
+    network = model if isinstance(model, BoundNetwork) else BoundNetwork.from_model(model, dtype, target)
+    center = torch.as_tensor(x).to(device=target, dtype=dtype)
+    labels = torch.as_tensor(y, dtype=torch.long, device=target)
+    radii = torch.broadcast_to(torch.as_tensor(radius, dtype=dtype, device=target), (len(center),))
+    lower, upper = displacement_box(center, box)
+    region = InputSet(center=center, radius=radii, norm=norm, lower=lower, upper=upper)
+    state = propagate(network, region)
+    classes = state.intervals[network.output][0].shape[-1]
+    eye = torch.eye(classes, dtype=dtype, device=target)
+    rows = eye.unsqueeze(0) - eye[labels].unsqueeze(1)  # (N, C, C): e_j - e_y
+    gradient, unsupported = _backward_intervals(network, state.intervals, rows)
+    if gradient is None:
+        per_class = torch.full((len(center), classes), math.inf, dtype=dtype, device=target)
+    else:
+        low, high = gradient
+        per_class = dual_norm(torch.maximum(low.abs(), high.abs()).flatten(2), norm)
+    per_class = per_class.masked_fill(torch.nn.functional.one_hot(labels, classes).bool(), 0.0)
+    return SlopeBounds(norm=norm, radius=radii, labels=labels, per_class=per_class, unsupported=unsupported)
+
+
+def _backward_intervals(network: BoundNetwork, intervals: dict[str, Pair], rows: torch.Tensor):
+    pending: dict[str, Pair] = {network.output: (rows, rows)}
+    for node in reversed(network.nodes):
+        grad = pending.pop(node.name, None)
+        if grad is None:
+            continue
+        rule = node.rule
+        if isinstance(rule, ops.Affine):
+            shapes = [intervals[i][0].shape[1:] for i in node.inputs]
+            contributions = _affine_backward(rule, grad, shapes)
+        elif isinstance(rule, Activation) and rule.kind == "max_pool":
+            contributions = [_pool_backward(node, intervals[node.inputs[0]], grad)]
+        elif isinstance(rule, Activation) and rule.kind != "softmax":
+            low, high = intervals[node.inputs[0]]
+            d_low, d_high = relaxations.derivative_range(rule.kind, low, high, rule.params, rule.slope)
+            contributions = [_product(grad, (d_low.unsqueeze(1), d_high.unsqueeze(1)))]
+        else:
+            return None, (node.onnx_node,)
+        for name, (low, high) in zip(node.inputs, contributions):
+            if name in pending:
+                low, high = pending[name][0] + low, pending[name][1] + high
+            pending[name] = (low, high)
+    return pending.get(network.input), ()
+
+
+def _product(a: Pair, b: Pair) -> Pair:
+    corners = torch.stack([a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1]])
+    return corners.min(0).values, corners.max(0).values
+
+
+def _affine_backward(rule: ops.Affine, grad: Pair, shapes: list[torch.Size]) -> list[Pair]:
+    low, high = grad
+    count, objectives = low.shape[:2]
+    centre = ((low + high) / 2).reshape(count * objectives, *low.shape[2:])
+    radius = ((high - low) / 2).reshape(count * objectives, *low.shape[2:])
+    zeros = [torch.zeros(count * objectives, *shape, dtype=low.dtype, device=low.device) for shape in shapes]
+    _, pull_linear = torch.func.vjp(rule.linear, *zeros)
+    _, pull_magnitude = torch.func.vjp(rule.magnitude, *zeros)
+    results = []
+    for c, r in zip(pull_linear(centre), pull_magnitude(radius)):
+        c, r = c.reshape(count, objectives, *c.shape[1:]), r.reshape(count, objectives, *r.shape[1:])
+        results.append((c - r, c + r))
+    return results
+
+
+def _pool_backward(node, bounds: Pair, grad: Pair) -> Pair:
+    """MaxPool's Clarke Jacobian: each window passes its gradient to one entry that can still win."""
+    low, high = bounds
+    count, channels, height, width = low.shape
+    objectives = grad[0].shape[1]
+    index = window_index(node.rule.params, node.onnx_node, height, width, low.device)
+    valid, safe = index >= 0, index.clamp_min(0)
+    lows = low.reshape(count, channels, -1)[:, :, safe].masked_fill(~valid, -math.inf)
+    highs = high.reshape(count, channels, -1)[:, :, safe].masked_fill(~valid, -math.inf)
+    threshold = lows.max(-1, keepdim=True).values
+    candidate = valid & (highs >= threshold)  # (N, C, W, T)
+    decided = candidate.sum(-1, keepdim=True) == 1
+    g_low = grad[0].reshape(count, objectives, channels, -1, 1)
+    g_high = grad[1].reshape(count, objectives, channels, -1, 1)
+    take = candidate.unsqueeze(1)
+    sure = (take & decided.unsqueeze(1))
+    part_low = torch.where(sure, g_low, torch.where(take, g_low.clamp_max(0), torch.zeros_like(g_low)))
+    part_high = torch.where(sure, g_high, torch.where(take, g_high.clamp_min(0), torch.zeros_like(g_high)))
+    target = safe.expand(count, objectives, channels, -1, -1).reshape(count, objectives, channels, -1)
+    out_low = torch.zeros(count, objectives, channels, height * width, dtype=low.dtype, device=low.device)
+    out_high = torch.zeros_like(out_low)
+    out_low.scatter_add_(-1, target, part_low.reshape(count, objectives, channels, -1))
+    out_high.scatter_add_(-1, target, part_high.reshape(count, objectives, channels, -1))
+    shape = (count, objectives, channels, height, width)
+    return out_low.reshape(shape), out_high.reshape(shape)
