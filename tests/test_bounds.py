@@ -8,16 +8,22 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHIPPED, const, float_io, make_model, shipped_data, shipped_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import helper
 
 from verifier import errors
 from verifier.bounds import ops
+from verifier.bounds.global_lipschitz import global_lipschitz
 from verifier.bounds.margins import margin_bounds
 from verifier.bounds.network import BoundNetwork, forward
 from verifier.bounds.propagate import InputSet, propagate
+from verifier.bounds.slopes import slope_bounds
 from verifier.cells import cell_analysis, displacement_box
 from verifier.convert import convert_model
+from verifier.convert.normalize import normalize_model
 from verifier.data import load_samples
+from verifier.geometry import dual_norm
 from verifier.onnx_io import load_model
 
 N = helper.make_node
@@ -212,3 +218,61 @@ def test_op_without_bound_rule_is_named(tmp_path):
     path.write_bytes(model.SerializeToString())
     with pytest.raises(errors.UnsupportedOpsError, match="unsupported for bounds.*Sin"):
         BoundNetwork.from_model(convert_model(load_model(path)))
+
+
+def _random_cnn(seed: int):
+    """Conv(pads, stride) -> Relu -> MaxPool -> BatchNorm -> two branches (AveragePool | Transpose∘
+    Transpose) -> Concat -> Sub -> Flatten -> Gemm: every structural rule on one path."""
+    rng = np.random.default_rng(seed)
+    nodes = [N("Conv", ["x", "cw", "cb"], ["c"], pads=[1, 0, 1, 2], strides=[1, 2], kernel_shape=[3, 3]),
+             N("Relu", ["c"], ["r"]), N("MaxPool", ["r"], ["mp"], kernel_shape=[2, 2], strides=[1, 1]),
+             N("BatchNormalization", ["mp", "g", "bb", "mu", "var"], ["bn"]),
+             N("AveragePool", ["bn"], ["ap"], kernel_shape=[1, 1]),
+             N("Transpose", ["bn"], ["t1"], perm=[0, 1, 3, 2]), N("Transpose", ["t1"], ["t2"], perm=[0, 1, 3, 2]),
+             N("Concat", ["ap", "t2"], ["cat"], axis=1), N("Sub", ["cat", "shift"], ["sub"]),
+             N("Flatten", ["sub"], ["f"]), N("Gemm", ["f", "w", "b"], ["y"], transB=1)]
+    inits = [const("cw", rng.normal(size=(3, 1, 3, 3))), const("cb", rng.normal(size=3) * 0.2),
+             const("g", rng.uniform(0.5, 1.5, size=3)), const("bb", rng.normal(size=3) * 0.2),
+             const("mu", rng.normal(size=3) * 0.2), const("var", rng.uniform(0.5, 2, size=3)),
+             const("shift", rng.normal(size=(1, 6, 1, 1))), const("w", rng.normal(size=(4, 6 * 5 * 2)) * 0.3),
+             const("b", rng.normal(size=4) * 0.1)]
+    return make_model(nodes, [float_io("x", ["n", 1, 6, 6])], [float_io("y", ["n", 4])], inits)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), norm=st.sampled_from(["inf", "2", "1"]), scale=st.floats(0.01, 0.5))
+def test_random_cnns_sound(tmp_path_factory, seed, norm, scale):
+    path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
+    path.write_bytes(_random_cnn(seed).SerializeToString())
+    converted = convert_model(load_model(path))
+    network = BoundNetwork.from_model(converted)
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.uniform(0, 1, size=(6, 1, 6, 6)))
+    assert torch.allclose(network.evaluate(x), converted.logits_module.double()(x), atol=1e-9)
+    y = torch.from_numpy(rng.integers(0, 4, size=6))
+    radius = torch.full((6,), scale, dtype=torch.float64)
+    bounds = margin_bounds(network, x, y, radius, norm, box=(0.0, 1.0), device="cpu")
+    found = _attack(converted.logits_module.double(), x, y, radius, norm, (0.0, 1.0), steps=25)
+    assert torch.all(found <= bounds.worst_margin + 1e-9)
+    slopes = slope_bounds(network, x, y, radius, norm, box=(0.0, 1.0), device="cpu")
+    point = _project(x, x + torch.randn(x.shape, dtype=torch.float64), radius, norm, (0.0, 1.0))
+    jac = torch.autograd.functional.jacobian(lambda v: converted.logits_module.double()(v).sum(0), point)
+    jac = jac.movedim(0, 1).flatten(2)
+    gradients = dual_norm(jac - jac[torch.arange(6), y].unsqueeze(1), norm)
+    assert torch.all(gradients <= slopes.per_class + 1e-9)
+
+
+@pytest.mark.parametrize("norm", ["inf", "2", "1"])
+def test_global_baseline_dominates_exact_growth_and_attacks(norm):
+    loaded = load_model(shipped_model("mlp_relu"))
+    converted = convert_model(loaded)
+    samples = load_samples(shipped_data("mlp_relu"), loaded.info.data_input, limit=20)
+    constant = global_lipschitz(normalize_model(loaded.proto), norm).loss_constant("margin")
+    cells = cell_analysis(converted, samples.x, samples.y, norm, box=(0.0, 1.0), device="cpu")
+    exact_slope = dual_norm(cells.jacobian - cells.jacobian[torch.arange(20), cells.labels].unsqueeze(1), norm)
+    assert torch.all(exact_slope.max(1).values <= constant)
+    x, y = torch.from_numpy(samples.x).double(), torch.from_numpy(samples.y)
+    radius = torch.full((20,), 0.05, dtype=torch.float64)
+    gain = _attack(converted.logits_module.double(), x, y, radius, norm, (0.0, 1.0)) - _worst_margin(
+        converted.logits_module.double(), x, y)
+    assert torch.all(gain <= constant * 0.05 + 1e-9)
