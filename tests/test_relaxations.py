@@ -93,7 +93,7 @@ def check_sound(kind, params, slope, lower, upper, kinks=(), m=N_POINTS, fd=True
     dlo, dhi = R.derivative_range(kind, lower, upper, params, slope)
     assert (dlo <= dhi).all()
     step = 1e-6
-    inner = h[:, 2:200]
+    inner = h[:, 2:120]
     plus, minus = R.activation(kind, inner + step, params, sl), R.activation(kind, inner - step, params, sl)
     fd_slope = (plus - minus) / (2 * step)
     ok = (inner - 2 * step >= lower[:, None]) & (inner + 2 * step <= upper[:, None])
@@ -101,7 +101,7 @@ def check_sound(kind, params, slope, lower, upper, kinks=(), m=N_POINTS, fd=True
         ok &= (inner - k).abs() > 2 * step
     if kind in ("relu", "leaky_relu", "prelu", "abs"):
         ok &= inner.abs() > 2 * step
-    tol = 1e-7 * (1 + y[:, 2:200].abs())
+    tol = 1e-7 * (1 + y[:, 2:120].abs())
     assert ((fd_slope >= dlo[:, None] - tol) | ~ok).all(), "derivative below range"
     assert ((fd_slope <= dhi[:, None] + tol) | ~ok).all(), "derivative above range"
 
@@ -136,7 +136,7 @@ KIND_PARAMS = st.sampled_from([c[1:4] for c in CONFIGS if c[1] != "prelu"]
                               + [("prelu", None, s) for s in (-1.5, -0.2, 0.0, 0.3, 1.0, 2.5)])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(KIND_PARAMS, st.floats(-60, 60), st.floats(0, 60) | st.floats(0, 1e-6) | st.just(0.0))
 def test_hypothesis_random_interval(kind_params, lower, width):
     kind, params, slope = kind_params
