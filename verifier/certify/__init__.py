@@ -1,0 +1,1 @@
+"""Certificates: upper bounds on the Wasserstein distributionally robust risk (method §2–§4)."""

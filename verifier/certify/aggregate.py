@@ -1,0 +1,147 @@
+"""From per-sample upper growth functions to an upper bound on the robust risk (method §2).
+
+Each sample i has upper values `gbar[i, k] >= g_i(s_k)` on a shared radius grid
+`0 = s_0 < s_1 < … < s_K`, slope bounds `slope[i, k] >= sup ||grad loss||_*` on `B(x_i, s_k) ∩ X`,
+a reach `D_i` (the box's farthest point, inf without a box) and, past the grid, a bound
+`tail[i] >= sup_X loss - loss(x_i)` and a slope `tail_slope[i]` valid on all of X (the global
+Lipschitz constant), both possibly inf. Then
+- `p = inf`: `Phi(delta) <= mean_i gbar_i(s_k)` with `s_k` the first grid radius `>= delta`;
+- `p < inf`: `Phi(delta) <= lambda delta^p + mean_i sup_{rho <= D_i} (ubar_i(rho) - lambda rho^p)` for
+  any `lambda >= 0`, where on `[s_{k-1}, s_k]`
+  `ubar_i(rho) = min(gbar_i(s_k), gbar_i(s_{k-1}) + slope_i(s_k) (rho - s_{k-1}))`; every piece minus
+  `lambda rho^p` is concave, so its maximum is found exactly among a few candidates. Weak duality
+  makes every `lambda` sound; a golden-section search in `log lambda` picks a good one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+@dataclass(frozen=True)
+class GrowthCurves:
+    """Upper growth values and slopes of N samples on one radius grid (all float64)."""
+
+    radii: torch.Tensor  # (K+1,), radii[0] == 0
+    values: torch.Tensor  # (N, K+1), values[:, 0] == 0, non-decreasing
+    slopes: torch.Tensor  # (N, K+1), slope bound on the ball of each radius (may be inf)
+    reach: torch.Tensor  # (N,), D_i
+    tail: torch.Tensor  # (N,), bound on the growth anywhere (may be inf)
+    tail_slope: torch.Tensor  # (N,), slope bound valid on all of X (may be inf)
+
+    def __post_init__(self) -> None:
+        if float(self.radii[0]) != 0.0 or bool((self.radii[1:] <= self.radii[:-1]).any()):
+            raise ValueError("the radius grid must start at 0 and increase")
+
+    def at(self, radius: float) -> torch.Tensor:
+        """Sound `gbar_i(radius)`: the value at the first grid radius >= radius (N,)."""
+        index = int(torch.searchsorted(self.radii, torch.tensor(radius, dtype=self.radii.dtype)))
+        if index < len(self.radii):
+            return self.values[:, index]
+        last = self.values[:, -1]
+        extended = torch.minimum(self.tail, last + _times(self.tail_slope, radius - float(self.radii[-1])))
+        return torch.where(self.reach <= self.radii[-1], last, torch.maximum(extended, last))
+
+
+def _times(slope: torch.Tensor, length: float | torch.Tensor) -> torch.Tensor:
+    """slope * length with 0 * inf = 0."""
+    product = slope * length
+    return torch.where(torch.as_tensor(length) == 0, torch.zeros_like(product), product)
+
+
+def grid(delta_max: float, count: int = 48, first: float | None = None) -> torch.Tensor:
+    """A geometric radius grid from `first` (default delta_max/100) to `delta_max`, with 0 prepended."""
+    first = first if first is not None else delta_max / 100.0
+    return torch.cat([torch.zeros(1, dtype=torch.float64),
+                      torch.logspace(math.log10(first), math.log10(delta_max), count, dtype=torch.float64)])
+
+
+def _segments(curves: GrowthCurves):
+    """(start, end, left, right, slope) of every piece, the tail piece [s_K, D_i] last (N, K+1)."""
+    n = curves.values.shape[0]
+    start = torch.cat([curves.radii[:-1], curves.radii[-1:]]).expand(n, -1)
+    end = torch.cat([curves.radii[1:].expand(n, -1), curves.reach.unsqueeze(1)], 1)
+    end = torch.minimum(end, curves.reach.unsqueeze(1))
+    left = torch.cat([curves.values[:, :-1], curves.values[:, -1:]], 1)
+    right = torch.cat([curves.values[:, 1:], torch.maximum(curves.tail, curves.values[:, -1]).unsqueeze(1)], 1)
+    slope = torch.cat([curves.slopes[:, 1:], curves.tail_slope.unsqueeze(1)], 1)
+    return start, end, left, right, slope
+
+
+def inner_sup(curves: GrowthCurves, lam: float, p: float) -> torch.Tensor:
+    """`sup_{0 <= rho <= D_i} (ubar_i(rho) - lam rho^p)` for every sample (N,), exactly (may be inf).
+
+    On a piece, `ubar(rho) = min(right, left + slope (rho - start))`; minus `lam rho^p` it is
+    concave, so the maximum is at the start, the end, the kink, or the stationary point.
+    """
+    start, end, left, right, slope = _segments(curves)
+    usable = start < end
+    finite_slope = torch.isfinite(slope)
+    kink = torch.where(finite_slope & (slope > 0), start + (right - left) / slope.clamp_min(1e-300),
+                       torch.where(finite_slope, torch.full_like(left, math.inf), start))
+    candidates = [start, torch.minimum(torch.maximum(kink, start), end)]
+    if lam > 0 and p > 1:
+        stationary = (torch.where(finite_slope, slope, torch.zeros_like(slope)) / (lam * p)).clamp_min(0)
+        stationary = stationary ** (1.0 / (p - 1.0))
+        candidates.append(torch.minimum(torch.maximum(stationary, start), torch.minimum(kink, end)))
+    candidates.append(end)
+    best = torch.full_like(left, -math.inf)
+    for rho in candidates:
+        finite = torch.isfinite(rho)
+        safe = torch.where(finite, rho, start)
+        rise = torch.where(finite_slope, left + _times(slope, safe - start), torch.full_like(left, math.inf))
+        rise = torch.where(safe == start, torch.where(finite_slope, left, right), rise)
+        value = torch.minimum(right, rise) - lam * safe**p
+        best = torch.maximum(best, torch.where(finite, value, best))
+    # Unbounded pieces: an infinite end with growth that outruns lam rho^p.
+    outruns = (right == math.inf) & (slope > (lam if p == 1 else 0.0)) & ((lam == 0) | (p == 1))
+    best = torch.where(usable & torch.isinf(end) & outruns, torch.full_like(best, math.inf), best)
+    best = torch.where(usable, best, torch.full_like(best, -math.inf))
+    return best.max(1).values.clamp_min(0.0)  # rho = 0 gives 0
+
+
+def dual_value(curves: GrowthCurves, delta: float, p: float, lam: float) -> float:
+    """`lam delta^p + mean_i inner_sup_i(lam)`: an upper bound on Phi(delta) for any lam >= 0."""
+    return lam * delta**p + float(inner_sup(curves, lam, p).mean())
+
+
+def excess_bound(curves: GrowthCurves, delta: float, p: float, iterations: int = 80) -> tuple[float, float]:
+    """Upper bound on Phi(delta) (the excess over the clean risk) and the lambda that gave it."""
+    if delta < 0:
+        raise ValueError("delta must be >= 0")
+    if delta == 0:
+        return 0.0, math.inf
+    if math.isinf(p):
+        return float(curves.at(delta).mean()), math.inf
+    best_value, best_lam = dual_value(curves, delta, p, 0.0), 0.0
+    low, high = math.log(1e-12), math.log(1e12)
+    a, b = high - _GOLDEN * (high - low), low + _GOLDEN * (high - low)
+    value_a, value_b = dual_value(curves, delta, p, math.exp(a)), dual_value(curves, delta, p, math.exp(b))
+    for _ in range(iterations):
+        for value, point in ((value_a, a), (value_b, b)):
+            if value < best_value:
+                best_value, best_lam = value, math.exp(point)
+        if value_a < value_b:
+            high, b, value_b = b, a, value_a
+            a = high - _GOLDEN * (high - low)
+            value_a = dual_value(curves, delta, p, math.exp(a))
+        else:
+            low, a, value_a = a, b, value_b
+            b = low + _GOLDEN * (high - low)
+            value_b = dual_value(curves, delta, p, math.exp(b))
+    return best_value, best_lam
+
+
+def linear_closed_form(slopes: torch.Tensor, delta: float, p: float) -> float:
+    """`delta * ||L||` for a linear upper growth `L_i rho` valid up to each sample's reach (§2)."""
+    if math.isinf(p):
+        return delta * float(slopes.mean())
+    if p == 1:
+        return delta * float(slopes.max())
+    q = p / (p - 1.0)
+    return delta * float((slopes**q).mean() ** (1.0 / q))
