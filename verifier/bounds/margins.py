@@ -8,27 +8,22 @@ import numpy as np
 import torch
 
 from verifier.bounds.network import BoundNetwork
-from verifier.bounds.propagate import InputSet, objective_upper_bounds
-from verifier.cells import displacement_box
+from verifier.bounds.propagate import PerClassResult, margin_problem, objective_upper_bounds
 from verifier.convert import ConvertedModel
 from verifier.device import resolve_device
 from verifier.geometry import parse_norm
 
 
 @dataclass(frozen=True)
-class MarginBounds:
+class MarginBounds(PerClassResult):
     """`upper[i, j] >= max over the set of z_j - z_y` (0 at j = y), per sample and radius."""
 
-    norm: str
-    radius: torch.Tensor  # (N,)
-    labels: torch.Tensor  # (N,)
     upper: torch.Tensor  # (N, C)
 
     @property
     def worst_margin(self) -> torch.Tensor:
         """`max_{j != y} upper[i, j]`: an upper bound on the margin loss over the set (N,)."""
-        mask = torch.nn.functional.one_hot(self.labels, self.upper.shape[1]).bool()
-        return self.upper.masked_fill(mask, -torch.inf).max(1).values
+        return self.worst_other(self.upper)
 
     @property
     def certified(self) -> torch.Tensor:
@@ -40,17 +35,7 @@ def margin_bounds(model: ConvertedModel | BoundNetwork, x: torch.Tensor | np.nda
                   radius: torch.Tensor | float, norm: str | float = "inf", box: tuple[float, float] | None = None,
                   device: str = "auto", dtype: torch.dtype = torch.float64, tighten: bool = True) -> MarginBounds:
     """Upper bounds on all margins over `B_r(x_i, s_i) ∩ box` by linear bound propagation."""
-    norm = parse_norm(norm)
-    target = resolve_device(device)
-    network = model if isinstance(model, BoundNetwork) else BoundNetwork.from_model(model, dtype, target)
-    center = torch.as_tensor(x).to(device=target, dtype=dtype)
-    labels = torch.as_tensor(y, dtype=torch.long, device=target)
-    radii = torch.broadcast_to(torch.as_tensor(radius, dtype=dtype, device=target), (len(center),))
-    lower, upper = displacement_box(center, box)
-    region = InputSet(center=center, radius=radii, norm=norm, lower=lower, upper=upper)
-    classes = network.evaluate(center[:1]).shape[-1]
-    eye = torch.eye(classes, dtype=dtype, device=target)
-    rows = eye.unsqueeze(0) - eye[labels].unsqueeze(1)  # row j: e_j - e_y
-    values = objective_upper_bounds(network, region, rows, tighten)
-    values = values.masked_fill(torch.nn.functional.one_hot(labels, classes).bool(), 0.0)
-    return MarginBounds(norm=norm, radius=radii, labels=labels, upper=values)
+    problem = margin_problem(model, x, y, radius, parse_norm(norm), box, resolve_device(device), dtype)
+    values = objective_upper_bounds(problem.network, problem.region, problem.rows, tighten)
+    return MarginBounds(norm=problem.region.norm, radius=problem.region.radius, labels=problem.labels,
+                        upper=values.masked_fill(problem.true_class, 0.0))

@@ -16,7 +16,7 @@ import torch
 
 from verifier.bounds import ops, relaxations
 from verifier.bounds.network import Activation, BoundNetwork, BoundNode
-from verifier.cells import window_index
+from verifier.cells import displacement_box, window_index
 from verifier.geometry import max_linear
 
 _RELAXED = frozenset({"relu", "leaky_relu", "prelu", "abs", "clip", "gelu", "silu", "sigmoid", "tanh",
@@ -222,7 +222,44 @@ def objective_upper_bounds(network: BoundNetwork, region: InputSet, coefficients
     return upper_bound(network, state, region, network.output, coefficients)
 
 
-def no_box(center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Displacement limits without a box."""
-    flat = center.flatten(1)
-    return torch.full_like(flat, -math.inf), torch.full_like(flat, math.inf)
+@dataclass(frozen=True)
+class PerClassResult:
+    """Common part of per-class results: threat norm, radius per sample, labels."""
+
+    norm: str
+    radius: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,)
+
+    def worst_other(self, values: torch.Tensor) -> torch.Tensor:
+        """`max_{j != y} values[i, j]` (N,)."""
+        mask = torch.nn.functional.one_hot(self.labels, values.shape[1]).bool()
+        return values.masked_fill(mask, -math.inf).max(1).values
+
+
+@dataclass(frozen=True)
+class MarginProblem:
+    """Everything a margin query needs: the network, the input set, labels and rows `e_j - e_y`."""
+
+    network: BoundNetwork
+    region: InputSet
+    labels: torch.Tensor  # (N,)
+    rows: torch.Tensor  # (N, C, C)
+
+    @property
+    def true_class(self) -> torch.Tensor:
+        """Mask of the true class (N, C)."""
+        return torch.nn.functional.one_hot(self.labels, self.rows.shape[1]).bool()
+
+
+def margin_problem(model, x, y, radius, norm: str, box: tuple[float, float] | None, device: torch.device,
+                   dtype: torch.dtype) -> MarginProblem:
+    """Set up a margin query: build (or reuse) the network, the set `B_r(x_i, s_i) ∩ box`, the rows."""
+    network = model if isinstance(model, BoundNetwork) else BoundNetwork.from_model(model, dtype, device)
+    center = torch.as_tensor(x).to(device=device, dtype=dtype)
+    labels = torch.as_tensor(y, dtype=torch.long, device=device)
+    radii = torch.broadcast_to(torch.as_tensor(radius, dtype=dtype, device=device), (len(center),))
+    lower, upper = displacement_box(center, box)
+    region = InputSet(center=center, radius=radii, norm=norm, lower=lower, upper=upper)
+    classes = network.evaluate(center[:1]).shape[-1]
+    eye = torch.eye(classes, dtype=dtype, device=device)
+    return MarginProblem(network, region, labels, eye.unsqueeze(0) - eye[labels].unsqueeze(1))

@@ -20,8 +20,8 @@ import torch
 
 from verifier.bounds import ops, relaxations
 from verifier.bounds.network import Activation, BoundNetwork
-from verifier.bounds.propagate import InputSet, propagate
-from verifier.cells import displacement_box, window_index
+from verifier.bounds.propagate import PerClassResult, margin_problem, propagate
+from verifier.cells import window_index
 from verifier.convert import ConvertedModel
 from verifier.device import resolve_device
 from verifier.geometry import dual_norm, parse_norm
@@ -30,12 +30,9 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
-class SlopeBounds:
+class SlopeBounds(PerClassResult):
     """`per_class[i, j] >= sup ||grad (z_j - z_y)||_*` over the set (0 at j = y; inf if no rule)."""
 
-    norm: str
-    radius: torch.Tensor  # (N,)
-    labels: torch.Tensor  # (N,)
     per_class: torch.Tensor  # (N, C)
     unsupported: tuple[str, ...]  # nodes that made the route inapplicable
 
@@ -46,34 +43,23 @@ class SlopeBounds:
         CE's gradient in z is `p - e_y = sum_{j != y} p_j (e_j - e_y)`, a convex combination,
         so its dual norm after the Jacobian is at most the largest per-class bound.
         """
-        mask = torch.nn.functional.one_hot(self.labels, self.per_class.shape[1]).bool()
-        return self.per_class.masked_fill(mask, -math.inf).max(1).values
+        return self.worst_other(self.per_class)
 
 
 def slope_bounds(model: ConvertedModel | BoundNetwork, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
                  radius: torch.Tensor | float, norm: str | float = "inf", box: tuple[float, float] | None = None,
                  device: str = "auto", dtype: torch.dtype = torch.float64) -> SlopeBounds:
     """Interval-Jacobian bounds on the margins' slopes over `B_r(x_i, s_i) ∩ box`."""
-    norm = parse_norm(norm)
-    target = resolve_device(device)
-    network = model if isinstance(model, BoundNetwork) else BoundNetwork.from_model(model, dtype, target)
-    center = torch.as_tensor(x).to(device=target, dtype=dtype)
-    labels = torch.as_tensor(y, dtype=torch.long, device=target)
-    radii = torch.broadcast_to(torch.as_tensor(radius, dtype=dtype, device=target), (len(center),))
-    lower, upper = displacement_box(center, box)
-    region = InputSet(center=center, radius=radii, norm=norm, lower=lower, upper=upper)
-    state = propagate(network, region)
-    classes = state.intervals[network.output][0].shape[-1]
-    eye = torch.eye(classes, dtype=dtype, device=target)
-    rows = eye.unsqueeze(0) - eye[labels].unsqueeze(1)  # (N, C, C): e_j - e_y
-    gradient, unsupported = _backward_intervals(network, state.intervals, rows)
+    problem = margin_problem(model, x, y, radius, parse_norm(norm), box, resolve_device(device), dtype)
+    state = propagate(problem.network, problem.region)
+    gradient, unsupported = _backward_intervals(problem.network, state.intervals, problem.rows)
     if gradient is None:
-        per_class = torch.full((len(center), classes), math.inf, dtype=dtype, device=target)
+        per_class = torch.full(problem.true_class.shape, math.inf, dtype=dtype, device=problem.labels.device)
     else:
         low, high = gradient
-        per_class = dual_norm(torch.maximum(low.abs(), high.abs()).flatten(2), norm)
-    per_class = per_class.masked_fill(torch.nn.functional.one_hot(labels, classes).bool(), 0.0)
-    return SlopeBounds(norm=norm, radius=radii, labels=labels, per_class=per_class, unsupported=unsupported)
+        per_class = dual_norm(torch.maximum(low.abs(), high.abs()).flatten(2), problem.region.norm)
+    return SlopeBounds(norm=problem.region.norm, radius=problem.region.radius, labels=problem.labels,
+                       per_class=per_class.masked_fill(problem.true_class, 0.0), unsupported=unsupported)
 
 
 def _backward_intervals(network: BoundNetwork, intervals: dict[str, Pair], rows: torch.Tensor):
