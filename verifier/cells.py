@@ -52,18 +52,21 @@ class CellAnalysis:
         rows = torch.arange(len(self.labels), device=self.labels.device)
         return self.jacobian - self.jacobian[rows, self.labels].unsqueeze(1)  # a_j - a_y
 
-    def margin_growth(self, radii: torch.Tensor | float) -> torch.Tensor:
-        """Exact in-cell margin growth `g_i(s)` (§3.2) for radii `s` (N, K) or (K,); exact for s <= r_i."""
+    def class_margins(self, radii: torch.Tensor | float) -> torch.Tensor:
+        """Exact in-cell `max (z_j - z_y)` over `B(x_i, s) ∩ box` per class (N, K, C; -inf at j = y)."""
         radii = torch.as_tensor(radii, dtype=self.jacobian.dtype, device=self.jacobian.device)
         if radii.dim() == 1:
             radii = radii.expand(len(self.labels), -1)
         directions = self._directions().unsqueeze(1)  # (N, 1, C, d)
         gains = max_linear(directions, self.lower[:, None, None], self.upper[:, None, None],
                            radii.unsqueeze(-1), self.norm)  # (N, K, C)
-        base = self.margins
-        others = _mask_true(base, self.labels)
-        reached = (others.unsqueeze(1) + gains).masked_fill(_true_mask(base, self.labels).unsqueeze(1), -math.inf)
-        return reached.max(-1).values - others.max(-1).values.unsqueeze(-1)
+        others = _mask_true(self.margins, self.labels)
+        return (others.unsqueeze(1) + gains).masked_fill(_true_mask(others, self.labels).unsqueeze(1), -math.inf)
+
+    def margin_growth(self, radii: torch.Tensor | float) -> torch.Tensor:
+        """Exact in-cell margin growth `g_i(s)` (§3.2) for radii `s` (N, K) or (K,); exact for s <= r_i."""
+        others = _mask_true(self.margins, self.labels)
+        return self.class_margins(radii).max(-1).values - others.max(-1).values.unsqueeze(-1)
 
     def flip_distance(self) -> torch.Tensor:
         """Smallest in-cell distance at which some `m_j >= 0` (0 if already wrong); exact when <= radius."""
