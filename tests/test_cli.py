@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHIPPED, float_io, make_model, shipped_data, shipped_model
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from verifier import cli
 
@@ -179,3 +179,49 @@ def test_console_script_runs():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "family     piecewise-linear" in result.stdout and "max_pool 2" in result.stdout
+
+
+def _strict_json(text: str) -> dict:
+    """Parse JSON refusing the NaN / Infinity tokens that strict JSON does not have."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_inspect_json_is_strict_with_non_finite_params(capsys, tmp_path):
+    path = tmp_path / "leaky.onnx"
+    path.write_bytes(make_model([helper.make_node("LeakyRelu", ["x"], ["y"], alpha=float("inf"))],
+                                [float_io("x", ["n", 3])], [float_io("y", ["n", 3])]).SerializeToString())
+    code, out, _ = run_cli(capsys, "inspect", path, "--json")
+    assert code == 0
+    assert _strict_json(out)["activation_sites"][0]["params"]["alpha"] == "Infinity"
+
+
+def test_validate_json_with_nan_outputs(capsys, tmp_path):
+    """NaN in both runtimes agrees, and the JSON stays strict."""
+    path = tmp_path / "sqrt.onnx"
+    path.write_bytes(make_model([helper.make_node("Sqrt", ["x"], ["y"])], [float_io("x", ["n", 3])],
+                                [float_io("y", ["n", 3])]).SerializeToString())
+    data = tmp_path / "data.npz"
+    np.savez(data, x=-np.ones((4, 3), dtype=np.float32))
+    code, out, _ = run_cli(capsys, "validate", path, "--data", data, "--json")
+    payload = _strict_json(out)
+    assert code == 0 and payload["passed"] is True and payload["max_abs_diff"] == 0.0
+
+
+@pytest.mark.parametrize("case,expected", [("hard_coded_batch", "hard-code its batch"),
+                                           ("duplicate_names", "same node name")])
+def test_runtime_failures_exit_2_with_one_line(capsys, tmp_path, case, expected):
+    if case == "hard_coded_batch":
+        model = make_model([helper.make_node("Reshape", ["x", "s"], ["y"])], [float_io("x", ["n", 4, 5])],
+                           [float_io("y", [1, 20])], [numpy_helper.from_array(np.array([1, 20]), "s")])
+    else:
+        model = make_model([helper.make_node("Relu", ["x"], ["h"], name="a"),
+                            helper.make_node("Abs", ["h"], ["y"], name="a")],
+                           [float_io("x", ["n", 3])], [float_io("y", ["n", 3])])
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    code, _, err = run_cli(capsys, "validate", path)
+    assert code == 2 and "onnxruntime cannot run the model" in err and expected in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +204,164 @@ def test_non_tensor_outputs_only_is_refused(save):
     model = make_model(nodes, [float_io("x", [2, 3])], [("y", TensorProto.INT64, [2, 1])])
     with pytest.raises(errors.UnsupportedOpsError, match="no floating-point output"):
         convert_model(load_model(save(model)))
+
+
+def _mlp(names, opset: int = 17):
+    """x -> MatMul -> Add -> Relu -> MatMul -> y, with the given node names."""
+    nodes = [N("MatMul", ["x", "w1"], ["m"], name=names[0]), N("Add", ["m", "b1"], ["h"], name=names[1]),
+             N("Relu", ["h"], ["r"], name=names[2]), N("MatMul", ["r", "w2"], ["y"], name=names[3])]
+    inits = [const("w1", RNG.normal(size=(4, 5))), const("b1", RNG.normal(size=5)), const("w2", RNG.normal(size=(5, 3)))]
+    return make_model(nodes, [float_io("x", ["n", 4])], [float_io("y", ["n", 3])], inits, opset)
+
+
+NASTY_NAMES = ["self", "code", "class", "def", "None", "True", "lambda", "to", "float", "cuda", "type", "training",
+               "forward", "eval", "__init__", "_modules", "graph", "initializers"]
+
+
+@pytest.mark.parametrize("name", NASTY_NAMES)
+def test_node_names_that_are_python_or_module_words(name, save):
+    for position in (0, 2, 3):
+        names = ["a", "b", "c", "d"]
+        names[position] = name
+        converted, _ = _check_against_ort(save(_mlp(names)), RNG.normal(size=(6, 4)))
+        (site,) = converted.sites
+        assert converted.display_name(site.nodes[0]) == names[2]
+
+
+def test_messages_name_nodes_as_inspect_does(save):
+    nodes = [N("Relu", ["x"], ["h"], name="class"), N("Hardmax", ["h"], ["y"])]
+    model = make_model(nodes, [float_io("x", [2, 3])], [float_io("y", [2, 3])])
+    with pytest.raises(errors.UnsupportedOpsError, match="Hardmax \\(opset 17\\) at node 'Hardmax_1'"):
+        convert_model(load_model(save(model)))
+
+
+REDUCE_NOOP = ["ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum"]
+
+
+@pytest.mark.parametrize("op", REDUCE_NOOP)
+def test_reduce18_noop_with_empty_axes_keeps_the_elementwise_part(op, save):
+    model = make_model([N(op, ["x"], ["y"], noop_with_empty_axes=1)], [float_io("x", ["n", 3])],
+                       [float_io("y", ["n", 3])], opset=18)
+    x = RNG.uniform(0.1, 2.0, size=(5, 3)) * np.where(RNG.uniform(size=(5, 3)) < 0.5, -1, 1)
+    if op == "ReduceLogSum":
+        x = np.abs(x)
+    _check_against_ort(save(model), x)
+
+
+def test_split18_num_outputs_with_an_empty_last_piece(save):
+    nodes = [N("Split", ["x"], ["a", "b", "c", "d"], axis=1, num_outputs=4), N("Concat", ["d", "c", "b", "a"], ["y"],
+                                                                                axis=1)]
+    model = make_model(nodes, [float_io("x", ["n", 6])], [float_io("y", ["n", 6])], opset=18)
+    _check_against_ort(save(model), RNG.normal(size=(3, 6)))
+
+
+@pytest.mark.parametrize("inputs", [["h", "", "hi"], ["h"], ["h", "ninf", "hi"]])
+def test_clip_with_missing_bounds_converts(inputs, save):
+    nodes = [N("MatMul", ["x", "w"], ["h"]), N("Clip", inputs, ["y"])]
+    inits = [const("w", RNG.normal(size=(4, 3))), const("lo", -0.2), const("hi", 0.5), const("ninf", -np.inf)]
+    model = make_model(nodes, [float_io("x", ["n", 4])], [float_io("y", ["n", 3])], inits, opset=18)
+    converted, _ = _check_against_ort(save(model), RNG.normal(size=(6, 4)))
+    expected = {"max": 0.5} if "hi" in inputs else None
+    assert [s.params for s in converted.sites] == ([] if expected is None else [pytest.approx(expected)])
+
+
+def test_torch_clamp_max_export_converts(tmp_path):
+    """Both torch exporters write clamp(max=...) as Clip(x, "", max)."""
+    class Clamped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.linear(x).clamp(max=0.1)
+
+    path = tmp_path / "clamp.onnx"
+    torch.onnx.export(Clamped().eval(), (torch.randn(2, 4),), str(path), dynamo=False, opset_version=18,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    converted, _ = _check_against_ort(path, RNG.normal(size=(5, 4)))
+    assert [(s.kind, s.params) for s in converted.sites] == [("clip", {"max": pytest.approx(0.1)})]
+
+
+def test_probes_when_the_input_is_also_an_output(save):
+    model = make_model([N("Relu", ["x"], ["y"], name="r")], [float_io("x", ["n", 3])],
+                       [float_io("y", ["n", 3]), float_io("x", ["n", 3])])
+    converted, _ = _check_against_ort(save(model), RNG.normal(size=(4, 3)))
+    x = torch.randn(2, 3)
+    logits, probes = converted.probe_module()(x)
+    pre, post = probes[0]
+    assert torch.equal(pre, x) and torch.equal(post, torch.relu(x)) and torch.equal(logits, post)
+
+
+def test_slice_with_attributes_is_reported_not_crashed(save):
+    model = make_model([N("Slice", ["x"], ["y"], starts=[1], ends=[100], axes=[1], name="cut")],
+                       [float_io("x", [2, 7])], [float_io("y", [2, 6])], opset=9)
+    with pytest.raises(errors.UnsupportedOpsError, match="Slice \\(opset 9\\) at node 'cut' \\(no converter\\)"):
+        convert_model(load_model(save(model)))
+
+
+def _scalar_sum_model(batch):
+    return make_model([N("ReduceSum", ["x"], ["y"], keepdims=0)], [float_io("x", [batch, 4])], [float_io("y", [])],
+                      opset=13)
+
+
+@pytest.mark.parametrize("batch,samples", [(1, 3), ("n", 300)])
+def test_validate_scalar_output_over_several_chunks(batch, samples, save):
+    path = save(_scalar_sum_model(batch))
+    loaded = load_model(path)
+    report = validate_against_onnxruntime(loaded, convert_model(loaded), RNG.uniform(size=(samples, 4)).astype(
+        np.float32), atol=1e-4, rtol=1e-4)
+    assert report.passed
+
+
+def test_validate_zero_size_output(save):
+    model = make_model([N("Slice", ["x", "st", "en", "ax", "sp"], ["y"])], [float_io("x", ["n", 7])],
+                       [float_io("y", ["n", 0])], [const("st", np.array([3])), const("en", np.array([3])),
+                                                   const("ax", np.array([1])), const("sp", np.array([-1]))])
+    loaded = load_model(save(model))
+    report = validate_against_onnxruntime(loaded, convert_model(loaded), RNG.normal(size=(4, 7)).astype(np.float32))
+    assert report.passed and report.max_abs_diff == 0.0
+    assert math.isnan(report.top1_agreement) and report.to_dict()["top1_agreement"] == "NaN"
+
+
+def test_validate_identical_nans_agree(save):
+    model = make_model([N("Sqrt", ["x"], ["y"])], [float_io("x", ["n", 4])], [float_io("y", ["n", 4])])
+    loaded = load_model(save(model))
+    report = validate_against_onnxruntime(loaded, convert_model(loaded), RNG.normal(size=(8, 4)).astype(np.float32))
+    assert report.passed and report.max_abs_diff == 0.0
+
+
+def test_validate_nan_on_one_side_is_an_infinite_difference(save, monkeypatch):
+    model = make_model([N("Relu", ["x"], ["y"])], [float_io("x", ["n", 4])], [float_io("y", ["n", 4])])
+    loaded = load_model(save(model))
+    converted = convert_model(loaded)
+    monkeypatch.setattr(converted.module, "forward", lambda x: torch.full_like(x, float("nan")))
+    report = validate_against_onnxruntime(loaded, converted, RNG.normal(size=(3, 4)).astype(np.float32))
+    assert not report.passed and report.max_abs_diff == math.inf
+    assert report.to_dict()["max_abs_diff"] == "Infinity"
+
+
+def test_onnxruntime_failure_is_a_verifier_error_with_a_batch_hint(save):
+    model = make_model([N("Reshape", ["x", "s"], ["y"])], [float_io("x", ["n", 4, 5])], [float_io("y", [1, 20])],
+                       [const("s", np.array([1, 20]))])
+    loaded = load_model(save(model))
+    with pytest.raises(errors.RuntimeRunError, match="onnxruntime cannot run the model.*hard-code its batch"):
+        validate_against_onnxruntime(loaded, convert_model(loaded), RNG.normal(size=(4, 4, 5)).astype(np.float32))
+
+
+def test_onnxruntime_refusing_the_model_is_a_verifier_error(save):
+    model = _mlp(["a", "a", "b", "c"])
+    loaded = load_model(save(model))
+    with pytest.raises(errors.RuntimeRunError, match="onnxruntime cannot run the model.*same node name"):
+        validate_against_onnxruntime(loaded, convert_model(loaded), RNG.normal(size=(4, 4)).astype(np.float32))
+
+
+def test_torch_failure_is_a_verifier_error(save, monkeypatch):
+    loaded = load_model(save(_mlp(["a", "b", "c", "d"])))
+    converted = convert_model(loaded)
+
+    def broken(x):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(converted.module, "forward", broken)
+    with pytest.raises(errors.RuntimeRunError, match="torch .*cannot run the model.*shape mismatch"):
+        validate_against_onnxruntime(loaded, converted, RNG.normal(size=(4, 4)).astype(np.float32))

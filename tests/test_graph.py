@@ -196,3 +196,92 @@ def test_shipped_models(name):
     assert graph.model_family(sites) == family
     covered = [key for site in sites for key in site.nodes]
     assert len(covered) == len(set(covered))
+
+
+def test_repeated_names_never_take_another_nodes_name():
+    """Nodes `a`, `a`, `a_1`: the second `a` must not become `a_1` (the Relu would vanish)."""
+    nodes = [N("Relu", ["x"], ["r1"], name="a"), N("Relu", ["x"], ["r2"], name="a"),
+             N("Abs", ["r1"], ["r3"], name="a_1"), N("Add", ["r2", "r3"], ["y"], name="sum")]
+    model = make_model(nodes, [float_io("x", ["n", 4])], [float_io("y", ["n", 4])])
+    graph = OperatorGraph(model)
+    assert len(graph.nodes) == 4 and [n.op_type for n in graph.nodes.values()] == ["Relu", "Relu", "Abs", "Add"]
+    assert sorted(s.kind for s in graph.find_activations()) == ["abs", "relu", "relu"]
+    assert len(graph.topological_order()) == 4
+
+
+def test_log_of_softmax_exposes_the_logits():
+    model = _wrap([N("Relu", ["h"], ["a"])])
+    model.graph.node.extend([N("Softmax", ["y"], ["p"], axis=1), N("Log", ["p"], ["lp"])])
+    model.graph.output[0].name = "lp"
+    assert OperatorGraph(model).logits_tensor() == "y"
+
+
+def test_hard_sigmoid_is_piecewise_linear():
+    model = _wrap([N("HardSigmoid", ["h"], ["a"])])
+    graph = OperatorGraph(model)
+    assert graph.model_family(graph.find_activations()) == "piecewise-linear"
+
+
+def test_activations_of_constants_are_not_sites():
+    """A Relu of the weights, a Sigmoid of a shape: constants, neither a site nor the family."""
+    nodes = [N("Relu", ["w0"], ["w"]), N("MatMul", ["x", "w"], ["m"]),
+             N("Shape", ["x"], ["s"]), N("Cast", ["s"], ["sf"], to=1), N("Sigmoid", ["sf"], ["g"]),
+             N("ReduceSum", ["g"], ["gs"], keepdims=0), N("Mul", ["m", "gs"], ["y"])]
+    model = make_model(nodes, [float_io("x", ["n", 4])], [float_io("y", ["n", 3])],
+                       [const("w0", np.ones((4, 3)))], opset=13)
+    graph = OperatorGraph(model)
+    assert graph.find_activations() == []
+    assert graph.model_family([]) == "linear"
+
+
+def test_broadcasting_constant_is_not_absorbed_into_a_decomposed_activation():
+    """x * sigmoid(x) * ones((2, 1, 5)) changes x's shape: the SiLU ends before the last Mul."""
+    nodes = [N("Sigmoid", ["x"], ["s"]), N("Mul", ["x", "s"], ["a"]), N("Mul", ["a", "ones"], ["y"])]
+    model = make_model(nodes, [float_io("x", ["n", 5])], [float_io("y", [2, "n", 5])],
+                       [const("ones", np.ones((2, 1, 5)))])
+    (site,) = _sites(model)
+    assert site.kind == "silu" and site.output == "a" and len(site.nodes) == 2
+
+
+def test_non_standard_domain_arithmetic_is_not_part_of_a_pattern():
+    nodes, inits = GELU_ERF_VARIANTS["div_then_x_half"]
+    nodes = [N("Div", ["h", "s2"], ["d"], domain="com.acme"), *nodes[1:]]
+    model = _wrap(nodes, inits)
+    model.opset_import.append(helper.make_opsetid("com.acme", 1))
+    assert all(s.kind != "gelu" for s in _sites(model))
+
+
+@pytest.mark.parametrize("bounds", [[], ["", ""], ["lo", "hi"]])
+def test_clip_without_finite_bounds_is_identity(bounds):
+    inits = [const("lo", -np.inf), const("hi", np.inf)]
+    graph = OperatorGraph(_wrap([N("Clip", ["h", *bounds], ["a"])], inits))
+    sites = graph.find_activations()
+    assert sites == [] and graph.model_family(sites) == "linear"
+
+
+@pytest.mark.parametrize("opset,axis", [(11, 1), (13, -1)])
+def test_softmax_records_its_default_axis(opset, axis):
+    model = make_model([N("Softmax", ["x"], ["y"])], [float_io("x", ["n", 3])], [float_io("y", ["n", 3])], opset=opset)
+    (site,) = _sites(model)
+    assert site.params == {"axis": axis}
+
+
+def test_softmax_before_opset_13_flags_its_2d_coercion():
+    model = make_model([N("Softmax", ["x"], ["y"], axis=1)], [float_io("x", ["n", 3, 4])],
+                       [float_io("y", ["n", 3, 4])], opset=11)
+    (site,) = _sites(model)
+    assert site.params == {"axis": 1, "coerce_2d": True}
+
+
+def test_square_of_a_tensor_is_one_edge_entry():
+    nodes = [N("Relu", ["x"], ["h"], name="r"), N("Mul", ["h", "h"], ["y"], name="sq")]
+    graph = OperatorGraph(make_model(nodes, [float_io("x", ["n", 3])], [float_io("y", ["n", 3])]))
+    assert graph.nx.edges["r", "sq"]["tensors"] == ["h"]
+
+
+def test_non_finite_params_are_strict_json():
+    import json
+
+    sites = _sites(_wrap([N("LeakyRelu", ["h"], ["a"], alpha=math.inf)]))
+    text = json.dumps(sites[0].to_dict(), allow_nan=False)
+    assert json.loads(text)["params"]["alpha"] == "Infinity"

@@ -159,3 +159,141 @@ def test_external_data_missing_or_short(tmp_path):
     (tmp_path / "weights.bin").write_bytes(raw[:10])
     with pytest.raises(errors.ExternalDataError, match="too short"):
         load_model(path)
+
+
+def _external_tensor(name: str, location: str, array: np.ndarray, **entries: str) -> onnx.TensorProto:
+    tensor = numpy_helper.from_array(array, name)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), *entries.items()):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+WEIGHT = np.arange(20, dtype=np.float32).reshape(4, 5)
+
+
+def _function_model(location: str) -> onnx.ModelProto:
+    """y = x @ W where W is a Constant inside a model-local function body, stored externally."""
+    body = [helper.make_node("Constant", [], ["W"], value=_external_tensor("fw", location, WEIGHT)),
+            helper.make_node("MatMul", ["X", "W"], ["Y"])]
+    function = helper.make_function("local", "F", ["X"], ["Y"], body, opset_imports=[helper.make_opsetid("", 17)])
+    model = make_model([helper.make_node("F", ["x"], ["y"], domain="local", name="f")], [float_io("x", ["n", 4])],
+                       [float_io("y", ["n", 5])], extra_opsets=[("local", 1)])
+    model.functions.append(function)
+    return model
+
+
+def _sparse_constant_model(values: onnx.TensorProto) -> onnx.ModelProto:
+    indices = numpy_helper.from_array(np.arange(20, dtype=np.int64), "si")
+    sparse = helper.make_sparse_tensor(values, indices, [4, 5])
+    nodes = [helper.make_node("Constant", [], ["w"], sparse_value=sparse, name="sparse_w"),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    return make_model(nodes, [float_io("x", ["n", 4])], [float_io("y", ["n", 5])])
+
+
+def test_external_data_in_function_body_is_read_from_the_model_folder(tmp_path, monkeypatch):
+    model_dir, cwd = tmp_path / "model", tmp_path / "cwd"
+    model_dir.mkdir()
+    cwd.mkdir()
+    (cwd / "secret.bin").write_bytes(WEIGHT.tobytes())
+    monkeypatch.chdir(cwd)
+    path = model_dir / "fn.onnx"
+    path.write_bytes(_function_model("secret.bin").SerializeToString())
+    with pytest.raises(errors.ExternalDataError, match="not found"):
+        load_model(path)
+    path.write_bytes(_function_model("../cwd/secret.bin").SerializeToString())
+    with pytest.raises(errors.ExternalDataError, match="leaves"):
+        load_model(path)
+    (model_dir / "w.bin").write_bytes(WEIGHT.tobytes())
+    path.write_bytes(_function_model("w.bin").SerializeToString())
+    loaded = load_model(path)
+    (constant,) = [n for n in loaded.proto.graph.node if n.op_type == "Constant"]
+    assert np.array_equal(numpy_helper.to_array(constant.attribute[0].t), WEIGHT)
+
+
+def test_external_data_in_sparse_constant_is_checked(tmp_path, monkeypatch):
+    model_dir, cwd = tmp_path / "model", tmp_path / "cwd"
+    model_dir.mkdir()
+    cwd.mkdir()
+    (cwd / "secret.bin").write_bytes(WEIGHT.tobytes())
+    monkeypatch.chdir(cwd)
+    path = model_dir / "sparse.onnx"
+    path.write_bytes(_sparse_constant_model(_external_tensor("sv", "secret.bin", WEIGHT.ravel())).SerializeToString())
+    with pytest.raises(errors.ExternalDataError, match="not found"):
+        load_model(path)
+
+
+def test_sparse_constant_is_refused(save):
+    model = _sparse_constant_model(numpy_helper.from_array(WEIGHT.ravel(), "sv"))
+    with pytest.raises(errors.SparseTensorError, match="sparse_w"):
+        load_model(save(model))
+
+
+@pytest.mark.parametrize("location,entries,expected", [
+    ("weights.bin", {"offset": "-8"}, "offset"),
+    ("weights.bin", {"offset": "abc"}, "offset"),
+    ("weights.bin", {"length": "-1"}, "length"),
+    ("loop1", {}, "cannot read"),
+    ("loop1/w.bin", {}, "cannot read"),
+    ("a" * 300, {}, "cannot read"),
+    ("\x00", {}, "NUL"),
+])
+def test_bad_external_locations_are_typed_errors(tmp_path, location, entries, expected):
+    (tmp_path / "weights.bin").write_bytes(np.arange(12, dtype=np.float32).tobytes())
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    model = _tiny()
+    weight = numpy_helper.to_array(model.graph.initializer[0])
+    model.graph.initializer[0].CopyFrom(_external_tensor("w", location, weight, **entries))
+    path = tmp_path / "ext.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(errors.ExternalDataError, match=expected):
+        load_model(path)
+
+
+def _branch_output(name: str) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", 4])
+
+
+def _if_model(then_nodes, extra_opsets=()) -> onnx.ModelProto:
+    """x -> Relu -> h; If(constant True) with then_nodes / Sigmoid(h) branches reading h from outside."""
+    then_graph = helper.make_graph(then_nodes, "then", [], [_branch_output("t_out")])
+    else_graph = helper.make_graph([helper.make_node("Sigmoid", ["h"], ["e_out"])], "else", [],
+                                   [_branch_output("e_out")])
+    nodes = [helper.make_node("Relu", ["x"], ["h"]),
+             helper.make_node("Constant", [], ["cond"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph, name="branch")]
+    return make_model(nodes, [float_io("x", ["n", 4])], [float_io("y", ["n", 4])], extra_opsets=extra_opsets)
+
+
+def test_control_flow_is_refused_naming_the_node(save):
+    with pytest.raises(errors.UnsupportedOpsError, match="If at node 'branch'.*control flow"):
+        load_model(save(_if_model([helper.make_node("Relu", ["h"], ["t_out"])])))
+
+
+def test_unknown_domain_inside_a_subgraph_is_refused(save):
+    inner = [helper.make_node("Foo", ["h"], ["t_out"], domain="com.evil", name="evil")]
+    with pytest.raises(errors.UnknownDomainError, match="com.evil.*evil"):
+        load_model(save(_if_model(inner, extra_opsets=[("com.evil", 1)])))
+
+
+def test_local_functions_are_inlined(save):
+    body = [helper.make_node("Sigmoid", ["X"], ["S"]), helper.make_node("Mul", ["X", "S"], ["Y"])]
+    function = helper.make_function("local", "Act", ["X"], ["Y"], body, opset_imports=[helper.make_opsetid("", 17)])
+    model = make_model([helper.make_node("Act", ["x"], ["y"], domain="local", name="act")], [float_io("x", ["n", 4])],
+                       [float_io("y", ["n", 4])], extra_opsets=[("local", 1)])
+    model.functions.append(function)
+    loaded = load_model(save(model))
+    assert not loaded.proto.functions
+    assert sorted(n.op_type for n in loaded.proto.graph.node) == ["Mul", "Sigmoid"]
+
+
+def test_ai_onnx_alias_of_the_default_domain(save):
+    nodes = [helper.make_node("Relu", ["x"], ["y"], domain="ai.onnx")]
+    model = make_model(nodes, [float_io("x", ["n", 4])], [float_io("y", ["n", 4])])
+    model.opset_import[0].domain = "ai.onnx"
+    loaded = load_model(save(model))
+    assert loaded.info.opset == 17 and loaded.info.opsets == {"": 17}
+    assert all(node.domain == "" for node in loaded.proto.graph.node)

@@ -50,7 +50,8 @@ class ExternalDataError(ModelFileError):
     """External tensor data is missing, too short, or points outside the model's folder."""
 
     def __init__(self, tensor: str, location: str, reason: str) -> None:
-        super().__init__(f"external data of tensor {tensor!r} at {location!r} refused: {reason}")
+        shown = location if len(location) <= 120 else location[:117] + "..."
+        super().__init__(f"external data of tensor {tensor!r} at {shown!r} refused: {reason}")
 
 
 class CheckerError(VerifierError):
@@ -67,6 +68,13 @@ class UnknownDomainError(VerifierError):
     def __init__(self, nodes: Sequence[tuple[str, str, str]]) -> None:
         listed = ", ".join(f"{op} (domain {dom!r}) at node {name!r}" for name, op, dom in nodes)
         super().__init__(f"unknown operator domain: {listed}")
+
+
+class SparseTensorError(VerifierError):
+    """The model stores sparse tensors (sparse initializers or a sparse Constant), which are not analysed."""
+
+    def __init__(self, places: Sequence[str]) -> None:
+        super().__init__(f"sparse tensors are not supported: {', '.join(places)}; store them as dense tensors")
 
 
 class InputSpecError(VerifierError):
@@ -104,6 +112,14 @@ class UnsupportedOpsError(VerifierError):
 
 class ConversionError(VerifierError):
     """onnx2torch failed on a graph that passed the support check."""
+
+
+class RuntimeRunError(VerifierError):
+    """onnxruntime (the oracle) or torch (the converted module) cannot run the model on the inputs."""
+
+    def __init__(self, runtime: str, detail: str, hint: str = "") -> None:
+        extra = f" ({hint})" if hint else ""
+        super().__init__(f"{runtime} cannot run the model: {detail}{extra}")
 
 
 class DataError(VerifierError):

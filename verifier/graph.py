@@ -9,6 +9,7 @@ HardSwish patterns, recognised from structure and constants, see `verifier.patte
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -45,9 +46,13 @@ _LINEAR_OPS = frozenset(
     GlobalAveragePool ReduceMean ReduceSum Expand Tile Cast Shape Size Constant ConstantOfShape
     Range Einsum DepthToSpace SpaceToDepth Resize""".split()
 )
-_PIECEWISE_LINEAR_OPS = frozenset({"Max", "Min", "ReduceMax", "ReduceMin", "GlobalMaxPool", "ReduceL1"})
+_PIECEWISE_LINEAR_OPS = frozenset(
+    {"Max", "Min", "ReduceMax", "ReduceMin", "GlobalMaxPool", "ReduceL1", "HardSigmoid", "ThresholdedRelu", "Shrink"}
+)
+_STANDARD_DOMAINS = ("", "ai.onnx")
 _MAX_POOL_ATTRIBUTES = ("kernel_shape", "strides", "pads", "dilations", "ceil_mode", "auto_pad", "storage_order")
 _OUTPUT_TRANSFORMS = frozenset({"Softmax", "LogSoftmax"})
+_SOFTMAX_DEFAULT_AXIS_CHANGED = 13  # Softmax-13: default axis -1 and one-axis semantics (before: 1, coerced 2-D)
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 _FLOAT_ELEM_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -73,7 +78,7 @@ class ActivationSite:
             "nodes": list(self.nodes),
             "input": self.input,
             "output": self.output,
-            "params": dict(self.params),
+            "params": json_safe(dict(self.params)),
         }
 
 
@@ -90,12 +95,7 @@ class OperatorGraph:
         self.constants: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.inputs = [vi.name for vi in graph.input if vi.name not in self.constants]
         self.outputs = [vi.name for vi in graph.output]
-        seen: Counter[str] = Counter()
-        for position, node in enumerate(graph.node):
-            key = node.name or f"{node.op_type}_{position}"
-            seen[key] += 1
-            if seen[key] > 1:
-                key = f"{key}_{seen[key] - 1}"
+        for key, (position, node) in zip(node_keys(graph.node), enumerate(graph.node)):
             self.nodes[key] = node
             self.nx.add_node(key, op_type=node.op_type, domain=node.domain, position=position)
             for tensor in node.output:
@@ -113,10 +113,12 @@ class OperatorGraph:
             if source is None:
                 continue
             for user in users:
-                if self.nx.has_edge(source, user):
-                    self.nx.edges[source, user]["tensors"].append(tensor)
-                else:
+                if not self.nx.has_edge(source, user):
                     self.nx.add_edge(source, user, tensors=[tensor])
+                elif tensor not in self.nx.edges[source, user]["tensors"]:  # Mul(h, h): one entry
+                    self.nx.edges[source, user]["tensors"].append(tensor)
+        self.opset = next((int(o.version) for o in model.opset_import if o.domain in _STANDARD_DOMAINS), 0)
+        self._shapes = {vi.name: _value_shape(vi) for vi in [*graph.input, *graph.value_info, *graph.output]}
 
     def topological_order(self) -> list[str]:
         """Node keys in a topological order that keeps the file's order where it is free."""
@@ -132,6 +134,12 @@ class OperatorGraph:
     def constant(self, tensor: str) -> np.ndarray | None:
         """The value of a tensor known at load time (initializer or Constant output), else None."""
         return self.constants.get(tensor)
+
+    def shape(self, tensor: str) -> tuple[int | str | None, ...] | None:
+        """A tensor's shape from the model's value infos (ints, symbolic names, None), or None if unknown."""
+        if tensor in self.constants:
+            return tuple(int(d) for d in self.constants[tensor].shape)
+        return self._shapes.get(tensor)
 
     def is_constant(self, tensor: str) -> bool:
         """Whether the tensor's value does not depend on the data input."""
@@ -155,11 +163,21 @@ class OperatorGraph:
         return cached
 
     def logits_of(self, output: str) -> str:
-        """The tensor holding logits for a graph output: Softmax/LogSoftmax's input, else itself."""
-        key = self.producer.get(output)
-        if key is not None and self.nodes[key].op_type in _OUTPUT_TRANSFORMS:
-            return self.nodes[key].input[0]
+        """The tensor holding logits for a graph output: Softmax/LogSoftmax's input (also through
+        `Log(Softmax(z))`), else the output itself."""
+        node = self._standard_producer(output)
+        if node is not None and node.op_type == "Log":
+            inner = self._standard_producer(node.input[0])
+            if inner is not None and inner.op_type == "Softmax":
+                return inner.input[0]
+        if node is not None and node.op_type in _OUTPUT_TRANSFORMS:
+            return node.input[0]
         return output
+
+    def _standard_producer(self, tensor: str) -> onnx.NodeProto | None:
+        key = self.producer.get(tensor)
+        node = self.nodes[key] if key is not None else None
+        return node if node is not None and node.domain in _STANDARD_DOMAINS else None
 
     def numeric_outputs(self) -> list[str]:
         """Float tensor outputs; an output made by ZipMap (skl2onnx) stands for ZipMap's input."""
@@ -194,13 +212,19 @@ class OperatorGraph:
         covered: set[str] = set()
         order = self.topological_order()
         for match in patterns.find_decomposed(self, order):
+            if self.is_constant(match.input):
+                continue  # an activation of weights or shapes: part of a constant, not of the network
             covered.update(match.nodes)
             sites.append((self.nx.nodes[match.nodes[-1]]["position"], match.kind, match.nodes,
                           match.input, match.output, match.params))
         for key in order:
             node = self.nodes[key]
             kind = _STANDALONE_KINDS.get(node.op_type)
-            if key in covered or kind is None or node.domain not in ("", "ai.onnx"):
+            if key in covered or kind is None or node.domain not in _STANDARD_DOMAINS:
+                continue
+            if not node.input or not node.input[0] or self.is_constant(node.input[0]):
+                continue
+            if node.op_type == "Clip" and self.is_identity_clip(node):
                 continue
             sites.append((self.nx.nodes[key]["position"], kind, (key,), node.input[0], node.output[0],
                           self._standalone_params(node)))
@@ -218,17 +242,45 @@ class OperatorGraph:
             approx = attrs.get("approximate", b"none")
             return {"approximate": approx.decode() if isinstance(approx, bytes) else str(approx)}
         if node.op_type == "Clip":
-            low, high = attrs.get("min"), attrs.get("max")
-            if len(node.input) > 1 and node.input[1]:
-                low = _scalar(self.constant(node.input[1]))
-            if len(node.input) > 2 and node.input[2]:
-                high = _scalar(self.constant(node.input[2]))
-            return {k: float(v) for k, v in (("min", low), ("max", high)) if v is not None}
-        if node.op_type in ("Softmax", "MaxPool"):
-            keep = ("axis",) if node.op_type == "Softmax" else _MAX_POOL_ATTRIBUTES
+            low, high, _ = self._clip_bounds(node)
+            return {k: v for k, v in (("min", low), ("max", high)) if v is not None}
+        if node.op_type == "Softmax":
+            return self._softmax_params(node, attrs)
+        if node.op_type == "MaxPool":
             return {k: (list(v) if isinstance(v, list) else v.decode() if isinstance(v, bytes) else v)
-                    for k, v in attrs.items() if k in keep}
+                    for k, v in attrs.items() if k in _MAX_POOL_ATTRIBUTES}
         return {}
+
+    def _clip_bounds(self, node: onnx.NodeProto) -> tuple[float | None, float | None, bool]:
+        """Clip's (min, max) as floats, None where there is no bound (absent, empty name or
+        infinite), and whether every given bound is a known constant."""
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        bounds: list[float | None] = [attrs.get("min"), attrs.get("max")]
+        known = True
+        for slot in (0, 1):
+            if len(node.input) > slot + 1 and node.input[slot + 1]:
+                bounds[slot] = _scalar(self.constant(node.input[slot + 1]))
+                known &= bounds[slot] is not None
+        low, high = (None if v is None else float(v) for v in bounds)
+        low = None if low is not None and low == -math.inf else low
+        high = None if high is not None and high == math.inf else high
+        return low, high, known
+
+    def is_identity_clip(self, node: onnx.NodeProto) -> bool:
+        """A Clip without any finite constant bound computes its input unchanged."""
+        low, high, known = self._clip_bounds(node)
+        return known and low is None and high is None
+
+    def _softmax_params(self, node: onnx.NodeProto, attrs: dict) -> dict[str, int | bool]:
+        """The effective axis (default 1 before opset 13, -1 from 13); `coerce_2d` when an
+        opset < 13 Softmax normalises over all dimensions from `axis` on, not just one."""
+        old = 0 < self.opset < _SOFTMAX_DEFAULT_AXIS_CHANGED
+        axis = int(attrs.get("axis", 1 if old else -1))
+        params: dict[str, int | bool] = {"axis": axis}
+        shape = self.shape(node.input[0])
+        if old and (shape is None or (axis % len(shape) if shape else 0) < len(shape) - 1):
+            params["coerce_2d"] = True
+        return params
 
     def model_family(self, sites: list[ActivationSite]) -> str:
         """`linear`, `piecewise-linear`, `smooth` or `mixed`, judged on what computes the logits."""
@@ -253,8 +305,13 @@ class OperatorGraph:
         variable_inputs = [t for t in node.input if t and not self.is_constant(t)]
         if not variable_inputs or node.op_type in _SHAPE_ONLY_OPS:
             return "none"
+        if node.op_type == "Clip" and node.domain in _STANDARD_DOMAINS and self.is_identity_clip(node):
+            return "none"
         if node.op_type in _PIECEWISE_LINEAR_OPS:
             return "piecewise-linear"
+        kind = _STANDALONE_KINDS.get(node.op_type)
+        if kind is not None:
+            return "piecewise-linear" if kind in PIECEWISE_LINEAR_KINDS else "smooth"
         if node.op_type in ("Mul", "MatMul", "Gemm", "Einsum") and len(variable_inputs) > 1:
             return "smooth"
         if node.op_type == "Div" and not self.is_constant(node.input[1]):
@@ -262,6 +319,44 @@ class OperatorGraph:
         if node.op_type in _LINEAR_OPS:
             return "none"
         return "smooth"
+
+
+def node_keys(nodes: Iterable[onnx.NodeProto]) -> list[str]:
+    """A unique key per node: its name; `{op_type}_{position}` when unnamed; a `_k` suffix for a
+    repeated name. Real names keep priority, so no generated key can take another node's name."""
+    nodes = list(nodes)
+    real = {node.name for node in nodes if node.name}
+    taken: set[str] = set()
+    keys: list[str] = []
+    for position, node in enumerate(nodes):
+        base = node.name or f"{node.op_type}_{position}"
+        key, suffix = base, 1
+        while key in taken or (key != node.name and key in real):
+            key, suffix = f"{base}_{suffix}", suffix + 1
+        taken.add(key)
+        keys.append(key)
+    return keys
+
+
+def json_safe(value):
+    """`value` with every non-finite float written as the string "NaN", "Infinity" or "-Infinity"
+    (strict JSON has no such numbers; see docs/cli.md)."""
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _value_shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
+    if not (value_info.type.HasField("tensor_type") and value_info.type.tensor_type.HasField("shape")):
+        return None
+    return tuple(
+        int(d.dim_value) if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
+        for d in value_info.type.tensor_type.shape.dim
+    )
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

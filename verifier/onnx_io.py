@@ -2,8 +2,12 @@
 
 `load_model` is the only door into the pipeline. It refuses, with a typed `VerifierError`,
 anything the rest of verifier could not analyse honestly: a missing or damaged file, external
-data outside the model's folder (audits run on untrusted files), a checker failure, an unknown
-operator domain, a non-float data input, or more than one data input.
+data outside the model's folder (audits run on untrusted files; every tensor of the file is
+checked, in functions, sub-graphs and sparse tensors too), a checker failure, an unknown
+operator domain, control flow (`If`/`Loop`/`Scan`: sub-graphs are not analysed), sparse
+tensors, a non-float data input, or more than one data input. Model-local functions are
+inlined and the `ai.onnx` alias of the default domain is written as `""`, so that every later
+stage sees one flat graph of standard operators.
 """
 
 from __future__ import annotations
@@ -11,26 +15,31 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from google.protobuf.descriptor import FieldDescriptor
+from onnx import inliner
 
 from verifier.errors import (
     CheckerError,
     ExternalDataError,
+    ModelFileError,
     ModelNotFoundError,
     MultipleInputsError,
     NonFloatInputError,
     NotOnnxError,
+    SparseTensorError,
     TruncatedModelError,
     UnknownDomainError,
+    UnsupportedOpsError,
 )
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+DEFAULT_DOMAIN_ALIAS = "ai.onnx"
 FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 )
@@ -104,10 +113,16 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         raise NotOnnxError(str(path), "it is a directory")
     if not model_path.is_file():
         raise ModelNotFoundError(str(path))
-    raw = model_path.read_bytes()
+    try:
+        raw = model_path.read_bytes()
+    except OSError as err:
+        raise ModelFileError(f"cannot read model file {path}: {err.strerror or err}") from err
     proto = _parse(raw, str(path))
+    _canonical_default_domain(proto)
     _load_external_data(proto, model_path.resolve().parent)
     _check_domains(proto)
+    proto = _inline_functions(proto)
+    _refuse_unanalysable(proto)
     _run_checker(proto)
     inferred = _infer_shapes(proto)
     inputs = _data_inputs(inferred)
@@ -142,56 +157,173 @@ def _parse(raw: bytes, path: str) -> onnx.ModelProto:
     return proto
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
+def _all_tensors(message) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto anywhere in a proto message: initializers, sparse tensors, attributes,
+    sub-graphs, function bodies, training info (found by reflection, so no place is missed)."""
+    for descriptor, value in message.ListFields():
+        if descriptor.type != FieldDescriptor.TYPE_MESSAGE:
+            continue
+        for item in value if _repeated(descriptor) else (value,):
+            if isinstance(item, onnx.TensorProto):
+                yield item
+            else:
+                yield from _all_tensors(item)
+
+
+def _repeated(descriptor: FieldDescriptor) -> bool:
+    """Whether a protobuf field is repeated (`is_repeated` on protobuf >= 5.29, `label` before)."""
+    flag = getattr(descriptor, "is_repeated", None)
+    return bool(flag) if flag is not None else descriptor.label == FieldDescriptor.LABEL_REPEATED
+
+
+def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    """The tensor's external-data key/value pairs (a repeated key: the last one wins, as in onnx)."""
+    return {entry.key: entry.value for entry in tensor.external_data}
 
 
 def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
     """Read external tensors, refusing locations that leave the model's own folder."""
-    for tensor in _all_tensors(proto.graph):
-        if not external_data_helper.uses_external_data(tensor):
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = info.location
-        if not location:
-            raise ExternalDataError(tensor.name, location, "no location given")
-        if os.path.isabs(location) or Path(location).drive or ".." in Path(location).parts:
-            raise ExternalDataError(tensor.name, location, "it leaves the model's folder")
-        target = (base_dir / location).resolve()
-        if not target.is_relative_to(base_dir):
-            raise ExternalDataError(tensor.name, location, "it resolves outside the model's folder (symlink?)")
-        if not target.is_file():
-            raise ExternalDataError(tensor.name, location, "file not found next to the model")
-        size = target.stat().st_size
-        offset = int(info.offset or 0)
-        if info.length is not None and offset + int(info.length) > size or offset > size:
-            raise ExternalDataError(tensor.name, location, f"file too short ({size} bytes)")
-        external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+        location = _external_entries(tensor).get("location", "")
+        try:
+            tensor.raw_data = _read_external(tensor, location, base_dir)
+        except ExternalDataError:
+            raise
+        except (ValueError, OSError, RuntimeError) as err:
+            reason = getattr(err, "strerror", None) or _first_line(str(err))
+            raise ExternalDataError(tensor.name, location, f"cannot read it ({type(err).__name__}: {reason})") from err
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
+    still = [t.name for t in _all_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if still:
+        raise ExternalDataError(still[0], "", "external data left unresolved")
+
+
+def _read_external(tensor: onnx.TensorProto, location: str, base_dir: Path) -> bytes:
+    """The bytes of one external tensor, read only from a regular file inside `base_dir`."""
+    entries = _external_entries(tensor)
+    if not location:
+        raise ExternalDataError(tensor.name, location, "no location given")
+    if "\x00" in location:
+        raise ExternalDataError(tensor.name, location, "the location contains a NUL byte")
+    if os.path.isabs(location) or Path(location).drive or ".." in Path(location).parts:
+        raise ExternalDataError(tensor.name, location, "it leaves the model's folder")
+    offset = _non_negative(tensor, location, entries, "offset", 0)
+    length = _non_negative(tensor, location, entries, "length", None)
+    target = (base_dir / location).resolve()
+    if not target.is_relative_to(base_dir):
+        raise ExternalDataError(tensor.name, location, "it resolves outside the model's folder (symlink?)")
+    if not target.is_file():
+        raise ExternalDataError(tensor.name, location, "file not found next to the model")
+    size = target.stat().st_size
+    if offset > size or (length is not None and offset + length > size):
+        raise ExternalDataError(tensor.name, location, f"file too short ({size} bytes)")
+    with target.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read() if length is None else handle.read(length)
+
+
+def _non_negative(tensor: onnx.TensorProto, location: str, entries: dict[str, str], key: str,
+                  default: int | None) -> int | None:
+    text = entries.get(key)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ExternalDataError(tensor.name, location, f"{key} {text!r} is not a non-negative integer")
+    return value
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A graph and, recursively, every sub-graph of its nodes' attributes."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
+def _node_lists(proto: onnx.ModelProto) -> Iterator[Sequence[onnx.NodeProto]]:
+    """The node lists of the main graph, of every sub-graph, and of every model-local function
+    body (and its sub-graphs)."""
+    for graph in _graphs(proto.graph):
+        yield graph.node
+    for function in proto.functions:
+        yield function.node
+        for node in function.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    for graph in _graphs(sub):
+                        yield graph.node
+
+
+def _label(node: onnx.NodeProto, position: int) -> str:
+    """How messages name a node: its name, else `{op_type}_{position in its graph}`."""
+    return node.name or f"{node.op_type}_{position}"
+
+
+def _canonical_default_domain(proto: onnx.ModelProto) -> None:
+    """Write the legal alias `ai.onnx` of the default operator domain as `""` everywhere."""
+    for imports in [proto.opset_import] + [f.opset_import for f in proto.functions]:
+        aliases = [o for o in imports if o.domain == DEFAULT_DOMAIN_ALIAS]
+        has_default = any(o.domain == "" for o in imports)
+        for opset in aliases:
+            if has_default:
+                imports.remove(opset)
+            else:
+                opset.domain, has_default = "", True
+    for nodes in _node_lists(proto):
+        for node in nodes:
+            if node.domain == DEFAULT_DOMAIN_ALIAS:
+                node.domain = ""
 
 
 def _check_domains(proto: onnx.ModelProto) -> None:
     local = {f.domain for f in proto.functions}
     unknown = [
-        (node.name or f"#{i}", node.op_type, node.domain)
-        for i, node in enumerate(proto.graph.node)
+        (_label(node, i), node.op_type, node.domain)
+        for nodes in _node_lists(proto)
+        for i, node in enumerate(nodes)
         if node.domain not in STANDARD_DOMAINS and node.domain not in local
     ]
     if unknown:
         raise UnknownDomainError(unknown)
+
+
+def _inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its model-local functions inlined (inspect and convert see the same graph)."""
+    if not proto.functions:
+        return proto
+    try:
+        return inliner.inline_local_functions(proto)
+    except Exception as err:  # noqa: BLE001 - the inliner raises bare C++ errors of several kinds
+        raise CheckerError("inlining model-local functions", _first_line(str(err))) from err
+
+
+def _refuse_unanalysable(proto: onnx.ModelProto) -> None:
+    """Refuse control flow (sub-graphs) and sparse tensors, naming every node or tensor."""
+    control_flow = [
+        (_label(node, i), node.op_type, "control flow: sub-graphs are not analysed; export the model without it")
+        for i, node in enumerate(proto.graph.node)
+        if any(attr.HasField("g") or attr.graphs for attr in node.attribute)
+    ]
+    if control_flow:
+        raise UnsupportedOpsError("analysis", control_flow)
+    sparse = [f"initializer {t.values.name or t.indices.name!r}" for t in proto.graph.sparse_initializer]
+    sparse += [
+        f"{node.op_type} node {_label(node, i)!r}"
+        for i, node in enumerate(proto.graph.node)
+        if any(attr.HasField("sparse_tensor") or attr.sparse_tensors for attr in node.attribute)
+    ]
+    if sparse:
+        raise SparseTensorError(sparse)
 
 
 _NODE_IN_MESSAGE = re.compile(r"name:\s*(\S+)\s+OpType|[Nn]ode \(([^)\s]+)\)|node name:\s*([^)\s,]+)")

@@ -4,7 +4,8 @@ GELU (erf and tanh forms, any operand order), SiLU (`x * Sigmoid(x)`) and HardSw
 (`x * HardSigmoid(x)`) are found from structure and constants, never from node names:
 1. every `Erf`, `Tanh`, `Sigmoid` or `HardSigmoid` node is an anchor;
 2. its input is traced back through single-use arithmetic nodes to exactly one variable tensor
-   `x` (all other leaves must be scalar constants);
+   `x` (all other leaves must be constants with one repeated value that, broadcast against
+   `x`, leave its shape unchanged);
 3. the region is grown forward through single-use arithmetic nodes whose other operands are
    constants, `x`, or single-use arithmetic of `x`;
 4. the deepest region output whose function of `x`, evaluated in float64 from the graph's own
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 _ANCHORS = frozenset({"Erf", "Tanh", "Sigmoid", "HardSigmoid"})
 _ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Sqrt", "Reciprocal"})
 _MAX_FORWARD_STEPS = 6
+_STANDARD_DOMAINS = ("", "ai.onnx")
 _GRID = np.linspace(-8.0, 8.0, 321)
 _TOLERANCE = 1e-5
 
@@ -87,6 +89,7 @@ def _is_single_use_arithmetic(graph: OperatorGraph, tensor: str) -> bool:
     return (
         key is not None
         and graph.nodes[key].op_type in _ARITHMETIC
+        and graph.nodes[key].domain in _STANDARD_DOMAINS
         and len(graph.consumers.get(tensor, [])) == 1
         and tensor not in graph.outputs
     )
@@ -155,8 +158,20 @@ def _best(graph: OperatorGraph, x: str, candidates: list[tuple[str, frozenset[st
     return None
 
 
+def _keeps_shape(constant: np.ndarray, x_shape: tuple | None) -> bool:
+    """Whether broadcasting `constant` against x leaves x's shape unchanged (x's shape unknown:
+    a constant of rank <= 1 with one element, as exporters write scalars)."""
+    if x_shape is None:
+        return constant.ndim <= 1 and constant.size == 1
+    if constant.ndim > len(x_shape):
+        return False
+    return all(c == 1 or c == d for c, d in zip(reversed(constant.shape), reversed(x_shape)))
+
+
 def _evaluate(graph: OperatorGraph, x: str, output: str, region: frozenset[str]) -> np.ndarray | None:
-    """The region's output as a float64 function of `x` on `_GRID`, or None if not evaluable."""
+    """The region's output as a float64 function of `x` on `_GRID`, or None if not evaluable
+    (a non-scalar operand, or a constant that would broadcast x to another shape)."""
+    x_shape = graph.shape(x)
     values: dict[str, np.ndarray] = {x: _GRID}
     with np.errstate(all="ignore"):
         for key in sorted(region, key=lambda k: graph.nx.nodes[k]["position"]):
@@ -167,7 +182,7 @@ def _evaluate(graph: OperatorGraph, x: str, output: str, region: frozenset[str])
                     args.append(values[tensor])
                 else:
                     scalar = _scalar_constant(graph, tensor)
-                    if scalar is None:
+                    if scalar is None or not _keeps_shape(graph.constant(tensor), x_shape):
                         return None
                     args.append(np.float64(scalar))
             result = _apply(node, args)

@@ -6,7 +6,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
-from verifier.graph import ActivationSite, OperatorGraph
+from verifier.graph import ActivationSite, OperatorGraph, json_safe
 from verifier.onnx_io import ModelInfo, TensorSpec, load_model
 
 
@@ -26,8 +26,8 @@ class ModelSummary:
         return dict(sorted(Counter(site.kind for site in self.sites).items()))
 
     def to_dict(self) -> dict:
-        """JSON-ready form (the keys documented in docs/cli.md)."""
-        return {
+        """JSON-ready form (the keys documented in docs/cli.md; non-finite numbers as strings)."""
+        return json_safe({
             **self.info.to_dict(),
             "node_count": sum(self.op_histogram.values()),
             "op_histogram": dict(self.op_histogram),
@@ -35,7 +35,7 @@ class ModelSummary:
             "activation_counts": self.activation_counts,
             "activation_sites": [site.to_dict() for site in self.sites],
             "logits": self.logits,
-        }
+        })
 
     def to_text(self) -> str:
         """A short human-readable report."""

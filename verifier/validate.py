@@ -3,12 +3,16 @@
 The original model (plus the exposed logits tensor as an extra output) runs in onnxruntime, the
 converted module runs in torch, on the same inputs; we report per-output max absolute and
 relative differences, top-1 agreement on the logits, the providers actually used, and
-pass/fail against `|torch - ort| <= atol + rtol * |ort|` elementwise.
+pass/fail against `|torch - ort| <= atol + rtol * |ort|` elementwise, where equal values (the
+same infinity, NaN in both) agree and NaN on one side only is an infinite difference. A
+runtime that cannot run the model raises `RuntimeRunError` (one line, exit 2).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import re
 
 import numpy as np
 import onnx
@@ -16,11 +20,14 @@ import torch
 
 from verifier.convert import ConvertedModel
 from verifier.device import resolve_device
-from verifier.errors import VerifierError
+from verifier.errors import RuntimeRunError, VerifierError
+from verifier.graph import json_safe
 from verifier.onnx_io import LoadedModel
 
 _DEFAULT_CHUNK = 256
 _REL_FLOOR = 1e-6
+_DETAIL_LENGTH = 300
+_ORT_NOISE = re.compile(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*|/onnxruntime_src/\S+\s+\S+::\S+\(.*?\)\s*")
 
 
 @dataclass(frozen=True)
@@ -34,12 +41,12 @@ class OutputDiff:
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return {
+        return json_safe({
             "name": self.name,
             "max_abs_diff": self.max_abs_diff,
             "max_rel_diff": self.max_rel_diff,
             "within_tolerance": self.within_tolerance,
-        }
+        })
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,8 @@ class ValidationReport:
         return all(o.within_tolerance for o in self.outputs)
 
     def to_dict(self) -> dict:
-        """JSON-ready form (the keys documented in docs/cli.md)."""
-        return {
+        """JSON-ready form (the keys documented in docs/cli.md; non-finite numbers as strings)."""
+        return json_safe({
             "passed": self.passed,
             "samples": self.samples,
             "max_abs_diff": self.max_abs_diff,
@@ -86,7 +93,7 @@ class ValidationReport:
             "accuracy": None if self.accuracy_onnxruntime is None else {
                 "onnxruntime": self.accuracy_onnxruntime, "torch": self.accuracy_torch},
             "outputs": [o.to_dict() for o in self.outputs],
-        }
+        })
 
 
 def onnxruntime_session(model: onnx.ModelProto, device: torch.device):
@@ -100,7 +107,16 @@ def onnxruntime_session(model: onnx.ModelProto, device: torch.device):
         providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
+    try:
+        return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types for every failure
+        raise RuntimeRunError("onnxruntime", _detail(err)) from err
+
+
+def _detail(err: Exception) -> str:
+    """A runtime's error as one short line (onnxruntime's source paths and codes dropped)."""
+    text = _ORT_NOISE.sub("", " ".join(str(err).split())) or type(err).__name__
+    return text if len(text) <= _DETAIL_LENGTH else text[: _DETAIL_LENGTH - 3] + "..."
 
 
 def _with_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
@@ -125,8 +141,68 @@ def _batches(count: int, fixed_batch: int | str | None) -> list[slice]:
 
 
 def _joined(parts: list[np.ndarray]) -> np.ndarray:
-    """Batch chunks back together (a single chunk may be a scalar output)."""
-    return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.float64)
+    """Batch chunks back together: concatenated along the first axis; flattened first when a chunk
+    is a scalar (one per chunk) or the chunks disagree beyond the first axis."""
+    arrays = [np.asarray(p, dtype=np.float64) for p in parts]
+    if len(arrays) == 1:
+        return arrays[0]
+    if any(a.ndim == 0 for a in arrays):
+        return np.concatenate([a.reshape(-1) for a in arrays])
+    try:
+        return np.concatenate(arrays)
+    except ValueError:
+        return np.concatenate([a.reshape(-1) for a in arrays])
+
+
+def _compare(name: str, candidate: np.ndarray, reference: np.ndarray, atol: float, rtol: float) -> OutputDiff:
+    """Differences of one output; equal values (same infinity, NaN on both sides) differ by 0."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        same = (candidate == reference) | (np.isnan(candidate) & np.isnan(reference))
+        error = np.where(same, 0.0, np.abs(candidate - reference))
+        error = np.where(np.isnan(error), np.inf, error)  # NaN on one side only
+        relative = error / np.fmax(np.abs(reference), _REL_FLOOR)
+        within = same | (error <= atol + rtol * np.abs(reference))
+    return OutputDiff(
+        name=name,
+        max_abs_diff=float(error.max(initial=0.0)),
+        max_rel_diff=float(np.nan_to_num(relative, nan=np.inf).max(initial=0.0)),
+        within_tolerance=bool(np.all(within)),
+    )
+
+
+def _run_onnxruntime(session, names: list[str], input_name: str, x: np.ndarray, fixed) -> list[np.ndarray]:
+    """One onnxruntime run; a failure becomes `RuntimeRunError` (hinting at a hard-coded batch)."""
+    try:
+        return session.run(names, {input_name: x})
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+        hint = ""
+        if len(x) > 1 and not isinstance(fixed, int):
+            try:
+                session.run(names, {input_name: x[:1]})
+                hint = (f"it runs one sample but not {len(x)}: the model seems to hard-code its batch size "
+                        "although its input declares a dynamic one")
+            except Exception:  # noqa: BLE001 - the single sample fails too: no batch hint
+                hint = ""
+        raise RuntimeRunError("onnxruntime", _detail(err), hint) from err
+
+
+def _run_torch(module: torch.nn.Module, x: np.ndarray, device: torch.device) -> list[np.ndarray]:
+    """One forward pass of the converted module; a failure becomes `RuntimeRunError`."""
+    try:
+        with torch.no_grad():
+            result = module(torch.from_numpy(x).to(device))
+    except Exception as err:  # noqa: BLE001 - torch raises many exception types from converted modules
+        raise RuntimeRunError("torch (the converted module)", f"{type(err).__name__}: {_detail(err)}") from err
+    result = result if isinstance(result, (tuple, list)) else (result,)
+    return [(r.float() if r.dtype == torch.bfloat16 else r).detach().cpu().numpy() for r in result]
+
+
+def _top1(logits_ort: np.ndarray, logits_torch: np.ndarray, samples: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Logits as (rows, classes) for argmax, or None when there is no class to compare."""
+    rows = samples if logits_ort.ndim and logits_ort.shape[0] == samples else 1
+    if logits_ort.size == 0 or logits_ort.shape != logits_torch.shape or logits_ort.size % rows:
+        return None
+    return logits_ort.reshape(rows, -1), logits_torch.reshape(rows, -1)
 
 
 def validate_against_onnxruntime(
@@ -152,31 +228,21 @@ def validate_against_onnxruntime(
     ort_parts: list[list[np.ndarray]] = []
     torch_parts: list[list[np.ndarray]] = []
     for part in _batches(len(x), fixed):
-        ort_parts.append(session.run(list(converted.output_names), {spec.name: x[part]}))
-        with torch.no_grad():
-            result = module(torch.from_numpy(x[part]).to(torch_device))
-        result = result if isinstance(result, (tuple, list)) else (result,)
-        torch_parts.append([r.detach().cpu().numpy() for r in result])
+        ort_parts.append(_run_onnxruntime(session, list(converted.output_names), spec.name, x[part], fixed))
+        torch_parts.append(_run_torch(module, x[part], torch_device))
     diffs = []
     for index, name in enumerate(converted.output_names):
         reference = _joined([p[index] for p in ort_parts])
         candidate = _joined([p[index] for p in torch_parts])
         if reference.shape != candidate.shape:
             raise VerifierError(f"output {name!r}: onnxruntime shape {reference.shape} != torch {candidate.shape}")
-        error = np.abs(candidate - reference)
-        diffs.append(OutputDiff(
-            name=name,
-            max_abs_diff=float(error.max(initial=0.0)),
-            max_rel_diff=float((error / np.maximum(np.abs(reference), _REL_FLOOR)).max(initial=0.0)),
-            within_tolerance=bool(np.all(error <= atol + rtol * np.abs(reference))),
-        ))
-    logits_ort = _joined([p[converted.logits_index] for p in ort_parts])
-    logits_torch = _joined([p[converted.logits_index] for p in torch_parts])
-    rows = len(x) if logits_ort.ndim and logits_ort.shape[0] == len(x) else 1
-    logits_ort, logits_torch = logits_ort.reshape(rows, -1), logits_torch.reshape(rows, -1)
-    agreement = float(np.mean(logits_ort.argmax(1) == logits_torch.argmax(1)))
+        diffs.append(_compare(name, candidate, reference, atol, rtol))
+    table = _top1(_joined([p[converted.logits_index] for p in ort_parts]),
+                  _joined([p[converted.logits_index] for p in torch_parts]), len(x))
+    agreement = float("nan") if table is None else float(np.mean(table[0].argmax(1) == table[1].argmax(1)))
     accuracies: tuple[float | None, float | None] = (None, None)
-    if y is not None and rows == len(y):
+    if table is not None and y is not None and len(table[0]) == len(y):
+        logits_ort, logits_torch = table
         if y.min(initial=0) < 0 or y.max(initial=0) >= logits_ort.shape[1]:
             raise VerifierError(f"labels must lie in [0, {logits_ort.shape[1] - 1}] for this model's "
                                 f"{logits_ort.shape[1]} classes (got {y.min()}..{y.max()})")

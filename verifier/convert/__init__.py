@@ -5,6 +5,10 @@
 `converters.py`), and returns a `ConvertedModel`: the eval-mode `GraphModule`, which output is
 the logits, and the activation sites of the normalised graph mapped to fx nodes so that later
 stages can read pre-activation values and activation patterns (`probe_module`).
+
+Node names of the normalised graph are safe torch module names (an unsafe one, such as `class`
+or `to`, becomes `n{position}_{name}`, see `normalize.py`); `node_names` maps them back to the
+names the user's model (and `verifier inspect`) gives, and messages use those.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ class ConvertedModel:
     normalized: onnx.ModelProto = field(repr=False)
     tensor_nodes: dict[str, str] = field(repr=False)
     logit_sites: tuple[ActivationSite, ...] = ()
+    node_names: dict[str, str] = field(default_factory=dict, repr=False)  # normalised key -> user's name
+
+    def display_name(self, key: str) -> str:
+        """The user's name (as `inspect` shows it) of a node key of the normalised graph."""
+        return self.node_names.get(key, key)
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """All normalised outputs (original float outputs, then the logits if they were exposed)."""
@@ -101,7 +110,8 @@ def convert_model(model: LoadedModel) -> ConvertedModel:
     try:
         module = onnx2torch.convert(normalized.proto)
     except Exception as err:  # noqa: BLE001 - onnx2torch raises bare exceptions of many kinds
-        raise ConversionError(f"onnx2torch failed: {type(err).__name__}: {err}") from err
+        detail = " ".join(str(err).split())[:300]
+        raise ConversionError(f"onnx2torch failed: {type(err).__name__}: {detail}") from err
     module.eval()
     tensor_nodes = _tensor_to_fx(normalized, onnx_graph, module)
     graph = OperatorGraph(normalized.proto)
@@ -116,13 +126,15 @@ def convert_model(model: LoadedModel) -> ConvertedModel:
         normalized=normalized.proto,
         tensor_nodes=tensor_nodes,
         logit_sites=tuple(site for site in sites if set(site.nodes) & upstream),
+        node_names=dict(normalized.original_names),
     )
 
 
 def _check_supported(normalized: NormalizedModel, onnx_graph: OnnxGraph) -> None:
     opsets = {o.domain: o.version for o in normalized.proto.opset_import}
     problems: list[tuple[str, str, str]] = []
-    for name, node in onnx_graph.nodes.items():
+    for node in onnx_graph.nodes.values():
+        name = normalized.original_name(node.name)
         domain = node.domain
         label = node.operation_type if domain in ("", "ai.onnx") else f"{domain}.{node.operation_type}"
         try:

@@ -6,6 +6,8 @@ Those get an *alias* to the newest older converter (with a guard where the new v
 feature). Ops whose semantics changed get a converter here: `Gelu`-20, `Split`-18, the
 `Reduce*`-18/20 family (axes became an input), and verifier-domain `Reshape`/`Slice` whose
 constant operands are baked in at conversion time so that `torch.func.vmap` can trace them.
+`Clip`-11/12/13 replaces onnx2torch's own, which refuses an empty bound name (`Clip(x, "", max)`,
+what both torch exporters write for `clamp(max=...)`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ from verifier.convert.compat import import_onnx2torch
 from verifier.convert.normalize import VERIFIER_DOMAIN
 
 onnx2torch = import_onnx2torch()
+from onnx2torch.node_converters import registry  # noqa: E402
 from onnx2torch.node_converters.registry import add_converter, get_converter  # noqa: E402
 from onnx2torch.onnx_graph import OnnxGraph  # noqa: E402
 from onnx2torch.onnx_node import OnnxNode  # noqa: E402
-from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult  # noqa: E402
+from onnx2torch.utils.common import (  # noqa: E402
+    OnnxMapping,
+    OnnxToTorchModule,
+    OperationConverterResult,
+    get_const_value,
+)
 
 Guard = Callable[[OnnxNode], str | None]
 
@@ -88,8 +96,24 @@ class BakedSlice(nn.Module, OnnxToTorchModule):
         return x
 
 
+class Clamp(nn.Module, OnnxToTorchModule):
+    """ONNX Clip with constant bounds; None is no bound."""
+
+    def __init__(self, low: float | None, high: float | None) -> None:
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.clamp(x, self.low, self.high)
+
+
 class Reduce(nn.Module, OnnxToTorchModule):
-    """ONNX Reduce* (opset 18+: axes as an input) with constant axes."""
+    """ONNX Reduce* (opset 18+: axes as an input) with constant axes.
+
+    With no axes and `noop_with_empty_axes`, nothing is reduced but the elementwise part of the
+    reduction still applies (as in onnxruntime and ONNX's reference): |x| for L1/L2, x*x for
+    SumSquare, log x for LogSum, x for the others (LogSumExp: log(exp x) = x).
+    """
 
     _OPS: dict[str, Callable[[torch.Tensor, list[int], bool], torch.Tensor]] = {
         "ReduceMean": lambda x, d, k: torch.mean(x, dim=d, keepdim=k),
@@ -103,6 +127,12 @@ class Reduce(nn.Module, OnnxToTorchModule):
         "ReduceLogSum": lambda x, d, k: torch.log(torch.sum(x, dim=d, keepdim=k)),
         "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, dim=d, keepdim=k),
     }
+    _ELEMENTWISE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "ReduceL1": torch.abs,
+        "ReduceL2": torch.abs,
+        "ReduceSumSquare": lambda x: x * x,
+        "ReduceLogSum": torch.log,
+    }
 
     def __init__(self, op_type: str, axes: list[int] | None, keepdims: bool, noop_with_empty_axes: bool) -> None:
         super().__init__()
@@ -111,7 +141,8 @@ class Reduce(nn.Module, OnnxToTorchModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if not self.axes:
             if self.noop:
-                return x
+                elementwise = self._ELEMENTWISE.get(self.op_type)
+                return x if elementwise is None else elementwise(x)
             return self._OPS[self.op_type](x, list(range(x.dim())), self.keepdims)
         return self._OPS[self.op_type](x, self.axes, self.keepdims)
 
@@ -123,7 +154,8 @@ def _prod(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
 
 
 class SplitSizes(nn.Module, OnnxToTorchModule):
-    """ONNX Split-18 with constant sizes (or `num_outputs`, last chunk smaller)."""
+    """ONNX Split-18 with constant sizes, or `num_outputs` chunks of ceil(n / num_outputs): the
+    last ones smaller, possibly empty (width 6 in 4 outputs: 2, 2, 2, 0)."""
 
     def __init__(self, axis: int, sizes: list[int] | None, num_outputs: int) -> None:
         super().__init__()
@@ -132,8 +164,10 @@ class SplitSizes(nn.Module, OnnxToTorchModule):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: D102
         if self.sizes is not None:
             return tuple(torch.split(x, self.sizes, dim=self.axis))
-        chunk = -(-x.shape[self.axis] // self.num_outputs)
-        return tuple(torch.split(x, chunk, dim=self.axis))
+        width = x.shape[self.axis]
+        chunk = -(-width // self.num_outputs)
+        sizes = [max(0, min(chunk, width - i * chunk)) for i in range(self.num_outputs)]
+        return tuple(torch.split(x, sizes, dim=self.axis))
 
 
 @add_converter(operation_type="Reshape", version=1, domain=VERIFIER_DOMAIN)
@@ -154,6 +188,34 @@ def _slice(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     axes = axes_t.tolist() if axes_t is not None else list(range(len(starts)))
     steps = steps_t.tolist() if steps_t is not None else [1] * len(starts)
     return _result(BakedSlice(starts, ends, axes, steps), _data_only(node))
+
+
+def _replace_converter(operation_type: str, version: int):
+    """Register a converter for a standard op version in place of onnx2torch's own."""
+    description = registry.OperationDescription(domain="", operation_type=operation_type, version=version)
+    registry._CONVERTER_REGISTRY.pop(description, None)  # noqa: SLF001 - onnx2torch has no public override
+    return add_converter(operation_type=operation_type, version=version)
+
+
+def _clip(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """Clip-11+: bounds are optional inputs; a missing or empty name is no bound."""
+    bounds: list[float | None] = []
+    for slot in (1, 2):
+        name = node.input_values[slot] if len(node.input_values) > slot else ""
+        if not name:
+            bounds.append(None)
+            continue
+        try:
+            value = get_const_value(name, graph)
+        except KeyError as err:
+            raise NotImplementedError("Clip with bounds computed in the graph") from err
+        bounds.append(float(torch.as_tensor(value).reshape(())))
+    module = nn.Identity() if bounds == [None, None] else Clamp(*bounds)
+    return _result(module, _data_only(node))
+
+
+for _version in (11, 12, 13):
+    _replace_converter("Clip", _version)(_clip)
 
 
 @add_converter(operation_type="Gelu", version=20)

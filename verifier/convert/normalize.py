@@ -5,33 +5,59 @@ Real exports break onnx2torch in a handful of known ways (see docs/architecture.
    float input, integer outputs (labels) are dropped, and the sub-graph is cut with
    `onnx.utils.Extractor`;
 2. exposes the logits as an extra output when the primary output comes from Softmax/LogSoftmax;
-3. folds constants and shape computations with `onnxscript.optimizer`;
-4. names every node uniquely (the names become torch module names, used to hook sites);
-5. moves `Reshape` (any `allowzero`) and constant-parameter `Slice` to verifier's own domain,
-   whose converters bake their constants in at conversion time (vmap-friendly).
+3. rewrites a Clip without any finite bound as Identity, then folds constants and shape
+   computations with `onnxscript.optimizer`;
+4. gives every node a safe unique name: the names become torch module names and attributes in
+   generated code, so a keyword, builtin or attribute of a GraphModule (`class`, `None`, `self`,
+   `to`, `training`, `graph`, …), a name starting with `_`, or one taken already becomes
+   `n{position}_{name}`; other names stay as they are (dots written as `/`, as onnx2torch does).
+   The map back to the names `inspect` shows is kept;
+5. moves `Reshape` (any `allowzero`) and constant-parameter `Slice` (opset >= 10 form, with
+   inputs) to verifier's own domain, whose converters bake their constants in at conversion
+   time (vmap-friendly).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import builtins
+import keyword
+import re
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from functools import cache
 
 import onnx
 import onnxscript
+import torch
+from torch import fx
 
 from verifier.errors import UnsupportedOpsError
-from verifier.graph import OperatorGraph
+from verifier.graph import OperatorGraph, node_keys
 
 VERIFIER_DOMAIN = "verifier"
+_NAME_PART_LENGTH = 40
+_UNSAFE = re.compile(r"[^0-9A-Za-z_]")
+_GENERATED = re.compile(r"n\d+_")
+# Names of fx's generated code and of the module onnx2torch builds, besides keywords and builtins.
+_CODEGEN_NAMES = frozenset({"self", "torch", "device", "inf", "nan", "NoneType", "fx_pytree", "pytree", "math",
+                            "operator", "initializers"})
+_STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass(frozen=True, eq=False)
 class NormalizedModel:
-    """The rewritten proto, its output names, and which output holds the logits."""
+    """The rewritten proto, its output names, which output holds the logits, and for each
+    node name of the proto the name the user's model (and `inspect`) gives that node."""
 
     proto: onnx.ModelProto
     input_name: str
     output_names: tuple[str, ...]
     logits_index: int
+    original_names: dict[str, str] = field(default_factory=dict)
+
+    def original_name(self, name: str) -> str:
+        """The user's name for a node of the normalised proto (itself if the node is new)."""
+        return self.original_names.get(name, name)
 
 
 def normalize_model(model: onnx.ModelProto) -> NormalizedModel:
@@ -45,41 +71,72 @@ def normalize_model(model: onnx.ModelProto) -> NormalizedModel:
         raise UnsupportedOpsError("conversion", [("<graph>", "outputs", "no floating-point output to analyse")])
     if logits not in outputs:
         outputs.append(logits)
-    extracted = onnx.utils.Extractor(model).extract_model(list(graph.inputs), outputs)
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    for key, node in zip(graph.nodes, named.graph.node):  # the keys inspect shows, for every node
+        node.name = key
+    _drop_identity_clips(named, graph)
+    extracted = onnx.utils.Extractor(named).extract_model(list(graph.inputs), outputs)
     optimized = onnxscript.optimizer.optimize(extracted)
-    _rename_nodes(optimized.graph)
+    original_names = _rename_nodes(optimized.graph)
     _move_to_own_domain(optimized)
     names = tuple(o.name for o in optimized.graph.output)
+    constants = {t.name for t in optimized.graph.initializer}
     return NormalizedModel(
         proto=optimized,
-        input_name=graph.inputs[0],
+        input_name=next(vi.name for vi in optimized.graph.input if vi.name not in constants),
         output_names=names,
         logits_index=names.index(logits),
+        original_names=original_names,
     )
 
 
-def _rename_nodes(graph: onnx.GraphProto) -> None:
-    taken: set[str] = set()
-    for position, node in enumerate(graph.node):
-        base = (node.name or f"{node.op_type}_{position}").replace(".", "/")
-        name, suffix = base, 1
-        while name in taken:
-            name, suffix = f"{base}_{suffix}", suffix + 1
+def _drop_identity_clips(model: onnx.ModelProto, graph: OperatorGraph) -> None:
+    """Clip with no finite bound is the identity: write it as one (it is no activation site)."""
+    for key, node in zip(graph.nodes, model.graph.node):
+        original = graph.nodes[key]
+        if original.op_type == "Clip" and original.domain in _STANDARD_DOMAINS and graph.is_identity_clip(original):
+            node.op_type, node.domain = "Identity", ""
+            del node.input[1:]
+            del node.attribute[:]
+
+
+@cache
+def _reserved_names() -> frozenset[str]:
+    """Words a node name must not be: keywords, builtins, a GraphModule's attributes, codegen names."""
+    module = fx.GraphModule(torch.nn.Module(), fx.Graph())
+    return frozenset({*keyword.kwlist, *keyword.softkwlist, *dir(builtins), *dir(module), *_CODEGEN_NAMES})
+
+
+def safe_node_name(position: int, name: str, taken: Collection[str] = frozenset()) -> str:
+    """`name` (dots as `/`) when it is safe as a torch module name and not taken, else
+    `n{position}_{name with every non [0-9A-Za-z_] character as _}`, the name part cut short."""
+    kept = name.replace(".", "/")
+    unsafe = (not kept or kept.startswith("_") or kept in _reserved_names() or kept in taken
+              or _GENERATED.match(kept) is not None)
+    return f"n{position}_{_UNSAFE.sub('_', name)[:_NAME_PART_LENGTH]}" if unsafe else kept
+
+
+def _rename_nodes(graph: onnx.GraphProto) -> dict[str, str]:
+    """Give every node a safe unique name; return safe name -> the name it had."""
+    original: dict[str, str] = {}
+    for position, (key, node) in enumerate(zip(node_keys(graph.node), graph.node)):
+        name = safe_node_name(position, key, original.keys())
+        original[name] = key
         node.name = name
-        taken.add(name)
+    return original
 
 
 def _move_to_own_domain(model: onnx.ModelProto) -> None:
     constants = {t.name for t in model.graph.initializer}
     moved = False
     for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain not in _STANDARD_DOMAINS:
             continue
         if node.op_type == "Reshape" or (
-            node.op_type == "Slice" and all(t in constants for t in node.input[1:] if t)
+            node.op_type == "Slice" and len(node.input) >= 3 and all(t in constants for t in node.input[1:] if t)
         ):
             node.domain = VERIFIER_DOMAIN
             moved = True
     if moved and all(o.domain != VERIFIER_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(VERIFIER_DOMAIN, 1))
-
