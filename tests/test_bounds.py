@@ -276,3 +276,22 @@ def test_global_baseline_dominates_exact_growth_and_attacks(norm):
     gain = _attack(converted.logits_module.double(), x, y, radius, norm, (0.0, 1.0)) - _worst_margin(
         converted.logits_module.double(), x, y)
     assert torch.all(gain <= constant * 0.05 + 1e-9)
+
+
+def test_pad_with_a_negative_constant_keeps_exact_intervals(tmp_path):
+    """Structural ops that add a constant: the padded entries' interval is exactly the constant."""
+    nodes = [N("Pad", ["x", "p", "v"], ["px"], mode="constant"), N("Relu", ["px"], ["r"]),
+             N("Gemm", ["r", "w", "b"], ["y"], transB=1)]
+    model = make_model(nodes, [float_io("x", ["n", 3])], [float_io("y", ["n", 2])],
+                       [const("p", np.array([0, 1, 0, 1])), const("v", np.array(-2.0, dtype=np.float32)),
+                        const("w", np.ones((2, 5))), const("b", np.zeros(2))], opset=18)
+    path = tmp_path / "pad.onnx"
+    path.write_bytes(model.SerializeToString())
+    network = BoundNetwork.from_model(convert_model(load_model(path)))
+    x = torch.rand(4, 3, dtype=torch.float64)
+    lower, upper = displacement_box(x, None)
+    state = propagate(network, InputSet(x, torch.full((4,), 0.1, dtype=torch.float64), "inf", lower, upper))
+    pad = next(n for n in network.nodes if n.op == "Pad")
+    low, high = state.intervals[pad.name]
+    assert torch.all(low[:, [0, 4]] == -2.0) and torch.all(high[:, [0, 4]] == -2.0)
+    assert torch.allclose(high[:, 1:4] - low[:, 1:4], torch.full((4, 3), 0.2, dtype=torch.float64))

@@ -158,8 +158,14 @@ def conv(attributes: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> A
 
 
 def structural(call: Callable[..., torch.Tensor]) -> Affine:
-    """A data-movement / averaging op whose linear part is entrywise non-negative."""
-    return Affine(call, call)
+    """A data-movement / averaging op whose linear part is entrywise non-negative.
+
+    `call` may add a constant (Pad with a non-zero value): the radius map subtracts `call(0)`.
+    """
+    def magnitude(*radii: torch.Tensor) -> torch.Tensor:
+        return call(*radii) - call(*[torch.zeros_like(r) for r in radii])
+
+    return Affine(call, magnitude)
 
 
 # ---- interval-only rules -------------------------------------------------------------------
