@@ -192,10 +192,10 @@ def test_softmax_and_layer_norm_intervals_contain_samples():
         width = torch.rand(2, 3, 7, generator=generator, dtype=torch.float64)
         low, high = centre - width, centre + width
         points = _sample_box(low, high, 400, generator)
-        for rule in (ops.softmax(-1), ops.layer_norm({}, torch.rand(7, dtype=torch.float64) - 0.3,
-                                                      torch.randn(7, dtype=torch.float64), 1)):
+        for rule in (ops.softmax(-1), ops.softmax(1, coerce_2d=True),
+                     ops.layer_norm({}, torch.rand(7, dtype=torch.float64) - 0.3, torch.randn(7, dtype=torch.float64), 1)):
             bound_low, bound_high = rule.rule([(low, high)])
-            values = rule.forward(points.reshape(-1, 7)).reshape(points.shape)
+            values = rule.forward(points.reshape(-1, 3, 7)).reshape(points.shape)
             assert torch.all(values >= bound_low - 1e-12) and torch.all(values <= bound_high + 1e-12)
 
 

@@ -149,48 +149,18 @@ class _Builder:
         return Activation(site.kind, dict(site.params), slope, function)
 
     def _rule(self, node: onnx.NodeProto, variables: list[str], fx_node: fx.Node) -> Rule | None:
-        op = node.op_type
-        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        consts = [self.constant(t) if t else None for t in node.input]
-        single = len(variables) == 1
-        if op == "Gemm" and single and node.input[0] == variables[0] and not attributes.get("transA", 0):
-            return ops.gemm(attributes, consts[1], consts[2] if len(consts) > 2 else None)
-        if op == "MatMul" and single:
-            first = node.input[0] == variables[0]
-            return ops.matmul(consts[1] if first else consts[0], first)
-        if op == "MatMul" and len(variables) == 2:
-            return ops.matrix_product()
-        if op == "Conv" and single and node.input[0] == variables[0]:
-            return ops.conv(attributes, consts[1], consts[2] if len(consts) > 2 else None)
-        if op == "BatchNormalization" and single:
-            return ops.batch_norm(attributes, *consts[1:5])
-        if op in ("Add", "Sub") and single:
-            other = consts[1] if node.input[0] == variables[0] else consts[0]
-            sign = -1.0 if op == "Sub" and node.input[1] == variables[0] else 1.0
-            offset = other if (op == "Add" or sign < 0) else -other
-            return ops.shift(offset, sign)
-        if op in ("Add", "Sub") and len(variables) == 2:
-            return ops.add_variables([1.0, -1.0 if op == "Sub" else 1.0])
-        if op == "Mul" and single:
-            return ops.scale(consts[1] if node.input[0] == variables[0] else consts[0])
-        if op == "Mul" and len(variables) == 2:
-            return ops.product()
-        if op == "Div" and single and node.input[0] == variables[0]:
-            return ops.scale(1.0 / consts[1])
-        if op == "Neg":
-            return ops.scale(-1.0)
-        if op == "Softmax":
-            return ops.softmax(int(attributes.get("axis", -1)))
-        if op == "LayerNormalization":
-            axis = int(attributes.get("axis", -1))
-            rank = len(self._shape(node.input[0]))
-            dims = rank - axis if axis >= 0 else -axis
-            return ops.layer_norm(attributes, consts[1], consts[2] if len(consts) > 2 else None, dims)
-        if op in ops.MONOTONE_UNARY and single:
-            return ops.monotone(ops.MONOTONE_UNARY[op])
-        if op in ops.STRUCTURAL_OPS:
-            return ops.structural(self._module_call(fx_node, variables))
-        return None
+        rule = RULES.get(node.op_type)
+        if rule is None:
+            return None
+        context = _NodeContext(
+            node=node,
+            attributes={a.name: onnx.helper.get_attribute_value(a) for a in node.attribute},
+            consts=[self.constant(t) if t else None for t in node.input],
+            variables=variables,
+            fx_node=fx_node,
+            builder=self,
+        )
+        return rule(context)
 
     def _shape(self, tensor: str) -> list:
         infos = {vi.name: vi for vi in list(self.model.normalized.graph.value_info)
@@ -219,6 +189,104 @@ class _Builder:
             return module(*args, **kwargs)
 
         return call
+
+
+@dataclass(frozen=True)
+class _NodeContext:
+    """What a rule may look at: the ONNX node, its attributes and constants, its variable inputs."""
+
+    node: onnx.NodeProto
+    attributes: dict
+    consts: list
+    variables: list[str]
+    fx_node: fx.Node
+    builder: _Builder
+
+    @property
+    def single(self) -> bool:
+        """Exactly one variable input."""
+        return len(self.variables) == 1
+
+    def variable_at(self, position: int) -> bool:
+        """Whether input `position` is the (single) variable input."""
+        return self.single and self.node.input[position] == self.variables[0]
+
+    def const(self, position: int):
+        """The constant at input `position`, or None."""
+        return self.consts[position] if len(self.consts) > position else None
+
+
+def _gemm(c: _NodeContext) -> Rule | None:
+    if c.variable_at(0) and not c.attributes.get("transA", 0):
+        return ops.gemm(c.attributes, c.const(1), c.const(2))
+    return None
+
+
+def _matmul(c: _NodeContext) -> Rule | None:
+    if c.single:
+        first = c.variable_at(0)
+        return ops.matmul(c.const(1) if first else c.const(0), first)
+    return ops.matrix_product() if len(c.variables) == 2 else None
+
+
+def _conv(c: _NodeContext) -> Rule | None:
+    return ops.conv(c.attributes, c.const(1), c.const(2)) if c.variable_at(0) else None
+
+
+def _batch_norm(c: _NodeContext) -> Rule | None:
+    return ops.batch_norm(c.attributes, *c.consts[1:5]) if c.variable_at(0) else None
+
+
+def _add_sub(c: _NodeContext) -> Rule | None:
+    subtract = c.node.op_type == "Sub"
+    if len(c.variables) == 2:
+        return ops.add_variables([1.0, -1.0 if subtract else 1.0])
+    if not c.single:
+        return None
+    first = c.variable_at(0)
+    other = c.const(1) if first else c.const(0)
+    if not subtract:
+        return ops.shift(other)
+    return ops.shift(-other) if first else ops.shift(other, sign=-1.0)  # x - c, or c - x
+
+
+def _mul(c: _NodeContext) -> Rule | None:
+    if c.single:
+        return ops.scale(c.const(1) if c.variable_at(0) else c.const(0))
+    return ops.product() if len(c.variables) == 2 else None
+
+
+def _div(c: _NodeContext) -> Rule | None:
+    return ops.scale(1.0 / c.const(1)) if c.variable_at(0) else None
+
+
+def _neg(c: _NodeContext) -> Rule | None:
+    return ops.scale(-1.0)
+
+
+def _layer_norm(c: _NodeContext) -> Rule | None:
+    axis = int(c.attributes.get("axis", -1))
+    rank = len(c.builder._shape(c.node.input[0]))
+    return ops.layer_norm(c.attributes, c.const(1), c.const(2), rank - axis if axis >= 0 else -axis)
+
+
+def _monotone(c: _NodeContext) -> Rule | None:
+    return ops.monotone(ops.MONOTONE_UNARY[c.node.op_type]) if c.single else None
+
+
+def _structural(c: _NodeContext) -> Rule | None:
+    return ops.structural(c.builder._module_call(c.fx_node, c.variables))
+
+
+# One rule per ONNX op family; an op missing here is "unsupported for bounds". Softmax and the
+# activation kinds never reach this table: they are sites (see verifier.graph).
+RULES: dict[str, Callable[[_NodeContext], Rule | None]] = {
+    "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm,
+    "Add": _add_sub, "Sub": _add_sub, "Mul": _mul, "Div": _div, "Neg": _neg,
+    "LayerNormalization": _layer_norm,
+    **{op: _monotone for op in ops.MONOTONE_UNARY},
+    **{op: _structural for op in ops.STRUCTURAL_OPS},
+}
 
 
 def _fetch(module: torch.nn.Module, target: str) -> torch.Tensor:
@@ -250,7 +318,7 @@ def _site_function(site: ActivationSite, slope, builder: _Builder) -> Callable[[
         fx_node = next(n for n in builder.module.graph.nodes if n.name == fx_name)
         return builder.module.get_submodule(fx_node.target)
     if kind == "softmax":
-        return lambda u: torch.softmax(u, int(params.get("axis", -1)))
+        return ops.softmax(int(params.get("axis", -1)), bool(params.get("coerce_2d", False))).forward
     raise NotImplementedError(kind)
 
 

@@ -195,19 +195,36 @@ def matrix_product() -> Interval:
     return Interval(rule, torch.matmul)
 
 
-def softmax(axis: int) -> Interval:
-    """`softmax_k ∈ [1/(1+Σ_{m≠k} exp(u_m - l_k)), 1/(1+Σ_{m≠k} exp(l_m - u_k))]`, in log space."""
-    def side(own: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-        own, others = own.movedim(axis, -1), others.movedim(axis, -1)
+def softmax(axis: int, coerce_2d: bool = False) -> Interval:
+    """`softmax_k ∈ [1/(1+Σ_{m≠k} exp(u_m - l_k)), 1/(1+Σ_{m≠k} exp(l_m - u_k))]`, in log space.
+
+    `coerce_2d` (Softmax before opset 13): normalise over all axes from `axis` on.
+    """
+    def flat(function):
+        def apply(*tensors: torch.Tensor):
+            if not coerce_2d:
+                return function(*tensors, axis)
+            shape = tensors[0].shape
+            start = axis % len(shape)
+            flattened = [t.reshape(*shape[:start], -1) for t in tensors]
+            result = function(*flattened, -1)
+            return tuple(r.reshape(shape) for r in result) if isinstance(result, tuple) else result.reshape(shape)
+        return apply
+
+    def side(own: torch.Tensor, others: torch.Tensor, dim: int) -> torch.Tensor:
+        own, others = own.movedim(dim, -1), others.movedim(dim, -1)
         gaps = others.unsqueeze(-2) - own.unsqueeze(-1)  # [..., k, m] = others_m - own_k
         eye = torch.eye(own.shape[-1], dtype=torch.bool, device=own.device)
         gaps = gaps.masked_fill(eye, -math.inf)
-        return torch.sigmoid(-torch.logsumexp(gaps, dim=-1)).movedim(-1, axis)
+        return torch.sigmoid(-torch.logsumexp(gaps, dim=-1)).movedim(-1, dim)
 
-    def rule(bounds):
-        (lo, hi), = bounds
-        return side(lo, hi), side(hi, lo)
-    return Interval(rule, lambda u: torch.softmax(u, axis))
+    def bounds(lo: torch.Tensor, hi: torch.Tensor, dim: int):
+        return side(lo, hi, dim), side(hi, lo, dim)
+
+    def rule(intervals):
+        (lo, hi), = intervals
+        return flat(bounds)(lo, hi)
+    return Interval(rule, flat(lambda u, dim: torch.softmax(u, dim)))
 
 
 def layer_norm(attributes: dict, scale_: torch.Tensor | None, bias: torch.Tensor | None, dims: int) -> Interval:

@@ -106,7 +106,7 @@ def _interval(node: BoundNode, inputs: list[tuple[torch.Tensor, torch.Tensor]]):
     low, high = inputs[0]
     if rule.kind in ("max_pool", "softmax"):
         if rule.kind == "softmax":
-            return ops.softmax(int(rule.params.get("axis", -1))).rule(inputs)
+            return ops.softmax(int(rule.params.get("axis", -1)), bool(rule.params.get("coerce_2d", False))).rule(inputs)
         return rule.forward(low), rule.forward(high)
     return relaxations.interval(rule.kind, low, high, rule.params, rule.slope)
 
