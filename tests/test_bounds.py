@@ -293,5 +293,15 @@ def test_pad_with_a_negative_constant_keeps_exact_intervals(tmp_path):
     state = propagate(network, InputSet(x, torch.full((4,), 0.1, dtype=torch.float64), "inf", lower, upper))
     pad = next(n for n in network.nodes if n.op == "Pad")
     low, high = state.intervals[pad.name]
-    assert torch.all(low[:, [0, 4]] == -2.0) and torch.all(high[:, [0, 4]] == -2.0)
+    assert torch.allclose(low[:, [0, 4]], torch.tensor(-2.0, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(high[:, [0, 4]], torch.tensor(-2.0, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(high[:, 1:4] - low[:, 1:4], torch.full((4, 3), 0.2, dtype=torch.float64))
+
+
+def test_fixed_batch_models_are_refused_for_bounds(tmp_path):
+    import digits_models
+
+    path = tmp_path / "fixed.onnx"
+    digits_models.export_onnx(digits_models.build("mlp_relu").eval(), "mlp_relu", path, opset=18, dynamo=False, batch=1)
+    with pytest.raises(errors.UnsupportedOpsError, match="dynamic batch"):
+        BoundNetwork.from_model(convert_model(load_model(path)))

@@ -83,7 +83,7 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True) -> 
                 if name not in tightened:
                     intervals[name] = _intersect(intervals[name], _linear_interval(network, state, region, name))
                     tightened.add(name)
-        intervals[node.name] = _interval(node, [intervals[i] for i in node.inputs])
+        intervals[node.name] = widen(*_interval(node, [intervals[i] for i in node.inputs]))
         if isinstance(node.rule, Activation) and node.rule.kind in _RELAXED:
             low, high = intervals[node.inputs[0]]
             relaxed[node.name] = relaxations.linear_relaxation(node.rule.kind, low, high, node.rule.params,
@@ -95,6 +95,14 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True) -> 
 
 def _intersect(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
     return torch.maximum(a[0], b[0]), torch.minimum(a[1], b[1])
+
+
+_ROUNDING = 1e-12  # relative outward pad: float64 sums of a few thousand terms stay inside it
+
+
+def widen(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round an interval outward so floating-point error never cuts off the true value."""
+    return low - _ROUNDING * (1.0 + low.abs()), high + _ROUNDING * (1.0 + high.abs())
 
 
 def _interval(node: BoundNode, inputs: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -161,9 +169,8 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
         for name, contribution in zip(node.inputs, contributions):
             pending[name] = pending[name] + contribution if name in pending else contribution
     lam = pending.pop(network.input, None)
-    if lam is None:
-        return bias
-    return bias + region.maximise(lam)
+    value = bias if lam is None else bias + region.maximise(lam)
+    return value + _ROUNDING * (1.0 + value.abs())
 
 
 def _pool_relaxation(node: BoundNode, low: torch.Tensor, high: torch.Tensor) -> PoolRelaxation:

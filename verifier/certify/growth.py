@@ -61,6 +61,8 @@ def growth_curves(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor
                   cells: CellAnalysis | None = None, device: str = "cpu") -> RouteGrowth:
     """Upper growth of `loss` for every sample on `radii` (radii[0] == 0), minimum over the routes."""
     count, points = len(x), len(radii)
+    if loss == "zero_one":
+        global_slope = math.inf  # the error indicator has no Lipschitz constant
     clean = loss_values(logits, y, loss)
     inf = torch.full((count, points), math.inf, dtype=radii.dtype, device=radii.device)
     routes = {name: inf.clone() for name in ROUTES}
