@@ -226,12 +226,18 @@ def _gelu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # noqa
     return _result(nn.GELU(approximate=approximate), _data_only(node))
 
 
+def _constant_input(node: OnnxNode, graph: OnnxGraph, position: int, what: str) -> torch.Tensor | None:
+    """An optional input that must be a constant when given (baked into the module)."""
+    name = node.input_values[position] if len(node.input_values) > position else ""
+    value = _constant(graph, name)
+    if name and value is None:
+        raise NotImplementedError(f"{what} computed in the graph")
+    return value
+
+
 @add_converter(operation_type="Split", version=18)
 def _split(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
-    sizes_name = node.input_values[1] if len(node.input_values) > 1 else ""
-    sizes = _constant(graph, sizes_name)
-    if sizes_name and sizes is None:
-        raise NotImplementedError("Split with sizes computed in the graph")
+    sizes = _constant_input(node, graph, 1, "Split sizes")
     module = SplitSizes(
         axis=int(node.attributes.get("axis", 0)),
         sizes=None if sizes is None else [int(s) for s in sizes.tolist()],
@@ -241,10 +247,7 @@ def _split(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
 
 
 def _reduce(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
-    axes_name = node.input_values[1] if len(node.input_values) > 1 else ""
-    axes = _constant(graph, axes_name)
-    if axes_name and axes is None:
-        raise NotImplementedError("axes computed in the graph")
+    axes = _constant_input(node, graph, 1, "axes")
     module = Reduce(
         node.operation_type,
         None if axes is None else [int(a) for a in axes.tolist()],
