@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from verifier.bounds.network import BoundNetwork
-from verifier.bounds.propagate import PerClassResult, margin_problem, objective_upper_bounds
+from verifier.bounds.propagate import Bounds, MarginProblem, PerClassResult, margin_problem, propagate, upper_bound
 from verifier.convert import ConvertedModel
 from verifier.device import resolve_device
 from verifier.geometry import parse_norm
@@ -36,6 +36,11 @@ def margin_bounds(model: ConvertedModel | BoundNetwork, x: torch.Tensor | np.nda
                   device: str = "auto", dtype: torch.dtype = torch.float64, tighten: bool = True) -> MarginBounds:
     """Upper bounds on all margins over `B_r(x_i, s_i) ∩ box` by linear bound propagation."""
     problem = margin_problem(model, x, y, radius, parse_norm(norm), box, resolve_device(device), dtype)
-    values = objective_upper_bounds(problem.network, problem.region, problem.rows, tighten)
+    return margins_from(problem, propagate(problem.network, problem.region, tighten))
+
+
+def margins_from(problem: MarginProblem, state: Bounds) -> MarginBounds:
+    """Margin bounds from an already propagated state (shared with `slopes_from`)."""
+    values = upper_bound(problem.network, state, problem.region, problem.network.output, problem.rows)
     return MarginBounds(norm=problem.region.norm, radius=problem.region.radius, labels=problem.labels,
                         upper=values.masked_fill(problem.true_class, 0.0))

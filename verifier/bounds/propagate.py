@@ -222,13 +222,6 @@ def _affine_adjoint(rule: ops.Affine, lam: torch.Tensor, shapes: list[torch.Size
     return contributions, offset
 
 
-def objective_upper_bounds(network: BoundNetwork, region: InputSet, coefficients: torch.Tensor,
-                           tighten: bool = True) -> torch.Tensor:
-    """Upper bounds (N, K) of `<coefficients_k, logits>` over the input set."""
-    state = propagate(network, region, tighten)
-    return upper_bound(network, state, region, network.output, coefficients)
-
-
 @dataclass(frozen=True)
 class PerClassResult:
     """Common part of per-class results: threat norm, radius per sample, labels."""

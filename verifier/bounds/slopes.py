@@ -20,7 +20,7 @@ import torch
 
 from verifier.bounds import ops, relaxations
 from verifier.bounds.network import Activation, BoundNetwork
-from verifier.bounds.propagate import PerClassResult, margin_problem, propagate
+from verifier.bounds.propagate import Bounds, MarginProblem, PerClassResult, margin_problem, propagate
 from verifier.cells import window_index
 from verifier.convert import ConvertedModel
 from verifier.device import resolve_device
@@ -51,10 +51,15 @@ def slope_bounds(model: ConvertedModel | BoundNetwork, x: torch.Tensor | np.ndar
                  device: str = "auto", dtype: torch.dtype = torch.float64) -> SlopeBounds:
     """Interval-Jacobian bounds on the margins' slopes over `B_r(x_i, s_i) ∩ box`."""
     problem = margin_problem(model, x, y, radius, parse_norm(norm), box, resolve_device(device), dtype)
-    state = propagate(problem.network, problem.region)
+    return slopes_from(problem, propagate(problem.network, problem.region))
+
+
+def slopes_from(problem: MarginProblem, state: Bounds) -> SlopeBounds:
+    """Slope bounds from an already propagated state (shared with `margins_from`)."""
     gradient, unsupported = _backward_intervals(problem.network, state.intervals, problem.rows)
     if gradient is None:
-        per_class = torch.full(problem.true_class.shape, math.inf, dtype=dtype, device=problem.labels.device)
+        per_class = torch.full(problem.true_class.shape, math.inf, dtype=problem.rows.dtype,
+                               device=problem.labels.device)
     else:
         low, high = gradient
         per_class = dual_norm(torch.maximum(low.abs(), high.abs()).flatten(2), problem.region.norm)

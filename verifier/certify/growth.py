@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from verifier.bounds.margins import margin_bounds
+from verifier.bounds.margins import margin_bounds, margins_from
 from verifier.bounds.network import BoundNetwork
-from verifier.bounds.slopes import slope_bounds
+from verifier.bounds.propagate import margin_problem, propagate
+from verifier.bounds.slopes import slopes_from
 from verifier.cells import CellAnalysis
 from verifier.certify.aggregate import GrowthCurves
 from verifier.losses import loss_values
@@ -76,12 +77,14 @@ def growth_curves(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor
     if network is not None:
         riemann = torch.zeros(count, dtype=radii.dtype, device=radii.device)
         for k in range(1, points):
-            bounds = margin_bounds(network, x, y, radii[k], norm, box=box, device=device)
+            problem = margin_problem(network, x, y, radii[k], norm, box, torch.device(device), radii.dtype)
+            state = propagate(network, problem.region)  # one propagation serves both routes
+            bounds = margins_from(problem, state)
             routes["linear"][:, k] = loss_from_margins(
                 bounds.upper.masked_fill(bounds.labels.unsqueeze(1) == torch.arange(bounds.upper.shape[1]),
                                          -math.inf), loss) - clean
             if loss != "zero_one":
-                lam = slope_bounds(network, x, y, radii[k], norm, box=box, device=device).loss_slope
+                lam = slopes_from(problem, state).loss_slope
                 slopes[:, k] = torch.minimum(slopes[:, k], lam)
                 riemann = riemann + slopes[:, k] * (radii[k] - radii[k - 1])
                 routes["jacobian"][:, k] = riemann
