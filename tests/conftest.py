@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import settings
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,10 @@ SHIPPED = {
 }
 
 warnings.filterwarnings("ignore")
+
+# Property tests are derandomised so that CI is reproducible (same examples every run).
+settings.register_profile("deterministic", derandomize=True, deadline=None)
+settings.load_profile("deterministic")
 
 
 def shipped_model(name: str) -> Path:

@@ -1,0 +1,51 @@
+"""certify: clean <= attack <= certificate <= global on a shipped model; certified <= attacked accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import shipped_data, shipped_model
+from test_bounds import _attack, _worst_margin
+
+from verifier import errors
+from verifier.certify.certificate import certify
+from verifier.convert import convert_model
+from verifier.data import load_samples
+from verifier.onnx_io import load_model
+
+
+@pytest.mark.parametrize("name", ["mlp_relu", "mlp_silu"])
+@pytest.mark.parametrize("p", [math.inf, 2.0, 1.0])
+def test_certificate_brackets_the_attack(name, p):
+    loaded = load_model(shipped_model(name))
+    converted = convert_model(loaded)
+    samples = load_samples(shipped_data(name), loaded.info.data_input, limit=24)
+    x, y = torch.from_numpy(samples.x).double(), torch.from_numpy(samples.y)
+    deltas = [0.02, 0.1]
+    result = certify(converted, x, y, deltas, p=p, norm="2", loss="margin", box=(0.0, 1.0), grid_points=12)
+    module = converted.logits_module.double()
+    for delta, row in zip(deltas, result.results):
+        # every point moved within delta is a feasible distribution for every p
+        found = _attack(module, x, y, torch.full((len(x),), delta, dtype=torch.float64), "2", (0.0, 1.0))
+        clean = float(_worst_margin(module, x, y).mean())
+        assert row.clean_risk == pytest.approx(clean)
+        assert clean <= float(found.mean()) + 1e-12
+        assert float(found.mean()) <= row.certificate + 1e-9
+        assert row.certificate <= row.global_bound + 1e-12
+        assert row.certified_accuracy <= float((found < 0).double().mean()) + 1e-12
+    assert result.fallbacks == ()
+    assert sum(result.routes_won.values()) > 0
+
+
+def test_bad_arguments():
+    loaded = load_model(shipped_model("mlp_relu"))
+    converted = convert_model(loaded)
+    samples = load_samples(shipped_data("mlp_relu"), loaded.info.data_input, limit=2)
+    with pytest.raises(errors.UsageError, match="p must be"):
+        certify(converted, samples.x, samples.y, [0.1], p=0.5)
+    with pytest.raises(errors.UsageError, match="delta"):
+        certify(converted, samples.x, samples.y, [-0.1])
+    with pytest.raises(errors.UsageError, match="unknown loss"):
+        certify(converted, samples.x, samples.y, [0.1], loss="hinge")
