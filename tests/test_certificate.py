@@ -49,3 +49,15 @@ def test_bad_arguments():
         certify(converted, samples.x, samples.y, [-0.1])
     with pytest.raises(errors.UsageError, match="unknown loss"):
         certify(converted, samples.x, samples.y, [0.1], loss="hinge")
+
+
+def test_dlr_has_no_certificate_and_zero_one_is_capped():
+    loaded = load_model(shipped_model("mlp_relu"))
+    converted = convert_model(loaded)
+    samples = load_samples(shipped_data("mlp_relu"), loaded.info.data_input, limit=8)
+    dlr = certify(converted, samples.x, samples.y, [0.1], p=2.0, loss="dlr", box=(0.0, 1.0), grid_points=6)
+    assert dlr.results[0].certificate is None and dlr.results[0].global_bound is None
+    error = certify(converted, samples.x, samples.y, [0.0, 0.5], p=2.0, loss="zero_one", box=(0.0, 1.0),
+                    grid_points=6)
+    assert error.results[0].certificate == pytest.approx(error.results[0].clean_risk)
+    assert error.results[0].clean_risk <= error.results[1].certificate <= 1.0

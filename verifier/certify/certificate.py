@@ -130,9 +130,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
                                     torch.tensor([float(d) for d in deltas], dtype=torch.float64)]))
     margin_growth = growth_curves(network, inputs, labels, logits, "margin", norm, radii, box,
                                   lipschitz.loss_constant("margin"), cells)
-    growth = margin_growth if loss == "margin" else growth_curves(
-        network, inputs, labels, logits, loss, norm, radii, box,
-        lipschitz.loss_constant(loss) if loss != "dlr" else math.inf, cells)
+    growth = margin_growth if loss in ("margin", "dlr") else growth_curves(  # dlr: no certificate
+        network, inputs, labels, logits, loss, norm, radii, box, lipschitz.loss_constant(loss), cells)
     radii_certified = _certified_radii(margin_growth.curves.values, radii, margins, cells)
     correct = margins < 0
     upsilon = _upsilon(model, inputs, labels, loss, norm, p) if loss in ("ce", "margin") else None
