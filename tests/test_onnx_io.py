@@ -193,12 +193,19 @@ def _sparse_constant_model(values: onnx.TensorProto) -> onnx.ModelProto:
     return make_model(nodes, [float_io("x", ["n", 4])], [float_io("y", ["n", 5])])
 
 
-def test_external_data_in_function_body_is_read_from_the_model_folder(tmp_path, monkeypatch):
+@pytest.fixture
+def secret_in_cwd(tmp_path, monkeypatch):
+    """An empty model folder, and a `secret.bin` in a different working directory."""
     model_dir, cwd = tmp_path / "model", tmp_path / "cwd"
     model_dir.mkdir()
     cwd.mkdir()
     (cwd / "secret.bin").write_bytes(WEIGHT.tobytes())
     monkeypatch.chdir(cwd)
+    return model_dir
+
+
+def test_external_data_in_function_body_is_read_from_the_model_folder(secret_in_cwd):
+    model_dir = secret_in_cwd
     path = model_dir / "fn.onnx"
     path.write_bytes(_function_model("secret.bin").SerializeToString())
     with pytest.raises(errors.ExternalDataError, match="not found"):
@@ -213,12 +220,8 @@ def test_external_data_in_function_body_is_read_from_the_model_folder(tmp_path, 
     assert np.array_equal(numpy_helper.to_array(constant.attribute[0].t), WEIGHT)
 
 
-def test_external_data_in_sparse_constant_is_checked(tmp_path, monkeypatch):
-    model_dir, cwd = tmp_path / "model", tmp_path / "cwd"
-    model_dir.mkdir()
-    cwd.mkdir()
-    (cwd / "secret.bin").write_bytes(WEIGHT.tobytes())
-    monkeypatch.chdir(cwd)
+def test_external_data_in_sparse_constant_is_checked(secret_in_cwd):
+    model_dir = secret_in_cwd
     path = model_dir / "sparse.onnx"
     path.write_bytes(_sparse_constant_model(_external_tensor("sv", "secret.bin", WEIGHT.ravel())).SerializeToString())
     with pytest.raises(errors.ExternalDataError, match="not found"):

@@ -119,15 +119,25 @@ def _segments(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, norm: str):
     return gain, spent, rate, event_radius, event_value, total
 
 
+def _locate(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, per_row: torch.Tensor | float, norm: str,
+            by_value: bool):
+    """The segment where a radius (or, with `by_value`, a target value) falls, per row.
+
+    Returns the broadcast per-row input, whether any event reaches it, the segment's gain,
+    spent radius and rate, and the total gain of the whole box.
+    """
+    per_row = torch.as_tensor(per_row, dtype=g.dtype, device=g.device)
+    g, lo, hi, per_row = _broadcast(g, lo, hi, per_row)
+    gain, spent, rate, event_radius, event_value, total = _segments(g, lo, hi, norm)
+    reached = (event_value if by_value else event_radius) >= per_row.unsqueeze(-1)
+    m = reached.to(torch.int8).argmax(-1)
+    return per_row, reached.any(-1), _gather(gain, m), _gather(spent, m), _gather(rate, m), total
+
+
 def max_linear(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torch.Tensor | float,
                norm: str) -> torch.Tensor:
     """Exact `max g·d` over `lo <= d <= hi`, `||d||_r <= radius` (radius broadcast over g[..., 0])."""
-    radius = torch.as_tensor(radius, dtype=g.dtype, device=g.device)
-    g, lo, hi, radius = _broadcast(g, lo, hi, radius)
-    gain, spent, rate, event_radius, _, total = _segments(g, lo, hi, norm)
-    reached = event_radius >= radius.unsqueeze(-1)
-    m = reached.to(torch.int8).argmax(-1)
-    gain_m, spent_m, rate_m = _gather(gain, m), _gather(spent, m), _gather(rate, m)
+    radius, found, gain_m, spent_m, rate_m, total = _locate(g, lo, hi, radius, norm, by_value=False)
     if norm == "inf":
         value = gain_m + radius * rate_m
     elif norm == "1":
@@ -135,7 +145,7 @@ def max_linear(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torc
     else:
         safe_rate = rate_m.clamp_min(torch.finfo(g.dtype).tiny)
         value = gain_m + torch.sqrt((radius**2 - spent_m).clamp_min(0.0) / safe_rate) * rate_m
-    return torch.where(reached.any(-1), value, total)
+    return torch.where(found, value, total)
 
 
 def radius_to_reach(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, target: torch.Tensor | float,
@@ -144,12 +154,7 @@ def radius_to_reach(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, target:
 
     Rounded towards zero, so the result is a sound lower bound on a distance.
     """
-    target = torch.as_tensor(target, dtype=g.dtype, device=g.device)
-    g, lo, hi, target = _broadcast(g, lo, hi, target)
-    gain, spent, rate, _, event_value, _ = _segments(g, lo, hi, norm)
-    reached = event_value >= target.unsqueeze(-1)
-    m = reached.to(torch.int8).argmax(-1)
-    gain_m, spent_m, rate_m = _gather(gain, m), _gather(spent, m), _gather(rate, m)
+    target, found, gain_m, spent_m, rate_m, _ = _locate(g, lo, hi, target, norm, by_value=True)
     safe_rate = rate_m.clamp_min(torch.finfo(g.dtype).tiny)
     needed = (target - gain_m).clamp_min(0.0)
     if norm == "inf":
@@ -159,6 +164,6 @@ def radius_to_reach(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, target:
     else:
         t = needed / safe_rate
         radius = torch.sqrt(spent_m + t**2 * rate_m)
-    radius = torch.where(reached.any(-1), radius, torch.full_like(radius, math.inf))
+    radius = torch.where(found, radius, torch.full_like(radius, math.inf))
     radius = torch.where(target <= 0, torch.zeros_like(radius), radius)
     return radius * (1.0 - 1e-12)
