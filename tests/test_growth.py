@@ -13,7 +13,7 @@ from verifier.bounds.global_lipschitz import global_lipschitz
 from verifier.bounds.network import BoundNetwork
 from verifier.cells import cell_analysis
 from verifier.certify.aggregate import grid
-from verifier.certify.growth import growth_curves
+from verifier.certify.growth import collect_evidence, growth_curves
 from verifier.convert import convert_model
 from verifier.convert.normalize import normalize_model
 from verifier.losses import loss_values
@@ -38,7 +38,8 @@ def test_growth_dominates_brute_force(tmp_path, loss, norm):
     slope = global_lipschitz(normalize_model(loaded.proto), norm).loss_constant(loss)
     cells = cell_analysis(converted, x, y, norm, box=box, device="cpu")
     radii = grid(1.5, count=10)
-    result = growth_curves(BoundNetwork.from_model(converted), x, y, logits, loss, norm, radii, box, slope, cells)
+    evidence = collect_evidence(BoundNetwork.from_model(converted), x, y, logits, norm, radii, box, cells)
+    result = growth_curves(evidence, loss, slope)
     values = result.curves.values
     assert torch.all(values[:, 1:] >= values[:, :-1])
     axis = torch.linspace(-1, 1, 401, dtype=torch.float64)

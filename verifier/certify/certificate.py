@@ -23,7 +23,7 @@ from verifier.bounds.network import BoundNetwork
 from verifier.cells import CellAnalysis, cell_analysis
 from verifier.certify.accuracy import certified_accuracy
 from verifier.certify.aggregate import excess_bound, grid
-from verifier.certify.growth import ROUTES, box_reach, growth_curves
+from verifier.certify.growth import ROUTES, box_reach, collect_evidence, growth_curves
 from verifier.convert import ConvertedModel
 from verifier.convert.normalize import NormalizedModel
 from verifier.errors import UsageError, VerifierError
@@ -128,10 +128,10 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     top = min(top, float(box_reach(inputs, box, norm).max())) if box is not None else top
     radii = torch.unique(torch.cat([grid(max(top, max(deltas)), grid_points),
                                     torch.tensor([float(d) for d in deltas], dtype=torch.float64)]))
-    margin_growth = growth_curves(network, inputs, labels, logits, "margin", norm, radii, box,
-                                  lipschitz.loss_constant("margin"), cells)
+    evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, cells)
+    margin_growth = growth_curves(evidence, "margin", lipschitz.loss_constant("margin"))
     growth = margin_growth if loss in ("margin", "dlr") else growth_curves(  # dlr: no certificate
-        network, inputs, labels, logits, loss, norm, radii, box, lipschitz.loss_constant(loss), cells)
+        evidence, loss, lipschitz.loss_constant(loss))
     radii_certified = _certified_radii(margin_growth.curves.values, radii, margins, cells)
     correct = margins < 0
     upsilon = _upsilon(model, inputs, labels, loss, norm, p) if loss in ("ce", "margin") else None

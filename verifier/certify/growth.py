@@ -22,7 +22,7 @@ from verifier.bounds.propagate import margin_problem, propagate
 from verifier.bounds.slopes import slopes_from
 from verifier.cells import CellAnalysis
 from verifier.certify.aggregate import GrowthCurves
-from verifier.losses import loss_values
+from verifier.losses import loss_values, margins
 
 ROUTES = ("cell", "linear", "jacobian", "global")
 
@@ -57,37 +57,69 @@ def box_reach(x: torch.Tensor, box: tuple[float, float] | None, norm: str) -> to
     return torch.linalg.vector_norm(far, {"inf": math.inf, "2": 2.0, "1": 1.0}[norm], dim=1)
 
 
-def growth_curves(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, loss: str,
-                  norm: str, radii: torch.Tensor, box: tuple[float, float] | None, global_slope: float,
-                  cells: CellAnalysis | None = None, device: str = "cpu") -> RouteGrowth:
-    """Upper growth of `loss` for every sample on `radii` (radii[0] == 0), minimum over the routes."""
-    count, points = len(x), len(radii)
+@dataclass(frozen=True)
+class MarginEvidence:
+    """Loss-independent bounds on one radius grid, collected once and shared by every loss."""
+
+    radii: torch.Tensor  # (K+1,)
+    logits: torch.Tensor  # (N, C)
+    labels: torch.Tensor  # (N,)
+    linear: torch.Tensor | None  # (N, K+1, C): upper bounds of z_j - z_y, -inf at j = y
+    slopes: torch.Tensor | None  # (N, K+1): Jacobian-route slope bound on each ball
+    whole_box: torch.Tensor | None  # (N, C): margin upper bounds over the whole box
+    cell_margins: torch.Tensor | None  # (N, K+1, C): exact in-cell margins (valid up to the radius)
+    cell_radius: torch.Tensor | None  # (N,)
+    reach: torch.Tensor  # (N,): D_i
+
+
+def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
+                     norm: str, radii: torch.Tensor, box: tuple[float, float] | None,
+                     cells: CellAnalysis | None = None, device: str = "cpu") -> MarginEvidence:
+    """Margin and slope bounds at every grid radius: one propagation per radius serves both."""
+    linear = slopes = whole_box = None
+    if network is not None:
+        linear_rows, slope_rows = [], []
+        for radius in radii[1:]:
+            problem = margin_problem(network, x, y, radius, norm, box, torch.device(device), radii.dtype)
+            state = propagate(network, problem.region)
+            bounds = margins_from(problem, state)
+            linear_rows.append(bounds.upper.masked_fill(problem.true_class, -math.inf))
+            slope_rows.append(slopes_from(problem, state).loss_slope)
+        clean = margins(logits, y).masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), -math.inf)
+        linear = torch.stack([clean] + linear_rows, 1)
+        slopes = torch.stack([torch.zeros_like(slope_rows[0])] + slope_rows, 1) if slope_rows else None
+        if box is not None:
+            whole = margin_bounds(network, x, y, math.inf, norm, box=box, device=device)
+            whole_box = whole.upper.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), -math.inf)
+    return MarginEvidence(
+        radii=radii, logits=logits, labels=y, linear=linear, slopes=slopes, whole_box=whole_box,
+        cell_margins=None if cells is None else cells.class_margins(radii),
+        cell_radius=None if cells is None else cells.radius, reach=box_reach(x, box, norm),
+    )
+
+
+def growth_curves(evidence: MarginEvidence, loss: str, global_slope: float) -> RouteGrowth:
+    """Upper growth of `loss` for every sample on the evidence's grid, minimum over the routes."""
+    radii = evidence.radii
+    count, points = len(evidence.labels), len(radii)
     if loss == "zero_one":
         global_slope = math.inf  # the error indicator has no Lipschitz constant
-    clean = loss_values(logits, y, loss)
+    clean = loss_values(evidence.logits, evidence.labels, loss)
     inf = torch.full((count, points), math.inf, dtype=radii.dtype, device=radii.device)
     routes = {name: inf.clone() for name in ROUTES}
     slopes = torch.full((count, points), global_slope, dtype=radii.dtype, device=radii.device)
     if math.isfinite(global_slope):
         routes["global"] = global_slope * radii.expand(count, -1)
-    if cells is not None:
-        inside = radii.unsqueeze(0) <= cells.radius.unsqueeze(1)
-        exact = loss_from_margins(cells.class_margins(radii), loss) - clean.unsqueeze(1)
+    if evidence.cell_margins is not None:
+        inside = radii.unsqueeze(0) <= evidence.cell_radius.unsqueeze(1)
+        exact = loss_from_margins(evidence.cell_margins, loss) - clean.unsqueeze(1)
         routes["cell"] = torch.where(inside, exact, inf)
-    if network is not None:
-        riemann = torch.zeros(count, dtype=radii.dtype, device=radii.device)
-        for k in range(1, points):
-            problem = margin_problem(network, x, y, radii[k], norm, box, torch.device(device), radii.dtype)
-            state = propagate(network, problem.region)  # one propagation serves both routes
-            bounds = margins_from(problem, state)
-            routes["linear"][:, k] = loss_from_margins(
-                bounds.upper.masked_fill(bounds.labels.unsqueeze(1) == torch.arange(bounds.upper.shape[1]),
-                                         -math.inf), loss) - clean
-            if loss != "zero_one":
-                lam = slopes_from(problem, state).loss_slope
-                slopes[:, k] = torch.minimum(slopes[:, k], lam)
-                riemann = riemann + slopes[:, k] * (radii[k] - radii[k - 1])
-                routes["jacobian"][:, k] = riemann
+    if evidence.linear is not None:
+        routes["linear"] = loss_from_margins(evidence.linear, loss) - clean.unsqueeze(1)
+        if loss != "zero_one" and evidence.slopes is not None:
+            slopes = torch.minimum(slopes, evidence.slopes)
+            steps = torch.diff(radii, prepend=radii[:1])
+            routes["jacobian"] = torch.cumsum(slopes * steps, 1)  # upper Riemann sum, §3.4
     for values in routes.values():
         values[:, 0] = 0.0
     stacked = torch.stack([routes[name] for name in ROUTES])  # (R, N, K+1)
@@ -95,13 +127,11 @@ def growth_curves(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor
     best = torch.flip(torch.cummin(torch.flip(best, [1]), 1).values, [1]).clamp_min(0.0)
     if loss == "zero_one":
         tail = 1.0 - clean
-    elif network is not None and box is not None:
-        whole = margin_bounds(network, x, y, math.inf, norm, box=box, device=device)
-        tail = loss_from_margins(whole.upper.masked_fill(whole.labels.unsqueeze(1) == torch.arange(
-            whole.upper.shape[1]), -math.inf), loss) - clean
+    elif evidence.whole_box is not None:
+        tail = loss_from_margins(evidence.whole_box, loss) - clean
     else:
         tail = torch.full((count,), math.inf, dtype=radii.dtype)
-    curves = GrowthCurves(radii=radii, values=best, slopes=slopes, reach=box_reach(x, box, norm),
+    curves = GrowthCurves(radii=radii, values=best, slopes=slopes, reach=evidence.reach,
                           tail=torch.maximum(tail, best[:, -1]),
                           tail_slope=torch.full((count,), global_slope, dtype=radii.dtype))
     return RouteGrowth(curves=curves, by_route=routes, winner=winner, clean_loss=clean)
