@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 import torch
@@ -58,6 +58,7 @@ class BoundNetwork:
     input: str
     output: str
     nodes: tuple[BoundNode, ...]
+    classes: int | None = None  # width of the logits, when the input shape is known at build time
 
     @classmethod
     def from_model(cls, model: ConvertedModel, dtype: torch.dtype = torch.float64,
@@ -92,6 +93,7 @@ class _Builder:
         self.graph = OperatorGraph(model.normalized)
         by_target = {n.unique_name: n for n in OnnxGraph(model.normalized.graph).nodes.values()}
         self.onnx_of_target = {target: self.graph.nodes.get(n.name) for target, n in by_target.items()}
+        self.key_of_node = {id(node): key for key, node in self.graph.nodes.items()}
         self.tensor_of_fx = {fx_name: tensor for tensor, fx_name in model.tensor_nodes.items()}
         self.sites_by_output = {s.output: s for s in model.logit_sites}
         self.inner = {key for s in model.logit_sites for key in s.nodes}
@@ -119,14 +121,19 @@ class _Builder:
                                        ops.structural(lambda u, i=index: u[i])))
         if self.problems:
             raise UnsupportedOpsError("bounds", self.problems)
-        return BoundNetwork(input=input_name, output=output_name, nodes=tuple(_drop_unused(nodes, output_name)))
+        network = BoundNetwork(input=input_name, output=output_name, nodes=tuple(_drop_unused(nodes, output_name)))
+        shape = self.model.input_spec.shape or ()
+        if len(shape) > 1 and all(isinstance(d, int) for d in shape[1:]):
+            probe = torch.zeros(1, *shape[1:], dtype=self.dtype, device=self.device)
+            network = replace(network, classes=int(network.evaluate(probe).shape[-1]))
+        return network
 
     def _fx_name(self, tensor: str) -> str:
         return self.model.tensor_nodes[tensor]
 
     def _module_node(self, fx_node: fx.Node) -> BoundNode | None:
         onnx_node = self.onnx_of_target.get(fx_node.target)
-        key = next((k for k, n in self.graph.nodes.items() if n is onnx_node), fx_node.target)
+        key = self.key_of_node.get(id(onnx_node), fx_node.target)
         tensor = self.tensor_of_fx.get(fx_node.name)
         site = self.sites_by_output.get(tensor)
         if site is not None:

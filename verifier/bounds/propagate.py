@@ -260,6 +260,6 @@ def margin_problem(model, x, y, radius, norm: str, box: tuple[float, float] | No
     radii = torch.broadcast_to(torch.as_tensor(radius, dtype=dtype, device=device), (len(center),))
     lower, upper = displacement_box(center, box)
     region = InputSet(center=center, radius=radii, norm=norm, lower=lower, upper=upper)
-    classes = network.evaluate(center[:1]).shape[-1]
+    classes = network.classes or network.evaluate(center[:1]).shape[-1]
     eye = torch.eye(classes, dtype=dtype, device=device)
     return MarginProblem(network, region, labels, eye.unsqueeze(0) - eye[labels].unsqueeze(1))
