@@ -1,0 +1,151 @@
+"""Attacks (lower bounds on the Wasserstein robust risk, method §5): `attack()` runs several
+methods at several budgets and replays every returned distribution in onnxruntime.
+
+Methods (one module each on the shared base `base.py`): `wdapp` (WDA++: minimal flips and the
+knapsack of §4), `wda` (targeted, kappa-mixture), `pgd` (point-wise), `wpgd` (Bai et al.'s
+W-PGD; not defined for p = 1: asking for it explicitly with p = 1 is a `UsageError`, and
+"all" skips it, listed in `AttackReport.skipped`), `wda-curve` (concave hull + multiple-choice
+knapsack). Every result is an explicit distribution Q (atoms, weights, sources) with
+W_p(Q, P_N) <= delta, checked in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from verifier.attacks.base import Attack, Target
+from verifier.attacks.curve import CurveAttack
+from verifier.attacks.pgd import PGD
+from verifier.attacks.replay import Replayer, clean_numbers, measure
+from verifier.attacks.result import AttackReport, AttackResult, Distribution, transport_cost
+from verifier.attacks.wda import WDA
+from verifier.attacks.wdapp import WDAPlusPlus
+from verifier.attacks.wpgd import WPGD
+from verifier.cells import displacement_box
+from verifier.convert import ConvertedModel
+from verifier.device import resolve_device
+from verifier.errors import UsageError
+from verifier.geometry import parse_norm
+from verifier.jacobian import prepared_module
+from verifier.losses import check_loss
+from verifier.onnx_io import LoadedModel
+
+METHODS = ("wdapp", "wda", "pgd", "wpgd", "wda-curve")
+ATTACKS: dict[str, type[Attack]] = {
+    "wdapp": WDAPlusPlus, "wda": WDA, "pgd": PGD, "wpgd": WPGD, "wda-curve": CurveAttack,
+}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+           "bfloat16": torch.bfloat16}
+
+
+def resolve_methods(methods: Sequence[str], p: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(methods to run, skipped with a reason); "all" expands to `METHODS`."""
+    if isinstance(methods, str):
+        methods = [methods]
+    chosen: list[str] = []
+    skipped: list[str] = []
+    for name in methods:
+        if name == "all":
+            for each in METHODS:
+                if each == "wpgd" and p == 1:
+                    skipped.append("wpgd: not defined for p = 1 (its direction needs 1/p + 1/q = 1 with q < inf)")
+                elif each not in chosen:
+                    chosen.append(each)
+        elif name not in ATTACKS:
+            raise UsageError(f"unknown attack method {name!r}; choose from {', '.join(METHODS)} or all")
+        elif name == "wpgd" and p == 1:
+            raise UsageError("wpgd is not defined for p = 1 (Bai et al.'s direction needs p > 1); "
+                             "use wdapp, wda, pgd or wda-curve")
+        elif name not in chosen:
+            chosen.append(name)
+    if not chosen:
+        raise UsageError("no attack method left to run")
+    return tuple(chosen), tuple(dict.fromkeys(skipped))
+
+
+def _check(p: float, deltas: Sequence[float], kappa: float, topk: int, steps: int | None, radii) -> None:
+    if not p >= 1:
+        raise UsageError(f"p must be >= 1 (got {p})")
+    if len(deltas) == 0:
+        raise UsageError("give at least one delta")
+    if any(not (math.isfinite(d) and d >= 0) for d in deltas):
+        raise UsageError(f"every delta must be finite and >= 0 (got {list(deltas)})")
+    if not kappa >= 1:
+        raise UsageError(f"kappa must be >= 1 (got {kappa})")
+    if topk < 1:
+        raise UsageError(f"topk must be >= 1 (got {topk})")
+    if steps is not None and steps < 1:
+        raise UsageError(f"steps must be >= 1 (got {steps})")
+    if radii is not None:
+        grid = torch.as_tensor(radii, dtype=torch.float64)
+        if grid.ndim != 1 or len(grid) == 0 or not bool(torch.isfinite(grid).all()) or bool((grid < 0).any()):
+            raise UsageError("radii must be a non-empty 1-D list of finite radii >= 0")
+
+
+def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, device: torch.device) -> Target:
+    dtype = _DTYPES.get(model.input_spec.dtype, torch.float32)
+    module = prepared_module(model, device, dtype)
+    inputs = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(device=device, dtype=dtype)
+    labels = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).to(device=device,
+                                                                                      dtype=torch.long)
+    if inputs.ndim < 2 or len(inputs) == 0 or labels.shape != (len(inputs),):
+        raise UsageError(f"x needs a leading sample axis and y one label per sample "
+                         f"(got x {tuple(inputs.shape)}, y {tuple(labels.shape)})")
+    if not bool(torch.isfinite(inputs).all()):
+        raise UsageError("x contains NaN or Inf values")
+    lower, upper = displacement_box(inputs.to(torch.float64), box)
+    shape = model.input_spec.shape
+    fixed = shape[0] if shape and isinstance(shape[0], int) else None
+    target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed)
+    classes = target.logits(inputs[: fixed or 1]).shape[-1]
+    if int(labels.min()) < 0 or int(labels.max()) >= classes:
+        raise UsageError(f"labels must lie in [0, {classes - 1}] for this model's {classes} classes")
+    return target
+
+
+def _progress(methods: tuple[str, ...], progress: bool):
+    """tqdm over the methods on stderr (tqdm is optional: without it, no bar)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is not a declared dependency yet
+        return methods
+    return tqdm(methods, desc="attacks", disable=not progress, file=sys.stderr)
+
+
+def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | np.ndarray,
+           y: torch.Tensor | np.ndarray, methods: Sequence[str], deltas: Sequence[float], p: float = 2.0,
+           norm: str = "inf", loss: str = "ce", box: tuple[float, float] | None = None,
+           steps: int | None = None, kappa: float = 1.0, topk: int = 9, seed: int = 0, device: str = "auto",
+           radii: torch.Tensor | None = None, progress: bool = False) -> AttackReport:
+    """Run every method at every delta; one `AttackResult` per (method, delta), in that order.
+
+    Risk and accuracy come from onnxruntime forward passes of the returned atoms (`loaded` is the
+    original model; with `loaded=None` torch values are reported, flagged "not-replayed").
+    Each method starts from `torch.Generator().manual_seed(seed)`: on the CPU the report is
+    identical for a fixed seed (up to `seconds`).
+    """
+    p, norm, loss = float(p), parse_norm(norm), check_loss(loss)
+    deltas = [float(d) for d in deltas]
+    _check(p, deltas, kappa, topk, steps, radii)
+    chosen, skipped = resolve_methods(methods, p)
+    torch_device = resolve_device(device)
+    target = _target(model, x, y, p, norm, loss, box, torch_device)
+    replayer = Replayer(loaded, model, torch_device) if loaded is not None else None
+    clean = clean_numbers(target, replayer)
+    results: list[AttackResult] = []
+    for name in _progress(chosen, progress):
+        runner = ATTACKS[name](target, steps=steps, generator=torch.Generator().manual_seed(seed),
+                               kappa=kappa, topk=topk, radii=radii)
+        for delta, dist in zip(deltas, runner.run(deltas)):
+            results.append(measure(name, delta, dist, target, replayer, clean))
+    return AttackReport(p=p, norm=norm, loss=loss, box=None if box is None else (float(box[0]), float(box[1])),
+                        samples=target.count, seed=int(seed), results=tuple(results), skipped=skipped)
+
+
+__all__ = ["ATTACKS", "METHODS", "AttackReport", "AttackResult", "Distribution", "attack", "resolve_methods",
+           "transport_cost"]

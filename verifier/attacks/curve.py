@@ -1,0 +1,153 @@
+"""The curve attack `wda-curve` (beyond the paper; method §5 "Curve attack").
+
+Per sample, attack points x_ik at several radii: for every (sample, radius) pair, in one batch,
+WDA's targeted search (probe the top-k wrong classes, ascend on the best, `steps` default 30)
+followed by PGD of the loss from x_i (`steps`), best iterate by loss over both. Measured costs
+`t_ik = ||x_ik - x_i||_r^p` (float64, from the returned atoms) and gains
+`loss(x_ik) - loss(x_i)`; the upper concave hull in t of (0, 0) and these points; a greedy
+multiple-choice fractional knapsack on the hull's segments (value per cost = slope) under
+`sum_i t_i <= N delta^p`; Q explicit with at most two atoms per sample (the two hull vertices
+around the sample's allocated cost). p = inf: every point moves within delta, so each atom is
+the best attack point at distance <= delta.
+`radii` (1-D tensor of absolute radii, shared by every delta; the deltas are always added):
+default a 12-point geometric grid from min(delta)/8 to max(delta) * min(N^(1/p), 16)
+(p = inf: 6 points up to max(delta)). The attack points do not depend on delta: one pass
+serves every delta. Example: `CurveAttack(target, radii=torch.tensor([0.05, 0.1, 0.2])).run([0.1])`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+
+from verifier.attacks.base import SHRINK, Attack
+from verifier.attacks.knapsack import fractional_knapsack
+from verifier.attacks.result import Distribution
+from verifier.attacks.wda import probe_and_ascend, top_wrong_classes
+from verifier.geometry import vector_norm
+
+
+def default_radii(deltas: Sequence[float], p: float, count: int) -> torch.Tensor:
+    """The default radius grid (absolute radii) for a set of budgets."""
+    positive = [float(d) for d in deltas if d > 0]
+    if not positive:
+        return torch.zeros(0, dtype=torch.float64)
+    top = max(positive) * (1.0 if math.isinf(p) else min(count ** (1.0 / p), 16.0))
+    points = 6 if math.isinf(p) else 12
+    return torch.logspace(math.log10(min(positive) / 8), math.log10(top), points, dtype=torch.float64)
+
+
+def upper_hull(costs: list[float], gains: list[float]) -> list[int]:
+    """Indices of the upper concave hull's vertices, from the origin (index -1) while gains rise."""
+    order = sorted(range(len(costs)), key=lambda k: (costs[k], -gains[k]))
+    hull: list[int] = [-1]
+
+    def point(k: int) -> tuple[float, float]:
+        return (0.0, 0.0) if k < 0 else (costs[k], gains[k])
+
+    for k in order:
+        tk, gk = point(k)
+        if gk <= point(hull[-1])[1]:
+            continue  # no higher than the last vertex: dominated (costs are sorted)
+        while len(hull) >= 2:
+            (t1, g1), (t2, g2) = point(hull[-2]), point(hull[-1])
+            if (g2 - g1) * (tk - t1) <= (gk - g1) * (t2 - t1):  # middle vertex on or below the chord
+                hull.pop()
+            else:
+                break
+        if point(hull[-1])[0] == tk:
+            hull.pop()
+        hull.append(k)
+    return hull
+
+
+class CurveAttack(Attack):
+    """Attack points on a radius grid, concave hull in cost, multiple-choice fractional knapsack."""
+
+    name = "wda-curve"
+    default_steps = 30
+
+    def _points(self, deltas: Sequence[float]):
+        t = self.target
+        given = self.options.get("radii")
+        grid = default_radii(deltas, t.p, t.count) if given is None else torch.as_tensor(given, dtype=torch.float64)
+        grid = torch.unique(torch.cat([grid.flatten().cpu(), torch.tensor([float(d) for d in deltas],
+                                                                          dtype=torch.float64)]))
+        grid = grid[grid > 0].to(t.flat.device)
+        if len(grid) == 0:  # every delta is 0: nothing moves
+            empty = torch.zeros(t.count, 0, dtype=torch.float64)
+            return t.x[:0], empty, empty
+        rows = self.rows(len(grid))
+        radius = grid.repeat(t.count)
+        classes = top_wrong_classes(t.logits(t.x), t.y, int(self.options.get("topk", 9)))[rows]
+        best = probe_and_ascend(self, rows, radius, classes, self.steps)
+        best, _ = self.ascend(rows, radius, t.loss_objective(rows), self.steps, best=best)
+        clean = t.loss_of(t.logits(t.x), self.rows())
+        atoms = t.atoms(best.d, rows)
+        distance = vector_norm(atoms.flatten(1).to(torch.float64) - t.flat[rows], t.norm)
+        shape = (t.count, len(grid))
+        return atoms, distance.view(shape).cpu(), (best.value - clean[rows]).view(shape).cpu()
+
+    def _pointwise(self, distance: torch.Tensor, gain: torch.Tensor, delta: float) -> list[tuple[int, int, float]]:
+        """p = inf: the best point within delta per sample, as (sample, point or -1, weight)."""
+        usable = torch.where(distance <= delta, gain, torch.full_like(gain, -math.inf))
+        value, k = usable.max(-1)
+        n = len(gain)
+        return [(i, int(k[i]) if value[i] > 0 else -1, 1.0 / n) for i in range(n)]
+
+    def _allocated(self, distance: torch.Tensor, gain: torch.Tensor, delta: float) -> list[tuple[int, int, float]]:
+        """p < inf: hull segments, knapsack, and at most two atoms per sample."""
+        n, p = len(gain), self.target.p
+        costs, gains = (distance**p).tolist(), gain.tolist()
+        hulls = [upper_hull(costs[i], gains[i]) for i in range(n)]
+        seg_cost, seg_value, owner = [], [], []
+        for i, hull in enumerate(hulls):
+            for a, b in zip(hull[:-1], hull[1:]):
+                ta = 0.0 if a < 0 else costs[i][a]
+                ga = 0.0 if a < 0 else gains[i][a]
+                seg_cost.append(costs[i][b] - ta)
+                seg_value.append(gains[i][b] - ga)
+                owner.append(i)
+        spend = torch.zeros(n, dtype=torch.float64)
+        if seg_cost:
+            fractions = fractional_knapsack(torch.tensor(seg_cost, dtype=torch.float64),
+                                            torch.tensor(seg_value, dtype=torch.float64), n * delta**p)
+            spend.index_add_(0, torch.tensor(owner), fractions * torch.tensor(seg_cost, dtype=torch.float64))
+        out = []
+        for i, hull in enumerate(hulls):
+            times = [0.0 if k < 0 else costs[i][k] for k in hull]
+            budget = float(spend[i])
+            m = max(j for j in range(len(hull)) if times[j] <= budget)  # last vertex within the spend
+            if m == len(hull) - 1 or budget <= times[m]:
+                out.append((i, hull[m], 1.0 / n))
+                continue
+            theta = (budget - times[m]) / (times[m + 1] - times[m])
+            out.append((i, hull[m], (1 - theta) / n))
+            out.append((i, hull[m + 1], theta / n))
+        return out
+
+    def run(self, deltas: Sequence[float]) -> list[Distribution]:
+        """One batch of attack points for every delta, then one hull allocation per delta."""
+        t = self.target
+        start = time.perf_counter()
+        atoms, distance, gain = self._points(deltas)
+        shared = time.perf_counter() - start
+        per_sample = distance.shape[1]
+        out = []
+        for delta in deltas:
+            start = time.perf_counter()
+            limit = float(delta) * (1 - SHRINK)
+            if math.isinf(t.p):
+                choice = self._pointwise(distance, gain, float(delta))
+            else:
+                choice = self._allocated(distance, gain, limit)
+            choice = [c for c in choice if c[2] > 0]
+            parts = [t.x[i:i + 1] if k < 0 else atoms[i * per_sample + k:i * per_sample + k + 1] for i, k, _ in choice]
+            out.append(Distribution(
+                torch.cat(parts), torch.tensor([w for _, _, w in choice], dtype=torch.float64),
+                torch.tensor([i for i, _, _ in choice], dtype=torch.int64), self.steps, self.flags(),
+                shared + time.perf_counter() - start))
+        return out

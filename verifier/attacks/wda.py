@@ -1,0 +1,76 @@
+"""WDA: the targeted Wasserstein distributional attack of arXiv 2510.10000 (method §5).
+
+Per sample, probe the top-k wrong classes (`topk` default 9; 10 probe steps each, run as one
+batch of N*k rows), fix the target j* whose probe reached the highest targeted margin
+`z_j - z_y` (the paper scores by the raw logit z_j; the margin also accounts for z_y moving),
+then run `steps` (default 50) of targeted margin ascent on `z_j* - z_y`, continuing from the
+probe. Every atom is the best of x_i, the probe iterates of all targets and the main iterates,
+by the reported loss. Distributional form with `kappa >= 1`: mass `1 - 1/kappa` stays at x_i and
+`1/kappa` moves within radius `kappa^(1/p) delta` (cost exactly delta^p; kappa = 1 is point-wise,
+p = inf keeps the radius delta). Shapes: Q has N atoms (kappa = 1) or 2N.
+Example: `WDA(target, topk=9, kappa=1.0).run([0.05])`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from verifier.attacks.base import Attack, Best
+from verifier.attacks.result import Distribution
+from verifier.losses import other_logits
+
+PROBE_STEPS = 10
+
+
+def top_wrong_classes(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest-scoring wrong classes per sample (N, k), best first."""
+    k = max(1, min(k, logits.shape[-1] - 1))
+    return other_logits(logits, labels).topk(k, dim=-1).indices
+
+
+def probe_and_ascend(attack: Attack, rows: torch.Tensor, radius: torch.Tensor, classes: torch.Tensor,
+                     steps: int) -> Best:
+    """WDA's targeted search on rows of samples `rows` with radii `radius` and candidate classes
+    `classes` (rows, k): probe every candidate, keep the best target, ascend on it."""
+    t = attack.target
+    k = classes.shape[1]
+    wide, flat_classes = rows.repeat_interleave(k), classes.flatten()
+    probe, last = attack.ascend(wide, radius.repeat_interleave(k), t.targeted_objective(wide, flat_classes),
+                                PROBE_STEPS)
+    reached = t.logits(t.atoms(last, wide))
+    labels = t.y[wide].unsqueeze(-1)
+    score = (reached.gather(-1, flat_classes.unsqueeze(-1)) - reached.gather(-1, labels)).squeeze(-1)
+    offset = torch.arange(len(rows), device=rows.device) * k
+    picked = offset + score.view(-1, k).argmax(-1)
+    kept = offset + probe.value.view(-1, k).argmax(-1)
+    best = Best(probe.d[kept], probe.value[kept])
+    best, _ = attack.ascend(rows, radius, t.targeted_objective(rows, flat_classes[picked]), steps,
+                            start=last[picked], best=best)
+    return best
+
+
+class WDA(Attack):
+    """Probe several targets, then targeted margin ascent on the best one."""
+
+    name = "wda"
+    default_steps = 50
+
+    def attack(self, delta: float) -> Distribution:
+        """Point-wise (kappa = 1) or kappa-mixture distribution at budget delta."""
+        t = self.target
+        kappa = float(self.options.get("kappa", 1.0))
+        reach = delta if math.isinf(t.p) else delta * kappa ** (1.0 / t.p)
+        classes = top_wrong_classes(t.logits(t.x), t.y, int(self.options.get("topk", 9)))
+        own = self.rows()
+        radius = torch.full((t.count,), reach, dtype=torch.float64, device=t.flat.device)
+        best = probe_and_ascend(self, own, radius, classes, self.steps)
+        steps = PROBE_STEPS * classes.shape[1] + self.steps
+        if kappa == 1.0:
+            return self.pointwise(best.d, steps)
+        clean = torch.zeros_like(best.d)
+        atoms = torch.cat([t.atoms(clean, own), t.atoms(best.d, own)])
+        weights = torch.cat([torch.full((t.count,), (1 - 1 / kappa) / t.count, dtype=torch.float64),
+                             torch.full((t.count,), (1 / kappa) / t.count, dtype=torch.float64)])
+        return Distribution(atoms, weights, torch.cat([own, own]).cpu(), steps, self.flags())
