@@ -225,3 +225,63 @@ def test_runtime_failures_exit_2_with_one_line(capsys, tmp_path, case, expected)
     code, _, err = run_cli(capsys, "validate", path)
     assert code == 2 and "onnxruntime cannot run the model" in err and expected in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+CERTIFY_KEYS = {"delta", "clean_risk", "certificate", "global_bound", "first_order_estimate", "certified_accuracy",
+                "exact", "fallbacks", "realised_risk", "realised_accuracy"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_certify_json_on_shipped_models(capsys, tmp_path, name):
+    out_file = tmp_path / "dist.npz"
+    code, out, _ = run_cli(capsys, "certify", shipped_model(name), "--data", shipped_data(name), "--samples", "6",
+                           "--p", "2", "--norm", "inf", "--delta", "1/255,4/255", "--loss", "ce", "--box", "0,1",
+                           "--grid-points", "6", "--save-distributions", out_file, "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["samples"] == 6 and payload["p"] == 2.0 and payload["norm"] == "inf"
+    assert "exact_up_to_delta" in payload and len(payload["certified_radii"]) == 6
+    assert [r["delta"] for r in payload["results"]] == pytest.approx([1 / 255, 4 / 255])
+    for row in payload["results"]:
+        assert CERTIFY_KEYS <= set(row)
+        assert row["clean_risk"] <= row["realised_risk"] + 1e-12 <= row["certificate"] + 2e-12
+        global_bound = row["global_bound"]
+        assert global_bound is None or global_bound == "Infinity" or row["certificate"] <= global_bound + 1e-12
+    saved = np.load(out_file)
+    assert saved["weights_0"].sum() == pytest.approx(1.0)
+    assert saved["atoms_1"].shape[1:] == np.load(shipped_data(name))["x"].shape[1:]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--delta", "-0.1"], "finite and >= 0"),
+    (["--delta", "8/0"], "not a number or a fraction"),
+    (["--delta", "abc"], "not a number or a fraction"),
+    (["--p", "0.5"], "--p must be >= 1"),
+    (["--p", "two"], "not a number"),
+    (["--norm", "3"], "unknown norm"),
+    (["--loss", "hinge"], "unknown loss"),
+    (["--box", "1,0"], "LOW < HIGH"),
+    (["--box", "0"], "two numbers"),
+    (["--samples", "0"], "at least 1"),
+])
+def test_certify_bad_arguments_exit_2(capsys, argv, message):
+    code, out, err = run_cli(capsys, "certify", shipped_model("mlp_relu"), "--data", shipped_data("mlp_relu"),
+                             "--samples", "2", *argv)
+    assert code == 2 and out == ""
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda x, y: (x[:, :10], y), "expects"),
+    (lambda x, y: (np.where(np.arange(64) == 3, np.nan, x).astype(np.float32), y), "NaN or Inf"),
+    (lambda x, y: (x, y + 10), "labels must lie in 0..9"),
+    (lambda x, y: (x * 3, y), "outside the box"),
+    (lambda x, y: (x, None), "no labels"),
+])
+def test_certify_bad_data_exit_2(capsys, tmp_path, change, message):
+    data = np.load(shipped_data("mlp_relu"))
+    x, y = change(data["x"][:4], data["y"][:4])
+    path = tmp_path / "data.npz"
+    np.savez(path, **({"x": x} if y is None else {"x": x, "y": y}))
+    code, _, err = run_cli(capsys, "certify", shipped_model("mlp_relu"), "--data", path, "--box", "0,1")
+    assert code == 2 and message in err and "Traceback" not in err

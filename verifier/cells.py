@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from verifier.convert import ConvertedModel
 from verifier.device import resolve_device
 from verifier.errors import VerifierError
-from verifier.geometry import max_linear, parse_norm, radius_to_reach
+from verifier.geometry import max_linear, max_linear_rate, parse_norm, radius_to_reach
 from verifier.graph import PIECEWISE_LINEAR_KINDS, ActivationSite
 from verifier.jacobian import batched_jacobian
 from verifier.losses import margins
@@ -62,6 +62,17 @@ class CellAnalysis:
                            radii.unsqueeze(-1), self.norm)  # (N, K, C)
         others = _mask_true(self.margins, self.labels)
         return (others.unsqueeze(1) + gains).masked_fill(_true_mask(others, self.labels).unsqueeze(1), -math.inf)
+
+    def class_margin_rates(self, radii: torch.Tensor | float) -> torch.Tensor:
+        """Supergradients in `s` of the in-cell `class_margins` (N, K, C; 0 at j = y): their tangents
+        bound them from above at larger radii while those stay in the cell (concavity)."""
+        radii = torch.as_tensor(radii, dtype=self.jacobian.dtype, device=self.jacobian.device)
+        if radii.dim() == 1:
+            radii = radii.expand(len(self.labels), -1)
+        directions = self._directions().unsqueeze(1)
+        rates = max_linear_rate(directions, self.lower[:, None, None], self.upper[:, None, None],
+                                radii.unsqueeze(-1), self.norm)
+        return rates.masked_fill(_true_mask(self.margins, self.labels).unsqueeze(1), 0.0)
 
     def margin_growth(self, radii: torch.Tensor | float) -> torch.Tensor:
         """Exact in-cell margin growth `g_i(s)` (§3.2) for radii `s` (N, K) or (K,); exact for s <= r_i."""
@@ -154,7 +165,7 @@ def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch
         out, probes = probe(v)
         return torch.cat([out.flatten(1)] + [probes[s.index][0].flatten(1) for s in sites], 1)
 
-    jac = batched_jacobian(stacked, x, classes + sum(sizes), fixed_batch).flatten(2)  # (n, C + units, d)
+    jac = batched_jacobian(stacked, x, classes + sum(sizes), fixed_batch).detach().flatten(2)  # (n, C + units, d)
     radius = torch.full((len(x),), math.inf, dtype=x.dtype, device=x.device)
     closest = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
     patterns: dict[int, torch.Tensor] = {}

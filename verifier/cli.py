@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 
 from verifier import __version__
 from verifier.errors import UsageError, VerifierError
@@ -31,6 +33,55 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="FILE.npz", help="npz with arrays x (float inputs) and y (int labels)")
     parser.add_argument("--samples", type=int, metavar="N", help="use the first N samples (default: all, or 64 random)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
+
+
+def parse_deltas(text: str) -> list[float]:
+    """`0.05`, `8/255` or a comma-separated list of them; every value finite and >= 0."""
+    values = []
+    for part in text.split(","):
+        item = part.strip()
+        try:
+            value = float(Fraction(item)) if "/" in item else float(item)
+        except (ValueError, ZeroDivisionError):
+            raise UsageError(f"--delta: {item!r} is not a number or a fraction like 8/255") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--delta: every budget must be finite and >= 0 (got {item})")
+        values.append(value)
+    return sorted(set(values))
+
+
+def parse_p(text: str) -> float:
+    """The Wasserstein order: a real >= 1 or `inf`."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--p: {text!r} is not a number (give a real >= 1 or inf)") from None
+    if not value >= 1:
+        raise UsageError(f"--p must be >= 1 or inf (got {text})")
+    return value
+
+
+def parse_box(text: str | None) -> tuple[float, float] | None:
+    """`LOW,HIGH` (e.g. `0,1`) or None."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    parts = text.split(",")
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        raise UsageError(f"--box: {text!r} must be two numbers LOW,HIGH (e.g. 0,1)") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise UsageError(f"--box needs finite LOW < HIGH (got {text})")
+    return low, high
+
+
+def _add_budget(parser: argparse.ArgumentParser, default_delta: str, default_norm: str) -> None:
+    parser.add_argument("--p", type=str, default="2", help="Wasserstein order: a real >= 1 or inf (default 2)")
+    parser.add_argument("--norm", default=default_norm, help=f"threat norm inf, 2 or 1 (default {default_norm})")
+    parser.add_argument("--delta", default=default_delta,
+                        help=f"budget(s): decimals or fractions, comma-separated (default {default_delta})")
+    parser.add_argument("--loss", default="ce", help="ce, margin, zero_one or dlr (default ce)")
+    parser.add_argument("--box", default=None, metavar="LOW,HIGH", help="input domain, e.g. 0,1 (default: none)")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(validate)
     _add_json(validate)
     validate.set_defaults(run=_run_validate)
+
+    certify = commands.add_parser("certify", help="upper bounds on the Wasserstein robust risk (certificates)")
+    _add_model(certify)
+    _add_data(certify)
+    _add_budget(certify, default_delta="0.05", default_norm="2")
+    certify.add_argument("--grid-points", type=int, default=24, help="radius grid size (default 24)")
+    certify.add_argument("--save-distributions", metavar="OUT.npz",
+                         help="save each delta's realising distribution (atoms, weights, source)")
+    _add_device(certify)
+    _add_json(certify)
+    certify.set_defaults(run=_run_certify)
     return parser
 
 
@@ -100,6 +162,41 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
         lines.append(f"accuracy   onnxruntime {report.accuracy_onnxruntime:.2%}, torch {report.accuracy_torch:.2%}")
     lines.append(f"result     {'PASS' if report.passed else 'FAIL'} (atol {args.atol:g}, rtol {args.rtol:g})")
     return (EXIT_OK if report.passed else EXIT_CHECK_FAILED), payload, "\n".join(lines)
+
+
+def _labelled_samples(args: argparse.Namespace):
+    """The model (loaded and converted) and labelled samples from --data."""
+    from verifier.convert import convert_model
+    from verifier.data import load_samples
+    from verifier.onnx_io import load_model
+
+    if not args.data:
+        raise UsageError("--data FILE.npz with inputs x and labels y is required")
+    loaded = load_model(args.model)
+    samples = load_samples(args.data, loaded.info.data_input, args.samples)
+    if samples.y is None:
+        raise UsageError(f"{args.data} has no labels 'y'; certificates and attacks need them")
+    return loaded, convert_model(loaded), samples
+
+
+def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
+    from verifier.certify.certificate import certify, save_distributions
+    from verifier.graph import json_safe
+
+    deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
+    if args.grid_points < 2:
+        raise UsageError("--grid-points must be at least 2")
+    loaded, converted, samples = _labelled_samples(args)
+    result = certify(converted, samples.x, samples.y, deltas, p=p, norm=args.norm, loss=args.loss, box=box,
+                     grid_points=args.grid_points, progress=_progress_wanted(args))
+    if args.save_distributions:
+        save_distributions(result, args.save_distributions)
+    payload = {"model": args.model, "data": samples.source, **result.to_dict()}
+    return EXIT_OK, json_safe(payload), result.to_text()
+
+
+def _progress_wanted(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() and not getattr(args, "quiet", False)
 
 
 def _quiet_libraries() -> None:

@@ -167,3 +167,44 @@ def radius_to_reach(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, target:
     radius = torch.where(found, radius, torch.full_like(radius, math.inf))
     radius = torch.where(target <= 0, torch.zeros_like(radius), radius)
     return radius * (1.0 - 1e-12)
+
+
+def argmax_linear(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torch.Tensor | float,
+                  norm: str) -> torch.Tensor:
+    """A maximiser `d` of `max_linear` (same shape as the broadcast g): the point that realises it."""
+    radius, found, _, spent_m, rate_m, _ = _locate(g, lo, hi, radius, norm, by_value=False)
+    g, lo, hi, _ = _broadcast(g, lo, hi, radius)
+    direction, room = torch.sign(g), _room(g, lo, hi)
+    reach = radius.unsqueeze(-1)
+    if norm == "inf":
+        amount = torch.minimum(room, reach)
+    elif norm == "1":
+        # Greedy: the largest |g_k| first, each coordinate up to its room, until the radius is spent.
+        order = torch.argsort(-g.abs(), dim=-1, stable=True)
+        room_sorted = room.gather(-1, order)
+        before = _before(room_sorted)
+        sorted_amount = torch.minimum(room_sorted, (reach - before).clamp_min(0.0))
+        amount = torch.zeros_like(g).scatter(-1, order, sorted_amount)
+    else:
+        # Water-filling: free coordinates move t * |g_k|, saturated ones sit at their room.
+        safe_rate = rate_m.clamp_min(torch.finfo(g.dtype).tiny)
+        t = torch.sqrt((radius**2 - spent_m).clamp_min(0.0) / safe_rate)
+        t = torch.where(found, t, torch.full_like(t, math.inf))
+        amount = torch.minimum(room, t.unsqueeze(-1) * g.abs())
+    amount = torch.where(g != 0, amount, torch.zeros_like(amount))
+    return direction * amount
+
+
+def max_linear_rate(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torch.Tensor | float,
+                    norm: str) -> torch.Tensor:
+    """A supergradient of the concave `s -> max_linear(g, lo, hi, s)` at `radius` (its left derivative).
+
+    Concavity makes `max_linear(s') <= max_linear(s) + rate * (s' - s)` for every `s' >= s`.
+    """
+    radius, found, _, spent_m, rate_m, _ = _locate(g, lo, hi, radius, norm, by_value=False)
+    if norm == "2":
+        # d/ds of gain + sqrt((s^2 - spent) / rate) * rate = s * sqrt(rate / (s^2 - spent)).
+        free = (radius**2 - spent_m).clamp_min(0.0)
+        rate_m = torch.where(free > 0, radius * torch.sqrt(rate_m / free.clamp_min(torch.finfo(g.dtype).tiny)),
+                             torch.full_like(free, math.inf))
+    return torch.where(found, rate_m, torch.zeros_like(rate_m))

@@ -94,14 +94,20 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True) -> 
 
 
 def _intersect(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
-    return torch.maximum(a[0], b[0]), torch.minimum(a[1], b[1])
+    # fmax/fmin ignore a NaN side (an undefined bound, e.g. inf - inf on an unbounded set).
+    return torch.fmax(a[0], b[0]), torch.fmin(a[1], b[1])
 
 
 _ROUNDING = 1e-12  # relative outward pad: float64 sums of a few thousand terms stay inside it
 
 
 def widen(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round an interval outward so floating-point error never cuts off the true value."""
+    """Round an interval outward so floating-point error never cuts off the true value.
+
+    An undefined end (NaN, e.g. `inf - inf` on an unbounded set) becomes the trivial bound.
+    """
+    low = torch.nan_to_num(low, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    high = torch.nan_to_num(high, nan=math.inf, posinf=math.inf, neginf=-math.inf)
     return low - _ROUNDING * (1.0 + low.abs()), high + _ROUNDING * (1.0 + high.abs())
 
 
@@ -170,6 +176,7 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
             pending[name] = pending[name] + contribution if name in pending else contribution
     lam = pending.pop(network.input, None)
     value = bias if lam is None else bias + region.maximise(lam)
+    value = torch.nan_to_num(value, nan=math.inf, posinf=math.inf, neginf=-math.inf)  # undefined: no bound
     return value + _ROUNDING * (1.0 + value.abs())
 
 

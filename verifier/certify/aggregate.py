@@ -11,6 +11,9 @@ Lipschitz constant), both possibly inf. Then
   `ubar_i(rho) = min(gbar_i(s_k), gbar_i(s_{k-1}) + slope_i(s_k) (rho - s_{k-1}))`; every piece minus
   `lambda rho^p` is concave, so its maximum is found exactly among a few candidates. Weak duality
   makes every `lambda` sound; a golden-section search in `log lambda` picks a good one.
+With `groups = J > 1` each sample has J rows (e.g. one per wrong class of the margin loss) and
+its growth is the maximum over its rows: the sup of a maximum is the maximum of the sups, so
+each row's pieces stay concave and the inner sup stays exact.
 """
 
 from __future__ import annotations
@@ -25,14 +28,19 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 @dataclass(frozen=True)
 class GrowthCurves:
-    """Upper growth values and slopes of N samples on one radius grid (all float64)."""
+    """Upper growth values and slopes of N samples (N * groups rows) on one radius grid (float64)."""
 
     radii: torch.Tensor  # (K+1,), radii[0] == 0
-    values: torch.Tensor  # (N, K+1), values[:, 0] == 0, non-decreasing
-    slopes: torch.Tensor  # (N, K+1), slope bound on the ball of each radius (may be inf)
-    reach: torch.Tensor  # (N,), D_i
-    tail: torch.Tensor  # (N,), bound on the growth anywhere (may be inf)
-    tail_slope: torch.Tensor  # (N,), slope bound valid on all of X (may be inf)
+    values: torch.Tensor  # (R, K+1), R = N * groups; a sample's maximum row is 0 at radius 0; non-decreasing
+    slopes: torch.Tensor  # (R, K+1), slope bound on the ball of each radius (may be inf)
+    reach: torch.Tensor  # (R,), D_i
+    tail: torch.Tensor  # (R,), bound on the growth anywhere (may be inf)
+    tail_slope: torch.Tensor  # (R,), slope bound valid on all of X (may be inf)
+    groups: int = 1  # rows per sample, consecutive
+
+    def per_sample(self, rows: torch.Tensor) -> torch.Tensor:
+        """The maximum over each sample's rows (N,)."""
+        return rows.reshape(-1, self.groups).max(1).values
 
     def __post_init__(self) -> None:
         if float(self.radii[0]) != 0.0 or bool((self.radii[1:] <= self.radii[:-1]).any()):
@@ -42,10 +50,10 @@ class GrowthCurves:
         """Sound `gbar_i(radius)`: the value at the first grid radius >= radius (N,)."""
         index = int(torch.searchsorted(self.radii, torch.tensor(radius, dtype=self.radii.dtype)))
         if index < len(self.radii):
-            return self.values[:, index]
+            return self.per_sample(self.values[:, index])
         last = self.values[:, -1]
         extended = torch.minimum(self.tail, last + _times(self.tail_slope, radius - float(self.radii[-1])))
-        return torch.where(self.reach <= self.radii[-1], last, torch.maximum(extended, last))
+        return self.per_sample(torch.where(self.reach <= self.radii[-1], last, torch.maximum(extended, last)))
 
 
 def _times(slope: torch.Tensor, length: float | torch.Tensor) -> torch.Tensor:
@@ -102,7 +110,7 @@ def inner_sup(curves: GrowthCurves, lam: float, p: float) -> torch.Tensor:
     outruns = (right == math.inf) & (slope > (lam if p == 1 else 0.0)) & ((lam == 0) | (p == 1))
     best = torch.where(usable & torch.isinf(end) & outruns, torch.full_like(best, math.inf), best)
     best = torch.where(usable, best, torch.full_like(best, -math.inf))
-    return best.max(1).values.clamp_min(0.0)  # rho = 0 gives 0
+    return curves.per_sample(best.max(1).values).clamp_min(0.0)  # rho = 0 gives 0
 
 
 def dual_value(curves: GrowthCurves, delta: float, p: float, lam: float) -> float:

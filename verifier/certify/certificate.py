@@ -4,13 +4,16 @@ The pipeline: clean losses → the global Lipschitz baseline → growth curves o
 shared by every delta (minimum over the routes of `growth.py`) → the §2 aggregation per delta
 → `certificate = clean + min(aggregated excess, global closed form)`. Alongside: the global
 bound, Bai et al.'s first-order estimate `clean + delta * Upsilon` (an estimate, not a bound) and
-the certified accuracy (§4). A model without bound rules falls back to the global baseline,
-flagged in `fallbacks`.
+the certified accuracy (§4), and the exactness report (§3.5): an explicit distribution built
+from the samples' linearised maximisers, whose forward-pass risk is a lower bound on R(delta);
+the certificate is `exact` when it meets that lower bound. A model without bound rules falls
+back to the global baseline, flagged in `fallbacks`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,16 +23,20 @@ import torch
 
 from verifier.bounds.global_lipschitz import global_lipschitz
 from verifier.bounds.network import BoundNetwork
-from verifier.cells import CellAnalysis, cell_analysis
+from verifier.cells import cell_analysis
 from verifier.certify.accuracy import certified_accuracy
-from verifier.certify.aggregate import excess_bound, grid
-from verifier.certify.growth import ROUTES, box_reach, collect_evidence, growth_curves
+from verifier.certify.aggregate import excess_bound, grid, linear_closed_form
+from verifier.certify.exactness import EXACT_TOLERANCE, RealisedDistribution, candidates, is_exact, realise
+from verifier.certify.growth import (ROUTES, RouteGrowth, box_reach, collect_evidence, growth_curves,
+                                     margin_class_curves)
+from verifier.certify.radii import certified_radii
 from verifier.convert import ConvertedModel
 from verifier.convert.normalize import NormalizedModel
 from verifier.errors import UsageError, VerifierError
 from verifier.geometry import dual_norm, parse_norm
 from verifier.graph import PIECEWISE_LINEAR_KINDS
-from verifier.jacobian import loss_gradients
+from verifier.cells import displacement_box
+from verifier.jacobian import logits_jacobian, loss_gradients
 from verifier.losses import check_loss, loss_values
 
 
@@ -39,17 +46,21 @@ class DeltaCertificate:
 
     delta: float
     clean_risk: float
-    certificate: float | None
-    global_bound: float | None
-    first_order_estimate: float | None
-    certified_accuracy: float
+    certificate: float | None  # upper bound on R(delta)
+    global_bound: float | None  # the global-Lipschitz closed form (an upper bound, loose)
+    first_order_estimate: float | None  # Bai et al.'s clean + delta * Upsilon: an estimate, not a bound
+    certified_accuracy: float  # lower bound on the accuracy of every Q within the budget
+    realised_risk: float  # E_Q[loss] of the explicit distribution: a lower bound on R(delta)
+    realised_accuracy: float  # accuracy under that distribution: an upper bound on the robust accuracy
+    exact: bool  # certificate within tolerance of realised_risk (§3.5)
+    fallbacks: tuple[str, ...]  # model-level fallbacks and samples whose bound came from the global route
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return dict(self.__dict__)
+        return {**self.__dict__, "fallbacks": list(self.fallbacks)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Certificate:
     """Certificates of one model and sample for every delta, with the route statistics."""
 
@@ -59,16 +70,43 @@ class Certificate:
     box: tuple[float, float] | None
     samples: int
     results: tuple[DeltaCertificate, ...]
+    exact_up_to_delta: float  # largest requested delta up to which every certificate was exact
     routes_won: dict[str, int]
     fallbacks: tuple[str, ...]
+    local_slopes: torch.Tensor | None  # exact ||grad loss(x_i)||_* per sample (None for zero_one)
+    global_slope: float | None  # the global Lipschitz constant of the loss (None when unbounded)
+    certified_radii: torch.Tensor  # c_i per sample (0 when misclassified)
+    distributions: tuple[RealisedDistribution, ...]  # one per delta, replayable by an attack
 
     def to_dict(self) -> dict:
-        """JSON-ready form."""
+        """JSON-ready form (the distributions are left out: save them with `save_distributions`)."""
         return {
             "loss": self.loss, "p": self.p, "norm": self.norm, "box": self.box, "samples": self.samples,
-            "results": [r.to_dict() for r in self.results], "routes_won": dict(self.routes_won),
-            "fallbacks": list(self.fallbacks),
+            "results": [r.to_dict() for r in self.results], "exact_up_to_delta": self.exact_up_to_delta,
+            "routes_won": dict(self.routes_won), "fallbacks": list(self.fallbacks),
+            "global_slope": self.global_slope,
+            "local_slopes": None if self.local_slopes is None else self.local_slopes.tolist(),
+            "certified_radii": self.certified_radii.tolist(),
         }
+
+    def to_text(self) -> str:
+        """A short table for people: one line per delta."""
+        def number(value: float | None) -> str:
+            return "-" if value is None else f"{value:.4g}"
+
+        lines = [f"loss {self.loss}, W_{'inf' if math.isinf(self.p) else f'{self.p:g}'}, norm {self.norm}, "
+                 f"box {self.box}, {self.samples} samples; exact up to delta {self.exact_up_to_delta:g}",
+                 f"{'delta':>10} {'clean':>9} {'attack>=':>9} {'cert<=':>9} {'global':>9} {'1st-order~':>10} "
+                 f"{'cert.acc':>8}  exact"]
+        for r in self.results:
+            lines.append(f"{r.delta:>10.4g} {r.clean_risk:>9.4g} {r.realised_risk:>9.4g} {number(r.certificate):>9} "
+                         f"{number(r.global_bound):>9} {number(r.first_order_estimate):>10} "
+                         f"{r.certified_accuracy:>8.2%}  {'yes' if r.exact else 'no'}")
+        lines.append("attack>=: risk of the explicit realising distribution (a lower bound); cert<=: the certificate "
+                     "(an upper bound); 1st-order~: Bai et al.'s estimate, not a bound")
+        if self.fallbacks:
+            lines.append("fallbacks: " + "; ".join(self.fallbacks))
+        return "\n".join(lines)
 
 
 def _normalized(model: ConvertedModel) -> NormalizedModel:
@@ -76,43 +114,59 @@ def _normalized(model: ConvertedModel) -> NormalizedModel:
                            output_names=model.output_names, logits_index=model.logits_index)
 
 
-def _upsilon(model: ConvertedModel, x: torch.Tensor, y: torch.Tensor, loss: str, norm: str, p: float) -> float:
+def _upsilon(local_slopes: torch.Tensor, p: float) -> float:
     """Bai et al.'s `(mean ||grad loss(x_i)||_*^q)^(1/q)` with 1/p + 1/q = 1."""
-    gradients = loss_gradients(model, x, y, loss, device="cpu", dtype=torch.float64).gradients
-    sizes = dual_norm(gradients.flatten(1), norm)
     if math.isinf(p):
-        return float(sizes.mean())
+        return float(local_slopes.mean())
     if p == 1:
-        return float(sizes.max())
+        return float(local_slopes.max())
     q = p / (p - 1.0)
-    return float((sizes**q).mean() ** (1.0 / q))
+    return float((local_slopes**q).mean() ** (1.0 / q))
 
 
-def _certified_radii(margin_values: torch.Tensor, radii: torch.Tensor, clean_margin: torch.Tensor,
-                     cells: CellAnalysis | None) -> torch.Tensor:
-    """Largest grid radius whose margin bound stays < 0 (and the in-cell radius when larger)."""
-    safe = (clean_margin.unsqueeze(1) + margin_values) < 0  # non-increasing along the grid
-    last = safe.to(torch.int64).cumprod(1).sum(1) - 1  # index of the last safe radius, -1 if none
-    radius = torch.where(last >= 0, radii[last.clamp_min(0)], torch.zeros_like(clean_margin))
-    if cells is not None:
-        radius = torch.maximum(radius, cells.certified_radius())
-    return torch.where(clean_margin < 0, radius, torch.zeros_like(radius))
+def _radius_grid(inputs: torch.Tensor, deltas: Sequence[float], p: float, box, norm: str,
+                 grid_points: int) -> torch.Tensor:
+    """One grid for every delta: up to the farthest a single sample can move (N^(1/p) delta, capped)."""
+    top = max(deltas) * (1.0 if math.isinf(p) else min(len(inputs) ** (1.0 / p), 20.0))
+    top = min(top, float(box_reach(inputs, box, norm).max())) if box is not None else top
+    return torch.unique(torch.cat([grid(max(top, max(deltas)), grid_points),
+                                   torch.tensor([float(d) for d in deltas], dtype=torch.float64)]))
+
+
+def _refined(radii: torch.Tensor, factor: int) -> torch.Tensor:
+    """The positive grid radii with `factor - 1` extra points in every interval (candidate moves)."""
+    steps = torch.linspace(0.0, 1.0, factor + 1, dtype=radii.dtype)[1:]
+    inner = radii[:-1, None] + (radii[1:] - radii[:-1])[:, None] * steps[None, :]
+    return inner.flatten()
+
+
+def _global_fallbacks(growth: RouteGrowth, radii: torch.Tensor, delta: float) -> tuple[str, ...]:
+    """Samples whose growth at delta's grid point came from the global route."""
+    index = int(torch.searchsorted(radii, torch.tensor(delta, dtype=radii.dtype)))
+    if index == 0 or index >= len(radii):
+        return ()
+    count = int((growth.winner[:, index] == ROUTES.index("global")).sum())
+    return (f"{count} sample(s): global bound",) if count else ()
 
 
 def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
             deltas: Sequence[float], p: float = 2.0, norm: str | float = "2", loss: str = "ce",
-            box: tuple[float, float] | None = None, grid_points: int = 24) -> Certificate:
+            box: tuple[float, float] | None = None, grid_points: int = 24,
+            exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False) -> Certificate:
     """Certificates (upper bounds on R(delta)) for every delta, on CPU in float64."""
     norm, loss = parse_norm(norm), check_loss(loss)
-    if p < 1:
+    if not p >= 1:
         raise UsageError(f"p must be >= 1 (got {p})")
-    if not deltas or min(deltas) < 0:
-        raise UsageError("give at least one delta, all >= 0")
+    if not deltas or not all(d >= 0 and math.isfinite(d) for d in deltas):
+        raise UsageError("give at least one delta, all finite and >= 0")
     inputs = torch.as_tensor(x).to(torch.float64)
     labels = torch.as_tensor(y, dtype=torch.long)
-    logits = model.logits_module.double()(inputs).detach()
+    module = model.logits_module.double()
+    logits = module(inputs).detach()
+    if labels.min() < 0 or labels.max() >= logits.shape[1]:
+        raise UsageError(f"labels must lie in 0..{logits.shape[1] - 1} (the model has {logits.shape[1]} classes)")
+    lower, upper = displacement_box(inputs, box)
     clean = loss_values(logits, labels, loss)
-    margins = loss_values(logits, labels, "margin")
     fallbacks: list[str] = []
     lipschitz = global_lipschitz(_normalized(model), norm)
     network: BoundNetwork | None
@@ -124,34 +178,72 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     cells = None
     if all(site.kind in PIECEWISE_LINEAR_KINDS for site in model.logit_sites):
         cells = cell_analysis(model, inputs, labels, norm, box=box, device="cpu")
-    top = max(deltas) * (1.0 if math.isinf(p) else min(len(inputs) ** (1.0 / p), 20.0))
-    top = min(top, float(box_reach(inputs, box, norm).max())) if box is not None else top
-    radii = torch.unique(torch.cat([grid(max(top, max(deltas)), grid_points),
-                                    torch.tensor([float(d) for d in deltas], dtype=torch.float64)]))
-    evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, cells)
-    margin_growth = growth_curves(evidence, "margin", lipschitz.loss_constant("margin"))
-    growth = margin_growth if loss in ("margin", "dlr") else growth_curves(  # dlr: no certificate
-        evidence, loss, lipschitz.loss_constant(loss))
-    radii_certified = _certified_radii(margin_growth.curves.values, radii, margins, cells)
-    correct = margins < 0
-    upsilon = _upsilon(model, inputs, labels, loss, norm, p) if loss in ("ce", "margin") else None
+    radii = _radius_grid(inputs, deltas, p, box, norm, grid_points)
+    evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, cells, progress=progress)
+    growth = growth_curves(evidence, loss, lipschitz.loss_constant(loss))
+    class_curves = margin_class_curves(evidence, lipschitz.loss_constant("margin")) if loss == "margin" else None
+    correct = loss_values(logits, labels, "margin") < 0
+    radii_certified = certified_radii(evidence, network, inputs, norm, box, cells)
+    local = None
+    if loss != "zero_one":
+        gradients = loss_gradients(model, inputs, labels, loss, device="cpu", dtype=torch.float64).gradients
+        local = dual_norm(gradients.flatten(1), norm)
+    upsilon = _upsilon(local, p) if loss in ("ce", "margin") else None
     slope = lipschitz.loss_constant(loss) if loss != "dlr" else math.inf
-    results = []
+    jacobian = cells.jacobian if cells is not None else logits_jacobian(model, inputs, "cpu", torch.float64).jacobian
+    reach = float(box_reach(inputs, box, norm).max())
+    far = torch.logspace(0.0, 4.0, 9, dtype=torch.float64)[1:] * radii[-1]  # small mass moved far (p < inf)
+    extra = far[far <= reach] if not math.isinf(p) else far[:0]
+    moves = candidates(module, inputs, labels, jacobian, lower, upper, torch.cat([_refined(radii, 4), extra]),
+                       norm, loss)
+    results, distributions = [], []
+    clean_risk = float(clean.mean())
     for delta in deltas:
-        clean_risk = float(clean.mean())
         global_bound = clean_risk + delta * slope if math.isfinite(slope) else None
         certificate = None
         if loss != "dlr":
             excess, _ = excess_bound(growth.curves, float(delta), p)
-            candidates = [clean_risk + excess] + ([global_bound] if global_bound is not None else [])
-            certificate = min(candidates)
+            if class_curves is not None:
+                excess = min(excess, excess_bound(class_curves, float(delta), p)[0])
+            closed_forms = [clean_risk + linear_closed_form(growth.curves.tail_slope, float(delta), p)]
+            closed_forms += [global_bound] if global_bound is not None else []
+            certificate = min([clean_risk + excess] + closed_forms)  # §3.7: every candidate is sound
             if loss == "zero_one":
                 certificate = min(certificate, 1.0)
+        realised = realise(module, inputs, labels, jacobian, lower, upper, moves, float(delta), p, norm, loss)
+        distributions.append(realised)
         results.append(DeltaCertificate(
             delta=float(delta), clean_risk=clean_risk, certificate=certificate, global_bound=global_bound,
             first_order_estimate=None if upsilon is None else clean_risk + delta * upsilon,
             certified_accuracy=certified_accuracy(radii_certified, correct, float(delta), p),
+            realised_risk=realised.risk, realised_accuracy=realised.accuracy,
+            exact=is_exact(certificate, realised.risk, exact_tolerance),
+            fallbacks=tuple(fallbacks) + _global_fallbacks(growth, radii, float(delta)),
         ))
     won = Counter(ROUTES[int(i)] for i in growth.winner[:, 1:].flatten())
     return Certificate(loss=loss, p=p, norm=norm, box=box, samples=len(inputs), results=tuple(results),
-                       routes_won=dict(won), fallbacks=tuple(fallbacks))
+                       exact_up_to_delta=_exact_up_to(results), routes_won=dict(won), fallbacks=tuple(fallbacks),
+                       local_slopes=local, global_slope=slope if math.isfinite(slope) else None,
+                       certified_radii=radii_certified, distributions=tuple(distributions))
+
+
+def _exact_up_to(results: Sequence[DeltaCertificate]) -> float:
+    """The largest requested delta such that the certificate is exact there and at every smaller one."""
+    reached = 0.0
+    for row in sorted(results, key=lambda r: r.delta):
+        if not row.exact:
+            break
+        reached = row.delta
+    return reached
+
+
+def save_distributions(result: Certificate, path: str | os.PathLike[str]) -> None:
+    """Write every delta's realising distribution to one npz (`atoms_k`, `weights_k`, `source_k`, `deltas`)."""
+    arrays = {"deltas": np.array([d.delta for d in result.distributions])}
+    for k, dist in enumerate(result.distributions):
+        arrays |= {f"atoms_{k}": dist.atoms.numpy(), f"weights_{k}": dist.weights.numpy(),
+                   f"source_{k}": dist.source.numpy()}
+    try:
+        np.savez_compressed(path, **arrays)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from err

@@ -15,8 +15,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
-from verifier.bounds.margins import margin_bounds, margins_from
+from verifier.bounds.margins import margins_from
 from verifier.bounds.network import BoundNetwork
 from verifier.bounds.propagate import margin_problem, propagate
 from verifier.bounds.slopes import slopes_from
@@ -65,35 +66,43 @@ class MarginEvidence:
     logits: torch.Tensor  # (N, C)
     labels: torch.Tensor  # (N,)
     linear: torch.Tensor | None  # (N, K+1, C): upper bounds of z_j - z_y, -inf at j = y
-    slopes: torch.Tensor | None  # (N, K+1): Jacobian-route slope bound on each ball
+    slopes: torch.Tensor | None  # (N, K+1, C): Jacobian-route bound on each margin's slope on each ball
     whole_box: torch.Tensor | None  # (N, C): margin upper bounds over the whole box
+    domain_slope: torch.Tensor | None  # (N, C): slope bounds over the whole box (or all of R^d)
     cell_margins: torch.Tensor | None  # (N, K+1, C): exact in-cell margins (valid up to the radius)
+    cell_rates: torch.Tensor | None  # (N, K+1, C): their supergradients in s (tangents, concave in-cell)
     cell_radius: torch.Tensor | None  # (N,)
     reach: torch.Tensor  # (N,): D_i
 
 
 def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
                      norm: str, radii: torch.Tensor, box: tuple[float, float] | None,
-                     cells: CellAnalysis | None = None, device: str = "cpu") -> MarginEvidence:
+                     cells: CellAnalysis | None = None, device: str = "cpu", progress: bool = False) -> MarginEvidence:
     """Margin and slope bounds at every grid radius: one propagation per radius serves both."""
-    linear = slopes = whole_box = None
+    linear = slopes = whole_box = domain_slope = None
     if network is not None:
         linear_rows, slope_rows = [], []
-        for radius in radii[1:]:
+        for radius in tqdm(radii[1:], desc="certify: bounds per radius", unit="radius", disable=not progress,
+                           leave=False):
             problem = margin_problem(network, x, y, radius, norm, box, torch.device(device), radii.dtype)
             state = propagate(network, problem.region)
             bounds = margins_from(problem, state)
             linear_rows.append(bounds.upper.masked_fill(problem.true_class, -math.inf))
-            slope_rows.append(slopes_from(problem, state).loss_slope)
+            slope_rows.append(slopes_from(problem, state).per_class)
         clean = margins(logits, y).masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), -math.inf)
         linear = torch.stack([clean] + linear_rows, 1)
         slopes = torch.stack([torch.zeros_like(slope_rows[0])] + slope_rows, 1) if slope_rows else None
+        # The whole domain (the box, or all of R^d): a growth cap and a slope valid at every radius.
+        problem = margin_problem(network, x, y, math.inf, norm, box, torch.device(device), radii.dtype)
+        state = propagate(network, problem.region)
+        domain_slope = slopes_from(problem, state).per_class
         if box is not None:
-            whole = margin_bounds(network, x, y, math.inf, norm, box=box, device=device)
-            whole_box = whole.upper.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), -math.inf)
+            whole_box = margins_from(problem, state).upper.masked_fill(problem.true_class, -math.inf)
     return MarginEvidence(
         radii=radii, logits=logits, labels=y, linear=linear, slopes=slopes, whole_box=whole_box,
+        domain_slope=domain_slope,
         cell_margins=None if cells is None else cells.class_margins(radii),
+        cell_rates=None if cells is None else cells.class_margin_rates(radii),
         cell_radius=None if cells is None else cells.radius, reach=box_reach(x, box, norm),
     )
 
@@ -108,6 +117,10 @@ def growth_curves(evidence: MarginEvidence, loss: str, global_slope: float) -> R
     inf = torch.full((count, points), math.inf, dtype=radii.dtype, device=radii.device)
     routes = {name: inf.clone() for name in ROUTES}
     slopes = torch.full((count, points), global_slope, dtype=radii.dtype, device=radii.device)
+    tail_slope = torch.full((count,), global_slope, dtype=radii.dtype, device=radii.device)
+    if loss != "zero_one" and evidence.domain_slope is not None:
+        tail_slope = torch.minimum(tail_slope, evidence.domain_slope.max(-1).values)
+        slopes = torch.minimum(slopes, tail_slope.unsqueeze(1))
     if math.isfinite(global_slope):
         routes["global"] = global_slope * radii.expand(count, -1)
     if evidence.cell_margins is not None:
@@ -117,7 +130,7 @@ def growth_curves(evidence: MarginEvidence, loss: str, global_slope: float) -> R
     if evidence.linear is not None:
         routes["linear"] = loss_from_margins(evidence.linear, loss) - clean.unsqueeze(1)
         if loss != "zero_one" and evidence.slopes is not None:
-            slopes = torch.minimum(slopes, evidence.slopes)
+            slopes = torch.minimum(slopes, evidence.slopes.max(-1).values)
             steps = torch.diff(radii, prepend=radii[:1])
             routes["jacobian"] = torch.cumsum(slopes * steps, 1)  # upper Riemann sum, §3.4
     for values in routes.values():
@@ -133,5 +146,47 @@ def growth_curves(evidence: MarginEvidence, loss: str, global_slope: float) -> R
         tail = torch.full((count,), math.inf, dtype=radii.dtype)
     curves = GrowthCurves(radii=radii, values=best, slopes=slopes, reach=evidence.reach,
                           tail=torch.maximum(tail, best[:, -1]),
-                          tail_slope=torch.full((count,), global_slope, dtype=radii.dtype))
+                          tail_slope=tail_slope)
     return RouteGrowth(curves=curves, by_route=routes, winner=winner, clean_loss=clean)
+
+
+def margin_class_curves(evidence: MarginEvidence, global_slope: float) -> GrowthCurves:
+    """Margin growth kept per wrong class j (one row each, `groups = C - 1`): `ubar_j - max_j m_j`.
+
+    Each class gets its own value and slope bounds (exact in-cell values with their tangents,
+    linear bounds, the class's Jacobian-route slope), so between grid points the growth follows the
+    classes that can actually win instead of the steepest one; on a linear model this is exact.
+    """
+    radii, logits, labels = evidence.radii, evidence.logits, evidence.labels
+    count, classes = logits.shape
+    others = ~torch.nn.functional.one_hot(labels, classes).bool()
+    base = margins(logits, labels)
+    top = base.masked_fill(~others, -math.inf).max(1).values
+    shape = (count, len(radii), classes)
+    slope = torch.full(shape, global_slope, dtype=radii.dtype, device=radii.device)
+    if evidence.domain_slope is not None:
+        slope = torch.minimum(slope, evidence.domain_slope.unsqueeze(1))
+    tail_slope = slope[:, -1].clone()
+    if evidence.slopes is not None:
+        slope = torch.minimum(slope, evidence.slopes)
+    steps = torch.diff(radii, prepend=radii[:1])[None, :, None]
+    upper = base.unsqueeze(1) + torch.cumsum(torch.where(steps > 0, slope * steps, torch.zeros_like(slope)), 1)
+    if evidence.linear is not None:
+        upper = torch.minimum(upper, evidence.linear)
+    if evidence.cell_margins is not None:
+        inside = (radii.unsqueeze(0) <= evidence.cell_radius.unsqueeze(1)).unsqueeze(-1)
+        upper = torch.where(inside, torch.minimum(upper, evidence.cell_margins), upper)
+        # The piece ending at s_k lies in the cell when s_k <= r_i: the tangent at s_{k-1} bounds it.
+        tangent = torch.cat([slope[:, :1], evidence.cell_rates[:, :-1]], 1)
+        slope = torch.where(inside, torch.minimum(slope, tangent), slope)
+    upper = torch.flip(torch.cummin(torch.flip(upper, [1]), 1).values, [1])
+    growth = upper - top[:, None, None]
+
+    def rows(values: torch.Tensor) -> torch.Tensor:  # (N, K+1, C) -> (N * (C-1), K+1)
+        return values.permute(0, 2, 1)[others]
+
+    values = rows(growth)
+    tail = (evidence.whole_box - top[:, None])[others] if evidence.whole_box is not None else \
+        torch.full((len(values),), math.inf, dtype=radii.dtype)
+    return GrowthCurves(radii=radii, values=values, slopes=rows(slope), reach=evidence.reach.repeat_interleave(classes - 1),
+                        tail=torch.maximum(tail, values[:, -1]), tail_slope=tail_slope[others], groups=classes - 1)

@@ -1,0 +1,133 @@
+"""Exactness report (method §3.5): an explicit distribution that realises the certificate.
+
+Per sample and grid radius `s_k` the candidate point is the maximiser of the linearised margin
+over `B(x_i, s_k) ∩ box` for the class that gains most (`z ≈ A_i x + b_i`, exact on the cell of a
+piecewise-linear model, the first-order model elsewhere). Its true loss comes from a forward
+pass and its cost `||x_ik - x_i||^p` is measured in float64. For `p = inf` each sample takes its
+best candidate within `delta`; for `p < inf` the budget `delta^p` is split by the multiple-choice
+fractional knapsack of `allocation.py` (at most two points per sample). `E_Q[loss]` is then a
+lower bound on `R(delta)`, and the certificate is **exact** when it is within
+`tolerance * max(1, |certificate|)` of that lower bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from verifier.certify.allocation import allocate
+from verifier.geometry import argmax_linear, max_linear, vector_norm
+from verifier.losses import loss_values, margins
+
+EXACT_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True, eq=False)
+class RealisedDistribution:
+    """`Q = sum_m weights[m] * delta_{atoms[m]}`, each atom moved from sample `source[m]`."""
+
+    delta: float
+    atoms: torch.Tensor  # (M, *input shape)
+    weights: torch.Tensor  # (M,), sums to 1
+    source: torch.Tensor  # (M,) long
+    risk: float  # E_Q[loss] by forward passes
+    accuracy: float  # accuracy under Q (margin >= 0 is an error)
+    cost: float  # W_p(Q, P_N) (p = inf: the largest move)
+
+
+@dataclass(frozen=True, eq=False)
+class Candidates:
+    """Candidate moves of every sample on the radius grid (candidate 0 = no move)."""
+
+    radii: torch.Tensor  # (K,)
+    direction_class: torch.Tensor  # (N, K) long: the class whose linearised margin is maximised
+    distance: torch.Tensor  # (N, K): ||x_ik - x_i||_r
+    gain: torch.Tensor  # (N, K): loss(x_ik) - loss(x_i)
+
+
+def _moves(jacobian: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lower: torch.Tensor,
+           upper: torch.Tensor, radius: torch.Tensor, norm: str, classes: torch.Tensor | None = None):
+    """The maximising class (unless given) and displacement of the linearised margin at one radius."""
+    rows = torch.arange(len(labels))
+    directions = jacobian - jacobian[rows, labels].unsqueeze(1)  # a_j - a_y: (N, C, d)
+    if classes is None:
+        gains = max_linear(directions, lower[:, None], upper[:, None], radius[:, None], norm)
+        values = (margins(logits, labels) + gains).masked_fill(
+            torch.nn.functional.one_hot(labels, logits.shape[1]).bool(), -math.inf)
+        classes = values.argmax(-1)
+    return classes, argmax_linear(directions[rows, classes], lower, upper, radius, norm)
+
+
+def candidates(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: torch.Tensor,
+               lower: torch.Tensor, upper: torch.Tensor, radii: torch.Tensor, norm: str, loss: str) -> Candidates:
+    """Evaluate the candidate move of every sample at every radius (one forward pass per radius)."""
+    with torch.no_grad():
+        logits = module(x)
+        clean = loss_values(logits, y, loss)
+        flat_jacobian = jacobian.flatten(2)
+        classes, distances, gains = [], [], []
+        for radius in radii:
+            chosen, move = _moves(flat_jacobian, logits, y, lower, upper, radius.expand(len(x)), norm)
+            moved = module(x + move.reshape(x.shape))
+            classes.append(chosen)
+            distances.append(vector_norm(move, norm))
+            gains.append(loss_values(moved, y, loss) - clean)
+    return Candidates(radii=radii, direction_class=torch.stack(classes, 1), distance=torch.stack(distances, 1),
+                      gain=torch.stack(gains, 1))
+
+
+def realise(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: torch.Tensor,
+            lower: torch.Tensor, upper: torch.Tensor, found: Candidates, delta: float, p: float, norm: str,
+            loss: str) -> RealisedDistribution:
+    """The best distribution within `W_p <= delta` built from the candidates, evaluated by forward passes."""
+    count = len(x)
+    zero = torch.zeros(count, 1, dtype=found.gain.dtype)
+    gains = torch.cat([zero, found.gain], 1)
+    distances = torch.cat([zero, found.distance], 1)
+    rows = torch.arange(count)
+    if math.isinf(p):
+        within = (found.radii <= delta).expand(count, -1)
+        usable = torch.cat([torch.ones(count, 1, dtype=torch.bool), within], 1)
+        best = gains.masked_fill(~usable, -math.inf).argmax(1)
+        low, high, weight = best, best, torch.zeros(count, dtype=torch.float64)
+    else:
+        allocation = allocate(distances**p, gains, delta**p)
+        low, high, weight = allocation.low, allocation.high, allocation.weight
+    picks = [(low, 1.0 - weight), (high, weight)]
+    atoms, weights, source = [], [], []
+    flat_jacobian = jacobian.flatten(2)
+    with torch.no_grad():
+        logits = module(x)
+        for index, mass in picks:
+            keep = mass > 0
+            moved = x.clone()
+            chosen = keep & (index > 0)
+            if chosen.any():
+                k = index[chosen] - 1
+                radius = found.radii[k]
+                _, move = _moves(flat_jacobian[chosen], logits[chosen], y[chosen], lower[chosen], upper[chosen],
+                                 radius, norm, classes=found.direction_class[rows[chosen], k])
+                moved[chosen] = x[chosen] + move.reshape(x[chosen].shape)
+            atoms.append(moved[keep])
+            weights.append(mass[keep] / count)
+            source.append(rows[keep])
+        atoms_t, weights_t, source_t = torch.cat(atoms), torch.cat(weights), torch.cat(source)
+        outputs = module(atoms_t)
+    values = loss_values(outputs, y[source_t], loss)
+    wrong = (margins(outputs, y[source_t]).masked_fill(
+        torch.nn.functional.one_hot(y[source_t], outputs.shape[1]).bool(), -math.inf).max(-1).values >= 0)
+    moved_by = vector_norm((atoms_t - x[source_t]).flatten(1).double(), norm)
+    if math.isinf(p):
+        cost = float(moved_by.max()) if len(moved_by) else 0.0
+    else:
+        cost = float((weights_t * moved_by**p).sum()) ** (1.0 / p)
+    return RealisedDistribution(delta=delta, atoms=atoms_t, weights=weights_t, source=source_t,
+                                risk=float((weights_t * values).sum()), accuracy=float((weights_t * (~wrong)).sum()),
+                                cost=cost)
+
+
+def is_exact(certificate: float | None, realised: float, tolerance: float = EXACT_TOLERANCE) -> bool:
+    """Whether the certificate is met by an explicit distribution (§3.5)."""
+    return certificate is not None and certificate - realised <= tolerance * max(1.0, abs(certificate))
