@@ -285,3 +285,36 @@ def test_certify_bad_data_exit_2(capsys, tmp_path, change, message):
     np.savez(path, **({"x": x} if y is None else {"x": x, "y": y}))
     code, _, err = run_cli(capsys, "certify", shipped_model("mlp_relu"), "--data", path, "--box", "0,1")
     assert code == 2 and message in err and "Traceback" not in err
+
+
+ATTACK_KEYS = {"method", "delta", "risk", "robust_accuracy", "clean_accuracy", "transport_cost",
+               "replayed_in_onnxruntime"}
+
+
+def test_attack_json_all_methods_within_budget(capsys, tmp_path):
+    out_file = tmp_path / "adv.npz"
+    code, out, _ = run_cli(capsys, "attack", shipped_model("mlp_relu"), "--data", shipped_data("mlp_relu"),
+                           "--samples", "12", "--method", "all", "--p", "2", "--norm", "inf", "--delta", "2/255",
+                           "--box", "0,1", "--steps", "5", "--save-adversarial", out_file, "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert {r["method"] for r in payload["results"]} == {"wdapp", "wda", "pgd", "wpgd", "wda-curve"}
+    for row in payload["results"]:
+        assert ATTACK_KEYS <= set(row)
+        assert row["transport_cost"] <= 2 / 255 * (1 + 1e-6)
+        assert row["replayed_in_onnxruntime"] is True
+    saved = np.load(out_file)
+    assert list(saved["methods"]) == [r["method"] for r in payload["results"]]
+    assert saved["weights_0"].sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "fgsm"], "unknown attack method"),
+    (["--method", "wpgd", "--p", "1"], "not defined for p = 1"),
+    (["--kappa", "0.5"], "kappa must be >= 1"),
+    (["--delta=-1/255"], "finite and >= 0"),
+])
+def test_attack_bad_arguments_exit_2(capsys, argv, message):
+    code, _, err = run_cli(capsys, "attack", shipped_model("mlp_relu"), "--data", shipped_data("mlp_relu"),
+                           "--samples", "2", *argv)
+    assert code == 2 and message in err and "Traceback" not in err

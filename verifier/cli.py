@@ -119,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(certify)
     _add_json(certify)
     certify.set_defaults(run=_run_certify)
+
+    attack = commands.add_parser("attack", help="Wasserstein distributional attacks (lower bounds)")
+    _add_model(attack)
+    _add_data(attack)
+    _add_budget(attack, default_delta="8/255", default_norm="inf")
+    attack.add_argument("--method", default="all",
+                        help="wdapp, wda, pgd, wpgd, wda-curve, a comma-separated list, or all (default all)")
+    attack.add_argument("--kappa", type=float, default=1.0, help="WDA mixture: move 1/kappa of the mass (default 1)")
+    attack.add_argument("--steps", type=int, default=None, help="ascent steps per attack (default: per method)")
+    attack.add_argument("--topk", type=int, default=9, help="WDA: wrong classes probed (default 9)")
+    attack.add_argument("--save-adversarial", metavar="OUT.npz",
+                        help="save every (method, delta) distribution: atoms, weights, source")
+    _add_device(attack)
+    _add_json(attack)
+    attack.set_defaults(run=_run_attack)
     return parser
 
 
@@ -193,6 +208,22 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
         save_distributions(result, args.save_distributions)
     payload = {"model": args.model, "data": samples.source, **result.to_dict()}
     return EXIT_OK, json_safe(payload), result.to_text()
+
+
+def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
+    from verifier.attacks import attack, save_adversarial
+    from verifier.graph import json_safe
+
+    deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    loaded, converted, samples = _labelled_samples(args)
+    report = attack(converted, loaded, samples.x, samples.y, methods, deltas, p=p, norm=args.norm, loss=args.loss,
+                    box=box, steps=args.steps, kappa=args.kappa, topk=args.topk, seed=args.seed,
+                    device=args.device, progress=_progress_wanted(args))
+    if args.save_adversarial:
+        save_adversarial(report, args.save_adversarial)
+    payload = {"model": args.model, "data": samples.source, **report.to_dict()}
+    return EXIT_OK, json_safe(payload), report.to_text()
 
 
 def _progress_wanted(args: argparse.Namespace) -> bool:

@@ -12,6 +12,7 @@ W_p(Q, P_N) <= delta, checked in float64.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -147,5 +148,23 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
                         samples=target.count, seed=int(seed), results=tuple(results), skipped=skipped)
 
 
+
+
+
+def save_adversarial(report: AttackReport, path: str | os.PathLike[str]) -> None:
+    """Write every (method, delta) distribution to one npz: `atoms_k`, `weights_k`, `source_k` and
+    the index arrays `methods` and `deltas` (entry k describes distribution k)."""
+    arrays: dict[str, np.ndarray] = {"methods": np.array([r.method for r in report.results]),
+                                     "deltas": np.array([r.delta for r in report.results])}
+    for k, result in enumerate(report.results):
+        arrays |= {f"atoms_{k}": result.atoms.detach().cpu().numpy(),
+                   f"weights_{k}": result.weights.detach().cpu().numpy(),
+                   f"source_{k}": result.source.detach().cpu().numpy()}
+    try:
+        np.savez_compressed(path, **arrays)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from err
+
+
 __all__ = ["ATTACKS", "METHODS", "AttackReport", "AttackResult", "Distribution", "attack", "resolve_methods",
-           "transport_cost"]
+           "save_adversarial", "transport_cost"]
