@@ -116,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--grid-points", type=int, default=24, help="radius grid size (default 24)")
     certify.add_argument("--save-distributions", metavar="OUT.npz",
                          help="save each delta's realising distribution (atoms, weights, source)")
-    _add_device(certify)
-    _add_json(certify)
+    _add_json(certify)  # certificates are computed in float64 on the CPU (no --device)
     certify.set_defaults(run=_run_certify)
 
     attack = commands.add_parser("attack", help="Wasserstein distributional attacks (lower bounds)")
@@ -134,6 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(attack)
     _add_json(attack)
     attack.set_defaults(run=_run_attack)
+
+    audit = commands.add_parser("audit", help="inspect, validate, certify, attack and write a report")
+    _add_model(audit)
+    audit.add_argument("--data", metavar="FILE.npz", required=True, help="npz with inputs x and labels y")
+    audit.add_argument("--samples", type=int, metavar="N", help="use the first N samples (default: all)")
+    audit.add_argument("--seed", type=int, default=0, help="seed of the attacks' random parts (default 0)")
+    _add_budget(audit, default_delta="1/255,2/255,4/255,8/255", default_norm="inf")
+    audit.add_argument("--attacks", default="wdapp,wda,pgd,wpgd",
+                       help="comma-separated attack methods, or all (default wdapp,wda,pgd,wpgd)")
+    audit.add_argument("--out", default="verifier-report", metavar="DIR", help="report folder (default ./verifier-report)")
+    audit.add_argument("--max-risk", type=float, metavar="X", help="fail unless the certificate is <= X at every delta")
+    audit.add_argument("--min-certified-accuracy", type=float, metavar="A",
+                       help="fail unless the certified accuracy is >= A at every delta")
+    audit.add_argument("--min-robust-accuracy", type=float, metavar="A",
+                       help="fail if an attack drives the accuracy below A (and no certificate proves it)")
+    audit.add_argument("--time-limit", type=float, metavar="S", help="stop after S seconds with a partial report (exit 3)")
+    audit.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _add_device(audit)
+    _add_json(audit)
+    audit.set_defaults(run=_run_audit)
     return parser
 
 
@@ -224,6 +243,42 @@ def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
         save_adversarial(report, args.save_adversarial)
     payload = {"model": args.model, "data": samples.source, **report.to_dict()}
     return EXIT_OK, json_safe(payload), report.to_text()
+
+
+def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
+    from verifier.audit import AuditSettings, Thresholds, audit
+
+    settings = AuditSettings(
+        deltas=tuple(parse_deltas(args.delta)), p=parse_p(args.p), norm=args.norm, loss=args.loss,
+        attacks=tuple(m.strip() for m in args.attacks.split(",") if m.strip()), box=parse_box(args.box),
+        samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit,
+        thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy))
+    progress = _progress_wanted(args)
+
+    def announce(stage: str) -> None:
+        if progress:
+            print(f"verifier audit: {stage} ...", file=sys.stderr, flush=True)
+
+    outcome = audit(args.model, args.data, settings, args.out, on_stage=announce, progress=progress)
+    return outcome.exit_code, outcome.report, _audit_text(outcome)
+
+
+def _audit_text(outcome) -> str:
+    from verifier.report.numbers import fmt, fmt_pct
+
+    report = outcome.report
+    lines = [f"{'delta':>9} {'clean':>8} {'attack>=':>9} {'cert<=':>9} {'global':>9} {'cert.acc':>8} "
+             f"{'att.acc':>8}  exact"]
+    for row in report["results"]:
+        lines.append(f"{fmt(row['delta']):>9} {fmt(row['clean_risk']):>8} {fmt(row['best_attack_risk']):>9} "
+                     f"{fmt(row['certificate']):>9} {fmt(row['global_bound']):>9} "
+                     f"{fmt_pct(row['certified_accuracy']):>8} {fmt_pct(row['best_attack_accuracy']):>8}  "
+                     f"{'yes' if row['exact'] else 'no'}")
+    verdict = report["verdict"]
+    lines += [f"verdict: {verdict['summary']}"] + [f"  - {failure}" for failure in verdict["failures"]]
+    lines += [f"  ! {warning}" for warning in report["warnings"]]
+    lines.append(f"report: {outcome.paths.html} (also report.json, report.md)")
+    return "\n".join(lines)
 
 
 def _progress_wanted(args: argparse.Namespace) -> bool:

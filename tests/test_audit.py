@@ -1,0 +1,132 @@
+"""`verifier audit` end to end on a shipped model: schema-valid report, HTML sections, exit codes,
+time limit, and the same numbers as `certify` / `attack` run alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import shipped_data, shipped_model
+
+from verifier import audit as audit_module
+from verifier import cli
+from verifier.attacks import attack
+from verifier.audit import AuditSettings, Thresholds, audit
+from verifier.certify.certificate import certify
+from verifier.convert import convert_model
+from verifier.data import load_samples
+from verifier.onnx_io import load_model
+from verifier.report import SECTION_IDS, validate_report
+
+DELTAS = (1 / 255, 4 / 255)
+SETTINGS = AuditSettings(deltas=DELTAS, p=2.0, norm="inf", loss="ce", attacks=("wdapp", "pgd"), box=(0.0, 1.0),
+                         samples=16, grid_points=8, steps=5)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models: torch's thread pool only adds contention on a shared 2-core runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def passing(tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit")
+    settings = AuditSettings(**{**SETTINGS.__dict__, "thresholds": Thresholds(max_risk=100.0)})
+    return audit(shipped_model("mlp_relu"), shipped_data("mlp_relu"), settings, out), out
+
+
+def test_report_is_schema_valid_and_complete(passing):
+    outcome, out = passing
+    assert outcome.exit_code == 0
+    on_disk = json.loads((out / "report.json").read_text())
+    validate_report(on_disk)
+    assert on_disk["complete"] is True and on_disk["verdict"]["passed"] is True
+    assert [r["delta"] for r in on_disk["results"]] == pytest.approx(list(DELTAS))
+    assert on_disk["warnings"] == []  # clean <= attack <= certificate held everywhere
+    for row in on_disk["results"]:
+        assert set(row["attacks"]) == {"wdapp", "pgd"}
+        assert row["clean_risk"] <= row["best_attack_risk"] <= row["certificate"] <= row["global_bound"]
+        assert row["certified_accuracy"] <= row["best_attack_accuracy"] <= row["clean_accuracy"]
+
+
+def test_html_has_every_section_and_inline_plots(passing):
+    _, out = passing
+    html = (out / "report.html").read_text()
+    for section in SECTION_IDS:
+        assert f'id="{section}"' in html
+    assert html.count("<svg") >= 3 and "http://" not in html and "https://" not in html
+    markdown = (out / "report.md").read_text()
+    assert "PASS" in markdown and "| delta |" in markdown
+
+
+def test_numbers_equal_certify_and_attack_alone(passing):
+    outcome, _ = passing
+    loaded = load_model(shipped_model("mlp_relu"))
+    converted = convert_model(loaded)
+    samples = load_samples(shipped_data("mlp_relu"), loaded.info.data_input, SETTINGS.samples)
+    alone = certify(converted, samples.x, samples.y, list(DELTAS), p=2.0, norm="inf", loss="ce", box=(0.0, 1.0),
+                    grid_points=8)
+    attacked = attack(converted, loaded, samples.x, samples.y, ["pgd"], list(DELTAS), p=2.0, norm="inf", loss="ce",
+                      box=(0.0, 1.0), steps=5, seed=0, device="cpu")
+    for row, certified, pgd in zip(outcome.report["results"], alone.results, attacked.results):
+        assert row["certificate"] == certified.certificate
+        assert row["certified_accuracy"] == certified.certified_accuracy
+        assert row["attacks"]["pgd"]["risk"] == pgd.risk
+    assert outcome.report["local_slopes"]["per_sample"] == alone.local_slopes.tolist()
+
+
+def test_failing_threshold_exits_1(tmp_path, capsys):
+    code = cli.main([
+        "audit", str(shipped_model("mlp_relu")), "--data", str(shipped_data("mlp_relu")), "--samples", "8",
+        "--delta", "4/255", "--attacks", "pgd", "--box", "0,1", "--max-risk", "0.0", "--out", str(tmp_path),
+        "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["verdict"]["passed"] is False and report["results"][0]["verdict"]["max_risk"] == "fail"
+    assert "FAIL" in out and "report.html" in out
+
+
+def test_time_limit_gives_a_partial_report_and_exit_3(tmp_path, monkeypatch):
+    ticks = iter(range(0, 10_000, 5))  # every clock reading advances 5 s: the 1 s limit hits after inspect
+    monkeypatch.setattr(audit_module.time, "monotonic", lambda: float(next(ticks)))
+    settings = AuditSettings(**{**SETTINGS.__dict__, "time_limit": 1.0})
+    outcome = audit(shipped_model("mlp_relu"), shipped_data("mlp_relu"), settings, tmp_path)
+    assert outcome.exit_code == 3
+    report = json.loads((tmp_path / "report.json").read_text())
+    validate_report(report)
+    assert report["complete"] is False and report["stopped_at"] == "validate" and report["results"] == []
+    assert "partial" in (tmp_path / "report.html").read_text()
+
+
+def test_conversion_mismatch_stops_the_audit_with_exit_1(tmp_path, monkeypatch):
+    real = audit_module.validate_against_onnxruntime
+
+    def broken(*args, **kwargs):  # the first output differs beyond the tolerance
+        report = real(*args, **kwargs)
+        first = dataclasses.replace(report.outputs[0], max_abs_diff=0.5, within_tolerance=False)
+        return dataclasses.replace(report, outputs=(first, *report.outputs[1:]))
+
+    monkeypatch.setattr(audit_module, "validate_against_onnxruntime", broken)
+    outcome = audit(shipped_model("mlp_relu"), shipped_data("mlp_relu"), SETTINGS, tmp_path)
+    assert outcome.exit_code == 1 and outcome.report["results"] == []
+    assert "conversion check failed" in outcome.report["verdict"]["failures"][0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "missing.npz"], "not found"),
+    (["--data", str(shipped_data("mlp_relu")), "--min-certified-accuracy", "1.5"], "must lie in [0, 1]"),
+    (["--data", str(shipped_data("mlp_relu")), "--time-limit", "0"], "time limit must be > 0"),
+    (["--data", str(shipped_data("mlp_relu")), "--attacks", "fgsm"], "unknown attack method"),
+])
+def test_bad_input_exits_2_without_a_report(tmp_path, capsys, argv, message):
+    code = cli.main(["audit", str(shipped_model("mlp_relu")), *argv, "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "report.json").exists()

@@ -1,0 +1,254 @@
+"""`audit`: the pre-deployment pipeline in one call, ending in a report (docs/report.md).
+
+inspect → validate (torch vs onnxruntime; a mismatch stops the audit, exit 1) → certify over the
+delta grid → each attack over the grid → report.json / report.html / report.md. A time limit is
+checked between stages and between attack methods: when it is hit, the stages done so far are
+written as a partial report (`complete: false`, exit 3). Every number in the report is the one
+`certify()` / `attack()` return for the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from verifier import __version__
+from verifier.attacks import METHODS, attack, resolve_methods
+from verifier.certify.certificate import Certificate, certify
+from verifier.convert import convert_model
+from verifier.data import load_samples
+from verifier.device import resolve_device
+from verifier.errors import UsageError
+from verifier.geometry import parse_norm
+from verifier.losses import check_loss, loss_values
+from verifier.onnx_io import load_model
+from verifier.report import SCHEMA_VERSION, ReportPaths, finalize_report, write_report
+from verifier.summary import inspect_model
+from verifier.validate import validate_against_onnxruntime
+
+DEFAULT_DELTAS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+DEFAULT_ATTACKS = ("wdapp", "wda", "pgd", "wpgd")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Deployment gates, each checked at every delta (None: not checked)."""
+
+    max_risk: float | None = None
+    min_certified_accuracy: float | None = None
+    min_robust_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What to audit: the budget grid, the threat model, the attacks and the gates."""
+
+    deltas: tuple[float, ...] = DEFAULT_DELTAS
+    p: float = 2.0
+    norm: str = "inf"
+    loss: str = "ce"
+    attacks: tuple[str, ...] = DEFAULT_ATTACKS
+    box: tuple[float, float] | None = None
+    samples: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    time_limit: float | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    grid_points: int = 24
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class AuditOutcome:
+    """The finalised report dict, where it was written, and the exit code it implies."""
+
+    report: dict
+    paths: ReportPaths
+    exit_code: int
+
+
+class _Clock:
+    """Wall time per stage against an optional deadline."""
+
+    def __init__(self, limit: float | None) -> None:
+        self.start = time.monotonic()
+        self.limit = limit
+        self.timings: dict[str, float | None] = {s: None for s in ("inspect", "validate", "certify", "attacks",
+                                                                    "report")}
+
+    def expired(self) -> bool:
+        return self.limit is not None and time.monotonic() - self.start >= self.limit
+
+    def run(self, stage: str, work: Callable):
+        began = time.monotonic()
+        try:
+            return work()
+        finally:
+            self.timings[stage] = (self.timings[stage] or 0.0) + time.monotonic() - began
+
+
+def _check(settings: AuditSettings) -> AuditSettings:
+    """Refuse bad settings early, with one line (exit 2)."""
+    if not settings.deltas or any(not (d >= 0 and np.isfinite(d)) for d in settings.deltas):
+        raise UsageError("give at least one delta, all finite and >= 0")
+    if not settings.p >= 1:
+        raise UsageError(f"p must be >= 1 (got {settings.p})")
+    if settings.time_limit is not None and not settings.time_limit > 0:
+        raise UsageError(f"the time limit must be > 0 seconds (got {settings.time_limit})")
+    gates = settings.thresholds
+    for name in ("min_certified_accuracy", "min_robust_accuracy"):
+        value = getattr(gates, name)
+        if value is not None and not 0 <= value <= 1:
+            raise UsageError(f"{name.replace('_', '-')} must lie in [0, 1] (got {value})")
+    methods, _ = resolve_methods(list(settings.attacks), settings.p)
+    return AuditSettings(**{**settings.__dict__, "deltas": tuple(sorted(set(float(d) for d in settings.deltas))),
+                            "norm": parse_norm(settings.norm), "loss": check_loss(settings.loss),
+                            "attacks": methods})
+
+
+def _sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"verifier": __version__, "python": platform.python_version()}
+    for package in ("torch", "onnx", "onnxruntime", "onnx2torch", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = metadata.version("onnxruntime-gpu") if package == "onnxruntime" and \
+                _installed("onnxruntime-gpu") else None
+    return found
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _rows(settings: AuditSettings, certificate: Certificate | None, attacks_done: dict[str, list[dict]],
+          clean_risk: float, clean_accuracy: float) -> list[dict]:
+    """One result per delta that certify reached (raw fields of docs/report.md)."""
+    if certificate is None:
+        return []
+    rows = []
+    for index, row in enumerate(certificate.results):
+        rows.append({
+            "delta": row.delta, "clean_risk": clean_risk, "clean_accuracy": clean_accuracy,
+            "certificate": row.certificate, "global_bound": row.global_bound,
+            "first_order_estimate": row.first_order_estimate, "certified_accuracy": row.certified_accuracy,
+            "exact": row.exact, "fallbacks": list(row.fallbacks),
+            "attacks": {method: results[index] for method, results in attacks_done.items()},
+        })
+    return rows
+
+
+def _attack_entry(result) -> dict:
+    return {"risk": result.risk, "robust_accuracy": result.robust_accuracy, "transport_cost": result.transport_cost,
+            "replayed_in_onnxruntime": result.replayed_in_onnxruntime, "seconds": result.seconds,
+            "flags": list(result.flags)}
+
+
+def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
+          settings: AuditSettings = AuditSettings(), out_dir: str | os.PathLike[str] = "verifier-report",
+          on_stage: Callable[[str], None] | None = None, progress: bool = False) -> AuditOutcome:
+    """Run the whole audit and write the report; `on_stage(name)` is called as each stage starts."""
+    settings = _check(settings)
+    clock = _Clock(settings.time_limit)
+    announce = on_stage or (lambda _stage: None)
+    stopped_at: str | None = None
+    conversion = certificate = None
+    attacks_done: dict[str, list[dict]] = {}
+    warnings: list[str] = []
+
+    announce("inspect")
+    summary = clock.run("inspect", lambda: inspect_model(model_path))
+    loaded = clock.run("inspect", lambda: load_model(model_path))
+    samples = clock.run("inspect", lambda: load_samples(data_path, loaded.info.data_input, settings.samples))
+    if samples.y is None:
+        raise UsageError(f"{data_path} has no labels 'y'; the audit needs them")
+    device = resolve_device(settings.device)
+    x, y = samples.x, samples.y
+    if clock.expired():
+        stopped_at = "validate"
+    else:
+        announce("validate")
+        converted = clock.run("validate", lambda: convert_model(loaded))
+        conversion = clock.run("validate", lambda: validate_against_onnxruntime(
+            loaded, converted, x, 1e-5, 1e-5, settings.device, y))
+        if not conversion.passed:
+            stopped_at = "certify"
+            warnings.append("audit stopped after the conversion check: the torch module does not compute what "
+                            "the ONNX file computes, so no certificate or attack on it would be trustworthy")
+        elif clock.expired():
+            stopped_at = "certify"
+        else:
+            announce("certify")
+            certificate = clock.run("certify", lambda: certify(
+                converted, x, y, list(settings.deltas), p=settings.p, norm=settings.norm, loss=settings.loss,
+                box=settings.box, grid_points=settings.grid_points, progress=progress))
+            for method in settings.attacks:
+                if clock.expired():
+                    stopped_at = "attacks"
+                    break
+                announce(f"attack {method}")
+                report = clock.run("attacks", lambda m=method: attack(
+                    converted, loaded, x, y, [m], list(settings.deltas), p=settings.p, norm=settings.norm,
+                    loss=settings.loss, box=settings.box, steps=settings.steps, seed=settings.seed,
+                    device=settings.device, progress=progress))
+                attacks_done[method] = [_attack_entry(r) for r in report.results]
+    clean_risk = clean_accuracy = None
+    if certificate is not None:
+        with torch.no_grad():
+            logits = converted.logits_module.double()(torch.as_tensor(x, dtype=torch.float64))
+        labels = torch.as_tensor(y)
+        clean_risk = float(loss_values(logits, labels, settings.loss).mean())
+        clean_accuracy = float((loss_values(logits, labels, "margin") < 0).double().mean())
+    announce("report")
+    began = time.monotonic()
+    raw = {
+        "schema_version": SCHEMA_VERSION, "complete": stopped_at is None, "stopped_at": stopped_at,
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "producer": {"name": "verifier", "version": __version__}, "versions": _versions(),
+        "device": str(device), "seed": settings.seed,
+        "model": {**summary.to_dict(), "path": str(model_path)},
+        "data": {"path": str(data_path), "sha256": _sha256(data_path), "samples": len(samples)},
+        "conversion": None if conversion is None else conversion.to_dict(),
+        "settings": {
+            "p": settings.p, "norm": settings.norm, "loss": settings.loss,
+            "box": None if settings.box is None else list(settings.box), "deltas": list(settings.deltas),
+            "attacks": list(settings.attacks), "samples": len(samples), "time_limit": settings.time_limit,
+            "thresholds": dict(settings.thresholds.__dict__),
+        },
+        "timings": {**clock.timings, "total": None},
+        "local_slopes": None if certificate is None or certificate.local_slopes is None else {
+            "norm": settings.norm, "per_sample": certificate.local_slopes.tolist(),
+            "global": certificate.global_slope if certificate.global_slope is not None else float("inf")},
+        "results": _rows(settings, certificate, attacks_done, clean_risk, clean_accuracy),
+        "warnings": warnings,
+    }
+    raw["timings"]["report"] = time.monotonic() - began
+    raw["timings"]["total"] = time.monotonic() - clock.start
+    report = finalize_report(raw)
+    paths = write_report(report, Path(out_dir))
+    return AuditOutcome(report=report, paths=paths, exit_code=report["verdict"]["exit_code"])
+
+
+__all__ = ["DEFAULT_ATTACKS", "DEFAULT_DELTAS", "METHODS", "AuditOutcome", "AuditSettings", "Thresholds", "audit"]
