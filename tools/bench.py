@@ -5,6 +5,11 @@ tightness as the excess ratio `(bound - clean) / (PGD - clean)` of each route fo
 margin (p = inf, method §3.6): 1 is tight. Usage:
 
     .venv/bin/python tools/bench.py [--samples 1000] [--models mlp_relu,cnn] [--out docs/bench.json]
+    .venv/bin/python tools/bench.py certify [--samples 1000] [--models mlp_relu] [--p 2] [--norm inf]
+                                           [--loss ce] [--out docs/bench-certify.json]
+
+`certify` (tools/bench_certify.py) compares certificates with every attack on the audit budgets
+1/255 .. 8/255 and prints Markdown tables for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -141,8 +146,33 @@ def bench_model(name: str, samples: int) -> dict:
     return report
 
 
+def main_certify(argv: list[str]) -> int:
+    """`bench.py certify`: certificates vs attacks, Markdown on stdout, JSON to --out."""
+    from bench_certify import bench_certify, markdown
+
+    parser = argparse.ArgumentParser(description="certificates vs attacks on the audit budgets")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--models", default="mlp_relu")
+    parser.add_argument("--p", type=float, default=2.0)
+    parser.add_argument("--norm", default="inf")
+    parser.add_argument("--loss", default="ce")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    results = [bench_certify(name, args.samples, args.p, args.norm, args.loss) for name in args.models.split(",")]
+    for result in results:
+        print(markdown(result) + "\n")
+    if args.out:
+        args.out.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "results": results}, indent=2,
+                                       default=float) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print (and optionally save) a JSON report."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["certify"]:
+        return main_certify(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--models", default="mlp_relu,cnn")

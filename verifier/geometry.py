@@ -137,10 +137,13 @@ def _locate(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, per_row: torch.
 def max_linear(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torch.Tensor | float,
                norm: str) -> torch.Tensor:
     """Exact `max g·d` over `lo <= d <= hi`, `||d||_r <= radius` (radius broadcast over g[..., 0])."""
+    if norm == "inf":  # the coordinates are independent: no sort needed
+        radius = torch.as_tensor(radius, dtype=g.dtype, device=g.device)
+        g, lo, hi, radius = _broadcast(g, lo, hi, radius)
+        reach = torch.minimum(_room(g, lo, hi), radius.unsqueeze(-1))
+        return torch.where(g != 0, g.abs() * reach, torch.zeros_like(g)).sum(-1)
     radius, found, gain_m, spent_m, rate_m, total = _locate(g, lo, hi, radius, norm, by_value=False)
-    if norm == "inf":
-        value = gain_m + radius * rate_m
-    elif norm == "1":
+    if norm == "1":
         value = gain_m + (radius - spent_m) * rate_m
     else:
         safe_rate = rate_m.clamp_min(torch.finfo(g.dtype).tiny)

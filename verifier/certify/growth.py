@@ -107,6 +107,21 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
     )
 
 
+def _loss_slope(class_slopes: torch.Tensor, class_margins: torch.Tensor | None, loss: str) -> torch.Tensor:
+    """Slope bound of the loss from per-class margin slopes `Lambda_j` (0 at j = y) on a set.
+
+    Margin: `max_j Lambda_j`. CE = log(1 + sum_j exp(m_j)) has `dCE/dm_j = exp(m_j) / (1 + sum_k
+    exp(m_k))`, at most 1 in total and at most `exp(UB_j)` each, so its slope on the set is at most
+    `min(max_j Lambda_j, sum_j min(1, exp(UB_j)) Lambda_j)` — small for confidently classified samples.
+    """
+    steepest = class_slopes.max(-1).values
+    if loss != "ce" or class_margins is None:
+        return steepest
+    weights = torch.exp(class_margins.clamp_max(0.0))  # exp(-inf) = 0 at the true class
+    weighted = (weights * torch.where(weights > 0, class_slopes, torch.zeros_like(class_slopes))).sum(-1)
+    return torch.minimum(steepest, weighted)
+
+
 def growth_curves(evidence: MarginEvidence, loss: str, global_slope: float) -> RouteGrowth:
     """Upper growth of `loss` for every sample on the evidence's grid, minimum over the routes."""
     radii = evidence.radii
@@ -119,7 +134,8 @@ def growth_curves(evidence: MarginEvidence, loss: str, global_slope: float) -> R
     slopes = torch.full((count, points), global_slope, dtype=radii.dtype, device=radii.device)
     tail_slope = torch.full((count,), global_slope, dtype=radii.dtype, device=radii.device)
     if loss != "zero_one" and evidence.domain_slope is not None:
-        tail_slope = torch.minimum(tail_slope, evidence.domain_slope.max(-1).values)
+        whole = evidence.whole_box if loss == "ce" else None
+        tail_slope = torch.minimum(tail_slope, _loss_slope(evidence.domain_slope, whole, loss))
         slopes = torch.minimum(slopes, tail_slope.unsqueeze(1))
     if math.isfinite(global_slope):
         routes["global"] = global_slope * radii.expand(count, -1)
@@ -130,7 +146,7 @@ def growth_curves(evidence: MarginEvidence, loss: str, global_slope: float) -> R
     if evidence.linear is not None:
         routes["linear"] = loss_from_margins(evidence.linear, loss) - clean.unsqueeze(1)
         if loss != "zero_one" and evidence.slopes is not None:
-            slopes = torch.minimum(slopes, evidence.slopes.max(-1).values)
+            slopes = torch.minimum(slopes, _loss_slope(evidence.slopes, evidence.linear, loss))
             steps = torch.diff(radii, prepend=radii[:1])
             routes["jacobian"] = torch.cumsum(slopes * steps, 1)  # upper Riemann sum, §3.4
     for values in routes.values():
