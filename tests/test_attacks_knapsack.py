@@ -10,8 +10,7 @@ import torch
 from scipy.optimize import linprog
 
 from verifier.attacks.base import project_ball, steepest_ascent
-from verifier.attacks.curve import upper_hull
-from verifier.attacks.knapsack import flip_allocation, fractional_knapsack
+from verifier.certify.allocation import flip_allocation, fractional_knapsack, upper_hull
 from verifier.certify.accuracy import flippable_mass
 
 
@@ -49,11 +48,11 @@ def test_flip_allocation_matches_certified_flippable_mass(p):
 
 
 def test_upper_hull_keeps_the_concave_rising_part():
-    costs = [1.0, 2.0, 3.0, 4.0, 5.0, 2.5]
-    gains = [1.0, 1.2, 2.5, 2.6, 2.0, 0.1]
+    costs = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 2.5]  # candidate 0: the unmoved sample
+    gains = [0.0, 1.0, 1.2, 2.5, 2.6, 2.0, 0.1]
     # (0,0) -> (1,1) -> (3,2.5) -> (4,2.6); (2,1.2) lies under the chord, (5,2.0) falls
-    assert upper_hull(costs, gains) == [-1, 0, 2, 3]
-    assert upper_hull([1.0, 2.0], [-1.0, 0.0]) == [-1]
+    assert upper_hull(costs, gains) == [0, 1, 3, 4]
+    assert upper_hull([0.0, 1.0, 2.0], [0.0, -1.0, 0.0]) == [0]
 
 
 @pytest.mark.parametrize("norm", ["inf", "2", "1"])

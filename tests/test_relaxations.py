@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from verifier.bounds import relaxations as R
+from verifier.bounds.smooth import smooth
 
 N_INTERVALS, N_POINTS = 1000, 2000
 SLOPES = torch.tensor(np.random.default_rng(7).uniform(-2.0, 3.0, N_INTERVALS))
@@ -194,7 +195,7 @@ def test_derivative_constants_and_lipschitz():
         ("tanh", None, 0.0, 1.0, 1.0),
     ]:
         lo, hi = R.derivative_range(kind, torch.tensor([-8.0]).double(), torch.tensor([8.0]).double(), params)
-        d = R._smooth(R._key(kind, params), grid, 1)
+        d = smooth(R._key(kind, params), grid, 1)
         assert float(lo) <= float(d.min()) and float(hi) >= float(d.max())
         assert abs(float(lo) - float(d.min())) < 1e-9 and abs(float(hi) - float(d.max())) < 1e-9
         assert abs(float(lo) - d_min) < 1e-6 or kind in ("sigmoid", "tanh")
@@ -208,11 +209,11 @@ def test_derivative_constants_and_lipschitz():
 def test_derivative_formulas_match_finite_differences():
     x = torch.linspace(-30.0, 30.0, 120_001, dtype=torch.float64)
     for key in ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "softplus"):
-        d2 = R._smooth(key, x, 2)
-        fd = (R._smooth(key, x + 1e-5, 1) - R._smooth(key, x - 1e-5, 1)) / 2e-5
+        d2 = smooth(key, x, 2)
+        fd = (smooth(key, x + 1e-5, 1) - smooth(key, x - 1e-5, 1)) / 2e-5
         assert torch.allclose(fd, d2, atol=1e-8), key
-        fd1 = (R._smooth(key, x + 1e-5, 0) - R._smooth(key, x - 1e-5, 0)) / 2e-5
-        assert torch.allclose(fd1, R._smooth(key, x, 1), atol=1e-8), key
+        fd1 = (smooth(key, x + 1e-5, 0) - smooth(key, x - 1e-5, 0)) / 2e-5
+        assert torch.allclose(fd1, smooth(key, x, 1), atol=1e-8), key
 
 
 def test_activation_matches_torch():

@@ -119,7 +119,7 @@ def _detail(err: Exception) -> str:
     return text if len(text) <= _DETAIL_LENGTH else text[: _DETAIL_LENGTH - 3] + "..."
 
 
-def _with_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
     """A copy of `model` that also outputs the named intermediate tensors."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -170,7 +170,7 @@ def _compare(name: str, candidate: np.ndarray, reference: np.ndarray, atol: floa
     )
 
 
-def _run_onnxruntime(session, names: list[str], input_name: str, x: np.ndarray, fixed) -> list[np.ndarray]:
+def run_onnxruntime(session, names: list[str], input_name: str, x: np.ndarray, fixed) -> list[np.ndarray]:
     """One onnxruntime run; a failure becomes `RuntimeRunError` (hinting at a hard-coded batch)."""
     try:
         return session.run(names, {input_name: x})
@@ -219,7 +219,7 @@ def validate_against_onnxruntime(
     With labels `y`, the top-1 accuracy of both runtimes is reported too.
     """
     torch_device = resolve_device(device)
-    session = onnxruntime_session(_with_outputs(loaded.proto, converted.output_names), torch_device)
+    session = onnxruntime_session(with_outputs(loaded.proto, converted.output_names), torch_device)
     module = converted.module.to(torch_device)
     spec = converted.input_spec
     fixed = spec.shape[0] if spec.shape else None
@@ -228,7 +228,7 @@ def validate_against_onnxruntime(
     ort_parts: list[list[np.ndarray]] = []
     torch_parts: list[list[np.ndarray]] = []
     for part in _batches(len(x), fixed):
-        ort_parts.append(_run_onnxruntime(session, list(converted.output_names), spec.name, x[part], fixed))
+        ort_parts.append(run_onnxruntime(session, list(converted.output_names), spec.name, x[part], fixed))
         torch_parts.append(_run_torch(module, x[part], torch_device))
     diffs = []
     for index, name in enumerate(converted.output_names):

@@ -6,8 +6,9 @@ followed by PGD of the loss from x_i (`steps`), best iterate by loss over both. 
 `t_ik = ||x_ik - x_i||_r^p` (float64, from the returned atoms) and gains
 `loss(x_ik) - loss(x_i)`; the upper concave hull in t of (0, 0) and these points; a greedy
 multiple-choice fractional knapsack on the hull's segments (value per cost = slope) under
-`sum_i t_i <= N delta^p`; Q explicit with at most two atoms per sample (the two hull vertices
-around the sample's allocated cost). p = inf: every point moves within delta, so each atom is
+`sum_i t_i <= N delta^p` (`verifier.certify.allocation.allocate`, the sample itself as candidate
+0); Q explicit with at most two atoms per sample (the two hull vertices around the sample's
+allocated cost). p = inf: every point moves within delta, so each atom is
 the best attack point at distance <= delta.
 `radii` (1-D tensor of absolute radii, shared by every delta; the deltas are always added):
 default a 12-point geometric grid from min(delta)/8 to max(delta) * min(N^(1/p), 16)
@@ -24,9 +25,9 @@ from collections.abc import Sequence
 import torch
 
 from verifier.attacks.base import SHRINK, Attack
-from verifier.attacks.knapsack import fractional_knapsack
 from verifier.attacks.result import Distribution
 from verifier.attacks.wda import probe_and_ascend, top_wrong_classes
+from verifier.certify.allocation import allocate
 from verifier.geometry import vector_norm
 
 
@@ -38,30 +39,6 @@ def default_radii(deltas: Sequence[float], p: float, count: int) -> torch.Tensor
     top = max(positive) * (1.0 if math.isinf(p) else min(count ** (1.0 / p), 16.0))
     points = 6 if math.isinf(p) else 12
     return torch.logspace(math.log10(min(positive) / 8), math.log10(top), points, dtype=torch.float64)
-
-
-def upper_hull(costs: list[float], gains: list[float]) -> list[int]:
-    """Indices of the upper concave hull's vertices, from the origin (index -1) while gains rise."""
-    order = sorted(range(len(costs)), key=lambda k: (costs[k], -gains[k]))
-    hull: list[int] = [-1]
-
-    def point(k: int) -> tuple[float, float]:
-        return (0.0, 0.0) if k < 0 else (costs[k], gains[k])
-
-    for k in order:
-        tk, gk = point(k)
-        if gk <= point(hull[-1])[1]:
-            continue  # no higher than the last vertex: dominated (costs are sorted)
-        while len(hull) >= 2:
-            (t1, g1), (t2, g2) = point(hull[-2]), point(hull[-1])
-            if (g2 - g1) * (tk - t1) <= (gk - g1) * (t2 - t1):  # middle vertex on or below the chord
-                hull.pop()
-            else:
-                break
-        if point(hull[-1])[0] == tk:
-            hull.pop()
-        hull.append(k)
-    return hull
 
 
 class CurveAttack(Attack):
@@ -99,34 +76,20 @@ class CurveAttack(Attack):
         return [(i, int(k[i]) if value[i] > 0 else -1, 1.0 / n) for i in range(n)]
 
     def _allocated(self, distance: torch.Tensor, gain: torch.Tensor, delta: float) -> list[tuple[int, int, float]]:
-        """p < inf: hull segments, knapsack, and at most two atoms per sample."""
-        n, p = len(gain), self.target.p
-        costs, gains = (distance**p).tolist(), gain.tolist()
-        hulls = [upper_hull(costs[i], gains[i]) for i in range(n)]
-        seg_cost, seg_value, owner = [], [], []
-        for i, hull in enumerate(hulls):
-            for a, b in zip(hull[:-1], hull[1:]):
-                ta = 0.0 if a < 0 else costs[i][a]
-                ga = 0.0 if a < 0 else gains[i][a]
-                seg_cost.append(costs[i][b] - ta)
-                seg_value.append(gains[i][b] - ga)
-                owner.append(i)
-        spend = torch.zeros(n, dtype=torch.float64)
-        if seg_cost:
-            fractions = fractional_knapsack(torch.tensor(seg_cost, dtype=torch.float64),
-                                            torch.tensor(seg_value, dtype=torch.float64), n * delta**p)
-            spend.index_add_(0, torch.tensor(owner), fractions * torch.tensor(seg_cost, dtype=torch.float64))
+        """p < inf: hull segments, knapsack, and at most two atoms per sample (`allocate`)."""
+        n = len(gain)
+        unmoved = torch.zeros(n, 1, dtype=torch.float64)  # candidate 0 of `allocate`: the sample itself
+        costs = torch.cat([unmoved, distance.to(torch.float64) ** self.target.p], 1)
+        gains = torch.cat([unmoved, gain.to(torch.float64)], 1)
+        allocation = allocate(costs, gains, delta**self.target.p)
         out = []
-        for i, hull in enumerate(hulls):
-            times = [0.0 if k < 0 else costs[i][k] for k in hull]
-            budget = float(spend[i])
-            m = max(j for j in range(len(hull)) if times[j] <= budget)  # last vertex within the spend
-            if m == len(hull) - 1 or budget <= times[m]:
-                out.append((i, hull[m], 1.0 / n))
-                continue
-            theta = (budget - times[m]) / (times[m + 1] - times[m])
-            out.append((i, hull[m], (1 - theta) / n))
-            out.append((i, hull[m + 1], theta / n))
+        for i, (low, high, weight) in enumerate(zip(allocation.low.tolist(), allocation.high.tolist(),
+                                                    allocation.weight.tolist())):
+            if weight <= 0:
+                out.append((i, low - 1, 1.0 / n))
+            else:
+                out.append((i, low - 1, (1 - weight) / n))
+                out.append((i, high - 1, weight / n))
         return out
 
     def run(self, deltas: Sequence[float]) -> list[Distribution]:

@@ -16,7 +16,7 @@ from verifier.attacks.result import AttackResult, Distribution, transport_cost
 from verifier.convert import ConvertedModel
 from verifier.losses import loss_values
 from verifier.onnx_io import LoadedModel
-from verifier.validate import _run_onnxruntime, _with_outputs, onnxruntime_session
+from verifier.validate import onnxruntime_session, run_onnxruntime, with_outputs
 
 LOSS_ATOL = 1e-4
 LOSS_RTOL = 1e-4
@@ -28,7 +28,7 @@ class Replayer:
 
     def __init__(self, loaded: LoadedModel, model: ConvertedModel, device: torch.device) -> None:
         self.name = model.output_names[model.logits_index]
-        self.session = onnxruntime_session(_with_outputs(loaded.proto, (self.name,)), device)
+        self.session = onnxruntime_session(with_outputs(loaded.proto, (self.name,)), device)
         self.input_name = model.input_spec.name
         shape = model.input_spec.shape
         self.fixed = shape[0] if shape and isinstance(shape[0], int) else None
@@ -43,7 +43,7 @@ class Replayer:
             size = len(chunk)
             if self.fixed and size < self.fixed:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed - size, axis=0)])
-            (out,) = _run_onnxruntime(self.session, [self.name], self.input_name, chunk, self.fixed)
+            (out,) = run_onnxruntime(self.session, [self.name], self.input_name, chunk, self.fixed)
             parts.append(np.asarray(out, dtype=np.float64).reshape(len(chunk), -1)[:size])
         return torch.from_numpy(np.concatenate(parts))
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from verifier.attacks.base import SHRINK, Attack, steepest_ascent
-from verifier.attacks.knapsack import flip_allocation
+from verifier.certify.allocation import flip_allocation
 from verifier.attacks.result import Distribution
 from verifier.attacks.wda import top_wrong_classes
 from verifier.geometry import vector_norm

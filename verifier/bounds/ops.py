@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from verifier.bounds.windows import same_pads
+
 Linear = Callable[..., torch.Tensor]
 
 STRUCTURAL_OPS = frozenset(
@@ -138,13 +140,9 @@ def conv(attributes: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> A
         if auto_pad in ("NOTSET", "VALID"):
             begin, end = (pads[:dims], pads[dims:]) if auto_pad == "NOTSET" else ([0] * dims, [0] * dims)
         else:
-            begin, end = [], []
-            for axis in range(dims):
-                size, kernel = u.shape[2 + axis], (weight.shape[2 + axis] - 1) * dilations[axis] + 1
-                total = max(0, (math.ceil(size / strides[axis]) - 1) * strides[axis] + kernel - size)
-                low = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
-                begin.append(low)
-                end.append(total - low)
+            sides = [same_pads(u.shape[2 + axis], weight.shape[2 + axis], strides[axis], dilations[axis],
+                               lower=auto_pad != "SAME_UPPER") for axis in range(dims)]
+            begin, end = [b for b, _ in sides], [e for _, e in sides]
         flat: list[int] = []
         for axis in reversed(range(dims)):
             flat += [begin[axis], end[axis]]

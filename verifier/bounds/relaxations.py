@@ -4,7 +4,8 @@ This module owns, for every elementwise activation kind that `verifier.graph` re
 and softmax are not elementwise and live elsewhere): the function itself (`activation`), a sound
 image of an interval (`interval`), a sound range of the derivative (`derivative_range`), sound
 linear relaxations (`linear_relaxation`, bounds-design.md §5) and global Lipschitz constants
-(`lipschitz_constant`). All are pure, batched, broadcasting functions on torch tensors.
+(`lipschitz_constant`). All are pure, batched, broadcasting functions on torch tensors. The smooth
+kinds' formulas and derived constants (critical points, minima, Lipschitz) are in `smooth.py`.
 
 Numerics: bounds are computed in float64 and rounded OUTWARD to the input dtype (float32 or
 float64); every float64 evaluation error is covered by an explicit widening, and float32 results
@@ -21,11 +22,13 @@ not multiply such an offset by a zero coefficient (0 * inf = nan).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from verifier.bounds.smooth import CRITICAL_POINT, CRITICAL_VALUES, LIPSCHITZ, MINIMUM, fix_inf, smooth
 
 Params = Mapping[str, float | str] | None
 
@@ -35,13 +38,8 @@ _RELU_FAMILY = frozenset({"relu", "leaky_relu", "prelu", "abs"})  # sigma(h) = h
 _QUASI_CONVEX = frozenset({"gelu", "silu", "hard_swish"})
 _EXACT_INTERVAL = frozenset({"relu", "abs", "clip"})  # end values are exact float operations
 _EPS64 = torch.finfo(torch.float64).eps
-_BIG = 1e4  # derivatives clamp x to +-_BIG: beyond it sigma' equals its limit to far below 1 ulp
 _BISECT_STEPS, _NEWTON_STEPS = 8, 5  # root search for the smooth relaxations (tightness only)
 _TINY_WIDTH = 1e-6  # below this width the smooth relaxation slope is the tangent at the midpoint
-_SQRT2 = math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_K = math.sqrt(2.0 / math.pi)  # tanh-GELU: 0.5 x (1 + tanh(K (x + C x^3))) = x sigmoid(2K (x + C x^3))
-_C = 0.044715
 
 
 @dataclass(frozen=True)
@@ -52,90 +50,6 @@ class Relaxation:
     lower_offset: Tensor
     upper_slope: Tensor
     upper_offset: Tensor
-
-
-# ---------------------------------------------------------------- smooth kinds: sigma, sigma', sigma''
-def _fix_inf(x: Tensor, y: Tensor) -> Tensor:
-    """Limits at +-inf where the formula gives inf * 0 = nan (x * sigmoid(x) etc.: the limit is 0)."""
-    return torch.where(torch.isinf(x) & torch.isnan(y), torch.zeros_like(y), y)
-
-
-def _smooth(key: str, x: Tensor, order: int) -> Tensor:
-    """sigma (order 0), sigma' (1) or sigma'' (2) of a smooth kind, cancellation-free formulas."""
-    if order:
-        x = x.clamp(-_BIG, _BIG)
-    if key == "gelu":  # x Phi(x), Phi via erfc (no 1 + erf cancellation for x << 0)
-        if order == 0:
-            return _fix_inf(x, x * 0.5 * torch.special.erfc(-x / _SQRT2))
-        pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-        return 0.5 * torch.special.erfc(-x / _SQRT2) + x * pdf if order == 1 else pdf * (2.0 - x * x)
-    if key == "gelu_tanh":
-        z = 2.0 * _K * (x + _C * x * x * x)
-        s = torch.sigmoid(z)
-        if order == 0:
-            return _fix_inf(x, x * s)
-        dz, q = 2.0 * _K * (1.0 + 3.0 * _C * x * x), s * torch.sigmoid(-z)
-        if order == 1:
-            return s + x * q * dz
-        return q * (2.0 * dz - x * torch.tanh(0.5 * z) * dz * dz + x * 12.0 * _K * _C * x)
-    if key == "silu":
-        s = torch.sigmoid(x)
-        if order == 0:
-            return _fix_inf(x, x * s)
-        return s * (1.0 + x * torch.sigmoid(-x)) if order == 1 else \
-            s * torch.sigmoid(-x) * (2.0 - x * torch.tanh(0.5 * x))
-    if key == "sigmoid":
-        s = torch.sigmoid(x)
-        return s if order == 0 else s * torch.sigmoid(-x) * (1.0 if order == 1 else -torch.tanh(0.5 * x))
-    if key == "tanh":
-        t = torch.tanh(x)
-        return t if order == 0 else (1.0 - t) * (1.0 + t) * (1.0 if order == 1 else -2.0 * t)
-    if key == "softplus":  # own formula: torch's softplus returns x itself above 20 (error ~1e-9)
-        if order == 0:
-            return x.clamp(min=0.0) + torch.log1p(torch.exp(-x.abs()))
-        s = torch.sigmoid(x)
-        return s if order == 1 else s * torch.sigmoid(-x)
-    raise ValueError(f"unknown smooth activation {key!r}")
-
-
-def _bisect(fn: Callable[[float], float], lo: float, hi: float) -> float:
-    """Float64 root of a sign change of fn on [lo, hi] (fn(lo) < 0 < fn(hi) or reverse), to 1 ulp."""
-    rising = fn(lo) < 0.0
-    while True:
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            return mid
-        if (fn(mid) < 0.0) == rising:
-            lo = mid
-        else:
-            hi = mid
-
-
-def _scalar(key: str, order: int) -> Callable[[float], float]:
-    return lambda x: float(_smooth(key, torch.tensor(x, dtype=torch.float64), order))
-
-
-# Constants of method.md §3.4 / §3.7, derived at import in float64 by bisection (1 ulp) and then
-# rounded outward by 1e-14, far above the few-ulp evaluation error of the formulas above.
-# _CRIT: the critical point c > 0 of sigma' (sigma'' = 0): sigma' falls on (-inf, -c), rises on
-# (-c, c), falls on (c, inf) (sigmoid/tanh: c = 0; softplus: sigma' = sigmoid is monotone).
-_CRIT: dict[str, float | None] = {"sigmoid": 0.0, "tanh": 0.0, "softplus": None}
-_CRIT.update({k: _bisect(_scalar(k, 2), 0.5, 3.0) for k in ("gelu", "gelu_tanh", "silu")})
-# sigma' at its critical points: (min, max), rounded outward.
-_CRIT_VALUES: dict[str, tuple[float, float]] = {
-    k: (_scalar(k, 1)(-c) - 1e-14, _scalar(k, 1)(c) + 1e-14)
-    for k, c in _CRIT.items() if c not in (None, 0.0)
-}
-_CRIT_VALUES.update({"sigmoid": (0.25 - 1e-14, 0.25 + 1e-14), "tanh": (1.0 - 1e-14, 1.0 + 1e-14)})
-# Quasi-convex kinds: (minimiser, minimum value rounded down). hard_swish: x(x + 3)/6 at -3/2.
-_MINIMUM: dict[str, tuple[float, float]] = {
-    k: (m, _scalar(k, 0)(m) - 1e-14)
-    for k in ("gelu", "gelu_tanh", "silu") for m in [_bisect(_scalar(k, 1), -_CRIT[k], 0.0)]
-}
-_MINIMUM["hard_swish"] = (-1.5, -0.375)
-# Global Lipschitz constants (method.md §3.1): max |sigma'|, rounded up at the 5th decimal.
-_LIPSCHITZ = {k: math.ceil(_CRIT_VALUES[k][1] * 1e5) / 1e5 for k in ("gelu", "gelu_tanh", "silu")}
-_LIPSCHITZ.update(relu=1.0, abs=1.0, clip=1.0, softplus=1.0, hard_swish=1.5, sigmoid=0.25, tanh=1.0)
 
 
 # ---------------------------------------------------------------- helpers
@@ -195,7 +109,7 @@ def _as(v: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _eval64(kind: str, x: Tensor, params: Params, a: Tensor) -> Tensor:
     """sigma in float64, with the broadcast ReLU-family slope `a` (already at the input's precision)."""
-    return torch.where(x >= 0, x, _fix_inf(x, a * x)) if kind in _RELU_FAMILY else activation(kind, x, params)
+    return torch.where(x >= 0, x, fix_inf(x, a * x)) if kind in _RELU_FAMILY else activation(kind, x, params)
 
 
 # ---------------------------------------------------------------- public API
@@ -204,15 +118,15 @@ def activation(kind: str, x: Tensor, params: Params = None, slope: Tensor | floa
     key = _key(kind, params)
     if kind in _RELU_FAMILY:  # one rounding in any dtype, with the slope at x's precision
         a = torch.as_tensor(_negative_slope(kind, params, slope), dtype=x.dtype, device=x.device)
-        return torch.where(x >= 0, x, _fix_inf(x, a * x))
+        return torch.where(x >= 0, x, fix_inf(x, a * x))
     if x.dtype != torch.float64:  # float32 formulas lose up to ~1e-6 absolute (erf, x/6 + 1/2 cancellation)
         return activation(kind, x.to(torch.float64), params).to(x.dtype)
     if kind == "clip":
         lo, hi = _clip_ends(params)
         return x.clamp(min=lo, max=hi)
     if kind == "hard_swish":
-        return _fix_inf(x, x * (x / 6.0 + 0.5).clamp(0.0, 1.0))
-    return _smooth(key, x, 0)
+        return fix_inf(x, x * (x / 6.0 + 0.5).clamp(0.0, 1.0))
+    return smooth(key, x, 0)
 
 
 def interval(kind: str, lower: Tensor, upper: Tensor, params: Params = None,
@@ -226,7 +140,7 @@ def interval(kind: str, lower: Tensor, upper: Tensor, params: Params = None,
         inside = (l < 0) & (u > 0)
         lo, hi = torch.where(inside, lo.clamp(max=0.0), lo), torch.where(inside, hi.clamp(min=0.0), hi)
     elif kind in _QUASI_CONVEX:  # one minimum (method.md §3.7, bounds-design §2)
-        m, value = _MINIMUM[key]
+        m, value = MINIMUM[key]
         lo = torch.where((l <= m) & (m <= u), lo.clamp(max=value), lo)
     if kind not in _EXACT_INTERVAL:  # formula / product rounding, in float64 and in the out dtype
         eps, tiny = 4.0 * torch.finfo(dtype).eps, torch.finfo(dtype).tiny
@@ -261,12 +175,12 @@ def derivative_range(kind: str, lower: Tensor, upper: Tensor, params: Params = N
         return _round(lo, dtype, up=False), _round(hi, dtype, up=True)
     # Smooth: the range is reached at the ends (clamped to +-_BIG, where sigma' is its limit) or at
     # an interior critical point of sigma' (method.md §3.4).
-    dl, du = _smooth(key, l, 1), _smooth(key, u, 1)
+    dl, du = smooth(key, l, 1), smooth(key, u, 1)
     lo, hi = torch.minimum(dl, du), torch.maximum(dl, du)
     lo, hi = lo - 8 * _EPS64 * (1 + lo.abs()), hi + 8 * _EPS64 * (1 + hi.abs())
-    c = _CRIT[key]
+    c = CRITICAL_POINT[key]
     if c is not None:
-        d_min, d_max = _CRIT_VALUES[key]
+        d_min, d_max = CRITICAL_VALUES[key]
         if c > 0:
             lo = torch.where((l < -c) & (-c < u), lo.clamp(max=d_min), lo)
         hi = torch.where((l < c) & (c < u), hi.clamp(min=d_max), hi)
@@ -279,7 +193,7 @@ def lipschitz_constant(kind: str, params: Params = None, slope: Tensor | float |
     if kind in ("leaky_relu", "prelu"):
         a = torch.as_tensor(_negative_slope(kind, params, slope), dtype=torch.float64)
         return max(1.0, float(a.abs().max()))
-    return _LIPSCHITZ[key]
+    return LIPSCHITZ[key]
 
 
 def linear_relaxation(kind: str, lower: Tensor, upper: Tensor, params: Params = None,
@@ -344,9 +258,9 @@ def _smooth_candidates(key: str, l: Tensor, u: Tensor, width: Tensor,
                        dtype: torch.dtype) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """Slope, candidate points and rigorous interior bounds for the parallel lines of a smooth kind."""
     tangent = width < _TINY_WIDTH
-    chord = (_smooth(key, u, 0) - _smooth(key, l, 0)) / torch.where(tangent, 1.0, width)
-    s = _as(torch.where(tangent, _smooth(key, l + 0.5 * width, 1), chord), dtype)
-    c = _CRIT[key]
+    chord = (smooth(key, u, 0) - smooth(key, l, 0)) / torch.where(tangent, 1.0, width)
+    s = _as(torch.where(tangent, smooth(key, l + 0.5 * width, 1), chord), dtype)
+    c = CRITICAL_POINT[key]
     if c is None:  # softplus: sigma' = sigmoid rises everywhere
         pieces = [(-math.inf, math.inf, True)]
     elif c == 0.0:  # sigmoid, tanh: sigma' rises then falls
@@ -360,15 +274,15 @@ def _smooth_candidates(key: str, l: Tensor, u: Tensor, width: Tensor,
         # of g at x_hat, min g >= g(x_hat) + min(f (p - x_hat), f (q - x_hat)) (convex; max: mirror)
         # with f = sigma'(x_hat) - s; `err` covers the error of the computed f and products.
         p, q = l.clamp(min=start).clamp(max=u), u.clamp(max=end).clamp(min=l)
-        fp, fq = _smooth(key, p, 1) - s, _smooth(key, q, 1) - s
+        fp, fq = smooth(key, p, 1) - s, smooth(key, q, 1) - s
         x = torch.where((fp >= 0) == rising, p, q)  # no root: the extreme is at this end
         change = ((fp < 0) == rising) & ((fq > 0) == rising)
         if change.any():
             x[change] = _root(key, s[change], p[change], q[change], rising)
-        f = _smooth(key, x, 1) - s
+        f = smooth(key, x, 1) - s
         reach = torch.stack([f * (p - x), f * (q - x)])
         err = 8 * _EPS64 * ((1.0 + s.abs()) * (q - p) + reach.abs().amax(0))
-        g = _smooth(key, x, 0) - s * x
+        g = smooth(key, x, 0) - s * x
         xs += [p, q, x]
         if rising:
             lows.append(g + reach.amin(0) - err)
@@ -383,14 +297,14 @@ def _root(key: str, s: Tensor, lo: Tensor, hi: Tensor, rising: bool) -> Tensor:
     Only tightness depends on its accuracy; soundness comes from the tangent bound of the caller."""
     for _ in range(_BISECT_STEPS):
         mid = lo + 0.5 * (hi - lo)
-        right = (_smooth(key, mid, 1) < s) == rising
+        right = (smooth(key, mid, 1) < s) == rising
         lo, hi = torch.where(right, mid, lo), torch.where(right, hi, mid)
     x = lo + 0.5 * (hi - lo)
     for _ in range(_NEWTON_STEPS):  # safeguarded: a step leaving the bracket falls back to the middle
-        f = _smooth(key, x, 1) - s
+        f = smooth(key, x, 1) - s
         right = (f < 0) == rising
         lo, hi = torch.where(right, x, lo), torch.where(right, hi, x)
-        step = x - f / _smooth(key, x, 2)
+        step = x - f / smooth(key, x, 2)
         x = torch.where((step >= lo) & (step <= hi), step, lo + 0.5 * (hi - lo))
     return x
 

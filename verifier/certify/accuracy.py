@@ -10,24 +10,14 @@ flipped samples are exactly those with `c_i <= delta` (ties flip: a zero margin 
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from verifier.certify.allocation import flip_allocation
 
 
 def flippable_mass(radii: torch.Tensor, correct: torch.Tensor, delta: float, p: float) -> float:
     """Largest probability mass of correct samples an adversary can flip within the budget."""
-    count = len(radii)
-    costs = radii[correct].to(torch.float64)
-    if math.isinf(p):
-        return float((costs <= delta).sum()) / count
-    unit = costs**p / count  # cost of flipping one whole sample
-    budget = delta**p
-    ordered = torch.sort(unit).values
-    spent_before = torch.cumsum(ordered, 0) - ordered
-    affordable = ((budget - spent_before) / ordered.clamp_min(1e-300)).clamp(0.0, 1.0)
-    affordable = torch.where(ordered == 0, torch.ones_like(affordable), affordable)
-    return float(affordable.sum()) / count
+    return float(flip_allocation(radii, correct, delta, p).sum()) / len(radii)
 
 
 def certified_accuracy(radii: torch.Tensor, correct: torch.Tensor, delta: float, p: float) -> float:

@@ -80,21 +80,31 @@ def _scale(ax, near: np.ndarray, far: np.ndarray) -> str | None:
     return f"global bound off scale (up to {fmt(float(far.max()), 3)})"
 
 
+def _per_delta(report: dict) -> tuple[list[dict], np.ndarray]:
+    """The per-delta results and their deltas (both empty when no delta was analysed)."""
+    results = report.get("results") or []
+    return results, np.array([r["delta"] for r in results], dtype=float)
+
+
+def _band(ax, deltas: np.ndarray, low: np.ndarray, high: np.ndarray, label: str) -> None:
+    """Shade between two series where both are finite: where the true value lies."""
+    both = np.isfinite(low) & np.isfinite(high)
+    if both.any():
+        ax.fill_between(deltas, np.where(both, low, 0), np.where(both, high, 0), where=both,
+                        color=_COLORS["band"], alpha=0.3, linewidth=0, label=label)
+
+
 def risk_figure(report: dict) -> Figure | None:
     """Risk vs delta: certificate ↔ best-attack band, global bound, clean risk, first-order estimate."""
-    results = report.get("results") or []
+    results, deltas = _per_delta(report)
     if not results:
         return None
-    deltas = np.array([r["delta"] for r in results], dtype=float)
     clean, cert = _series(results, "clean_risk"), _series(results, "certificate")
     attack, bound = _series(results, "best_attack_risk"), _series(results, "global_bound")
     first = _series(results, "first_order_estimate")
     fig, ax = _figure()
     with matplotlib.rc_context(_RC):
-        both = np.isfinite(cert) & np.isfinite(attack)
-        if both.any():
-            ax.fill_between(deltas, np.where(both, attack, 0), np.where(both, cert, 0), where=both,
-                            color=_COLORS["band"], alpha=0.3, linewidth=0, label="worst-case risk lies here")
+        _band(ax, deltas, attack, cert, "worst-case risk lies here")
         ax.plot(deltas, cert, "-o", color=_COLORS["certificate"], ms=4, label="certificate (upper bound)")
         ax.plot(deltas, attack, "-s", color=_COLORS["attack"], ms=4, label="best attack (lower bound)")
         ax.plot(deltas, clean, "-", color=_COLORS["clean"], lw=1, label="clean risk")
@@ -117,17 +127,13 @@ def risk_figure(report: dict) -> Figure | None:
 
 def accuracy_figure(report: dict) -> Figure | None:
     """Accuracy vs delta: clean, certified (lower bound), best attacked (upper bound), each attack."""
-    results = report.get("results") or []
+    results, deltas = _per_delta(report)
     if not results:
         return None
-    deltas = np.array([r["delta"] for r in results], dtype=float)
     certified, attacked = _series(results, "certified_accuracy"), _series(results, "best_attack_accuracy")
     fig, ax = _figure()
     with matplotlib.rc_context(_RC):
-        both = np.isfinite(certified) & np.isfinite(attacked)
-        if both.any():
-            ax.fill_between(deltas, np.where(both, certified, 0), np.where(both, attacked, 0), where=both,
-                            color=_COLORS["band"], alpha=0.3, linewidth=0, label="robust accuracy lies here")
+        _band(ax, deltas, certified, attacked, "robust accuracy lies here")
         ax.plot(deltas, _series(results, "clean_accuracy"), "-", color=_COLORS["clean"], lw=1, label="clean")
         ax.plot(deltas, certified, "-o", color=_COLORS["certified"], ms=4, label="certified (lower bound)")
         ax.plot(deltas, attacked, "-s", color=_COLORS["attack"], ms=4, label="best attack (upper bound)")
