@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,3 +91,16 @@ def _describe(shape: tuple[int | str | None, ...] | None) -> str:
     if shape is None:
         return "an unknown shape"
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def save_distributions(path: str | os.PathLike[str], distributions: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                       **index: np.ndarray) -> None:
+    """Write explicit distributions to one npz: `atoms_k`, `weights_k`, `source_k` per entry k,
+    plus index arrays (e.g. `deltas`, `methods`) whose entry k describes distribution k."""
+    arrays = dict(index)
+    for k, (atoms, weights, source) in enumerate(distributions):
+        arrays |= {f"atoms_{k}": atoms, f"weights_{k}": weights, f"source_{k}": source}
+    try:
+        np.savez_compressed(path, **arrays)
+    except OSError as err:
+        raise DataError(f"cannot write {path}: {err.strerror or err}") from err

@@ -29,6 +29,7 @@ from verifier.attacks.wdapp import WDAPlusPlus
 from verifier.attacks.wpgd import WPGD
 from verifier.cells import displacement_box
 from verifier.convert import ConvertedModel
+from verifier.data import save_distributions
 from verifier.device import resolve_device
 from verifier.errors import UsageError
 from verifier.geometry import parse_norm
@@ -154,16 +155,10 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
 def save_adversarial(report: AttackReport, path: str | os.PathLike[str]) -> None:
     """Write every (method, delta) distribution to one npz: `atoms_k`, `weights_k`, `source_k` and
     the index arrays `methods` and `deltas` (entry k describes distribution k)."""
-    arrays: dict[str, np.ndarray] = {"methods": np.array([r.method for r in report.results]),
-                                     "deltas": np.array([r.delta for r in report.results])}
-    for k, result in enumerate(report.results):
-        arrays |= {f"atoms_{k}": result.atoms.detach().cpu().numpy(),
-                   f"weights_{k}": result.weights.detach().cpu().numpy(),
-                   f"source_{k}": result.source.detach().cpu().numpy()}
-    try:
-        np.savez_compressed(path, **arrays)
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror or err}") from err
+    save_distributions(path, [(r.atoms.detach().cpu().numpy(), r.weights.detach().cpu().numpy(),
+                               r.source.detach().cpu().numpy()) for r in report.results],
+                       methods=np.array([r.method for r in report.results]),
+                       deltas=np.array([r.delta for r in report.results]))
 
 
 __all__ = ["ATTACKS", "METHODS", "AttackReport", "AttackResult", "Distribution", "attack", "resolve_methods",

@@ -32,6 +32,7 @@ from verifier.certify.growth import (ROUTES, RouteGrowth, box_reach, collect_evi
 from verifier.certify.radii import certified_radii
 from verifier.convert import ConvertedModel
 from verifier.convert.normalize import NormalizedModel
+from verifier.data import save_distributions as write_distributions
 from verifier.errors import UsageError, VerifierError
 from verifier.geometry import dual_norm, parse_norm
 from verifier.graph import PIECEWISE_LINEAR_KINDS
@@ -239,11 +240,5 @@ def _exact_up_to(results: Sequence[DeltaCertificate]) -> float:
 
 def save_distributions(result: Certificate, path: str | os.PathLike[str]) -> None:
     """Write every delta's realising distribution to one npz (`atoms_k`, `weights_k`, `source_k`, `deltas`)."""
-    arrays = {"deltas": np.array([d.delta for d in result.distributions])}
-    for k, dist in enumerate(result.distributions):
-        arrays |= {f"atoms_{k}": dist.atoms.numpy(), f"weights_{k}": dist.weights.numpy(),
-                   f"source_{k}": dist.source.numpy()}
-    try:
-        np.savez_compressed(path, **arrays)
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror or err}") from err
+    write_distributions(path, [(d.atoms.numpy(), d.weights.numpy(), d.source.numpy()) for d in result.distributions],
+                        deltas=np.array([d.delta for d in result.distributions]))
