@@ -121,6 +121,7 @@ def test_conversion_mismatch_stops_the_audit_with_exit_1(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv,message", [
     (["--data", "missing.npz"], "not found"),
+    ([], "--data FILE.npz with inputs x and labels y is required"),
     (["--data", str(shipped_data("mlp_relu")), "--min-certified-accuracy", "1.5"], "must lie in [0, 1]"),
     (["--data", str(shipped_data("mlp_relu")), "--time-limit", "0"], "time limit must be > 0"),
     (["--data", str(shipped_data("mlp_relu")), "--attacks", "fgsm"], "unknown attack method"),
@@ -130,3 +131,20 @@ def test_bad_input_exits_2_without_a_report(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_p_one_drops_wpgd_from_the_defaults_with_a_warning(tmp_path):
+    settings = AuditSettings(**{**SETTINGS.__dict__, "p": 1.0, "attacks": audit_module.DEFAULT_ATTACKS,
+                                "deltas": (2 / 255,), "samples": 6})
+    outcome = audit(shipped_model("mlp_relu"), shipped_data("mlp_relu"), settings, tmp_path)
+    assert outcome.exit_code == 0
+    assert outcome.report["settings"]["attacks"] == ["wdapp", "wda", "pgd"]
+    assert any("wpgd" in warning for warning in outcome.report["warnings"])
+
+
+def test_out_pointing_at_a_file_exits_2_before_any_work(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("not a folder")
+    code = cli.main(["audit", str(shipped_model("mlp_relu")), "--data", str(shipped_data("mlp_relu")),
+                     "--out", str(target), "--quiet"])
+    assert code == 2 and "is not a folder" in capsys.readouterr().err

@@ -110,7 +110,9 @@ def _check(settings: AuditSettings) -> AuditSettings:
         value = getattr(gates, name)
         if value is not None and not 0 <= value <= 1:
             raise UsageError(f"{name.replace('_', '-')} must lie in [0, 1] (got {value})")
-    methods, _ = resolve_methods(list(settings.attacks), settings.p)
+    requested = [m for m in settings.attacks if not (m == "wpgd" and settings.p == 1
+                                                     and tuple(settings.attacks) == DEFAULT_ATTACKS)]
+    methods, _ = resolve_methods(requested, settings.p)  # the default list drops wpgd for p = 1
     return AuditSettings(**{**settings.__dict__, "deltas": tuple(sorted(set(float(d) for d in settings.deltas))),
                             "norm": parse_norm(settings.norm), "loss": check_loss(settings.loss),
                             "attacks": methods})
@@ -170,13 +172,18 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
           settings: AuditSettings = AuditSettings(), out_dir: str | os.PathLike[str] = "verifier-report",
           on_stage: Callable[[str], None] | None = None, progress: bool = False) -> AuditOutcome:
     """Run the whole audit and write the report; `on_stage(name)` is called as each stage starts."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out_dir} exists and is not a folder")
+    skipped = resolve_methods(["all"], settings.p)[1] if settings.p == 1 and (
+        "all" in settings.attacks or tuple(settings.attacks) == DEFAULT_ATTACKS) else ()
     settings = _check(settings)
     clock = _Clock(settings.time_limit)
     announce = on_stage or (lambda _stage: None)
     stopped_at: str | None = None
     conversion = certificate = None
     attacks_done: dict[str, list[dict]] = {}
-    warnings: list[str] = []
+    warnings: list[str] = [f"attack skipped: {reason}" for reason in skipped]
 
     announce("inspect")
     summary = clock.run("inspect", lambda: inspect_model(model_path))
@@ -247,7 +254,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     raw["timings"]["report"] = time.monotonic() - began
     raw["timings"]["total"] = time.monotonic() - clock.start
     report = finalize_report(raw)
-    paths = write_report(report, Path(out_dir))
+    paths = write_report(report, out)
     return AuditOutcome(report=report, paths=paths, exit_code=report["verdict"]["exit_code"])
 
 

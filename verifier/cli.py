@@ -29,10 +29,15 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def _add_data(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", metavar="FILE.npz", help="npz with arrays x (float inputs) and y (int labels)")
-    parser.add_argument("--samples", type=int, metavar="N", help="use the first N samples (default: all, or 64 random)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
+def _add_data(parser: argparse.ArgumentParser, random_fallback: bool = False, seed: bool = True) -> None:
+    parser.add_argument("--data", metavar="FILE.npz", help="npz with arrays x (float inputs) and y (int labels)"
+                        + ("" if random_fallback else "; required"))
+    parser.add_argument("--samples", type=int, metavar="N",
+                        help="use the first N samples (default: all" + (", or 64 random)" if random_fallback else ")"))
+    if seed:
+        parser.add_argument("--seed", type=int, default=0,
+                            help="seed for random inputs (default 0)" if random_fallback else
+                            "seed of the random parts, e.g. attack restarts (default 0)")
 
 
 def parse_deltas(text: str) -> list[float]:
@@ -102,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check the torch conversion against onnxruntime")
     _add_model(validate)
-    _add_data(validate)
+    _add_data(validate, random_fallback=True)
     validate.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
     validate.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
     _add_device(validate)
@@ -111,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     certify = commands.add_parser("certify", help="upper bounds on the Wasserstein robust risk (certificates)")
     _add_model(certify)
-    _add_data(certify)
+    _add_data(certify, seed=False)  # certify is deterministic
     _add_budget(certify, default_delta="0.05", default_norm="2")
     certify.add_argument("--grid-points", type=int, default=24, help="radius grid size (default 24)")
     certify.add_argument("--save-distributions", metavar="OUT.npz",
@@ -136,9 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="inspect, validate, certify, attack and write a report")
     _add_model(audit)
-    audit.add_argument("--data", metavar="FILE.npz", required=True, help="npz with inputs x and labels y")
-    audit.add_argument("--samples", type=int, metavar="N", help="use the first N samples (default: all)")
-    audit.add_argument("--seed", type=int, default=0, help="seed of the attacks' random parts (default 0)")
+    _add_data(audit)
     _add_budget(audit, default_delta="1/255,2/255,4/255,8/255", default_norm="inf")
     audit.add_argument("--attacks", default="wdapp,wda,pgd,wpgd",
                        help="comma-separated attack methods, or all (default wdapp,wda,pgd,wpgd)")
@@ -248,6 +251,8 @@ def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
 def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
     from verifier.audit import AuditSettings, Thresholds, audit
 
+    if not args.data:
+        raise UsageError("--data FILE.npz with inputs x and labels y is required")
     settings = AuditSettings(
         deltas=tuple(parse_deltas(args.delta)), p=parse_p(args.p), norm=args.norm, loss=args.loss,
         attacks=tuple(m.strip() for m in args.attacks.split(",") if m.strip()), box=parse_box(args.box),

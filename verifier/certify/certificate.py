@@ -53,7 +53,7 @@ class DeltaCertificate:
     certified_accuracy: float  # lower bound on the accuracy of every Q within the budget
     realised_risk: float  # E_Q[loss] of the explicit distribution: a lower bound on R(delta)
     realised_accuracy: float  # accuracy under that distribution: an upper bound on the robust accuracy
-    exact: bool  # certificate within tolerance of realised_risk (§3.5)
+    exact: bool | None  # certificate within tolerance of realised_risk (§3.5); None without a certificate
     fallbacks: tuple[str, ...]  # model-level fallbacks and samples whose bound came from the global route
 
     def to_dict(self) -> dict:
@@ -71,7 +71,7 @@ class Certificate:
     box: tuple[float, float] | None
     samples: int
     results: tuple[DeltaCertificate, ...]
-    exact_up_to_delta: float  # largest requested delta up to which every certificate was exact
+    exact_up_to_delta: float | None  # largest requested delta up to which every certificate was exact
     routes_won: dict[str, int]
     fallbacks: tuple[str, ...]
     local_slopes: torch.Tensor | None  # exact ||grad loss(x_i)||_* per sample (None for zero_one)
@@ -96,14 +96,15 @@ class Certificate:
             return "-" if value is None else f"{value:.4g}"
 
         lines = [f"loss {self.loss}, W_{'inf' if math.isinf(self.p) else f'{self.p:g}'}, norm {self.norm}, "
-                 f"box {self.box}, {self.samples} samples; exact up to delta {self.exact_up_to_delta:g}",
-                 f"{'delta':>10} {'clean':>9} {'attack>=':>9} {'cert<=':>9} {'global':>9} {'1st-order~':>10} "
+                 f"box {self.box}, {self.samples} samples; exact up to delta "
+                 f"{'-' if self.exact_up_to_delta is None else f'{self.exact_up_to_delta:g}'}",
+                 f"{'delta':>10} {'clean':>9} {'realised>=':>10} {'cert<=':>9} {'global':>9} {'1st-order~':>10} "
                  f"{'cert.acc':>8}  exact"]
         for r in self.results:
-            lines.append(f"{r.delta:>10.4g} {r.clean_risk:>9.4g} {r.realised_risk:>9.4g} {number(r.certificate):>9} "
+            lines.append(f"{r.delta:>10.4g} {r.clean_risk:>9.4g} {r.realised_risk:>10.4g} {number(r.certificate):>9} "
                          f"{number(r.global_bound):>9} {number(r.first_order_estimate):>10} "
                          f"{r.certified_accuracy:>8.2%}  {'yes' if r.exact else 'no'}")
-        lines.append("attack>=: risk of the explicit realising distribution (a lower bound); cert<=: the certificate "
+        lines.append("realised>=: risk of the explicit realising distribution (a lower bound); cert<=: the certificate "
                      "(an upper bound); 1st-order~: Bai et al.'s estimate, not a bound")
         if self.fallbacks:
             lines.append("fallbacks: " + "; ".join(self.fallbacks))
@@ -201,6 +202,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     clean_risk = float(clean.mean())
     for delta in deltas:
         global_bound = clean_risk + delta * slope if math.isfinite(slope) else None
+        accuracy = certified_accuracy(radii_certified, correct, float(delta), p)
         certificate = None
         if loss != "dlr":
             excess, _ = excess_bound(growth.curves, float(delta), p)
@@ -209,16 +211,16 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             closed_forms = [clean_risk + linear_closed_form(growth.curves.tail_slope, float(delta), p)]
             closed_forms += [global_bound] if global_bound is not None else []
             certificate = min([clean_risk + excess] + closed_forms)  # §3.7: every candidate is sound
-            if loss == "zero_one":
-                certificate = min(certificate, 1.0)
+            if loss == "zero_one":  # the error rate is also at most 1 - certified accuracy (§4)
+                certificate = min(certificate, 1.0, 1.0 - accuracy)
         realised = realise(module, inputs, labels, jacobian, lower, upper, moves, float(delta), p, norm, loss)
         distributions.append(realised)
         results.append(DeltaCertificate(
             delta=float(delta), clean_risk=clean_risk, certificate=certificate, global_bound=global_bound,
             first_order_estimate=None if upsilon is None else clean_risk + delta * upsilon,
-            certified_accuracy=certified_accuracy(radii_certified, correct, float(delta), p),
+            certified_accuracy=accuracy,
             realised_risk=realised.risk, realised_accuracy=realised.accuracy,
-            exact=is_exact(certificate, realised.risk, exact_tolerance),
+            exact=None if certificate is None else is_exact(certificate, realised.risk, exact_tolerance),
             fallbacks=tuple(fallbacks) + _global_fallbacks(growth, radii, float(delta)),
         ))
     won = Counter(ROUTES[int(i)] for i in growth.winner[:, 1:].flatten())
@@ -228,9 +230,10 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
                        certified_radii=radii_certified, distributions=tuple(distributions))
 
 
-def _exact_up_to(results: Sequence[DeltaCertificate]) -> float:
-    """The largest requested delta such that the certificate is exact there and at every smaller one."""
-    reached = 0.0
+def _exact_up_to(results: Sequence[DeltaCertificate]) -> float | None:
+    """The largest requested delta such that the certificate is exact there and at every smaller one
+    (None when the smallest is not exact)."""
+    reached = None
     for row in sorted(results, key=lambda r: r.delta):
         if not row.exact:
             break
