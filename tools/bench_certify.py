@@ -109,6 +109,27 @@ def markdown(result: dict) -> str:
         cells += [f"{row['certificate']:.4g}", global_bound, ratio, f"{row['certified_accuracy']:.1%}",
                   f"{row['best_attack_accuracy']:.1%}", "yes" if row["exact"] else "no"]
         lines.append("| " + " | ".join(cells) + " |")
-    seconds = ", ".join(f"{m} {s:.1f} s" for m, s in result["attack_seconds"].items())
-    lines += ["", f"Attack times (all budgets): {seconds}."]
+    lines += ["", attack_table(result)]
+    return "\n".join(lines)
+
+
+def attack_table(result: dict) -> str:
+    """Distributional robust accuracy per attack and budget, strength vs W-PGD, time vs PGD."""
+    methods = list(result["attack_seconds"])
+    lines = ["| delta | " + " | ".join(f"{m} acc." for m in methods) + " |", "|" + "---|" * (1 + len(methods))]
+    for row in result["rows"]:
+        lines.append(f"| {row['delta']:.4g} | " + " | ".join(f"{row['attacks'][m]['accuracy']:.1%}" for m in methods)
+                     + " |")
+    seconds = result["attack_seconds"]
+    pgd = seconds.get("pgd")
+    timing = ", ".join(f"{m} {s:.1f} s" + (f" ({s / pgd:.1f}× PGD)" if pgd else "") for m, s in seconds.items())
+    lines += ["", f"Attack times over all budgets: {timing}."]
+    if "wpgd" in seconds:
+        gains = {m: [row["attacks"][m]["risk"] - row["clean"] for row in result["rows"]] for m in methods}
+        ratios = []
+        for m in methods:
+            paired = [a / b for a, b in zip(gains[m], gains["wpgd"]) if b > 1e-12]
+            if paired:
+                ratios.append(f"{m} {min(paired):.2f}–{max(paired):.2f}")
+        lines.append("Strength vs W-PGD (risk gain over clean, ratio per budget): " + ", ".join(ratios) + ".")
     return "\n".join(lines)
