@@ -148,3 +148,24 @@ def test_out_pointing_at_a_file_exits_2_before_any_work(tmp_path, capsys):
     code = cli.main(["audit", str(shipped_model("mlp_relu")), "--data", str(shipped_data("mlp_relu")),
                      "--out", str(target), "--quiet"])
     assert code == 2 and "is not a folder" in capsys.readouterr().err
+
+
+def test_time_limit_inside_certify_stops_there(tmp_path, monkeypatch):
+    def stopped(*args, **kwargs):
+        raise audit_module.Stopped("time")
+
+    monkeypatch.setattr(audit_module, "certify", stopped)
+    outcome = audit(shipped_model("mlp_relu"), shipped_data("mlp_relu"), SETTINGS, tmp_path)
+    assert outcome.exit_code == 3
+    assert outcome.report["stopped_at"] == "certify" and outcome.report["results"] == []
+    assert outcome.report["timings"]["attacks"] is None
+
+
+def test_max_risk_nan_and_unwritable_out_exit_2_before_work(tmp_path, capsys):
+    base = ["audit", str(shipped_model("mlp_relu")), "--data", str(shipped_data("mlp_relu")), "--quiet"]
+    assert cli.main([*base, "--max-risk", "nan", "--out", str(tmp_path / "r")]) == 2
+    assert "max-risk must be a finite number" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main([*base, "--out", str(blocker / "sub")]) == 2
+    assert "cannot create the report folder" in capsys.readouterr().err

@@ -194,3 +194,18 @@ def test_random_nets_no_attack_beats_the_certificate(tmp_path_factory, activatio
         assert row.realised_risk <= row.certificate + 1e-9
         assert row.certificate <= row.global_bound + 1e-12
         assert 0.0 <= row.certified_accuracy <= row.realised_accuracy + 1e-12
+
+
+def test_stops_when_asked_and_delta_zero_alone(tmp_path):
+    from verifier.certify.growth import Stopped
+
+    rng = np.random.default_rng(0)
+    model, _, _ = _linear_model(rng, inputs=3, classes=3)
+    converted = _load(tmp_path, model)
+    x, y = rng.normal(size=(4, 3)), rng.integers(0, 3, size=4)
+    asked = []
+    with pytest.raises(Stopped):
+        certify(converted, x, y, [0.1], should_stop=lambda: asked.append(1) or len(asked) >= 3)
+    assert len(asked) == 3  # polled between the bound computations, stopped at the third
+    (only,) = certify(converted, x, y, [0.0], p=2.0, norm="2", loss="margin").results
+    assert only.certificate == pytest.approx(only.clean_risk) and only.realised_risk == pytest.approx(only.clean_risk)

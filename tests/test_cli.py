@@ -318,3 +318,27 @@ def test_attack_bad_arguments_exit_2(capsys, argv, message):
     code, _, err = run_cli(capsys, "attack", shipped_model("mlp_relu"), "--data", shipped_data("mlp_relu"),
                            "--samples", "2", *argv)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content,message", [
+    ("npy", "is a .npy array"),
+    ("text", "not an .npz (zip) archive"),
+    ("empty", "contains no samples"),
+])
+def test_data_file_kinds_exit_2(capsys, tmp_path, content, message):
+    path = tmp_path / "data.npz"
+    if content == "npy":
+        with open(path, "wb") as handle:
+            np.save(handle, np.zeros((2, 64), np.float32))
+    elif content == "text":
+        path.write_text("x,y\n0,1\n")
+    else:
+        np.savez(path, x=np.zeros((0, 64), np.float32), y=np.zeros(0, np.int64))
+    code, _, err = run_cli(capsys, "certify", shipped_model("mlp_relu"), "--data", path)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_save_distributions_into_a_folder_exit_2(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "certify", shipped_model("mlp_relu"), "--data", shipped_data("mlp_relu"),
+                           "--samples", "2", "--grid-points", "4", "--save-distributions", tmp_path)
+    assert code == 2 and "it is a folder" in err

@@ -2,8 +2,9 @@
 
 inspect → validate (torch vs onnxruntime; a mismatch stops the audit, exit 1) → certify over the
 delta grid → each attack over the grid → report.json / report.html / report.md. A time limit is
-checked between stages and between attack methods: when it is hit, the stages done so far are
-written as a partial report (`complete: false`, exit 3). Every number in the report is the one
+checked between stages, between the certificate's bound computations (one per grid radius) and
+between attack methods: when it is hit, the stages done so far are written as a partial report
+(`complete: false`, exit 3; `stopped_at` names the first stage not completed). Every number in the report is the one
 `certify()` / `attack()` return for the same settings.
 """
 
@@ -25,6 +26,7 @@ import torch
 from verifier import __version__
 from verifier.attacks import METHODS, attack, resolve_methods
 from verifier.certify.certificate import Certificate, certify
+from verifier.certify.growth import Stopped
 from verifier.convert import convert_model
 from verifier.data import load_samples
 from verifier.device import resolve_device
@@ -106,6 +108,8 @@ def _check(settings: AuditSettings) -> AuditSettings:
     if settings.time_limit is not None and not settings.time_limit > 0:
         raise UsageError(f"the time limit must be > 0 seconds (got {settings.time_limit})")
     gates = settings.thresholds
+    if gates.max_risk is not None and not np.isfinite(gates.max_risk):
+        raise UsageError(f"max-risk must be a finite number (got {gates.max_risk})")
     for name in ("min_certified_accuracy", "min_robust_accuracy"):
         value = getattr(gates, name)
         if value is not None and not 0 <= value <= 1:
@@ -175,6 +179,10 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the report folder {out_dir}: {err.strerror or err}") from err
     skipped = resolve_methods(["all"], settings.p)[1] if settings.p == 1 and (
         "all" in settings.attacks or tuple(settings.attacks) == DEFAULT_ATTACKS) else ()
     settings = _check(settings)
@@ -208,10 +216,14 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
             stopped_at = "certify"
         else:
             announce("certify")
-            certificate = clock.run("certify", lambda: certify(
-                converted, x, y, list(settings.deltas), p=settings.p, norm=settings.norm, loss=settings.loss,
-                box=settings.box, grid_points=settings.grid_points, progress=progress))
-            for method in settings.attacks:
+            try:
+                certificate = clock.run("certify", lambda: certify(
+                    converted, x, y, list(settings.deltas), p=settings.p, norm=settings.norm, loss=settings.loss,
+                    box=settings.box, grid_points=settings.grid_points, progress=progress,
+                    should_stop=clock.expired))
+            except Stopped:
+                stopped_at = "certify"
+            for method in settings.attacks if certificate is not None else ():
                 if clock.expired():
                     stopped_at = "attacks"
                     break

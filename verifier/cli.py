@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from fractions import Fraction
+from pathlib import Path
 
 from verifier import __version__
 from verifier.errors import UsageError, VerifierError
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     certify = commands.add_parser("certify", help="upper bounds on the Wasserstein robust risk (certificates)")
     _add_model(certify)
     _add_data(certify, seed=False)  # certify is deterministic
-    _add_budget(certify, default_delta="0.05", default_norm="2")
+    _add_budget(certify, default_delta="8/255", default_norm="inf")  # the same defaults as attack
     certify.add_argument("--grid-points", type=int, default=24, help="radius grid size (default 24)")
     certify.add_argument("--save-distributions", metavar="OUT.npz",
                          help="save each delta's realising distribution (atoms, weights, source)")
@@ -216,6 +217,12 @@ def _labelled_samples(args: argparse.Namespace):
     return loaded, convert_model(loaded), samples
 
 
+def _refuse_folder(path: str | None) -> None:
+    """Refuse an output file that is a folder before any work."""
+    if path is not None and Path(path).is_dir():
+        raise UsageError(f"cannot write {path}: it is a folder (give a file name ending in .npz)")
+
+
 def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
     from verifier.certify.certificate import certify, save_distributions
     from verifier.graph import json_safe
@@ -223,6 +230,7 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
     deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
     if args.grid_points < 2:
         raise UsageError("--grid-points must be at least 2")
+    _refuse_folder(args.save_distributions)
     loaded, converted, samples = _labelled_samples(args)
     result = certify(converted, samples.x, samples.y, deltas, p=p, norm=args.norm, loss=args.loss, box=box,
                      grid_points=args.grid_points, progress=_progress_wanted(args))
@@ -238,6 +246,7 @@ def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
 
     deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    _refuse_folder(args.save_adversarial)
     loaded, converted, samples = _labelled_samples(args)
     report = attack(converted, loaded, samples.x, samples.y, methods, deltas, p=p, norm=args.norm, loss=args.loss,
                     box=box, steps=args.steps, kappa=args.kappa, topk=args.topk, seed=args.seed,

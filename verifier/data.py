@@ -35,6 +35,10 @@ def load_samples(path: str | os.PathLike[str], spec: TensorSpec, limit: int | No
     file = Path(path)
     if not file.is_file():
         raise DataError(f"data file not found: {path}")
+    if not zipfile.is_zipfile(file):
+        kind = "a .npy array" if file.read_bytes()[:6] == b"\x93NUMPY" else "not an .npz (zip) archive"
+        raise DataError(f"{path} is {kind}: give an .npz with arrays x (inputs) and y (labels), "
+                        "e.g. numpy.savez('data.npz', x=x, y=y)")
     try:
         with np.load(file, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -50,6 +54,8 @@ def load_samples(path: str | os.PathLike[str], spec: TensorSpec, limit: int | No
         if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
             raise DataError(f"'y' in {path} must be a 1-D integer array with one label per row of 'x' "
                             f"(got dtype {y.dtype}, shape {y.shape}, {len(x)} inputs)")
+    if len(x) == 0:
+        raise DataError(f"'x' in {path} contains no samples")
     if limit is not None:
         if limit < 1:
             raise DataError(f"the number of samples must be at least 1 (got {limit})")
@@ -97,6 +103,8 @@ def save_distributions(path: str | os.PathLike[str], distributions: Sequence[tup
                        **index: np.ndarray) -> None:
     """Write explicit distributions to one npz: `atoms_k`, `weights_k`, `source_k` per entry k,
     plus index arrays (e.g. `deltas`, `methods`) whose entry k describes distribution k."""
+    if os.path.isdir(path):
+        raise DataError(f"cannot write {path}: it is a folder (give a file name ending in .npz)")
     arrays = dict(index)
     for k, (atoms, weights, source) in enumerate(distributions):
         arrays |= {f"atoms_{k}": atoms, f"weights_{k}": weights, f"source_{k}": source}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,7 +131,8 @@ def _radius_grid(inputs: torch.Tensor, deltas: Sequence[float], p: float, box, n
     """One grid for every delta: up to the farthest a single sample can move (N^(1/p) delta, capped)."""
     top = max(deltas) * (1.0 if math.isinf(p) else min(len(inputs) ** (1.0 / p), 20.0))
     top = min(top, float(box_reach(inputs, box, norm).max())) if box is not None else top
-    return torch.unique(torch.cat([grid(max(top, max(deltas)), grid_points),
+    top = max(top, max(deltas), 1e-6)  # a grid even when every delta is 0
+    return torch.unique(torch.cat([grid(top, grid_points),
                                    torch.tensor([float(d) for d in deltas], dtype=torch.float64)]))
 
 
@@ -154,8 +155,13 @@ def _global_fallbacks(growth: RouteGrowth, radii: torch.Tensor, delta: float) ->
 def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
             deltas: Sequence[float], p: float = 2.0, norm: str | float = "2", loss: str = "ce",
             box: tuple[float, float] | None = None, grid_points: int = 24,
-            exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False) -> Certificate:
-    """Certificates (upper bounds on R(delta)) for every delta, on CPU in float64."""
+            exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False,
+            should_stop: Callable[[], bool] | None = None) -> Certificate:
+    """Certificates (upper bounds on R(delta)) for every delta, on CPU in float64.
+
+    `should_stop()` is polled between the bound computations; when it returns True,
+    `verifier.certify.growth.Stopped` is raised (an audit's time limit).
+    """
     norm, loss = parse_norm(norm), check_loss(loss)
     if not p >= 1:
         raise UsageError(f"p must be >= 1 (got {p})")
@@ -181,7 +187,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     if all(site.kind in PIECEWISE_LINEAR_KINDS for site in model.logit_sites):
         cells = cell_analysis(model, inputs, labels, norm, box=box, device="cpu")
     radii = _radius_grid(inputs, deltas, p, box, norm, grid_points)
-    evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, cells, progress=progress)
+    evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, cells, progress=progress,
+                                should_stop=should_stop)
     growth = growth_curves(evidence, loss, lipschitz.loss_constant(loss))
     class_curves = margin_class_curves(evidence, lipschitz.loss_constant("margin")) if loss == "margin" else None
     correct = loss_values(logits, labels, "margin") < 0

@@ -12,6 +12,7 @@ which is sound and only tightens. Which route won is kept per sample and radius.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,10 @@ from verifier.certify.aggregate import GrowthCurves
 from verifier.losses import loss_values, margins
 
 ROUTES = ("cell", "linear", "jacobian", "global")
+
+
+class Stopped(Exception):
+    """The caller asked to stop (e.g. an audit's time limit): no result, nothing wrong."""
 
 
 @dataclass(frozen=True)
@@ -77,13 +82,19 @@ class MarginEvidence:
 
 def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
                      norm: str, radii: torch.Tensor, box: tuple[float, float] | None,
-                     cells: CellAnalysis | None = None, device: str = "cpu", progress: bool = False) -> MarginEvidence:
-    """Margin and slope bounds at every grid radius: one propagation per radius serves both."""
+                     cells: CellAnalysis | None = None, device: str = "cpu", progress: bool = False,
+                     should_stop: Callable[[], bool] | None = None) -> MarginEvidence:
+    """Margin and slope bounds at every grid radius: one propagation per radius serves both.
+
+    `should_stop()` is asked before each radius; when it says yes, `Stopped` is raised.
+    """
     linear = slopes = whole_box = domain_slope = None
     if network is not None:
         linear_rows, slope_rows = [], []
         for radius in tqdm(radii[1:], desc="certify: bounds per radius", unit="radius", disable=not progress,
                            leave=False):
+            if should_stop is not None and should_stop():
+                raise Stopped("stopped before the bounds at every radius were computed")
             problem = margin_problem(network, x, y, radius, norm, box, torch.device(device), radii.dtype)
             state = propagate(network, problem.region)
             bounds = margins_from(problem, state)
