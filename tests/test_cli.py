@@ -123,7 +123,7 @@ def _npz(tmp_path, **arrays):
 
 @pytest.mark.parametrize("case,expected", [
     ("wrong_shape", "expects"), ("nan", "NaN"), ("no_x", "no array 'x'"), ("int_x", "floating point"),
-    ("bad_y", "'y'"), ("not_npz", "not a readable"), ("missing", "not found"),
+    ("bad_y", "'y'"), ("not_npz", "not an .npz (zip) archive"), ("missing", "not found"),
 ])
 def test_bad_data_exit_2(capsys, tmp_path, case, expected):
     good = np.zeros((4, 64), dtype=np.float32)

@@ -151,6 +151,10 @@ def _piecewise_linear_sites(model: ConvertedModel) -> list[ActivationSite]:
     if others:
         listed = ", ".join(f"{s.kind} at {s.nodes[0]}" for s in others[:5])
         raise VerifierError(f"cell analysis needs a piecewise-linear model; found {listed}")
+    if model.uncovered_nonlinear:
+        listed = ", ".join(model.display_name(key) for key in model.uncovered_nonlinear[:5])
+        raise VerifierError(f"cell analysis needs every nonlinearity to be an activation site; "
+                            f"not analysable as cells: {listed}")
     return list(model.logit_sites)
 
 

@@ -282,6 +282,14 @@ class OperatorGraph:
             params["coerce_2d"] = True
         return params
 
+    def uncovered_nonlinear(self, sites: list[ActivationSite]) -> list[str]:
+        """Nodes the logits depend on that are nonlinear but belong to no activation site
+        (e.g. `Max(h, 3h)`, `Mul(h, h)`, `ReduceMax`): the cell analysis cannot see their kinks."""
+        logits = self.logits_tensor()
+        relevant = self.ancestors_of_tensors([logits] if logits else self.outputs)
+        covered = {key for site in sites for key in site.nodes}
+        return sorted(key for key in relevant - covered if self._op_nonlinearity(self.nodes[key]) != "none")
+
     def model_family(self, sites: list[ActivationSite]) -> str:
         """`linear`, `piecewise-linear`, `smooth` or `mixed`, judged on what computes the logits."""
         logits = self.logits_tensor()

@@ -35,7 +35,6 @@ from verifier.convert.normalize import NormalizedModel
 from verifier.data import save_distributions as write_distributions
 from verifier.errors import UsageError, VerifierError
 from verifier.geometry import dual_norm, parse_norm
-from verifier.graph import PIECEWISE_LINEAR_KINDS
 from verifier.cells import displacement_box
 from verifier.jacobian import logits_jacobian, loss_gradients
 from verifier.losses import check_loss, loss_values
@@ -111,6 +110,9 @@ class Certificate:
         return "\n".join(lines)
 
 
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def _normalized(model: ConvertedModel) -> NormalizedModel:
     return NormalizedModel(proto=model.normalized, input_name=model.input_spec.name,
                            output_names=model.output_names, logits_index=model.logits_index)
@@ -184,7 +186,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         network = None
         fallbacks.append(str(err))
     cells = None
-    if all(site.kind in PIECEWISE_LINEAR_KINDS for site in model.logit_sites):
+    if model.piecewise_linear:  # every kink is a site: the model is affine on each cell
         cells = cell_analysis(model, inputs, labels, norm, box=box, device="cpu")
     radii = _radius_grid(inputs, deltas, p, box, norm, grid_points)
     evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, cells, progress=progress,
@@ -206,6 +208,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     moves = candidates(module, inputs, labels, jacobian, lower, upper, torch.cat([_refined(radii, 4), extra]),
                        norm, loss)
     results, distributions = [], []
+    rounding = 8 * torch.finfo(_DTYPES.get(model.input_spec.dtype, torch.float32)).eps
     clean_risk = float(clean.mean())
     for delta in deltas:
         global_bound = clean_risk + delta * slope if math.isfinite(slope) else None
@@ -220,17 +223,24 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             certificate = min([clean_risk + excess] + closed_forms)  # §3.7: every candidate is sound
             if loss == "zero_one":  # the error rate is also at most 1 - certified accuracy (§4)
                 certificate = min(certificate, 1.0, 1.0 - accuracy)
+            # The bounds are for the float64 twin; the deployed model rounds in its own dtype.
+            certificate += rounding * max(1.0, abs(certificate))
+            if loss == "zero_one":
+                certificate = min(certificate, 1.0)
         realised = realise(module, inputs, labels, jacobian, lower, upper, moves, float(delta), p, norm, loss)
         distributions.append(realised)
+        alarm = certificate is not None and realised.risk > certificate + rounding * max(1.0, abs(certificate))
+        alarms = ("SOUNDNESS ALARM: the realising distribution's risk exceeds the certificate; please report "
+                  "this model (a bug in verifier)",) if alarm else ()
         results.append(DeltaCertificate(
             delta=float(delta), clean_risk=clean_risk, certificate=certificate, global_bound=global_bound,
             first_order_estimate=None if upsilon is None else clean_risk + delta * upsilon,
             certified_accuracy=accuracy,
             realised_risk=realised.risk, realised_accuracy=realised.accuracy,
             exact=None if certificate is None else is_exact(certificate, realised.risk, exact_tolerance),
-            fallbacks=tuple(fallbacks) + _global_fallbacks(growth, radii, float(delta)),
+            fallbacks=alarms + tuple(fallbacks) + _global_fallbacks(growth, radii, float(delta)),
         ))
-    won = Counter(ROUTES[int(i)] for i in growth.winner[:, 1:].flatten())
+    won = Counter(ROUTES[int(i)] for i in growth.winner[:, 1:].flatten() if i >= 0)
     return Certificate(loss=loss, p=p, norm=norm, box=box, samples=len(inputs), results=tuple(results),
                        exact_up_to_delta=_exact_up_to(results), routes_won=dict(won), fallbacks=tuple(fallbacks),
                        local_slopes=local, global_slope=slope if math.isfinite(slope) else None,

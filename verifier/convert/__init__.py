@@ -26,7 +26,7 @@ from verifier.convert import converters  # noqa: F401  (registers verifier's con
 from verifier.convert.compat import import_onnx2torch
 from verifier.convert.normalize import NormalizedModel, normalize_model
 from verifier.errors import ConversionError, UnsupportedOpsError
-from verifier.graph import ActivationSite, OperatorGraph
+from verifier.graph import PIECEWISE_LINEAR_KINDS, ActivationSite, OperatorGraph
 from verifier.onnx_io import LoadedModel, TensorSpec
 
 onnx2torch = import_onnx2torch()
@@ -47,6 +47,13 @@ class ConvertedModel:
     tensor_nodes: dict[str, str] = field(repr=False)
     logit_sites: tuple[ActivationSite, ...] = ()
     node_names: dict[str, str] = field(default_factory=dict, repr=False)  # normalised key -> user's name
+    uncovered_nonlinear: tuple[str, ...] = ()  # nonlinear nodes before the logits that are no site
+
+    @property
+    def piecewise_linear(self) -> bool:
+        """Every nonlinearity the logits depend on is a piecewise-linear activation site: the
+        model is affine on each activation cell (what `verifier.cells` relies on)."""
+        return not self.uncovered_nonlinear and all(s.kind in PIECEWISE_LINEAR_KINDS for s in self.logit_sites)
 
     def display_name(self, key: str) -> str:
         """The user's name (as `inspect` shows it) of a node key of the normalised graph."""
@@ -127,6 +134,7 @@ def convert_model(model: LoadedModel) -> ConvertedModel:
         tensor_nodes=tensor_nodes,
         logit_sites=tuple(site for site in sites if set(site.nodes) & upstream),
         node_names=dict(normalized.original_names),
+        uncovered_nonlinear=tuple(graph.uncovered_nonlinear(sites)),
     )
 
 
