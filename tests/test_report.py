@@ -13,7 +13,9 @@ from verifier.report import (
     SECTION_IDS, ReportSchemaError, finalize_report, render_html, render_markdown, validate_report, write_report,
 )
 from verifier.report import writer as writer_module
-from verifier.report.plots import accuracy_plot, risk_plot, slopes_plot
+from verifier.report.numbers import fmt_box, fmt_delta
+from verifier.report.plots import accuracy_figure, accuracy_plot, risk_figure, risk_plot, slopes_plot
+from verifier.report.summary import split_warnings, threshold_lines, vacuous_note
 
 SHA = "63f7ef7eb91406964d298432afd1ec07113aabb14fe2355fe4c0be36fcf30f0e"
 HOSTILE = "<script>alert(1)</script>"
@@ -73,6 +75,26 @@ def raw_report() -> dict:
         ],
         "warnings": [],
     }
+
+
+def _per_255_raw() -> dict:
+    """The fixture on the budgets 1/255, 2/255, 8/255 (image-style L_inf budgets)."""
+    raw = raw_report()
+    deltas = [1 / 255, 2 / 255, 8 / 255]
+    raw["settings"]["deltas"] = deltas
+    for result, delta in zip(raw["results"], deltas):
+        result["delta"] = delta
+        for attack in result["attacks"].values():
+            attack["transport_cost"] = delta
+    return raw
+
+
+def _vacuous_raw() -> dict:
+    """A transformer-like audit: the certificate is one constant far above every attack, certified accuracy 0."""
+    raw = raw_report()
+    for result in raw["results"]:
+        result.update(certificate=35.31, global_bound="Infinity", certified_accuracy=0.0, exact=False)
+    return raw
 
 
 @pytest.fixture
@@ -254,7 +276,8 @@ def test_html_sections_inline_svg_no_external_resources(report):
     page = render_html(report)
     for section in SECTION_IDS:
         assert f'<section id="{section}">' in page
-    assert page.index('id="verdict"') < page.index('id="model-summary"')
+    assert page.index('id="verdict"') < page.index('id="numbers"') < page.index('id="model-summary"')
+    assert page.index('id="numbers"') < page.index('id="risk-plot"') < page.index('id="settings"')
     assert page.count("<svg") == 3 and page.count("</svg>") == 3
     assert not re.search(r"https?://", page) and "src=" not in page and "<link" not in page
     assert '<span class="badge fail">FAIL</span>' in page
@@ -297,9 +320,15 @@ def test_markdown_verdict_and_table(report):
     text = render_markdown(report)
     assert text.startswith("## ❌ verifier audit: FAIL\n")
     assert "- delta=0.2: risk not certified below 0.5 (certificate 0.6633, best attack 0.4105)" in text
-    assert ("| 0.05 | 0.0812 | 0.1402 (pgd) | 0.1456 | 5.901 | 1.092 | 98.0% | 94.0% | 94.0% | yes | pass | pass |"
+    # best risk from pgd, lowest accuracy from wda: both attacks are named
+    assert ("| 0.05 | 0.0812 | 0.1402 (pgd) | 0.1456 | 5.901 | 1.092 | 98.0% | 94.0% | 94.0% (wda) | yes "
+            "| pass | pass |") in text
+    assert ("| 0.2 | 0.0812 | 0.4105 (wda) | 0.6633 | 23.56 | 1.768 | 98.0% | 71.0% | 78.0% (wda) | no | fail | pass |"
             in text)
-    assert "| 0.2 | 0.0812 | 0.4105 (wda) | 0.6633 | 23.56 | 1.768 | 98.0% | 71.0% | 78.0% | no | fail | pass |" in text
+    assert "| gap ratio |" in text and "| max risk ≤ 0.5 | certified acc. ≥ 50.0% |" in text
+    assert "1 = the certificate is met by an attack; larger = looser" in text
+    assert "exact: the certificate equals the true worst case" in text
+    assert "box [0, 1]" in text
     assert "Model `models/digits_mlp_relu.onnx` (sha256 `63f7ef7eb914`, piecewise-linear, 5 nodes)" in text
     assert "conversion check passed (max abs diff 4.7e-07, top-1 agreement 100.0%)" in text
     assert "exit code 1" in text
@@ -312,8 +341,10 @@ def test_markdown_escapes_hostile_strings():
     raw["warnings"] = ["node <img src=x> | broke"]
     text = render_markdown(finalize_report(raw))
     assert "`a'b<script>.onnx`" in text  # a code span shows its content literally
-    assert "x\\|y&lt;script&gt;\\*z\\*" in text
-    assert "- ⚠️ node &lt;img src=x&gt; \\| broke" in text
+    assert "x\\|y\\<script\\>\\*z\\*" in text  # backslash escapes, shown literally, never a tag
+    assert "- ⚠️ node \\<img src=x\\> \\| broke" in text
+    assert "&lt;" not in text and "&gt;" not in text and "&amp;" not in text
+    assert "<script" not in text.replace("\\<script", "").replace("`a'b<script>.onnx`", "")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 5 and len({line.replace("\\|", "").count("|") for line in rows}) == 1
 
@@ -337,16 +368,52 @@ def test_plots_handle_null_certificates_and_empty_results():
     assert render_html(empty).count("<svg") == 1
 
 
-def test_risk_plot_scaling_when_global_bound_dwarfs():
+def _visible_ticks(axis, low, high) -> int:
+    return sum(low <= t <= high for t in axis.get_ticklocs())
+
+
+def test_risk_plot_linear_focus_global_bound_off_scale_and_threshold():
     report = finalize_report(raw_report())
-    assert "(log scale)" in risk_plot(report)
+    figure = risk_figure(report)
+    axes = figure.axes[0]
+    bottom, top = axes.get_ylim()
+    assert axes.get_yscale() == "linear" and bottom == 0 and 0.6633 < top < 1.0  # ~1.3x the largest certificate
+    assert _visible_ticks(axes.yaxis, bottom, top) >= 4
+    svg = risk_plot(report)
+    assert "global Lipschitz bound — 5.9–24, off scale" in svg and "max-risk threshold 0.5" in svg
     raw = raw_report()
     raw["settings"]["loss"] = "margin"
-    for result in raw["results"]:  # margins are negative: no log scale, the axis is clipped instead
+    for result in raw["results"]:  # negative margins: the axis still follows the data
         result.update(clean_risk=-3.0, certificate=result["certificate"] - 3, first_order_estimate=None)
         for attack in result["attacks"].values():
             attack["risk"] -= 3
-    assert "global bound off scale (up to 23.6)" in risk_plot(finalize_report(raw))
+    raw["settings"]["thresholds"]["max_risk"] = 100.0
+    svg = risk_plot(finalize_report(raw))
+    assert "global Lipschitz bound — 5.9–24, off scale" in svg and "max-risk threshold 100 — off scale" in svg
+    raw = raw_report()  # a global bound that fits is drawn without a note
+    for result in raw["results"]:
+        result["global_bound"] = result["certificate"] * 1.1
+    assert "global Lipschitz bound</text>" in risk_plot(finalize_report(raw)).replace("\n", "")
+
+
+def test_plots_mark_thresholds_and_fractions_of_255():
+    raw = _per_255_raw()
+    raw["settings"]["thresholds"]["min_robust_accuracy"] = 0.75
+    report = finalize_report(raw)
+    risk, accuracy = risk_plot(report), accuracy_plot(report)
+    for svg in (risk, accuracy):
+        assert ">1/255<" in svg and ">8/255<" in svg
+    assert "threshold: min certified accuracy 50.0%" in accuracy and "threshold: min robust accuracy 75.0%" in accuracy
+    labels = [t.get_text() for t in accuracy_figure(report).axes[0].get_xticklabels()]
+    assert labels == ["1/255", "2/255", "8/255"]
+    assert "/255" not in risk_plot(finalize_report(raw_report()))  # plain decimals keep the default ticks
+
+
+def test_risk_plot_vacuous_certificate_is_off_scale():
+    report = finalize_report(_vacuous_raw())
+    figure = risk_figure(report)
+    assert figure.axes[0].get_ylim()[1] < 1.0  # focused on the attacks, not on the certificate 35.31
+    assert "certificate (upper bound) — vacuous; 35.3, off scale" in risk_plot(report)
 
 
 def test_slopes_plot():
@@ -412,3 +479,90 @@ def test_write_report_failure_inside_a_file_leaves_no_temporary(tmp_path, report
         write_report(report, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
     assert [str(t).rsplit("/", 1)[-1] for t in calls] == ["report.html", "report.md"]
+
+
+# --- top of the report: thresholds, vacuous certificates, warnings vs notes ------------------
+
+def test_threshold_lines_state_worst_value_and_margin(report):
+    lines = threshold_lines(report)
+    assert [(t.name, t.status) for t in lines] == [("max_risk", "fail"), ("min_certified_accuracy", "pass")]
+    assert lines[0].text == ("max risk 0.5: highest certificate 0.6633 at delta 0.2, margin −0.163; "
+                             "highest attack risk 0.4105 — fail")
+    assert lines[1].text == "min certified accuracy 50.0%: lowest 71.0% at delta 0.2, margin +21.0 pts — pass"
+    robust = threshold_lines(_finalized(settings__thresholds={"max_risk": None, "min_certified_accuracy": None,
+                                                              "min_robust_accuracy": 0.8}))
+    assert [t.text for t in robust] == [
+        "min robust accuracy 80.0%: lowest attacked accuracy 78.0% at delta 0.2 (attack wda, certified 71.0%), "
+        "margin −2.0 pts — fail"]
+    page, text = render_html(report), render_markdown(report)
+    verdict = page[page.index('<section id="verdict">'):page.index('<section id="numbers">')]
+    assert "<td>max risk 0.5</td>" in verdict and "highest certificate 0.6633 at delta 0.2, margin −0.163" in verdict
+    assert "<td>min certified accuracy 50.0%</td>" in verdict and 'class="cell-pass">pass<' in verdict
+    assert ("- max risk 0.5: highest certificate 0.6633 at delta 0.2, margin −0.163; highest attack risk 0.4105 "
+            "— ❌") in text
+    assert text.index("**Thresholds**") < text.index("| delta |")
+    unset = finalize_report({**raw_report(), "settings": {**raw_report()["settings"], "thresholds": dict.fromkeys(
+        ("max_risk", "min_certified_accuracy", "min_robust_accuracy"))}})
+    assert threshold_lines(unset) == [] and "No thresholds set" in render_html(unset)
+    assert "No thresholds set" in render_markdown(unset)
+
+
+def test_budgets_shown_as_fractions_of_255():
+    assert fmt_delta(8 / 255) == "8/255 (0.0314)" and fmt_delta(np.float32(8 / 255)) == "8/255 (0.0314)"
+    assert fmt_delta(0.2) == "0.2" and fmt_delta(0.05) == "0.05" and fmt_delta(0) == "0"  # 0.2 = 51/255 stays
+    report = finalize_report(_per_255_raw())
+    page, text = render_html(report), render_markdown(report)
+    assert '<td class="num">8/255 (0.0314)</td>' in page and "1/255 (0.00392), 2/255 (0.00784), 8/255 (0.0314)" in page
+    assert "| 8/255 (0.0314) | 0.0812 |" in text and "at delta 8/255 (0.0314)" in text
+
+
+def test_html_has_no_python_leaks_and_explains_columns(report):
+    page = render_html(report)
+    assert "None" not in page and "cell-None" not in page
+    assert "<tr><th>box</th><td>[0, 1]</td></tr>" in page and "(0.0, 1.0)" not in page
+    assert fmt_box(None) == "none (unbounded)"
+    assert "gap ratio" in page and "1 = the certificate is met by an attack; larger = looser" in page
+    assert "JSON key <code>tightness</code>" in page
+    assert "exact</strong>: the certificate equals the true worst case" in page
+    assert '94.0% <span class="muted">(wda)</span>' in page  # the attack behind the lowest accuracy
+    assert "<th>max risk ≤ 0.5</th><th>certified acc. ≥ 50.0%</th>" in page
+    table = page[page.index('<section id="numbers">'):page.index("<h3>Attacks</h3>")]
+    assert "robust acc. ≥" not in table and table.count("<td>—</td>") == 0  # unset threshold: no column
+
+
+def test_vacuous_certificate_note():
+    assert vacuous_note(finalize_report(raw_report())) is None
+    report = finalize_report(_vacuous_raw())
+    note = vacuous_note(report)
+    assert note.startswith("The certificate is vacuous at every budget (it is 35.31 whatever the budget; "
+                           "certified accuracy 0% with a certificate over 10× the best attack)")
+    assert "Rely on the attacks' lower bounds" in note
+    assert 'id="vacuous-note"' in render_html(report)
+    assert "> ⚠️ **Vacuous certificate.** The certificate is vacuous at every budget" in render_markdown(report)
+    raw = raw_report()  # rule (a) at one delta only
+    raw["results"][2].update(certificate=5.0, certified_accuracy=0.0)
+    assert vacuous_note(finalize_report(raw)).startswith(
+        "The certificate is vacuous at delta 0.2 (certified accuracy 0% with a certificate over 10× the best attack)")
+    raw = raw_report()  # an infinite certificate is vacuous too
+    raw["results"][0]["certificate"] = "Infinity"
+    assert "vacuous at delta 0.05 (it is infinite)" in vacuous_note(finalize_report(raw))
+
+
+def test_warnings_split_into_problems_and_notes():
+    raw = raw_report()
+    raw["warnings"] = ["attack skipped: wpgd is not defined for p = 1 (needs q < inf)"]
+    raw["results"][0]["attacks"]["pgd"]["risk"] = 0.2  # above the certificate: a real soundness warning
+    report = finalize_report(raw)
+    problems, notes = split_warnings(report["warnings"])
+    assert notes == ["attack skipped: wpgd is not defined for p = 1 (needs q < inf)"]
+    assert len(problems) == 1 and "soundness bug" in problems[0]
+    page = render_html(report)
+    warn = page[page.index('<div class="warn">'):]
+    note = page[page.index('<div class="note">'):]
+    assert "soundness bug" in warn[:warn.index("</div>")] and "attack skipped" not in warn[:warn.index("</div>")]
+    assert "attack skipped: wpgd is not defined for p = 1 (needs q &lt; inf)" in note[:note.index("</div>")]
+    text = render_markdown(report)
+    assert "- ℹ️ attack skipped: wpgd is not defined for p = 1 (needs q \\< inf)" in text and "&lt;" not in text
+    assert "**Warnings** (these numbers contradict each other; please report them)" in text
+    only_notes = finalize_report({**raw_report(), "warnings": notes})
+    assert '<div class="warn">' not in render_html(only_notes) and "**Warnings**" not in render_markdown(only_notes)

@@ -2,7 +2,8 @@
 
 `finalize_report` fills the derived fields (best attack, tightness, verdicts, exit code),
 `validate_report` checks the schema, `write_report` writes report.html, report.md and, last,
-report.json into a folder, each file atomically.
+report.json into a folder, each file atomically. `summary` derives, at render time only, the
+threshold margins, the vacuous-certificate note and the warnings/notes split shown at the top.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import numpy as np
 from verifier.graph import json_safe
 from verifier.report.numbers import fmt, fmt_pct, value
 from verifier.report.schema import THRESHOLDS, ReportSchemaError
+from verifier.report.summary import weakest_attack
 
 EXIT_PASSED, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 3
 _SOUND_TOL = 1e-6
@@ -83,14 +84,8 @@ def _checks(result: dict, thresholds: dict) -> tuple[dict, list[str]]:
         verdict["min_robust_accuracy"] = "pass" if ok else "fail"
         if not ok:
             reasons.append(f"{at}: attacked accuracy {fmt_pct(attacked)} below {fmt_pct(limit)}"
-                           + (f" (attack {_weakest(result)})" if attacked is not None else " (no attack ran)"))
+                           + (f" (attack {weakest_attack(result)})" if attacked is not None else " (no attack ran)"))
     return verdict, reasons
-
-
-def _weakest(result: dict) -> str:
-    accuracies = {m: _num(a.get("robust_accuracy")) for m, a in result["attacks"].items()}
-    accuracies = {m: a for m, a in accuracies.items() if a is not None}
-    return min(sorted(accuracies), key=accuracies.__getitem__)
 
 
 def _soundness(result: dict, p) -> list[str]:

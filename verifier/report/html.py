@@ -13,12 +13,13 @@ from importlib import resources
 import jinja2
 from markupsafe import Markup
 
-from verifier.report.numbers import fmt, fmt_pct, fmt_seconds
+from verifier.report.numbers import fmt, fmt_box, fmt_delta, fmt_pct, fmt_seconds
 from verifier.report.plots import accuracy_plot, risk_plot, slopes_plot
 from verifier.report.schema import THRESHOLDS
+from verifier.report.summary import split_warnings, threshold_lines, vacuous_note, weakest_attack
 
-SECTION_IDS = ("verdict", "model-summary", "conversion", "risk-plot", "accuracy-plot", "slopes-plot",
-               "numbers", "settings")
+SECTION_IDS = ("verdict", "numbers", "model-summary", "conversion", "risk-plot", "accuracy-plot", "slopes-plot",
+               "settings")
 PARTIAL_ID = "partial"
 _TEMPLATE = "report.html.j2"
 
@@ -31,7 +32,8 @@ def _shape(shape) -> str:
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=fmt, pct=fmt_pct, secs=fmt_seconds, shape=_shape)
+    env.filters.update(num=fmt, pct=fmt_pct, secs=fmt_seconds, shape=_shape, delta=fmt_delta, box=fmt_box,
+                       weakest=weakest_attack)
     return env
 
 
@@ -51,5 +53,18 @@ def render_html(report: dict) -> str:
         ("risk", risk_plot(report)), ("accuracy", accuracy_plot(report)), ("slopes", slopes_plot(report)))}
     label = verdict_label(report)
     css = {"PASS": "pass", "FAIL": "fail", "PARTIAL": "partial"}.get(label, "none")
+    limits = report["settings"]["thresholds"]
+    used = [name for name in THRESHOLDS if limits.get(name) is not None]
+    problems, notes = split_warnings(report["warnings"])
     return template.render(r=report, c=report["conversion"], plots=plots, label=label, css=css,
-                           thresholds=THRESHOLDS)
+                           thresholds=THRESHOLDS, used=used, headers=column_headers(limits),
+                           tlines=threshold_lines(report), vacuous=vacuous_note(report),
+                           problems=problems, notes=notes)
+
+
+def column_headers(limits: dict) -> dict[str, str]:
+    """Table headers of the per-delta threshold columns: `max risk ≤ 0.5`, `certified acc. ≥ 50.0%`, ..."""
+    heads = {"max_risk": ("max risk ≤", fmt), "min_certified_accuracy": ("certified acc. ≥", fmt_pct),
+             "min_robust_accuracy": ("robust acc. ≥", fmt_pct)}
+    return {name: f"{head} {show(limits[name])}" for name, (head, show) in heads.items()
+            if limits.get(name) is not None}

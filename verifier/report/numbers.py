@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 MISSING = "—"
 
@@ -11,7 +12,7 @@ def value(item) -> float | None:
     """A report number as a float (the string "Infinity" as inf); None for null/"NaN"/anything else."""
     if isinstance(item, bool) or item is None:
         return None
-    if isinstance(item, (int, float)):
+    if isinstance(item, numbers.Real):  # numpy scalars too
         return float(item)
     return {"Infinity": math.inf, "-Infinity": -math.inf}.get(item) if isinstance(item, str) else None
 
@@ -42,3 +43,28 @@ def fmt_seconds(item) -> str:
     """`0.42 s`, `—` for null."""
     number = value(item)
     return MISSING if number is None else f"{number:.2f} s"
+
+
+def per_255(item) -> int | None:
+    """k when a budget is (to float32 precision) k/255 and not a short decimal (0.2 = 51/255 stays 0.2)."""
+    number = value(item)
+    if number is None or not math.isfinite(number) or number <= 0:
+        return None
+    k = round(number * 255)
+    if k < 1 or abs(number * 255 - k) > 1e-5 * k:
+        return None
+    short = float(f"{number:.4g}")
+    return None if abs(short - number) <= 1e-9 * number else k
+
+
+def fmt_delta(item, digits: int = 3) -> str:
+    """A budget: `8/255 (0.0314)` when it is k/255, else as `fmt` writes it (`0.05`)."""
+    k = per_255(item)
+    return fmt(item) if k is None else f"{k}/255 ({fmt(item, digits)})"
+
+
+def fmt_box(box) -> str:
+    """The input box `[lo, hi]` (`[0, 1]`), `none (unbounded)` for null."""
+    if box is None:
+        return "none (unbounded)"
+    return "[" + ", ".join(fmt(v) for v in box) + "]"

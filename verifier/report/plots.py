@@ -21,12 +21,13 @@ from matplotlib.backends.backend_svg import FigureCanvasSVG
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from verifier.report.numbers import fmt, value
+from verifier.report.numbers import fmt, fmt_pct, per_255, value
+from verifier.report.summary import vacuous_note
 
-_SIZE = (6.4, 3.8)
-_DWARF = 5.0  # the global bound "dwarfs" the rest when it rises this many spans above them
+_SIZE = (6.4, 4.4)
 _COLORS = {"certificate": "#1f5fa8", "attack": "#c0392b", "band": "#9b8fc7", "global": "#6b6b6b",
-           "clean": "#222222", "first": "#2e8b57", "certified": "#1f5fa8"}
+           "clean": "#222222", "first": "#2e8b57", "certified": "#1f5fa8",
+           "threshold": "#d35400"}
 _ATTACK_COLORS = ("#8e44ad", "#e67e22", "#16a085", "#7f8c8d", "#b8860b", "#2c3e50")
 _RC = {"svg.fonttype": "none", "svg.hashsalt": "verifier-report", "font.size": 9}
 _ID = re.compile(r'(\bid="|url\(#|href="#)([^")]+)')
@@ -65,19 +66,54 @@ def _finite(*arrays: np.ndarray) -> np.ndarray:
     return joined[np.isfinite(joined)]
 
 
-def _scale(ax, near: np.ndarray, far: np.ndarray) -> str | None:
-    """Log-y, or clip the y-axis, when `far` (the global bound) dwarfs `near`; a note for the title."""
-    if not near.size or not far.size:
-        return None
+def _top(near: np.ndarray, low_limit: float | None = None) -> tuple[float, float]:
+    """y-limits focused on `near` (clean, attacks, certificate): from 0 (or just below) to ~1.3× the largest."""
     low, high = float(near.min()), float(near.max())
-    span = max(high - low, 1e-12 * max(1.0, abs(high)))
-    if float(far.max()) - high <= _DWARF * span:
+    span = max(high - low, 1e-12 * max(1.0, abs(high)), 1e-9)
+    bottom = 0.0 if 0 <= low <= 0.5 * high else low - 0.1 * span
+    top = max(1.3 * high, high + 0.1 * span) if low >= 0 else high + 0.3 * span
+    if low_limit is not None and bottom < low_limit < top + 2 * span:  # a threshold near the data: show it
+        top = max(top, low_limit + 0.08 * (top - bottom))
+    return bottom, top
+
+
+def _off_scale(series: np.ndarray, top: float) -> str | None:
+    """None when `series` fits under `top`, else a note such as "11–88, off scale"."""
+    values = series[np.isfinite(series)]
+    if not values.size or float(values.max()) <= top:
         return None
-    if low > 0 and float(far.min()) > 0:
-        ax.set_yscale("log")
-        return "log scale"
-    ax.set_ylim(low - 0.1 * span, high + 0.4 * span)
-    return f"global bound off scale (up to {fmt(float(far.max()), 3)})"
+    low, high = float(values.min()), float(values.max())
+    if low > top:
+        both = f"{fmt(low, 2)}–{fmt(high, 2)}" if fmt(low, 2) != fmt(high, 2) else fmt(low, 3)
+        return f"{both}, off scale"
+    return f"partly off scale, up to {fmt(high, 3)}"
+
+
+def _label(text: str, *notes: str | None) -> str:
+    """`text — note, note` (notes that are None left out)."""
+    kept = [n for n in notes if n]
+    return text + (" — " + "; ".join(kept) if kept else "")
+
+
+def _delta_axis(ax, deltas: np.ndarray) -> None:
+    """x ticks at the budgets written k/255 when every budget is one (labels too close together dropped)."""
+    ks = [0 if d == 0 else per_255(float(d)) for d in deltas]
+    if not deltas.size or any(k is None for k in ks) or len(ks) > 12:
+        return
+    span = max(float(deltas.max()) - float(deltas.min()), 1e-12)
+    chosen: list[tuple[float, int]] = []
+    for d, k in sorted(zip(deltas.tolist(), ks), reverse=True):  # keep the large budgets, drop crowded small ones
+        if not chosen or chosen[-1][0] - d >= 0.07 * span:
+            chosen.append((d, k))
+    chosen.reverse()
+    ax.set_xticks([d for d, _ in chosen], ["0" if k == 0 else f"{k}/255" for _, k in chosen])
+
+
+def _legend(fig: Figure, ax) -> None:
+    """The legend under the axes (it never hides a curve)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=7, frameon=False)
 
 
 def _per_delta(report: dict) -> tuple[list[dict], np.ndarray]:
@@ -95,42 +131,60 @@ def _band(ax, deltas: np.ndarray, low: np.ndarray, high: np.ndarray, label: str)
 
 
 def risk_figure(report: dict) -> Figure | None:
-    """Risk vs delta: certificate ↔ best-attack band, global bound, clean risk, first-order estimate."""
+    """Risk vs delta on a linear scale focused on clean risk, attacks and certificate, with the max-risk line.
+
+    The band lies between the best attack and the certificate; the global bound (dashed) and a vacuous
+    certificate are drawn clipped and marked off scale in the legend when they rise above the axes.
+    """
     results, deltas = _per_delta(report)
     if not results:
         return None
     clean, cert = _series(results, "clean_risk"), _series(results, "certificate")
     attack, bound = _series(results, "best_attack_risk"), _series(results, "global_bound")
     first = _series(results, "first_order_estimate")
+    limit = value(report["settings"]["thresholds"].get("max_risk"))
+    vacuous = vacuous_note(report) is not None
+    near = _finite(clean, attack, first) if vacuous else _finite(clean, cert, attack, first)
     fig, ax = _figure()
     with matplotlib.rc_context(_RC):
+        bottom, top = _top(near if near.size else np.array([0.0, 1.0]), limit)
         _band(ax, deltas, attack, cert, "worst-case risk lies here")
-        ax.plot(deltas, cert, "-o", color=_COLORS["certificate"], ms=4, label="certificate (upper bound)")
+        label = _label("certificate (upper bound)", "vacuous" if vacuous else None, _off_scale(cert, top))
+        ax.plot(deltas, cert, "-o", color=_COLORS["certificate"], ms=4, label=label)
         ax.plot(deltas, attack, "-s", color=_COLORS["attack"], ms=4, label="best attack (lower bound)")
         ax.plot(deltas, clean, "-", color=_COLORS["clean"], lw=1, label="clean risk")
         if np.isfinite(first).any():
             ax.plot(deltas, first, ":", color=_COLORS["first"], lw=1.5, label="first-order estimate (not a bound)")
         if np.isfinite(bound).any():
-            ax.plot(deltas, bound, "--", color=_COLORS["global"], lw=1, label="global Lipschitz bound")
-        notes = [_scale(ax, _finite(clean, cert, attack, first), _finite(bound))]
+            ax.plot(deltas, bound, "--", color=_COLORS["global"], lw=1,
+                    label=_label("global Lipschitz bound", _off_scale(bound, top)))
+        if limit is not None and math.isfinite(limit):
+            shown = bottom <= limit <= top
+            ax.axhline(limit, color=_COLORS["threshold"], ls="-.", lw=1.2,
+                       label=_label(f"max-risk threshold {fmt(limit)}", None if shown else "off scale"))
+        ax.set_ylim(bottom, top)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=7))
+        notes = []
         if any(r.get("certificate") == "Infinity" for r in results):
             notes.append("certificate infinite at some delta")
         if all(r.get("certificate") is None for r in results):
             notes.append("no certificate for this loss")
+        _delta_axis(ax, deltas)
         ax.set_xlabel("Wasserstein budget delta")
         ax.set_ylabel(f"expected {report['settings']['loss']} loss")
-        ax.set_title("Worst-case risk vs budget" + "".join(f" ({n})" for n in notes if n))
+        ax.set_title("Worst-case risk vs budget" + "".join(f" ({n})" for n in notes))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        _legend(fig, ax)
     return fig
 
 
 def accuracy_figure(report: dict) -> Figure | None:
-    """Accuracy vs delta: clean, certified (lower bound), best attacked (upper bound), each attack."""
+    """Accuracy vs delta: clean, certified (lower bound), best attacked (upper bound), each attack, thresholds."""
     results, deltas = _per_delta(report)
     if not results:
         return None
     certified, attacked = _series(results, "certified_accuracy"), _series(results, "best_attack_accuracy")
+    thresholds = report["settings"]["thresholds"]
     fig, ax = _figure()
     with matplotlib.rc_context(_RC):
         _band(ax, deltas, certified, attacked, "robust accuracy lies here")
@@ -142,13 +196,20 @@ def accuracy_figure(report: dict) -> Figure | None:
             if np.isfinite(each).any():
                 ax.plot(deltas, each, "--", lw=0.9, alpha=0.8, color=_ATTACK_COLORS[index % len(_ATTACK_COLORS)],
                         label=f"attack {method}".replace("$", r"\$"))
+        for name, color, what in (("min_certified_accuracy", _COLORS["certified"], "min certified accuracy"),
+                                  ("min_robust_accuracy", _COLORS["attack"], "min robust accuracy")):
+            limit = value(thresholds.get(name))
+            if limit is not None:
+                ax.axhline(limit, color=color, ls="-.", lw=1.2, alpha=0.9,
+                           label=f"threshold: {what} {fmt_pct(limit)}")
         ax.set_ylim(-0.02, 1.02)
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        _delta_axis(ax, deltas)
         ax.set_xlabel("Wasserstein budget delta")
         ax.set_ylabel("accuracy")
         ax.set_title("Accuracy under distribution shift")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        _legend(fig, ax)
     return fig
 
 
