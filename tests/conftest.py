@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from hypothesis import settings
 from onnx import TensorProto, helper, numpy_helper
 
@@ -87,3 +88,12 @@ def save(tmp_path: Path):
         return path
 
     return _save
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny batches run faster on one intra-op thread (two spin ~30x slower on a shared 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -19,13 +19,7 @@ from verifier.onnx_io import load_model
 DUAL = {"inf": 1, "2": 2, "1": np.inf}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches: one intra-op thread (two threads spin ~30x slower on a shared 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear(save, classes: int, dim: int = 6, seed: int = 1):

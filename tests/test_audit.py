@@ -7,7 +7,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 from conftest import shipped_data, shipped_model
 
 from verifier import audit as audit_module
@@ -25,13 +24,7 @@ SETTINGS = AuditSettings(deltas=DELTAS, p=2.0, norm="inf", loss="ce", attacks=("
                          samples=16, grid_points=8, steps=5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: torch's thread pool only adds contention on a shared 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from conftest import SHIPPED, shipped_data, shipped_model
 
 from verifier.attacks import attack
@@ -16,12 +15,7 @@ from verifier.data import load_samples
 from verifier.onnx_io import load_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
