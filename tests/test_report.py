@@ -187,11 +187,11 @@ def test_partial_report_exit_code_and_banner():
     report = finalize_report(raw)
     validate_report(report)
     assert (report["verdict"]["passed"], report["verdict"]["exit_code"]) == (None, 3)
-    assert report["verdict"]["summary"].startswith("Partial report (time limit hit during attacks): no threshold")
+    assert report["verdict"]["summary"].startswith("Partial report (time limit hit; attacks not completed): no threshold")
     page = render_html(report)
-    assert 'id="partial"' in page and "Partial report: time limit hit (during attacks" in page
+    assert 'id="partial"' in page and "Partial report: time limit hit (attacks not completed" in page
     assert ">PARTIAL<" in page
-    assert "**Partial report: time limit hit** (during attacks); 2 of 3 budgets" in render_markdown(report)
+    assert "**Partial report: time limit hit** (attacks not completed); 2 of 3 budgets" in render_markdown(report)
     assert 'id="partial"' not in render_html(finalize_report(raw_report()))
 
 

@@ -119,7 +119,7 @@ def _exact_up_to(results: list[dict]) -> float | None:
 
 def _summary(report: dict, failures: list[str], checks: int, thresholds_set: bool) -> str:
     results = report["results"]
-    partial = "" if report["complete"] else f"Partial report (time limit hit during {report['stopped_at']}): "
+    partial = "" if report["complete"] else f"Partial report (time limit hit; {report['stopped_at']} not completed): "
     if failures:
         return f"{partial}FAIL: {len(failures)} check(s) failed; first: {failures[0]}."
     if thresholds_set and report["complete"]:

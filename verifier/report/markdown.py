@@ -97,7 +97,7 @@ def render_markdown(report: dict) -> str:
     model, settings = report["model"], report["settings"]
     lines = [f"## {_ICON[label]} verifier audit: {label}", ""]
     if not report["complete"]:
-        lines += [f"> **Partial report: time limit hit** (during {report['stopped_at']}); "
+        lines += [f"> **Partial report: time limit hit** ({report['stopped_at']} not completed); "
                   f"{len(report['results'])} of {len(settings['deltas'])} budgets analysed.", ""]
     lines += [escape(report["verdict"]["summary"]), ""]
     lines += _top(report)
