@@ -278,13 +278,13 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
 
 
 def _audit_text(outcome) -> str:
-    from verifier.report.numbers import fmt, fmt_pct
+    from verifier.report.numbers import fmt, fmt_delta, fmt_pct
 
     report = outcome.report
-    lines = [f"{'delta':>9} {'clean':>8} {'attack>=':>9} {'cert<=':>9} {'global':>9} {'cert.acc':>8} "
+    lines = [f"{'delta':>16} {'clean':>8} {'attack>=':>9} {'cert<=':>9} {'global':>9} {'cert.acc':>8} "
              f"{'att.acc':>8}  exact"]
     for row in report["results"]:
-        lines.append(f"{fmt(row['delta']):>9} {fmt(row['clean_risk']):>8} {fmt(row['best_attack_risk']):>9} "
+        lines.append(f"{fmt_delta(row['delta']):>16} {fmt(row['clean_risk']):>8} {fmt(row['best_attack_risk']):>9} "
                      f"{fmt(row['certificate']):>9} {fmt(row['global_bound']):>9} "
                      f"{fmt_pct(row['certified_accuracy']):>8} {fmt_pct(row['best_attack_accuracy']):>8}  "
                      f"{'yes' if row['exact'] else 'no'}")
