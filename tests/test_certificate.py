@@ -61,3 +61,13 @@ def test_dlr_has_no_certificate_and_zero_one_is_capped():
                     grid_points=6)
     assert error.results[0].certificate == pytest.approx(error.results[0].clean_risk, abs=2e-6)
     assert error.results[0].clean_risk <= error.results[1].certificate <= 1.0
+
+
+def test_certify_leaves_the_model_in_its_own_dtype():
+    loaded = load_model(shipped_model("mlp_relu"))
+    converted = convert_model(loaded)
+    samples = load_samples(shipped_data("mlp_relu"), loaded.info.data_input, limit=4)
+    before = converted.logits(torch.from_numpy(samples.x))
+    certify(converted, samples.x, samples.y, [0.01], p=2.0, norm="2", loss="ce", box=(0.0, 1.0), grid_points=4)
+    after = converted.logits(torch.from_numpy(samples.x))  # float32 weights untouched by the float64 analysis
+    assert after.dtype == torch.float32 and torch.equal(before, after)

@@ -32,6 +32,7 @@ from verifier.data import load_samples
 from verifier.device import resolve_device
 from verifier.errors import UsageError
 from verifier.geometry import parse_norm
+from verifier.jacobian import prepared_module
 from verifier.losses import check_loss, loss_values
 from verifier.onnx_io import load_model
 from verifier.report import SCHEMA_VERSION, ReportPaths, finalize_report, write_report
@@ -236,7 +237,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     clean_risk = clean_accuracy = None
     if certificate is not None:
         with torch.no_grad():
-            logits = converted.logits_module.double()(torch.as_tensor(x, dtype=torch.float64))
+            logits = prepared_module(converted, "cpu", torch.float64)(torch.as_tensor(x, dtype=torch.float64))
         labels = torch.as_tensor(y)
         clean_risk = float(loss_values(logits, labels, settings.loss).mean())
         clean_accuracy = float((loss_values(logits, labels, "margin") < 0).double().mean())

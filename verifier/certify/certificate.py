@@ -36,7 +36,7 @@ from verifier.data import save_distributions as write_distributions
 from verifier.errors import UsageError, VerifierError
 from verifier.geometry import dual_norm, parse_norm
 from verifier.cells import displacement_box
-from verifier.jacobian import logits_jacobian, loss_gradients
+from verifier.jacobian import logits_jacobian, loss_gradients, prepared_module
 from verifier.losses import check_loss, loss_values
 
 
@@ -171,7 +171,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         raise UsageError("give at least one delta, all finite and >= 0")
     inputs = torch.as_tensor(x).to(torch.float64)
     labels = torch.as_tensor(y, dtype=torch.long)
-    module = model.logits_module.double()
+    module = prepared_module(model, "cpu", torch.float64)  # a float64 copy; the model is left as it is
     logits = module(inputs).detach()
     if labels.min() < 0 or labels.max() >= logits.shape[1]:
         raise UsageError(f"labels must lie in 0..{logits.shape[1] - 1} (the model has {logits.shape[1]} classes)")

@@ -13,6 +13,8 @@ names the user's model (and `verifier inspect`) gives, and messages use those.
 
 from __future__ import annotations
 
+import copy
+
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -92,7 +94,8 @@ class ConvertedModel:
         missing = _multi_output_getitems(self, graph, by_name)
         nodes.update(missing)
         graph.output(choose(nodes))
-        module = fx.GraphModule(self.module, graph)
+        # Own copies of the weights: moving a probe to another dtype/device must not change the model.
+        module = fx.GraphModule(copy.deepcopy(self.module), graph)
         module.graph.eliminate_dead_code()
         module.recompile()
         return module.eval()
