@@ -84,6 +84,7 @@ def test_linear_model_certificate_is_the_exact_value(tmp_path, norm, p):
         assert row.certificate == pytest.approx(truth, rel=2e-6, abs=2e-6)  # and exact (+ float32 rounding pad)
         assert row.realised_risk <= truth + 1e-9
         assert row.exact  # the realising distribution meets it (to the tolerance of §3.5)
+        assert row.in_cell_mass == pytest.approx(1.0)  # a linear model is one cell
     assert result.exact_up_to_delta == max(deltas)
 
 

@@ -228,7 +228,7 @@ def test_runtime_failures_exit_2_with_one_line(capsys, tmp_path, case, expected)
 
 
 CERTIFY_KEYS = {"delta", "clean_risk", "certificate", "global_bound", "first_order_estimate", "certified_accuracy",
-                "exact", "fallbacks", "realised_risk", "realised_accuracy"}
+                "exact", "fallbacks", "realised_risk", "realised_accuracy", "in_cell_mass"}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

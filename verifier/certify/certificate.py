@@ -34,7 +34,7 @@ from verifier.convert import ConvertedModel
 from verifier.convert.normalize import NormalizedModel
 from verifier.data import save_distributions as write_distributions
 from verifier.errors import UsageError, VerifierError
-from verifier.geometry import dual_norm, parse_norm
+from verifier.geometry import dual_norm, parse_norm, vector_norm
 from verifier.cells import displacement_box
 from verifier.jacobian import logits_jacobian, loss_gradients, prepared_module
 from verifier.losses import check_loss, loss_values
@@ -53,6 +53,7 @@ class DeltaCertificate:
     realised_risk: float  # E_Q[loss] of the explicit distribution: a lower bound on R(delta)
     realised_accuracy: float  # accuracy under that distribution: an upper bound on the robust accuracy
     exact: bool | None  # certificate within tolerance of realised_risk (§3.5); None without a certificate
+    in_cell_mass: float | None  # mass of the realising distribution whose atoms stay in their sample's cell
     fallbacks: tuple[str, ...]  # model-level fallbacks and samples whose bound came from the global route
 
     def to_dict(self) -> dict:
@@ -238,6 +239,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             certified_accuracy=accuracy,
             realised_risk=realised.risk, realised_accuracy=realised.accuracy,
             exact=None if certificate is None else is_exact(certificate, realised.risk, exact_tolerance),
+            in_cell_mass=None if cells is None else _in_cell_mass(realised, inputs, cells.radius, norm),
             fallbacks=alarms + tuple(fallbacks) + _global_fallbacks(growth, radii, float(delta)),
         ))
     won = Counter(ROUTES[int(i)] for i in growth.winner[:, 1:].flatten() if i >= 0)
@@ -245,6 +247,12 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
                        exact_up_to_delta=_exact_up_to(results), routes_won=dict(won), fallbacks=tuple(fallbacks),
                        local_slopes=local, global_slope=slope if math.isfinite(slope) else None,
                        certified_radii=radii_certified, distributions=tuple(distributions))
+
+
+def _in_cell_mass(realised: RealisedDistribution, x: torch.Tensor, radius: torch.Tensor, norm: str) -> float:
+    """Probability mass of atoms within their sample's exact cell radius (where the analysis is exact)."""
+    moved = vector_norm((realised.atoms - x[realised.source]).flatten(1), norm)
+    return float(realised.weights[moved <= radius[realised.source]].sum())
 
 
 def _exact_up_to(results: Sequence[DeltaCertificate]) -> float | None:
