@@ -177,6 +177,9 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
           settings: AuditSettings = AuditSettings(), out_dir: str | os.PathLike[str] = "verifier-report",
           on_stage: Callable[[str], None] | None = None, progress: bool = False) -> AuditOutcome:
     """Run the whole audit and write the report; `on_stage(name)` is called as each stage starts."""
+    skipped = resolve_methods(["all"], settings.p)[1] if settings.p == 1 and (
+        "all" in settings.attacks or tuple(settings.attacks) == DEFAULT_ATTACKS) else ()
+    settings = _check(settings)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a folder")
@@ -184,9 +187,6 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot create the report folder {out_dir}: {err.strerror or err}") from err
-    skipped = resolve_methods(["all"], settings.p)[1] if settings.p == 1 and (
-        "all" in settings.attacks or tuple(settings.attacks) == DEFAULT_ATTACKS) else ()
-    settings = _check(settings)
     clock = _Clock(settings.time_limit)
     announce = on_stage or (lambda _stage: None)
     stopped_at: str | None = None
