@@ -146,13 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget(audit, default_delta="1/255,2/255,4/255,8/255", default_norm="inf")
     audit.add_argument("--attacks", default="wdapp,wda,pgd,wpgd",
                        help="comma-separated attack methods, or all (default wdapp,wda,pgd,wpgd)")
-    audit.add_argument("--out", default="verifier-report", metavar="DIR", help="report folder (default ./verifier-report)")
+    audit.add_argument("--out", default="verifier-report", metavar="DIR",
+                       help="report folder (default ./verifier-report)")
     audit.add_argument("--max-risk", type=float, metavar="X", help="fail unless the certificate is <= X at every delta")
     audit.add_argument("--min-certified-accuracy", type=float, metavar="A",
                        help="fail unless the certified accuracy is >= A at every delta")
     audit.add_argument("--min-robust-accuracy", type=float, metavar="A",
                        help="fail if an attack drives the accuracy below A (and no certificate proves it)")
-    audit.add_argument("--time-limit", type=float, metavar="S", help="stop after S seconds with a partial report (exit 3)")
+    audit.add_argument("--time-limit", type=float, metavar="S",
+                       help="stop after S seconds with a partial report (exit 3); checked between steps, so a run "
+                            "can overshoot by one bound computation or one attack method")
     audit.add_argument("--quiet", action="store_true", help="no progress on stderr")
     _add_device(audit)
     _add_json(audit)

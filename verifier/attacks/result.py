@@ -100,11 +100,11 @@ class AttackReport:
     def to_text(self) -> str:
         """A short table, one line per (method, delta)."""
         head = (f"W_{_number(self.p)} attacks, threat norm l_{self.norm}, loss {self.loss}, "
-                f"{self.samples} samples, box {self.box}")
+                f"{self.samples} samples, box {'none' if self.box is None else f'[{self.box[0]:g}, {self.box[1]:g}]'}")
         rows = [f"{'method':<10} {'delta':>8} {'risk':>10} {'clean':>10} {'rob.acc':>8} {'cost':>9} {'sec':>6}  flags"]
         for r in self.results:
             rows.append(f"{r.method:<10} {r.delta:>8.4g} {r.risk:>10.5g} {r.clean_risk:>10.5g} "
-                        f"{r.robust_accuracy:>8.4f} {r.transport_cost:>9.4g} {r.seconds:>6.2f}  "
+                        f"{r.robust_accuracy:>8.2%} {r.transport_cost:>9.4g} {r.seconds:>6.2f}  "
                         f"{', '.join(r.flags) or '-'}")
         rows += [f"skipped: {s}" for s in self.skipped]
         return "\n".join([head, *rows])

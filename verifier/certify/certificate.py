@@ -96,7 +96,9 @@ class Certificate:
             return "-" if value is None else f"{value:.4g}"
 
         lines = [f"loss {self.loss}, W_{'inf' if math.isinf(self.p) else f'{self.p:g}'}, norm {self.norm}, "
-                 f"box {self.box}, {self.samples} samples; exact up to delta "
+                 f"box {'none' if self.box is None else f'[{self.box[0]:g}, {self.box[1]:g}]'}, "
+                 f"{self.samples} samples; "
+                 "exact up to delta "
                  f"{'-' if self.exact_up_to_delta is None else f'{self.exact_up_to_delta:g}'}",
                  f"{'delta':>10} {'clean':>9} {'realised>=':>10} {'cert<=':>9} {'global':>9} {'1st-order~':>10} "
                  f"{'cert.acc':>8}  exact"]

@@ -216,5 +216,6 @@ def margin_class_curves(evidence: MarginEvidence, global_slope: float) -> Growth
     values = rows(growth)
     tail = (evidence.whole_box - top[:, None])[others] if evidence.whole_box is not None else \
         torch.full((len(values),), math.inf, dtype=radii.dtype)
-    return GrowthCurves(radii=radii, values=values, slopes=rows(slope), reach=evidence.reach.repeat_interleave(classes - 1),
+    return GrowthCurves(radii=radii, values=values, slopes=rows(slope),
+                        reach=evidence.reach.repeat_interleave(classes - 1),
                         tail=torch.maximum(tail, values[:, -1]), tail_slope=tail_slope[others], groups=classes - 1)
