@@ -134,14 +134,28 @@ def _locate(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, per_row: torch.
     return per_row, reached.any(-1), _gather(gain, m), _gather(spent, m), _gather(rate, m), total
 
 
+def _max_linear_inf(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torch.Tensor | float) -> torch.Tensor:
+    """r = inf: `sum_k g_k+ min(hi_k, s) + g_k- min(-lo_k, s)`; one matrix product per side when the box
+    and radius are shared by the rows of g (the bound propagation's case), else elementwise."""
+    radius = torch.as_tensor(radius, dtype=g.dtype, device=g.device)
+    lo, hi = torch.as_tensor(lo, dtype=g.dtype), torch.as_tensor(hi, dtype=g.dtype)
+    up = torch.minimum(hi, radius.unsqueeze(-1)).clamp_min(0.0)  # how far each coordinate can rise
+    down = torch.minimum(-lo, radius.unsqueeze(-1)).clamp_min(0.0)
+    shared = g.dim() >= 2 and up.dim() == g.dim() and down.dim() == g.dim() and up.shape[-2] == 1 == down.shape[-2]
+    if shared and bool(torch.isfinite(up).all() and torch.isfinite(down).all()):
+        rise = torch.matmul(g.clamp_min(0.0), up.transpose(-1, -2)) + torch.matmul((-g).clamp_min(0.0),
+                                                                                   down.transpose(-1, -2))
+        return rise.squeeze(-1)
+    g, lo, hi, radius = _broadcast(g, lo, hi, radius)
+    reach = torch.minimum(_room(g, lo, hi), radius.unsqueeze(-1))
+    return torch.where(g != 0, g.abs() * reach, torch.zeros_like(g)).sum(-1)
+
+
 def max_linear(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torch.Tensor | float,
                norm: str) -> torch.Tensor:
     """Exact `max g·d` over `lo <= d <= hi`, `||d||_r <= radius` (radius broadcast over g[..., 0])."""
     if norm == "inf":  # the coordinates are independent: no sort needed
-        radius = torch.as_tensor(radius, dtype=g.dtype, device=g.device)
-        g, lo, hi, radius = _broadcast(g, lo, hi, radius)
-        reach = torch.minimum(_room(g, lo, hi), radius.unsqueeze(-1))
-        return torch.where(g != 0, g.abs() * reach, torch.zeros_like(g)).sum(-1)
+        return _max_linear_inf(g, lo, hi, radius)
     radius, found, gain_m, spent_m, rate_m, total = _locate(g, lo, hi, radius, norm, by_value=False)
     if norm == "1":
         value = gain_m + (radius - spent_m) * rate_m
