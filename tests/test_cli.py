@@ -274,7 +274,7 @@ def test_certify_bad_arguments_exit_2(capsys, argv, message):
 @pytest.mark.parametrize("change,message", [
     (lambda x, y: (x[:, :10], y), "expects"),
     (lambda x, y: (np.where(np.arange(64) == 3, np.nan, x).astype(np.float32), y), "NaN or Inf"),
-    (lambda x, y: (x, y + 10), "labels must lie in 0..9"),
+    (lambda x, y: (x, y + 10), "labels must lie in [0, 9] for this model's 10 classes"),
     (lambda x, y: (x * 3, y), "outside the box"),
     (lambda x, y: (x, None), "no labels"),
 ])

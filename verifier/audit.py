@@ -21,7 +21,6 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from verifier import __version__
 from verifier.attacks import METHODS, attack, resolve_methods
@@ -32,8 +31,7 @@ from verifier.data import load_samples
 from verifier.device import resolve_device
 from verifier.errors import UsageError
 from verifier.geometry import parse_norm
-from verifier.jacobian import prepared_module
-from verifier.losses import check_loss, loss_values
+from verifier.losses import check_loss
 from verifier.onnx_io import load_model
 from verifier.report import SCHEMA_VERSION, ReportPaths, finalize_report, write_report
 from verifier.summary import inspect_model
@@ -150,15 +148,14 @@ def _installed(distribution: str) -> bool:
     return True
 
 
-def _rows(settings: AuditSettings, certificate: Certificate | None, attacks_done: dict[str, list[dict]],
-          clean_risk: float, clean_accuracy: float) -> list[dict]:
+def _rows(certificate: Certificate | None, attacks_done: dict[str, list[dict]]) -> list[dict]:
     """One result per delta that certify reached (raw fields of docs/report.md)."""
     if certificate is None:
         return []
     rows = []
     for index, row in enumerate(certificate.results):
         rows.append({
-            "delta": row.delta, "clean_risk": clean_risk, "clean_accuracy": clean_accuracy,
+            "delta": row.delta, "clean_risk": row.clean_risk, "clean_accuracy": certificate.clean_accuracy,
             "certificate": row.certificate, "global_bound": row.global_bound,
             "first_order_estimate": row.first_order_estimate, "certified_accuracy": row.certified_accuracy,
             "exact": row.exact, "fallbacks": list(row.fallbacks),
@@ -234,13 +231,6 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                     loss=settings.loss, box=settings.box, steps=settings.steps, seed=settings.seed,
                     device=settings.device, progress=progress))
                 attacks_done[method] = [_attack_entry(r) for r in report.results]
-    clean_risk = clean_accuracy = None
-    if certificate is not None:
-        with torch.no_grad():
-            logits = prepared_module(converted, "cpu", torch.float64)(torch.as_tensor(x, dtype=torch.float64))
-        labels = torch.as_tensor(y)
-        clean_risk = float(loss_values(logits, labels, settings.loss).mean())
-        clean_accuracy = float((loss_values(logits, labels, "margin") < 0).double().mean())
     announce("report")
     began = time.monotonic()
     raw = {
@@ -261,7 +251,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
         "local_slopes": None if certificate is None or certificate.local_slopes is None else {
             "norm": settings.norm, "per_sample": certificate.local_slopes.tolist(),
             "global": certificate.global_slope if certificate.global_slope is not None else float("inf")},
-        "results": _rows(settings, certificate, attacks_done, clean_risk, clean_accuracy),
+        "results": _rows(certificate, attacks_done),
         "warnings": warnings,
     }
     raw["timings"]["report"] = time.monotonic() - began

@@ -112,3 +112,11 @@ def save_distributions(path: str | os.PathLike[str], distributions: Sequence[tup
         np.savez_compressed(path, **arrays)
     except OSError as err:
         raise DataError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+def check_labels(labels: np.ndarray, classes: int) -> None:
+    """Raise `DataError` unless every label is a class index of a model with `classes` outputs."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(f"labels must lie in [0, {classes - 1}] for this model's {classes} classes "
+                        f"(got {labels.min()}..{labels.max()})")

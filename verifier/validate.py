@@ -19,6 +19,7 @@ import onnx
 import torch
 
 from verifier.convert import ConvertedModel
+from verifier.data import check_labels
 from verifier.device import resolve_device
 from verifier.errors import RuntimeRunError, VerifierError
 from verifier.graph import json_safe
@@ -243,9 +244,7 @@ def validate_against_onnxruntime(
     accuracies: tuple[float | None, float | None] = (None, None)
     if table is not None and y is not None and len(table[0]) == len(y):
         logits_ort, logits_torch = table
-        if y.min(initial=0) < 0 or y.max(initial=0) >= logits_ort.shape[1]:
-            raise VerifierError(f"labels must lie in [0, {logits_ort.shape[1] - 1}] for this model's "
-                                f"{logits_ort.shape[1]} classes (got {y.min()}..{y.max()})")
+        check_labels(y, logits_ort.shape[1])
         accuracies = (float(np.mean(logits_ort.argmax(1) == y)), float(np.mean(logits_torch.argmax(1) == y)))
     return ValidationReport(
         samples=len(x),

@@ -29,7 +29,7 @@ from verifier.attacks.wdapp import WDAPlusPlus
 from verifier.attacks.wpgd import WPGD
 from verifier.cells import displacement_box
 from verifier.convert import ConvertedModel
-from verifier.data import save_distributions
+from verifier.data import check_labels, save_distributions
 from verifier.device import resolve_device
 from verifier.errors import UsageError
 from verifier.geometry import parse_norm
@@ -41,9 +41,6 @@ METHODS = ("wdapp", "wda", "pgd", "wpgd", "wda-curve")
 ATTACKS: dict[str, type[Attack]] = {
     "wdapp": WDAPlusPlus, "wda": WDA, "pgd": PGD, "wpgd": WPGD, "wda-curve": CurveAttack,
 }
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-           "bfloat16": torch.bfloat16}
-
 
 def resolve_methods(methods: Sequence[str], p: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(methods to run, skipped with a reason); "all" expands to `METHODS`."""
@@ -90,7 +87,7 @@ def _check(p: float, deltas: Sequence[float], kappa: float, topk: int, steps: in
 
 
 def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, device: torch.device) -> Target:
-    dtype = _DTYPES.get(model.input_spec.dtype, torch.float32)
+    dtype = model.input_dtype
     module = prepared_module(model, device, dtype)
     inputs = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(device=device, dtype=dtype)
     labels = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).to(device=device,
@@ -105,8 +102,7 @@ def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, de
     fixed = shape[0] if shape and isinstance(shape[0], int) else None
     target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed)
     classes = target.logits(inputs[: fixed or 1]).shape[-1]
-    if int(labels.min()) < 0 or int(labels.max()) >= classes:
-        raise UsageError(f"labels must lie in [0, {classes - 1}] for this model's {classes} classes")
+    check_labels(labels.cpu().numpy(), classes)
     return target
 
 

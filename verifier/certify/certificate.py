@@ -32,6 +32,7 @@ from verifier.certify.growth import (ROUTES, RouteGrowth, box_reach, collect_evi
 from verifier.certify.radii import certified_radii
 from verifier.convert import ConvertedModel
 from verifier.convert.normalize import NormalizedModel
+from verifier.data import check_labels
 from verifier.data import save_distributions as write_distributions
 from verifier.errors import UsageError, VerifierError
 from verifier.geometry import dual_norm, parse_norm, vector_norm
@@ -70,6 +71,7 @@ class Certificate:
     norm: str
     box: tuple[float, float] | None
     samples: int
+    clean_accuracy: float  # top-1 accuracy on the sample (a tie is an error)
     results: tuple[DeltaCertificate, ...]
     exact_up_to_delta: float | None  # largest requested delta up to which every certificate was exact
     routes_won: dict[str, int]
@@ -83,6 +85,7 @@ class Certificate:
         """JSON-ready form (the distributions are left out: save them with `save_distributions`)."""
         return {
             "loss": self.loss, "p": self.p, "norm": self.norm, "box": self.box, "samples": self.samples,
+            "clean_accuracy": self.clean_accuracy,
             "results": [r.to_dict() for r in self.results], "exact_up_to_delta": self.exact_up_to_delta,
             "routes_won": dict(self.routes_won), "fallbacks": list(self.fallbacks),
             "global_slope": self.global_slope,
@@ -111,9 +114,6 @@ class Certificate:
         if self.fallbacks:
             lines.append("fallbacks: " + "; ".join(self.fallbacks))
         return "\n".join(lines)
-
-
-_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _normalized(model: ConvertedModel) -> NormalizedModel:
@@ -176,8 +176,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     labels = torch.as_tensor(y, dtype=torch.long)
     module = prepared_module(model, "cpu", torch.float64)  # a float64 copy; the model is left as it is
     logits = module(inputs).detach()
-    if labels.min() < 0 or labels.max() >= logits.shape[1]:
-        raise UsageError(f"labels must lie in 0..{logits.shape[1] - 1} (the model has {logits.shape[1]} classes)")
+    check_labels(labels.numpy(), logits.shape[1])
     lower, upper = displacement_box(inputs, box)
     clean = loss_values(logits, labels, loss)
     fallbacks: list[str] = []
@@ -211,7 +210,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     moves = candidates(module, inputs, labels, jacobian, lower, upper, torch.cat([_refined(radii, 4), extra]),
                        norm, loss)
     results, distributions = [], []
-    rounding = 8 * torch.finfo(_DTYPES.get(model.input_spec.dtype, torch.float32)).eps
+    rounding = 8 * torch.finfo(model.input_dtype).eps
     clean_risk = float(clean.mean())
     for delta in deltas:
         global_bound = clean_risk + delta * slope if math.isfinite(slope) else None
@@ -245,7 +244,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             fallbacks=alarms + tuple(fallbacks) + _global_fallbacks(growth, radii, float(delta)),
         ))
     won = Counter(ROUTES[int(i)] for i in growth.winner[:, 1:].flatten() if i >= 0)
-    return Certificate(loss=loss, p=p, norm=norm, box=box, samples=len(inputs), results=tuple(results),
+    return Certificate(loss=loss, p=p, norm=norm, box=box, samples=len(inputs),
+                       clean_accuracy=float(correct.double().mean()), results=tuple(results),
                        exact_up_to_delta=_exact_up_to(results), routes_won=dict(won), fallbacks=tuple(fallbacks),
                        local_slopes=local, global_slope=slope if math.isfinite(slope) else None,
                        certified_radii=radii_certified, distributions=tuple(distributions))

@@ -36,6 +36,10 @@ from onnx2torch.node_converters.registry import get_converter  # noqa: E402
 from onnx2torch.onnx_graph import OnnxGraph  # noqa: E402
 
 
+_TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}
+
+
 @dataclass(frozen=True, eq=False)
 class ConvertedModel:
     """A torch view of an ONNX model: outputs, logits, and hookable activation sites."""
@@ -50,6 +54,11 @@ class ConvertedModel:
     logit_sites: tuple[ActivationSite, ...] = ()
     node_names: dict[str, str] = field(default_factory=dict, repr=False)  # normalised key -> user's name
     uncovered_nonlinear: tuple[str, ...] = ()  # nonlinear nodes before the logits that are no site
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The torch dtype of the model's data input (float32 when the file says nothing usable)."""
+        return _TORCH_DTYPES.get(self.input_spec.dtype, torch.float32)
 
     @property
     def piecewise_linear(self) -> bool:
