@@ -67,6 +67,7 @@ class AuditSettings:
     thresholds: Thresholds = field(default_factory=Thresholds)
     grid_points: int = 24
     steps: int | None = None
+    memory_limit: int | None = None  # bytes; None: half of the available memory
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,17 @@ def _check(settings: AuditSettings) -> AuditSettings:
     return AuditSettings(**{**settings.__dict__, "deltas": tuple(sorted(set(float(d) for d in settings.deltas))),
                             "norm": parse_norm(settings.norm), "loss": check_loss(settings.loss),
                             "attacks": methods})
+
+
+def _check_creatable(out: Path) -> None:
+    """Refuse, before any work, a report folder that could not be created or written."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot create the report folder {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot create the report folder {out}: {existing} is not writable")
 
 
 def _sha256(path: str | os.PathLike[str]) -> str:
@@ -180,10 +192,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot create the report folder {out_dir}: {err.strerror or err}") from err
+    _check_creatable(out)  # created only when the report is written: a refusal leaves nothing behind
     clock = _Clock(settings.time_limit)
     announce = on_stage or (lambda _stage: None)
     stopped_at: str | None = None
@@ -192,9 +201,10 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     warnings: list[str] = [f"attack skipped: {reason}" for reason in skipped]
 
     announce("inspect")
-    summary = clock.run("inspect", lambda: inspect_model(model_path))
-    loaded = clock.run("inspect", lambda: load_model(model_path))
-    samples = clock.run("inspect", lambda: load_samples(data_path, loaded.info.data_input, settings.samples))
+    summary = clock.run("inspect", lambda: inspect_model(model_path, settings.memory_limit))
+    loaded = clock.run("inspect", lambda: load_model(model_path, settings.memory_limit))
+    samples = clock.run("inspect", lambda: load_samples(data_path, loaded.info.data_input, settings.samples,
+                                                        settings.memory_limit))
     if samples.y is None:
         raise UsageError(f"{data_path} has no labels 'y'; the audit needs them")
     device = resolve_device(settings.device)
@@ -257,6 +267,10 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     raw["timings"]["report"] = time.monotonic() - began
     raw["timings"]["total"] = time.monotonic() - clock.start
     report = finalize_report(raw)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the report folder {out_dir}: {err.strerror or err}") from err
     paths = write_report(report, out)
     return AuditOutcome(report=report, paths=paths, exit_code=report["verdict"]["exit_code"])
 

@@ -24,6 +24,15 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 4
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL.onnx", help="path to the ONNX model")
+    parser.add_argument("--memory-limit", metavar="SIZE", default=None,
+                        help="refuse work that would need more memory than SIZE, e.g. 8G or 512M "
+                             "(default: half of the memory available at start)")
+
+
+def _memory_limit(args: argparse.Namespace) -> int | None:
+    from verifier.resources import parse_size
+
+    return None if args.memory_limit is None else parse_size(args.memory_limit)
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +87,8 @@ def parse_box(text: str | None) -> tuple[float, float] | None:
         raise UsageError(f"--box: {text!r} must be two numbers LOW,HIGH (e.g. 0,1)") from None
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise UsageError(f"--box needs finite LOW < HIGH (got {text})")
+    if not math.isfinite(high - low):
+        raise UsageError(f"--box: the width HIGH - LOW overflows a float64 (got {text}); give a narrower box")
     return low, high
 
 
@@ -95,9 +106,18 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
                         help="torch device (default auto: CUDA when available)")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`verifier: error: ...`, exit 2) instead of a usage block."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        hint = f" (see {self.prog} --help)"
+        print(f"verifier: error: {' '.join(message.split())}{hint}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="verifier", description="Robustness verifier for ONNX models.")
+    parser = _OneLineParser(prog="verifier", description="Robustness verifier for ONNX models.")
     parser.add_argument("--version", action="version", version=f"verifier {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -166,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_inspect(args: argparse.Namespace) -> tuple[int, dict, str]:
     from verifier.summary import inspect_model
 
-    summary = inspect_model(args.model)
+    summary = inspect_model(args.model, _memory_limit(args))
     return EXIT_OK, summary.to_dict(), summary.to_text()
 
 
@@ -178,13 +198,14 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
 
     if args.atol < 0 or args.rtol < 0:
         raise UsageError("--atol and --rtol must be >= 0")
-    loaded = load_model(args.model)
+    limit = _memory_limit(args)
+    loaded = load_model(args.model, limit)
     spec = loaded.info.data_input
     if args.data:
-        samples = load_samples(args.data, spec, args.samples)
+        samples = load_samples(args.data, spec, args.samples, limit)
     else:
         fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
-        samples = random_samples(spec, args.samples or fixed or 64, seed=args.seed)
+        samples = random_samples(spec, args.samples or fixed or 64, seed=args.seed, memory_limit_bytes=limit)
     converted = convert_model(loaded)
     report = validate_against_onnxruntime(loaded, converted, samples.x, args.atol, args.rtol, args.device, samples.y)
     payload = {"model": args.model, "data": samples.source, **report.to_dict()}
@@ -198,7 +219,8 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
         f"{'' if o.within_tolerance else '  <-- out of tolerance'}"
         for o in report.outputs
     ]
-    lines.append(f"top-1      {report.top1_agreement:.2%} agreement")
+    lines.append("top-1      " + ("n/a (no class axis)" if report.top1_agreement is None
+                                 else f"{report.top1_agreement:.2%} agreement"))
     if report.accuracy_onnxruntime is not None:
         lines.append(f"accuracy   onnxruntime {report.accuracy_onnxruntime:.2%}, torch {report.accuracy_torch:.2%}")
     lines.append(f"result     {'PASS' if report.passed else 'FAIL'} (atol {args.atol:g}, rtol {args.rtol:g})")
@@ -213,8 +235,9 @@ def _labelled_samples(args: argparse.Namespace):
 
     if not args.data:
         raise UsageError("--data FILE.npz with inputs x and labels y is required")
-    loaded = load_model(args.model)
-    samples = load_samples(args.data, loaded.info.data_input, args.samples)
+    limit = _memory_limit(args)
+    loaded = load_model(args.model, limit)
+    samples = load_samples(args.data, loaded.info.data_input, args.samples, limit)
     if samples.y is None:
         raise UsageError(f"{args.data} has no labels 'y'; certificates and attacks need them")
     return loaded, convert_model(loaded), samples
@@ -269,7 +292,8 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
         deltas=tuple(parse_deltas(args.delta)), p=parse_p(args.p), norm=args.norm, loss=args.loss,
         attacks=tuple(m.strip() for m in args.attacks.split(",") if m.strip()), box=parse_box(args.box),
         samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit,
-        thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy))
+        thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy),
+        memory_limit=_memory_limit(args))
     progress = _progress_wanted(args)
 
     def announce(stage: str) -> None:
@@ -308,10 +332,29 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """`--box -1,1` as `--box=-1,1`: argparse takes a value starting with `-` for an option unless it
+    is one plain negative number, so boxes and lists of negative numbers are joined to their option."""
+    joined: list[str] = []
+    items = list(argv)
+    index = 0
+    while index < len(items):
+        item = items[index]
+        following = items[index + 1] if index + 1 < len(items) else ""
+        if (item.startswith("--") and "=" not in item and len(following) > 1 and following[0] == "-"
+                and (following[1].isdigit() or following[1] == ".")):
+            joined.append(f"{item}={following}")
+            index += 2
+            continue
+        joined.append(item)
+        index += 1
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `verifier` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
     _quiet_libraries()
     run: Callable[[argparse.Namespace], tuple[int, dict, str]] = args.run
     try:

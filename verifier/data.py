@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from verifier.errors import DataError
+from verifier.finite import require_finite_inputs
 from verifier.onnx_io import TensorSpec
+from verifier.resources import require_within, tensor_bytes
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,25 +32,30 @@ class Samples:
         return int(self.x.shape[0])
 
 
-def load_samples(path: str | os.PathLike[str], spec: TensorSpec, limit: int | None = None) -> Samples:
-    """Read and check `x`/`y` from an npz file for a model input; keep the first `limit` samples."""
+def load_samples(path: str | os.PathLike[str], spec: TensorSpec, limit: int | None = None,
+                 memory_limit_bytes: int | None = None) -> Samples:
+    """Read and check `x`/`y` from an npz file for a model input; keep the first `limit` samples.
+
+    Members are size-checked against the memory limit before they are decompressed; inputs are
+    checked finite after the cast to the model's dtype (x = 1e39 overflows float32)."""
     file = Path(path)
     if not file.is_file():
         raise DataError(f"data file not found: {path}")
     if not zipfile.is_zipfile(file):
-        kind = "a .npy array" if file.read_bytes()[:6] == b"\x93NUMPY" else "not an .npz (zip) archive"
+        with file.open("rb") as handle:
+            magic = handle.read(6)
+        kind = "a .npy array" if magic == b"\x93NUMPY" else "not an .npz (zip) archive"
         raise DataError(f"{path} is {kind}: give an .npz with arrays x (inputs) and y (labels), "
                         "e.g. numpy.savez('data.npz', x=x, y=y)")
-    try:
-        with np.load(file, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from err
+    arrays = _read_archive(file, str(path), memory_limit_bytes)
     if "x" not in arrays:
         raise DataError(f"{path} has no array 'x' (found: {', '.join(sorted(arrays)) or 'nothing'})")
     x = arrays["x"]
     if not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"'x' in {path} has dtype {x.dtype}; inputs must be floating point")
+    if x.ndim == 0 or (len(x) and x.size == 0):
+        raise DataError(f"'x' in {path} has shape {tuple(x.shape)}: it needs a leading sample axis and at least "
+                        "one feature per sample")
     y = arrays.get("y")
     if y is not None:
         if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
@@ -61,11 +68,36 @@ def load_samples(path: str | os.PathLike[str], spec: TensorSpec, limit: int | No
             raise DataError(f"the number of samples must be at least 1 (got {limit})")
         x, y = x[:limit], (None if y is None else y[:limit])
     check_fits(x, spec, str(path))
-    if not np.all(np.isfinite(x)):
-        bad = int(np.count_nonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1)))
-        raise DataError(f"'x' in {path} contains NaN or Inf values ({bad} sample(s))")
-    return Samples(x=np.ascontiguousarray(x.astype(spec.dtype, copy=False)),
-                   y=None if y is None else y.astype(np.int64), source=str(path))
+    _require_fixed_batch_fits(spec, memory_limit_bytes)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = np.ascontiguousarray(x.astype(spec.dtype, copy=False))
+    require_finite_inputs(cast, f"'x' in {path}")
+    return Samples(x=cast, y=None if y is None else y.astype(np.int64), source=str(path))
+
+
+def _read_archive(file: Path, source: str, memory_limit_bytes: int | None) -> dict[str, np.ndarray]:
+    """Every member of an npz as an array; any archive problem is one `DataError`."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            require_within(f"the arrays of {source}", sum(info.file_size for info in archive.infolist()),
+                           memory_limit_bytes)
+            encrypted = [info.filename for info in archive.infolist() if info.flag_bits & 0x1]
+        if encrypted:
+            raise DataError(f"{source} has encrypted members ({', '.join(encrypted)}); give an unencrypted .npz")
+        with np.load(file, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zipfile/zlib/numpy raise many types for damaged archives
+        if isinstance(err, MemoryError):
+            raise DataError(f"{source} is too large to load into memory") from err
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise DataError(f"{source} is not a readable .npz file ({type(err).__name__}: {detail})") from err
+    not_arrays = sorted(name for name, value in arrays.items() if not isinstance(value, np.ndarray))
+    if not_arrays:
+        raise DataError(f"{source}: members {', '.join(not_arrays)} are not .npy arrays; write the file with "
+                        "numpy.savez('data.npz', x=x, y=y)")
+    return arrays
 
 
 def check_fits(x: np.ndarray, spec: TensorSpec, source: str) -> None:
@@ -81,13 +113,24 @@ def check_fits(x: np.ndarray, spec: TensorSpec, source: str) -> None:
                             f"expects {_describe(spec.shape)} (axis {axis}: {got} != {want})")
 
 
-def random_samples(spec: TensorSpec, count: int, seed: int = 0) -> Samples:
-    """Seeded uniform [0, 1) inputs of the model's per-sample shape."""
+def _require_fixed_batch_fits(spec: TensorSpec, memory_limit_bytes: int | None) -> None:
+    """A model with a fixed batch runs that many samples per forward pass, whatever the data holds."""
+    if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 1 and \
+            all(isinstance(d, int) for d in spec.shape[1:]):
+        require_within(f"one forward pass of the model's fixed batch of {spec.shape[0]} samples",
+                       tensor_bytes(spec.shape, np.dtype(spec.dtype).itemsize), memory_limit_bytes)
+
+
+def random_samples(spec: TensorSpec, count: int, seed: int = 0, memory_limit_bytes: int | None = None) -> Samples:
+    """Seeded uniform [0, 1) inputs of the model's per-sample shape (size-checked before allocating)."""
     if spec.shape is None or any(not isinstance(d, int) for d in spec.shape[1:]):
         raise DataError(f"input {spec.name!r} has shape {_describe(spec.shape)}: give --data, "
                         "random inputs need fixed sizes beyond the batch axis")
     if count < 1:
         raise DataError(f"the number of samples must be at least 1 (got {count})")
+    # float64 draws first, then the cast: both live at once
+    require_within(f"{count} random input(s) of shape {_describe(spec.shape[1:])}",
+                   tensor_bytes((count, *spec.shape[1:]), 8 + np.dtype(spec.dtype).itemsize), memory_limit_bytes)
     rng = np.random.default_rng(seed)
     x = rng.random((count, *spec.shape[1:])).astype(spec.dtype)
     return Samples(x=x, y=None, source=f"random uniform [0, 1), seed {seed}")

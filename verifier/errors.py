@@ -110,6 +110,10 @@ class UnsupportedOpsError(VerifierError):
         super().__init__(f"unsupported for {purpose}: {len(self.nodes)} node(s): {listed}")
 
 
+class UnsupportedModelError(VerifierError):
+    """The model as a whole is outside what verifier analyses (an untested opset, an empty graph)."""
+
+
 class ConversionError(VerifierError):
     """onnx2torch failed on a graph that passed the support check."""
 
@@ -128,3 +132,25 @@ class DataError(VerifierError):
 
 class UsageError(VerifierError):
     """A command-line value is out of range or inconsistent."""
+
+
+class NonFiniteError(VerifierError):
+    """A NaN or an infinity where a number is needed: a constant, an input, a logit or a result."""
+
+
+class ResourceLimitError(VerifierError):
+    """The work would need more memory than the limit allows (``--memory-limit`` raises it)."""
+
+    def __init__(self, what: str, needed: int, limit: int) -> None:
+        super().__init__(f"{what} needs {format_bytes(needed)}, over the memory limit of {format_bytes(limit)} "
+                         "(raise it with --memory-limit, e.g. --memory-limit 32G)")
+
+
+def format_bytes(count: float) -> str:
+    """A byte count for humans: `512 B`, `3.2 MiB`, `4.66 TiB`."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.3g} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -27,6 +27,7 @@ from onnx import inliner
 from verifier.errors import (
     CheckerError,
     ExternalDataError,
+    InputSpecError,
     ModelFileError,
     ModelNotFoundError,
     MultipleInputsError,
@@ -35,13 +36,22 @@ from verifier.errors import (
     SparseTensorError,
     TruncatedModelError,
     UnknownDomainError,
+    UnsupportedModelError,
     UnsupportedOpsError,
+    format_bytes,
 )
+from verifier.finite import nonfinite_constants, require_no_nan_constants
+from verifier.resources import memory_limit, require_within
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 DEFAULT_DOMAIN_ALIAS = "ai.onnx"
 FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+)
+MAX_TESTED_OPSET = 21
+PROTOBUF_LIMIT = 2**31 - 1  # one serialised ModelProto (onnx.checker, onnxruntime) holds at most this
+_HALF_BYTE_TYPES = frozenset(
+    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)
 )
 _ONNX_FIRST_BYTES = frozenset({0x08, 0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42})  # ModelProto field tags 1..8
 
@@ -72,6 +82,7 @@ class ModelInfo:
     producer_version: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    infinite_constants: tuple[str, ...] = ()
 
     @property
     def opset(self) -> int:
@@ -95,6 +106,7 @@ class ModelInfo:
             "producer": {"name": self.producer_name, "version": self.producer_version},
             "inputs": [spec.to_dict() for spec in self.inputs],
             "outputs": [spec.to_dict() for spec in self.outputs],
+            "infinite_constants": list(self.infinite_constants),
         }
 
 
@@ -106,27 +118,37 @@ class LoadedModel:
     info: ModelInfo
 
 
-def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Load, check and describe an ONNX model; raise a typed `VerifierError` on any problem."""
+def load_model(path: str | os.PathLike[str], memory_limit_bytes: int | None = None) -> LoadedModel:
+    """Load, check and describe an ONNX model; raise a typed `VerifierError` on any problem.
+
+    The file and its external data are size-checked against `memory_limit_bytes` (default:
+    `resources.memory_limit()`) before they are read.
+    """
     model_path = Path(path)
     if model_path.is_dir():
         raise NotOnnxError(str(path), "it is a directory")
     if not model_path.is_file():
         raise ModelNotFoundError(str(path))
+    limit = memory_limit(memory_limit_bytes)
     try:
+        require_within(f"reading the model file {path}", model_path.stat().st_size, limit)
         raw = model_path.read_bytes()
     except OSError as err:
         raise ModelFileError(f"cannot read model file {path}: {err.strerror or err}") from err
     proto = _parse(raw, str(path))
+    _check_opsets(proto)
     _canonical_default_domain(proto)
-    _load_external_data(proto, model_path.resolve().parent)
+    _load_external_data(proto, model_path.resolve(), limit)
     _check_domains(proto)
     proto = _inline_functions(proto)
+    _check_domains(proto, inlined=True)
     _refuse_unanalysable(proto)
+    require_no_nan_constants(proto.graph)
     _run_checker(proto)
     inferred = _infer_shapes(proto)
     inputs = _data_inputs(inferred)
     _require_single_float_input(inputs)
+    _require_nonempty_input(inputs[0])
     info = ModelInfo(
         path=str(path),
         sha256=hashlib.sha256(raw).hexdigest(),
@@ -137,6 +159,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         producer_version=inferred.producer_version,
         inputs=tuple(_spec(vi) for vi in inputs),
         outputs=tuple(_spec(vi) for vi in inferred.graph.output),
+        infinite_constants=tuple(c.describe() for c in nonfinite_constants(inferred.graph)),
     )
     return LoadedModel(proto=inferred, info=info)
 
@@ -154,7 +177,19 @@ def _parse(raw: bytes, path: str) -> onnx.ModelProto:
         if looks_like_onnx and proto.ir_version > 0:
             raise TruncatedModelError(path, len(raw))
         raise NotOnnxError(path, "no graph found")
+    if not proto.graph.node:
+        raise UnsupportedModelError(f"{path}: the graph has no nodes (its outputs are its inputs): there is no "
+                                    "model to analyse")
     return proto
+
+
+def _check_opsets(proto: onnx.ModelProto) -> None:
+    """Refuse default-domain opsets newer than the tested range (their ops may have changed)."""
+    for opset in proto.opset_import:
+        if opset.domain in ("", DEFAULT_DOMAIN_ALIAS) and opset.version > MAX_TESTED_OPSET:
+            raise UnsupportedModelError(
+                f"the model uses ai.onnx opset {opset.version}; verifier supports opsets up to {MAX_TESTED_OPSET} "
+                f"(convert it with onnx.version_converter.convert_version(model, {MAX_TESTED_OPSET}) or re-export it)")
 
 
 def _all_tensors(message) -> Iterator[onnx.TensorProto]:
@@ -181,14 +216,23 @@ def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
-def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
-    """Read external tensors, refusing locations that leave the model's own folder."""
+def _load_external_data(proto: onnx.ModelProto, model_file: Path, limit: int) -> None:
+    """Read external tensors, refusing locations that leave the model's own folder, the model file
+    itself, and sizes over the memory limit or the protobuf limit (checked before reading)."""
+    total = proto.ByteSize()
     for tensor in _all_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = _external_entries(tensor).get("location", "")
         try:
-            tensor.raw_data = _read_external(tensor, location, base_dir)
+            needed = _expected_bytes(tensor, location)
+            total += needed
+            require_within(f"external tensor {tensor.name!r} ({location})", needed, limit)
+            if total > PROTOBUF_LIMIT:
+                raise ExternalDataError(tensor.name, location, f"the model's tensors reach {format_bytes(total)}, "
+                                        "over the 2 GiB one ONNX protobuf can hold; models that large are not "
+                                        "analysed")
+            tensor.raw_data = _read_external(tensor, location, model_file, needed)
         except ExternalDataError:
             raise
         except (ValueError, OSError, RuntimeError) as err:
@@ -201,8 +245,27 @@ def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
         raise ExternalDataError(still[0], "", "external data left unresolved")
 
 
-def _read_external(tensor: onnx.TensorProto, location: str, base_dir: Path) -> bytes:
-    """The bytes of one external tensor, read only from a regular file inside `base_dir`."""
+def _expected_bytes(tensor: onnx.TensorProto, location: str) -> int:
+    """Bytes a dense tensor of this shape and type holds (the external read is exactly this)."""
+    count = 1
+    for dim in tensor.dims:
+        count *= max(int(dim), 0)
+    if tensor.data_type in _HALF_BYTE_TYPES:
+        return (count + 1) // 2
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        raise ExternalDataError(tensor.name, location, f"data type {tensor.data_type} cannot be stored "
+                                "externally") from None
+    if tensor.data_type == onnx.TensorProto.STRING:
+        raise ExternalDataError(tensor.name, location, "string tensors cannot be stored externally")
+    return count * itemsize
+
+
+def _read_external(tensor: onnx.TensorProto, location: str, model_file: Path, needed: int) -> bytes:
+    """The `needed` bytes of one external tensor, read only from a regular file inside the model's
+    folder that is not the model file itself."""
+    base_dir = model_file.parent
     entries = _external_entries(tensor)
     if not location:
         raise ExternalDataError(tensor.name, location, "no location given")
@@ -217,12 +280,18 @@ def _read_external(tensor: onnx.TensorProto, location: str, base_dir: Path) -> b
         raise ExternalDataError(tensor.name, location, "it resolves outside the model's folder (symlink?)")
     if not target.is_file():
         raise ExternalDataError(tensor.name, location, "file not found next to the model")
+    if target == model_file:
+        raise ExternalDataError(tensor.name, location, "it is the model file itself")
+    if length is not None and length != needed:
+        raise ExternalDataError(tensor.name, location, f"length {length} bytes, but the tensor's shape and type "
+                                f"need {needed}")
     size = target.stat().st_size
-    if offset > size or (length is not None and offset + length > size):
-        raise ExternalDataError(tensor.name, location, f"file too short ({size} bytes)")
+    if offset + needed > size:
+        raise ExternalDataError(tensor.name, location, f"file too short ({size} bytes; the tensor needs {needed} "
+                                f"from offset {offset})")
     with target.open("rb") as handle:
         handle.seek(offset)
-        return handle.read() if length is None else handle.read(length)
+        return handle.read(needed)
 
 
 def _non_negative(tensor: onnx.TensorProto, location: str, entries: dict[str, str], key: str,
@@ -285,8 +354,17 @@ def _canonical_default_domain(proto: onnx.ModelProto) -> None:
                 node.domain = ""
 
 
-def _check_domains(proto: onnx.ModelProto) -> None:
+def _check_domains(proto: onnx.ModelProto, inlined: bool = False) -> None:
+    """Refuse nodes of unknown domains; after inlining, a node left in a local-function domain
+    calls a function the model does not define."""
     local = {f.domain for f in proto.functions}
+    if inlined:
+        undefined = [(_label(node, i), node.op_type, f"calls the function {node.op_type} of domain "
+                      f"{node.domain!r}, which the model does not define")
+                     for i, node in enumerate(proto.graph.node) if node.domain not in STANDARD_DOMAINS]
+        if undefined:
+            raise UnsupportedOpsError("analysis", undefined)
+        return
     unknown = [
         (_label(node, i), node.op_type, node.domain)
         for nodes in _node_lists(proto)
@@ -366,6 +444,14 @@ def _require_single_float_input(inputs: list[onnx.ValueInfoProto]) -> None:
     tensor_type = only.type.tensor_type if only.type.HasField("tensor_type") else None
     if tensor_type is None or tensor_type.elem_type not in FLOAT_TYPES:
         raise NonFloatInputError(only.name, _type_name(only.type))
+
+
+def _require_nonempty_input(value_info: onnx.ValueInfoProto) -> None:
+    """Refuse a data input with a zero-sized axis beyond the batch: there is nothing to perturb."""
+    spec = _spec(value_info)
+    if spec.shape and any(d == 0 for d in spec.shape[1:]):
+        raise InputSpecError(f"input {spec.name!r} has shape {list(spec.shape)}: an axis of size 0 "
+                             "leaves no feature to perturb")
 
 
 def _type_name(type_proto: onnx.TypeProto) -> str:

@@ -49,6 +49,7 @@ class ModelSummary:
             *(f"output     {_spec(s)}" for s in info.outputs),
             f"logits     {self.logits or 'none (no float output)'}",
             f"family     {self.family}",
+            *(f"warning    constant with infinite values: {where}" for where in info.infinite_constants),
             "ops        " + ", ".join(f"{op} {n}" for op, n in self.op_histogram.items()),
             "sites      " + (", ".join(f"{k} {n}" for k, n in self.activation_counts.items()) or "none"),
         ]
@@ -61,9 +62,9 @@ def _spec(spec: TensorSpec) -> str:
     return f"{spec.name}: {spec.dtype} {shape}"
 
 
-def inspect_model(path: str | os.PathLike[str]) -> ModelSummary:
+def inspect_model(path: str | os.PathLike[str], memory_limit_bytes: int | None = None) -> ModelSummary:
     """Load and check a model, then summarise its graph."""
-    loaded = load_model(path)
+    loaded = load_model(path, memory_limit_bytes)
     graph = OperatorGraph(loaded.proto)
     sites = graph.find_activations()
     return ModelSummary(

@@ -32,6 +32,7 @@ from verifier.convert import ConvertedModel
 from verifier.data import check_labels, save_distributions
 from verifier.device import resolve_device
 from verifier.errors import UsageError
+from verifier.finite import require_finite_inputs
 from verifier.geometry import parse_norm
 from verifier.jacobian import prepared_module
 from verifier.losses import check_loss
@@ -95,8 +96,7 @@ def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, de
     if inputs.ndim < 2 or len(inputs) == 0 or labels.shape != (len(inputs),):
         raise UsageError(f"x needs a leading sample axis and y one label per sample "
                          f"(got x {tuple(inputs.shape)}, y {tuple(labels.shape)})")
-    if not bool(torch.isfinite(inputs).all()):
-        raise UsageError("x contains NaN or Inf values")
+    require_finite_inputs(inputs, "x")
     lower, upper = displacement_box(inputs.to(torch.float64), box)
     shape = model.input_spec.shape
     fixed = shape[0] if shape and isinstance(shape[0], int) else None

@@ -14,6 +14,8 @@ import torch
 from verifier.attacks.base import Target
 from verifier.attacks.result import AttackResult, Distribution, transport_cost
 from verifier.convert import ConvertedModel
+from verifier.errors import NonFiniteError
+from verifier.finite import require_finite_logits
 from verifier.losses import loss_values
 from verifier.onnx_io import LoadedModel
 from verifier.validate import onnxruntime_session, run_onnxruntime, with_outputs
@@ -76,6 +78,10 @@ def measure(method: str, delta: float, dist: Distribution, target: Target, repla
     losses = loss_values(logits, labels, target.loss)
     correct = (loss_values(logits, labels, "margin") < 0).to(torch.float64)
     cost = transport_cost(dist.atoms, weights, source, target.x.cpu(), target.p, target.norm)
+    nan_atoms = int(torch.isnan(losses[weights > 0]).sum())
+    if nan_atoms:
+        raise NonFiniteError(f"attack {method} at delta {delta:g}: the model's loss is NaN at {nan_atoms} "
+                             "perturbed input(s) (the model overflows its dtype there), so no risk is reported")
     if cost > delta * (1 + 1e-6):
         flags.append("over-budget")
     return AttackResult(
@@ -90,6 +96,7 @@ def measure(method: str, delta: float, dist: Distribution, target: Target, repla
 def clean_numbers(target: Target, replayer: Replayer | None) -> tuple[float, float]:
     """(clean risk, clean accuracy) of the sample, from onnxruntime when replayed."""
     logits = replayer.logits(target.x) if replayer is not None else target.logits(target.x).cpu()
+    require_finite_logits(logits, "onnxruntime" if replayer is not None else "torch")
     labels = target.y.cpu()
     risk = float(loss_values(logits, labels, target.loss).mean())
     accuracy = float((loss_values(logits, labels, "margin") < 0).to(torch.float64).mean())

@@ -35,6 +35,7 @@ from verifier.convert.normalize import NormalizedModel
 from verifier.data import check_labels
 from verifier.data import save_distributions as write_distributions
 from verifier.errors import UsageError, VerifierError
+from verifier.finite import require_finite_inputs, require_finite_logits, require_no_nan
 from verifier.geometry import dual_norm, parse_norm, vector_norm
 from verifier.cells import displacement_box
 from verifier.jacobian import logits_jacobian, loss_gradients, prepared_module
@@ -172,10 +173,12 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         raise UsageError(f"p must be >= 1 (got {p})")
     if not deltas or not all(d >= 0 and math.isfinite(d) for d in deltas):
         raise UsageError("give at least one delta, all finite and >= 0")
+    _require_finite_model_logits(model, x)
     inputs = torch.as_tensor(x).to(torch.float64)
     labels = torch.as_tensor(y, dtype=torch.long)
     module = prepared_module(model, "cpu", torch.float64)  # a float64 copy; the model is left as it is
     logits = module(inputs).detach()
+    require_finite_logits(logits, "torch, float64")
     check_labels(labels.numpy(), logits.shape[1])
     lower, upper = displacement_box(inputs, box)
     clean = loss_values(logits, labels, loss)
@@ -244,11 +247,23 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             fallbacks=alarms + tuple(fallbacks) + _global_fallbacks(growth, radii, float(delta)),
         ))
     won = Counter(ROUTES[int(i)] for i in growth.winner[:, 1:].flatten() if i >= 0)
-    return Certificate(loss=loss, p=p, norm=norm, box=box, samples=len(inputs),
-                       clean_accuracy=float(correct.double().mean()), results=tuple(results),
-                       exact_up_to_delta=_exact_up_to(results), routes_won=dict(won), fallbacks=tuple(fallbacks),
-                       local_slopes=local, global_slope=slope if math.isfinite(slope) else None,
-                       certified_radii=radii_certified, distributions=tuple(distributions))
+    result = Certificate(loss=loss, p=p, norm=norm, box=box, samples=len(inputs),
+                         clean_accuracy=float(correct.double().mean()), results=tuple(results),
+                         exact_up_to_delta=_exact_up_to(results), routes_won=dict(won), fallbacks=tuple(fallbacks),
+                         local_slopes=local, global_slope=slope if math.isfinite(slope) else None,
+                         certified_radii=radii_certified, distributions=tuple(distributions))
+    require_no_nan(result.to_dict(), "the certificate")
+    return result
+
+
+def _require_finite_model_logits(model: ConvertedModel, x: torch.Tensor | np.ndarray) -> None:
+    """The inputs and clean logits must be finite in the model's own dtype, not only in float64."""
+    dtype = model.input_dtype
+    inputs = torch.as_tensor(x).to(dtype)
+    require_finite_inputs(inputs, "x")
+    with torch.no_grad():
+        logits = prepared_module(model, "cpu", dtype)(inputs)
+    require_finite_logits(logits, f"torch, {str(dtype).replace('torch.', '')}")
 
 
 def _in_cell_mass(realised: RealisedDistribution, x: torch.Tensor, radius: torch.Tensor, norm: str) -> float:

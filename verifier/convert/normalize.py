@@ -38,6 +38,7 @@ VERIFIER_DOMAIN = "verifier"
 _NAME_PART_LENGTH = 40
 _UNSAFE = re.compile(r"[^0-9A-Za-z_]")
 _GENERATED = re.compile(r"n\d+_")
+_BREAKS_CODEGEN = re.compile(r"[^\x21-\x7e]|[\"'\\`]")  # whitespace, quotes, backslashes, non-ASCII
 # Names of fx's generated code and of the module onnx2torch builds, besides keywords and builtins.
 _CODEGEN_NAMES = frozenset({"self", "torch", "device", "inf", "nan", "NoneType", "fx_pytree", "pytree", "math",
                             "operator", "initializers"})
@@ -113,7 +114,7 @@ def safe_node_name(position: int, name: str, taken: Collection[str] = frozenset(
     `n{position}_{name with every non [0-9A-Za-z_] character as _}`, the name part cut short."""
     kept = name.replace(".", "/")
     unsafe = (not kept or kept.startswith("_") or kept in _reserved_names() or kept in taken
-              or _GENERATED.match(kept) is not None)
+              or _GENERATED.match(kept) is not None or _BREAKS_CODEGEN.search(kept) is not None)
     return f"n{position}_{_UNSAFE.sub('_', name)[:_NAME_PART_LENGTH]}" if unsafe else kept
 
 

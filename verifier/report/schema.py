@@ -98,7 +98,7 @@ _CONVERSION = _open({
     "samples": {"type": "integer", "minimum": 0},
     "max_abs_diff": {"$ref": "#/$defs/measure"},
     "max_rel_diff": {"$ref": "#/$defs/measure"},
-    "top1_agreement": {"$ref": "#/$defs/measure"},
+    "top1_agreement": _nullable({"$ref": "#/$defs/measure"}),
     "providers": _STR_LIST,
     "atol": _NONNEG,
     "rtol": _NONNEG,

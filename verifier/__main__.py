@@ -1,0 +1,7 @@
+"""`python -m verifier` (and `torchrun -m verifier`): the same entry point as the console script."""
+
+import sys
+
+from verifier.cli import main
+
+sys.exit(main())
