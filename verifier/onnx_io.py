@@ -177,10 +177,30 @@ def _parse(raw: bytes, path: str) -> onnx.ModelProto:
         if looks_like_onnx and proto.ir_version > 0:
             raise TruncatedModelError(path, len(raw))
         raise NotOnnxError(path, "no graph found")
+    try:
+        _decode_strings(proto)
+    except UnicodeDecodeError as err:
+        raise NotOnnxError(path, f"damaged: a name or string field is not valid UTF-8 ({err.reason})") from err
     if not proto.graph.node:
         raise UnsupportedModelError(f"{path}: the graph has no nodes (its outputs are its inputs): there is no "
                                     "model to analyse")
     return proto
+
+
+def _decode_strings(message) -> None:
+    """Refuse string fields that are not UTF-8 (a damaged name would otherwise fail deep inside a
+    later stage)."""
+    for descriptor, value in message.ListFields():
+        if descriptor.type == FieldDescriptor.TYPE_STRING:
+            # proto2 strings with invalid UTF-8 come back as bytes instead of raising
+            broken = [item for item in (value if _repeated(descriptor) else (value,)) if isinstance(item, bytes)]
+            if broken:
+                raise UnicodeDecodeError("utf-8", broken[0], 0, len(broken[0]),
+                                         f"field {descriptor.name} holds {broken[0][:40]!r}")
+        if descriptor.type != FieldDescriptor.TYPE_MESSAGE:
+            continue
+        for item in value if _repeated(descriptor) else (value,):
+            _decode_strings(item)
 
 
 def _check_opsets(proto: onnx.ModelProto) -> None:
@@ -423,6 +443,8 @@ def _run_checker(proto: onnx.ModelProto) -> None:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as err:
         raise CheckerError("onnx.checker", _first_line(str(err)), _node_named(str(err))) from err
+    except (ValueError, TypeError, RuntimeError) as err:  # onnx's C++ checker maps some failures to these
+        raise CheckerError("onnx.checker", _first_line(str(err))) from err
 
 
 def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -430,6 +452,8 @@ def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as err:
         raise CheckerError("shape inference", _first_line(str(err)), _node_named(str(err))) from err
+    except (ValueError, TypeError, RuntimeError) as err:  # e.g. "Invalid tensor data type 33."
+        raise CheckerError("shape inference", _first_line(str(err))) from err
 
 
 def _data_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
