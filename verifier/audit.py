@@ -67,6 +67,7 @@ class AuditSettings:
     thresholds: Thresholds = field(default_factory=Thresholds)
     grid_points: int = 24
     steps: int | None = None
+    output: str | None = None  # the graph output that is the classifier head (None: the default choice)
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     warnings: list[str] = [f"attack skipped: {reason}" for reason in skipped]
 
     announce("inspect")
-    summary = clock.run("inspect", lambda: inspect_model(model_path))
+    summary = clock.run("inspect", lambda: inspect_model(model_path, settings.output))
     loaded = clock.run("inspect", lambda: load_model(model_path))
     samples = clock.run("inspect", lambda: load_samples(data_path, loaded.info.data_input, settings.samples))
     if samples.y is None:
@@ -203,7 +204,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
         stopped_at = "validate"
     else:
         announce("validate")
-        converted = clock.run("validate", lambda: convert_model(loaded))
+        converted = clock.run("validate", lambda: convert_model(loaded, settings.output))
         conversion = clock.run("validate", lambda: validate_against_onnxruntime(
             loaded, converted, x, 1e-5, 1e-5, settings.device, y))
         if not conversion.passed:

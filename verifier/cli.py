@@ -26,6 +26,12 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL.onnx", help="path to the ONNX model")
 
 
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", metavar="NAME", default=None,
+                        help="the graph output that is the classifier head (default: the first float output "
+                             "that is not a pass-through of the input; `inspect` lists them)")
+
+
 def _add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -103,11 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="model specs, op histogram, activation sites, family")
     _add_model(inspect)
+    _add_output(inspect)
     _add_json(inspect)
     inspect.set_defaults(run=_run_inspect)
 
     validate = commands.add_parser("validate", help="check the torch conversion against onnxruntime")
     _add_model(validate)
+    _add_output(validate)
     _add_data(validate, random_fallback=True)
     validate.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
     validate.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
@@ -117,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     certify = commands.add_parser("certify", help="upper bounds on the Wasserstein robust risk (certificates)")
     _add_model(certify)
+    _add_output(certify)
     _add_data(certify, seed=False)  # certify is deterministic
     _add_budget(certify, default_delta="8/255", default_norm="inf")  # the same defaults as attack
     certify.add_argument("--grid-points", type=int, default=24, help="radius grid size (default 24)")
@@ -127,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     attack = commands.add_parser("attack", help="Wasserstein distributional attacks (lower bounds)")
     _add_model(attack)
+    _add_output(attack)
     _add_data(attack)
     _add_budget(attack, default_delta="8/255", default_norm="inf")
     attack.add_argument("--method", default="all",
@@ -142,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="inspect, validate, certify, attack and write a report")
     _add_model(audit)
+    _add_output(audit)
     _add_data(audit)
     _add_budget(audit, default_delta="1/255,2/255,4/255,8/255", default_norm="inf")
     audit.add_argument("--attacks", default="wdapp,wda,pgd,wpgd",
@@ -166,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_inspect(args: argparse.Namespace) -> tuple[int, dict, str]:
     from verifier.summary import inspect_model
 
-    summary = inspect_model(args.model)
-    return EXIT_OK, summary.to_dict(), summary.to_text()
+    summary = inspect_model(args.model, args.output)
+    if summary.unsupported_message is None:
+        return EXIT_OK, summary.to_dict(), summary.to_text()
+    print(f"verifier: error: {summary.unsupported_message}", file=sys.stderr)
+    payload = {**summary.to_dict(), "error": summary.unsupported_message, "error_type": "UnsupportedOpsError"}
+    return EXIT_BAD_INPUT, payload, summary.to_text()
 
 
 def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
@@ -185,7 +200,7 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
     else:
         fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
         samples = random_samples(spec, args.samples or fixed or 64, seed=args.seed)
-    converted = convert_model(loaded)
+    converted = convert_model(loaded, args.output)
     report = validate_against_onnxruntime(loaded, converted, samples.x, args.atol, args.rtol, args.device, samples.y)
     payload = {"model": args.model, "data": samples.source, **report.to_dict()}
     lines = [
@@ -217,7 +232,7 @@ def _labelled_samples(args: argparse.Namespace):
     samples = load_samples(args.data, loaded.info.data_input, args.samples)
     if samples.y is None:
         raise UsageError(f"{args.data} has no labels 'y'; certificates and attacks need them")
-    return loaded, convert_model(loaded), samples
+    return loaded, convert_model(loaded, args.output), samples
 
 
 def _refuse_folder(path: str | None) -> None:
@@ -268,7 +283,7 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
     settings = AuditSettings(
         deltas=tuple(parse_deltas(args.delta)), p=parse_p(args.p), norm=args.norm, loss=args.loss,
         attacks=tuple(m.strip() for m in args.attacks.split(",") if m.strip()), box=parse_box(args.box),
-        samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit,
+        samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit, output=args.output,
         thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy))
     progress = _progress_wanted(args)
 

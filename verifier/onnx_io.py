@@ -123,6 +123,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     _check_domains(proto)
     proto = _inline_functions(proto)
     _refuse_unanalysable(proto)
+    _dynamic_placeholder_dims(proto)
     _run_checker(proto)
     inferred = _infer_shapes(proto)
     inputs = _data_inputs(inferred)
@@ -135,8 +136,8 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         opsets={o.domain: int(o.version) for o in inferred.opset_import},
         producer_name=inferred.producer_name,
         producer_version=inferred.producer_version,
-        inputs=tuple(_spec(vi) for vi in inputs),
-        outputs=tuple(_spec(vi) for vi in inferred.graph.output),
+        inputs=tuple(tensor_spec(vi) for vi in inputs),
+        outputs=tuple(tensor_spec(vi) for vi in inferred.graph.output),
     )
     return LoadedModel(proto=inferred, info=info)
 
@@ -340,6 +341,17 @@ def _node_named(message: str) -> str | None:
     return next((g for g in match.groups() if g), None) if match else None
 
 
+def _dynamic_placeholder_dims(proto: onnx.ModelProto) -> None:
+    """A dimension written as -1 or 0 (paddle2onnx, some converters) means "any size": make it
+    unknown, like a symbolic one, so that no stage takes it for a fixed size."""
+    for value_info in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        if not (value_info.type.HasField("tensor_type") and value_info.type.tensor_type.HasField("shape")):
+            continue
+        for dim in value_info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.Clear()
+
+
 def _run_checker(proto: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(proto)
@@ -380,7 +392,8 @@ def _type_name(type_proto: onnx.TypeProto) -> str:
     return kind or "unknown"
 
 
-def _spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
+def tensor_spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
+    """The `TensorSpec` of a value info (a dimension without a value or name is None)."""
     shape: tuple[int | str | None, ...] | None = None
     if value_info.type.HasField("tensor_type") and value_info.type.tensor_type.HasField("shape"):
         shape = tuple(
