@@ -71,3 +71,12 @@ def softmax_ce(logits: np.ndarray, y: np.ndarray) -> float:
     z = z - z.max(1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
     return float(-log_p[np.arange(len(y)), y].mean())
+
+
+def normalised_scores() -> onnx.ModelProto:
+    """Only probabilities: sigmoid scores normalised by their sum (p = a / sum a)."""
+    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["z"], transB=1),
+             helper.make_node("Sigmoid", ["z"], ["a"]),
+             helper.make_node("ReduceSum", ["a", "axes"], ["total"], keepdims=1),
+             helper.make_node("Div", ["a", "total"], ["p"])]
+    return _model(nodes, [("p", ["N", 3])], {"W": W3, "B": B3, "axes": np.array([1], dtype=np.int64)})

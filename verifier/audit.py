@@ -27,7 +27,7 @@ from verifier.attacks import METHODS, attack, resolve_methods
 from verifier.certify.certificate import Certificate, certify
 from verifier.certify.growth import Stopped
 from verifier.convert import convert_model
-from verifier.data import load_samples
+from verifier.data import fit_box, load_samples
 from verifier.device import resolve_device
 from verifier.errors import UsageError
 from verifier.geometry import parse_norm
@@ -200,6 +200,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
         raise UsageError(f"{data_path} has no labels 'y'; the audit needs them")
     device = resolve_device(settings.device)
     x, y = samples.x, samples.y
+    box = fit_box(x, settings.box, samples.source)
     if clock.expired():
         stopped_at = "validate"
     else:
@@ -218,7 +219,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
             try:
                 certificate = clock.run("certify", lambda: certify(
                     converted, x, y, list(settings.deltas), p=settings.p, norm=settings.norm, loss=settings.loss,
-                    box=settings.box, grid_points=settings.grid_points, progress=progress,
+                    box=box, grid_points=settings.grid_points, progress=progress,
                     should_stop=clock.expired))
             except Stopped:
                 stopped_at = "certify"
@@ -229,7 +230,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                 announce(f"attack {method}")
                 report = clock.run("attacks", lambda m=method: attack(
                     converted, loaded, x, y, [m], list(settings.deltas), p=settings.p, norm=settings.norm,
-                    loss=settings.loss, box=settings.box, steps=settings.steps, seed=settings.seed,
+                    loss=settings.loss, box=box, steps=settings.steps, seed=settings.seed,
                     device=settings.device, progress=progress))
                 attacks_done[method] = [_attack_entry(r) for r in report.results]
     announce("report")

@@ -202,9 +202,10 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
         samples = random_samples(spec, args.samples or fixed or 64, seed=args.seed)
     converted = convert_model(loaded, args.output)
     report = validate_against_onnxruntime(loaded, converted, samples.x, args.atol, args.rtol, args.device, samples.y)
-    payload = {"model": args.model, "data": samples.source, **report.to_dict()}
+    payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted)}
     lines = [
         f"model      {args.model}",
+        f"head       {converted.head.reason}",
         f"data       {samples.source} ({report.samples} samples)",
         f"providers  onnxruntime {', '.join(report.providers)}; torch {report.torch_device}",
     ]
@@ -235,6 +236,11 @@ def _labelled_samples(args: argparse.Namespace):
     return loaded, convert_model(loaded, args.output), samples
 
 
+def _head(converted) -> dict:
+    """Which output the logits come from, and how (`verifier.head.Head.to_dict`)."""
+    return converted.head.to_dict()
+
+
 def _refuse_folder(path: str | None) -> None:
     """Refuse an output file that is a folder before any work."""
     if path is not None and Path(path).is_dir():
@@ -243,6 +249,7 @@ def _refuse_folder(path: str | None) -> None:
 
 def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
     from verifier.certify.certificate import certify, save_distributions
+    from verifier.data import fit_box
     from verifier.graph import json_safe
 
     deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
@@ -250,29 +257,32 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
         raise UsageError("--grid-points must be at least 2")
     _refuse_folder(args.save_distributions)
     loaded, converted, samples = _labelled_samples(args)
+    box = fit_box(samples.x, box, samples.source)
     result = certify(converted, samples.x, samples.y, deltas, p=p, norm=args.norm, loss=args.loss, box=box,
                      grid_points=args.grid_points, progress=_progress_wanted(args))
     if args.save_distributions:
         save_distributions(result, args.save_distributions)
-    payload = {"model": args.model, "data": samples.source, **result.to_dict()}
-    return EXIT_OK, json_safe(payload), result.to_text()
+    payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted)}
+    return EXIT_OK, json_safe(payload), f"head: {converted.head.reason}\n{result.to_text()}"
 
 
 def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
     from verifier.attacks import attack, save_adversarial
+    from verifier.data import fit_box
     from verifier.graph import json_safe
 
     deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     _refuse_folder(args.save_adversarial)
     loaded, converted, samples = _labelled_samples(args)
+    box = fit_box(samples.x, box, samples.source)
     report = attack(converted, loaded, samples.x, samples.y, methods, deltas, p=p, norm=args.norm, loss=args.loss,
                     box=box, steps=args.steps, kappa=args.kappa, topk=args.topk, seed=args.seed,
                     device=args.device, progress=_progress_wanted(args))
     if args.save_adversarial:
         save_adversarial(report, args.save_adversarial)
-    payload = {"model": args.model, "data": samples.source, **report.to_dict()}
-    return EXIT_OK, json_safe(payload), report.to_text()
+    payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted)}
+    return EXIT_OK, json_safe(payload), f"head: {converted.head.reason}\n{report.to_text()}"
 
 
 def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:

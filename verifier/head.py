@@ -37,6 +37,7 @@ _STANDARD = ("", "ai.onnx")
 _ML = "ai.onnx.ml"
 # Ops that only carry the head's values to the output (their first input is the data).
 _PASS_THROUGH = frozenset({"Identity", "Reshape", "Cast", "Flatten", "Squeeze", "Unsqueeze", "Dropout", "CastLike"})
+_CLIP_BOUNDS_AS_INPUTS = 11  # Clip-11 takes min/max as inputs (attributes before)
 _PASS_THROUGH_NOTE = "a pass-through of the input"
 _FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -197,11 +198,13 @@ def attach_logits(model: onnx.ModelProto, head: Head) -> onnx.ModelProto:
         ])
         width = 2
     else:
-        graph.initializer.append(numpy_helper.from_array(np.array(PROBABILITY_FLOOR, dtype=dtype), name("floor")))
-        graph.node.extend([
-            make("Max", [head.tensor, name("floor")], [name("floored")], name=name("floored")),
-            make("Log", [name("floored")], [LOGITS_NAME], name=LOGITS_NAME),
-        ])
+        opset = next((o.version for o in copy.opset_import if o.domain in _STANDARD), 0)
+        if opset >= _CLIP_BOUNDS_AS_INPUTS:  # Clip, not Max: a clip is an activation site with bound rules
+            graph.initializer.append(numpy_helper.from_array(np.array(PROBABILITY_FLOOR, dtype=dtype), name("floor")))
+            floor = make("Clip", [head.tensor, name("floor")], [name("floored")], name=name("floored"))
+        else:
+            floor = make("Clip", [head.tensor], [name("floored")], min=PROBABILITY_FLOOR, name=name("floored"))
+        graph.node.extend([floor, make("Log", [name("floored")], [LOGITS_NAME], name=LOGITS_NAME)])
         shape = OperatorGraph(model).shape(head.tensor)
         width = shape[-1] if shape and isinstance(shape[-1], int) else None
     graph.output.append(onnx.helper.make_tensor_value_info(LOGITS_NAME, elem, [None, width]))
