@@ -39,6 +39,7 @@ _ML = "ai.onnx.ml"
 _PASS_THROUGH = frozenset({"Identity", "Reshape", "Cast", "Flatten", "Squeeze", "Unsqueeze", "Dropout", "CastLike"})
 _CLIP_BOUNDS_AS_INPUTS = 11  # Clip-11 takes min/max as inputs (attributes before)
 _PASS_THROUGH_NOTE = "a pass-through of the input"
+_NOT_FLOAT_NOTE = "not a float tensor (labels?)"
 _FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 )
@@ -103,7 +104,7 @@ def output_candidates(graph: OperatorGraph) -> tuple[OutputCandidate, ...]:
         if source != out.name:
             usable, note = True, f"ZipMap of {source!r}"
         elif not _is_float(out):
-            usable, note = False, "not a float tensor (labels?)"
+            usable, note = False, _NOT_FLOAT_NOTE
         elif graph.is_constant(out.name):
             usable, note = False, "constant: does not depend on the input"
         elif _is_pass_through_of_input(graph, out.name):
@@ -123,7 +124,7 @@ def choose_head(graph: OperatorGraph, output: str | None = None) -> Head:
         chosen = next((c for c in candidates if c.name == output), None)
         if chosen is None:
             raise UsageError(f"--output {output!r} is not an output of the model; its outputs: {listed}")
-        if chosen.note.startswith("not a float"):
+        if chosen.note == _NOT_FLOAT_NOTE:
             raise UsageError(f"--output {output!r} is {chosen.dtype}, not a float tensor; its outputs: {listed}")
         return _read(graph, chosen, "--output")
     usable = [c for c in candidates if c.usable and c.note != _PASS_THROUGH_NOTE] or [c for c in candidates
@@ -186,8 +187,11 @@ def attach_logits(model: onnx.ModelProto, head: Head) -> onnx.ModelProto:
     graph = copy.graph
     elem = _elem_type(copy, head.tensor)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
-    name = lambda suffix: f"{LOGITS_NAME}_{suffix}"  # noqa: E731
     make = onnx.helper.make_node
+
+    def name(suffix: str) -> str:
+        return f"{LOGITS_NAME}_{suffix}"
+
     if head.kind == "binary":
         graph.initializer.extend([numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), name("shape")),
                                   numpy_helper.from_array(np.zeros((), dtype=dtype), name("zero"))])
@@ -199,11 +203,12 @@ def attach_logits(model: onnx.ModelProto, head: Head) -> onnx.ModelProto:
         width = 2
     else:
         opset = next((o.version for o in copy.opset_import if o.domain in _STANDARD), 0)
+        lowest = max(PROBABILITY_FLOOR, float(np.finfo(dtype).tiny))  # float16 cannot hold 1e-12
         if opset >= _CLIP_BOUNDS_AS_INPUTS:  # Clip, not Max: a clip is an activation site with bound rules
-            graph.initializer.append(numpy_helper.from_array(np.array(PROBABILITY_FLOOR, dtype=dtype), name("floor")))
+            graph.initializer.append(numpy_helper.from_array(np.array(lowest, dtype=dtype), name("floor")))
             floor = make("Clip", [head.tensor, name("floor")], [name("floored")], name=name("floored"))
         else:
-            floor = make("Clip", [head.tensor], [name("floored")], min=PROBABILITY_FLOOR, name=name("floored"))
+            floor = make("Clip", [head.tensor], [name("floored")], min=lowest, name=name("floored"))
         graph.node.extend([floor, make("Log", [name("floored")], [LOGITS_NAME], name=LOGITS_NAME)])
         shape = OperatorGraph(model).shape(head.tensor)
         width = shape[-1] if shape and isinstance(shape[-1], int) else None
@@ -268,7 +273,7 @@ def _is_single_logit(shape: tuple | None) -> bool:
 def _is_pass_through_of_input(graph: OperatorGraph, tensor: str) -> bool:
     keys = graph.ancestors_of_tensors([tensor])
     return all(graph.nodes[k].op_type in _PASS_THROUGH or graph.is_constant(graph.nodes[k].output[0])
-               for k in keys) and bool(set(graph.inputs))
+               for k in keys)
 
 
 def _is_float(value_info: onnx.ValueInfoProto) -> bool:
