@@ -254,3 +254,22 @@ def test_skl2onnx_mlp_heads_give_sklearn_cross_entropy(tmp_path, one_thread):
             result = certify(converted, x[:30], y[:30], [0.0], box=(0.0, 1.0), grid_points=3)
             assert result.results[0].clean_risk == pytest.approx(expected, abs=1e-5)
             assert result.clean_accuracy == pytest.approx(np.mean(classifier.predict(x[:30]) == y[:30]))
+
+
+def test_audit_takes_the_output_choice(save, tmp_path, one_thread):
+    from verifier.audit import AuditSettings, audit
+
+    y = _labels(False)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=X, y=y)
+    path = save(hm.pass_through_first())
+    settings = AuditSettings(deltas=(0.01,), attacks=("pgd",), box=(0.0, 1.0), steps=2, grid_points=4,
+                             device="cpu", output="logits")
+    outcome = audit(path, data, settings, tmp_path / "report")
+    assert outcome.report["model"]["head"]["chosen_by"] == "--output"
+    clean = outcome.report["results"][0]["clean_risk"]
+    assert clean == pytest.approx(hm.softmax_ce(hm.true_logits(X), y), abs=1e-5)
+    bad = AuditSettings(**{**settings.__dict__, "output": "nope"})
+    with pytest.raises(UsageError, match="'nope' is not an output"):
+        audit(path, data, bad, tmp_path / "never")
+    assert not (tmp_path / "never").exists()

@@ -31,6 +31,8 @@ from verifier.data import fit_box, load_samples
 from verifier.device import resolve_device
 from verifier.errors import UsageError
 from verifier.geometry import parse_norm
+from verifier.graph import OperatorGraph
+from verifier.head import choose_head
 from verifier.losses import check_loss
 from verifier.onnx_io import load_model
 from verifier.report import SCHEMA_VERSION, ReportPaths, finalize_report, write_report
@@ -178,6 +180,8 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     skipped = resolve_methods(["all"], settings.p)[1] if settings.p == 1 and (
         "all" in settings.attacks or tuple(settings.attacks) == DEFAULT_ATTACKS) else ()
     settings = _check(settings)
+    loaded = load_model(model_path)  # a bad model or --output exits 2 before the report folder exists
+    choose_head(OperatorGraph(loaded.proto), settings.output)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a folder")
@@ -194,7 +198,6 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
 
     announce("inspect")
     summary = clock.run("inspect", lambda: inspect_model(model_path, settings.output))
-    loaded = clock.run("inspect", lambda: load_model(model_path))
     samples = clock.run("inspect", lambda: load_samples(data_path, loaded.info.data_input, settings.samples))
     if samples.y is None:
         raise UsageError(f"{data_path} has no labels 'y'; the audit needs them")
