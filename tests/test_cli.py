@@ -62,8 +62,8 @@ def test_validate_mismatch_exits_1(capsys, monkeypatch):
 
     original = convert_module.convert_model
 
-    def tampered(loaded):
-        converted = original(loaded)
+    def tampered(loaded, output=None):
+        converted = original(loaded, output)
         with torch.no_grad():
             next(iter(converted.module.parameters())).add_(0.1)
         return converted

@@ -27,10 +27,12 @@ from verifier.attacks import METHODS, attack, resolve_methods
 from verifier.certify.certificate import Certificate, certify
 from verifier.certify.growth import Stopped
 from verifier.convert import convert_model
-from verifier.data import load_samples
+from verifier.data import fit_box, load_samples
 from verifier.device import resolve_device
 from verifier.errors import UsageError
 from verifier.geometry import parse_norm
+from verifier.graph import OperatorGraph
+from verifier.head import choose_head
 from verifier.losses import check_loss
 from verifier.onnx_io import load_model
 from verifier.report import SCHEMA_VERSION, ReportPaths, finalize_report, write_report
@@ -67,6 +69,7 @@ class AuditSettings:
     thresholds: Thresholds = field(default_factory=Thresholds)
     grid_points: int = 24
     steps: int | None = None
+    output: str | None = None  # the graph output that is the classifier head (None: the default choice)
     memory_limit: int | None = None  # bytes; None: half of the available memory
 
 
@@ -189,6 +192,8 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     skipped = resolve_methods(["all"], settings.p)[1] if settings.p == 1 and (
         "all" in settings.attacks or tuple(settings.attacks) == DEFAULT_ATTACKS) else ()
     settings = _check(settings)
+    loaded = load_model(model_path, settings.memory_limit)  # a bad model or --output: exit 2 before any folder
+    choose_head(OperatorGraph(loaded.proto), settings.output)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a folder")
@@ -201,19 +206,19 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     warnings: list[str] = [f"attack skipped: {reason}" for reason in skipped]
 
     announce("inspect")
-    summary = clock.run("inspect", lambda: inspect_model(model_path, settings.memory_limit))
-    loaded = clock.run("inspect", lambda: load_model(model_path, settings.memory_limit))
+    summary = clock.run("inspect", lambda: inspect_model(model_path, settings.output, settings.memory_limit))
     samples = clock.run("inspect", lambda: load_samples(data_path, loaded.info.data_input, settings.samples,
                                                         settings.memory_limit))
     if samples.y is None:
         raise UsageError(f"{data_path} has no labels 'y'; the audit needs them")
     device = resolve_device(settings.device)
     x, y = samples.x, samples.y
+    box = fit_box(x, settings.box, samples.source)
     if clock.expired():
         stopped_at = "validate"
     else:
         announce("validate")
-        converted = clock.run("validate", lambda: convert_model(loaded))
+        converted = clock.run("validate", lambda: convert_model(loaded, settings.output))
         conversion = clock.run("validate", lambda: validate_against_onnxruntime(
             loaded, converted, x, 1e-5, 1e-5, settings.device, y))
         if not conversion.passed:
@@ -227,7 +232,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
             try:
                 certificate = clock.run("certify", lambda: certify(
                     converted, x, y, list(settings.deltas), p=settings.p, norm=settings.norm, loss=settings.loss,
-                    box=settings.box, grid_points=settings.grid_points, progress=progress,
+                    box=box, grid_points=settings.grid_points, progress=progress,
                     should_stop=clock.expired))
             except Stopped:
                 stopped_at = "certify"
@@ -238,7 +243,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                 announce(f"attack {method}")
                 report = clock.run("attacks", lambda m=method: attack(
                     converted, loaded, x, y, [m], list(settings.deltas), p=settings.p, norm=settings.norm,
-                    loss=settings.loss, box=settings.box, steps=settings.steps, seed=settings.seed,
+                    loss=settings.loss, box=box, steps=settings.steps, seed=settings.seed,
                     device=settings.device, progress=progress))
                 attacks_done[method] = [_attack_entry(r) for r in report.results]
     announce("report")

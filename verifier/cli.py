@@ -35,6 +35,12 @@ def _memory_limit(args: argparse.Namespace) -> int | None:
     return None if args.memory_limit is None else parse_size(args.memory_limit)
 
 
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", metavar="NAME", default=None,
+                        help="the graph output that is the classifier head (default: the first float output "
+                             "that is not a pass-through of the input; `inspect` lists them)")
+
+
 def _add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -123,11 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="model specs, op histogram, activation sites, family")
     _add_model(inspect)
+    _add_output(inspect)
     _add_json(inspect)
     inspect.set_defaults(run=_run_inspect)
 
     validate = commands.add_parser("validate", help="check the torch conversion against onnxruntime")
     _add_model(validate)
+    _add_output(validate)
     _add_data(validate, random_fallback=True)
     validate.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
     validate.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
@@ -137,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     certify = commands.add_parser("certify", help="upper bounds on the Wasserstein robust risk (certificates)")
     _add_model(certify)
+    _add_output(certify)
     _add_data(certify, seed=False)  # certify is deterministic
     _add_budget(certify, default_delta="8/255", default_norm="inf")  # the same defaults as attack
     certify.add_argument("--grid-points", type=int, default=24, help="radius grid size (default 24)")
@@ -147,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     attack = commands.add_parser("attack", help="Wasserstein distributional attacks (lower bounds)")
     _add_model(attack)
+    _add_output(attack)
     _add_data(attack)
     _add_budget(attack, default_delta="8/255", default_norm="inf")
     attack.add_argument("--method", default="all",
@@ -162,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="inspect, validate, certify, attack and write a report")
     _add_model(audit)
+    _add_output(audit)
     _add_data(audit)
     _add_budget(audit, default_delta="1/255,2/255,4/255,8/255", default_norm="inf")
     audit.add_argument("--attacks", default="wdapp,wda,pgd,wpgd",
@@ -186,8 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_inspect(args: argparse.Namespace) -> tuple[int, dict, str]:
     from verifier.summary import inspect_model
 
-    summary = inspect_model(args.model, _memory_limit(args))
-    return EXIT_OK, summary.to_dict(), summary.to_text()
+    summary = inspect_model(args.model, args.output, _memory_limit(args))
+    if summary.unsupported_message is None:
+        return EXIT_OK, summary.to_dict(), summary.to_text()
+    print(f"verifier: error: {summary.unsupported_message}", file=sys.stderr)
+    payload = {**summary.to_dict(), "error": summary.unsupported_message, "error_type": "UnsupportedOpsError"}
+    return EXIT_BAD_INPUT, payload, summary.to_text()
 
 
 def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
@@ -206,11 +221,12 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
     else:
         fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
         samples = random_samples(spec, args.samples or fixed or 64, seed=args.seed, memory_limit_bytes=limit)
-    converted = convert_model(loaded)
+    converted = convert_model(loaded, args.output)
     report = validate_against_onnxruntime(loaded, converted, samples.x, args.atol, args.rtol, args.device, samples.y)
-    payload = {"model": args.model, "data": samples.source, **report.to_dict()}
+    payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted)}
     lines = [
         f"model      {args.model}",
+        f"head       {converted.head.reason}",
         f"data       {samples.source} ({report.samples} samples)",
         f"providers  onnxruntime {', '.join(report.providers)}; torch {report.torch_device}",
     ]
@@ -240,7 +256,12 @@ def _labelled_samples(args: argparse.Namespace):
     samples = load_samples(args.data, loaded.info.data_input, args.samples, limit)
     if samples.y is None:
         raise UsageError(f"{args.data} has no labels 'y'; certificates and attacks need them")
-    return loaded, convert_model(loaded), samples
+    return loaded, convert_model(loaded, args.output), samples
+
+
+def _head(converted) -> dict:
+    """Which output the logits come from, and how (`verifier.head.Head.to_dict`)."""
+    return converted.head.to_dict()
 
 
 def _refuse_folder(path: str | None) -> None:
@@ -251,6 +272,7 @@ def _refuse_folder(path: str | None) -> None:
 
 def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
     from verifier.certify.certificate import certify, save_distributions
+    from verifier.data import fit_box
     from verifier.graph import json_safe
 
     deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
@@ -258,29 +280,32 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
         raise UsageError("--grid-points must be at least 2")
     _refuse_folder(args.save_distributions)
     loaded, converted, samples = _labelled_samples(args)
+    box = fit_box(samples.x, box, samples.source)
     result = certify(converted, samples.x, samples.y, deltas, p=p, norm=args.norm, loss=args.loss, box=box,
                      grid_points=args.grid_points, progress=_progress_wanted(args))
     if args.save_distributions:
         save_distributions(result, args.save_distributions)
-    payload = {"model": args.model, "data": samples.source, **result.to_dict()}
-    return EXIT_OK, json_safe(payload), result.to_text()
+    payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted)}
+    return EXIT_OK, json_safe(payload), f"head: {converted.head.reason}\n{result.to_text()}"
 
 
 def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
     from verifier.attacks import attack, save_adversarial
+    from verifier.data import fit_box
     from verifier.graph import json_safe
 
     deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     _refuse_folder(args.save_adversarial)
     loaded, converted, samples = _labelled_samples(args)
+    box = fit_box(samples.x, box, samples.source)
     report = attack(converted, loaded, samples.x, samples.y, methods, deltas, p=p, norm=args.norm, loss=args.loss,
                     box=box, steps=args.steps, kappa=args.kappa, topk=args.topk, seed=args.seed,
                     device=args.device, progress=_progress_wanted(args))
     if args.save_adversarial:
         save_adversarial(report, args.save_adversarial)
-    payload = {"model": args.model, "data": samples.source, **report.to_dict()}
-    return EXIT_OK, json_safe(payload), report.to_text()
+    payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted)}
+    return EXIT_OK, json_safe(payload), f"head: {converted.head.reason}\n{report.to_text()}"
 
 
 def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
@@ -291,7 +316,7 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
     settings = AuditSettings(
         deltas=tuple(parse_deltas(args.delta)), p=parse_p(args.p), norm=args.norm, loss=args.loss,
         attacks=tuple(m.strip() for m in args.attacks.split(",") if m.strip()), box=parse_box(args.box),
-        samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit,
+        samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit, output=args.output,
         thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy),
         memory_limit=_memory_limit(args))
     progress = _progress_wanted(args)

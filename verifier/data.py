@@ -163,3 +163,32 @@ def check_labels(labels: np.ndarray, classes: int) -> None:
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
         raise DataError(f"labels must lie in [0, {classes - 1}] for this model's {classes} classes "
                         f"(got {labels.min()}..{labels.max()})")
+
+
+def fit_box(x: np.ndarray, box: tuple[float, float] | None, source: str) -> tuple[float, float] | None:
+    """The box with its bounds rounded outward to `x`'s dtype (a float32 2.6400001 is the bound
+    2.64 as float32 data holds it), after checking that every value lies in it; `DataError`
+    naming the sample, feature and value furthest outside otherwise."""
+    if box is None:
+        return None
+    dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float64)
+    low, high = _outward(box[0], dtype, -np.inf), _outward(box[1], dtype, np.inf)
+    flat = np.asarray(x).reshape(len(x), -1).astype(np.float64)
+    excess = np.maximum(low - flat, flat - high)
+    if excess.size and excess.max() > 0:
+        sample, feature = np.unravel_index(int(excess.argmax()), excess.shape)
+        index = np.unravel_index(int(feature), x.shape[1:]) if x.ndim > 2 else (int(feature),)
+        outside = int(np.count_nonzero((excess > 0).any(1)))
+        value = str(np.asarray(x).reshape(len(x), -1)[sample, feature])  # shortest repr in x's own dtype
+        raise DataError(f"{outside} sample(s) in {source} lie outside the box [{box[0]:g}, {box[1]:g}]; furthest: "
+                        f"sample {int(sample)}, feature {', '.join(map(str, index))}, value "
+                        f"{value} ({dtype.name}); every value must lie in the box "
+                        f"(up to the rounding of {dtype.name})")
+    return float(low), float(high)
+
+
+def _outward(bound: float, dtype: np.dtype, direction: float) -> float:
+    """`bound` rounded to `dtype`, then one step further out if rounding moved it inward."""
+    rounded = np.asarray(bound).astype(dtype)
+    inward = rounded > bound if direction < 0 else rounded < bound
+    return float(np.nextafter(rounded, np.asarray(direction, dtype=dtype)) if inward else rounded)

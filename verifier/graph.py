@@ -4,7 +4,8 @@
 the tensors between them; initializers and `Constant` outputs are known constants. On it,
 `find_activations` lists every activation site (standalone ops and decomposed GELU / SiLU /
 HardSwish patterns, recognised from structure and constants, see `verifier.patterns`) and
-`model_family` classifies the part of the model that computes the logits.
+`model_family` classifies the part of the model that computes the logits (which tensor that is:
+`verifier.head`).
 """
 
 from __future__ import annotations
@@ -51,12 +52,8 @@ _PIECEWISE_LINEAR_OPS = frozenset(
 )
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _MAX_POOL_ATTRIBUTES = ("kernel_shape", "strides", "pads", "dilations", "ceil_mode", "auto_pad", "storage_order")
-_OUTPUT_TRANSFORMS = frozenset({"Softmax", "LogSoftmax"})
 _SOFTMAX_DEFAULT_AXIS_CHANGED = 13  # Softmax-13: default axis -1 and one-axis semantics (before: 1, coerced 2-D)
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
-_FLOAT_ELEM_TYPES = frozenset(
-    {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-)
 
 
 @dataclass(frozen=True)
@@ -162,42 +159,6 @@ class OperatorGraph:
             self._dynamic_free = cached
         return cached
 
-    def logits_of(self, output: str) -> str:
-        """The tensor holding logits for a graph output: Softmax/LogSoftmax's input (also through
-        `Log(Softmax(z))`), else the output itself."""
-        node = self._standard_producer(output)
-        if node is not None and node.op_type == "Log":
-            inner = self._standard_producer(node.input[0])
-            if inner is not None and inner.op_type == "Softmax":
-                return inner.input[0]
-        if node is not None and node.op_type in _OUTPUT_TRANSFORMS:
-            return node.input[0]
-        return output
-
-    def _standard_producer(self, tensor: str) -> onnx.NodeProto | None:
-        key = self.producer.get(tensor)
-        node = self.nodes[key] if key is not None else None
-        return node if node is not None and node.domain in _STANDARD_DOMAINS else None
-
-    def numeric_outputs(self) -> list[str]:
-        """Float tensor outputs; an output made by ZipMap (skl2onnx) stands for ZipMap's input."""
-        kept: list[str] = []
-        for out in self.model.graph.output:
-            name = out.name
-            key = self.producer.get(name)
-            if key is not None and self.nodes[key].op_type == "ZipMap":
-                name = self.nodes[key].input[0]
-            elif not (out.type.HasField("tensor_type") and out.type.tensor_type.elem_type in _FLOAT_ELEM_TYPES):
-                continue
-            if name not in kept:
-                kept.append(name)
-        return kept
-
-    def logits_tensor(self) -> str | None:
-        """The logits: from the first numeric output, through a final Softmax/LogSoftmax."""
-        outputs = self.numeric_outputs()
-        return self.logits_of(outputs[0]) if outputs else None
-
     def ancestors_of_tensors(self, tensors: Iterable[str]) -> set[str]:
         """Node keys that contribute to any of the tensors (the producing nodes included)."""
         keys = {self.producer[t] for t in tensors if t in self.producer}
@@ -282,17 +243,17 @@ class OperatorGraph:
             params["coerce_2d"] = True
         return params
 
-    def uncovered_nonlinear(self, sites: list[ActivationSite]) -> list[str]:
+    def uncovered_nonlinear(self, sites: list[ActivationSite], logits: str | None) -> list[str]:
         """Nodes the logits depend on that are nonlinear but belong to no activation site
-        (e.g. `Max(h, 3h)`, `Mul(h, h)`, `ReduceMax`): the cell analysis cannot see their kinks."""
-        logits = self.logits_tensor()
+        (e.g. `Max(h, 3h)`, `Mul(h, h)`, `ReduceMax`): the cell analysis cannot see their kinks.
+        `logits` is the head's tensor (`verifier.head`); None: every output."""
         relevant = self.ancestors_of_tensors([logits] if logits else self.outputs)
         covered = {key for site in sites for key in site.nodes}
         return sorted(key for key in relevant - covered if self._op_nonlinearity(self.nodes[key]) != "none")
 
-    def model_family(self, sites: list[ActivationSite]) -> str:
-        """`linear`, `piecewise-linear`, `smooth` or `mixed`, judged on what computes the logits."""
-        logits = self.logits_tensor()
+    def model_family(self, sites: list[ActivationSite], logits: str | None) -> str:
+        """`linear`, `piecewise-linear`, `smooth` or `mixed`, judged on what computes `logits`
+        (the head's tensor, `verifier.head`; None: every output)."""
         relevant = self.ancestors_of_tensors([logits] if logits else self.outputs)
         covered = {key for site in sites for key in site.nodes}
         kinds = {site.kind for site in sites if set(site.nodes) & relevant}

@@ -51,8 +51,9 @@ def prepared_module(model: ConvertedModel, device: str | torch.device = "auto",
 
 
 def _as_tensor(x: torch.Tensor | np.ndarray, module: torch.nn.Module) -> torch.Tensor:
-    reference = next(iter(module.buffers()), None)
-    reference = reference if reference is not None else next(iter(module.parameters()))
+    # the first float weight: integer buffers (Squeeze axes, shapes) keep their dtype under .to()
+    tensors = [*module.parameters(), *module.buffers()]
+    reference = next((t for t in tensors if t.is_floating_point()), tensors[0] if tensors else torch.empty(0))
     tensor = torch.as_tensor(x)
     return tensor.to(device=reference.device, dtype=reference.dtype if tensor.is_floating_point() else None)
 

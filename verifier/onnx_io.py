@@ -144,6 +144,7 @@ def load_model(path: str | os.PathLike[str], memory_limit_bytes: int | None = No
     _check_domains(proto, inlined=True)
     _refuse_unanalysable(proto)
     require_no_nan_constants(proto.graph)
+    _dynamic_placeholder_dims(proto)
     _run_checker(proto)
     inferred = _infer_shapes(proto)
     inputs = _data_inputs(inferred)
@@ -157,8 +158,8 @@ def load_model(path: str | os.PathLike[str], memory_limit_bytes: int | None = No
         opsets={o.domain: int(o.version) for o in inferred.opset_import},
         producer_name=inferred.producer_name,
         producer_version=inferred.producer_version,
-        inputs=tuple(_spec(vi) for vi in inputs),
-        outputs=tuple(_spec(vi) for vi in inferred.graph.output),
+        inputs=tuple(tensor_spec(vi) for vi in inputs),
+        outputs=tuple(tensor_spec(vi) for vi in inferred.graph.output),
         infinite_constants=tuple(c.describe() for c in nonfinite_constants(inferred.graph)),
     )
     return LoadedModel(proto=inferred, info=info)
@@ -438,6 +439,18 @@ def _node_named(message: str) -> str | None:
     return next((g for g in match.groups() if g), None) if match else None
 
 
+def _dynamic_placeholder_dims(proto: onnx.ModelProto) -> None:
+    """A dimension written as -1 anywhere, or 0 on the batch axis (paddle2onnx, some converters),
+    means "any size": make it unknown, like a symbolic one, so that no stage takes it for a fixed
+    size. A 0 beyond the batch axis is a real empty axis (refused for the data input later)."""
+    for value_info in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        if not (value_info.type.HasField("tensor_type") and value_info.type.tensor_type.HasField("shape")):
+            continue
+        for axis, dim in enumerate(value_info.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and (dim.dim_value < 0 or (dim.dim_value == 0 and axis == 0)):
+                dim.Clear()
+
+
 def _run_checker(proto: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(proto)
@@ -472,7 +485,7 @@ def _require_single_float_input(inputs: list[onnx.ValueInfoProto]) -> None:
 
 def _require_nonempty_input(value_info: onnx.ValueInfoProto) -> None:
     """Refuse a data input with a zero-sized axis beyond the batch: there is nothing to perturb."""
-    spec = _spec(value_info)
+    spec = tensor_spec(value_info)
     if spec.shape and any(d == 0 for d in spec.shape[1:]):
         raise InputSpecError(f"input {spec.name!r} has shape {list(spec.shape)}: an axis of size 0 "
                              "leaves no feature to perturb")
@@ -490,7 +503,8 @@ def _type_name(type_proto: onnx.TypeProto) -> str:
     return kind or "unknown"
 
 
-def _spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
+def tensor_spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
+    """The `TensorSpec` of a value info (a dimension without a value or name is None)."""
     shape: tuple[int | str | None, ...] | None = None
     if value_info.type.HasField("tensor_type") and value_info.type.tensor_type.HasField("shape"):
         shape = tuple(

@@ -1,4 +1,8 @@
-"""`inspect_model`: what a model is, at a glance (specs, ops, activation sites, family)."""
+"""`inspect_model`: what a model is, at a glance (specs, ops, head, activation sites, family).
+
+The summary also says which output is the classifier head and why (`verifier.head`), and lists
+every node the other commands would refuse (the same check `convert_model` runs), first.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,23 @@ from collections import Counter
 from dataclasses import dataclass
 
 from verifier.graph import ActivationSite, OperatorGraph, json_safe
+from verifier.head import Head, OutputCandidate, choose_head, output_candidates
 from verifier.onnx_io import ModelInfo, TensorSpec, load_model
 
 
 @dataclass(frozen=True)
 class ModelSummary:
-    """Specs, op histogram, activation sites and family of a checked model."""
+    """Specs, op histogram, head, activation sites, family, and what blocks the analysis."""
 
     info: ModelInfo
     op_histogram: dict[str, int]
     sites: tuple[ActivationSite, ...]
     family: str
-    logits: str | None
+    logits: str | None  # the user's tensor the logits are read from (one logit for a binary head)
+    head: Head | None = None
+    candidates: tuple[OutputCandidate, ...] = ()
+    unsupported: tuple[tuple[str, str, str], ...] = ()  # (node, op, why), as UnsupportedOpsError lists them
+    unsupported_message: str | None = None  # the other commands' one-line error, when there is one
 
     @property
     def activation_counts(self) -> dict[str, int]:
@@ -35,18 +44,24 @@ class ModelSummary:
             "activation_counts": self.activation_counts,
             "activation_sites": [site.to_dict() for site in self.sites],
             "logits": self.logits,
+            "head": None if self.head is None else self.head.to_dict(),
+            "output_candidates": [c.to_dict() for c in self.candidates],
+            "unsupported_ops": [{"node": n, "op": op, "reason": why} for n, op, why in self.unsupported],
         })
 
     def to_text(self) -> str:
-        """A short human-readable report."""
+        """A short human-readable report (unsupported ops first)."""
         info = self.info
         opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in sorted(info.opsets.items()))
-        lines = [
+        lines = [f"UNSUPPORTED {op} at node {name!r}: {why}" for name, op, why in self.unsupported]
+        lines += [
             f"model      {info.path} ({info.size_bytes} bytes, sha256 {info.sha256[:12]}…)",
             f"producer   {info.producer_name or '?'} {info.producer_version}".rstrip(),
             f"format     IR {info.ir_version}; opsets: {opsets}",
             *(f"input      {_spec(s)}" for s in info.inputs),
-            *(f"output     {_spec(s)}" for s in info.outputs),
+            *(f"output     {_spec(s)}  [{_role(c, self.head)}]" for s, c in zip(info.outputs, self._by_output())),
+            f"head       {self.head.reason if self.head else 'none'}"
+            + (f" (chosen by --output)" if self.head and self.head.chosen_by == "--output" else ""),
             f"logits     {self.logits or 'none (no float output)'}",
             f"family     {self.family}",
             *(f"warning    constant with infinite values: {where}" for where in info.infinite_constants),
@@ -56,21 +71,43 @@ class ModelSummary:
         lines += [f"  #{s.index:<3} {s.kind:<11} {s.input} -> {s.output}  [{', '.join(s.nodes)}]" for s in self.sites]
         return "\n".join(lines)
 
+    def _by_output(self) -> list[OutputCandidate | None]:
+        found = {c.name: c for c in self.candidates}
+        return [found.get(spec.name) for spec in self.info.outputs]
+
+
+def _role(candidate: OutputCandidate | None, head: Head | None) -> str:
+    if candidate is None:
+        return "?"
+    if head is not None and candidate.name == head.output:
+        return f"head: {head.kind}"
+    return candidate.note
+
 
 def _spec(spec: TensorSpec) -> str:
     shape = "?" if spec.shape is None else "(" + ", ".join("?" if d is None else str(d) for d in spec.shape) + ")"
     return f"{spec.name}: {spec.dtype} {shape}"
 
 
-def inspect_model(path: str | os.PathLike[str], memory_limit_bytes: int | None = None) -> ModelSummary:
-    """Load and check a model, then summarise its graph."""
+def inspect_model(path: str | os.PathLike[str], output: str | None = None,
+                  memory_limit_bytes: int | None = None) -> ModelSummary:
+    """Load and check a model, then summarise its graph; `output` names the head (`--output`)."""
+    from verifier.convert import unsupported_nodes  # the conversion check the other commands run
+
     loaded = load_model(path, memory_limit_bytes)
     graph = OperatorGraph(loaded.proto)
     sites = graph.find_activations()
+    candidates = output_candidates(graph)
+    head = choose_head(graph, output) if output is not None or any(c.usable for c in candidates) else None
+    blocked = unsupported_nodes(loaded, output)
     return ModelSummary(
         info=loaded.info,
         op_histogram=graph.op_histogram(),
         sites=tuple(sites),
-        family=graph.model_family(sites),
-        logits=graph.logits_tensor(),
+        family=graph.model_family(sites, head.tensor if head else None),
+        logits=head.tensor if head else None,
+        head=head,
+        candidates=candidates,
+        unsupported=() if blocked is None else blocked.nodes,
+        unsupported_message=None if blocked is None else str(blocked),
     )

@@ -1,6 +1,7 @@
 """Proof that the torch module computes what the ONNX file computes: onnxruntime as the oracle.
 
-The original model (plus the exposed logits tensor as an extra output) runs in onnxruntime, the
+The original model (plus the exposed logits tensor as an extra output, computed by the head's
+nodes of `verifier.head.attach_logits` for a binary or probability head) runs in onnxruntime, the
 converted module runs in torch, on the same inputs; we report per-output max absolute and
 relative differences, top-1 agreement on the logits, the providers actually used, and
 pass/fail against `|torch - ort| <= atol + rtol * |ort|` elementwise, where equal values (the
@@ -23,6 +24,7 @@ from verifier.data import check_labels
 from verifier.device import resolve_device
 from verifier.errors import RuntimeRunError, VerifierError
 from verifier.graph import json_safe
+from verifier.head import attach_logits
 from verifier.onnx_io import LoadedModel
 
 _DEFAULT_CHUNK = 256
@@ -119,6 +121,11 @@ def _detail(err: Exception) -> str:
     """A runtime's error as one short line (onnxruntime's source paths and codes dropped)."""
     text = _ORT_NOISE.sub("", " ".join(str(err).split())) or type(err).__name__
     return text if len(text) <= _DETAIL_LENGTH else text[: _DETAIL_LENGTH - 3] + "..."
+
+
+def oracle_model(loaded: LoadedModel, converted: ConvertedModel) -> onnx.ModelProto:
+    """The user's model as onnxruntime runs it: with the head's logits nodes when it needs them."""
+    return loaded.proto if converted.head is None else attach_logits(loaded.proto, converted.head)
 
 
 def with_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
@@ -221,7 +228,8 @@ def validate_against_onnxruntime(
     With labels `y`, the top-1 accuracy of both runtimes is reported too.
     """
     torch_device = resolve_device(device)
-    session = onnxruntime_session(with_outputs(loaded.proto, converted.output_names), torch_device)
+    session = onnxruntime_session(with_outputs(oracle_model(loaded, converted), converted.output_names),
+                                  torch_device)
     module = converted.module.to(torch_device)
     spec = converted.input_spec
     fixed = spec.shape[0] if spec.shape else None

@@ -18,7 +18,7 @@ from verifier.errors import NonFiniteError
 from verifier.finite import require_finite_logits
 from verifier.losses import loss_values
 from verifier.onnx_io import LoadedModel
-from verifier.validate import onnxruntime_session, run_onnxruntime, with_outputs
+from verifier.validate import onnxruntime_session, oracle_model, run_onnxruntime, with_outputs
 
 LOSS_ATOL = 1e-4
 LOSS_RTOL = 1e-4
@@ -30,7 +30,7 @@ class Replayer:
 
     def __init__(self, loaded: LoadedModel, model: ConvertedModel, device: torch.device) -> None:
         self.name = model.output_names[model.logits_index]
-        self.session = onnxruntime_session(with_outputs(loaded.proto, (self.name,)), device)
+        self.session = onnxruntime_session(with_outputs(oracle_model(loaded, model), (self.name,)), device)
         self.input_name = model.input_spec.name
         shape = model.input_spec.shape
         self.fixed = shape[0] if shape and isinstance(shape[0], int) else None

@@ -29,6 +29,7 @@ from verifier.convert.compat import import_onnx2torch
 from verifier.convert.normalize import NormalizedModel, normalize_model
 from verifier.errors import ConversionError, UnsupportedOpsError
 from verifier.graph import PIECEWISE_LINEAR_KINDS, ActivationSite, OperatorGraph
+from verifier.head import Head
 from verifier.onnx_io import LoadedModel, TensorSpec
 
 onnx2torch = import_onnx2torch()
@@ -54,6 +55,7 @@ class ConvertedModel:
     logit_sites: tuple[ActivationSite, ...] = ()
     node_names: dict[str, str] = field(default_factory=dict, repr=False)  # normalised key -> user's name
     uncovered_nonlinear: tuple[str, ...] = ()  # nonlinear nodes before the logits that are no site
+    head: Head | None = None  # which output the logits come from, and how (verifier.head)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -121,9 +123,10 @@ def _multi_output_getitems(model: ConvertedModel, graph: fx.Graph, by_name: dict
     return added
 
 
-def convert_model(model: LoadedModel) -> ConvertedModel:
-    """Convert a loaded model to a `ConvertedModel` (eval mode), or explain every blocking node."""
-    normalized = normalize_model(model.proto)
+def convert_model(model: LoadedModel, output: str | None = None) -> ConvertedModel:
+    """Convert a loaded model to a `ConvertedModel` (eval mode), or explain every blocking node.
+    `output` names the graph output that is the classifier head (None: `choose_head`'s default)."""
+    normalized = normalize_model(model.proto, output)
     onnx_graph = OnnxGraph(normalized.proto.graph)
     _check_supported(normalized, onnx_graph)
     try:
@@ -135,7 +138,8 @@ def convert_model(model: LoadedModel) -> ConvertedModel:
     tensor_nodes = _tensor_to_fx(normalized, onnx_graph, module)
     graph = OperatorGraph(normalized.proto)
     sites = graph.find_activations()
-    upstream = graph.ancestors_of_tensors([normalized.output_names[normalized.logits_index]])
+    logits = normalized.output_names[normalized.logits_index]
+    upstream = graph.ancestors_of_tensors([logits])
     return ConvertedModel(
         module=module,
         input_spec=model.info.data_input,
@@ -146,8 +150,19 @@ def convert_model(model: LoadedModel) -> ConvertedModel:
         tensor_nodes=tensor_nodes,
         logit_sites=tuple(site for site in sites if set(site.nodes) & upstream),
         node_names=dict(normalized.original_names),
-        uncovered_nonlinear=tuple(graph.uncovered_nonlinear(sites)),
+        uncovered_nonlinear=tuple(graph.uncovered_nonlinear(sites, logits)),
+        head=normalized.head,
     )
+
+
+def unsupported_nodes(model: LoadedModel, output: str | None = None) -> UnsupportedOpsError | None:
+    """The error `convert_model` would raise for unsupported ops (every offending node), or None."""
+    try:
+        normalized = normalize_model(model.proto, output)
+        _check_supported(normalized, OnnxGraph(normalized.proto.graph))
+    except UnsupportedOpsError as err:
+        return err
+    return None
 
 
 def _check_supported(normalized: NormalizedModel, onnx_graph: OnnxGraph) -> None:
@@ -204,4 +219,4 @@ def _tensor_to_fx(normalized: NormalizedModel, onnx_graph: OnnxGraph, module: fx
     return mapping
 
 
-__all__ = ["ConvertedModel", "convert_model"]
+__all__ = ["ConvertedModel", "convert_model", "unsupported_nodes"]

@@ -4,7 +4,8 @@ Real exports break onnx2torch in a handful of known ways (see docs/architecture.
 1. keeps only the numeric output path: non-tensor outputs fed by a ZipMap are replaced by its
    float input, integer outputs (labels) are dropped, and the sub-graph is cut with
    `onnx.utils.Extractor`;
-2. exposes the logits as an extra output when the primary output comes from Softmax/LogSoftmax;
+2. exposes the head's logits (`verifier.head`: the input of a final Softmax/LogSoftmax/Sigmoid,
+   `[0, z]` for one binary logit, `log(max(p, floor))` for probabilities) as an extra output;
 3. rewrites a Clip without any finite bound as Identity, then folds constants and shape
    computations with `onnxscript.optimizer`;
 4. gives every node a safe unique name: the names become torch module names and attributes in
@@ -33,6 +34,7 @@ from torch import fx
 
 from verifier.errors import UnsupportedOpsError
 from verifier.graph import OperatorGraph, node_keys
+from verifier.head import Head, attach_logits, choose_head, numeric_outputs
 
 VERIFIER_DOMAIN = "verifier"
 _NAME_PART_LENGTH = 40
@@ -47,29 +49,32 @@ _STANDARD_DOMAINS = ("", "ai.onnx")
 
 @dataclass(frozen=True, eq=False)
 class NormalizedModel:
-    """The rewritten proto, its output names, which output holds the logits, and for each
-    node name of the proto the name the user's model (and `inspect`) gives that node."""
+    """The rewritten proto, its output names, which output holds the logits (and the head they
+    come from), and for each node name of the proto the name the user's model gives that node."""
 
     proto: onnx.ModelProto
     input_name: str
     output_names: tuple[str, ...]
     logits_index: int
     original_names: dict[str, str] = field(default_factory=dict)
+    head: Head | None = None
 
     def original_name(self, name: str) -> str:
         """The user's name for a node of the normalised proto (itself if the node is new)."""
         return self.original_names.get(name, name)
 
 
-def normalize_model(model: onnx.ModelProto) -> NormalizedModel:
-    """Rewrite a checked model into the form verifier's onnx2torch converters accept."""
+def normalize_model(model: onnx.ModelProto, output: str | None = None) -> NormalizedModel:
+    """Rewrite a checked model into the form verifier's onnx2torch converters accept; `output`
+    names the head (`--output`), None: `verifier.head.choose_head`'s default."""
     graph = OperatorGraph(model)
     if len(graph.inputs) != 1:
         raise UnsupportedOpsError("conversion", [("<graph>", "inputs", f"{len(graph.inputs)} data inputs")])
-    outputs = graph.numeric_outputs()
-    logits = graph.logits_tensor()
-    if logits is None:
+    if not numeric_outputs(graph):
         raise UnsupportedOpsError("conversion", [("<graph>", "outputs", "no floating-point output to analyse")])
+    head = choose_head(graph, output)
+    logits = head.logits
+    outputs = numeric_outputs(graph)
     if logits not in outputs:
         outputs.append(logits)
     named = onnx.ModelProto()
@@ -77,6 +82,7 @@ def normalize_model(model: onnx.ModelProto) -> NormalizedModel:
     for key, node in zip(graph.nodes, named.graph.node):  # the keys inspect shows, for every node
         node.name = key
     _drop_identity_clips(named, graph)
+    named = attach_logits(named, head)
     extracted = onnx.utils.Extractor(named).extract_model(list(graph.inputs), outputs)
     optimized = onnxscript.optimizer.optimize(extracted)
     original_names = _rename_nodes(optimized.graph)
@@ -88,6 +94,7 @@ def normalize_model(model: onnx.ModelProto) -> NormalizedModel:
         input_name=next(vi.name for vi in optimized.graph.input if vi.name not in constants),
         output_names=names,
         logits_index=names.index(logits),
+        head=head,
         original_names=original_names,
     )
 

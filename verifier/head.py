@@ -1,0 +1,297 @@
+"""Which graph output is the classifier head, and how its values become logits.
+
+Exporters rarely end a classifier in its logits: scikit-learn (skl2onnx), PaddlePaddle and
+others end in `Softmax` (often behind `Identity`, `Reshape`, `Cast`, `Flatten` or a `ZipMap`),
+a binary model in one logit or one `Sigmoid` probability. `choose_head` reads that from the
+graph structure: it walks back from the chosen output through ops that only move data, cuts a
+final `Softmax`, `LogSoftmax`, `Log(Softmax)` or `Sigmoid` (also `Concat(1 - s, s)` of a sigmoid
+`s`) and uses its input. The head is then one of:
+
+- `logits`: a tensor (N, C), C >= 2, used as the logits;
+- `binary`: one logit z, shape (N,) or (N, 1): the logits are `[0, z]` (so that softmax gives
+  `[1 - sigmoid(z), sigmoid(z)]`, class 1 when z > 0);
+- `probabilities`: only probabilities exist (a normalisation `a / ReduceSum(a)`): the logits are
+  `log(max(p, PROBABILITY_FLOOR))`, whose softmax is p itself wherever p >= the floor.
+
+`attach_logits` appends the few ONNX nodes that compute those logits, so that the converted
+module and the onnxruntime oracle compute the same tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from verifier.errors import UsageError
+from verifier.graph import OperatorGraph
+from verifier.onnx_io import tensor_spec
+
+PROBABILITY_FLOOR = 1e-12
+LOGITS_NAME = "verifier_logits"
+HEAD_KINDS = ("logits", "binary", "probabilities")
+
+_STANDARD = ("", "ai.onnx")
+_ML = "ai.onnx.ml"
+# Ops that only carry the head's values to the output (their first input is the data).
+_PASS_THROUGH = frozenset({"Identity", "Reshape", "Cast", "Flatten", "Squeeze", "Unsqueeze", "Dropout", "CastLike"})
+_CLIP_BOUNDS_AS_INPUTS = 11  # Clip-11 takes min/max as inputs (attributes before)
+_PASS_THROUGH_NOTE = "a pass-through of the input"
+_NOT_FLOAT_NOTE = "not a float tensor (labels?)"
+_FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+)
+
+
+@dataclass(frozen=True)
+class OutputCandidate:
+    """A graph output as a possible head: its spec and why it is (not) chosen by default."""
+
+    name: str
+    shape: tuple[int | str | None, ...] | None
+    dtype: str
+    usable: bool
+    note: str
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"name": self.name, "shape": None if self.shape is None else list(self.shape), "dtype": self.dtype,
+                "usable": self.usable, "note": self.note}
+
+
+@dataclass(frozen=True)
+class Head:
+    """The chosen output, the tensor read as logits (or one logit, or probabilities), and why."""
+
+    output: str
+    tensor: str
+    kind: str
+    cut: tuple[str, ...]
+    reason: str
+    chosen_by: str = "default"  # "default" or "--output"
+
+    @property
+    def logits(self) -> str:
+        """The tensor holding (N, C) logits once `attach_logits` has run."""
+        return self.tensor if self.kind == "logits" else LOGITS_NAME
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"output": self.output, "tensor": self.tensor, "kind": self.kind, "cut": list(self.cut),
+                "logits": self.logits, "chosen_by": self.chosen_by, "reason": self.reason}
+
+
+def numeric_outputs(graph: OperatorGraph) -> list[str]:
+    """Float tensor outputs; an output made by ZipMap (skl2onnx) stands for ZipMap's input."""
+    kept: list[str] = []
+    for out in graph.model.graph.output:
+        name = _through_zipmap(graph, out.name)
+        if name == out.name and not _is_float(out):
+            continue
+        if name not in kept:
+            kept.append(name)
+    return kept
+
+
+def output_candidates(graph: OperatorGraph) -> tuple[OutputCandidate, ...]:
+    """Every graph output with its spec and whether it can be the head."""
+    found = []
+    for out in graph.model.graph.output:
+        shape, dtype = _spec(out)
+        source = _through_zipmap(graph, out.name)
+        if source != out.name:
+            usable, note = True, f"ZipMap of {source!r}"
+        elif not _is_float(out):
+            usable, note = False, _NOT_FLOAT_NOTE
+        elif graph.is_constant(out.name):
+            usable, note = False, "constant: does not depend on the input"
+        elif _is_pass_through_of_input(graph, out.name):
+            usable, note = True, _PASS_THROUGH_NOTE
+        else:
+            usable, note = True, "float output"
+        found.append(OutputCandidate(out.name, shape, dtype, usable, note))
+    return tuple(found)
+
+
+def choose_head(graph: OperatorGraph, output: str | None = None) -> Head:
+    """The head: the named output (`--output`), else the first float output that depends on the
+    input through more than data movement (else the first float output)."""
+    candidates = output_candidates(graph)
+    listed = ", ".join(f"{c.name} ({c.dtype} {_shape_text(c.shape)})" for c in candidates)
+    if output is not None:
+        chosen = next((c for c in candidates if c.name == output), None)
+        if chosen is None:
+            raise UsageError(f"--output {output!r} is not an output of the model; its outputs: {listed}")
+        if chosen.note == _NOT_FLOAT_NOTE:
+            raise UsageError(f"--output {output!r} is {chosen.dtype}, not a float tensor; its outputs: {listed}")
+        return _read(graph, chosen, "--output")
+    usable = [c for c in candidates if c.usable and c.note != _PASS_THROUGH_NOTE] or [c for c in candidates
+                                                                                   if c.usable]
+    if not usable:
+        raise UsageError(f"no output can be the classifier head; the model's outputs: {listed}")
+    head = _read(graph, usable[0], "default")
+    skipped = [f"{c.name} ({c.note})" for c in candidates[:candidates.index(usable[0])]]
+    if skipped:
+        head = Head(head.output, head.tensor, head.kind, head.cut,
+                    f"{head.reason}; skipped {', '.join(skipped)}", head.chosen_by)
+    return head
+
+
+def _read(graph: OperatorGraph, candidate: OutputCandidate, chosen_by: str) -> Head:
+    """Walk back from an output through data movement and final probability ops."""
+    tensor = _through_zipmap(graph, candidate.name)
+    cut: list[str] = ["ZipMap"] if tensor != candidate.name else []
+    tensor = _skip_pass_through(graph, tensor, cut)
+    node = _producer(graph, tensor)
+    kind, source = "logits", "the output's values"
+    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+        cut.append(node.op_type)
+        tensor, source = node.input[0], f"the input of the final {node.op_type}"
+    elif node is not None and node.op_type == "Log" and _op_behind(graph, node.input[0]) == "Softmax":
+        cut.append("Log")
+        inner = _producer(graph, _skip_pass_through(graph, node.input[0], cut))
+        cut.append("Softmax")
+        tensor, source = inner.input[0], "the input of the final Log(Softmax)"
+    elif node is not None and node.op_type == "Sigmoid":
+        cut.append("Sigmoid")
+        tensor, source = node.input[0], "the input of the final Sigmoid"
+    elif node is not None and (logit := _sigmoid_pair(graph, node)) is not None:
+        cut += ["Concat(1 - s, s)", "Sigmoid"]
+        return Head(candidate.name, logit, "binary", tuple(cut),
+                    _reason(candidate, "binary", "the input of the Sigmoid behind Concat(1 - s, s)", cut), chosen_by)
+    elif node is not None and _is_normalisation(graph, node):
+        return Head(candidate.name, tensor, "probabilities", tuple(cut),
+                    _reason(candidate, "probabilities", "normalised scores a / ReduceSum(a)", cut), chosen_by)
+    tensor = _skip_pass_through(graph, tensor, cut)
+    if _is_single_logit(graph.shape(tensor)):
+        kind = "binary"
+    return Head(candidate.name, tensor, kind, tuple(cut), _reason(candidate, kind, source, cut), chosen_by)
+
+
+def _reason(candidate: OutputCandidate, kind: str, source: str, cut: list[str]) -> str:
+    what = {"logits": "logits", "binary": "one logit z of a binary classifier, read as logits [0, z]",
+            "probabilities": f"probabilities p, read as logits log(max(p, {PROBABILITY_FLOOR:g}))"}[kind]
+    through = f" (cut: {' -> '.join(reversed(cut))})" if cut else ""
+    return f"output {candidate.name!r}: {source} as {what}{through}"
+
+
+def attach_logits(model: onnx.ModelProto, head: Head) -> onnx.ModelProto:
+    """A copy of `model` that also outputs `head.logits` (nodes appended for binary and
+    probability heads; the model itself is returned when the head already is logits)."""
+    if head.kind == "logits":
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    elem = _elem_type(copy, head.tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+    make = onnx.helper.make_node
+
+    def name(suffix: str) -> str:
+        return f"{LOGITS_NAME}_{suffix}"
+
+    if head.kind == "binary":
+        graph.initializer.extend([numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), name("shape")),
+                                  numpy_helper.from_array(np.zeros((), dtype=dtype), name("zero"))])
+        graph.node.extend([
+            make("Reshape", [head.tensor, name("shape")], [name("column")], name=name("column")),
+            make("Mul", [name("column"), name("zero")], [name("zeros")], name=name("zeros")),
+            make("Concat", [name("zeros"), name("column")], [LOGITS_NAME], axis=1, name=LOGITS_NAME),
+        ])
+        width = 2
+    else:
+        opset = next((o.version for o in copy.opset_import if o.domain in _STANDARD), 0)
+        lowest = max(PROBABILITY_FLOOR, float(np.finfo(dtype).tiny))  # float16 cannot hold 1e-12
+        if opset >= _CLIP_BOUNDS_AS_INPUTS:  # Clip, not Max: a clip is an activation site with bound rules
+            graph.initializer.append(numpy_helper.from_array(np.array(lowest, dtype=dtype), name("floor")))
+            floor = make("Clip", [head.tensor, name("floor")], [name("floored")], name=name("floored"))
+        else:
+            floor = make("Clip", [head.tensor], [name("floored")], min=lowest, name=name("floored"))
+        graph.node.extend([floor, make("Log", [name("floored")], [LOGITS_NAME], name=LOGITS_NAME)])
+        shape = OperatorGraph(model).shape(head.tensor)
+        width = shape[-1] if shape and isinstance(shape[-1], int) else None
+    graph.output.append(onnx.helper.make_tensor_value_info(LOGITS_NAME, elem, [None, width]))
+    return copy
+
+
+def _through_zipmap(graph: OperatorGraph, tensor: str) -> str:
+    key = graph.producer.get(tensor)
+    node = graph.nodes[key] if key is not None else None
+    return node.input[0] if node is not None and node.op_type == "ZipMap" and node.domain == _ML else tensor
+
+
+def _producer(graph: OperatorGraph, tensor: str) -> onnx.NodeProto | None:
+    key = graph.producer.get(tensor)
+    node = graph.nodes[key] if key is not None else None
+    return node if node is not None and node.domain in _STANDARD else None
+
+
+def _skip_pass_through(graph: OperatorGraph, tensor: str, cut: list[str]) -> str:
+    node = _producer(graph, tensor)
+    while node is not None and node.op_type in _PASS_THROUGH and node.input and node.input[0]:
+        cut.append(node.op_type)
+        tensor = node.input[0]
+        node = _producer(graph, tensor)
+    return tensor
+
+
+def _op_behind(graph: OperatorGraph, tensor: str) -> str | None:
+    node = _producer(graph, _skip_pass_through(graph, tensor, []))
+    return node.op_type if node is not None else None
+
+
+def _sigmoid_pair(graph: OperatorGraph, node: onnx.NodeProto) -> str | None:
+    """z when `node` is Concat(1 - s, s) over the last axis with s = Sigmoid(z) of width 1."""
+    if node.op_type != "Concat" or len(node.input) != 2:
+        return None
+    first, second = (_skip_pass_through(graph, t, []) for t in node.input)
+    sub, sig = _producer(graph, first), _producer(graph, second)
+    if sub is None or sig is None or sub.op_type != "Sub" or sig.op_type != "Sigmoid":
+        return None
+    one = graph.constant(sub.input[0])
+    if one is None or one.size != 1 or float(one.reshape(())) != 1.0:
+        return None
+    if _skip_pass_through(graph, sub.input[1], []) != second:
+        return None
+    return sig.input[0] if _is_single_logit(graph.shape(sig.input[0])) else None
+
+
+def _is_normalisation(graph: OperatorGraph, node: onnx.NodeProto) -> bool:
+    """`a / ReduceSum(a)` (scores normalised to probabilities)."""
+    if node.op_type != "Div" or len(node.input) != 2:
+        return False
+    total = _producer(graph, node.input[1])
+    return total is not None and total.op_type == "ReduceSum" and total.input[0] == node.input[0]
+
+
+def _is_single_logit(shape: tuple | None) -> bool:
+    return shape is not None and (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1))
+
+
+def _is_pass_through_of_input(graph: OperatorGraph, tensor: str) -> bool:
+    keys = graph.ancestors_of_tensors([tensor])
+    return all(graph.nodes[k].op_type in _PASS_THROUGH or graph.is_constant(graph.nodes[k].output[0])
+               for k in keys)
+
+
+def _is_float(value_info: onnx.ValueInfoProto) -> bool:
+    return value_info.type.HasField("tensor_type") and value_info.type.tensor_type.elem_type in _FLOAT_TYPES
+
+
+def _elem_type(model: onnx.ModelProto, tensor: str) -> int:
+    graph = model.graph
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        if vi.name == tensor and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            return vi.type.tensor_type.elem_type
+    return onnx.TensorProto.FLOAT
+
+
+def _spec(value_info: onnx.ValueInfoProto) -> tuple[tuple | None, str]:
+    spec = tensor_spec(value_info)
+    return spec.shape, spec.dtype
+
+
+def _shape_text(shape: tuple | None) -> str:
+    return "?" if shape is None else "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
