@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -276,7 +277,8 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
         if progress:
             print(f"verifier audit: {stage} ...", file=sys.stderr, flush=True)
 
-    outcome = audit(args.model, args.data, settings, args.out, on_stage=announce, progress=progress)
+    outcome = audit(args.model, args.data, settings, args.out, on_stage=announce, progress=progress,
+                    started=args.started)
     return outcome.exit_code, outcome.report, _audit_text(outcome)
 
 
@@ -310,8 +312,10 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `verifier` console script; returns the exit code."""
+    started = time.monotonic()  # a time limit counts from here: loading torch & co. is part of the run
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.started = started
     _quiet_libraries()
     run: Callable[[argparse.Namespace], tuple[int, dict, str]] = args.run
     try:
