@@ -193,3 +193,19 @@ def test_audit_stopped_inside_certify_writes_a_valid_partial_report(tmp_path, mo
     report = json.loads((tmp_path / "report.json").read_text())
     validate_report(report)
     assert report["stopped_at"] == "certify" and report["results"] == [] and report["timings"]["attacks"] is None
+
+
+@pytest.mark.parametrize("command", ["certify", "attack"])
+def test_certify_and_attack_time_limit_exit_3_with_one_line(command, capsys):
+    from verifier import cli
+
+    base = [command, str(shipped_model("mlp_relu")), "--data", str(shipped_data("mlp_relu")), "--samples", "8",
+            "--box", "0,1"]
+    assert cli.main([*base, "--time-limit", "1e-9", "--json"]) == 3  # spent before the work starts
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["error_type"] == "Stopped"
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"verifier: time limit hit: {command} stopped")
+    assert cli.main([*base, "--time-limit", "0"]) == 2
+    assert "time limit must be > 0" in capsys.readouterr().err
+    assert cli.main([*base, "--time-limit", "3600", "--json"]) == 0
+    assert "results" in json.loads(capsys.readouterr().out)

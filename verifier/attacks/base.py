@@ -126,7 +126,7 @@ class Target:
         parts = []
         with torch.no_grad():
             for part in self._chunks(len(atoms)):
-                self.deadline.check("an attack")
+                self.deadline.check("an attack step")
                 chunk = atoms[part]
                 parts.append(self.module(self._padded(chunk))[: len(chunk)].to(torch.float64))
         return torch.cat(parts)
@@ -135,7 +135,7 @@ class Target:
         """Objective values (B,), input gradients flattened to float64 (B, D) and logits (B, C)."""
         values, grads, logits = [], [], []
         for part in self._chunks(len(atoms)):
-            self.deadline.check("an attack")
+            self.deadline.check("an attack step")
             chunk = self._padded(atoms[part]).detach().requires_grad_(True)
             with torch.enable_grad():
                 out = self.module(chunk)[: part.stop - part.start]
