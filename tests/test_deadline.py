@@ -99,7 +99,7 @@ def test_cells_and_gradients_poll_per_sample_chunk(mlp):
     _, converted, x, y = mlp  # 80 samples: two cell chunks of 64
     counted = Polls()
     cell_analysis(converted, x, y, "inf", box=(0.0, 1.0), device="cpu", deadline=Deadline.polling(counted))
-    assert counted.count == 2
+    assert counted.count == 2 * (1 + 2)  # per chunk: before it and before each of its two ReLU sites
     polls = Polls(stop_at=2)
     with pytest.raises(Stopped, match="cell analysis"):
         cell_analysis(converted, x, y, "inf", box=(0.0, 1.0), device="cpu", deadline=Deadline.polling(polls))
