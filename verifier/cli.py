@@ -101,7 +101,8 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
 def _add_time_limit(parser: argparse.ArgumentParser, result: str) -> None:
     parser.add_argument("--time-limit", type=float, metavar="S",
                         help=f"stop after S seconds, counted from the command's start ({result}); checked "
-                             "inside bound propagation and attack steps: measured to hold within 10%% + 5 s")
+                             "inside bound propagation and every attack step, so the command ends within "
+                             "1.1*S + 5 s (measured; see docs/cli.md)")
 
 
 def _deadline(args: argparse.Namespace):
