@@ -198,7 +198,7 @@ def test_random_nets_no_attack_beats_the_certificate(tmp_path_factory, activatio
 
 
 def test_stops_when_asked_and_delta_zero_alone(tmp_path):
-    from verifier.certify.growth import Stopped
+    from verifier.deadline import Deadline, Stopped
 
     rng = np.random.default_rng(0)
     model, _, _ = _linear_model(rng, inputs=3, classes=3)
@@ -206,8 +206,8 @@ def test_stops_when_asked_and_delta_zero_alone(tmp_path):
     x, y = rng.normal(size=(4, 3)), rng.integers(0, 3, size=4)
     asked = []
     with pytest.raises(Stopped):
-        certify(converted, x, y, [0.1], should_stop=lambda: asked.append(1) or len(asked) >= 3)
-    assert len(asked) == 3  # polled between the bound computations, stopped at the third
+        certify(converted, x, y, [0.1], deadline=Deadline.polling(lambda: asked.append(1) or len(asked) >= 3))
+    assert len(asked) == 3  # polled inside the bound computations, stopped at the third
     (only,) = certify(converted, x, y, [0.0], p=2.0, norm="2", loss="margin").results
     assert only.certificate == pytest.approx(only.clean_risk, abs=2e-6)
     assert only.realised_risk == pytest.approx(only.clean_risk, abs=1e-12)

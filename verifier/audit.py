@@ -2,9 +2,10 @@
 
 inspect → validate (torch vs onnxruntime; a mismatch stops the audit, exit 1) → certify over the
 delta grid → each attack over the grid → report.json / report.html / report.md. A time limit is
-checked between stages, between the certificate's bound computations (one per grid radius) and
-between attack methods: when it is hit, the stages done so far are written as a partial report
-(`complete: false`, exit 3; `stopped_at` names the first stage not completed). Every number in the report is the one
+checked between stages and, through one `Deadline` passed down, inside certify and the attacks
+between chunks of work (propagation nodes and unit chunks, sample chunks, attack steps): when it
+is hit, the stages done so far are written as a partial report (`complete: false`, exit 3;
+`stopped_at` names the first stage not completed). Every number in the report is the one
 `certify()` / `attack()` return for the same settings.
 """
 
@@ -25,9 +26,9 @@ import numpy as np
 from verifier import __version__
 from verifier.attacks import METHODS, attack, resolve_methods
 from verifier.certify.certificate import Certificate, certify
-from verifier.certify.growth import Stopped
 from verifier.convert import convert_model
 from verifier.data import fit_box, load_samples
+from verifier.deadline import NEVER, Deadline, Stopped
 from verifier.device import resolve_device
 from verifier.errors import UsageError
 from verifier.geometry import parse_norm
@@ -83,16 +84,21 @@ class AuditOutcome:
 
 
 class _Clock:
-    """Wall time per stage against an optional deadline."""
+    """Wall time per stage against an optional limit counted from `started` (default: now)."""
 
-    def __init__(self, limit: float | None) -> None:
+    def __init__(self, limit: float | None, started: float | None = None) -> None:
         self.start = time.monotonic()
         self.limit = limit
+        self.due = None if limit is None else (self.start if started is None else started) + limit
         self.timings: dict[str, float | None] = {s: None for s in ("inspect", "validate", "certify", "attacks",
                                                                     "report")}
 
     def expired(self) -> bool:
-        return self.limit is not None and time.monotonic() - self.start >= self.limit
+        return self.due is not None and time.monotonic() >= self.due
+
+    def deadline(self) -> Deadline:
+        """The limit as the `Deadline` certify and the attacks check inside their loops."""
+        return NEVER if self.due is None else Deadline(at=self.due, clock=time.monotonic)
 
     def run(self, stage: str, work: Callable):
         began = time.monotonic()
@@ -187,8 +193,13 @@ def _attack_entry(result) -> dict:
 
 def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
           settings: AuditSettings = AuditSettings(), out_dir: str | os.PathLike[str] = "verifier-report",
-          on_stage: Callable[[str], None] | None = None, progress: bool = False) -> AuditOutcome:
-    """Run the whole audit and write the report; `on_stage(name)` is called as each stage starts."""
+          on_stage: Callable[[str], None] | None = None, progress: bool = False,
+          started: float | None = None) -> AuditOutcome:
+    """Run the whole audit and write the report; `on_stage(name)` is called as each stage starts.
+
+    The time limit counts from `started` (a `time.monotonic()` reading, e.g. when the command
+    began, so that imports count) or from this call.
+    """
     skipped = resolve_methods(["all"], settings.p)[1] if settings.p == 1 and (
         "all" in settings.attacks or tuple(settings.attacks) == DEFAULT_ATTACKS) else ()
     settings = _check(settings)
@@ -198,7 +209,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a folder")
     _check_creatable(out)  # created only when the report is written: a refusal leaves nothing behind
-    clock = _Clock(settings.time_limit)
+    clock = _Clock(settings.time_limit, started)
     announce = on_stage or (lambda _stage: None)
     stopped_at: str | None = None
     conversion = certificate = None
@@ -233,7 +244,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                 certificate = clock.run("certify", lambda: certify(
                     converted, x, y, list(settings.deltas), p=settings.p, norm=settings.norm, loss=settings.loss,
                     box=box, grid_points=settings.grid_points, progress=progress,
-                    should_stop=clock.expired))
+                    deadline=clock.deadline()))
             except Stopped:
                 stopped_at = "certify"
             for method in settings.attacks if certificate is not None else ():
@@ -241,10 +252,14 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                     stopped_at = "attacks"
                     break
                 announce(f"attack {method}")
-                report = clock.run("attacks", lambda m=method: attack(
-                    converted, loaded, x, y, [m], list(settings.deltas), p=settings.p, norm=settings.norm,
-                    loss=settings.loss, box=box, steps=settings.steps, seed=settings.seed,
-                    device=settings.device, progress=progress))
+                try:
+                    report = clock.run("attacks", lambda m=method: attack(
+                        converted, loaded, x, y, [m], list(settings.deltas), p=settings.p, norm=settings.norm,
+                        loss=settings.loss, box=box, steps=settings.steps, seed=settings.seed,
+                        device=settings.device, progress=progress, deadline=clock.deadline()))
+                except Stopped:
+                    stopped_at = "attacks"
+                    break
                 attacks_done[method] = [_attack_entry(r) for r in report.results]
     announce("report")
     began = time.monotonic()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from verifier.convert import ConvertedModel
+from verifier.deadline import NEVER, Deadline
 from verifier.device import resolve_device
 from verifier.errors import VerifierError
 from verifier.geometry import max_linear, max_linear_rate, parse_norm, radius_to_reach
@@ -117,8 +118,10 @@ def displacement_box(x: torch.Tensor, box: tuple[float, float] | None) -> tuple[
 
 def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
                   norm: str | float = "inf", box: tuple[float, float] | None = None,
-                  device: str = "auto", dtype: torch.dtype = torch.float64) -> CellAnalysis:
-    """Cells of a piecewise-linear model at samples `x` with labels `y` (float64 by default)."""
+                  device: str = "auto", dtype: torch.dtype = torch.float64,
+                  deadline: Deadline = NEVER) -> CellAnalysis:
+    """Cells of a piecewise-linear model at samples `x` with labels `y` (float64 by default;
+    `deadline` is checked before every chunk of samples and every site in it)."""
     norm = parse_norm(norm)
     sites = _piecewise_linear_sites(model)
     target = resolve_device(device)
@@ -128,8 +131,11 @@ def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.
     lower, upper = displacement_box(inputs, box)
     fixed = model.input_spec.shape[0] if model.input_spec.shape and isinstance(model.input_spec.shape[0], int) else None
     step = fixed or _CHUNK
-    parts = [_analyse_chunk(probe, sites, inputs[i:i + step], lower[i:i + step], upper[i:i + step], norm, fixed)
-             for i in range(0, len(inputs), step)]
+    parts = []
+    for i in range(0, len(inputs), step):
+        deadline.check("cell analysis")
+        parts.append(_analyse_chunk(probe, sites, inputs[i:i + step], lower[i:i + step], upper[i:i + step], norm,
+                                    fixed, deadline))
     logits = torch.cat([p[0] for p in parts])
     jacobian = torch.cat([p[1] for p in parts])
     return CellAnalysis(
@@ -159,7 +165,7 @@ def _piecewise_linear_sites(model: ConvertedModel) -> list[ActivationSite]:
 
 
 def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch.Tensor, lower: torch.Tensor,
-                   upper: torch.Tensor, norm: str, fixed_batch: int | None):
+                   upper: torch.Tensor, norm: str, fixed_batch: int | None, deadline: Deadline):
     with torch.no_grad():
         logits, values = probe(x)
     classes = logits.shape[-1]
@@ -175,6 +181,7 @@ def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch
     patterns: dict[int, torch.Tensor] = {}
     start = classes
     for site, size in zip(sites, sizes):
+        deadline.check("cell analysis")
         pre = values[site.index][0]
         grads = jac[:, start:start + size].reshape(*pre.shape, jac.shape[-1])
         start += size

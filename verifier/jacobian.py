@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from verifier.convert import ConvertedModel
+from verifier.deadline import NEVER, Deadline
 from verifier.device import resolve_device
 from verifier.losses import DIFFERENTIABLE_LOSSES, check_loss, loss_values
 from verifier.errors import UsageError
@@ -108,8 +109,8 @@ def _vmapped_jacobian(function: Callable[[torch.Tensor], torch.Tensor], x: torch
 
 def logits_jacobian(model: ConvertedModel, x: torch.Tensor | np.ndarray, device: str | torch.device = "auto",
                     dtype: torch.dtype | None = None,
-                    memory_bytes: int = DEFAULT_MEMORY_BYTES) -> LogitJacobians:
-    """Exact Jacobians of the logits for every sample, chunked under `memory_bytes`."""
+                    memory_bytes: int = DEFAULT_MEMORY_BYTES, deadline: Deadline = NEVER) -> LogitJacobians:
+    """Exact Jacobians of the logits for every sample, chunked under `memory_bytes` (`deadline`: per chunk)."""
     module = prepared_module(model, device, dtype)
     inputs = _as_tensor(x, module)
     with torch.no_grad():
@@ -119,6 +120,7 @@ def logits_jacobian(model: ConvertedModel, x: torch.Tensor | np.ndarray, device:
     per_sample = replicas * max(classes, math.prod(inputs.shape[1:])) * inputs.element_size() * 8
     logits_parts, jac_parts = [], []
     for part in _chunks(len(inputs), per_sample, _fixed_batch(model), memory_bytes):
+        deadline.check("Jacobians")
         chunk = inputs[part]
         jac_parts.append(batched_jacobian(module, chunk, classes, _fixed_batch(model)).detach())
         with torch.no_grad():
@@ -128,8 +130,9 @@ def logits_jacobian(model: ConvertedModel, x: torch.Tensor | np.ndarray, device:
 
 def loss_gradients(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
                    loss: str, device: str | torch.device = "auto", dtype: torch.dtype | None = None,
-                   memory_bytes: int = DEFAULT_MEMORY_BYTES) -> LossGradients:
-    """Per-sample loss values and exact input gradients (one backward pass of the summed loss)."""
+                   memory_bytes: int = DEFAULT_MEMORY_BYTES, deadline: Deadline = NEVER) -> LossGradients:
+    """Per-sample loss values and exact input gradients (one backward pass of the summed loss per chunk;
+    `deadline`: per chunk)."""
     if check_loss(loss) not in DIFFERENTIABLE_LOSSES:
         raise UsageError(f"the {loss} loss has no gradient; choose one of {', '.join(DIFFERENTIABLE_LOSSES)}")
     module = prepared_module(model, device, dtype)
@@ -138,6 +141,7 @@ def loss_gradients(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch
     per_sample = math.prod(inputs.shape[1:]) * inputs.element_size() * 8
     values, grads, logits = [], [], []
     for part in _chunks(len(inputs), per_sample, _fixed_batch(model), memory_bytes):
+        deadline.check("loss gradients")
         chunk = inputs[part].detach().requires_grad_(True)
         out = module(chunk)
         per_sample_loss = loss_values(out, labels[part], loss)

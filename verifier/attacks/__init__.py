@@ -30,6 +30,7 @@ from verifier.attacks.wpgd import WPGD
 from verifier.cells import displacement_box
 from verifier.convert import ConvertedModel
 from verifier.data import check_labels, save_distributions
+from verifier.deadline import NEVER, Deadline
 from verifier.device import resolve_device
 from verifier.errors import UsageError
 from verifier.finite import require_finite_inputs
@@ -87,7 +88,8 @@ def _check(p: float, deltas: Sequence[float], kappa: float, topk: int, steps: in
             raise UsageError("radii must be a non-empty 1-D list of finite radii >= 0")
 
 
-def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, device: torch.device) -> Target:
+def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, device: torch.device,
+            deadline: Deadline) -> Target:
     dtype = model.input_dtype
     module = prepared_module(model, device, dtype)
     inputs = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(device=device, dtype=dtype)
@@ -100,7 +102,7 @@ def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, de
     lower, upper = displacement_box(inputs.to(torch.float64), box)
     shape = model.input_spec.shape
     fixed = shape[0] if shape and isinstance(shape[0], int) else None
-    target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed)
+    target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed, deadline)
     classes = target.logits(inputs[: fixed or 1]).shape[-1]
     check_labels(labels.cpu().numpy(), classes)
     return target
@@ -119,8 +121,11 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
            y: torch.Tensor | np.ndarray, methods: Sequence[str], deltas: Sequence[float], p: float = 2.0,
            norm: str = "inf", loss: str = "ce", box: tuple[float, float] | None = None,
            steps: int | None = None, kappa: float = 1.0, topk: int = 9, seed: int = 0, device: str = "auto",
-           radii: torch.Tensor | None = None, progress: bool = False) -> AttackReport:
+           radii: torch.Tensor | None = None, progress: bool = False, deadline: Deadline = NEVER) -> AttackReport:
     """Run every method at every delta; one `AttackResult` per (method, delta), in that order.
+
+    `deadline` is checked before every forward or gradient pass of the attacks (each step, each
+    chunk of atoms) and before each replay; past it `verifier.deadline.Stopped` is raised.
 
     Risk and accuracy come from onnxruntime forward passes of the returned atoms (`loaded` is the
     original model; with `loaded=None` torch values are reported, flagged "not-replayed").
@@ -132,7 +137,7 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
     _check(p, deltas, kappa, topk, steps, radii)
     chosen, skipped = resolve_methods(methods, p)
     torch_device = resolve_device(device)
-    target = _target(model, x, y, p, norm, loss, box, torch_device)
+    target = _target(model, x, y, p, norm, loss, box, torch_device, deadline)
     replayer = Replayer(loaded, model, torch_device) if loaded is not None else None
     clean = clean_numbers(target, replayer)
     results: list[AttackResult] = []
@@ -140,12 +145,10 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
         runner = ATTACKS[name](target, steps=steps, generator=torch.Generator().manual_seed(seed),
                                kappa=kappa, topk=topk, radii=radii)
         for delta, dist in zip(deltas, runner.run(deltas)):
+            deadline.check("the replay of an attack")
             results.append(measure(name, delta, dist, target, replayer, clean))
     return AttackReport(p=p, norm=norm, loss=loss, box=None if box is None else (float(box[0]), float(box[1])),
                         samples=target.count, seed=int(seed), results=tuple(results), skipped=skipped)
-
-
-
 
 
 def save_adversarial(report: AttackReport, path: str | os.PathLike[str]) -> None:

@@ -1,7 +1,9 @@
 """The shared machinery of every attack: the threat model, forward/gradient passes, ascent steps.
 
 `Target` owns what all attacks share: the module on its device in the model's float dtype, the
-samples, labels, threat norm r, order p, loss, and the box as displacement bounds (float64).
+samples, labels, threat norm r, order p, loss, the box as displacement bounds (float64), and the
+`Deadline` checked before every forward or gradient pass of a chunk of atoms — i.e. inside every
+attack step, so a time limit stops an attack within one such pass.
 Displacements `d` are kept in float64 and turned into model-dtype atoms by `Target.atoms`, which
 rounds every coordinate towards its sample, so an atom's true distance never exceeds the one
 computed from `d`. `Attack` is the base each attack file builds on: batching (fixed-batch models
@@ -22,6 +24,7 @@ from typing import ClassVar
 import torch
 
 from verifier.attacks.result import Distribution
+from verifier.deadline import NEVER, Deadline
 from verifier.geometry import vector_norm
 from verifier.losses import loss_values
 
@@ -89,6 +92,7 @@ class Target:
     lower: torch.Tensor  # box_lo - x, flattened, float64 (-inf without a box)
     upper: torch.Tensor  # box_hi - x
     fixed_batch: int | None = None
+    deadline: Deadline = NEVER  # checked before every forward or gradient pass of a chunk (every step)
 
     @property
     def count(self) -> int:
@@ -122,6 +126,7 @@ class Target:
         parts = []
         with torch.no_grad():
             for part in self._chunks(len(atoms)):
+                self.deadline.check("an attack step")
                 chunk = atoms[part]
                 parts.append(self.module(self._padded(chunk))[: len(chunk)].to(torch.float64))
         return torch.cat(parts)
@@ -130,6 +135,7 @@ class Target:
         """Objective values (B,), input gradients flattened to float64 (B, D) and logits (B, C)."""
         values, grads, logits = [], [], []
         for part in self._chunks(len(atoms)):
+            self.deadline.check("an attack step")
             chunk = self._padded(atoms[part]).detach().requires_grad_(True)
             with torch.enable_grad():
                 out = self.module(chunk)[: part.stop - part.start]

@@ -10,6 +10,7 @@ import torch
 from verifier.bounds.network import BoundNetwork
 from verifier.bounds.propagate import Bounds, MarginProblem, PerClassResult, margin_problem, propagate, upper_bound
 from verifier.convert import ConvertedModel
+from verifier.deadline import NEVER, Deadline
 from verifier.device import resolve_device
 from verifier.geometry import parse_norm
 
@@ -33,14 +34,15 @@ class MarginBounds(PerClassResult):
 
 def margin_bounds(model: ConvertedModel | BoundNetwork, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
                   radius: torch.Tensor | float, norm: str | float = "inf", box: tuple[float, float] | None = None,
-                  device: str = "auto", dtype: torch.dtype = torch.float64, tighten: bool = True) -> MarginBounds:
+                  device: str = "auto", dtype: torch.dtype = torch.float64, tighten: bool = True,
+                  deadline: Deadline = NEVER) -> MarginBounds:
     """Upper bounds on all margins over `B_r(x_i, s_i) ∩ box` by linear bound propagation."""
     problem = margin_problem(model, x, y, radius, parse_norm(norm), box, resolve_device(device), dtype)
-    return margins_from(problem, propagate(problem.network, problem.region, tighten))
+    return margins_from(problem, propagate(problem.network, problem.region, tighten, deadline), deadline)
 
 
-def margins_from(problem: MarginProblem, state: Bounds) -> MarginBounds:
+def margins_from(problem: MarginProblem, state: Bounds, deadline: Deadline = NEVER) -> MarginBounds:
     """Margin bounds from an already propagated state (shared with `slopes_from`)."""
-    values = upper_bound(problem.network, state, problem.region, problem.network.output, problem.rows)
+    values = upper_bound(problem.network, state, problem.region, problem.network.output, problem.rows, deadline)
     return MarginBounds(norm=problem.region.norm, radius=problem.region.radius, labels=problem.labels,
                         upper=values.masked_fill(problem.true_class, 0.0))

@@ -17,11 +17,16 @@ import torch
 from verifier.bounds import ops, relaxations
 from verifier.bounds.network import Activation, BoundNetwork, BoundNode
 from verifier.cells import displacement_box, window_index
+from verifier.deadline import NEVER, Deadline
 from verifier.geometry import max_linear
 
 _RELAXED = frozenset({"relu", "leaky_relu", "prelu", "abs", "clip", "gelu", "silu", "sigmoid", "tanh",
                       "softplus", "hard_swish"})
 UNIT_CHUNK = 512
+# Back-substitution holds (samples x objectives x widest node) coefficients at once: a unit chunk is
+# sized to keep that under this many elements (64 MB in float64), which also bounds the work
+# between two deadline checks.
+ELEMENT_BUDGET = 2**23
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,11 @@ class Bounds:
     relaxed: dict[str, relaxations.Relaxation | PoolRelaxation]
 
 
-def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True) -> Bounds:
-    """Interval bounds of every node, tightened by back-substitution at nonlinear inputs."""
+def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, deadline: Deadline = NEVER) -> Bounds:
+    """Interval bounds of every node, tightened by back-substitution at nonlinear inputs.
+
+    `deadline` is checked before every node and inside every back-substitution (`Stopped`).
+    """
     intervals = {network.input: region.interval()}
     relaxed: dict[str, relaxations.Relaxation] = {}
     state = Bounds(intervals, relaxed)
@@ -78,10 +86,12 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True) -> 
     # feeding a nonlinear node are worth a back-substitution.
     tightened = {network.input} | {n.name for n in network.nodes if not isinstance(n.rule, ops.Affine)}
     for node in network.nodes:
+        deadline.check("bound propagation")
         if not isinstance(node.rule, ops.Affine) and tighten:
             for name in node.inputs:
                 if name not in tightened:
-                    intervals[name] = _intersect(intervals[name], _linear_interval(network, state, region, name))
+                    intervals[name] = _intersect(intervals[name],
+                                                 _linear_interval(network, state, region, name, deadline))
                     tightened.add(name)
         intervals[node.name] = widen(*_interval(node, [intervals[i] for i in node.inputs]))
         if isinstance(node.rule, Activation) and node.rule.kind in _RELAXED:
@@ -125,25 +135,27 @@ def _interval(node: BoundNode, inputs: list[tuple[torch.Tensor, torch.Tensor]]):
     return relaxations.interval(rule.kind, low, high, rule.params, rule.slope)
 
 
-def _linear_interval(network: BoundNetwork, state: Bounds, region: InputSet, name: str):
+def _linear_interval(network: BoundNetwork, state: Bounds, region: InputSet, name: str, deadline: Deadline):
     """Lower and upper bounds of every unit of node `name` by back-substitution (chunked)."""
     low, high = state.intervals[name]
     count, units = low.shape[0], low[0].numel()
+    widest = max(bounds[0][0].numel() for bounds in state.intervals.values())
+    chunk = max(1, min(UNIT_CHUNK, ELEMENT_BUDGET // (2 * count * widest)))
     lower_parts, upper_parts = [], []
-    for start in range(0, units, UNIT_CHUNK):
-        stop = min(start + UNIT_CHUNK, units)
+    for start in range(0, units, chunk):
+        stop = min(start + chunk, units)
         eye = torch.zeros(stop - start, units, dtype=low.dtype, device=low.device)
         eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
         rows = torch.cat([eye, -eye]).expand(count, -1, -1).reshape(count, 2 * (stop - start), *low.shape[1:])
-        values = upper_bound(network, state, region, name, rows)
+        values = upper_bound(network, state, region, name, rows, deadline)
         upper_parts.append(values[:, : stop - start])
         lower_parts.append(-values[:, stop - start:])
     return torch.cat(lower_parts, 1).reshape(low.shape), torch.cat(upper_parts, 1).reshape(high.shape)
 
 
 def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: str,
-                coefficients: torch.Tensor) -> torch.Tensor:
-    """Sound upper bounds (N, K) of `<coefficients_k, v_target>` over the input set."""
+                coefficients: torch.Tensor, deadline: Deadline = NEVER) -> torch.Tensor:
+    """Sound upper bounds (N, K) of `<coefficients_k, v_target>` over the input set (`deadline`: per node)."""
     count, objectives = coefficients.shape[:2]
     pending: dict[str, torch.Tensor] = {target: coefficients}
     bias = torch.zeros(count, objectives, dtype=coefficients.dtype, device=coefficients.device)
@@ -152,6 +164,7 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
         lam = pending.pop(node.name, None)
         if lam is None:
             continue
+        deadline.check("back-substitution")
         rule = node.rule
         if isinstance(rule, ops.Affine):
             shapes = [state.intervals[i][0].shape[1:] for i in node.inputs]

@@ -23,6 +23,7 @@ from verifier.bounds.network import Activation, BoundNetwork
 from verifier.bounds.propagate import Bounds, MarginProblem, PerClassResult, margin_problem, propagate
 from verifier.cells import window_index
 from verifier.convert import ConvertedModel
+from verifier.deadline import NEVER, Deadline
 from verifier.device import resolve_device
 from verifier.geometry import dual_norm, parse_norm
 
@@ -48,15 +49,16 @@ class SlopeBounds(PerClassResult):
 
 def slope_bounds(model: ConvertedModel | BoundNetwork, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
                  radius: torch.Tensor | float, norm: str | float = "inf", box: tuple[float, float] | None = None,
-                 device: str = "auto", dtype: torch.dtype = torch.float64) -> SlopeBounds:
+                 device: str = "auto", dtype: torch.dtype = torch.float64,
+                 deadline: Deadline = NEVER) -> SlopeBounds:
     """Interval-Jacobian bounds on the margins' slopes over `B_r(x_i, s_i) ∩ box`."""
     problem = margin_problem(model, x, y, radius, parse_norm(norm), box, resolve_device(device), dtype)
-    return slopes_from(problem, propagate(problem.network, problem.region))
+    return slopes_from(problem, propagate(problem.network, problem.region, deadline=deadline), deadline)
 
 
-def slopes_from(problem: MarginProblem, state: Bounds) -> SlopeBounds:
-    """Slope bounds from an already propagated state (shared with `margins_from`)."""
-    gradient, unsupported = _backward_intervals(problem.network, state.intervals, problem.rows)
+def slopes_from(problem: MarginProblem, state: Bounds, deadline: Deadline = NEVER) -> SlopeBounds:
+    """Slope bounds from an already propagated state (shared with `margins_from`; `deadline`: per node)."""
+    gradient, unsupported = _backward_intervals(problem.network, state.intervals, problem.rows, deadline)
     if gradient is None:
         per_class = torch.full(problem.true_class.shape, math.inf, dtype=problem.rows.dtype,
                                device=problem.labels.device)
@@ -67,12 +69,13 @@ def slopes_from(problem: MarginProblem, state: Bounds) -> SlopeBounds:
                        per_class=per_class.masked_fill(problem.true_class, 0.0), unsupported=unsupported)
 
 
-def _backward_intervals(network: BoundNetwork, intervals: dict[str, Pair], rows: torch.Tensor):
+def _backward_intervals(network: BoundNetwork, intervals: dict[str, Pair], rows: torch.Tensor, deadline: Deadline):
     pending: dict[str, Pair] = {network.output: (rows, rows)}
     for node in reversed(network.nodes):
         grad = pending.pop(node.name, None)
         if grad is None:
             continue
+        deadline.check("slope bounds")
         rule = node.rule
         if isinstance(rule, ops.Affine):
             shapes = [intervals[i][0].shape[1:] for i in node.inputs]

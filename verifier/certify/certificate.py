@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +34,7 @@ from verifier.convert import ConvertedModel
 from verifier.convert.normalize import NormalizedModel
 from verifier.data import check_labels
 from verifier.data import save_distributions as write_distributions
+from verifier.deadline import NEVER, Deadline
 from verifier.errors import UsageError, VerifierError
 from verifier.finite import require_finite_inputs, require_finite_logits, require_no_nan
 from verifier.geometry import dual_norm, parse_norm, vector_norm
@@ -162,11 +163,12 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             deltas: Sequence[float], p: float = 2.0, norm: str | float = "2", loss: str = "ce",
             box: tuple[float, float] | None = None, grid_points: int = 24,
             exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False,
-            should_stop: Callable[[], bool] | None = None) -> Certificate:
+            deadline: Deadline = NEVER) -> Certificate:
     """Certificates (upper bounds on R(delta)) for every delta, on CPU in float64.
 
-    `should_stop()` is polled between the bound computations; when it returns True,
-    `verifier.certify.growth.Stopped` is raised (an audit's time limit).
+    `deadline` is checked between chunks of work inside every step (bound propagation per node
+    and unit chunk, cells and Jacobians per sample chunk, candidates per radius, each delta);
+    past it `verifier.deadline.Stopped` is raised and nothing is returned.
     """
     norm, loss = parse_norm(norm), check_loss(loss)
     if not p >= 1:
@@ -190,32 +192,36 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     except VerifierError as err:
         network = None
         fallbacks.append(str(err))
+    deadline.check("the certificate's set-up")
     cells = None
     if model.piecewise_linear:  # every kink is a site: the model is affine on each cell
-        cells = cell_analysis(model, inputs, labels, norm, box=box, device="cpu")
+        cells = cell_analysis(model, inputs, labels, norm, box=box, device="cpu", deadline=deadline)
     radii = _radius_grid(inputs, deltas, p, box, norm, grid_points)
     evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, cells, progress=progress,
-                                should_stop=should_stop)
+                                deadline=deadline)
     growth = growth_curves(evidence, loss, lipschitz.loss_constant(loss))
     class_curves = margin_class_curves(evidence, lipschitz.loss_constant("margin")) if loss == "margin" else None
     correct = loss_values(logits, labels, "margin") < 0
-    radii_certified = certified_radii(evidence, network, inputs, norm, box, cells)
+    radii_certified = certified_radii(evidence, network, inputs, norm, box, cells, deadline=deadline)
     local = None
     if loss != "zero_one":
-        gradients = loss_gradients(model, inputs, labels, loss, device="cpu", dtype=torch.float64).gradients
+        gradients = loss_gradients(model, inputs, labels, loss, device="cpu", dtype=torch.float64,
+                                   deadline=deadline).gradients
         local = dual_norm(gradients.flatten(1), norm)
     upsilon = _upsilon(local, p) if loss in ("ce", "margin") else None
     slope = lipschitz.loss_constant(loss) if loss != "dlr" else math.inf
-    jacobian = cells.jacobian if cells is not None else logits_jacobian(model, inputs, "cpu", torch.float64).jacobian
+    jacobian = cells.jacobian if cells is not None else logits_jacobian(model, inputs, "cpu", torch.float64,
+                                                                        deadline=deadline).jacobian
     reach = float(box_reach(inputs, box, norm).max())
     far = torch.logspace(0.0, 4.0, 9, dtype=torch.float64)[1:] * radii[-1]  # small mass moved far (p < inf)
     extra = far[far <= reach] if not math.isinf(p) else far[:0]
     moves = candidates(module, inputs, labels, jacobian, lower, upper, torch.cat([_refined(radii, 4), extra]),
-                       norm, loss)
+                       norm, loss, deadline)
     results, distributions = [], []
     rounding = 8 * torch.finfo(model.input_dtype).eps
     clean_risk = float(clean.mean())
     for delta in deltas:
+        deadline.check("the certificates per delta")
         global_bound = clean_risk + delta * slope if math.isfinite(slope) else None
         accuracy = certified_accuracy(radii_certified, correct, float(delta), p)
         certificate = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from verifier.certify.allocation import allocate
+from verifier.deadline import NEVER, Deadline
 from verifier.geometry import argmax_linear, max_linear, vector_norm
 from verifier.losses import loss_values, margins
 
@@ -61,14 +62,17 @@ def _moves(jacobian: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, l
 
 
 def candidates(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: torch.Tensor,
-               lower: torch.Tensor, upper: torch.Tensor, radii: torch.Tensor, norm: str, loss: str) -> Candidates:
-    """Evaluate the candidate move of every sample at every radius (one forward pass per radius)."""
+               lower: torch.Tensor, upper: torch.Tensor, radii: torch.Tensor, norm: str, loss: str,
+               deadline: Deadline = NEVER) -> Candidates:
+    """Evaluate the candidate move of every sample at every radius (one forward pass per radius;
+    `deadline`: per radius)."""
     with torch.no_grad():
         logits = module(x)
         clean = loss_values(logits, y, loss)
         flat_jacobian = jacobian.flatten(2)
         classes, distances, gains = [], [], []
         for radius in radii:
+            deadline.check("the exactness candidates")
             chosen, move = _moves(flat_jacobian, logits, y, lower, upper, radius.expand(len(x)), norm)
             moved = module(x + move.reshape(x.shape))
             classes.append(chosen)

@@ -12,7 +12,6 @@ which is sound and only tightens. Which route won is kept per sample and radius.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +23,10 @@ from verifier.bounds.propagate import margin_problem, propagate
 from verifier.bounds.slopes import slopes_from
 from verifier.cells import CellAnalysis
 from verifier.certify.aggregate import GrowthCurves
+from verifier.deadline import NEVER, Deadline, Stopped
 from verifier.losses import loss_values, margins
 
 ROUTES = ("cell", "linear", "jacobian", "global")
-
-
-class Stopped(Exception):
-    """The caller asked to stop (e.g. an audit's time limit): no result, nothing wrong."""
 
 
 @dataclass(frozen=True)
@@ -83,32 +79,31 @@ class MarginEvidence:
 def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
                      norm: str, radii: torch.Tensor, box: tuple[float, float] | None,
                      cells: CellAnalysis | None = None, device: str = "cpu", progress: bool = False,
-                     should_stop: Callable[[], bool] | None = None) -> MarginEvidence:
+                     deadline: Deadline = NEVER) -> MarginEvidence:
     """Margin and slope bounds at every grid radius: one propagation per radius serves both.
 
-    `should_stop()` is asked before each radius; when it says yes, `Stopped` is raised.
+    `deadline` is checked before each radius and inside every propagation (`Stopped`).
     """
     linear = slopes = whole_box = domain_slope = None
     if network is not None:
         linear_rows, slope_rows = [], []
         for radius in tqdm(radii[1:], desc="certify: bounds per radius", unit="radius", disable=not progress,
                            leave=False):
-            if should_stop is not None and should_stop():
-                raise Stopped("stopped before the bounds at every radius were computed")
+            deadline.check("the bounds per radius")
             problem = margin_problem(network, x, y, radius, norm, box, torch.device(device), radii.dtype)
-            state = propagate(network, problem.region)
-            bounds = margins_from(problem, state)
+            state = propagate(network, problem.region, deadline=deadline)
+            bounds = margins_from(problem, state, deadline)
             linear_rows.append(bounds.upper.masked_fill(problem.true_class, -math.inf))
-            slope_rows.append(slopes_from(problem, state).per_class)
+            slope_rows.append(slopes_from(problem, state, deadline).per_class)
         clean = margins(logits, y).masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), -math.inf)
         linear = torch.stack([clean] + linear_rows, 1)
         slopes = torch.stack([torch.zeros_like(slope_rows[0])] + slope_rows, 1) if slope_rows else None
         # The whole domain (the box, or all of R^d): a growth cap and a slope valid at every radius.
         problem = margin_problem(network, x, y, math.inf, norm, box, torch.device(device), radii.dtype)
-        state = propagate(network, problem.region)
-        domain_slope = slopes_from(problem, state).per_class
+        state = propagate(network, problem.region, deadline=deadline)
+        domain_slope = slopes_from(problem, state, deadline).per_class
         if box is not None:
-            whole_box = margins_from(problem, state).upper.masked_fill(problem.true_class, -math.inf)
+            whole_box = margins_from(problem, state, deadline).upper.masked_fill(problem.true_class, -math.inf)
     return MarginEvidence(
         radii=radii, logits=logits, labels=y, linear=linear, slopes=slopes, whole_box=whole_box,
         domain_slope=domain_slope,
@@ -219,3 +214,5 @@ def margin_class_curves(evidence: MarginEvidence, global_slope: float) -> Growth
     return GrowthCurves(radii=radii, values=values, slopes=rows(slope),
                         reach=evidence.reach.repeat_interleave(classes - 1),
                         tail=torch.maximum(tail, values[:, -1]), tail_slope=tail_slope[others], groups=classes - 1)
+__all__ = ["ROUTES", "MarginEvidence", "RouteGrowth", "Stopped", "box_reach", "collect_evidence", "growth_curves",
+           "loss_from_margins", "margin_class_curves"]

@@ -12,11 +12,12 @@ from verifier.bounds.margins import margin_bounds
 from verifier.bounds.network import BoundNetwork
 from verifier.cells import CellAnalysis
 from verifier.certify.growth import MarginEvidence
+from verifier.deadline import NEVER, Deadline
 
 
 def certified_radii(evidence: MarginEvidence, network: BoundNetwork | None, x: torch.Tensor, norm: str,
                     box: tuple[float, float] | None, cells: CellAnalysis | None = None,
-                    bisection_steps: int = 8) -> torch.Tensor:
+                    bisection_steps: int = 8, deadline: Deadline = NEVER) -> torch.Tensor:
     """`c_i` for every sample (0 for misclassified ones, inf when the whole box is proved safe)."""
     radii, labels = evidence.radii, evidence.labels
     true_class = torch.nn.functional.one_hot(labels, evidence.logits.shape[1]).bool()
@@ -34,7 +35,7 @@ def certified_radii(evidence: MarginEvidence, network: BoundNetwork | None, x: t
             whole_safe = evidence.whole_box.max(-1).values < 0
             low = torch.where(whole_safe & correct, torch.full_like(low, math.inf), low)
         low = _bisect(network, x, labels, norm, box, low, high, correct & (last >= 0) & torch.isfinite(low),
-                      bisection_steps)
+                      bisection_steps, deadline)
         certified = low
     if cells is not None:
         certified = torch.maximum(certified, cells.certified_radius())
@@ -43,7 +44,7 @@ def certified_radii(evidence: MarginEvidence, network: BoundNetwork | None, x: t
 
 def _bisect(network: BoundNetwork | None, x: torch.Tensor, labels: torch.Tensor, norm: str,
             box: tuple[float, float] | None, low: torch.Tensor, high: torch.Tensor, active: torch.Tensor,
-            steps: int) -> torch.Tensor:
+            steps: int, deadline: Deadline) -> torch.Tensor:
     """Raise `low` (verified safe) towards `high` (not verified) where `active`; returns verified radii."""
     active = active & (high > low) & torch.isfinite(high)
     if network is None or not active.any():
@@ -53,7 +54,7 @@ def _bisect(network: BoundNetwork | None, x: torch.Tensor, labels: torch.Tensor,
     for _ in range(steps):
         middle = (low[index] + high[index]) / 2
         bounds = margin_bounds(network, x[index], labels[index], middle, norm, box=box, device="cpu",
-                               dtype=x.dtype)
+                               dtype=x.dtype, deadline=deadline)
         proved = bounds.certified
         low[index] = torch.where(proved, middle, low[index])
         high[index] = torch.where(proved, high[index], middle)

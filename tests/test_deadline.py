@@ -1,0 +1,211 @@
+"""`Deadline`: polled inside bound propagation, the slope pass, cells, Jacobians and every attack loop
+(not only between stages), so a stop lands within one chunk of work; the audit's partial report stays
+valid when an attack is stopped half-way."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import shipped_data, shipped_model
+
+from verifier import audit as audit_module
+from verifier.attacks import METHODS, attack
+from verifier.audit import AuditSettings, audit
+from verifier.bounds.margins import margin_bounds
+from verifier.bounds.network import BoundNetwork
+from verifier.bounds.propagate import margin_problem, propagate
+from verifier.bounds.slopes import slopes_from
+from verifier.cells import cell_analysis
+from verifier.certify.certificate import certify
+from verifier.convert import convert_model
+from verifier.deadline import NEVER, Deadline, Stopped
+from verifier.jacobian import loss_gradients
+from verifier.onnx_io import load_model
+from verifier.report import validate_report
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Polls:
+    """A `stop_when` that counts its calls and says stop from call `stop_at` on (never: None)."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.count, self.stop_at = 0, stop_at
+
+    def __call__(self) -> bool:
+        self.count += 1
+        return self.stop_at is not None and self.count >= self.stop_at
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    loaded = load_model(shipped_model("mlp_relu"))
+    data = np.load(shipped_data("mlp_relu"))
+    return loaded, convert_model(loaded), data["x"][:80], data["y"][:80]
+
+
+def test_deadline_on_a_fake_clock():
+    now = [100.0]
+    deadline = Deadline.after(5.0, clock=lambda: now[0])
+    assert deadline.at == 105.0 and not deadline.expired()
+    deadline.check("nothing")  # does not raise before the deadline
+    now[0] = 105.0
+    assert deadline.expired()
+    with pytest.raises(Stopped, match="during bound propagation"):
+        deadline.check("bound propagation")
+    assert Deadline.after(None) is NEVER and Deadline.polling(None) is NEVER and not NEVER.expired()
+    polls = Polls(stop_at=2)
+    flag = Deadline.polling(polls)
+    assert (flag.expired(), flag.expired(), polls.count) == (False, True, 2)
+
+
+def test_propagation_polls_per_node_and_stops_at_the_poll_that_says_so(mlp):
+    _, converted, x, y = mlp
+    network = BoundNetwork.from_model(converted)
+    problem = margin_problem(network, x, y, 0.02, "inf", (0.0, 1.0), torch.device("cpu"), torch.float64)
+    counted = Polls()
+    propagate(network, problem.region, deadline=Deadline.polling(counted))
+    # one poll per node of the forward pass plus one per node visited by each back-substitution
+    assert counted.count > len(network.nodes)
+    for stop_at in (1, counted.count // 2, counted.count):
+        polls = Polls(stop_at)
+        with pytest.raises(Stopped):
+            propagate(network, problem.region, deadline=Deadline.polling(polls))
+        assert polls.count == stop_at  # nothing polled after the stop: no further work was done
+
+
+def test_slope_pass_and_margin_bounds_poll_inside(mlp):
+    _, converted, x, y = mlp
+    network = BoundNetwork.from_model(converted)
+    problem = margin_problem(network, x, y, 0.02, "inf", (0.0, 1.0), torch.device("cpu"), torch.float64)
+    state = propagate(network, problem.region)
+    polls = Polls(stop_at=2)
+    with pytest.raises(Stopped, match="slope bounds"):
+        slopes_from(problem, state, Deadline.polling(polls))
+    assert polls.count == 2
+    with pytest.raises(Stopped):
+        margin_bounds(network, x, y, 0.02, "inf", box=(0.0, 1.0), device="cpu", deadline=Deadline(at=-math.inf))
+    free = margin_bounds(network, x, y, 0.02, "inf", box=(0.0, 1.0), device="cpu", deadline=Deadline.polling(Polls()))
+    plain = margin_bounds(network, x, y, 0.02, "inf", box=(0.0, 1.0), device="cpu")
+    assert torch.equal(free.upper, plain.upper)  # polling changes nothing when it never stops
+
+
+def test_cells_and_gradients_poll_per_sample_chunk(mlp):
+    _, converted, x, y = mlp  # 80 samples: two cell chunks of 64
+    counted = Polls()
+    cell_analysis(converted, x, y, "inf", box=(0.0, 1.0), device="cpu", deadline=Deadline.polling(counted))
+    assert counted.count == 2 * (1 + 2)  # per chunk: before it and before each of its two ReLU sites
+    polls = Polls(stop_at=2)
+    with pytest.raises(Stopped, match="cell analysis"):
+        cell_analysis(converted, x, y, "inf", box=(0.0, 1.0), device="cpu", deadline=Deadline.polling(polls))
+    chunked = Polls()
+    loss_gradients(converted, x, y, "ce", device="cpu", dtype=torch.float64, memory_bytes=64 * 8 * 8 * 10,
+                   deadline=Deadline.polling(chunked))
+    assert chunked.count == 8  # 10 samples per chunk
+
+
+def test_certify_stops_inside_its_first_bound_computation(mlp):
+    _, converted, x, y = mlp
+    polls = Polls(stop_at=5)
+    with pytest.raises(Stopped):
+        certify(converted, x[:8], y[:8], [1 / 255], box=(0.0, 1.0), grid_points=4,
+                deadline=Deadline.polling(polls))
+    assert polls.count == 5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_attack_polls_every_step(mlp, method):
+    _, converted, x, y = mlp
+    counts = {}
+    for steps in (4, 8):
+        polls = Polls()
+        attack(converted, None, x[:12], y[:12], [method], [2 / 255], p=2.0, norm="inf", box=(0.0, 1.0),
+               steps=steps, device="cpu", deadline=Deadline.polling(polls))
+        counts[steps] = polls.count
+    assert counts[8] - counts[4] >= 4  # at least one poll per extra step: polled inside the loop
+    middle = counts[4] // 2
+    polls = Polls(stop_at=middle)
+    with pytest.raises(Stopped):
+        attack(converted, None, x[:12], y[:12], [method], [2 / 255], p=2.0, norm="inf", box=(0.0, 1.0),
+               steps=4, device="cpu", deadline=Deadline.polling(polls))
+    assert polls.count == middle
+
+
+def test_an_expired_deadline_stops_certify_and_attack_at_once(mlp):
+    _, converted, x, y = mlp
+    expired = Deadline(at=0.0)  # time.monotonic() is far past 0
+    with pytest.raises(Stopped):
+        certify(converted, x, y, [1 / 255], box=(0.0, 1.0), deadline=expired)
+    with pytest.raises(Stopped):
+        attack(converted, None, x, y, ["wdapp"], [1 / 255], box=(0.0, 1.0), device="cpu", deadline=expired)
+
+
+def _expiring_after(polls: int):
+    """Wrap a function taking `deadline=`: its deadline's clock reaches the deadline at poll `polls`."""
+    def wrap(real):
+        def wrapped(*args, deadline, **kwargs):
+            calls = [0]
+
+            def clock() -> float:
+                calls[0] += 1
+                return deadline.at if calls[0] >= polls else deadline.at - 1.0
+            wrapped.calls = calls
+            return real(*args, deadline=dataclasses.replace(deadline, clock=clock), **kwargs)
+        return wrapped
+    return wrap
+
+
+def test_audit_stopped_inside_an_attack_writes_a_valid_partial_report(tmp_path, monkeypatch):
+    real_attack = audit_module.attack
+    stopping = _expiring_after(polls=6)(real_attack)
+
+    def by_method(*args, **kwargs):
+        return (stopping if args[4] == ["pgd"] else real_attack)(*args, **kwargs)
+
+    monkeypatch.setattr(audit_module, "attack", by_method)
+    settings = AuditSettings(deltas=(1 / 255, 4 / 255), attacks=("wdapp", "pgd"), box=(0.0, 1.0), samples=16,
+                             grid_points=8, steps=5, time_limit=3600.0)
+    outcome = audit(shipped_model("mlp_relu"), shipped_data("mlp_relu"), settings, tmp_path)
+    assert stopping.calls[0] == 6  # stopped at the sixth poll, inside pgd's steps
+    assert outcome.exit_code == 3
+    report = json.loads((tmp_path / "report.json").read_text())
+    validate_report(report)
+    assert report["complete"] is False and report["stopped_at"] == "attacks"
+    assert len(report["results"]) == 2  # certify finished: every delta has its certificate
+    for row in report["results"]:
+        assert set(row["attacks"]) == {"wdapp"} and row["certificate"] is not None
+    assert report["verdict"]["exit_code"] == 3 and report["timings"]["attacks"] > 0
+    assert "partial" in (tmp_path / "report.html").read_text()
+
+
+def test_audit_stopped_inside_certify_writes_a_valid_partial_report(tmp_path, monkeypatch):
+    stopping = _expiring_after(polls=4)(audit_module.certify)
+    monkeypatch.setattr(audit_module, "certify", stopping)
+    settings = AuditSettings(deltas=(1 / 255,), attacks=("pgd",), box=(0.0, 1.0), samples=16, grid_points=8,
+                             steps=5, time_limit=3600.0)
+    outcome = audit(shipped_model("mlp_relu"), shipped_data("mlp_relu"), settings, tmp_path)
+    assert stopping.calls[0] == 4 and outcome.exit_code == 3
+    report = json.loads((tmp_path / "report.json").read_text())
+    validate_report(report)
+    assert report["stopped_at"] == "certify" and report["results"] == [] and report["timings"]["attacks"] is None
+
+
+@pytest.mark.parametrize("command", ["certify", "attack"])
+def test_certify_and_attack_time_limit_exit_3_with_one_line(command, capsys):
+    from verifier import cli
+
+    base = [command, str(shipped_model("mlp_relu")), "--data", str(shipped_data("mlp_relu")), "--samples", "8",
+            "--box", "0,1"]
+    assert cli.main([*base, "--time-limit", "1e-9", "--json"]) == 3  # spent before the work starts
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["error_type"] == "Stopped"
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"verifier: time limit hit: {command} stopped")
+    assert cli.main([*base, "--time-limit", "0"]) == 2
+    assert "time limit must be > 0" in capsys.readouterr().err
+    assert cli.main([*base, "--time-limit", "3600", "--json"]) == 0
+    assert "results" in json.loads(capsys.readouterr().out)

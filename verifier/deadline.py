@@ -1,0 +1,55 @@
+"""`Deadline`: when long computations must stop, passed down as one small value (no global state).
+
+Every loop that can run long — bound propagation (per node and per chunk of units), the
+back-substitution and slope passes (per node), cell analysis and Jacobians (per chunk of
+samples), the exactness candidates (per radius), and every attack step (each forward or
+gradient pass of a chunk of atoms) — calls `deadline.check(where)` between chunks of work. Past
+the deadline it raises `Stopped`, so a stop lands within one such chunk of the limit. `NEVER`
+(the default everywhere) never stops and costs one comparison per poll.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class Stopped(Exception):
+    """The caller asked to stop (e.g. an audit's time limit): no result, nothing wrong."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """Stop once `clock()` reaches `at`, or as soon as `stop_when()` (if given) returns True."""
+
+    at: float = math.inf  # on the scale of `clock`
+    clock: Callable[[], float] = time.monotonic
+    stop_when: Callable[[], bool] | None = None
+
+    @classmethod
+    def after(cls, seconds: float | None, clock: Callable[[], float] = time.monotonic) -> Deadline:
+        """A deadline `seconds` from now on `clock` (`NEVER` for None)."""
+        return NEVER if seconds is None else cls(at=clock() + float(seconds), clock=clock)
+
+    @classmethod
+    def polling(cls, should_stop: Callable[[], bool] | None) -> Deadline:
+        """A deadline that is whatever `should_stop()` says (`NEVER` for None)."""
+        return NEVER if should_stop is None else cls(stop_when=should_stop)
+
+    def expired(self) -> bool:
+        """Whether the work should stop now."""
+        if self.stop_when is not None and self.stop_when():
+            return True
+        return self.at != math.inf and self.clock() >= self.at
+
+    def check(self, where: str) -> None:
+        """Raise `Stopped` (naming `where`) once the deadline has passed."""
+        if self.expired():
+            raise Stopped(f"stopped by the time limit during {where}")
+
+
+NEVER = Deadline()
+
+__all__ = ["NEVER", "Deadline", "Stopped"]
