@@ -28,7 +28,7 @@ from verifier.attacks import METHODS, attack, resolve_methods
 from verifier.certify.certificate import Certificate, certify
 from verifier.convert import convert_model
 from verifier.data import fit_box, load_samples
-from verifier.deadline import NEVER, Deadline, Stopped
+from verifier.deadline import NEVER, Deadline, Stopped, Terminated
 from verifier.device import resolve_device
 from verifier.errors import UsageError
 from verifier.geometry import parse_norm
@@ -229,10 +229,16 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
         stopped_at = "validate"
     else:
         announce("validate")
-        converted = clock.run("validate", lambda: convert_model(loaded, settings.output))
-        conversion = clock.run("validate", lambda: validate_against_onnxruntime(
-            loaded, converted, x, 1e-5, 1e-5, settings.device, y))
-        if not conversion.passed:
+        try:
+            converted = clock.run("validate", lambda: convert_model(loaded, settings.output))
+            conversion = clock.run("validate", lambda: validate_against_onnxruntime(
+                loaded, converted, x, 1e-5, 1e-5, settings.device, y))
+        except Terminated as err:  # a signal; the time limit is only checked between these two steps
+            stopped_at = "validate"
+            warnings.append(f"audit {err}")
+        if stopped_at is not None:
+            pass
+        elif not conversion.passed:
             stopped_at = "certify"
             warnings.append("audit stopped after the conversion check: the torch module does not compute what "
                             "the ONNX file computes, so no certificate or attack on it would be trustworthy")
@@ -245,8 +251,9 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                     converted, x, y, list(settings.deltas), p=settings.p, norm=settings.norm, loss=settings.loss,
                     box=box, grid_points=settings.grid_points, progress=progress,
                     deadline=clock.deadline()))
-            except Stopped:
+            except Stopped as err:
                 stopped_at = "certify"
+                warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
             for method in settings.attacks if certificate is not None else ():
                 if clock.expired():
                     stopped_at = "attacks"
@@ -257,8 +264,9 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                         converted, loaded, x, y, [m], list(settings.deltas), p=settings.p, norm=settings.norm,
                         loss=settings.loss, box=box, steps=settings.steps, seed=settings.seed,
                         device=settings.device, progress=progress, deadline=clock.deadline()))
-                except Stopped:
+                except Stopped as err:
                     stopped_at = "attacks"
+                    warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
                     break
                 attacks_done[method] = [_attack_entry(r) for r in report.results]
     announce("report")

@@ -8,21 +8,27 @@ error (a bug: please report).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
+import signal
 import sys
+import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
 from verifier import __version__
-from verifier.deadline import Stopped
+from verifier.deadline import Stopped, Terminated
 from verifier.errors import UsageError, VerifierError
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_TIME_LIMIT, EXIT_INTERNAL = 0, 1, 2, 3, 4
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +36,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-limit", metavar="SIZE", default=None,
                         help="refuse work that would need more memory than SIZE, e.g. 8G or 512M "
                              "(default: half of the memory available at start)")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback behind an error (with the one-line message)")
 
 
 def _memory_limit(args: argparse.Namespace) -> int | None:
@@ -227,10 +235,8 @@ def _run_inspect(args: argparse.Namespace) -> tuple[int, dict, str]:
 
 
 def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
-    from verifier.convert import convert_model
     from verifier.data import load_samples, random_samples
     from verifier.onnx_io import load_model
-    from verifier.validate import validate_against_onnxruntime
 
     if args.atol < 0 or args.rtol < 0:
         raise UsageError("--atol and --rtol must be >= 0")
@@ -242,6 +248,9 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
     else:
         fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
         samples = random_samples(spec, args.samples or fixed or 64, seed=args.seed, memory_limit_bytes=limit)
+    from verifier.convert import convert_model  # heavy (torch, onnx2torch): after the input checks
+    from verifier.validate import validate_against_onnxruntime
+
     converted = convert_model(loaded, args.output)
     report = validate_against_onnxruntime(loaded, converted, samples.x, args.atol, args.rtol, args.device, samples.y)
     payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted)}
@@ -265,8 +274,7 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
 
 
 def _labelled_samples(args: argparse.Namespace):
-    """The model (loaded and converted) and labelled samples from --data."""
-    from verifier.convert import convert_model
+    """The model (loaded and converted) and labelled samples from --data (checked before torch loads)."""
     from verifier.data import load_samples
     from verifier.onnx_io import load_model
 
@@ -277,6 +285,7 @@ def _labelled_samples(args: argparse.Namespace):
     samples = load_samples(args.data, loaded.info.data_input, args.samples, limit)
     if samples.y is None:
         raise UsageError(f"{args.data} has no labels 'y'; certificates and attacks need them")
+    from verifier.convert import convert_model
     return loaded, convert_model(loaded, args.output), samples
 
 
@@ -292,7 +301,6 @@ def _refuse_folder(path: str | None) -> None:
 
 
 def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
-    from verifier.certify.certificate import certify, save_distributions
     from verifier.data import fit_box
     from verifier.graph import json_safe
 
@@ -303,6 +311,8 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
     deadline = _deadline(args)
     loaded, converted, samples = _labelled_samples(args)
     box = fit_box(samples.x, box, samples.source)
+    from verifier.certify.certificate import certify, save_distributions  # heavy: after the input checks
+
     result = certify(converted, samples.x, samples.y, deltas, p=p, norm=args.norm, loss=args.loss, box=box,
                      grid_points=args.grid_points, progress=_progress_wanted(args), deadline=deadline)
     if args.save_distributions:
@@ -312,7 +322,6 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
 
 
 def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
-    from verifier.attacks import attack, save_adversarial
     from verifier.data import fit_box
     from verifier.graph import json_safe
 
@@ -322,6 +331,8 @@ def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
     deadline = _deadline(args)
     loaded, converted, samples = _labelled_samples(args)
     box = fit_box(samples.x, box, samples.source)
+    from verifier.attacks import attack, save_adversarial  # heavy: after the input checks
+
     report = attack(converted, loaded, samples.x, samples.y, methods, deltas, p=p, norm=args.norm, loss=args.loss,
                     box=box, steps=args.steps, kappa=args.kappa, topk=args.topk, seed=args.seed,
                     device=args.device, progress=_progress_wanted(args), deadline=deadline)
@@ -408,27 +419,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.started = started
     _quiet_libraries()
     run: Callable[[argparse.Namespace], tuple[int, dict, str]] = args.run
+    json_wanted, debug = getattr(args, "json", False), getattr(args, "debug", False)
     try:
-        code, payload, text = run(args)
+        with _stop_on_termination():
+            code, payload, text = run(args)
     except VerifierError as err:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(err), "error_type": type(err).__name__}))
-        print(f"verifier: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return _fail(err.exit_code, f"verifier: error: {err}", str(err), type(err).__name__, json_wanted, debug)
+    except Terminated as err:
+        return _fail(EXIT_TERMINATED, f"verifier: {err}; no result", str(err), "Terminated", json_wanted, debug)
     except Stopped as err:  # certify / attack --time-limit: no partial result (audit writes a partial report)
         message = f"{args.command} {err} after {args.time_limit:g} s; no result"
-        if getattr(args, "json", False):
-            print(json.dumps({"error": message, "error_type": "Stopped"}))
-        print(f"verifier: time limit hit: {message}", file=sys.stderr)
-        return EXIT_TIME_LIMIT
+        return _fail(EXIT_TIME_LIMIT, f"verifier: time limit hit: {message}", message, "Stopped", json_wanted, debug)
     except KeyboardInterrupt:
         print("verifier: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - a bug must still end in one readable line
-        print(f"verifier: internal error (please report): {type(err).__name__}: {err}", file=sys.stderr)
-        return EXIT_INTERNAL
-    print(json.dumps(payload, indent=2) if args.json else text)
+        line = f"verifier: internal error (please report): {type(err).__name__}: {err}"
+        line += "" if debug else " (--debug shows the traceback)"
+        return _fail(EXIT_INTERNAL, " ".join(line.split())[:2000], None, type(err).__name__, False, debug)
+    try:
+        print(json.dumps(payload, indent=2) if json_wanted else text, flush=True)
+    except BrokenPipeError:  # `verifier ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code
+
+
+def _fail(code: int, line: str, message: str | None, kind: str, json_wanted: bool, debug: bool) -> int:
+    """Report a failure: the traceback first with --debug, then one line on stderr (and, with --json,
+    an error object on stdout, marked incomplete)."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    if json_wanted and message is not None:
+        print(json.dumps({"error": message, "error_type": kind, "complete": False}))
+    print(line, file=sys.stderr)
+    return code
+
+
+@contextlib.contextmanager
+def _stop_on_termination():
+    """SIGTERM/SIGHUP raise `Terminated` in the main thread: certify and attack stop with one line,
+    an audit in its certify or attack stage writes its partial report (exit 3)."""
+    def handler(number, _frame):
+        raise Terminated(f"stopped by {signal.Signals(number).name}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 if __name__ == "__main__":

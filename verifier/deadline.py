@@ -20,6 +20,11 @@ class Stopped(Exception):
     """The caller asked to stop (e.g. an audit's time limit): no result, nothing wrong."""
 
 
+class Terminated(Stopped):
+    """The process got SIGTERM (or SIGHUP): stop like a time limit, so an audit still writes its
+    partial report; raised by the CLI's signal handler wherever the main thread is."""
+
+
 @dataclass(frozen=True)
 class Deadline:
     """Stop once `clock()` reaches `at`, or as soon as `stop_when()` (if given) returns True."""

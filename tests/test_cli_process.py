@@ -1,0 +1,103 @@
+"""The CLI as a process: SIGTERM, a closed pipe, --debug, and what a refusal imports."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import shipped_data, shipped_model
+
+from verifier import cli
+
+
+def _verifier(*argv, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "verifier", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _terminate_after(process: subprocess.Popen, seconds: float) -> None:
+    """SIGTERM after `seconds` (the process must still be running: the test would prove nothing)."""
+    time.sleep(seconds)
+    assert process.poll() is None, "the command ended before the signal"
+    process.send_signal(signal.SIGTERM)
+
+
+def test_sigterm_during_audit_leaves_a_partial_report(tmp_path):
+    out = tmp_path / "report"
+    process = _verifier("audit", shipped_model("cnn"), "--data", shipped_data("cnn"), "--box", "0,1", "--out", out,
+                        "--attacks", "wdapp,wda,pgd,wpgd", "--delta", "1/255,2/255,4/255,8/255", "--json")
+    # imports take 2-5 s and the whole audit of 360 CNN samples well over a minute: the signal lands
+    # after the model and data are checked, inside conversion, certify or an attack
+    _terminate_after(process, 8.0)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 3, stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] is False and report["stopped_at"] in {"validate", "certify", "attacks"}
+    assert "audit stopped by SIGTERM" in report["warnings"]
+    assert json.loads(stdout)["complete"] is False
+    assert "Traceback" not in stderr
+
+
+def test_sigterm_during_certify_is_one_line_and_incomplete_json():
+    process = _verifier("certify", shipped_model("cnn"), "--data", shipped_data("cnn"), "--box", "0,1", "--json")
+    _terminate_after(process, 8.0)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == cli.EXIT_TERMINATED, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == ["verifier: stopped by SIGTERM; no result"]
+    assert json.loads(stdout) == {"error": "stopped by SIGTERM", "error_type": "Terminated", "complete": False}
+
+
+def test_closed_pipe_is_not_a_traceback():
+    reader = subprocess.Popen(["head", "-c", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    writer = subprocess.run([sys.executable, "-m", "verifier", "inspect", str(shipped_model("transformer")), "--json"],
+                            stdout=reader.stdin, stderr=subprocess.PIPE, text=True, timeout=120)
+    reader.stdin.close()
+    reader.wait(timeout=30)
+    assert "Traceback" not in writer.stderr and "BrokenPipe" not in writer.stderr
+    assert writer.returncode == 0
+
+
+def test_debug_shows_the_traceback_of_an_internal_error(capsys, monkeypatch):
+    import verifier.summary
+
+    def broken(*_args, **_kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(verifier.summary, "inspect_model", broken)
+    code = cli.main(["inspect", str(shipped_model("mlp_relu"))])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_INTERNAL and "Traceback" not in err
+    assert err.strip() == ("verifier: internal error (please report): ZeroDivisionError: a bug "
+                           "(--debug shows the traceback)")
+    code = cli.main(["inspect", str(shipped_model("mlp_relu")), "--debug"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_INTERNAL and "Traceback (most recent call last)" in err and "broken" in err
+    assert err.strip().splitlines()[-1] == "verifier: internal error (please report): ZeroDivisionError: a bug"
+
+
+def test_debug_shows_the_traceback_of_a_refusal_too(capsys, tmp_path):
+    code = cli.main(["certify", str(shipped_model("mlp_relu")), "--data", str(tmp_path / "none.npz"), "--debug"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" in err and err.strip().endswith("data file not found: " + str(tmp_path / "none.npz"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["certify", "{model}", "--data", "{missing}"],
+    ["attack", "{model}", "--data", "{missing}"],
+    ["validate", "{model}", "--data", "{missing}"],
+    ["certify", "{missing_model}", "--data", "{data}"],
+])
+def test_a_refusal_does_not_import_torch(tmp_path, argv):
+    """Input checks run before the analysis modules are imported, so a refusal answers fast."""
+    values = {"model": shipped_model("mlp_relu"), "data": shipped_data("mlp_relu"),
+              "missing": tmp_path / "none.npz", "missing_model": tmp_path / "none.onnx"}
+    args = [part.format(**values) for part in argv]
+    probe = ("import sys; from verifier import cli; code = cli.main(%r); "
+             "print(code, 'torch' in sys.modules, 'onnx2torch' in sys.modules)" % args)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr
