@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 1 a check failed (e.g. the conversion does not match onnxruntime),
 2 bad input or usage (one line on stderr, no traceback), 3 the time limit was hit, 4 internal
-error (a bug: please report).
+error (a bug: please report), 143 stopped by SIGTERM. The options and value parsers live in
+`verifier.cli_options`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -20,10 +20,12 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 from pathlib import Path
 
 from verifier import __version__
+from verifier.cli_options import (OneLineParser, add_budget, add_data, add_device, add_json, add_model, add_output,
+                                  add_time_limit, attach_negative_values, deadline, memory_limit, parse_box,
+                                  parse_deltas, parse_p)
 from verifier.deadline import Stopped, Terminated
 from verifier.errors import UsageError, VerifierError
 
@@ -31,164 +33,45 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_TIME_LIMIT, EXIT_INTERNAL = 0, 
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
 
 
-def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL.onnx", help="path to the ONNX model")
-    parser.add_argument("--memory-limit", metavar="SIZE", default=None,
-                        help="refuse work that would need more memory than SIZE, e.g. 8G or 512M "
-                             "(default: half of the memory available at start)")
-    parser.add_argument("--debug", action="store_true",
-                        help="print the traceback behind an error (with the one-line message)")
-
-
-def _memory_limit(args: argparse.Namespace) -> int | None:
-    from verifier.resources import parse_size
-
-    return None if args.memory_limit is None else parse_size(args.memory_limit)
-
-
-def _add_output(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", metavar="NAME", default=None,
-                        help="the graph output that is the classifier head (default: the first float output "
-                             "that is not a pass-through of the input; `inspect` lists them)")
-
-
-def _add_json(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-
-
-def _add_data(parser: argparse.ArgumentParser, random_fallback: bool = False, seed: bool = True) -> None:
-    parser.add_argument("--data", metavar="FILE.npz", help="npz with arrays x (float inputs) and y (int labels)"
-                        + ("" if random_fallback else "; required"))
-    parser.add_argument("--samples", type=int, metavar="N",
-                        help="use the first N samples (default: all" + (", or 64 random)" if random_fallback else ")"))
-    if seed:
-        parser.add_argument("--seed", type=int, default=0,
-                            help="seed for random inputs (default 0)" if random_fallback else
-                            "seed of the random parts, e.g. attack restarts (default 0)")
-
-
-def parse_deltas(text: str) -> list[float]:
-    """`0.05`, `8/255` or a comma-separated list of them; every value finite and >= 0."""
-    values = []
-    for part in text.split(","):
-        item = part.strip()
-        try:
-            value = float(Fraction(item)) if "/" in item else float(item)
-        except (ValueError, ZeroDivisionError):
-            raise UsageError(f"--delta: {item!r} is not a number or a fraction like 8/255") from None
-        if not (math.isfinite(value) and value >= 0):
-            raise UsageError(f"--delta: every budget must be finite and >= 0 (got {item})")
-        values.append(value)
-    return sorted(set(values))
-
-
-def parse_p(text: str) -> float:
-    """The Wasserstein order: a real >= 1 or `inf`."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"--p: {text!r} is not a number (give a real >= 1 or inf)") from None
-    if not value >= 1:
-        raise UsageError(f"--p must be >= 1 or inf (got {text})")
-    return value
-
-
-def parse_box(text: str | None) -> tuple[float, float] | None:
-    """`LOW,HIGH` (e.g. `0,1`) or None."""
-    if text is None or text.strip().lower() == "none":
-        return None
-    parts = text.split(",")
-    try:
-        low, high = (float(part) for part in parts)
-    except ValueError:
-        raise UsageError(f"--box: {text!r} must be two numbers LOW,HIGH (e.g. 0,1)") from None
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise UsageError(f"--box needs finite LOW < HIGH (got {text})")
-    if not math.isfinite(high - low):
-        raise UsageError(f"--box: the width HIGH - LOW overflows a float64 (got {text}); give a narrower box")
-    return low, high
-
-
-def _add_budget(parser: argparse.ArgumentParser, default_delta: str, default_norm: str) -> None:
-    parser.add_argument("--p", type=str, default="2", help="Wasserstein order: a real >= 1 or inf (default 2)")
-    parser.add_argument("--norm", default=default_norm, help=f"threat norm inf, 2 or 1 (default {default_norm})")
-    parser.add_argument("--delta", default=default_delta,
-                        help=f"budget(s): decimals or fractions, comma-separated (default {default_delta})")
-    parser.add_argument("--loss", default="ce", help="ce, margin, zero_one or dlr (default ce)")
-    parser.add_argument("--box", default=None, metavar="LOW,HIGH", help="input domain, e.g. 0,1 (default: none)")
-
-
-def _add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="torch device (default auto: CUDA when available)")
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse with one-line errors (`verifier: error: ...`, exit 2) instead of a usage block."""
-
-    def error(self, message: str):  # noqa: D102 - argparse's hook
-        hint = f" (see {self.prog} --help)"
-        print(f"verifier: error: {' '.join(message.split())}{hint}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-
-
-def _add_time_limit(parser: argparse.ArgumentParser, result: str) -> None:
-    parser.add_argument("--time-limit", type=float, metavar="S",
-                        help=f"stop after S seconds, counted from the command's start ({result}); checked "
-                             "inside bound propagation and every attack step, so the command ends within "
-                             "1.1*S + 5 s (measured; see docs/cli.md)")
-
-
-def _deadline(args: argparse.Namespace):
-    """The `Deadline` of --time-limit, counted from the command's start (NEVER without one)."""
-    from verifier.deadline import NEVER, Deadline
-
-    if args.time_limit is None:
-        return NEVER
-    if not args.time_limit > 0:
-        raise UsageError(f"the time limit must be > 0 seconds (got {args.time_limit})")
-    return Deadline(at=args.started + args.time_limit, clock=time.monotonic)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = _OneLineParser(prog="verifier", description="Robustness verifier for ONNX models.")
+    parser = OneLineParser(prog="verifier", description="Robustness verifier for ONNX models.")
     parser.add_argument("--version", action="version", version=f"verifier {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="model specs, op histogram, activation sites, family")
-    _add_model(inspect)
-    _add_output(inspect)
-    _add_json(inspect)
+    add_model(inspect)
+    add_output(inspect)
+    add_json(inspect)
     inspect.set_defaults(run=_run_inspect)
 
     validate = commands.add_parser("validate", help="check the torch conversion against onnxruntime")
-    _add_model(validate)
-    _add_output(validate)
-    _add_data(validate, random_fallback=True)
+    add_model(validate)
+    add_output(validate)
+    add_data(validate, random_fallback=True)
     validate.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
     validate.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
-    _add_device(validate)
-    _add_json(validate)
+    add_device(validate)
+    add_json(validate)
     validate.set_defaults(run=_run_validate)
 
     certify = commands.add_parser("certify", help="upper bounds on the Wasserstein robust risk (certificates)")
-    _add_model(certify)
-    _add_output(certify)
-    _add_data(certify, seed=False)  # certify is deterministic
-    _add_budget(certify, default_delta="8/255", default_norm="inf")  # the same defaults as attack
+    add_model(certify)
+    add_output(certify)
+    add_data(certify, seed=False)  # certify is deterministic
+    add_budget(certify, default_delta="8/255", default_norm="inf")  # the same defaults as attack
     certify.add_argument("--grid-points", type=int, default=24, help="radius grid size (default 24)")
     certify.add_argument("--save-distributions", metavar="OUT.npz",
                          help="save each delta's realising distribution (atoms, weights, source)")
-    _add_time_limit(certify, "exit 3 and no result")
-    _add_json(certify)  # certificates are computed in float64 on the CPU (no --device)
+    add_time_limit(certify, "exit 3 and no result")
+    add_json(certify)  # certificates are computed in float64 on the CPU (no --device)
     certify.set_defaults(run=_run_certify)
 
     attack = commands.add_parser("attack", help="Wasserstein distributional attacks (lower bounds)")
-    _add_model(attack)
-    _add_output(attack)
-    _add_data(attack)
-    _add_budget(attack, default_delta="8/255", default_norm="inf")
+    add_model(attack)
+    add_output(attack)
+    add_data(attack)
+    add_budget(attack, default_delta="8/255", default_norm="inf")
     attack.add_argument("--method", default="all",
                         help="wdapp, wda, pgd, wpgd, wda-curve, a comma-separated list, or all (default all)")
     attack.add_argument("--kappa", type=float, default=1.0, help="WDA mixture: move 1/kappa of the mass (default 1)")
@@ -196,16 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--topk", type=int, default=9, help="WDA: wrong classes probed (default 9)")
     attack.add_argument("--save-adversarial", metavar="OUT.npz",
                         help="save every (method, delta) distribution: atoms, weights, source")
-    _add_time_limit(attack, "exit 3 and no result")
-    _add_device(attack)
-    _add_json(attack)
+    add_time_limit(attack, "exit 3 and no result")
+    add_device(attack)
+    add_json(attack)
     attack.set_defaults(run=_run_attack)
 
     audit = commands.add_parser("audit", help="inspect, validate, certify, attack and write a report")
-    _add_model(audit)
-    _add_output(audit)
-    _add_data(audit)
-    _add_budget(audit, default_delta="1/255,2/255,4/255,8/255", default_norm="inf")
+    add_model(audit)
+    add_output(audit)
+    add_data(audit)
+    add_budget(audit, default_delta="1/255,2/255,4/255,8/255", default_norm="inf")
     audit.add_argument("--attacks", default="wdapp,wda,pgd,wpgd",
                        help="comma-separated attack methods, or all (default wdapp,wda,pgd,wpgd)")
     audit.add_argument("--out", default="verifier-report", metavar="DIR",
@@ -215,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fail unless the certified accuracy is >= A at every delta")
     audit.add_argument("--min-robust-accuracy", type=float, metavar="A",
                        help="fail if an attack drives the accuracy below A (and no certificate proves it)")
-    _add_time_limit(audit, "a partial report, exit 3")
+    add_time_limit(audit, "a partial report, exit 3")
     audit.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    _add_device(audit)
-    _add_json(audit)
+    add_device(audit)
+    add_json(audit)
     audit.set_defaults(run=_run_audit)
     return parser
 
@@ -226,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_inspect(args: argparse.Namespace) -> tuple[int, dict, str]:
     from verifier.summary import inspect_model
 
-    summary = inspect_model(args.model, args.output, _memory_limit(args))
+    summary = inspect_model(args.model, args.output, memory_limit(args))
     if summary.unsupported_message is None:
         return EXIT_OK, summary.to_dict(), summary.to_text()
     print(f"verifier: error: {summary.unsupported_message}", file=sys.stderr)
@@ -240,7 +123,7 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
 
     if args.atol < 0 or args.rtol < 0:
         raise UsageError("--atol and --rtol must be >= 0")
-    limit = _memory_limit(args)
+    limit = memory_limit(args)
     loaded = load_model(args.model, limit)
     spec = loaded.info.data_input
     if args.data:
@@ -280,7 +163,7 @@ def _labelled_samples(args: argparse.Namespace):
 
     if not args.data:
         raise UsageError("--data FILE.npz with inputs x and labels y is required")
-    limit = _memory_limit(args)
+    limit = memory_limit(args)
     loaded = load_model(args.model, limit)
     samples = load_samples(args.data, loaded.info.data_input, args.samples, limit)
     if samples.y is None:
@@ -308,13 +191,13 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
     if args.grid_points < 2:
         raise UsageError("--grid-points must be at least 2")
     _refuse_folder(args.save_distributions)
-    deadline = _deadline(args)
+    stop_at = deadline(args)
     loaded, converted, samples = _labelled_samples(args)
     box = fit_box(samples.x, box, samples.source)
     from verifier.certify.certificate import certify, save_distributions  # heavy: after the input checks
 
     result = certify(converted, samples.x, samples.y, deltas, p=p, norm=args.norm, loss=args.loss, box=box,
-                     grid_points=args.grid_points, progress=_progress_wanted(args), deadline=deadline)
+                     grid_points=args.grid_points, progress=_progress_wanted(args), deadline=stop_at)
     if args.save_distributions:
         save_distributions(result, args.save_distributions)
     payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted)}
@@ -328,14 +211,14 @@ def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
     deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     _refuse_folder(args.save_adversarial)
-    deadline = _deadline(args)
+    stop_at = deadline(args)
     loaded, converted, samples = _labelled_samples(args)
     box = fit_box(samples.x, box, samples.source)
     from verifier.attacks import attack, save_adversarial  # heavy: after the input checks
 
     report = attack(converted, loaded, samples.x, samples.y, methods, deltas, p=p, norm=args.norm, loss=args.loss,
                     box=box, steps=args.steps, kappa=args.kappa, topk=args.topk, seed=args.seed,
-                    device=args.device, progress=_progress_wanted(args), deadline=deadline)
+                    device=args.device, progress=_progress_wanted(args), deadline=stop_at)
     if args.save_adversarial:
         save_adversarial(report, args.save_adversarial)
     payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted)}
@@ -352,7 +235,7 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
         attacks=tuple(m.strip() for m in args.attacks.split(",") if m.strip()), box=parse_box(args.box),
         samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit, output=args.output,
         thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy),
-        memory_limit=_memory_limit(args))
+        memory_limit=memory_limit(args))
     progress = _progress_wanted(args)
 
     def announce(stage: str) -> None:
@@ -390,25 +273,6 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
     for name in ("onnxscript", "onnx_ir", "torch", "onnx2torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def attach_negative_values(argv: Sequence[str]) -> list[str]:
-    """`--box -1,1` as `--box=-1,1`: argparse takes a value starting with `-` for an option unless it
-    is one plain negative number, so boxes and lists of negative numbers are joined to their option."""
-    joined: list[str] = []
-    items = list(argv)
-    index = 0
-    while index < len(items):
-        item = items[index]
-        following = items[index + 1] if index + 1 < len(items) else ""
-        if (item.startswith("--") and "=" not in item and len(following) > 1 and following[0] == "-"
-                and (following[1].isdigit() or following[1] == ".")):
-            joined.append(f"{item}={following}")
-            index += 2
-            continue
-        joined.append(item)
-        index += 1
-    return joined
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,11 +1,14 @@
 """Loading an ONNX model safely: parse, external data, checker, shape inference, input specs.
 
 `load_model` is the only door into the pipeline. It refuses, with a typed `VerifierError`,
-anything the rest of verifier could not analyse honestly: a missing or damaged file, external
-data outside the model's folder (audits run on untrusted files; every tensor of the file is
-checked, in functions, sub-graphs and sparse tensors too), a checker failure, an unknown
-operator domain, control flow (`If`/`Loop`/`Scan`: sub-graphs are not analysed), sparse
-tensors, a non-float data input, or more than one data input. Model-local functions are
+anything the rest of verifier could not analyse honestly: a missing or damaged file (strings
+that are not UTF-8 included), an opset newer than the tested range, a graph without nodes,
+external data outside the model's folder or pointing at the model file (audits run on untrusted
+files; every tensor of the file is checked, in functions, sub-graphs and sparse tensors too,
+and read by its own size within the memory limit), a checker failure, an unknown operator
+domain or undefined local function, control flow (`If`/`Loop`/`Scan`: sub-graphs are not
+analysed), sparse tensors, NaN constants, a non-float data input, a data input with an empty
+axis, or more than one data input. Model-local functions are
 inlined and the `ai.onnx` alias of the default domain is written as `""`, so that every later
 stage sees one flat graph of standard operators.
 """
@@ -26,7 +29,6 @@ from onnx import inliner
 
 from verifier.errors import (
     CheckerError,
-    ExternalDataError,
     InputSpecError,
     ModelFileError,
     ModelNotFoundError,
@@ -38,8 +40,8 @@ from verifier.errors import (
     UnknownDomainError,
     UnsupportedModelError,
     UnsupportedOpsError,
-    format_bytes,
 )
+from verifier.external_data import is_repeated, load_external_data
 from verifier.finite import nonfinite_constants, require_no_nan_constants
 from verifier.resources import memory_limit, require_within
 
@@ -49,10 +51,6 @@ FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 )
 MAX_TESTED_OPSET = 21
-PROTOBUF_LIMIT = 2**31 - 1  # one serialised ModelProto (onnx.checker, onnxruntime) holds at most this
-_HALF_BYTE_TYPES = frozenset(
-    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)
-)
 _ONNX_FIRST_BYTES = frozenset({0x08, 0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42})  # ModelProto field tags 1..8
 
 
@@ -138,7 +136,7 @@ def load_model(path: str | os.PathLike[str], memory_limit_bytes: int | None = No
     proto = _parse(raw, str(path))
     _check_opsets(proto)
     _canonical_default_domain(proto)
-    _load_external_data(proto, model_path.resolve(), limit)
+    load_external_data(proto, model_path.resolve(), limit)
     _check_domains(proto)
     proto = _inline_functions(proto)
     _check_domains(proto, inlined=True)
@@ -194,13 +192,13 @@ def _decode_strings(message) -> None:
     for descriptor, value in message.ListFields():
         if descriptor.type == FieldDescriptor.TYPE_STRING:
             # proto2 strings with invalid UTF-8 come back as bytes instead of raising
-            broken = [item for item in (value if _repeated(descriptor) else (value,)) if isinstance(item, bytes)]
+            broken = [item for item in (value if is_repeated(descriptor) else (value,)) if isinstance(item, bytes)]
             if broken:
                 raise UnicodeDecodeError("utf-8", broken[0], 0, len(broken[0]),
                                          f"field {descriptor.name} holds {broken[0][:40]!r}")
         if descriptor.type != FieldDescriptor.TYPE_MESSAGE:
             continue
-        for item in value if _repeated(descriptor) else (value,):
+        for item in value if is_repeated(descriptor) else (value,):
             _decode_strings(item)
 
 
@@ -211,122 +209,6 @@ def _check_opsets(proto: onnx.ModelProto) -> None:
             raise UnsupportedModelError(
                 f"the model uses ai.onnx opset {opset.version}; verifier supports opsets up to {MAX_TESTED_OPSET} "
                 f"(convert it with onnx.version_converter.convert_version(model, {MAX_TESTED_OPSET}) or re-export it)")
-
-
-def _all_tensors(message) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto anywhere in a proto message: initializers, sparse tensors, attributes,
-    sub-graphs, function bodies, training info (found by reflection, so no place is missed)."""
-    for descriptor, value in message.ListFields():
-        if descriptor.type != FieldDescriptor.TYPE_MESSAGE:
-            continue
-        for item in value if _repeated(descriptor) else (value,):
-            if isinstance(item, onnx.TensorProto):
-                yield item
-            else:
-                yield from _all_tensors(item)
-
-
-def _repeated(descriptor: FieldDescriptor) -> bool:
-    """Whether a protobuf field is repeated (`is_repeated` on protobuf >= 5.29, `label` before)."""
-    flag = getattr(descriptor, "is_repeated", None)
-    return bool(flag) if flag is not None else descriptor.label == FieldDescriptor.LABEL_REPEATED
-
-
-def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
-    """The tensor's external-data key/value pairs (a repeated key: the last one wins, as in onnx)."""
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
-def _load_external_data(proto: onnx.ModelProto, model_file: Path, limit: int) -> None:
-    """Read external tensors, refusing locations that leave the model's own folder, the model file
-    itself, and sizes over the memory limit or the protobuf limit (checked before reading)."""
-    total = proto.ByteSize()
-    for tensor in _all_tensors(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = _external_entries(tensor).get("location", "")
-        try:
-            needed = _expected_bytes(tensor, location)
-            total += needed
-            require_within(f"external tensor {tensor.name!r} ({location})", needed, limit)
-            if total > PROTOBUF_LIMIT:
-                raise ExternalDataError(tensor.name, location, f"the model's tensors reach {format_bytes(total)}, "
-                                        "over the 2 GiB one ONNX protobuf can hold; models that large are not "
-                                        "analysed")
-            tensor.raw_data = _read_external(tensor, location, model_file, needed)
-        except ExternalDataError:
-            raise
-        except (ValueError, OSError, RuntimeError) as err:
-            reason = getattr(err, "strerror", None) or _first_line(str(err))
-            raise ExternalDataError(tensor.name, location, f"cannot read it ({type(err).__name__}: {reason})") from err
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
-    still = [t.name for t in _all_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
-    if still:
-        raise ExternalDataError(still[0], "", "external data left unresolved")
-
-
-def _expected_bytes(tensor: onnx.TensorProto, location: str) -> int:
-    """Bytes a dense tensor of this shape and type holds (the external read is exactly this)."""
-    count = 1
-    for dim in tensor.dims:
-        count *= max(int(dim), 0)
-    if tensor.data_type in _HALF_BYTE_TYPES:
-        return (count + 1) // 2
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        raise ExternalDataError(tensor.name, location, f"data type {tensor.data_type} cannot be stored "
-                                "externally") from None
-    if tensor.data_type == onnx.TensorProto.STRING:
-        raise ExternalDataError(tensor.name, location, "string tensors cannot be stored externally")
-    return count * itemsize
-
-
-def _read_external(tensor: onnx.TensorProto, location: str, model_file: Path, needed: int) -> bytes:
-    """The `needed` bytes of one external tensor, read only from a regular file inside the model's
-    folder that is not the model file itself."""
-    base_dir = model_file.parent
-    entries = _external_entries(tensor)
-    if not location:
-        raise ExternalDataError(tensor.name, location, "no location given")
-    if "\x00" in location:
-        raise ExternalDataError(tensor.name, location, "the location contains a NUL byte")
-    if os.path.isabs(location) or Path(location).drive or ".." in Path(location).parts:
-        raise ExternalDataError(tensor.name, location, "it leaves the model's folder")
-    offset = _non_negative(tensor, location, entries, "offset", 0)
-    length = _non_negative(tensor, location, entries, "length", None)
-    target = (base_dir / location).resolve()
-    if not target.is_relative_to(base_dir):
-        raise ExternalDataError(tensor.name, location, "it resolves outside the model's folder (symlink?)")
-    if not target.is_file():
-        raise ExternalDataError(tensor.name, location, "file not found next to the model")
-    if target == model_file:
-        raise ExternalDataError(tensor.name, location, "it is the model file itself")
-    if length is not None and length != needed:
-        raise ExternalDataError(tensor.name, location, f"length {length} bytes, but the tensor's shape and type "
-                                f"need {needed}")
-    size = target.stat().st_size
-    if offset + needed > size:
-        raise ExternalDataError(tensor.name, location, f"file too short ({size} bytes; the tensor needs {needed} "
-                                f"from offset {offset})")
-    with target.open("rb") as handle:
-        handle.seek(offset)
-        return handle.read(needed)
-
-
-def _non_negative(tensor: onnx.TensorProto, location: str, entries: dict[str, str], key: str,
-                  default: int | None) -> int | None:
-    text = entries.get(key)
-    if text is None or text == "":
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ExternalDataError(tensor.name, location, f"{key} {text!r} is not a non-negative integer")
-    return value
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
