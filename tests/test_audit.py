@@ -77,10 +77,13 @@ def test_numbers_equal_certify_and_attack_alone(passing):
 def test_failing_threshold_exits_1(tmp_path, capsys):
     code = cli.main([
         "audit", str(shipped_model("mlp_relu")), "--data", str(shipped_data("mlp_relu")), "--samples", "8",
-        "--delta", "4/255", "--attacks", "pgd", "--box", "0,1", "--max-risk", "0.0", "--out", str(tmp_path),
-        "--quiet"])
-    out = capsys.readouterr().out
+        "--delta", "4/255", "--attacks", "pgd", "--box", "0,1", "--max-risk", "0.0", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 1
+    # stderr is no terminal here: the stage lines still reach it (a CI log), in order, one per stage
+    stages = [line.split(" ...")[0] for line in captured.err.splitlines()]
+    assert stages == [f"verifier audit: {s}" for s in ("inspect", "validate", "certify", "attack pgd", "report")]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["verdict"]["passed"] is False and report["results"][0]["verdict"]["max_risk"] == "fail"
     assert "FAIL" in out and "report.html" in out

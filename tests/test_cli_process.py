@@ -30,21 +30,30 @@ def test_sigterm_during_audit_leaves_a_partial_report(tmp_path):
     out = tmp_path / "report"
     process = _verifier("audit", shipped_model("cnn"), "--data", shipped_data("cnn"), "--box", "0,1", "--out", out,
                         "--attacks", "wdapp,wda,pgd,wpgd", "--delta", "1/255,2/255,4/255,8/255", "--json")
-    # imports take 2-5 s and the whole audit of 360 CNN samples well over a minute: the signal lands
-    # after the model and data are checked, inside conversion, certify or an attack
-    _terminate_after(process, 8.0)
-    stdout, stderr = process.communicate(timeout=120)
+    # the stage lines reach a pipe too: signal once certify has begun (it takes seconds on 360 CNN samples)
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if line.startswith("verifier audit: certify"):
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            break
+    stdout, rest = process.communicate(timeout=120)
+    stderr = "".join(seen) + rest
     assert process.returncode == 3, stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["complete"] is False and report["stopped_at"] in {"validate", "certify", "attacks"}
+    assert report["complete"] is False and report["stopped_at"] in {"certify", "attacks"}
     assert "audit stopped by SIGTERM" in report["warnings"]
     assert json.loads(stdout)["complete"] is False
     assert "Traceback" not in stderr
 
 
 def test_sigterm_during_certify_is_one_line_and_incomplete_json():
-    process = _verifier("certify", shipped_model("cnn"), "--data", shipped_data("cnn"), "--box", "0,1", "--json")
-    _terminate_after(process, 8.0)
+    # the handler is installed when main() starts (well under a second); certify of 360 CNN samples on
+    # a fine grid takes far longer than the 4 s
+    process = _verifier("certify", shipped_model("cnn"), "--data", shipped_data("cnn"), "--box", "0,1", "--json",
+                        "--grid-points", "48", "--delta", "1/255,2/255,4/255,8/255")
+    _terminate_after(process, 4.0)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == cli.EXIT_TERMINATED, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]

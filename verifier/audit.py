@@ -250,7 +250,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                 certificate = clock.run("certify", lambda: certify(
                     converted, x, y, list(settings.deltas), p=settings.p, norm=settings.norm, loss=settings.loss,
                     box=box, grid_points=settings.grid_points, progress=progress,
-                    deadline=clock.deadline()))
+                    deadline=clock.deadline(), memory_limit_bytes=settings.memory_limit))
             except Stopped as err:
                 stopped_at = "certify"
                 warnings += [f"audit {err}"] if isinstance(err, Terminated) else []

@@ -25,6 +25,7 @@ from verifier.geometry import max_linear, max_linear_rate, parse_norm, radius_to
 from verifier.graph import PIECEWISE_LINEAR_KINDS, ActivationSite
 from verifier.jacobian import batched_jacobian
 from verifier.losses import margins
+from verifier.resources import memory_limit, require_within
 
 _CHUNK = 64
 
@@ -119,9 +120,14 @@ def displacement_box(x: torch.Tensor, box: tuple[float, float] | None) -> tuple[
 def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
                   norm: str | float = "inf", box: tuple[float, float] | None = None,
                   device: str = "auto", dtype: torch.dtype = torch.float64,
-                  deadline: Deadline = NEVER) -> CellAnalysis:
+                  deadline: Deadline = NEVER, memory_limit_bytes: int | None = None) -> CellAnalysis:
     """Cells of a piecewise-linear model at samples `x` with labels `y` (float64 by default;
-    `deadline` is checked before every chunk of samples and every site in it)."""
+    `deadline` is checked before every chunk of samples and every site in it).
+
+    The exact analysis differentiates every activation unit with respect to every input
+    coordinate: (classes + units) x D numbers per sample, D the input size. Chunks of samples are
+    sized to `memory_limit_bytes` (default `resources.memory_limit()`); a model whose single
+    sample already needs more raises `ResourceLimitError` before anything large is allocated."""
     norm = parse_norm(norm)
     sites = _piecewise_linear_sites(model)
     target = resolve_device(device)
@@ -130,7 +136,11 @@ def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.
     labels = torch.as_tensor(y, dtype=torch.long, device=target)
     lower, upper = displacement_box(inputs, box)
     fixed = model.input_spec.shape[0] if model.input_spec.shape and isinstance(model.input_spec.shape[0], int) else None
-    step = fixed or _CHUNK
+    per_sample = _bytes_per_sample(probe, sites, inputs[:fixed or 1])
+    limit = memory_limit(memory_limit_bytes)
+    require_within("the exact cell analysis of one sample (every activation unit differentiated with respect to "
+                   "every input coordinate)", per_sample, limit)
+    step = fixed or max(1, min(_CHUNK, limit // per_sample))
     parts = []
     for i in range(0, len(inputs), step):
         deadline.check("cell analysis")
@@ -150,6 +160,18 @@ def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.
         lower=lower,
         upper=upper,
     )
+
+
+def _bytes_per_sample(probe: torch.nn.Module, sites: list[ActivationSite], x: torch.Tensor) -> int:
+    """Peak bytes of `_analyse_chunk` per sample: the Jacobian of (classes + units) outputs over D
+    inputs, and the replicated forward/backward pass (one copy of the input and every activation
+    per output row, kept for the backward pass and its gradients)."""
+    with torch.no_grad():
+        logits, values = probe(x)
+    rows = logits[0].numel() + sum(values[s.index][0][0].numel() for s in sites)
+    activations = sum(values[s.index][0][0].numel() + values[s.index][1][0].numel() for s in sites)
+    inputs = x[0].numel()
+    return rows * (inputs + 3 * (inputs + activations)) * x.element_size()
 
 
 def _piecewise_linear_sites(model: ConvertedModel) -> list[ActivationSite]:

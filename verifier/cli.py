@@ -197,7 +197,8 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
     from verifier.certify.certificate import certify, save_distributions  # heavy: after the input checks
 
     result = certify(converted, samples.x, samples.y, deltas, p=p, norm=args.norm, loss=args.loss, box=box,
-                     grid_points=args.grid_points, progress=_progress_wanted(args), deadline=stop_at)
+                     grid_points=args.grid_points, progress=_progress_wanted(args), deadline=stop_at,
+                     memory_limit_bytes=memory_limit(args))
     if args.save_distributions:
         save_distributions(result, args.save_distributions)
     payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted)}
@@ -238,9 +239,10 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
         memory_limit=memory_limit(args))
     progress = _progress_wanted(args)
 
-    def announce(stage: str) -> None:
-        if progress:
-            print(f"verifier audit: {stage} ...", file=sys.stderr, flush=True)
+    def announce(stage: str) -> None:  # one line per stage, terminal or log file (CI), unless --quiet
+        if not args.quiet:
+            print(f"verifier audit: {stage} ... ({time.monotonic() - args.started:.0f} s)", file=sys.stderr,
+                  flush=True)
 
     outcome = audit(args.model, args.data, settings, args.out, on_stage=announce, progress=progress,
                     started=args.started)
@@ -266,6 +268,7 @@ def _audit_text(outcome) -> str:
 
 
 def _progress_wanted(args: argparse.Namespace) -> bool:
+    """Progress bars redraw a line: only on a terminal (an audit's stage lines go to logs too)."""
     return sys.stderr.isatty() and not getattr(args, "quiet", False)
 
 

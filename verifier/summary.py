@@ -92,9 +92,9 @@ def _spec(spec: TensorSpec) -> str:
 def inspect_model(path: str | os.PathLike[str], output: str | None = None,
                   memory_limit_bytes: int | None = None) -> ModelSummary:
     """Load and check a model, then summarise its graph; `output` names the head (`--output`)."""
-    from verifier.convert import unsupported_nodes  # the conversion check the other commands run
-
     loaded = load_model(path, memory_limit_bytes)
+    from verifier.convert import unsupported_nodes  # the conversion check the other commands run (torch)
+
     graph = OperatorGraph(loaded.proto)
     sites = graph.find_activations()
     candidates = output_candidates(graph)

@@ -35,7 +35,7 @@ from verifier.convert.normalize import NormalizedModel
 from verifier.data import check_labels
 from verifier.data import save_distributions as write_distributions
 from verifier.deadline import NEVER, Deadline
-from verifier.errors import UsageError, VerifierError
+from verifier.errors import ResourceLimitError, UsageError, VerifierError
 from verifier.finite import require_finite_inputs, require_finite_logits, require_no_nan
 from verifier.geometry import dual_norm, parse_norm, vector_norm
 from verifier.cells import displacement_box
@@ -163,8 +163,11 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             deltas: Sequence[float], p: float = 2.0, norm: str | float = "2", loss: str = "ce",
             box: tuple[float, float] | None = None, grid_points: int = 24,
             exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False,
-            deadline: Deadline = NEVER) -> Certificate:
+            deadline: Deadline = NEVER, memory_limit_bytes: int | None = None) -> Certificate:
     """Certificates (upper bounds on R(delta)) for every delta, on CPU in float64.
+
+    Work sized from shapes stays under `memory_limit_bytes` (default `resources.memory_limit()`):
+    the exact cell analysis is skipped, with a fallback note, when one sample would not fit.
 
     `deadline` is checked between chunks of work inside every step (bound propagation per node
     and unit chunk, cells and Jacobians per sample chunk, candidates per radius, each delta);
@@ -195,7 +198,11 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     deadline.check("the certificate's set-up")
     cells = None
     if model.piecewise_linear:  # every kink is a site: the model is affine on each cell
-        cells = cell_analysis(model, inputs, labels, norm, box=box, device="cpu", deadline=deadline)
+        try:
+            cells = cell_analysis(model, inputs, labels, norm, box=box, device="cpu", deadline=deadline,
+                                  memory_limit_bytes=memory_limit_bytes)
+        except ResourceLimitError as err:  # the cell route is skipped; the others still bound
+            fallbacks.append(f"cells skipped: {err}")
     radii = _radius_grid(inputs, deltas, p, box, norm, grid_points)
     evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, cells, progress=progress,
                                 deadline=deadline)
