@@ -302,3 +302,29 @@ def test_node_names_with_quotes_and_newlines_convert(capfd, save):
     model.graph.node[1].name = 'bad"name\nwith\'quotes\\'
     code, out, _ = run_cli(capfd, "validate", save(model), "--samples", "4", "--json")
     assert code == 0 and json.loads(out)["passed"] is True
+
+
+def test_cell_analysis_is_sized_to_the_memory_limit(one_thread):
+    """Small chunks give the same certificate; a limit below one sample skips the cell route, soundly."""
+    from verifier.attacks import attack
+    from verifier.certify.certificate import certify
+    from verifier.convert import convert_model
+    from verifier.data import load_samples
+
+    loaded = load_model(shipped_model("mlp_relu"))
+    converted = convert_model(loaded)
+    samples = load_samples(shipped_data("mlp_relu"), loaded.info.data_input, 12)
+    args = (converted, samples.x, samples.y, [2 / 255, 8 / 255])
+    options = dict(p=2.0, norm="inf", loss="ce", box=(0.0, 1.0), grid_points=8)
+    default = certify(*args, **options)
+    # one MLP sample needs (10 + 96) rows x (64 + 3 x 256) x 8 B = 705 KiB: 1.5 MiB holds 2 samples a chunk
+    chunked = certify(*args, **options, memory_limit_bytes=3 * 2**19)
+    assert [r.certificate for r in chunked.results] == pytest.approx([r.certificate for r in default.results],
+                                                                     rel=1e-12)
+    skipped = certify(*args, **options, memory_limit_bytes=100_000)
+    assert any(f.startswith("cells skipped:") and "cell analysis of one sample" in f for f in skipped.fallbacks)
+    attacked = attack(converted, loaded, samples.x, samples.y, ["pgd"], [2 / 255, 8 / 255], p=2.0, norm="inf",
+                      loss="ce", box=(0.0, 1.0), steps=20, device="cpu")
+    for row, with_cells, found in zip(skipped.results, default.results, attacked.results):
+        assert found.risk <= row.certificate <= row.global_bound
+        assert row.certificate >= with_cells.certificate - 1e-12  # fewer routes can only loosen the bound
