@@ -328,3 +328,26 @@ def test_cell_analysis_is_sized_to_the_memory_limit(one_thread):
     for row, with_cells, found in zip(skipped.results, default.results, attacked.results):
         assert found.risk <= row.certificate <= row.global_bound
         assert row.certificate >= with_cells.certificate - 1e-12  # fewer routes can only loosen the bound
+
+
+def test_budget_scale_warning_closed_forms():
+    from verifier.data import budget_scale_warning
+
+    pixels = RNG.uniform(0, 1, size=(20, 64))
+    assert budget_scale_warning(pixels, [8 / 255], "inf", (0.0, 1.0)) is None
+    raw = pixels * 255  # raw 0..255 pixels: 8/255 is 1/8160 of the range
+    warning = budget_scale_warning(raw, [1 / 255, 8 / 255], "inf")
+    assert warning is not None and "largest 0.0314" in warning and "8/255 of a 0..255 pixel range is 8" in warning
+    assert budget_scale_warning(raw, [8.0], "inf") is None
+    # the l_2 scale of one sample is the spread times sqrt(D) = 8: a budget of 9 moves past it
+    assert "exceed one sample's scale" in budget_scale_warning(pixels, [9.0], "2", (0.0, 1.0))
+    assert budget_scale_warning(pixels, [7.0], "2", (0.0, 1.0)) is None
+    assert budget_scale_warning(pixels, [0.0], "inf") is None  # delta 0 alone is the clean risk
+
+
+def test_certify_reports_the_budget_scale_warning(capfd, tmp_path):
+    x = np.load(shipped_data("mlp_relu"))["x"][:6] * 255
+    code, out, err = run_cli(capfd, "certify", shipped_model("mlp_relu"), "--data", digits(tmp_path, 6, x=x),
+                             "--delta", "8/255", "--grid-points", "4", "--json")
+    assert code == 0 and err.startswith("verifier: warning: the budgets (largest 0.0314) are under 1e-3")
+    assert json.loads(out)["warnings"] == [err.strip().removeprefix("verifier: warning: ")]

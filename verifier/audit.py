@@ -27,7 +27,7 @@ from verifier import __version__
 from verifier.attacks import METHODS, attack, resolve_methods
 from verifier.certify.certificate import Certificate, certify
 from verifier.convert import convert_model
-from verifier.data import fit_box, load_samples
+from verifier.data import budget_scale_warning, fit_box, load_samples
 from verifier.deadline import NEVER, Deadline, Stopped, Terminated
 from verifier.device import resolve_device
 from verifier.errors import UsageError
@@ -225,6 +225,8 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     device = resolve_device(settings.device)
     x, y = samples.x, samples.y
     box = fit_box(x, settings.box, samples.source)
+    scale = budget_scale_warning(x, settings.deltas, settings.norm, box)
+    warnings += [scale] if scale else []
     if clock.expired():
         stopped_at = "validate"
     else:

@@ -183,8 +183,21 @@ def _refuse_folder(path: str | None) -> None:
         raise UsageError(f"cannot write {path}: it is a folder (give a file name ending in .npz)")
 
 
+def _analysis_inputs(args: argparse.Namespace, deltas: list[float], box: tuple[float, float] | None):
+    """`_labelled_samples` plus the box fitted to the data's dtype and the budget-scale warnings
+    (printed on stderr as they are found, and returned for the JSON)."""
+    from verifier.data import budget_scale_warning, fit_box
+    from verifier.geometry import parse_norm
+
+    loaded, converted, samples = _labelled_samples(args)
+    box = fit_box(samples.x, box, samples.source)
+    warning = budget_scale_warning(samples.x, deltas, parse_norm(args.norm), box)
+    if warning:
+        print(f"verifier: warning: {warning}", file=sys.stderr)
+    return loaded, converted, samples, box, [warning] if warning else []
+
+
 def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
-    from verifier.data import fit_box
     from verifier.graph import json_safe
 
     deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
@@ -192,8 +205,7 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
         raise UsageError("--grid-points must be at least 2")
     _refuse_folder(args.save_distributions)
     stop_at = deadline(args)
-    loaded, converted, samples = _labelled_samples(args)
-    box = fit_box(samples.x, box, samples.source)
+    loaded, converted, samples, box, warnings = _analysis_inputs(args, deltas, box)
     from verifier.certify.certificate import certify, save_distributions  # heavy: after the input checks
 
     result = certify(converted, samples.x, samples.y, deltas, p=p, norm=args.norm, loss=args.loss, box=box,
@@ -201,20 +213,19 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
                      memory_limit_bytes=memory_limit(args))
     if args.save_distributions:
         save_distributions(result, args.save_distributions)
-    payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted)}
+    payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted),
+               "warnings": warnings}
     return EXIT_OK, json_safe(payload), f"head: {converted.head.reason}\n{result.to_text()}"
 
 
 def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
-    from verifier.data import fit_box
     from verifier.graph import json_safe
 
     deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     _refuse_folder(args.save_adversarial)
     stop_at = deadline(args)
-    loaded, converted, samples = _labelled_samples(args)
-    box = fit_box(samples.x, box, samples.source)
+    loaded, converted, samples, box, warnings = _analysis_inputs(args, deltas, box)
     from verifier.attacks import attack, save_adversarial  # heavy: after the input checks
 
     report = attack(converted, loaded, samples.x, samples.y, methods, deltas, p=p, norm=args.norm, loss=args.loss,
@@ -222,7 +233,8 @@ def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
                     device=args.device, progress=_progress_wanted(args), deadline=stop_at)
     if args.save_adversarial:
         save_adversarial(report, args.save_adversarial)
-    payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted)}
+    payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted),
+               "warnings": warnings}
     return EXIT_OK, json_safe(payload), f"head: {converted.head.reason}\n{report.to_text()}"
 
 

@@ -192,3 +192,35 @@ def _outward(bound: float, dtype: np.dtype, direction: float) -> float:
     rounded = np.asarray(bound).astype(dtype)
     inward = rounded > bound if direction < 0 else rounded < bound
     return float(np.nextafter(rounded, np.asarray(direction, dtype=dtype)) if inward else rounded)
+
+
+def budget_scale_warning(x: np.ndarray, deltas: Sequence[float], norm: str,
+                         box: tuple[float, float] | None = None) -> str | None:
+    """A warning when the budgets are tiny or huge for the data's scale, else None.
+
+    Budgets are absolute, in the threat norm of the input space. The scale of one sample's
+    displacement is the median feature spread (the box width when given, else the range over the
+    sample of each feature) times D^(1/r) for the threat norm r (1 for inf, sqrt(D) for 2, D for
+    1). A largest budget under 1e-3 of it moves nothing visible (e.g. 8/255 on raw 0..255 pixels);
+    a smallest positive one over it moves samples across the whole data range.
+    """
+    flat = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    if box is not None:
+        spread = float(box[1] - box[0])
+    else:
+        ranges = flat.max(axis=0) - flat.min(axis=0) if len(flat) > 1 else np.abs(flat[0])
+        spread = float(np.median(ranges))
+    positive = [d for d in deltas if d > 0]
+    if not positive or not np.isfinite(spread) or spread <= 0:
+        return None
+    features = flat.shape[1]
+    scale = spread * {"inf": 1.0, "2": features ** 0.5, "1": float(features)}.get(norm, 1.0)
+    where = "the box width" if box is not None else "the median feature range of the data"
+    if max(positive) < 1e-3 * scale:
+        return (f"the budgets (largest {max(positive):.3g}) are under 1e-3 of one sample's scale in the l_{norm} "
+                f"norm ({scale:.3g}, from {where} {spread:.3g}): they are absolute, in the model's input units "
+                "(scale them to the input, e.g. 8/255 of a 0..255 pixel range is 8)")
+    if min(positive) > scale:
+        return (f"the budgets (smallest {min(positive):.3g}) exceed one sample's scale in the l_{norm} norm "
+                f"({scale:.3g}, from {where} {spread:.3g}): every sample can be moved across the whole data range")
+    return None
