@@ -15,7 +15,8 @@ rewrites the normalised (standard-domain) graph:
 4. the rewritten graph runs in onnxruntime on 2B+1 seeded uniform [0, 1) samples at once (and on
    one sample), and is compared per sample with the user's graph (cut to the analysed outputs,
    before any optimisation) run B samples at a time (the last chunk padded by repeating its last
-   sample): every output must agree within `1e-5 * max(1, max |reference|)`.
+   sample): every output must agree within `1e-5 * max(1, max |reference|)` (the check is
+   skipped, and the batch kept, when its samples would exceed `CHECK_ELEMENTS` numbers).
 Anything that fails keeps the fixed batch (`BatchAxis.rewritten` False, with the reason): every
 later stage then runs the module in chunks of B (one sample after another for B = 1), padding a
 short last chunk by repeating its last sample and dropping the padding from the results
@@ -33,6 +34,7 @@ from onnx import numpy_helper
 
 BATCH_PARAM = "batch"
 CHECK_RTOL = 1e-5
+CHECK_ELEMENTS = 2**24  # at most this many input numbers in the check (64 MiB of float32)
 _STANDARD_DOMAINS = ("", "ai.onnx")
 
 
@@ -185,13 +187,20 @@ def _check_in_onnxruntime(rewritten: onnx.ModelProto, reference: onnx.ModelProto
     sizes = [d.dim_value for d in element.shape.dim[1:]]
     dtype = onnx.helper.tensor_dtype_to_np_dtype(element.elem_type)
     count = 2 * batch + 1
+    if count * int(np.prod(sizes)) > CHECK_ELEMENTS:
+        raise _NotBatchGeneric(f"{count} check samples of shape {tuple(sizes)} are too large to run")
     x = np.random.default_rng(0).random((count, *sizes)).astype(dtype)
     options = ort.SessionOptions()
     options.log_severity_level = 4
     try:
         original = ort.InferenceSession(reference.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        dynamic = ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
         expected = _chunked(original, names, input_name, x, batch)
+    except _NotBatchGeneric:
+        raise
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise _NotBatchGeneric(f"onnxruntime cannot run the fixed-batch graph: {_short(err)}") from err
+    try:
+        dynamic = ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
         together = dynamic.run(names, {input_name: x})
         alone = dynamic.run(names, {input_name: x[:1]})
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
