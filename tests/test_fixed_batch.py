@@ -8,12 +8,14 @@ fixed batch and still agree with onnxruntime sample by sample.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 from conftest import const, float_io, make_model
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from verifier.attacks import attack
 from verifier.bounds.network import BoundNetwork
@@ -242,3 +244,36 @@ def test_fixed_batch_two_with_odd_sample_count_is_padded(save):
     hidden = np.maximum(x @ MLP["W1"].T + MLP["b1"], 0)
     expected = hidden @ MLP["W2"].T + MLP["b2"]
     assert np.abs(converted.logits(torch.from_numpy(x)).detach().numpy() - expected).max() <= 1e-5
+
+
+def test_expand_and_allowzero_reshape_are_rewritten(save):
+    """B = 2: Expand([2, 3, 6]) becomes Expand([1, 3, 6]) and Reshape([2, 18], allowzero=1) becomes
+    Reshape([-1, 18]); the rewritten module runs 5 samples and matches the closed form."""
+    weight = _weights(3, 18)
+    nodes = [N("Expand", ["x", "wide"], ["e"]), N("Reshape", ["e", "flat"], ["f"], allowzero=1),
+             N("Gemm", ["f", "W", "b"], ["logits"], transB=1)]
+    proto = make_model(nodes, [float_io("x", [2, 1, 6])], [float_io("logits", [2, 3])],
+                       [const("wide", np.array([2, 3, 6], dtype=np.int64)), const("flat", np.array([2, 18], dtype=np.int64)),
+                        const("W", weight), const("b", np.zeros(3, np.float32))])
+    rewritten, axis = make_batch_dynamic(proto, proto, "x")
+    assert axis.rewritten
+    shapes = {t.name: numpy_helper.to_array(t).tolist() for t in rewritten.graph.initializer if t.name not in ("W", "b")}
+    assert sorted(shapes.values()) == [[-1, 18], [1, 3, 6]]
+    loaded = load_model(save(proto, "expand.onnx"))
+    converted = convert_model(loaded)
+    assert converted.batch.rewritten and converted.module_batch is None
+    x = np.random.default_rng(6).random((5, 1, 6)).astype(np.float32)
+    expected = np.repeat(x, 3, axis=1).reshape(5, 18) @ weight.T
+    assert np.abs(converted.logits(torch.from_numpy(x)).detach().numpy() - expected).max() <= 1e-5
+    assert validate_against_onnxruntime(loaded, converted, x, device="cpu").passed
+
+
+def test_cli_json_reports_a_kept_batch(save, capsys):
+    path = save(_mixing_model()[0], "mixing.onnx")
+    assert main(["inspect", str(path), "--json"]) == 0
+    batch = json.loads(capsys.readouterr().out)["batch"]
+    assert batch["fixed"] == 4 and batch["rewritten"] is False and batch["module_batch"] == 4
+    assert "samples interact" in batch["reason"]
+    assert main(["validate", str(path), "--samples", "6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["samples"] == 6 and report["batch"]["rewritten"] is False
