@@ -131,13 +131,28 @@ def test_cli_inspect_and_validate_say_the_batch_was_rewritten(save, capsys):
     assert "fixed batch 1 rewritten to dynamic (checked in onnxruntime)" in out and "PASS" in out
 
 
-def _mixing_model() -> object:
-    """x (4, 3) -> x - ReduceMean(x, axis 0) -> Gemm: every sample depends on the whole batch of 4."""
+def _mixing_model(batch: int = 4) -> object:
+    """x (B, 3) -> x - ReduceMean(x, axis 0) -> Gemm: every sample depends on the whole batch."""
     nodes = [N("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1), N("Sub", ["x", "mean"], ["c"]),
              N("Gemm", ["c", "W", "b"], ["logits"], transB=1)]
     weight, bias = _weights(2, 3), _weights(2)
-    return make_model(nodes, [float_io("x", [4, 3])], [float_io("logits", [4, 2])],
+    return make_model(nodes, [float_io("x", [batch, 3])], [float_io("logits", [batch, 2])],
                       [const("W", weight), const("b", bias)]), weight, bias
+
+
+def test_batch_one_mean_over_the_batch_runs_sample_by_sample(save):
+    """B = 1: x - mean over the batch is 0 for one sample, so the logits are the bias; a dynamic
+    batch would change that, the check sees it and every sample runs alone."""
+    proto, _, bias = _mixing_model(1)
+    loaded = load_model(save(proto, "mean1.onnx"))
+    converted = convert_model(loaded)
+    assert converted.module_batch == 1 and "samples interact" in converted.batch.reason
+    assert converted.batch.describe().endswith("samples run one sample after another")
+    x = np.random.default_rng(8).random((5, 3)).astype(np.float32)
+    assert validate_against_onnxruntime(loaded, converted, x, device="cpu").passed
+    result = logits_jacobian(converted, x, device="cpu", dtype=torch.float64)
+    assert np.abs(result.logits.numpy() - bias).max() <= 1e-6
+    assert result.jacobian.abs().max() <= 1e-12  # the logits do not depend on the sample
 
 
 def test_model_that_mixes_samples_keeps_its_fixed_batch(save):

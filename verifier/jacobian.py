@@ -4,8 +4,9 @@ Samples never interact in an eval-mode classifier, so per-sample Jacobians come 
 batch: each sample replicated per class (reverse mode) when there are fewer classes than input
 coordinates, per coordinate (forward mode, `torch.func.jvp`) otherwise. Work is chunked to stay
 under a memory budget. A module that keeps a fixed batch B (`ConvertedModel.module_batch`: one
-whose fixed batch could not be rewritten to a dynamic one) goes through `torch.func.vmap` in
-chunks of B instead, a short last chunk padded by repeating its last sample (padding dropped).
+whose fixed batch could not be rewritten to a dynamic one) is run in chunks of B instead, a short
+last chunk padded by repeating its last sample (padding dropped); its Jacobians are those of the
+chunk's summed outputs (`torch.func.jacrev`/`jacfwd`: samples do not interact).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def batched_jacobian(function: Callable[[torch.Tensor], torch.Tensor], x: torch.
     Samples do not interact, so each sample is replicated once per output (reverse mode: one
     backward pass of the selected outputs) or once per input coordinate (forward mode: one
     jvp with the identity as tangents); a single large batch is far faster than vmap
-    (measured 40-70x on the shipped models). A model with a fixed batch goes through vmap.
+    (measured 40-70x on the shipped models). A module with a fixed batch (`fixed_batch`) gets the
+    Jacobian of its summed outputs instead, `x` padded to that batch.
     """
     count, shape = x.shape[0], x.shape[1:]
     inputs = math.prod(shape)
@@ -120,7 +122,7 @@ def logits_jacobian(model: ConvertedModel, x: torch.Tensor | np.ndarray, device:
     inputs = _as_tensor(x, module)
     fixed = _fixed_batch(model)
     with torch.no_grad():
-        probe = module(pad_rows(inputs[:1], fixed or 1))
+        probe = module(inputs[:1])  # a kept fixed batch: `prepared_module` pads
     classes = probe.shape[-1]
     replicas = min(classes, math.prod(inputs.shape[1:]))
     per_sample = replicas * max(classes, math.prod(inputs.shape[1:])) * inputs.element_size() * 8
@@ -130,7 +132,7 @@ def logits_jacobian(model: ConvertedModel, x: torch.Tensor | np.ndarray, device:
         chunk = inputs[part]
         jac_parts.append(batched_jacobian(module, chunk, classes, fixed).detach())
         with torch.no_grad():
-            logits_parts.append(module(pad_rows(chunk, fixed or 1))[: len(chunk)])
+            logits_parts.append(module(chunk))
     return LogitJacobians(logits=torch.cat(logits_parts), jacobian=torch.cat(jac_parts))
 
 
@@ -149,11 +151,11 @@ def loss_gradients(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch
     fixed = _fixed_batch(model)
     for part in _chunks(len(inputs), per_sample, fixed, memory_bytes):
         deadline.check("loss gradients")
-        chunk = pad_rows(inputs[part], fixed or 1).detach().requires_grad_(True)
-        out = module(chunk)[: part.stop - part.start]
+        chunk = inputs[part].detach().requires_grad_(True)
+        out = module(chunk)
         per_sample_loss = loss_values(out, labels[part], loss)
         (grad,) = torch.autograd.grad(per_sample_loss.sum(), chunk)
         values.append(per_sample_loss.detach())
-        grads.append(grad[: part.stop - part.start].detach())
+        grads.append(grad.detach())
         logits.append(out.detach())
     return LossGradients(loss=loss, values=torch.cat(values), gradients=torch.cat(grads), logits=torch.cat(logits))
