@@ -298,10 +298,16 @@ def test_pad_with_a_negative_constant_keeps_exact_intervals(tmp_path):
     assert torch.allclose(high[:, 1:4] - low[:, 1:4], torch.full((4, 3), 0.2, dtype=torch.float64))
 
 
-def test_fixed_batch_models_are_refused_for_bounds(tmp_path):
+def test_fixed_batch_export_gets_bounds_after_the_rewrite(tmp_path):
+    """A torch export with a fixed batch of 1 is rewritten to a dynamic batch: bounds are built
+    and reproduce the source module's logits on a batch of 5."""
     import digits_models
 
     path = tmp_path / "fixed.onnx"
-    digits_models.export_onnx(digits_models.build("mlp_relu").eval(), "mlp_relu", path, opset=18, dynamo=False, batch=1)
-    with pytest.raises(errors.UnsupportedOpsError, match="dynamic batch"):
-        BoundNetwork.from_model(convert_model(load_model(path)))
+    module = digits_models.build("mlp_relu").eval()
+    digits_models.export_onnx(module, "mlp_relu", path, opset=18, dynamo=False, batch=1)
+    converted = convert_model(load_model(path))
+    assert converted.batch.fixed == 1 and converted.batch.rewritten
+    x = torch.rand(5, 64, dtype=torch.float64)
+    network = BoundNetwork.from_model(converted)
+    assert torch.allclose(network.evaluate(x), module.double()(x), atol=1e-9)

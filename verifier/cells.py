@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from verifier.convert import ConvertedModel
+from verifier.convert import ConvertedModel, pad_rows
 from verifier.deadline import NEVER, Deadline
 from verifier.device import resolve_device
 from verifier.errors import VerifierError
@@ -135,7 +135,7 @@ def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.
     inputs = torch.as_tensor(x).to(device=target, dtype=dtype)
     labels = torch.as_tensor(y, dtype=torch.long, device=target)
     lower, upper = displacement_box(inputs, box)
-    fixed = model.input_spec.shape[0] if model.input_spec.shape and isinstance(model.input_spec.shape[0], int) else None
+    fixed = model.module_batch
     per_sample = _bytes_per_sample(probe, sites, inputs[:fixed or 1])
     limit = memory_limit(memory_limit_bytes)
     require_within("the exact cell analysis of one sample (every activation unit differentiated with respect to "
@@ -188,8 +188,11 @@ def _piecewise_linear_sites(model: ConvertedModel) -> list[ActivationSite]:
 
 def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch.Tensor, lower: torch.Tensor,
                    upper: torch.Tensor, norm: str, fixed_batch: int | None, deadline: Deadline):
+    count = len(x)
     with torch.no_grad():
-        logits, values = probe(x)
+        logits, values = probe(pad_rows(x, fixed_batch or 1))  # a fixed batch: the last chunk padded
+    logits = logits[:count]
+    values = {index: (pre[:count], post[:count]) for index, (pre, post) in values.items()}
     classes = logits.shape[-1]
     sizes = [values[s.index][0][0].numel() for s in sites]
 

@@ -136,10 +136,12 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
 
     converted = convert_model(loaded, args.output)
     report = validate_against_onnxruntime(loaded, converted, samples.x, args.atol, args.rtol, args.device, samples.y)
-    payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted)}
+    payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted),
+               "batch": converted.batch.to_dict()}
     lines = [
         f"model      {args.model}",
         f"head       {converted.head.reason}",
+        f"batch      {converted.batch.describe()}",
         f"data       {samples.source} ({report.samples} samples)",
         f"providers  onnxruntime {', '.join(report.providers)}; torch {report.torch_device}",
     ]

@@ -3,7 +3,10 @@
 Samples never interact in an eval-mode classifier, so per-sample Jacobians come from one big
 batch: each sample replicated per class (reverse mode) when there are fewer classes than input
 coordinates, per coordinate (forward mode, `torch.func.jvp`) otherwise. Work is chunked to stay
-under a memory budget; models exported with a fixed batch go through `torch.func.vmap` instead.
+under a memory budget. A module that keeps a fixed batch B (`ConvertedModel.module_batch`: one
+whose fixed batch could not be rewritten to a dynamic one) is run in chunks of B instead, a short
+last chunk padded by repeating its last sample (padding dropped); its Jacobians are those of the
+chunk's summed outputs (`torch.func.jacrev`/`jacfwd`: samples do not interact).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from verifier.convert import ConvertedModel
+from verifier.convert import ConvertedModel, pad_rows
+from verifier.convert.batch import FixedBatchModule
 from verifier.deadline import NEVER, Deadline
 from verifier.device import resolve_device
 from verifier.losses import DIFFERENTIABLE_LOSSES, check_loss, loss_values
@@ -45,9 +49,12 @@ class LossGradients:
 
 def prepared_module(model: ConvertedModel, device: str | torch.device = "auto",
                     dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A copy of the logits module on `device` in `dtype` (the cached module is never mutated)."""
+    """A copy of the logits module on `device` in `dtype` (the cached module is never mutated); a
+    module that keeps a fixed batch is wrapped to take any number of samples (`FixedBatchModule`)."""
     target = device if isinstance(device, torch.device) else resolve_device(device)
-    module = copy.deepcopy(model.logits_module)
+    module: torch.nn.Module = copy.deepcopy(model.logits_module)
+    if model.module_batch is not None:
+        module = FixedBatchModule(module, model.module_batch)
     return module.to(device=target, dtype=dtype).eval()
 
 
@@ -69,8 +76,7 @@ def _chunks(count: int, per_sample_bytes: int, fixed_batch: int | None, budget: 
 
 
 def _fixed_batch(model: ConvertedModel) -> int | None:
-    shape = model.input_spec.shape
-    return shape[0] if shape and isinstance(shape[0], int) else None
+    return model.module_batch
 
 
 def batched_jacobian(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, outputs: int,
@@ -80,12 +86,13 @@ def batched_jacobian(function: Callable[[torch.Tensor], torch.Tensor], x: torch.
     Samples do not interact, so each sample is replicated once per output (reverse mode: one
     backward pass of the selected outputs) or once per input coordinate (forward mode: one
     jvp with the identity as tangents); a single large batch is far faster than vmap
-    (measured 40-70x on the shipped models). A model with a fixed batch goes through vmap.
+    (measured 40-70x on the shipped models). A module with a fixed batch (`fixed_batch`) gets the
+    Jacobian of its summed outputs instead, `x` padded to that batch.
     """
     count, shape = x.shape[0], x.shape[1:]
     inputs = math.prod(shape)
     if fixed_batch:
-        return _vmapped_jacobian(function, x, outputs)
+        return _vmapped_jacobian(function, pad_rows(x, fixed_batch), outputs)[:count]
     if outputs <= inputs:
         repeated = x.detach().repeat_interleave(outputs, 0).requires_grad_(True)
         with torch.enable_grad():
@@ -113,8 +120,9 @@ def logits_jacobian(model: ConvertedModel, x: torch.Tensor | np.ndarray, device:
     """Exact Jacobians of the logits for every sample, chunked under `memory_bytes` (`deadline`: per chunk)."""
     module = prepared_module(model, device, dtype)
     inputs = _as_tensor(x, module)
+    fixed = _fixed_batch(model)
     with torch.no_grad():
-        probe = module(inputs[: (_fixed_batch(model) or 1)])
+        probe = module(inputs[:1])  # a kept fixed batch: `prepared_module` pads
     classes = probe.shape[-1]
     replicas = min(classes, math.prod(inputs.shape[1:]))
     per_sample = replicas * max(classes, math.prod(inputs.shape[1:])) * inputs.element_size() * 8
@@ -122,7 +130,7 @@ def logits_jacobian(model: ConvertedModel, x: torch.Tensor | np.ndarray, device:
     for part in _chunks(len(inputs), per_sample, _fixed_batch(model), memory_bytes):
         deadline.check("Jacobians")
         chunk = inputs[part]
-        jac_parts.append(batched_jacobian(module, chunk, classes, _fixed_batch(model)).detach())
+        jac_parts.append(batched_jacobian(module, chunk, classes, fixed).detach())
         with torch.no_grad():
             logits_parts.append(module(chunk))
     return LogitJacobians(logits=torch.cat(logits_parts), jacobian=torch.cat(jac_parts))
@@ -140,7 +148,8 @@ def loss_gradients(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch
     labels = torch.as_tensor(y, dtype=torch.long, device=inputs.device)
     per_sample = math.prod(inputs.shape[1:]) * inputs.element_size() * 8
     values, grads, logits = [], [], []
-    for part in _chunks(len(inputs), per_sample, _fixed_batch(model), memory_bytes):
+    fixed = _fixed_batch(model)
+    for part in _chunks(len(inputs), per_sample, fixed, memory_bytes):
         deadline.check("loss gradients")
         chunk = inputs[part].detach().requires_grad_(True)
         out = module(chunk)

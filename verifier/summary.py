@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from verifier.graph import ActivationSite, OperatorGraph, json_safe
 from verifier.head import Head, OutputCandidate, choose_head, output_candidates
 from verifier.onnx_io import ModelInfo, TensorSpec, load_model
+
+if TYPE_CHECKING:
+    from verifier.convert.batch import BatchAxis
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class ModelSummary:
     candidates: tuple[OutputCandidate, ...] = ()
     unsupported: tuple[tuple[str, str, str], ...] = ()  # (node, op, why), as UnsupportedOpsError lists them
     unsupported_message: str | None = None  # the other commands' one-line error, when there is one
+    batch: BatchAxis | None = None  # how the data input's batch axis is handled (None: not normalisable)
 
     @property
     def activation_counts(self) -> dict[str, int]:
@@ -47,6 +52,7 @@ class ModelSummary:
             "head": None if self.head is None else self.head.to_dict(),
             "output_candidates": [c.to_dict() for c in self.candidates],
             "unsupported_ops": [{"node": n, "op": op, "reason": why} for n, op, why in self.unsupported],
+            "batch": None if self.batch is None else self.batch.to_dict(),
         })
 
     def to_text(self) -> str:
@@ -64,6 +70,7 @@ class ModelSummary:
             + (f" (chosen by --output)" if self.head and self.head.chosen_by == "--output" else ""),
             f"logits     {self.logits or 'none (no float output)'}",
             f"family     {self.family}",
+            *([f"batch      {self.batch.describe()}"] if self.batch is not None else []),
             *(f"warning    constant with infinite values: {where}" for where in info.infinite_constants),
             "ops        " + ", ".join(f"{op} {n}" for op, n in self.op_histogram.items()),
             "sites      " + (", ".join(f"{k} {n}" for k, n in self.activation_counts.items()) or "none"),
@@ -93,13 +100,13 @@ def inspect_model(path: str | os.PathLike[str], output: str | None = None,
                   memory_limit_bytes: int | None = None) -> ModelSummary:
     """Load and check a model, then summarise its graph; `output` names the head (`--output`)."""
     loaded = load_model(path, memory_limit_bytes)
-    from verifier.convert import unsupported_nodes  # the conversion check the other commands run (torch)
+    from verifier.convert import conversion_check  # the conversion check the other commands run (torch)
 
     graph = OperatorGraph(loaded.proto)
     sites = graph.find_activations()
     candidates = output_candidates(graph)
     head = choose_head(graph, output) if output is not None or any(c.usable for c in candidates) else None
-    blocked = unsupported_nodes(loaded, output)
+    normalized, blocked = conversion_check(loaded, output)
     return ModelSummary(
         info=loaded.info,
         op_histogram=graph.op_histogram(),
@@ -110,4 +117,5 @@ def inspect_model(path: str | os.PathLike[str], output: str | None = None,
         candidates=candidates,
         unsupported=() if blocked is None else blocked.nodes,
         unsupported_message=None if blocked is None else str(blocked),
+        batch=None if normalized is None else normalized.batch,
     )

@@ -2,7 +2,9 @@
 
 The original model (plus the exposed logits tensor as an extra output, computed by the head's
 nodes of `verifier.head.attach_logits` for a binary or probability head) runs in onnxruntime, the
-converted module runs in torch, on the same inputs; we report per-output max absolute and
+converted module runs in torch, on the same inputs (in chunks of the user's fixed batch, if any,
+sample by sample for a fixed batch of 1; a short last chunk padded by repeating its last sample,
+the padding dropped); we report per-output max absolute and
 relative differences, top-1 agreement on the logits, the providers actually used, and
 pass/fail against `|torch - ort| <= atol + rtol * |ort|` elementwise, where equal values (the
 same infinity, NaN in both) agree and NaN on one side only is an infinite difference. A
@@ -19,7 +21,7 @@ import numpy as np
 import onnx
 import torch
 
-from verifier.convert import ConvertedModel
+from verifier.convert import ConvertedModel, pad_rows
 from verifier.data import check_labels
 from verifier.device import resolve_device
 from verifier.errors import RuntimeRunError, VerifierError
@@ -149,6 +151,13 @@ def _batches(count: int, fixed_batch: int | str | None) -> list[slice]:
     return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
+def _unpadded(outputs: list[np.ndarray], size: int, padded: int) -> list[np.ndarray]:
+    """The rows of the real samples of a padded chunk (outputs without a batch axis as they are)."""
+    if size == padded:
+        return outputs
+    return [o[:size] if np.ndim(o) and np.shape(o)[0] == padded else o for o in outputs]
+
+
 def _joined(parts: list[np.ndarray]) -> np.ndarray:
     """Batch chunks back together: concatenated along the first axis; flattened first when a chunk
     is a scalar (one per chunk) or the chunks disagree beyond the first axis."""
@@ -232,14 +241,15 @@ def validate_against_onnxruntime(
                                   torch_device)
     module = converted.module.to(torch_device)
     spec = converted.input_spec
-    fixed = spec.shape[0] if spec.shape else None
-    if isinstance(fixed, int) and fixed > 0 and len(x) % fixed:
-        raise VerifierError(f"the model has a fixed batch of {fixed}; give a multiple of it ({len(x)} samples)")
+    fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
     ort_parts: list[list[np.ndarray]] = []
     torch_parts: list[list[np.ndarray]] = []
     for part in _batches(len(x), fixed):
-        ort_parts.append(run_onnxruntime(session, list(converted.output_names), spec.name, x[part], fixed))
-        torch_parts.append(_run_torch(module, x[part], torch_device))
+        chunk = pad_rows(x[part], fixed or 1)  # the user's fixed batch: a short last chunk is padded
+        size = part.stop - part.start
+        ort_parts.append(_unpadded(run_onnxruntime(session, list(converted.output_names), spec.name, chunk, fixed),
+                                   size, len(chunk)))
+        torch_parts.append(_unpadded(_run_torch(module, chunk, torch_device), size, len(chunk)))
     diffs = []
     for index, name in enumerate(converted.output_names):
         reference = _joined([p[index] for p in ort_parts])

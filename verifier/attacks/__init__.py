@@ -100,10 +100,9 @@ def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, de
                          f"(got x {tuple(inputs.shape)}, y {tuple(labels.shape)})")
     require_finite_inputs(inputs, "x")
     lower, upper = displacement_box(inputs.to(torch.float64), box)
-    shape = model.input_spec.shape
-    fixed = shape[0] if shape and isinstance(shape[0], int) else None
+    fixed = model.module_batch
     target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed, deadline)
-    classes = target.logits(inputs[: fixed or 1]).shape[-1]
+    classes = target.logits(inputs[:1]).shape[-1]
     check_labels(labels.cpu().numpy(), classes)
     return target
 

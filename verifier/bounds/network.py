@@ -64,10 +64,9 @@ class BoundNetwork:
     def from_model(cls, model: ConvertedModel, dtype: torch.dtype = torch.float64,
                    device: torch.device | str = "cpu") -> BoundNetwork:
         """Build the bound network of a converted model (constants cast to `dtype` on `device`)."""
-        shape = model.input_spec.shape
-        if shape and isinstance(shape[0], int):
+        if model.module_batch is not None:
             raise UnsupportedOpsError("bounds", [("<input>", model.input_spec.name,
-                                                  f"fixed batch of {shape[0]}: re-export with a dynamic batch axis")])
+                                                  f"fixed batch of {model.module_batch} kept: {model.batch.reason}")])
         return _Builder(model, dtype, torch.device(device)).build()
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:

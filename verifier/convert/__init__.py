@@ -26,6 +26,7 @@ from torch import fx
 
 from verifier.convert import converters  # noqa: F401  (registers verifier's converters)
 from verifier.convert.compat import import_onnx2torch
+from verifier.convert.batch import BatchAxis, pad_rows
 from verifier.convert.normalize import NormalizedModel, normalize_model
 from verifier.errors import ConversionError, UnsupportedOpsError
 from verifier.graph import PIECEWISE_LINEAR_KINDS, ActivationSite, OperatorGraph
@@ -56,6 +57,13 @@ class ConvertedModel:
     node_names: dict[str, str] = field(default_factory=dict, repr=False)  # normalised key -> user's name
     uncovered_nonlinear: tuple[str, ...] = ()  # nonlinear nodes before the logits that are no site
     head: Head | None = None  # which output the logits come from, and how (verifier.head)
+    batch: BatchAxis = BatchAxis()  # the file's fixed batch, and whether the module takes any batch
+
+    @property
+    def module_batch(self) -> int | None:
+        """The batch the torch module needs per pass (None: any; a fixed batch that was not
+        rewritten to a dynamic one, see `verifier.convert.batch`)."""
+        return self.batch.module_batch
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -152,17 +160,28 @@ def convert_model(model: LoadedModel, output: str | None = None) -> ConvertedMod
         node_names=dict(normalized.original_names),
         uncovered_nonlinear=tuple(graph.uncovered_nonlinear(sites, logits)),
         head=normalized.head,
+        batch=normalized.batch,
     )
 
 
 def unsupported_nodes(model: LoadedModel, output: str | None = None) -> UnsupportedOpsError | None:
     """The error `convert_model` would raise for unsupported ops (every offending node), or None."""
+    return conversion_check(model, output)[1]
+
+
+def conversion_check(model: LoadedModel,
+                     output: str | None = None) -> tuple[NormalizedModel | None, UnsupportedOpsError | None]:
+    """The normalised graph (None when normalising is refused) and the error `convert_model`
+    would raise for unsupported ops (every offending node), or None."""
     try:
         normalized = normalize_model(model.proto, output)
+    except UnsupportedOpsError as err:
+        return None, err
+    try:
         _check_supported(normalized, OnnxGraph(normalized.proto.graph))
     except UnsupportedOpsError as err:
-        return err
-    return None
+        return normalized, err
+    return normalized, None
 
 
 def _check_supported(normalized: NormalizedModel, onnx_graph: OnnxGraph) -> None:
@@ -219,4 +238,4 @@ def _tensor_to_fx(normalized: NormalizedModel, onnx_graph: OnnxGraph, module: fx
     return mapping
 
 
-__all__ = ["ConvertedModel", "convert_model", "unsupported_nodes"]
+__all__ = ["BatchAxis", "ConvertedModel", "conversion_check", "convert_model", "pad_rows", "unsupported_nodes"]

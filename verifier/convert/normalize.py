@@ -13,7 +13,9 @@ Real exports break onnx2torch in a handful of known ways (see docs/architecture.
    `to`, `training`, `graph`, …), a name starting with `_`, or one taken already becomes
    `n{position}_{name}`; other names stay as they are (dots written as `/`, as onnx2torch does).
    The map back to the names `inspect` shows is kept;
-5. moves `Reshape` (any `allowzero`) and constant-parameter `Slice` (opset >= 10 form, with
+5. makes a fixed batch of the data input dynamic when that is checked to be batch-generic
+   (`batch.py`; `NormalizedModel.batch` says which way was taken);
+6. moves `Reshape` (any `allowzero`) and constant-parameter `Slice` (opset >= 10 form, with
    inputs) to verifier's own domain, whose converters bake their constants in at conversion
    time (vmap-friendly).
 """
@@ -32,6 +34,7 @@ import onnxscript
 import torch
 from torch import fx
 
+from verifier.convert.batch import BatchAxis, make_batch_dynamic
 from verifier.errors import UnsupportedOpsError
 from verifier.graph import OperatorGraph, node_keys
 from verifier.head import Head, attach_logits, choose_head, numeric_outputs
@@ -58,6 +61,7 @@ class NormalizedModel:
     logits_index: int
     original_names: dict[str, str] = field(default_factory=dict)
     head: Head | None = None
+    batch: BatchAxis = BatchAxis()
 
     def original_name(self, name: str) -> str:
         """The user's name for a node of the normalised proto (itself if the node is new)."""
@@ -85,17 +89,20 @@ def normalize_model(model: onnx.ModelProto, output: str | None = None) -> Normal
     named = attach_logits(named, head)
     extracted = onnx.utils.Extractor(named).extract_model(list(graph.inputs), outputs)
     optimized = onnxscript.optimizer.optimize(extracted)
+    constants = {t.name for t in optimized.graph.initializer}
+    input_name = next(vi.name for vi in optimized.graph.input if vi.name not in constants)
+    optimized, batch = make_batch_dynamic(optimized, extracted, input_name)
     original_names = _rename_nodes(optimized.graph)
     _move_to_own_domain(optimized)
     names = tuple(o.name for o in optimized.graph.output)
-    constants = {t.name for t in optimized.graph.initializer}
     return NormalizedModel(
         proto=optimized,
-        input_name=next(vi.name for vi in optimized.graph.input if vi.name not in constants),
+        input_name=input_name,
         output_names=names,
         logits_index=names.index(logits),
         head=head,
         original_names=original_names,
+        batch=batch,
     )
 
 
