@@ -189,9 +189,9 @@ def _analysis_inputs(args: argparse.Namespace, deltas: list[float], box: tuple[f
     """`_labelled_samples` plus the box fitted to the data's dtype and the budget-scale warnings
     (printed on stderr as they are found, and returned for the JSON)."""
     from verifier.data import budget_scale_warning, fit_box
-    from verifier.geometry import parse_norm
 
     loaded, converted, samples = _labelled_samples(args)
+    from verifier.geometry import parse_norm  # torch: only after the input checks
     box = fit_box(samples.x, box, samples.source)
     warning = budget_scale_warning(samples.x, deltas, parse_norm(args.norm), box)
     if warning:
