@@ -199,12 +199,14 @@ class Measured:
                 "first_stderr": self.first_stderr}
 
 
-def measure(arguments: list[str], timeout: int = STAGE_TIMEOUT) -> Measured:
-    """Run `verifier ARGUMENTS`; exit 124 means the timeout killed it."""
+def measure(arguments: list[str], log: Path, timeout: int = STAGE_TIMEOUT) -> Measured:
+    """Run `verifier ARGUMENTS` (its stderr kept in `log`); exit 124 means the timeout killed it."""
     command = ["/usr/bin/time", "-v", "timeout", str(timeout), VERIFIER, *arguments]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(done.stderr)
     own, _, timing = done.stderr.partition("\tCommand being timed:")
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", timing)
     lines = [line for line in own.splitlines() if line.strip()]
@@ -240,26 +242,31 @@ def audit_summary(report_path: Path) -> dict:
     return summary
 
 
-def run_entry(entry: Entry, stages: list[str], samples: int, time_limit: float) -> dict:
-    """Every requested stage of one model; the results as one dict."""
+def run_entry(entry: Entry, stages: list[str], samples: int, time_limit: float, aux_limit: float) -> dict:
+    """Every requested stage of one model; the results as one dict.
+
+    `time_limit` is audit's `--time-limit`; `aux_limit` that of the separate certify and attack runs.
+    """
     model, data = str(entry.model_path), str(entry.data_path)
     common = [model, "--data", data, "--samples", str(samples), "--box", entry.box_arg]
-    limit = ["--time-limit", f"{time_limit:g}"]
+    limit, aux = ["--time-limit", f"{time_limit:g}"], ["--time-limit", f"{aux_limit:g}"]
     row: dict = {"name": entry.name}
+    logs = CACHE / "logs" / entry.name
     for stage in stages:
         print(f"[{time.strftime('%H:%M:%S')}] {entry.name}: {stage}", file=sys.stderr, flush=True)
         if stage == "inspect":
-            row["inspect"] = measure(["inspect", model, "--json"]).to_dict()
+            row["inspect"] = measure(["inspect", model, "--json"], logs / "inspect.txt").to_dict()
         elif stage == "audit":
             out = Path("/tmp/corpus-audit") / entry.name
             shutil.rmtree(out, ignore_errors=True)
-            done = measure(["audit", *common, "--out", str(out), "--quiet", *limit])
+            done = measure(["audit", *common, "--out", str(out), "--quiet", *limit], logs / "audit.txt")
             row["audit"] = done.to_dict() | audit_summary(out / "report.json")
         elif stage == "certify":
-            done = measure(["certify", *common, "--json", *limit])
+            done = measure(["certify", *common, "--json", *aux], logs / "certify.txt")
             row["certify"] = done.to_dict() | certify_summary(done.stdout)
         elif stage == "attack":
-            row["attack"] = measure(["attack", *common, "--method", "pgd", "--json", *limit]).to_dict()
+            done = measure(["attack", *common, "--method", "pgd", "--json", *aux], logs / "attack.txt")
+            row["attack"] = done.to_dict()
     return row
 
 
@@ -313,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated entry names")
     parser.add_argument("--stages", default="inspect,audit,certify,attack")
     parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--time-limit", type=float, default=600.0)
+    parser.add_argument("--time-limit", type=float, default=600.0, help="audit's --time-limit")
+    parser.add_argument("--aux-time-limit", type=float, default=600.0, help="certify's and attack's")
     args = parser.parse_args(argv)
     entries = load_manifest()
     chosen = [e for e in entries if not args.only or e.name in args.only.split(",")]
@@ -326,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             print(entry.name, make_data(entry))
         else:
             results[entry.name] = results.get(entry.name, {}) | run_entry(
-                entry, args.stages.split(","), args.samples, args.time_limit)
+                entry, args.stages.split(","), args.samples, args.time_limit, args.aux_time_limit)
             results_path.write_text(json.dumps(results, indent=1))
             print(json.dumps(results[entry.name]), flush=True)
     if args.command in ("run", "table"):
