@@ -209,7 +209,7 @@ def measure(arguments: list[str], log: Path, timeout: int = STAGE_TIMEOUT) -> Me
     log.write_text(done.stderr)
     own, _, timing = done.stderr.partition("\tCommand being timed:")
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", timing)
-    lines = [line for line in own.splitlines() if line.strip()]
+    lines = [line for line in own.splitlines() if line.strip() and not line.startswith("Command exited")]
     first = next((line for line in lines if line.startswith("verifier")), lines[0] if lines else "")
     return Measured(done.returncode, wall, int(peak.group(1)) / 1024 if peak else float("nan"),
                     first[:300], done.stdout)
