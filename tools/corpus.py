@@ -294,7 +294,8 @@ def table(entries: list[Entry], results: dict) -> str:
         vac = certify.get("vacuous", audit.get("vacuous"))
         accuracies = (f"{fmt(audit.get('certified_accuracy'))} / {fmt(audit.get('best_attack_accuracy'))}"
                       if "certified_accuracy" in audit else "–")
-        lines.append(f"| {entry.name} | {entry.package}=={entry.version} | {entry.size / 1e6:.2f} MB "
+        size = entry.size + sum(extra["size"] for extra in entry.extra_members)
+        lines.append(f"| {entry.name} | {entry.package}=={entry.version} | {size / 1e6:.2f} MB "
                      f"| {entry.input.get('dtype', 'float32')} {shape} | {seconds(certify)} | {seconds(attack)} "
                      f"| {audit.get('exit', '–')} | {fmt(audit.get('wall_s'))} | {fmt(audit.get('peak_mb'))} "
                      f"| {'–' if vac is None else ('yes' if vac else 'no')} | {accuracies} |")
