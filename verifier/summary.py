@@ -67,7 +67,7 @@ class ModelSummary:
             *(f"input      {_spec(s)}" for s in info.inputs),
             *(f"output     {_spec(s)}  [{_role(c, self.head)}]" for s, c in zip(info.outputs, self._by_output())),
             f"head       {self.head.reason if self.head else 'none'}"
-            + (f" (chosen by --output)" if self.head and self.head.chosen_by == "--output" else ""),
+            + (" (chosen by --output)" if self.head and self.head.chosen_by == "--output" else ""),
             f"logits     {self.logits or 'none (no float output)'}",
             f"family     {self.family}",
             *([f"batch      {self.batch.describe()}"] if self.batch is not None else []),
