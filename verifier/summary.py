@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from verifier.graph import ActivationSite, OperatorGraph, json_safe
 from verifier.head import Head, OutputCandidate, choose_head, output_candidates
-from verifier.onnx_io import ModelInfo, TensorSpec, load_model
+from verifier.onnx_io import LoadedModel, ModelInfo, TensorSpec, load_model
 
 if TYPE_CHECKING:
     from verifier.convert.batch import BatchAxis
@@ -99,7 +99,11 @@ def _spec(spec: TensorSpec) -> str:
 def inspect_model(path: str | os.PathLike[str], output: str | None = None,
                   memory_limit_bytes: int | None = None) -> ModelSummary:
     """Load and check a model, then summarise its graph; `output` names the head (`--output`)."""
-    loaded = load_model(path, memory_limit_bytes)
+    return summarize_model(load_model(path, memory_limit_bytes), output)
+
+
+def summarize_model(loaded: LoadedModel, output: str | None = None) -> ModelSummary:
+    """The summary of a model already loaded and checked by `load_model`."""
     from verifier.convert import conversion_check  # the conversion check the other commands run (torch)
 
     graph = OperatorGraph(loaded.proto)
