@@ -139,7 +139,7 @@ def load_model(path: str | os.PathLike[str], memory_limit_bytes: int | None = No
     load_external_data(proto, model_path.resolve(), limit)
     _check_domains(proto)
     proto = _inline_functions(proto)
-    _check_domains(proto, inlined=True)
+    _refuse_undefined_functions(proto)
     _refuse_unanalysable(proto)
     require_no_nan_constants(proto.graph)
     _dynamic_placeholder_dims(proto)
@@ -257,17 +257,9 @@ def _canonical_default_domain(proto: onnx.ModelProto) -> None:
                 node.domain = ""
 
 
-def _check_domains(proto: onnx.ModelProto, inlined: bool = False) -> None:
-    """Refuse nodes of unknown domains; after inlining, a node left in a local-function domain
-    calls a function the model does not define."""
+def _check_domains(proto: onnx.ModelProto) -> None:
+    """Refuse nodes of domains that are neither standard nor defined by a model-local function."""
     local = {f.domain for f in proto.functions}
-    if inlined:
-        undefined = [(_label(node, i), node.op_type, f"calls the function {node.op_type} of domain "
-                      f"{node.domain!r}, which the model does not define")
-                     for i, node in enumerate(proto.graph.node) if node.domain not in STANDARD_DOMAINS]
-        if undefined:
-            raise UnsupportedOpsError("analysis", undefined)
-        return
     unknown = [
         (_label(node, i), node.op_type, node.domain)
         for nodes in _node_lists(proto)
@@ -276,6 +268,15 @@ def _check_domains(proto: onnx.ModelProto, inlined: bool = False) -> None:
     ]
     if unknown:
         raise UnknownDomainError(unknown)
+
+
+def _refuse_undefined_functions(inlined: onnx.ModelProto) -> None:
+    """After inlining, a node left outside the standard domains calls a function the model lacks."""
+    undefined = [(_label(node, i), node.op_type, f"calls the function {node.op_type} of domain "
+                  f"{node.domain!r}, which the model does not define")
+                 for i, node in enumerate(inlined.graph.node) if node.domain not in STANDARD_DOMAINS]
+    if undefined:
+        raise UnsupportedOpsError("analysis", undefined)
 
 
 def _inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
