@@ -28,7 +28,7 @@ from verifier.attacks import METHODS, attack, resolve_methods
 from verifier.certify.certificate import Certificate, certify
 from verifier.convert import convert_model
 from verifier.data import budget_scale_warning, fit_box, load_samples
-from verifier.deadline import NEVER, Deadline, Stopped, Terminated
+from verifier.deadline import Deadline, Stopped, Terminated
 from verifier.device import resolve_device
 from verifier.errors import UsageError
 from verifier.geometry import parse_norm
@@ -37,7 +37,7 @@ from verifier.head import choose_head
 from verifier.losses import check_loss
 from verifier.onnx_io import load_model
 from verifier.report import SCHEMA_VERSION, ReportPaths, finalize_report, write_report
-from verifier.summary import inspect_model
+from verifier.summary import summarize_model
 from verifier.validate import validate_against_onnxruntime
 
 DEFAULT_DELTAS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
@@ -88,17 +88,17 @@ class _Clock:
 
     def __init__(self, limit: float | None, started: float | None = None) -> None:
         self.start = time.monotonic()
-        self.limit = limit
-        self.due = None if limit is None else (self.start if started is None else started) + limit
+        # the module's clock, looked up now (tests replace it); one Deadline for stages and loops
+        self.stop = Deadline.after(limit, clock=time.monotonic, started=self.start if started is None else started)
         self.timings: dict[str, float | None] = {s: None for s in ("inspect", "validate", "certify", "attacks",
                                                                     "report")}
 
     def expired(self) -> bool:
-        return self.due is not None and time.monotonic() >= self.due
+        return self.stop.expired()
 
     def deadline(self) -> Deadline:
         """The limit as the `Deadline` certify and the attacks check inside their loops."""
-        return NEVER if self.due is None else Deadline(at=self.due, clock=time.monotonic)
+        return self.stop
 
     def run(self, stage: str, work: Callable):
         began = time.monotonic()
@@ -217,7 +217,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     warnings: list[str] = [f"attack skipped: {reason}" for reason in skipped]
 
     announce("inspect")
-    summary = clock.run("inspect", lambda: inspect_model(model_path, settings.output, settings.memory_limit))
+    summary = clock.run("inspect", lambda: summarize_model(loaded, settings.output))
     samples = clock.run("inspect", lambda: load_samples(data_path, loaded.info.data_input, settings.samples,
                                                         settings.memory_limit))
     if samples.y is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -125,13 +124,11 @@ def add_time_limit(parser: argparse.ArgumentParser, result: str) -> None:
 
 def deadline(args: argparse.Namespace):
     """The `Deadline` of --time-limit, counted from the command's start (NEVER without one)."""
-    from verifier.deadline import NEVER, Deadline
+    from verifier.deadline import Deadline
 
-    if args.time_limit is None:
-        return NEVER
-    if not args.time_limit > 0:
+    if args.time_limit is not None and not args.time_limit > 0:
         raise UsageError(f"the time limit must be > 0 seconds (got {args.time_limit})")
-    return Deadline(at=args.started + args.time_limit, clock=time.monotonic)
+    return Deadline.after(args.time_limit, started=args.started)
 
 
 def attach_negative_values(argv: Sequence[str]) -> list[str]:

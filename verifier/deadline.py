@@ -34,9 +34,12 @@ class Deadline:
     stop_when: Callable[[], bool] | None = None
 
     @classmethod
-    def after(cls, seconds: float | None, clock: Callable[[], float] = time.monotonic) -> Deadline:
-        """A deadline `seconds` from now on `clock` (`NEVER` for None)."""
-        return NEVER if seconds is None else cls(at=clock() + float(seconds), clock=clock)
+    def after(cls, seconds: float | None, clock: Callable[[], float] = time.monotonic,
+              started: float | None = None) -> Deadline:
+        """A deadline `seconds` after `started` (a reading of `clock`; default now), `NEVER` for None."""
+        if seconds is None:
+            return NEVER
+        return cls(at=(clock() if started is None else started) + float(seconds), clock=clock)
 
     @classmethod
     def polling(cls, should_stop: Callable[[], bool] | None) -> Deadline:
