@@ -74,10 +74,14 @@ class Bounds:
     relaxed: dict[str, relaxations.Relaxation | PoolRelaxation]
 
 
-def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, deadline: Deadline = NEVER) -> Bounds:
+def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, deadline: Deadline = NEVER,
+              prior: Bounds | None = None) -> Bounds:
     """Interval bounds of every node, tightened by back-substitution at nonlinear inputs.
 
-    `deadline` is checked before every node and inside every back-substitution (`Stopped`).
+    `prior`: bounds already propagated over a superset of `region` for the same samples (a larger
+    radius, the whole box); they hold here too, so every interval starts from their intersection and
+    units they already settle are not back-substituted again. `deadline` is checked before every node
+    and inside every back-substitution (`Stopped`).
     """
     intervals = {network.input: region.interval()}
     relaxed: dict[str, relaxations.Relaxation] = {}
@@ -96,6 +100,8 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
                                                  _linear_interval(network, state, region, name, needed, deadline))
                     tightened.add(name)
         intervals[node.name] = widen(*_interval(node, [intervals[i] for i in node.inputs]))
+        if prior is not None and node.name in prior.intervals:
+            intervals[node.name] = _intersect(intervals[node.name], prior.intervals[node.name])
         if isinstance(node.rule, Activation) and node.rule.kind in _RELAXED:
             low, high = intervals[node.inputs[0]]
             relaxed[node.name] = relaxations.linear_relaxation(node.rule.kind, low, high, node.rule.params,
@@ -265,6 +271,9 @@ def _pool_adjoint(relax: PoolRelaxation, lam: torch.Tensor):
 
 def _inner(lam: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Σ over unit axes of lam * values, with infinities times zero counted as zero."""
+    if values.shape[1] == 1 and values.shape[0] == lam.shape[0] and bool(torch.isfinite(values).all()):
+        # values (N, 1, *units) shared by the objectives: one batched matrix-vector product.
+        return torch.bmm(lam.flatten(2), values.flatten(1).unsqueeze(-1).to(lam.dtype)).squeeze(-1)
     product = lam * values
     product = torch.where(lam == 0, torch.zeros_like(product), product)
     return product.flatten(2).sum(-1)
