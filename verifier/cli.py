@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--grid-points", type=int, default=24, help="radius grid size (default 24)")
     certify.add_argument("--save-distributions", metavar="OUT.npz",
                          help="save each delta's realising distribution (atoms, weights, source)")
-    add_time_limit(certify, "exit 3 and no result")
+    add_time_limit(certify, "refinements stop at 80%% of it, listed in fallbacks; exit 3 and no result only if the coarse certificate does not fit")
     add_json(certify)  # certificates are computed in float64 on the CPU (no --device)
     certify.set_defaults(run=_run_certify)
 

@@ -28,13 +28,17 @@ from verifier.certify.accuracy import certified_accuracy
 from verifier.certify.aggregate import excess_bound, grid, linear_closed_form
 from verifier.certify.exactness import EXACT_TOLERANCE, RealisedDistribution, candidates, is_exact, realise
 from verifier.certify.growth import (ROUTES, RouteGrowth, box_reach, collect_evidence, growth_curves,
-                                     margin_class_curves)
+                                     margin_class_curves, with_cells)
+
+# Under a time limit the refinements get this share of the time left; the rest is for the
+# Jacobians, the aggregation per delta and the realising distributions.
+REFINE_SHARE = 0.8
 from verifier.certify.radii import certified_radii
 from verifier.convert import ConvertedModel
 from verifier.convert.normalize import NormalizedModel
 from verifier.data import check_labels
 from verifier.data import save_distributions as write_distributions
-from verifier.deadline import NEVER, Deadline
+from verifier.deadline import NEVER, Deadline, Stopped, Terminated
 from verifier.errors import ResourceLimitError, UsageError, VerifierError
 from verifier.finite import require_finite_inputs, require_finite_logits, require_no_nan
 from verifier.geometry import dual_norm, parse_norm, vector_norm
@@ -169,9 +173,12 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     Work sized from shapes stays under `memory_limit_bytes` (default `resources.memory_limit()`):
     the exact cell analysis is skipped, with a fallback note, when one sample would not fit.
 
-    `deadline` is checked between chunks of work inside every step (bound propagation per node
-    and unit chunk, cells and Jacobians per sample chunk, candidates per radius, each delta);
-    past it `verifier.deadline.Stopped` is raised and nothing is returned.
+    Anytime under `deadline`: the refinements (cell analysis, tightened bounds per radius,
+    bisection of certified radii, exactness candidates) get the first `REFINE_SHARE` of the time
+    left and stop where they are when it runs out, leaving coarser but sound routes (interval-based
+    bounds, larger radii, the global bound), each cut stated in `fallbacks`. Past `deadline`
+    itself (checked between chunks of work in every step) `verifier.deadline.Stopped` is raised and
+    nothing is returned.
     """
     norm, loss = parse_norm(norm), check_loss(loss)
     if not p >= 1:
@@ -196,20 +203,33 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         network = None
         fallbacks.append(str(err))
     deadline.check("the certificate's set-up")
+    refine = deadline.sooner(REFINE_SHARE)
+    radii = _radius_grid(inputs, deltas, p, box, norm, grid_points)
+    # The tightened bounds first: on a large model they matter more than the cells' tiny radii.
+    evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, None, progress=progress,
+                                deadline=refine)
+    fallbacks += evidence.notes
+    deadline.check("the bounds per radius")
     cells = None
     if model.piecewise_linear:  # every kink is a site: the model is affine on each cell
         try:
-            cells = cell_analysis(model, inputs, labels, norm, box=box, device="cpu", deadline=deadline,
+            cells = cell_analysis(model, inputs, labels, norm, box=box, device="cpu", deadline=refine,
                                   memory_limit_bytes=memory_limit_bytes)
         except ResourceLimitError as err:  # the cell route is skipped; the others still bound
             fallbacks.append(f"cells skipped: {err}")
-    radii = _radius_grid(inputs, deltas, p, box, norm, grid_points)
-    evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, cells, progress=progress,
-                                deadline=deadline)
+        except Stopped as err:
+            if isinstance(err, Terminated):
+                raise
+            fallbacks.append("cells skipped: time limit")
+        deadline.check("cell analysis")
+        evidence = with_cells(evidence, cells)
     growth = growth_curves(evidence, loss, lipschitz.loss_constant(loss))
     class_curves = margin_class_curves(evidence, lipschitz.loss_constant("margin")) if loss == "margin" else None
     correct = loss_values(logits, labels, "margin") < 0
-    radii_certified = certified_radii(evidence, network, inputs, norm, box, cells, deadline=deadline)
+    radii_certified = certified_radii(evidence, network, inputs, norm, box, cells, deadline=refine)
+    deadline.check("the certified radii")
+    if refine.expired():
+        fallbacks.append("time limit: certified radii not (fully) refined by bisection")
     local = None
     if loss != "zero_one":
         gradients = loss_gradients(model, inputs, labels, loss, device="cpu", dtype=torch.float64,
@@ -222,8 +242,11 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     reach = float(box_reach(inputs, box, norm).max())
     far = torch.logspace(0.0, 4.0, 9, dtype=torch.float64)[1:] * radii[-1]  # small mass moved far (p < inf)
     extra = far[far <= reach] if not math.isinf(p) else far[:0]
-    moves = candidates(module, inputs, labels, jacobian, lower, upper, torch.cat([_refined(radii, 4), extra]),
-                       norm, loss, deadline)
+    wanted = torch.cat([_refined(radii, 4), extra])
+    moves = candidates(module, inputs, labels, jacobian, lower, upper, wanted, norm, loss, refine)
+    deadline.check("the exactness candidates")
+    if len(moves.radii) < len(wanted):
+        fallbacks.append(f"time limit: exactness candidates at {len(moves.radii)} of {len(wanted)} radii")
     results, distributions = [], []
     rounding = 8 * torch.finfo(model.input_dtype).eps
     clean_risk = float(clean.mean())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from verifier.certify.allocation import allocate
-from verifier.deadline import NEVER, Deadline
+from verifier.deadline import NEVER, Deadline, Stopped, Terminated
 from verifier.geometry import argmax_linear, max_linear, vector_norm
 from verifier.losses import loss_values, margins
 
@@ -64,22 +64,29 @@ def _moves(jacobian: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, l
 def candidates(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: torch.Tensor,
                lower: torch.Tensor, upper: torch.Tensor, radii: torch.Tensor, norm: str, loss: str,
                deadline: Deadline = NEVER) -> Candidates:
-    """Evaluate the candidate move of every sample at every radius (one forward pass per radius;
-    `deadline`: per radius)."""
+    """Evaluate the candidate move of every sample at every radius (one forward pass per radius).
+
+    `deadline` is checked per radius; past it the candidates are those of the radii reached (the
+    realising distribution is then built from fewer moves; a signal still stops everything)."""
     with torch.no_grad():
         logits = module(x)
         clean = loss_values(logits, y, loss)
         flat_jacobian = jacobian.flatten(2)
-        classes, distances, gains = [], [], []
-        for radius in radii:
-            deadline.check("the exactness candidates")
-            chosen, move = _moves(flat_jacobian, logits, y, lower, upper, radius.expand(len(x)), norm)
-            moved = module(x + move.reshape(x.shape))
-            classes.append(chosen)
-            distances.append(vector_norm(move, norm))
-            gains.append(loss_values(moved, y, loss) - clean)
-    return Candidates(radii=radii, direction_class=torch.stack(classes, 1), distance=torch.stack(distances, 1),
-                      gain=torch.stack(gains, 1))
+        empty = torch.zeros(len(x), 0, dtype=x.dtype)
+        classes, distances, gains = [empty.long()], [empty], [empty]
+        try:
+            for radius in radii:
+                deadline.check("the exactness candidates")
+                chosen, move = _moves(flat_jacobian, logits, y, lower, upper, radius.expand(len(x)), norm)
+                moved = module(x + move.reshape(x.shape))
+                classes.append(chosen[:, None])
+                distances.append(vector_norm(move, norm)[:, None])
+                gains.append((loss_values(moved, y, loss) - clean)[:, None])
+        except Stopped as err:
+            if isinstance(err, Terminated):
+                raise
+    return Candidates(radii=radii[:len(gains) - 1], direction_class=torch.cat(classes, 1),
+                      distance=torch.cat(distances, 1), gain=torch.cat(gains, 1))
 
 
 def realise(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: torch.Tensor,

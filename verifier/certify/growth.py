@@ -12,18 +12,18 @@ which is sound and only tightens. Which route won is kept per sample and radius.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
 from verifier.bounds.margins import margins_from
 from verifier.bounds.network import BoundNetwork
-from verifier.bounds.propagate import margin_problem, propagate
+from verifier.bounds.propagate import Bounds, margin_problem, propagate
 from verifier.bounds.slopes import slopes_from
 from verifier.cells import CellAnalysis
 from verifier.certify.aggregate import GrowthCurves
-from verifier.deadline import NEVER, Deadline, Stopped
+from verifier.deadline import NEVER, Deadline, Stopped, Terminated
 from verifier.losses import loss_values, margins
 
 ROUTES = ("cell", "linear", "jacobian", "global")
@@ -74,45 +74,95 @@ class MarginEvidence:
     cell_rates: torch.Tensor | None  # (N, K+1, C): their supergradients in s (tangents, concave in-cell)
     cell_radius: torch.Tensor | None  # (N,)
     reach: torch.Tensor  # (N,): D_i
+    tightened: torch.Tensor | None = None  # (K+1,) bool: radius bounded with tightened intermediate intervals
+    notes: tuple[str, ...] = ()  # what a time limit cut short
+
+
+def _bounds_at(network: BoundNetwork, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor | float, norm: str,
+               box: tuple[float, float] | None, device: str, deadline: Deadline, tighten: bool,
+               prior: Bounds | None = None):
+    """Margin upper bounds (-inf at the true class), per-class slope bounds and the propagated state."""
+    problem = margin_problem(network, x, y, radius, norm, box, torch.device(device), x.dtype)
+    state = propagate(network, problem.region, tighten=tighten, deadline=deadline, prior=prior)
+    bounds = margins_from(problem, state, deadline).upper.masked_fill(problem.true_class, -math.inf)
+    return bounds, slopes_from(problem, state, deadline).per_class, state
 
 
 def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
                      norm: str, radii: torch.Tensor, box: tuple[float, float] | None,
                      cells: CellAnalysis | None = None, device: str = "cpu", progress: bool = False,
                      deadline: Deadline = NEVER) -> MarginEvidence:
-    """Margin and slope bounds at every grid radius: one propagation per radius serves both, each
-    seeded with the intervals of the next larger radius (the whole domain first).
+    """Margin and slope bounds at every grid radius and on the whole domain, coarse to fine (anytime).
 
-    `deadline` is checked before each radius and inside every propagation (`Stopped`).
+    First the cheap pass: the margins back-substituted through relaxations of interval bounds
+    (CROWN-IBP), on the whole domain and at every radius. Then the tight pass: intermediate
+    intervals tightened by back-substitution, from the largest radius down (each ball contains the
+    next, so its intervals seed the next propagation), the whole domain last. Each point keeps the
+    smaller of its bounds. Past `deadline` the pass in progress ends where it is (`notes` say where):
+    a radius without a tight bound keeps its cheap one, and is also capped by every larger radius.
+    A signal (`Terminated`) still stops everything.
     """
-    linear = slopes = whole_box = domain_slope = None
+    linear = slopes = whole_box = domain_slope = tightened = None
+    notes: list[str] = []
     if network is not None:
-        # The whole domain (the box, or all of R^d): a growth cap and a slope valid at every radius.
-        problem = margin_problem(network, x, y, math.inf, norm, box, torch.device(device), radii.dtype)
-        state = propagate(network, problem.region, deadline=deadline)
-        domain_slope = slopes_from(problem, state, deadline).per_class
-        if box is not None:
-            whole_box = margins_from(problem, state, deadline).upper.masked_fill(problem.true_class, -math.inf)
-        # Largest radius first: each ball contains the next, so its intervals seed the next propagation.
-        linear_rows, slope_rows = [], []
-        for radius in tqdm(radii[1:].flip(0), desc="certify: bounds per radius", unit="radius",
-                           disable=not progress, leave=False):
-            deadline.check("the bounds per radius")
-            problem = margin_problem(network, x, y, radius, norm, box, torch.device(device), radii.dtype)
-            state = propagate(network, problem.region, deadline=deadline, prior=state)
-            bounds = margins_from(problem, state, deadline)
-            linear_rows.insert(0, bounds.upper.masked_fill(problem.true_class, -math.inf))
-            slope_rows.insert(0, slopes_from(problem, state, deadline).per_class)
+        x = x.to(radii.dtype)
         clean = margins(logits, y).masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), -math.inf)
-        linear = torch.stack([clean] + linear_rows, 1)
-        slopes = torch.stack([torch.zeros_like(slope_rows[0])] + slope_rows, 1) if slope_rows else None
+        points = len(radii)
+        linear = torch.full((len(x), points, logits.shape[1]), math.inf, dtype=radii.dtype)
+        slopes = torch.full_like(linear, math.inf)
+        linear[:, 0], slopes[:, 0] = clean, 0.0
+        tightened = torch.zeros(points, dtype=torch.bool)
+        tightened[0] = True
+        domain: list[torch.Tensor | None] = [None, None]  # margins over the whole domain, slopes there
+
+        def record(index: int | None, bounds: torch.Tensor, slope: torch.Tensor) -> None:
+            if index is None:
+                domain[0] = bounds if domain[0] is None else torch.minimum(domain[0], bounds)
+                domain[1] = slope if domain[1] is None else torch.minimum(domain[1], slope)
+            else:
+                linear[:, index] = torch.minimum(linear[:, index], bounds)
+                slopes[:, index] = torch.minimum(slopes[:, index], slope)
+
+        try:
+            for index, radius in [(None, math.inf)] + [(k, radii[k]) for k in range(1, points)]:
+                deadline.check("the interval bounds per radius")
+                record(index, *_bounds_at(network, x, y, radius, norm, box, device, deadline, tighten=False)[:2])
+            state = None
+            order = [(k, radii[k]) for k in range(points - 1, 0, -1)] + [(None, math.inf)]
+            for index, radius in tqdm(order, desc="certify: bounds per radius", unit="radius",
+                                      disable=not progress, leave=False):
+                deadline.check("the bounds per radius")
+                bounds, slope, state = _bounds_at(network, x, y, radius, norm, box, device, deadline, tighten=True,
+                                                  prior=state if index is not None else None)
+                record(index, bounds, slope)
+                if index is not None:
+                    tightened[index] = True
+        except Stopped as err:
+            if isinstance(err, Terminated):
+                raise
+            done = int(tightened[1:].sum())
+            notes.append(f"time limit: tightened bounds at {done} of {points - 1} radii"
+                         + ("" if done else ", interval-based bounds elsewhere"))
+        linear.masked_fill_(torch.nn.functional.one_hot(y, logits.shape[1]).bool().unsqueeze(1), -math.inf)
+        domain_slope = domain[1]
+        if box is not None and domain[0] is not None:
+            whole_box = domain[0]
     return MarginEvidence(
         radii=radii, logits=logits, labels=y, linear=linear, slopes=slopes, whole_box=whole_box,
         domain_slope=domain_slope,
         cell_margins=None if cells is None else cells.class_margins(radii),
         cell_rates=None if cells is None else cells.class_margin_rates(radii),
         cell_radius=None if cells is None else cells.radius, reach=box_reach(x, box, norm),
+        tightened=tightened, notes=tuple(notes),
     )
+
+
+def with_cells(evidence: MarginEvidence, cells: CellAnalysis | None) -> MarginEvidence:
+    """The evidence with the exact in-cell margins of `cells` added (unchanged for None)."""
+    if cells is None:
+        return evidence
+    return replace(evidence, cell_margins=cells.class_margins(evidence.radii),
+                   cell_rates=cells.class_margin_rates(evidence.radii), cell_radius=cells.radius)
 
 
 def _loss_slope(class_slopes: torch.Tensor, class_margins: torch.Tensor | None, loss: str) -> torch.Tensor:
@@ -217,4 +267,4 @@ def margin_class_curves(evidence: MarginEvidence, global_slope: float) -> Growth
                         reach=evidence.reach.repeat_interleave(classes - 1),
                         tail=torch.maximum(tail, values[:, -1]), tail_slope=tail_slope[others], groups=classes - 1)
 __all__ = ["ROUTES", "MarginEvidence", "RouteGrowth", "Stopped", "box_reach", "collect_evidence", "growth_curves",
-           "loss_from_margins", "margin_class_curves"]
+           "loss_from_margins", "margin_class_curves", "with_cells"]
