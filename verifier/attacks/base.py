@@ -380,9 +380,9 @@ class Attack:
 
         `restarts` (option, default 1) runs of APGD on the loss from random starts (option `plain`:
         plain PGD instead, the loop before APGD, kept for comparisons), then for each
-        of the `topk` (option, default 9) highest wrong classes of the clean sample, in order, one
-        run of APGD on the targeted DLR loss from a random start, on the rows not yet
-        misclassified (`every_row`: on every row and on the targeted margin `z_j - z_y`, for
+        of the `topk` (option, default 9) highest wrong classes of the clean sample one run of
+        APGD on the targeted DLR loss from a random start (all targets in one batch), on the rows
+        not yet misclassified (`every_row`: on every row and on the targeted margin `z_j - z_y`, for
         attacks after the risk: the highest loss may lie towards another class than the first
         error, and the DLR's denominator moves its maximiser off the margin's). `steps` per run. Both optima of `Best` are kept across every run;
         `self.runs` counts the runs made.
@@ -398,15 +398,16 @@ class Attack:
         if topk <= 0:
             return best
         classes = top_wrong_classes(t.logits(t.x), t.y, topk)[rows]
-        for rank in range(classes.shape[1]):
-            left = torch.arange(len(rows), device=rows.device) if every_row else (~best.misclassified).nonzero().squeeze(-1)
-            if len(left) == 0:
-                break
-            targeted = t.targeted_objective if every_row else t.targeted_dlr
-            part, _ = self.ascend(rows[left], radius[left], targeted(rows[left], classes[left, rank]), steps,
-                                  self.random_start(radius[left], rows[left]), best.take(left))
-            best.put(left, part)
-            self.runs += 1
+        left = torch.arange(len(rows), device=rows.device) if every_row else (~best.misclassified).nonzero().squeeze(-1)
+        if len(left) == 0:
+            return best
+        k = classes.shape[1]  # every target of every row left in one batch of len(left) * k rows
+        wide, index = rows[left].repeat_interleave(k), left.repeat_interleave(k)
+        targeted = t.targeted_objective if every_row else t.targeted_dlr
+        part, _ = self.ascend(wide, radius[index], targeted(wide, classes[left].flatten()), steps,
+                              self.random_start(radius[index], wide), best.take(index))
+        best.put(left, part.grouped(k))
+        self.runs += k
         return best
 
     def note_zero_gradient(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
