@@ -13,7 +13,8 @@ from conftest import shipped_data, shipped_model
 from test_attacks_linear import DUAL, _linear
 
 from verifier.attacks import _target, attack
-from verifier.attacks.base import Best, checkpoints
+from verifier.attacks.base import Best
+from verifier.attacks.steps import checkpoints
 from verifier.attacks.pgd import PGD
 from verifier.attacks.replay import Replayer, clean_numbers, measure
 from verifier.convert import convert_model

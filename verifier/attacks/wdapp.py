@@ -27,7 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
-from verifier.attacks.base import SHRINK, Attack, steepest_ascent, top_wrong_classes
+from verifier.attacks.base import SHRINK, Attack, top_wrong_classes
+from verifier.attacks.steps import steepest_ascent
 from verifier.certify.allocation import flip_allocation
 from verifier.attacks.result import Distribution
 from verifier.geometry import vector_norm
@@ -123,7 +124,6 @@ class WDAPlusPlus(Attack):
     def _closer(self, adversarial: torch.Tensor, distance: torch.Tensor) -> None:
         """Rounds of the point-wise engine at radius d_i; a verified flip pulled back along its ray
         towards x_i replaces the walk's when it is closer (in place)."""
-        t = self.target
         for _ in range(REFINE_ROUNDS):
             index = (torch.isfinite(distance) & (distance > 0)).nonzero().squeeze(-1)
             if len(index) == 0:

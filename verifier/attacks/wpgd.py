@@ -20,7 +20,8 @@ import math
 
 import torch
 
-from verifier.attacks.base import SHRINK, Attack, dual_exponent, steepest_ascent
+from verifier.attacks.base import SHRINK, Attack
+from verifier.attacks.steps import dual_exponent, steepest_ascent
 from verifier.attacks.result import Distribution
 from verifier.geometry import dual_norm, vector_norm
 
