@@ -15,7 +15,8 @@ the best attack point at distance <= delta.
 default the certificate's grid (`verifier.certify.certificate.radius_grid` with its default 24
 points and the attack's box: geometric from max/100 up to N^(1/p) max(delta), capped at 20
 max(delta) and at the box's reach), so that the allocation works on the radii the certificate
-aggregates over; p = inf: the deltas only (the search at radius delta already covers every
+aggregates over, plus `SMALL_RADII` (4) geometric radii from min(delta)/8 up to its first
+radius (at small budgets small moves of many samples are what pays); p = inf: the deltas only (the search at radius delta already covers every
 smaller radius). The attack points do not depend on delta: one pass serves every delta. Example: `CurveAttack(target, radii=torch.tensor([0.05, 0.1, 0.2])).run([0.1])`.
 """
 
@@ -33,12 +34,20 @@ from verifier.certify.allocation import allocate
 from verifier.certify.certificate import radius_grid
 from verifier.geometry import vector_norm
 
+SMALL_RADII = 4  # radii added from min(delta)/8 up to the certificate grid's first radius
+
 
 def default_radii(inputs: torch.Tensor, deltas: Sequence[float], p: float, norm: str, box) -> torch.Tensor:
     """The default radius grid (absolute radii): the certificate's grid (p = inf: the deltas)."""
     if math.isinf(p) or not any(d > 0 for d in deltas):
         return torch.tensor([float(d) for d in deltas], dtype=torch.float64)
-    return radius_grid(inputs, deltas, p, box, norm, 24)
+    grid = radius_grid(inputs, deltas, p, box, norm, 24)
+    first, smallest = float(grid[grid > 0].min()), min(float(d) for d in deltas if d > 0)
+    if smallest / 8 >= first:
+        return grid
+    # below the grid's first radius: small moves of many samples win at small budgets
+    below = torch.logspace(math.log10(smallest / 8), math.log10(first), SMALL_RADII + 1, dtype=torch.float64)[:-1]
+    return torch.cat([below, grid])
 
 
 class CurveAttack(Attack):
