@@ -37,6 +37,7 @@ SHRINK = 1e-6  # radii are shrunk by this factor so that float64 costs stay with
 _CHUNK = 8192
 MOMENTUM = 0.75  # APGD's momentum alpha
 OSCILLATION = 0.75  # APGD's rho: halve the step when fewer than rho of the steps since the last checkpoint rose
+SEARCH_ELEMENTS = 2**23  # coordinates per iterate tensor of one search chunk (64 MiB in float64)
 
 Objective = Callable[[torch.Tensor, slice], torch.Tensor]  # (logits of a chunk, its rows) -> value per row
 
@@ -329,13 +330,20 @@ class Attack:
         APGD on the targeted DLR loss from a random start (all targets in one batch), on the rows
         not yet misclassified (`every_row`: on every row and on the targeted margin `z_j - z_y`, for
         attacks after the risk: the highest loss may lie towards another class than the first
-        error, and the DLR's denominator moves its maximiser off the margin's). `steps` per run. Both optima of `Best` are kept across every run;
-        `self.runs` counts the runs made.
+        error, and the DLR's denominator moves its maximiser off the margin's). `steps` per run.
+        Both optima of `Best` are kept across every run; `self.runs` counts the runs made. Rows
+        go in chunks of at most `SEARCH_ELEMENTS` coordinates per iterate tensor (all targets).
         """
         t = self.target
         restarts = int(self.options.get("restarts", 1)) if restarts is None else restarts
         topk = int(self.options.get("topk", 9)) if topk is None else topk
         best = self.start_best(rows) if best is None else best
+        size = max(1, SEARCH_ELEMENTS // (t.flat.shape[1] * (max(topk, 0) + 1)))
+        if len(rows) > size:
+            parts = [self.search(rows[s:s + size], radius[s:s + size], steps,
+                                 best.take(torch.arange(s, min(s + size, len(rows)), device=rows.device)),
+                                 restarts, topk, every_row) for s in range(0, len(rows), size)]
+            return Best(*(torch.cat([getattr(b, name) for b in parts]) for name in ("d", "value", "flip", "margin")))
         self.runs = restarts
         for _ in range(restarts):
             best, _ = self.ascend(rows, radius, t.loss_objective(rows), steps, self.random_start(radius, rows), best,
