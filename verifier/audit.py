@@ -125,6 +125,8 @@ def _check(settings: AuditSettings) -> AuditSettings:
             raise UsageError(f"{name.replace('_', '-')} must lie in [0, 1] (got {value})")
     requested = [m for m in settings.attacks if not (m == "wpgd" and settings.p == 1
                                                      and tuple(settings.attacks) == DEFAULT_ATTACKS)]
+    if tuple(settings.attacks) == DEFAULT_ATTACKS and np.isfinite(settings.p) and settings.loss == "ce":
+        requested.append("wda-curve")  # the strongest risk attack for p < inf and CE (docs/benchmarks.md)
     methods, _ = resolve_methods(requested, settings.p)  # the default list drops wpgd for p = 1
     return AuditSettings(**{**settings.__dict__, "deltas": tuple(sorted(set(float(d) for d in settings.deltas))),
                             "norm": parse_norm(settings.norm), "loss": check_loss(settings.loss),

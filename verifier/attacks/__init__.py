@@ -142,7 +142,7 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
     results: list[AttackResult] = []
     for name in _progress(chosen, progress):
         runner = ATTACKS[name](target, steps=steps, generator=torch.Generator().manual_seed(seed),
-                               kappa=kappa, topk=topk, radii=radii)
+                               kappa=kappa, topk=topk, radii=radii, box=box)
         for delta, dist in zip(deltas, runner.run(deltas)):
             deadline.check("the replay of an attack")
             results.append(measure(name, delta, dist, target, replayer, clean))

@@ -137,9 +137,10 @@ def _upsilon(local_slopes: torch.Tensor, p: float) -> float:
     return float((local_slopes**q).mean() ** (1.0 / q))
 
 
-def _radius_grid(inputs: torch.Tensor, deltas: Sequence[float], p: float, box, norm: str,
+def radius_grid(inputs: torch.Tensor, deltas: Sequence[float], p: float, box, norm: str,
                  grid_points: int) -> torch.Tensor:
-    """One grid for every delta: up to the farthest a single sample can move (N^(1/p) delta, capped)."""
+    """One grid for every delta: up to the farthest a single sample can move (N^(1/p) delta, capped);
+    the curve attack (`verifier.attacks.curve`) attacks at these radii too."""
     top = max(deltas) * (1.0 if math.isinf(p) else min(len(inputs) ** (1.0 / p), 20.0))
     top = min(top, float(box_reach(inputs, box, norm).max())) if box is not None else top
     top = max(top, max(deltas), 1e-6)  # a grid even when every delta is 0
@@ -204,7 +205,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         fallbacks.append(str(err))
     deadline.check("the certificate's set-up")
     refine = deadline.sooner(REFINE_SHARE)
-    radii = _radius_grid(inputs, deltas, p, box, norm, grid_points)
+    radii = radius_grid(inputs, deltas, p, box, norm, grid_points)
     # The tightened bounds first: on a large model they matter more than the cells' tiny radii.
     evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, None, progress=progress,
                                 deadline=refine)
