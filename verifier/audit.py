@@ -42,6 +42,9 @@ from verifier.validate import validate_against_onnxruntime
 
 DEFAULT_DELTAS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 DEFAULT_ATTACKS = ("wdapp", "wda", "pgd", "wpgd")
+# Under a time limit certify's refinements stop at this share of the time left, so that the
+# attacks after it get the rest (certify is anytime, the attacks are not).
+CERTIFY_REFINE_SHARE = 0.4
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,8 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                 certificate = clock.run("certify", lambda: certify(
                     converted, x, y, list(settings.deltas), p=settings.p, norm=settings.norm, loss=settings.loss,
                     box=box, grid_points=settings.grid_points, progress=progress,
-                    deadline=clock.deadline(), memory_limit_bytes=settings.memory_limit))
+                    deadline=clock.deadline(), memory_limit_bytes=settings.memory_limit,
+                    refine_share=CERTIFY_REFINE_SHARE))
             except Stopped as err:
                 stopped_at = "certify"
                 warnings += [f"audit {err}"] if isinstance(err, Terminated) else []

@@ -168,14 +168,15 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             deltas: Sequence[float], p: float = 2.0, norm: str | float = "2", loss: str = "ce",
             box: tuple[float, float] | None = None, grid_points: int = 24,
             exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False,
-            deadline: Deadline = NEVER, memory_limit_bytes: int | None = None) -> Certificate:
+            deadline: Deadline = NEVER, memory_limit_bytes: int | None = None,
+            refine_share: float = REFINE_SHARE) -> Certificate:
     """Certificates (upper bounds on R(delta)) for every delta, on CPU in float64.
 
     Work sized from shapes stays under `memory_limit_bytes` (default `resources.memory_limit()`):
     the exact cell analysis is skipped, with a fallback note, when one sample would not fit.
 
     Anytime under `deadline`: the refinements (cell analysis, tightened bounds per radius,
-    bisection of certified radii, exactness candidates) get the first `REFINE_SHARE` of the time
+    bisection of certified radii, exactness candidates) get the first `refine_share` of the time
     left and stop where they are when it runs out, leaving coarser but sound routes (interval-based
     bounds, larger radii, the global bound), each cut stated in `fallbacks`. Past `deadline`
     itself (checked between chunks of work in every step) `verifier.deadline.Stopped` is raised and
@@ -204,7 +205,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         network = None
         fallbacks.append(str(err))
     deadline.check("the certificate's set-up")
-    refine = deadline.sooner(REFINE_SHARE)
+    refine = deadline.sooner(refine_share)
     radii = radius_grid(inputs, deltas, p, box, norm, grid_points)
     # The tightened bounds first: on a large model they matter more than the cells' tiny radii.
     evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, None, progress=progress,
