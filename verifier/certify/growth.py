@@ -4,7 +4,9 @@ Routes, each sound on `B(x_i, s) ∩ box` (inf where it does not apply):
 - `cell`: the exact in-cell LP while `s <= r_i` (piecewise-linear models);
 - `linear`: back-substituted margin bounds `UB_j(s)` turned into the loss;
 - `jacobian`: the upper Riemann sum of slope bounds, `sum_{m<=k} Lambda(s_m) (s_m - s_{m-1})`;
-- `global`: `Lip(loss) * s`.
+- `global`: `Lip(loss) * s`;
+- `milp`: the exact worst margins of the MILP (`verifier.exact`, where it ran), or its dual bound
+  when it stopped at a limit.
 The minimum is made non-decreasing from the right (`g(s_k) <= g(s_m) <= gbar(s_m)` for m > k),
 which is sound and only tightens. Which route won is kept per sample and radius.
 """
@@ -26,7 +28,7 @@ from verifier.certify.aggregate import GrowthCurves
 from verifier.deadline import NEVER, Deadline, Stopped
 from verifier.losses import loss_values, margins
 
-ROUTES = ("cell", "linear", "jacobian", "global")
+ROUTES = ("cell", "linear", "jacobian", "global", "milp")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,13 @@ class MarginEvidence:
     cell_rates: torch.Tensor | None  # (N, K+1, C): their supergradients in s (tangents, concave in-cell)
     cell_radius: torch.Tensor | None  # (N,)
     reach: torch.Tensor  # (N,): D_i
+    milp: torch.Tensor | None = None  # (N, K+1, C): MILP margin bounds where it ran (inf elsewhere, -inf at j = y)
+
+    def milp_ran(self) -> torch.Tensor:
+        """Grid points (N, K+1) with MILP margin bounds."""
+        if self.milp is None:
+            return torch.zeros(self.radii.shape[0], dtype=torch.bool).expand(len(self.labels), -1)
+        return (self.milp < math.inf).any(-1)
 
 
 def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
@@ -155,10 +164,14 @@ def growth_curves(evidence: MarginEvidence, loss: str, global_slope: float) -> R
             slopes = torch.minimum(slopes, _loss_slope(evidence.slopes, evidence.linear, loss))
             steps = torch.diff(radii, prepend=radii[:1])
             routes["jacobian"] = torch.cumsum(slopes * steps, 1)  # upper Riemann sum, §3.4
+    if evidence.milp is not None:
+        capped = torch.minimum(evidence.milp, evidence.linear) if evidence.linear is not None else evidence.milp
+        routes["milp"] = torch.where(evidence.milp_ran(), loss_from_margins(capped, loss) - clean.unsqueeze(1), inf)
     for values in routes.values():
         values[:, 0] = 0.0
     stacked = torch.stack([routes[name] for name in ROUTES])  # (R, N, K+1)
     best, winner = stacked.min(0)
+    winner = torch.where(routes["milp"] <= best, ROUTES.index("milp"), winner)  # a tie: the exact route gets it
     winner = torch.where(torch.isfinite(best), winner, torch.full_like(winner, -1))  # -1: no route applies
     best = torch.flip(torch.cummin(torch.flip(best, [1]), 1).values, [1]).clamp_min(0.0)
     if loss == "zero_one":
@@ -196,6 +209,8 @@ def margin_class_curves(evidence: MarginEvidence, global_slope: float) -> Growth
     upper = base.unsqueeze(1) + torch.cumsum(torch.where(steps > 0, slope * steps, torch.zeros_like(slope)), 1)
     if evidence.linear is not None:
         upper = torch.minimum(upper, evidence.linear)
+    if evidence.milp is not None:
+        upper = torch.minimum(upper, evidence.milp)
     if evidence.cell_margins is not None:
         inside = (radii.unsqueeze(0) <= evidence.cell_radius.unsqueeze(1)).unsqueeze(-1)
         upper = torch.where(inside, torch.minimum(upper, evidence.cell_margins), upper)

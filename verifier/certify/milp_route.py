@@ -1,0 +1,225 @@
+"""The MILP route of the growth curves (method §8): exact worst margins where the aggregation needs them.
+
+Which curve points decide a certificate is known after aggregating: for `p = inf` the grid
+radius of each delta, otherwise the piece of every sample's curve that attains its inner sup at
+the dual's `lambda` (`aggregate.used_points`). `refine_with_milp` solves the MILP of
+`verifier.exact` at exactly those (sample, radius) points that no exact route covers yet (beyond
+the sample's cell), writes the bounds into the evidence (`MarginEvidence.milp`), aggregates again
+and repeats while new points become decisive, within a time budget. Every value written is an
+upper bound (the dual bound; exact when the MILP was solved to optimality), so the certificate
+stays sound at any stop. The maximisers found are kept as explicit moves for the realising
+distribution (§3.5), which is what makes the certificate `exact` when every decisive point is.
+
+`--exact auto` runs the route only when it is cheap: an encodable net (ReLU-family units, affine
+maps) of at most `AUTO_MAX_UNITS` units, a polyhedral threat (ℓ∞ or ℓ1), points with at most
+`AUTO_MAX_UNSTABLE` unstable units (binaries), and MILP time of at most `AUTO_RATIO` times the
+time the plain bounds took (clamped to [`AUTO_MIN_SECONDS`, `AUTO_MAX_SECONDS`]). Points are
+solved from the smallest radius up, so what the budget covers is the budgets' low end, where
+`exact_up_to_delta` is decided.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from verifier.bounds.network import BoundNetwork
+from verifier.bounds.propagate import margin_problem, propagate
+from verifier.certify.aggregate import excess_bound, used_points
+from verifier.certify.growth import ROUTES, MarginEvidence, RouteGrowth, growth_curves, margin_class_curves
+from verifier.deadline import NEVER, Deadline
+from verifier.exact.encode import NotEncodable, encode_network
+from verifier.exact.margins import sample_intervals
+from verifier.exact.milp import MilpLimits, solve_margins, unstable_units
+from verifier.errors import UsageError
+
+EXACT_MODES = ("auto", "on", "off")
+AUTO_MAX_UNITS = 512
+AUTO_MAX_UNSTABLE = 48
+AUTO_RATIO = 2.0
+AUTO_MIN_SECONDS, AUTO_MAX_SECONDS = 2.0, 60.0
+NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class ExactSettings:
+    """How the MILP route runs (None: the mode's default)."""
+
+    mode: str = "auto"  # auto | on | off
+    seconds: float | None = None  # total MILP time (auto: AUTO_RATIO x the plain bounds' time; on: unlimited)
+    max_unstable: int | None = None  # binaries per MILP (auto: AUTO_MAX_UNSTABLE; on: no cap)
+    per_milp_seconds: float = 10.0
+    rounds: int = 8
+
+    def __post_init__(self) -> None:
+        if self.mode not in EXACT_MODES:
+            raise UsageError(f"exact must be one of {', '.join(EXACT_MODES)} (got {self.mode!r})")
+
+
+@dataclass(frozen=True, eq=False)
+class MilpReport:
+    """What the MILP route did: counts, time, per-point status and the maximisers found."""
+
+    mode: str
+    active: bool  # the route ran (the model and threat allowed it)
+    reason: str  # why it did not run, or ""
+    solved: int  # (sample, radius) points bounded by a MILP
+    optimal: int  # ... of which solved to optimality (exact)
+    skipped: int  # points left to the linear bounds (too many unstable units, or the time budget)
+    seconds: float
+    status: torch.Tensor  # (N, K+1) int8: NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED
+    moves: torch.Tensor | None  # (N, E, d): displacements of the maximisers (zero = no move)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (the per-point status and moves are left out)."""
+        return {"mode": self.mode, "active": self.active, "reason": self.reason or None, "points_solved": self.solved,
+                "points_optimal": self.optimal, "points_skipped": self.skipped, "seconds": round(self.seconds, 3)}
+
+
+def _inactive(settings: ExactSettings, evidence: MarginEvidence, reason: str) -> tuple[MarginEvidence, MilpReport]:
+    status = torch.zeros(len(evidence.labels), len(evidence.radii), dtype=torch.int8)
+    return evidence, MilpReport(settings.mode, False, reason, 0, 0, 0, 0.0, status, None)
+
+
+def decisive_points(evidence: MarginEvidence, loss: str, global_slope: float, margin_slope: float,
+                    deltas: Sequence[float], p: float) -> tuple[RouteGrowth, list[torch.Tensor]]:
+    """The growth curves and, per delta, the grid points (N, K+1) its certificate depends on."""
+    growth = growth_curves(evidence, loss, global_slope)
+    families = [growth.curves]
+    if loss == "margin":
+        families.append(margin_class_curves(evidence, margin_slope))
+    used = []
+    for delta in deltas:
+        if delta <= 0:
+            used.append(torch.zeros(len(evidence.labels), len(evidence.radii), dtype=torch.bool))
+            continue
+        bounds = [excess_bound(curves, float(delta), p) for curves in families]
+        best = min(range(len(families)), key=lambda k: bounds[k][0])
+        used.append(used_points(families[best], float(delta), p, bounds[best][1]))
+    return growth, used
+
+
+def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: torch.Tensor, norm: str,
+                     box: tuple[float, float] | None, deltas: Sequence[float], p: float, loss: str,
+                     global_slope: float, margin_slope: float, settings: ExactSettings,
+                     bound_seconds: float = 0.0, deadline: Deadline = NEVER) -> tuple[MarginEvidence, MilpReport]:
+    """Evidence with MILP bounds at the decisive points, and what was done (see the module doc).
+
+    `bound_seconds`: how long the plain bounds took (sizes auto's time budget)."""
+    if settings.mode == "off":
+        return _inactive(settings, evidence, "off")
+    if network is None or evidence.linear is None:
+        return _inactive(settings, evidence, "no bound network")
+    if norm not in ("inf", "1"):
+        return _inactive(settings, evidence, f"the ℓ{norm} ball is not polyhedral (the MILP needs norm inf or 1)")
+    try:
+        encoded = encode_network(network, tuple(x.shape[1:]))
+    except NotEncodable as err:
+        return _inactive(settings, evidence, str(err))
+    auto = settings.mode == "auto"
+    if auto and encoded.unit_count > AUTO_MAX_UNITS:
+        return _inactive(settings, evidence, f"{encoded.unit_count} activation units > {AUTO_MAX_UNITS} (auto)")
+    budget = settings.seconds
+    if budget is None:
+        budget = min(max(AUTO_RATIO * bound_seconds, AUTO_MIN_SECONDS), AUTO_MAX_SECONDS) if auto else math.inf
+    cap = settings.max_unstable if settings.max_unstable is not None else (AUTO_MAX_UNSTABLE if auto else None)
+    count, points = len(evidence.labels), len(evidence.radii)
+    status = torch.zeros(count, points, dtype=torch.int8)
+    milp = torch.full_like(evidence.linear, math.inf)
+    inside = torch.zeros(count, points, dtype=torch.bool)
+    if evidence.cell_radius is not None:  # the cell route is already exact there
+        inside = evidence.radii.unsqueeze(0) <= evidence.cell_radius.unsqueeze(1)
+    inside[:, 0] = True
+    moves: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    flat = x.flatten(1)
+    began, out_of_time = time.perf_counter(), False
+    for _ in range(settings.rounds):
+        current = replace(evidence, milp=milp)
+        _, used = decisive_points(current, loss, global_slope, margin_slope, deltas, p)
+        need = torch.stack(used).any(0) & ~inside & (status == NOT_RUN)
+        if not need.any():
+            break
+        for k in need.any(0).nonzero().flatten().tolist():
+            samples = need[:, k].nonzero().flatten()
+            deadline.check("the exact MILP route")
+            radius = float(evidence.radii[k])
+            problem = margin_problem(network, x[samples], evidence.labels[samples], radius, norm, box,
+                                     torch.device("cpu"), torch.float64)
+            state = propagate(network, problem.region, deadline=deadline)
+            for row, i in enumerate(samples.tolist()):
+                left = budget - (time.perf_counter() - began)
+                if left <= 0:
+                    out_of_time = True
+                    break
+                deadline.check("the exact MILP route")
+                intervals = sample_intervals(state, row)
+                if cap is not None and unstable_units(encoded, intervals) > cap:
+                    status[i, k] = SKIPPED
+                    continue
+                solution = solve_margins(encoded, flat[i].numpy(), int(evidence.labels[i]),
+                                         problem.region.lower[row].numpy(), problem.region.upper[row].numpy(), radius,
+                                         norm, intervals, evidence.linear[i, k].numpy(),
+                                         MilpLimits(time_limit=min(settings.per_milp_seconds, left)))
+                milp[i, k] = torch.from_numpy(solution.upper)
+                status[i, k] = OPTIMAL if solution.optimal else AT_LIMIT
+                if solution.point is not None:
+                    moves[i].append(_project(torch.from_numpy(solution.point) - flat[i],
+                                             problem.region.lower[row], problem.region.upper[row], radius, norm))
+            if out_of_time:
+                break
+        if out_of_time:
+            break
+    status[(status == NOT_RUN) & torch.stack(used).any(0) & ~inside & out_of_time] = SKIPPED
+    solved = int(((status == OPTIMAL) | (status == AT_LIMIT)).sum())
+    report = MilpReport(settings.mode, True, "", solved, int((status == OPTIMAL).sum()), int((status == SKIPPED).sum()),
+                        time.perf_counter() - began, status, _stack_moves(moves, flat.shape[1], flat.dtype))
+    return replace(evidence, milp=milp), report
+
+
+def _project(move: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
+    """The solver's displacement put exactly inside `{lower <= d <= upper, ||d|| <= radius}` (float64)."""
+    move = torch.minimum(torch.maximum(move, torch.clamp(lower, min=-radius)), torch.clamp(upper, max=radius))
+    if norm == "1":
+        length = float(move.abs().sum())
+        if length > radius:  # the box contains 0, so shrinking stays inside it
+            move = move * (radius / length) * (1.0 - 1e-12)
+    return move
+
+
+def _stack_moves(moves: list[list[torch.Tensor]], width: int, dtype: torch.dtype) -> torch.Tensor | None:
+    most = max((len(m) for m in moves), default=0)
+    if most == 0:
+        return None
+    stacked = torch.zeros(len(moves), most, width, dtype=dtype)
+    for i, sample in enumerate(moves):
+        if sample:
+            stacked[i, : len(sample)] = torch.stack(sample)
+    return stacked
+
+
+def curve_sources(growth: RouteGrowth, used: torch.Tensor, status: torch.Tensor) -> dict[str, float]:
+    """Share of the samples whose decisive curve point (the farthest one used) came from each route.
+
+    `milp` is split into `milp_exact` (solved to optimality) and `milp_bound` (dual bound at a
+    limit); samples that gain nothing at this budget count as `unmoved`.
+    """
+    count = len(used)
+    names: list[str] = []
+    for i in range(count):
+        indices = used[i].nonzero().flatten()
+        if len(indices) == 0:
+            names.append("unmoved")
+            continue
+        k = int(indices[-1])
+        winner = int(growth.winner[i, k])
+        name = ROUTES[winner] if winner >= 0 else "none"
+        if name == "milp":
+            name = "milp_exact" if int(status[i, k]) == OPTIMAL else "milp_bound"
+        names.append(name)
+    values, counts = np.unique(np.array(names), return_counts=True)
+    return {str(v): float(c) / count for v, c in zip(values, counts)}
