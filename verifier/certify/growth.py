@@ -171,7 +171,8 @@ def growth_curves(evidence: MarginEvidence, loss: str, global_slope: float) -> R
         values[:, 0] = 0.0
     stacked = torch.stack([routes[name] for name in ROUTES])  # (R, N, K+1)
     best, winner = stacked.min(0)
-    winner = torch.where(routes["milp"] <= best, ROUTES.index("milp"), winner)  # a tie: the exact route gets it
+    tie = evidence.milp_ran() & (routes["milp"] <= best)
+    winner = torch.where(tie, ROUTES.index("milp"), winner)  # a tie: the exact route gets it
     winner = torch.where(torch.isfinite(best), winner, torch.full_like(winner, -1))  # -1: no route applies
     best = torch.flip(torch.cummin(torch.flip(best, [1]), 1).values, [1]).clamp_min(0.0)
     if loss == "zero_one":

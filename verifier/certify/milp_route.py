@@ -12,10 +12,11 @@ distribution (§3.5), which is what makes the certificate `exact` when every dec
 
 `--exact auto` runs the route only when it is cheap: an encodable net (ReLU-family units, affine
 maps) of at most `AUTO_MAX_UNITS` units, a polyhedral threat (ℓ∞ or ℓ1), points with at most
-`AUTO_MAX_UNSTABLE` unstable units (binaries), and MILP time of at most `AUTO_RATIO` times the
-time the plain bounds took (clamped to [`AUTO_MIN_SECONDS`, `AUTO_MAX_SECONDS`]). Points are
-solved from the smallest radius up, so what the budget covers is the budgets' low end, where
-`exact_up_to_delta` is decided.
+`AUTO_MAX_UNSTABLE` unstable units (binaries), at most `AUTO_NODE_LIMIT` branch-and-bound nodes
+per MILP and `AUTO_MAX_POINTS` points in all. Its budget counts work, not seconds, so `auto`
+gives the same numbers on every machine. Points are solved from the smallest radius up, so what
+the budget covers is the budgets' low end, where `exact_up_to_delta` is decided. `on` has no
+caps but `seconds` (total) and `per_milp_seconds`.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from verifier.errors import UsageError
 EXACT_MODES = ("auto", "on", "off")
 AUTO_MAX_UNITS = 512
 AUTO_MAX_UNSTABLE = 48
-AUTO_RATIO = 2.0
-AUTO_MIN_SECONDS, AUTO_MAX_SECONDS = 2.0, 60.0
+AUTO_MAX_POINTS = 200
+AUTO_NODE_LIMIT = 2000
 NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED = 0, 1, 2, 3
 
 
@@ -51,9 +52,11 @@ class ExactSettings:
     """How the MILP route runs (None: the mode's default)."""
 
     mode: str = "auto"  # auto | on | off
-    seconds: float | None = None  # total MILP time (auto: AUTO_RATIO x the plain bounds' time; on: unlimited)
-    max_unstable: int | None = None  # binaries per MILP (auto: AUTO_MAX_UNSTABLE; on: no cap)
-    per_milp_seconds: float = 10.0
+    seconds: float | None = None  # total MILP time (None: unlimited)
+    max_unstable: int | None = None  # binaries per MILP (None: AUTO_MAX_UNSTABLE under auto, no cap under on)
+    max_points: int | None = None  # (sample, radius) points (None: AUTO_MAX_POINTS under auto, no cap under on)
+    node_limit: int | None = None  # per MILP (None: AUTO_NODE_LIMIT under auto, none under on)
+    per_milp_seconds: float | None = None  # per MILP (None: none under auto, which stays deterministic; 10 s under on)
     rounds: int = 8
 
     def __post_init__(self) -> None:
@@ -107,10 +110,8 @@ def decisive_points(evidence: MarginEvidence, loss: str, global_slope: float, ma
 def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: torch.Tensor, norm: str,
                      box: tuple[float, float] | None, deltas: Sequence[float], p: float, loss: str,
                      global_slope: float, margin_slope: float, settings: ExactSettings,
-                     bound_seconds: float = 0.0, deadline: Deadline = NEVER) -> tuple[MarginEvidence, MilpReport]:
-    """Evidence with MILP bounds at the decisive points, and what was done (see the module doc).
-
-    `bound_seconds`: how long the plain bounds took (sizes auto's time budget)."""
+                     deadline: Deadline = NEVER) -> tuple[MarginEvidence, MilpReport]:
+    """Evidence with MILP bounds at the decisive points, and what was done (see the module doc)."""
     if settings.mode == "off":
         return _inactive(settings, evidence, "off")
     if network is None or evidence.linear is None:
@@ -124,10 +125,15 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
     auto = settings.mode == "auto"
     if auto and encoded.unit_count > AUTO_MAX_UNITS:
         return _inactive(settings, evidence, f"{encoded.unit_count} activation units > {AUTO_MAX_UNITS} (auto)")
-    budget = settings.seconds
-    if budget is None:
-        budget = min(max(AUTO_RATIO * bound_seconds, AUTO_MIN_SECONDS), AUTO_MAX_SECONDS) if auto else math.inf
-    cap = settings.max_unstable if settings.max_unstable is not None else (AUTO_MAX_UNSTABLE if auto else None)
+    budget = settings.seconds if settings.seconds is not None else math.inf
+
+    def default(value, under_auto, under_on):
+        return value if value is not None else (under_auto if auto else under_on)
+
+    cap = default(settings.max_unstable, AUTO_MAX_UNSTABLE, None)
+    points_left = default(settings.max_points, AUTO_MAX_POINTS, math.inf)
+    node_limit = default(settings.node_limit, AUTO_NODE_LIMIT, None)
+    per_milp = default(settings.per_milp_seconds, None, 10.0)
     count, points = len(evidence.labels), len(evidence.radii)
     status = torch.zeros(count, points, dtype=torch.int8)
     milp = torch.full_like(evidence.linear, math.inf)
@@ -137,7 +143,7 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
     inside[:, 0] = True
     moves: list[list[torch.Tensor]] = [[] for _ in range(count)]
     flat = x.flatten(1)
-    began, out_of_time = time.perf_counter(), False
+    began, exhausted = time.perf_counter(), False
     for _ in range(settings.rounds):
         current = replace(evidence, milp=milp)
         _, used = decisive_points(current, loss, global_slope, margin_slope, deltas, p)
@@ -153,8 +159,8 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
             state = propagate(network, problem.region, deadline=deadline)
             for row, i in enumerate(samples.tolist()):
                 left = budget - (time.perf_counter() - began)
-                if left <= 0:
-                    out_of_time = True
+                if left <= 0 or points_left <= 0:
+                    exhausted = True
                     break
                 deadline.check("the exact MILP route")
                 intervals = sample_intervals(state, row)
@@ -164,21 +170,27 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
                 solution = solve_margins(encoded, flat[i].numpy(), int(evidence.labels[i]),
                                          problem.region.lower[row].numpy(), problem.region.upper[row].numpy(), radius,
                                          norm, intervals, evidence.linear[i, k].numpy(),
-                                         MilpLimits(time_limit=min(settings.per_milp_seconds, left)))
+                                         MilpLimits(time_limit=_least(per_milp, left), node_limit=node_limit))
+                points_left -= 1
                 milp[i, k] = torch.from_numpy(solution.upper)
                 status[i, k] = OPTIMAL if solution.optimal else AT_LIMIT
                 if solution.point is not None:
                     moves[i].append(_project(torch.from_numpy(solution.point) - flat[i],
                                              problem.region.lower[row], problem.region.upper[row], radius, norm))
-            if out_of_time:
+            if exhausted:
                 break
-        if out_of_time:
+        if exhausted:
             break
-    status[(status == NOT_RUN) & torch.stack(used).any(0) & ~inside & out_of_time] = SKIPPED
+    status[(status == NOT_RUN) & torch.stack(used).any(0) & ~inside & exhausted] = SKIPPED
     solved = int(((status == OPTIMAL) | (status == AT_LIMIT)).sum())
     report = MilpReport(settings.mode, True, "", solved, int((status == OPTIMAL).sum()), int((status == SKIPPED).sum()),
                         time.perf_counter() - began, status, _stack_moves(moves, flat.shape[1], flat.dtype))
     return replace(evidence, milp=milp), report
+
+
+def _least(*limits: float | None) -> float | None:
+    finite = [v for v in limits if v is not None and math.isfinite(v)]
+    return min(finite) if finite else None
 
 
 def _project(move: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
