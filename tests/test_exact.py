@@ -119,9 +119,15 @@ def test_unencodable_nets_and_norms_leave_the_route_off(tmp_path):
     y = relu.logits_module.double()(torch.from_numpy(x)).argmax(1).numpy()
     result = certify(relu, x, y, [0.1], p=2, norm="2", loss="margin", box=BOX, exact="on")
     assert not result.exact_mode.active and "polyhedral" in result.exact_mode.reason
-    result = certify(gelu, np.zeros((1, 6)), np.zeros(1, dtype=int), [0.1], p=2, norm="inf", loss="margin",
-                     box=BOX, exact="on")
-    assert not result.exact_mode.active and "MILP" in result.exact_mode.reason
+    x = np.random.default_rng(2).uniform(-0.5, 0.5, size=(3, 6))
+    y = gelu.logits_module.double()(torch.from_numpy(x)).argmax(1).numpy()
+    result = certify(gelu, x, y, [0.3], p=math.inf, norm="1", loss="margin", box=BOX, exact="on")
+    assert not result.exact_mode.active and "MILP" in result.exact_mode.reason  # ℓ1 and no MILP form
+    # ℓ∞ on 6 inputs: input splitting takes the MILP's place for the smooth net, and only tightens
+    off = certify(gelu, x, y, [0.3], p=math.inf, norm="inf", loss="margin", box=BOX, grid_points=8, exact="off")
+    split = certify(gelu, x, y, [0.3], p=math.inf, norm="inf", loss="margin", box=BOX, grid_points=8, exact="on")
+    assert split.exact_mode.active and split.exact_mode.solver == "split" and split.exact_mode.solved > 0
+    assert split.results[0].realised_risk <= split.results[0].certificate <= off.results[0].certificate + 1e-12
 
 
 @pytest.mark.parametrize("p", [math.inf, 2.0])

@@ -260,7 +260,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
                 if class_excess < excess:
                     excess, lam, family = class_excess, class_lam, class_curves
             if delta > 0:
-                sources = curve_sources(growth, used_points(family, float(delta), p, lam), milp_report.status)
+                sources = curve_sources(growth, used_points(family, float(delta), p, lam), milp_report.status,
+                                        milp_report.solver or "milp")
             closed_forms = [clean_risk + linear_closed_form(growth.curves.tail_slope, float(delta), p)]
             closed_forms += [global_bound] if global_bound is not None else []
             certificate = min([clean_risk + excess] + closed_forms)  # §3.7: every candidate is sound

@@ -9,6 +9,10 @@ and repeats while new points become decisive, within a time budget. Every value 
 upper bound (the dual bound; exact when the MILP was solved to optimality), so the certificate
 stays sound at any stop. The maximisers found are kept as explicit moves for the realising
 distribution (§3.5), which is what makes the certificate `exact` when every decisive point is.
+Where the MILP cannot state the net (smooth activations, MaxPool) and the threat is ℓ∞ on
+at most `SPLIT_MAX_INPUTS` inputs, input-splitting branch and bound (`exact.bab`) takes its place
+(its bound is the maximum over leaves: sound at any stop; "exact" when the leaves meet the best
+leaf centre within `SPLIT_TOLERANCE`).
 
 `--exact auto` runs the route only when it is cheap: an encodable net (ReLU-family units, affine
 maps) of at most `AUTO_MAX_UNITS` units, a polyhedral threat (ℓ∞ or ℓ1), points with at most
@@ -23,17 +27,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from verifier.bounds.network import BoundNetwork
-from verifier.bounds.propagate import margin_problem, propagate
+from verifier.bounds.propagate import Bounds, MarginProblem, margin_problem, propagate
 from verifier.certify.aggregate import excess_bound, used_points
 from verifier.certify.growth import ROUTES, MarginEvidence, RouteGrowth, growth_curves, margin_class_curves
 from verifier.deadline import NEVER, Deadline
+from verifier.exact.bab import split_margins
 from verifier.exact.encode import NotEncodable, encode_network
 from verifier.exact.margins import sample_intervals
 from verifier.exact.milp import MilpLimits, solve_margins, unstable_units
@@ -44,6 +49,9 @@ AUTO_MAX_UNITS = 512
 AUTO_MAX_UNSTABLE = 48
 AUTO_MAX_POINTS = 200
 AUTO_NODE_LIMIT = 2000
+SPLIT_MAX_INPUTS = 8  # input splitting (any activation the bounds cover) for inputs this small
+AUTO_SPLIT_LEAVES = 1024
+SPLIT_TOLERANCE = 1e-4
 NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED = 0, 1, 2, 3
 
 
@@ -71,6 +79,7 @@ class MilpReport:
     mode: str
     active: bool  # the route ran (the model and threat allowed it)
     reason: str  # why it did not run, or ""
+    solver: str  # "milp" (the exact MILP), "split" (input-splitting branch and bound) or "" (did not run)
     solved: int  # (sample, radius) points bounded by a MILP
     optimal: int  # ... of which solved to optimality (exact)
     skipped: int  # points left to the linear bounds (too many unstable units, or the time budget)
@@ -80,13 +89,14 @@ class MilpReport:
 
     def to_dict(self) -> dict:
         """JSON-ready summary (the per-point status and moves are left out)."""
-        return {"mode": self.mode, "active": self.active, "reason": self.reason or None, "points_solved": self.solved,
+        return {"mode": self.mode, "active": self.active, "reason": self.reason or None, "solver": self.solver or None,
+                "points_solved": self.solved,
                 "points_optimal": self.optimal, "points_skipped": self.skipped, "seconds": round(self.seconds, 3)}
 
 
 def _inactive(settings: ExactSettings, evidence: MarginEvidence, reason: str) -> tuple[MarginEvidence, MilpReport]:
     status = torch.zeros(len(evidence.labels), len(evidence.radii), dtype=torch.int8)
-    return evidence, MilpReport(settings.mode, False, reason, 0, 0, 0, 0.0, status, None)
+    return evidence, MilpReport(settings.mode, False, reason, "", 0, 0, 0, 0.0, status, None)
 
 
 def decisive_points(evidence: MarginEvidence, loss: str, global_slope: float, margin_slope: float,
@@ -111,29 +121,23 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
                      box: tuple[float, float] | None, deltas: Sequence[float], p: float, loss: str,
                      global_slope: float, margin_slope: float, settings: ExactSettings,
                      deadline: Deadline = NEVER) -> tuple[MarginEvidence, MilpReport]:
-    """Evidence with MILP bounds at the decisive points, and what was done (see the module doc)."""
+    """Evidence with MILP (or split) bounds at the decisive points, and what was done (see the module doc)."""
     if settings.mode == "off":
         return _inactive(settings, evidence, "off")
     if network is None or evidence.linear is None:
         return _inactive(settings, evidence, "no bound network")
-    if norm not in ("inf", "1"):
-        return _inactive(settings, evidence, f"the ℓ{norm} ball is not polyhedral (the MILP needs norm inf or 1)")
-    try:
-        encoded = encode_network(network, tuple(x.shape[1:]))
-    except NotEncodable as err:
-        return _inactive(settings, evidence, str(err))
     auto = settings.mode == "auto"
-    if auto and encoded.unit_count > AUTO_MAX_UNITS:
-        return _inactive(settings, evidence, f"{encoded.unit_count} activation units > {AUTO_MAX_UNITS} (auto)")
-    budget = settings.seconds if settings.seconds is not None else math.inf
 
     def default(value, under_auto, under_on):
         return value if value is not None else (under_auto if auto else under_on)
 
-    cap = default(settings.max_unstable, AUTO_MAX_UNSTABLE, None)
+    solver, reason = _solver(network, x, norm, auto, default(settings.max_unstable, AUTO_MAX_UNSTABLE, None),
+                             default(settings.node_limit, AUTO_NODE_LIMIT, None),
+                             default(settings.per_milp_seconds, None, 10.0))
+    if solver is None:
+        return _inactive(settings, evidence, reason)
+    budget = settings.seconds if settings.seconds is not None else math.inf
     points_left = default(settings.max_points, AUTO_MAX_POINTS, math.inf)
-    node_limit = default(settings.node_limit, AUTO_NODE_LIMIT, None)
-    per_milp = default(settings.per_milp_seconds, None, 10.0)
     count, points = len(evidence.labels), len(evidence.radii)
     status = torch.zeros(count, points, dtype=torch.int8)
     milp = torch.full_like(evidence.linear, math.inf)
@@ -163,19 +167,16 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
                     exhausted = True
                     break
                 deadline.check("the exact MILP route")
-                intervals = sample_intervals(state, row)
-                if cap is not None and unstable_units(encoded, intervals) > cap:
+                solution = solver(problem, state, row, evidence.linear[i, k], left)
+                if solution is None:  # too large for this mode
                     status[i, k] = SKIPPED
                     continue
-                solution = solve_margins(encoded, flat[i].numpy(), int(evidence.labels[i]),
-                                         problem.region.lower[row].numpy(), problem.region.upper[row].numpy(), radius,
-                                         norm, intervals, evidence.linear[i, k].numpy(),
-                                         MilpLimits(time_limit=_least(per_milp, left), node_limit=node_limit))
+                upper, optimal, point = solution
                 points_left -= 1
-                milp[i, k] = torch.from_numpy(solution.upper)
-                status[i, k] = OPTIMAL if solution.optimal else AT_LIMIT
-                if solution.point is not None:
-                    moves[i].append(_project(torch.from_numpy(solution.point) - flat[i],
+                milp[i, k] = torch.from_numpy(upper)
+                status[i, k] = OPTIMAL if optimal else AT_LIMIT
+                if point is not None:
+                    moves[i].append(_project(torch.from_numpy(point) - flat[i],
                                              problem.region.lower[row], problem.region.upper[row], radius, norm))
             if exhausted:
                 break
@@ -183,9 +184,63 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
             break
     status[(status == NOT_RUN) & torch.stack(used).any(0) & ~inside & exhausted] = SKIPPED
     solved = int(((status == OPTIMAL) | (status == AT_LIMIT)).sum())
-    report = MilpReport(settings.mode, True, "", solved, int((status == OPTIMAL).sum()), int((status == SKIPPED).sum()),
+    report = MilpReport(settings.mode, True, "", solver.kind, solved, int((status == OPTIMAL).sum()), int((status == SKIPPED).sum()),
                         time.perf_counter() - began, status, _stack_moves(moves, flat.shape[1], flat.dtype))
     return replace(evidence, milp=milp), report
+
+
+@dataclass(frozen=True)
+class _Solver:
+    """One (sample, radius) point -> (per-class upper bounds, optimal, maximiser) or None (skipped)."""
+
+    kind: str  # "milp" or "split"
+    solve: Callable
+
+    def __call__(self, problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
+        return self.solve(problem, state, row, linear, seconds)
+
+
+def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, auto: bool, cap: int | None, node_limit: int | None,
+            per_milp: float | None) -> tuple[_Solver | None, str]:
+    """The MILP when the net and threat allow it, else input splitting for low-dimensional ℓ∞ inputs."""
+    reason = ""
+    if norm in ("inf", "1"):
+        try:
+            encoded = encode_network(network, tuple(x.shape[1:]))
+            if auto and encoded.unit_count > AUTO_MAX_UNITS:
+                raise NotEncodable(f"{encoded.unit_count} activation units > {AUTO_MAX_UNITS} (auto)")
+        except NotEncodable as err:
+            reason = str(err)
+        else:
+            def milp(problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
+                intervals = sample_intervals(state, row)
+                if cap is not None and unstable_units(encoded, intervals) > cap:
+                    return None
+                region = problem.region
+                solution = solve_margins(encoded, region.center[row].flatten().numpy(), int(problem.labels[row]),
+                                         region.lower[row].numpy(), region.upper[row].numpy(),
+                                         float(region.radius[row]), norm, intervals, linear.numpy(),
+                                         MilpLimits(time_limit=_least(per_milp, seconds), node_limit=node_limit))
+                return solution.upper, solution.optimal, solution.point
+
+            return _Solver("milp", milp), ""
+    else:
+        reason = f"the ℓ{norm} ball is not polyhedral (the MILP needs norm inf or 1)"
+    width = int(np.prod(x.shape[1:]))
+    if norm == "inf" and width <= SPLIT_MAX_INPUTS:
+        leaves = AUTO_SPLIT_LEAVES if auto else 16 * AUTO_SPLIT_LEAVES
+
+        def split(problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
+            region = problem.region
+            centre, radius = region.center[row].flatten(), float(region.radius[row])
+            low = centre + torch.clamp(region.lower[row], min=-radius)
+            high = centre + torch.clamp(region.upper[row], max=radius)
+            solution = split_margins(network, centre, int(problem.labels[row]), low, high, tolerance=SPLIT_TOLERANCE,
+                                     max_leaves=leaves)
+            return np.minimum(solution.upper, linear.numpy()), solution.complete, solution.point
+
+        return _Solver("split", split), ""
+    return None, reason + (f"; input splitting needs norm inf and at most {SPLIT_MAX_INPUTS} inputs" if reason else "")
 
 
 def _least(*limits: float | None) -> float | None:
@@ -214,11 +269,12 @@ def _stack_moves(moves: list[list[torch.Tensor]], width: int, dtype: torch.dtype
     return stacked
 
 
-def curve_sources(growth: RouteGrowth, used: torch.Tensor, status: torch.Tensor) -> dict[str, float]:
+def curve_sources(growth: RouteGrowth, used: torch.Tensor, status: torch.Tensor,
+                  solver: str = "milp") -> dict[str, float]:
     """Share of the samples whose decisive curve point (the farthest one used) came from each route.
 
-    `milp` is split into `milp_exact` (solved to optimality) and `milp_bound` (dual bound at a
-    limit); samples that gain nothing at this budget count as `unmoved`.
+    The `milp` route is named by its solver and split into `<solver>_exact` (solved to optimality,
+    or a complete split) and `<solver>_bound` (a bound at a limit); samples that gain nothing at this budget count as `unmoved`.
     """
     count = len(used)
     names: list[str] = []
@@ -231,7 +287,7 @@ def curve_sources(growth: RouteGrowth, used: torch.Tensor, status: torch.Tensor)
         winner = int(growth.winner[i, k])
         name = ROUTES[winner] if winner >= 0 else "none"
         if name == "milp":
-            name = "milp_exact" if int(status[i, k]) == OPTIMAL else "milp_bound"
+            name = f"{solver}_exact" if int(status[i, k]) == OPTIMAL else f"{solver}_bound"
         names.append(name)
     values, counts = np.unique(np.array(names), return_counts=True)
     return {str(v): float(c) / count for v, c in zip(values, counts)}

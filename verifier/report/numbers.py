@@ -63,7 +63,8 @@ def fmt_delta(item, digits: int = 3) -> str:
     return fmt(item) if k is None else f"{k}/255 ({fmt(item, digits)})"
 
 
-_SOURCE_NAMES = {"milp_exact": "MILP (exact)", "milp_bound": "MILP (bound at a limit)", "cell": "cell (exact)",
+_SOURCE_NAMES = {"milp_exact": "MILP (exact)", "milp_bound": "MILP (bound at a limit)",
+                 "split_exact": "split (exact)", "split_bound": "split (bound at a limit)", "cell": "cell (exact)",
                  "linear": "linear bound", "jacobian": "slope bound", "global": "global bound", "none": "no route",
                  "unmoved": "no move"}
 
@@ -82,7 +83,8 @@ def fmt_exact_mode(mode) -> str | None:
         return None
     if not mode.get("active"):
         return None if mode.get("mode") == "off" else f"Exact mode ({mode['mode']}) did not run: {mode.get('reason')}."
-    return (f"Exact mode ({mode['mode']}): MILP at {mode['points_solved']} curve point(s), "
+    solver = "input splitting" if mode.get("solver") == "split" else "MILP"
+    return (f"Exact mode ({mode['mode']}): {solver} at {mode['points_solved']} curve point(s), "
             f"{mode['points_optimal']} solved to optimality, {mode['points_skipped']} left to the linear bounds, "
             f"{fmt_seconds(mode['seconds'])}.")
 

@@ -87,7 +87,7 @@ _EXACT_MODE = _strict({
     "points_optimal": {"type": "integer", "minimum": 0},
     "points_skipped": {"type": "integer", "minimum": 0},
     "seconds": _NONNEG,
-})
+}, {"solver": {"enum": ["milp", "split", None]}})
 
 _MODEL = _open({
     "path": {"type": "string"},
