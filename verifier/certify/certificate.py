@@ -223,7 +223,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     settings = exact if isinstance(exact, ExactSettings) else ExactSettings(mode=exact)
     evidence, milp_report = refine_with_milp(
         evidence, network if loss != "dlr" else None, inputs, norm, box, deltas, p, loss,
-        lipschitz.loss_constant(loss), lipschitz.loss_constant("margin"), settings, deadline)
+        lipschitz.loss_constant(loss), lipschitz.loss_constant("margin"), settings, cells, deadline)
+    radii = evidence.radii  # the exact mode may have refined the grid where the certificate is decided
     growth = growth_curves(evidence, loss, lipschitz.loss_constant(loss))
     class_curves = margin_class_curves(evidence, lipschitz.loss_constant("margin")) if loss == "margin" else None
     correct = loss_values(logits, labels, "margin") < 0

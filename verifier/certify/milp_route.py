@@ -36,7 +36,9 @@ import torch
 from verifier.bounds.network import BoundNetwork
 from verifier.bounds.propagate import Bounds, MarginProblem, margin_problem, propagate
 from verifier.certify.aggregate import excess_bound, used_points
-from verifier.certify.growth import ROUTES, MarginEvidence, RouteGrowth, growth_curves, margin_class_curves
+from verifier.cells import CellAnalysis
+from verifier.certify.growth import (ROUTES, MarginEvidence, RouteGrowth, collect_evidence, growth_curves,
+                                     margin_class_curves)
 from verifier.deadline import NEVER, Deadline
 from verifier.exact.bab import split_margins
 from verifier.exact.encode import NotEncodable, encode_network
@@ -65,7 +67,7 @@ class ExactSettings:
     max_points: int | None = None  # (sample, radius) points (None: AUTO_MAX_POINTS under auto, no cap under on)
     node_limit: int | None = None  # per MILP (None: AUTO_NODE_LIMIT under auto, none under on)
     per_milp_seconds: float | None = None  # per MILP (None: none under auto, which stays deterministic; 10 s under on)
-    rounds: int = 8
+    rounds: int = 16  # aggregate -> solve (or refine the grid) -> aggregate again
 
     def __post_init__(self) -> None:
         if self.mode not in EXACT_MODES:
@@ -120,7 +122,7 @@ def decisive_points(evidence: MarginEvidence, loss: str, global_slope: float, ma
 def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: torch.Tensor, norm: str,
                      box: tuple[float, float] | None, deltas: Sequence[float], p: float, loss: str,
                      global_slope: float, margin_slope: float, settings: ExactSettings,
-                     deadline: Deadline = NEVER) -> tuple[MarginEvidence, MilpReport]:
+                     cells: CellAnalysis | None = None, deadline: Deadline = NEVER) -> tuple[MarginEvidence, MilpReport]:
     """Evidence with MILP (or split) bounds at the decisive points, and what was done (see the module doc)."""
     if settings.mode == "off":
         return _inactive(settings, evidence, "off")
@@ -141,10 +143,7 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
     count, points = len(evidence.labels), len(evidence.radii)
     status = torch.zeros(count, points, dtype=torch.int8)
     milp = torch.full_like(evidence.linear, math.inf)
-    inside = torch.zeros(count, points, dtype=torch.bool)
-    if evidence.cell_radius is not None:  # the cell route is already exact there
-        inside = evidence.radii.unsqueeze(0) <= evidence.cell_radius.unsqueeze(1)
-    inside[:, 0] = True
+    inside = _inside_cells(evidence)
     moves: list[list[torch.Tensor]] = [[] for _ in range(count)]
     flat = x.flatten(1)
     began, exhausted = time.perf_counter(), False
@@ -153,7 +152,12 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
         _, used = decisive_points(current, loss, global_slope, margin_slope, deltas, p)
         need = torch.stack(used).any(0) & ~inside & (status == NOT_RUN)
         if not need.any():
-            break
+            new = _midpoints(used, inside | (status == OPTIMAL), evidence.radii) if not math.isinf(p) else []
+            if len(new) == 0 or points_left <= 0:
+                break
+            evidence, milp, status = _with_radii(evidence, milp, status, network, x, norm, box, cells, new, deadline)
+            inside = _inside_cells(evidence)
+            continue
         for k in need.any(0).nonzero().flatten().tolist():
             samples = need[:, k].nonzero().flatten()
             deadline.check("the exact MILP route")
@@ -181,11 +185,12 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
             if exhausted:
                 break
         if exhausted:
+            status[need & (status == NOT_RUN)] = SKIPPED  # decisive points the budget did not reach
             break
-    status[(status == NOT_RUN) & torch.stack(used).any(0) & ~inside & exhausted] = SKIPPED
     solved = int(((status == OPTIMAL) | (status == AT_LIMIT)).sum())
-    report = MilpReport(settings.mode, True, "", solver.kind, solved, int((status == OPTIMAL).sum()), int((status == SKIPPED).sum()),
-                        time.perf_counter() - began, status, _stack_moves(moves, flat.shape[1], flat.dtype))
+    report = MilpReport(settings.mode, True, "", solver.kind, solved, int((status == OPTIMAL).sum()),
+                        int((status == SKIPPED).sum()), time.perf_counter() - began, status,
+                        _stack_moves(moves, flat.shape[1], flat.dtype))
     return replace(evidence, milp=milp), report
 
 
@@ -241,6 +246,48 @@ def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, auto: bool, cap: 
 
         return _Solver("split", split), ""
     return None, reason + (f"; input splitting needs norm inf and at most {SPLIT_MAX_INPUTS} inputs" if reason else "")
+
+
+def _inside_cells(evidence: MarginEvidence) -> torch.Tensor:
+    """Grid points (N, K+1) where an exact route already holds: radius 0 and the samples' cells."""
+    inside = torch.zeros(len(evidence.labels), len(evidence.radii), dtype=torch.bool)
+    if evidence.cell_radius is not None:
+        inside = evidence.radii.unsqueeze(0) <= evidence.cell_radius.unsqueeze(1)
+    inside[:, 0] = True
+    return inside
+
+
+def _midpoints(used: list[torch.Tensor], exact: torch.Tensor, radii: torch.Tensor) -> list[float]:
+    """Geometric midpoints of the grid intervals that are decisive pieces with exact values at both
+    ends: there only the slope bound between the ends keeps the certificate above the truth."""
+    new = set()
+    for mask in used:
+        both = mask[:, :-1] & mask[:, 1:] & exact[:, :-1] & exact[:, 1:]
+        for a in both.any(0).nonzero().flatten().tolist():
+            low, high = float(radii[a]), float(radii[a + 1])
+            if high > low * (1 + 1e-3):
+                new.add(math.sqrt(low * high) if low > 0 else high / 2)
+    return sorted(new)
+
+
+def _with_radii(evidence: MarginEvidence, milp: torch.Tensor, status: torch.Tensor, network: BoundNetwork,
+                x: torch.Tensor, norm: str, box, cells, new: list[float], deadline: Deadline):
+    """The evidence on the grid with `new` radii inserted (their bounds computed for every sample)."""
+    extra = collect_evidence(network, x, evidence.labels, evidence.logits, norm,
+                             torch.tensor([0.0] + new, dtype=evidence.radii.dtype), box, cells, deadline=deadline)
+    radii = torch.cat([evidence.radii, extra.radii[1:]])
+    order = torch.argsort(radii)
+
+    def merge(old: torch.Tensor | None, added: torch.Tensor | None) -> torch.Tensor | None:
+        return None if old is None else torch.cat([old, added[:, 1:]], 1)[:, order]
+
+    merged = replace(evidence, radii=radii[order], linear=merge(evidence.linear, extra.linear),
+                     slopes=merge(evidence.slopes, extra.slopes),
+                     cell_margins=merge(evidence.cell_margins, extra.cell_margins),
+                     cell_rates=merge(evidence.cell_rates, extra.cell_rates))
+    shape = (len(milp), len(new) + 1, milp.shape[2])
+    return (merged, merge(milp, torch.full(shape, math.inf, dtype=milp.dtype)),
+            merge(status, torch.zeros(shape[:2], dtype=status.dtype)))
 
 
 def _least(*limits: float | None) -> float | None:

@@ -15,8 +15,12 @@ solver's floating-point tolerances; at optimality it meets the incumbent within 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,6 +113,27 @@ class _Rows:
         shape = (self.count, columns)
         return (sp.csr_matrix((data[2], (data[0].astype(np.int64), data[1].astype(np.int64))), shape=shape),
                 np.concatenate(self.low), np.concatenate(self.high))
+
+
+@contextlib.contextmanager
+def _native_output_silenced() -> Iterator[None]:
+    """HiGHS prints some diagnostics with C `printf` whatever its options say; the library never
+    prints (and `--json` keeps stdout strict JSON), so file descriptors 1 and 2 go to /dev/null
+    while the solver runs."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
+    sink = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(sink, fd)
+        yield
+    finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(sink)
 
 
 def unstable_units(encoded: EncodedNetwork, intervals: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
@@ -214,8 +239,9 @@ def solve_margins(encoded: EncodedNetwork, center: np.ndarray, label: int, lower
         constraints = [constraint]
         if math.isfinite(best):  # only a margin above the best one found matters: z_j - z_y >= best
             constraints.append(LinearConstraint(-objective[None, :], best, np.inf))
-        outcome = milp(objective, integrality=program.integrality, bounds=bounds, constraints=constraints,
-                       options=options)
+        with _native_output_silenced():
+            outcome = milp(objective, integrality=program.integrality, bounds=bounds, constraints=constraints,
+                           options=options)
         nodes += int(getattr(outcome, "mip_node_count", 0) or 0)
         dual = getattr(outcome, "mip_dual_bound", None)
         if outcome.status == 2 and math.isfinite(best):
