@@ -26,6 +26,7 @@ import numpy as np
 from verifier import __version__
 from verifier.attacks import METHODS, attack, resolve_methods
 from verifier.certify.certificate import Certificate, certify
+from verifier.certify.milp_route import EXACT_MODES
 from verifier.convert import convert_model
 from verifier.data import budget_scale_warning, fit_box, load_samples
 from verifier.deadline import Deadline, Stopped, Terminated
@@ -75,6 +76,7 @@ class AuditSettings:
     steps: int | None = None
     output: str | None = None  # the graph output that is the classifier head (None: the default choice)
     memory_limit: int | None = None  # bytes; None: half of the available memory
+    exact: str = "auto"  # the MILP route (certify.milp_route): auto | on | off
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ def _check(settings: AuditSettings) -> AuditSettings:
         raise UsageError("give at least one delta, all finite and >= 0")
     if not settings.p >= 1:
         raise UsageError(f"p must be >= 1 (got {settings.p})")
+    if settings.exact not in EXACT_MODES:
+        raise UsageError(f"exact must be one of {', '.join(EXACT_MODES)} (got {settings.exact!r})")
     if settings.time_limit is not None and not settings.time_limit > 0:
         raise UsageError(f"the time limit must be > 0 seconds (got {settings.time_limit})")
     gates = settings.thresholds
@@ -184,7 +188,7 @@ def _rows(certificate: Certificate | None, attacks_done: dict[str, list[dict]]) 
             "delta": row.delta, "clean_risk": row.clean_risk, "clean_accuracy": certificate.clean_accuracy,
             "certificate": row.certificate, "global_bound": row.global_bound,
             "first_order_estimate": row.first_order_estimate, "certified_accuracy": row.certified_accuracy,
-            "exact": row.exact, "fallbacks": list(row.fallbacks),
+            "exact": row.exact, "fallbacks": list(row.fallbacks), "curve_sources": dict(row.curve_sources),
             "attacks": {method: results[index] for method, results in attacks_done.items()},
         })
     return rows
@@ -258,7 +262,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                     converted, x, y, list(settings.deltas), p=settings.p, norm=settings.norm, loss=settings.loss,
                     box=box, grid_points=settings.grid_points, progress=progress,
                     deadline=clock.deadline(), memory_limit_bytes=settings.memory_limit,
-                    refine_share=CERTIFY_REFINE_SHARE))
+                    refine_share=CERTIFY_REFINE_SHARE, exact=settings.exact))
             except Stopped as err:
                 stopped_at = "certify"
                 warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
@@ -291,8 +295,9 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
             "p": settings.p, "norm": settings.norm, "loss": settings.loss,
             "box": None if settings.box is None else list(settings.box), "deltas": list(settings.deltas),
             "attacks": list(settings.attacks), "samples": len(samples), "time_limit": settings.time_limit,
-            "thresholds": dict(settings.thresholds.__dict__),
+            "thresholds": dict(settings.thresholds.__dict__), "exact": settings.exact,
         },
+        "exact_mode": None if certificate is None or certificate.exact_mode is None else certificate.exact_mode.to_dict(),
         "timings": {**clock.timings, "total": None},
         "local_slopes": None if certificate is None or certificate.local_slopes is None else {
             "norm": settings.norm, "per_sample": certificate.local_slopes.tolist(),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from verifier import __version__
 from verifier.cli_options import (OneLineParser, add_budget, add_data, add_device, add_json, add_model, add_output,
-                                  add_time_limit, attach_negative_values, deadline, memory_limit, parse_box,
+                                  add_exact, add_time_limit, attach_negative_values, deadline, memory_limit, parse_box,
                                   parse_deltas, parse_p)
 from verifier.deadline import Stopped, Terminated
 from verifier.errors import UsageError, VerifierError
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data(certify, seed=False)  # certify is deterministic
     add_budget(certify, default_delta="8/255", default_norm="inf")  # the same defaults as attack
     certify.add_argument("--grid-points", type=int, default=24, help="radius grid size (default 24)")
+    add_exact(certify)
     certify.add_argument("--save-distributions", metavar="OUT.npz",
                          help="save each delta's realising distribution (atoms, weights, source)")
     add_time_limit(certify, "refinements stop at 80%% of it, listed in fallbacks; exit 3 and no result only if the coarse certificate does not fit")
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fail unless the certified accuracy is >= A at every delta")
     audit.add_argument("--min-robust-accuracy", type=float, metavar="A",
                        help="fail if an attack drives the accuracy below A (and no certificate proves it)")
+    add_exact(audit)
     add_time_limit(audit, "a partial report, exit 3")
     audit.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_device(audit)
@@ -212,7 +214,7 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
 
     result = certify(converted, samples.x, samples.y, deltas, p=p, norm=args.norm, loss=args.loss, box=box,
                      grid_points=args.grid_points, progress=_progress_wanted(args), deadline=stop_at,
-                     memory_limit_bytes=memory_limit(args))
+                     memory_limit_bytes=memory_limit(args), exact=args.exact)
     if args.save_distributions:
         save_distributions(result, args.save_distributions)
     payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted),
@@ -250,7 +252,7 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
         attacks=tuple(m.strip() for m in args.attacks.split(",") if m.strip()), box=parse_box(args.box),
         samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit, output=args.output,
         thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy),
-        memory_limit=memory_limit(args))
+        memory_limit=memory_limit(args), exact=args.exact)
     progress = _progress_wanted(args)
 
     def announce(stage: str) -> None:  # one line per stage, terminal or log file (CI), unless --quiet

@@ -101,6 +101,13 @@ def add_budget(parser: argparse.ArgumentParser, default_delta: str, default_norm
     parser.add_argument("--box", default=None, metavar="LOW,HIGH", help="input domain, e.g. 0,1 (default: none)")
 
 
+def add_exact(parser: argparse.ArgumentParser) -> None:
+    """`--exact auto|on|off`: the MILP route for small ReLU nets (method §8)."""
+    parser.add_argument("--exact", choices=("auto", "on", "off"), default="auto",
+                        help="exact worst margins by MILP at the curve points the certificate uses: small ReLU "
+                             "nets, norm inf or 1 (auto: only when cheap; default auto)")
+
+
 def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="torch device (default auto: CUDA when available)")

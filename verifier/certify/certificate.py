@@ -16,7 +16,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,10 +25,11 @@ from verifier.bounds.global_lipschitz import global_lipschitz
 from verifier.bounds.network import BoundNetwork
 from verifier.cells import cell_analysis
 from verifier.certify.accuracy import certified_accuracy
-from verifier.certify.aggregate import excess_bound, grid, linear_closed_form
+from verifier.certify.aggregate import excess_bound, grid, linear_closed_form, used_points
 from verifier.certify.exactness import EXACT_TOLERANCE, RealisedDistribution, candidates, is_exact, realise
 from verifier.certify.growth import (ROUTES, RouteGrowth, box_reach, collect_evidence, growth_curves,
                                      margin_class_curves, with_cells)
+from verifier.certify.milp_route import ExactSettings, MilpReport, curve_sources, inactive, refine_with_milp
 
 # Under a time limit the refinements get this share of the time left; the rest is for the
 # Jacobians, the aggregation per delta and the realising distributions.
@@ -62,6 +63,9 @@ class DeltaCertificate:
     exact: bool | None  # certificate within tolerance of realised_risk (§3.5); None without a certificate
     in_cell_mass: float | None  # mass of the realising distribution whose atoms stay in their sample's cell
     fallbacks: tuple[str, ...]  # model-level fallbacks and samples whose bound came from the global route
+    # share of the samples whose decisive growth-curve point came from each route (milp_exact, milp_bound,
+    # cell, linear, jacobian, global; unmoved: the sample gains nothing at this budget)
+    curve_sources: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -86,6 +90,7 @@ class Certificate:
     global_slope: float | None  # the global Lipschitz constant of the loss (None when unbounded)
     certified_radii: torch.Tensor  # c_i per sample (0 when misclassified)
     distributions: tuple[RealisedDistribution, ...]  # one per delta, replayable by an attack
+    exact_mode: MilpReport | None = None  # what the MILP route (§8) did
 
     def to_dict(self) -> dict:
         """JSON-ready form (the distributions are left out: save them with `save_distributions`)."""
@@ -97,6 +102,7 @@ class Certificate:
             "global_slope": self.global_slope,
             "local_slopes": None if self.local_slopes is None else self.local_slopes.tolist(),
             "certified_radii": self.certified_radii.tolist(),
+            "exact_mode": None if self.exact_mode is None else self.exact_mode.to_dict(),
         }
 
     def to_text(self) -> str:
@@ -117,6 +123,10 @@ class Certificate:
                          f"{r.certified_accuracy:>8.2%}  {'yes' if r.exact else 'no'}")
         lines.append("realised>=: risk of the explicit realising distribution (a lower bound); cert<=: the certificate "
                      "(an upper bound); 1st-order~: Bai et al.'s estimate, not a bound")
+        if self.exact_mode is not None and self.exact_mode.active:
+            m = self.exact_mode
+            lines.append(f"exact mode ({m.mode}): MILP at {m.solved} curve point(s), {m.optimal} solved to optimality, "
+                         f"{m.skipped} left to the linear bounds, {m.seconds:.1f} s")
         if self.fallbacks:
             lines.append("fallbacks: " + "; ".join(self.fallbacks))
         return "\n".join(lines)
@@ -169,8 +179,11 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             box: tuple[float, float] | None = None, grid_points: int = 24,
             exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False,
             deadline: Deadline = NEVER, memory_limit_bytes: int | None = None,
-            refine_share: float = REFINE_SHARE) -> Certificate:
+            refine_share: float = REFINE_SHARE, exact: ExactSettings | str = "auto") -> Certificate:
     """Certificates (upper bounds on R(delta)) for every delta, on CPU in float64.
+
+    `exact` (auto | on | off, or `ExactSettings`) runs the MILP route (§8) at the curve points
+    the certificates depend on: `auto` only where it is cheap (see `certify.milp_route`).
 
     Work sized from shapes stays under `memory_limit_bytes` (default `resources.memory_limit()`):
     the exact cell analysis is skipped, with a fallback note, when one sample would not fit.
@@ -225,6 +238,18 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             fallbacks.append("cells skipped: time limit")
         deadline.check("cell analysis")
         evidence = with_cells(evidence, cells)
+    settings = exact if isinstance(exact, ExactSettings) else ExactSettings(mode=exact)
+    try:
+        evidence, milp_report = refine_with_milp(
+            evidence, network if loss != "dlr" else None, inputs, norm, box, deltas, p, loss,
+            lipschitz.loss_constant(loss), lipschitz.loss_constant("margin"), settings, cells, refine)
+    except Stopped as err:
+        if isinstance(err, Terminated):
+            raise
+        evidence, milp_report = inactive(settings, evidence, "time limit")
+        fallbacks.append("time limit: exact MILP route skipped")
+    deadline.check("the exact MILP route")
+    radii = evidence.radii  # the exact mode may have refined the grid where the certificate is decided
     growth = growth_curves(evidence, loss, lipschitz.loss_constant(loss))
     class_curves = margin_class_curves(evidence, lipschitz.loss_constant("margin")) if loss == "margin" else None
     correct = loss_values(logits, labels, "margin") < 0
@@ -249,6 +274,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     deadline.check("the exactness candidates")
     if len(moves.radii) < len(wanted):
         fallbacks.append(f"time limit: exactness candidates at {len(moves.radii)} of {len(wanted)} radii")
+    if milp_report.moves is not None:
+        moves = moves.with_points(module, inputs, labels, milp_report.moves, norm, loss)
     results, distributions = [], []
     rounding = 8 * torch.finfo(model.input_dtype).eps
     clean_risk = float(clean.mean())
@@ -256,11 +283,17 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         deadline.check("the certificates per delta")
         global_bound = clean_risk + delta * slope if math.isfinite(slope) else None
         accuracy = certified_accuracy(radii_certified, correct, float(delta), p)
-        certificate = None
+        certificate, sources = None, {}
         if loss != "dlr":
-            excess, _ = excess_bound(growth.curves, float(delta), p)
+            excess, lam = excess_bound(growth.curves, float(delta), p)
+            family = growth.curves
             if class_curves is not None:
-                excess = min(excess, excess_bound(class_curves, float(delta), p)[0])
+                class_excess, class_lam = excess_bound(class_curves, float(delta), p)
+                if class_excess < excess:
+                    excess, lam, family = class_excess, class_lam, class_curves
+            if delta > 0:
+                sources = curve_sources(growth, used_points(family, float(delta), p, lam), milp_report.status,
+                                        milp_report.solver or "milp")
             closed_forms = [clean_risk + linear_closed_form(growth.curves.tail_slope, float(delta), p)]
             closed_forms += [global_bound] if global_bound is not None else []
             certificate = min([clean_risk + excess] + closed_forms)  # §3.7: every candidate is sound
@@ -283,13 +316,15 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             exact=None if certificate is None else is_exact(certificate, realised.risk, exact_tolerance),
             in_cell_mass=None if cells is None else _in_cell_mass(realised, inputs, cells.radius, norm),
             fallbacks=alarms + tuple(fallbacks) + _global_fallbacks(growth, radii, float(delta)),
+            curve_sources=sources,
         ))
     won = Counter(ROUTES[int(i)] for i in growth.winner[:, 1:].flatten() if i >= 0)
     result = Certificate(loss=loss, p=p, norm=norm, box=box, samples=len(inputs),
                          clean_accuracy=float(correct.double().mean()), results=tuple(results),
                          exact_up_to_delta=_exact_up_to(results), routes_won=dict(won), fallbacks=tuple(fallbacks),
                          local_slopes=local, global_slope=slope if math.isfinite(slope) else None,
-                         certified_radii=radii_certified, distributions=tuple(distributions))
+                         certified_radii=radii_certified, distributions=tuple(distributions),
+                         exact_mode=milp_report)
     require_no_nan(result.to_dict(), "the certificate")
     return result
 

@@ -13,7 +13,7 @@ lower bound on `R(delta)`, and the certificate is **exact** when it is within
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,6 +46,19 @@ class Candidates:
     direction_class: torch.Tensor  # (N, K) long: the class whose linearised margin is maximised
     distance: torch.Tensor  # (N, K): ||x_ik - x_i||_r
     gain: torch.Tensor  # (N, K): loss(x_ik) - loss(x_i)
+    points: torch.Tensor | None = None  # (N, E, d): explicit moves (e.g. MILP maximisers), zero = no move
+    point_distance: torch.Tensor | None = None  # (N, E)
+    point_gain: torch.Tensor | None = None  # (N, E)
+
+    def with_points(self, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, moves: torch.Tensor,
+                    norm: str, loss: str) -> Candidates:
+        """These candidates plus explicit displacements `moves` (N, E, d), evaluated by forward passes."""
+        count, extra = moves.shape[:2]
+        with torch.no_grad():
+            clean = loss_values(module(x), y, loss)
+            moved = module((x.unsqueeze(1) + moves.reshape(count, extra, *x.shape[1:])).flatten(0, 1))
+            gain = loss_values(moved, y.repeat_interleave(extra), loss).reshape(count, extra) - clean[:, None]
+        return replace(self, points=moves, point_distance=vector_norm(moves, norm), point_gain=gain)
 
 
 def _moves(jacobian: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lower: torch.Tensor,
@@ -95,11 +108,15 @@ def realise(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian:
     """The best distribution within `W_p <= delta` built from the candidates, evaluated by forward passes."""
     count = len(x)
     zero = torch.zeros(count, 1, dtype=found.gain.dtype)
-    gains = torch.cat([zero, found.gain], 1)
-    distances = torch.cat([zero, found.distance], 1)
+    extra = [] if found.points is None else [found.point_gain]
+    gains = torch.cat([zero, found.gain] + extra, 1)
+    distances = torch.cat([zero, found.distance] + ([] if found.points is None else [found.point_distance]), 1)
     rows = torch.arange(count)
+    linearised = len(found.radii)
     if math.isinf(p):
         within = (found.radii <= delta).expand(count, -1)
+        if found.points is not None:
+            within = torch.cat([within, found.point_distance <= delta], 1)
         usable = torch.cat([torch.ones(count, 1, dtype=torch.bool), within], 1)
         best = gains.masked_fill(~usable, -math.inf).argmax(1)
         low, high, weight = best, best, torch.zeros(count, dtype=torch.float64)
@@ -114,7 +131,11 @@ def realise(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian:
         for index, mass in picks:
             keep = mass > 0
             moved = x.clone()
-            chosen = keep & (index > 0)
+            explicit = keep & (index > linearised)
+            if explicit.any():
+                moved[explicit] = x[explicit] + found.points[rows[explicit], index[explicit] - linearised - 1].reshape(
+                    x[explicit].shape)
+            chosen = keep & (index > 0) & (index <= linearised)
             if chosen.any():
                 k = index[chosen] - 1
                 radius = found.radii[k]

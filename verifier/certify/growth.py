@@ -4,7 +4,9 @@ Routes, each sound on `B(x_i, s) ∩ box` (inf where it does not apply):
 - `cell`: the exact in-cell LP while `s <= r_i` (piecewise-linear models);
 - `linear`: back-substituted margin bounds `UB_j(s)` turned into the loss;
 - `jacobian`: the upper Riemann sum of slope bounds, `sum_{m<=k} Lambda(s_m) (s_m - s_{m-1})`;
-- `global`: `Lip(loss) * s`.
+- `global`: `Lip(loss) * s`;
+- `milp`: the exact worst margins of the MILP (`verifier.exact`, where it ran), or its dual bound
+  when it stopped at a limit.
 The minimum is made non-decreasing from the right (`g(s_k) <= g(s_m) <= gbar(s_m)` for m > k),
 which is sound and only tightens. Which route won is kept per sample and radius.
 """
@@ -26,7 +28,7 @@ from verifier.certify.aggregate import GrowthCurves
 from verifier.deadline import NEVER, Deadline, Stopped, Terminated
 from verifier.losses import loss_values, margins
 
-ROUTES = ("cell", "linear", "jacobian", "global")
+ROUTES = ("cell", "linear", "jacobian", "global", "milp")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,13 @@ class MarginEvidence:
     reach: torch.Tensor  # (N,): D_i
     tightened: torch.Tensor | None = None  # (K+1,) bool: radius bounded with tightened intermediate intervals
     notes: tuple[str, ...] = ()  # what a time limit cut short
+    milp: torch.Tensor | None = None  # (N, K+1, C): MILP margin bounds where it ran (inf elsewhere, -inf at j = y)
+
+    def milp_ran(self) -> torch.Tensor:
+        """Grid points (N, K+1) with MILP margin bounds."""
+        if self.milp is None:
+            return torch.zeros(self.radii.shape[0], dtype=torch.bool).expand(len(self.labels), -1)
+        return (self.milp < math.inf).any(-1)
 
 
 def _bounds_at(network: BoundNetwork, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor | float, norm: str,
@@ -207,10 +216,15 @@ def growth_curves(evidence: MarginEvidence, loss: str, global_slope: float) -> R
             slopes = torch.minimum(slopes, _loss_slope(evidence.slopes, evidence.linear, loss))
             steps = torch.diff(radii, prepend=radii[:1])
             routes["jacobian"] = torch.cumsum(slopes * steps, 1)  # upper Riemann sum, §3.4
+    if evidence.milp is not None:
+        capped = torch.minimum(evidence.milp, evidence.linear) if evidence.linear is not None else evidence.milp
+        routes["milp"] = torch.where(evidence.milp_ran(), loss_from_margins(capped, loss) - clean.unsqueeze(1), inf)
     for values in routes.values():
         values[:, 0] = 0.0
     stacked = torch.stack([routes[name] for name in ROUTES])  # (R, N, K+1)
     best, winner = stacked.min(0)
+    tie = evidence.milp_ran() & (routes["milp"] <= best)
+    winner = torch.where(tie, ROUTES.index("milp"), winner)  # a tie: the exact route gets it
     winner = torch.where(torch.isfinite(best), winner, torch.full_like(winner, -1))  # -1: no route applies
     best = torch.flip(torch.cummin(torch.flip(best, [1]), 1).values, [1]).clamp_min(0.0)
     if loss == "zero_one":
@@ -248,6 +262,8 @@ def margin_class_curves(evidence: MarginEvidence, global_slope: float) -> Growth
     upper = base.unsqueeze(1) + torch.cumsum(torch.where(steps > 0, slope * steps, torch.zeros_like(slope)), 1)
     if evidence.linear is not None:
         upper = torch.minimum(upper, evidence.linear)
+    if evidence.milp is not None:
+        upper = torch.minimum(upper, evidence.milp)
     if evidence.cell_margins is not None:
         inside = (radii.unsqueeze(0) <= evidence.cell_radius.unsqueeze(1)).unsqueeze(-1)
         upper = torch.where(inside, torch.minimum(upper, evidence.cell_margins), upper)
