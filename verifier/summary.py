@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from verifier.graph import ActivationSite, OperatorGraph, json_safe
-from verifier.head import Head, OutputCandidate, choose_head, output_candidates
+from verifier.head import Head, OutputCandidate, choose_head, family_tensor, output_candidates
 from verifier.onnx_io import LoadedModel, ModelInfo, TensorSpec, load_model
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def summarize_model(loaded: LoadedModel, output: str | None = None) -> ModelSumm
         info=loaded.info,
         op_histogram=graph.op_histogram(),
         sites=tuple(sites),
-        family=graph.model_family(sites, head.tensor if head else None),
+        family=graph.model_family(sites, family_tensor(graph, head) if head else None),
         logits=head.tensor if head else None,
         head=head,
         candidates=candidates,
