@@ -107,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(audit)
     add_json(audit)
     audit.set_defaults(run=_run_audit)
+
+    vnnlib = commands.add_parser("vnnlib", help="decide a VNN-LIB property: sat (counterexample), unsat, unknown")
+    add_model(vnnlib)
+    vnnlib.add_argument("property", metavar="PROP.vnnlib", help="the property (VNN-COMP's VNN-LIB subset)")
+    add_output(vnnlib)
+    vnnlib.add_argument("--timeout", type=float, default=None, metavar="S",
+                        help="answer timeout after S seconds (exit 3)")
+    vnnlib.add_argument("--counterexample", metavar="FILE", default=None,
+                        help="write VNN-COMP's result file (sat with the assignment, or the status) to FILE")
+    add_json(vnnlib)
+    vnnlib.set_defaults(run=_run_vnnlib)
     return parser
 
 
@@ -292,6 +303,36 @@ def _audit_text(outcome) -> str:
     lines += [f"  ! {warning}" for warning in report["warnings"]]
     lines.append(f"report: {outcome.paths.html} (also report.json, report.md)")
     return "\n".join(lines)
+
+
+EXIT_UNKNOWN = 5
+_VNNLIB_EXIT = {"unsat": EXIT_OK, "sat": EXIT_CHECK_FAILED, "timeout": EXIT_TIME_LIMIT, "unknown": EXIT_UNKNOWN}
+
+
+def _run_vnnlib(args: argparse.Namespace) -> tuple[int, dict, str]:
+    from verifier.onnx_io import load_model
+    from verifier.vnnlib import counterexample_text, read_property
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0 seconds (got {args.timeout})")
+    _refuse_folder(args.counterexample)
+    prop = read_property(args.property)
+    loaded = load_model(args.model, memory_limit(args))
+    from verifier.convert import convert_model  # heavy: after the input checks
+    from verifier.deadline import Deadline
+    from verifier.vnnlib_check import check_property
+
+    result = check_property(loaded, convert_model(loaded, args.output), prop,
+                            Deadline.after(args.timeout, started=args.started))
+    if args.counterexample:
+        text = counterexample_text(*result.counterexample) if result.counterexample else f"{result.status}\n"
+        try:
+            Path(args.counterexample).write_text(text)
+        except OSError as err:
+            raise UsageError(f"cannot write {args.counterexample}: {err.strerror or err}") from err
+    payload = {"model": args.model, "property": args.property, **result.to_dict()}
+    line = f"{result.status}  ({result.reason}; {result.boxes} input box(es), {result.seconds:.1f} s)"
+    return _VNNLIB_EXIT[result.status], payload, line
 
 
 def _progress_wanted(args: argparse.Namespace) -> bool:
