@@ -5,7 +5,8 @@ confirms, unsat only from sound bounds.
 then halves of undecided boxes, split on their widest coordinate):
 - **falsify**: the box's centre, seeded uniform points and a short projected sign-gradient
   descent on `max_k (c_k·Y + d_k)` of each unsafe conjunction (torch, the converted module);
-  every candidate is re-run in onnxruntime on the user's model, and only a point whose
+  every candidate is re-run in onnxruntime on the user's model (the torch module must agree on
+  each, within 1e-4, or the check stops: the bounds are of the torch module), and only a point whose
   onnxruntime outputs satisfy a whole conjunction is a counterexample (`sat`);
 - **prove**: CROWN bounds (`verifier.bounds.propagate`) of every constraint over the box; a
   conjunction with one constraint whose lower bound is > 0 cannot hold there. A box where every
@@ -29,7 +30,8 @@ from verifier.bounds.network import BoundNetwork
 from verifier.bounds.propagate import InputSet, propagate, upper_bound
 from verifier.convert import ConvertedModel
 from verifier.deadline import NEVER, Deadline, Stopped
-from verifier.errors import UnsupportedOpsError, UsageError
+from verifier.errors import ConversionError, UnsupportedOpsError, UsageError
+from verifier.jacobian import prepared_module
 from verifier.onnx_io import LoadedModel
 from verifier.validate import onnxruntime_session
 from verifier.vnnlib import Conjunction, Property
@@ -37,6 +39,7 @@ from verifier.vnnlib import Conjunction, Property
 STATUSES = ("sat", "unsat", "unknown", "timeout")
 _RANDOM_POINTS = 32
 _DESCENT_STEPS = 40
+_AGREEMENT = 1e-4  # torch vs onnxruntime on every candidate point, as `validate` checks
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +92,7 @@ def check_property(loaded: LoadedModel, converted: ConvertedModel, prop: Propert
         raise UsageError(f"the property's Y are the model's output values, but its head cuts {' -> '.join(head.cut)}"
                          " (or is not plain logits); give --output NAME of a raw output")
     oracle = _Oracle(loaded, head.output if head is not None else loaded.info.outputs[0].name)
-    module = converted.logits_module.to(torch.float32).eval()
+    module = prepared_module(converted, "cpu", torch.float32)  # a kept fixed batch: padded chunks
     rng = np.random.default_rng(seed)
     network, why_not = _network(converted)
     queue = deque([(prop.low.copy(), prop.high.copy())])
@@ -151,6 +154,12 @@ def _falsify(module, oracle: _Oracle, prop: Property, low: np.ndarray, high: np.
     if outputs.shape[1] != prop.outputs:
         raise UsageError(f"the property declares {prop.outputs} outputs Y_j; the model's output has "
                          f"{outputs.shape[1]} values per sample")
+    with torch.no_grad():
+        converted = module(torch.as_tensor(candidates, dtype=torch.float32).reshape(-1, *shape)).reshape(
+            len(candidates), -1).double().numpy()
+    if not np.allclose(converted, outputs, rtol=_AGREEMENT, atol=_AGREEMENT):  # bounds are of the torch module
+        raise ConversionError(f"the torch conversion disagrees with onnxruntime on the property's box (max abs diff "
+                              f"{float(np.abs(converted - outputs).max()):.3g}): no bound on it would be trustworthy")
     hits = np.flatnonzero(prop.violated_by(outputs))
     return None if len(hits) == 0 else (candidates[hits[0]], outputs[hits[0]])
 
