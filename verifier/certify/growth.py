@@ -80,30 +80,32 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
                      norm: str, radii: torch.Tensor, box: tuple[float, float] | None,
                      cells: CellAnalysis | None = None, device: str = "cpu", progress: bool = False,
                      deadline: Deadline = NEVER) -> MarginEvidence:
-    """Margin and slope bounds at every grid radius: one propagation per radius serves both.
+    """Margin and slope bounds at every grid radius: one propagation per radius serves both, each
+    seeded with the intervals of the next larger radius (the whole domain first).
 
     `deadline` is checked before each radius and inside every propagation (`Stopped`).
     """
     linear = slopes = whole_box = domain_slope = None
     if network is not None:
-        linear_rows, slope_rows = [], []
-        for radius in tqdm(radii[1:], desc="certify: bounds per radius", unit="radius", disable=not progress,
-                           leave=False):
-            deadline.check("the bounds per radius")
-            problem = margin_problem(network, x, y, radius, norm, box, torch.device(device), radii.dtype)
-            state = propagate(network, problem.region, deadline=deadline)
-            bounds = margins_from(problem, state, deadline)
-            linear_rows.append(bounds.upper.masked_fill(problem.true_class, -math.inf))
-            slope_rows.append(slopes_from(problem, state, deadline).per_class)
-        clean = margins(logits, y).masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), -math.inf)
-        linear = torch.stack([clean] + linear_rows, 1)
-        slopes = torch.stack([torch.zeros_like(slope_rows[0])] + slope_rows, 1) if slope_rows else None
         # The whole domain (the box, or all of R^d): a growth cap and a slope valid at every radius.
         problem = margin_problem(network, x, y, math.inf, norm, box, torch.device(device), radii.dtype)
         state = propagate(network, problem.region, deadline=deadline)
         domain_slope = slopes_from(problem, state, deadline).per_class
         if box is not None:
             whole_box = margins_from(problem, state, deadline).upper.masked_fill(problem.true_class, -math.inf)
+        # Largest radius first: each ball contains the next, so its intervals seed the next propagation.
+        linear_rows, slope_rows = [], []
+        for radius in tqdm(radii[1:].flip(0), desc="certify: bounds per radius", unit="radius",
+                           disable=not progress, leave=False):
+            deadline.check("the bounds per radius")
+            problem = margin_problem(network, x, y, radius, norm, box, torch.device(device), radii.dtype)
+            state = propagate(network, problem.region, deadline=deadline, prior=state)
+            bounds = margins_from(problem, state, deadline)
+            linear_rows.insert(0, bounds.upper.masked_fill(problem.true_class, -math.inf))
+            slope_rows.insert(0, slopes_from(problem, state, deadline).per_class)
+        clean = margins(logits, y).masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), -math.inf)
+        linear = torch.stack([clean] + linear_rows, 1)
+        slopes = torch.stack([torch.zeros_like(slope_rows[0])] + slope_rows, 1) if slope_rows else None
     return MarginEvidence(
         radii=radii, logits=logits, labels=y, linear=linear, slopes=slopes, whole_box=whole_box,
         domain_slope=domain_slope,
