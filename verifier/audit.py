@@ -28,7 +28,8 @@ from verifier.attacks import METHODS, attack, resolve_methods
 from verifier.certify.certificate import Certificate, certify
 from verifier.certify.milp_route import EXACT_MODES
 from verifier.convert import convert_model
-from verifier.data import budget_scale_warning, fit_box, load_samples
+from verifier.data import budget_scale_warning, load_samples
+from verifier.perturb import fitted_threat_box, load_for_analysis
 from verifier.deadline import Deadline, Stopped, Terminated
 from verifier.device import resolve_device
 from verifier.errors import UsageError
@@ -36,7 +37,6 @@ from verifier.geometry import parse_norm
 from verifier.graph import OperatorGraph
 from verifier.head import choose_head
 from verifier.losses import check_loss
-from verifier.onnx_io import load_model
 from verifier.report import SCHEMA_VERSION, ReportPaths, finalize_report, write_report
 from verifier.summary import summarize_model
 from verifier.validate import validate_against_onnxruntime
@@ -77,6 +77,7 @@ class AuditSettings:
     output: str | None = None  # the graph output that is the classifier head (None: the default choice)
     memory_limit: int | None = None  # bytes; None: half of the available memory
     exact: str = "auto"  # the MILP route (certify.milp_route): auto | on | off
+    perturb: str | None = None  # the perturbed input or internal tensor (None: the only input; verifier.perturb)
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,9 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     skipped = resolve_methods(["all"], settings.p)[1] if settings.p == 1 and (
         "all" in settings.attacks or tuple(settings.attacks) == DEFAULT_ATTACKS) else ()
     settings = _check(settings)
-    loaded = load_model(model_path, settings.memory_limit)  # a bad model or --output: exit 2 before any folder
+    # a bad model, data file, --perturb or --output: exit 2 before any folder
+    loaded, perturbed, perturbation = load_for_analysis(model_path, data_path if settings.perturb else None,
+                                                        settings.perturb, settings.samples, settings.memory_limit)
     choose_head(OperatorGraph(loaded.proto), settings.output)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -227,15 +230,18 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
 
     announce("inspect")
     summary = clock.run("inspect", lambda: summarize_model(loaded, settings.output))
-    samples = clock.run("inspect", lambda: load_samples(data_path, loaded.info.data_input, settings.samples,
-                                                        settings.memory_limit))
+    samples = perturbed or clock.run("inspect", lambda: load_samples(data_path, loaded.info.data_input,
+                                                                     settings.samples, settings.memory_limit))
     if samples.y is None:
         raise UsageError(f"{data_path} has no labels 'y'; the audit needs them")
     device = resolve_device(settings.device)
     x, y = samples.x, samples.y
-    box = fit_box(x, settings.box, samples.source)
-    scale = budget_scale_warning(x, settings.deltas, settings.norm, box)
-    warnings += [scale] if scale else []
+    box, values, fitted = fitted_threat_box(samples, settings.box, perturbation)
+    scale = budget_scale_warning(values, settings.deltas, settings.norm, fitted)
+    warnings += ([perturbation.describe()] if perturbation else []) + ([scale] if scale else [])
+    if samples.box is not None:
+        warnings.append(f"threat model: the box is per coordinate, lo..hi from {samples.source} "
+                        f"(envelope [{samples.box[0]:g}, {samples.box[1]:g}])")
     if clock.expired():
         stopped_at = "validate"
     else:
@@ -288,7 +294,8 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "producer": {"name": "verifier", "version": __version__}, "versions": _versions(),
         "device": str(device), "seed": settings.seed,
-        "model": {**summary.to_dict(), "path": str(model_path)},
+        "model": {**summary.to_dict(), "path": str(model_path),
+                  **({"perturbation": perturbation.to_dict()} if perturbation else {})},
         "data": {"path": str(data_path), "sha256": _sha256(data_path), "samples": len(samples)},
         "conversion": None if conversion is None else conversion.to_dict(),
         "settings": {

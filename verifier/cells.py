@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from verifier.box import displacement_box
 from verifier.convert import ConvertedModel, pad_rows
 from verifier.deadline import NEVER, Deadline
 from verifier.device import resolve_device
@@ -100,22 +101,6 @@ def _true_mask(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _mask_true(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return values.masked_fill(_true_mask(values, labels), -math.inf)
-
-
-def displacement_box(x: torch.Tensor, box: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(box_lo - x, box_hi - x) flattened per sample; ±inf without a box. Refuses x outside the box."""
-    flat = x.flatten(1)
-    if box is None:
-        return torch.full_like(flat, -math.inf), torch.full_like(flat, math.inf)
-    low, high = float(box[0]), float(box[1])
-    if not low < high:
-        raise VerifierError(f"the box needs low < high (got {low}, {high})")
-    outside = ((flat < low) | (flat > high)).any(1)
-    if outside.any():
-        first = int(outside.nonzero()[0])
-        raise VerifierError(f"{int(outside.sum())} sample(s) lie outside the box [{low:g}, {high:g}] "
-                            f"(first: sample {first}); every sample must lie in the box")
-    return low - flat, high - flat
 
 
 def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,

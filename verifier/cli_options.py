@@ -35,6 +35,14 @@ def add_output(parser: argparse.ArgumentParser) -> None:
                              "that is not a pass-through of the input; `inspect` lists them)")
 
 
+def add_perturb(parser: argparse.ArgumentParser) -> None:
+    """`--perturb NAME`: the perturbed input of several, or a float tensor inside the graph."""
+    parser.add_argument("--perturb", metavar="NAME", default=None,
+                        help="the input or internal float tensor to perturb (default: the only input); other "
+                             "inputs are held fixed, read per sample from the data file by name; an internal "
+                             "tensor cuts the model there (`inspect` lists candidates)")
+
+
 def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 

@@ -99,7 +99,8 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
                     intervals[name] = _intersect(intervals[name],
                                                  _linear_interval(network, state, region, name, needed, deadline))
                     tightened.add(name)
-        intervals[node.name] = widen(*_interval(node, [intervals[i] for i in node.inputs]))
+        interval = _interval(node, [intervals[i] for i in node.inputs])
+        intervals[node.name] = interval if node.op in _DATA_MOVEMENT else widen(*interval)
         if prior is not None and node.name in prior.intervals:
             intervals[node.name] = _intersect(intervals[node.name], prior.intervals[node.name])
         if isinstance(node.rule, Activation) and node.rule.kind in _RELAXED:
@@ -117,6 +118,12 @@ def _intersect(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torc
 
 
 _ROUNDING = 1e-12  # relative outward pad: float64 sums of a few thousand terms stay inside it
+
+
+# Ops whose outputs are copies of input values (or constants): no rounding to widen for, so held
+# integers packed behind the perturbed input (verifier.perturb) reach a Cast as exact points.
+_DATA_MOVEMENT = frozenset("""Reshape Flatten Transpose Squeeze Unsqueeze Identity Dropout Slice Gather Concat
+    Split Pad Expand Tile""".split())
 
 
 def widen(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
