@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from verifier import __version__
-from verifier.cli_options import (OneLineParser, add_budget, add_data, add_device, add_json, add_model, add_output,
-                                  add_exact, add_perturb, add_time_limit, attach_negative_values, deadline, memory_limit, parse_box,
-                                  parse_deltas, parse_p)
+from verifier.cli_options import (OneLineParser, add_budget, add_data, add_device, add_exact, add_json, add_model,
+                                  add_output, add_perturb, add_time_limit, attach_negative_values, deadline,
+                                  memory_limit, parse_box, parse_deltas, parse_p)
 from verifier.deadline import Stopped, Terminated
 from verifier.errors import UsageError, VerifierError
 
