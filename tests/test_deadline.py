@@ -163,6 +163,12 @@ def test_collect_evidence_cut_short_keeps_the_cheap_bounds(mlp):
     logits = network.evaluate(x)
     radii = torch.linspace(0.0, 0.05, 6, dtype=torch.float64)
     full = collect_evidence(network, x, y, logits, "inf", radii, (0.0, 1.0))
+    # Chunks of samples (here of 2) give the same bounds as one pass.
+    chunked = collect_evidence(network, x, y, logits, "inf", radii, (0.0, 1.0),
+                               memory_limit_bytes=2 * 2 * network.units(x) * 8 * 10)
+    assert torch.allclose(chunked.linear, full.linear, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(chunked.slopes, full.slopes, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(chunked.whole_box, full.whole_box, rtol=1e-12, atol=1e-12)
     counted = Polls()
     collect_evidence(network, x, y, logits, "inf", radii, (0.0, 1.0), deadline=Deadline.polling(counted))
 
@@ -176,8 +182,9 @@ def test_collect_evidence_cut_short_keeps_the_cheap_bounds(mlp):
         middle = (low + high) // 2
         low, high = (low, middle) if torch.isfinite(stopped_at(middle).linear[:, 1:].max()) else (middle + 1, high)
     cut = stopped_at(low + 2)  # inside the first tightened radius
-    assert cut.notes == ("time limit: tightened bounds at 0 of 5 radii, interval-based bounds elsewhere",)
-    assert not cut.tightened[1:].any() and full.tightened.all()
+    assert cut.notes == ("time limit: tightened bounds at 0 of 30 (sample, radius) points, interval-based "
+                         "bounds elsewhere",)
+    assert not cut.tightened[:, 1:].any() and full.tightened.all()
     assert torch.all(full.linear <= cut.linear + 1e-12)  # the cheap bounds are looser, never tighter
     assert torch.isfinite(cut.linear.masked_fill(torch.isinf(full.linear), 0.0)).all()
     assert cut.whole_box is not None and torch.all(full.whole_box <= cut.whole_box + 1e-12)

@@ -71,10 +71,17 @@ class BoundNetwork:
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         """Forward pass through the rules (a check that the network matches the model)."""
+        return self._values(x)[self.output]
+
+    def units(self, x: torch.Tensor) -> int:
+        """Values per sample over every node and the input (what one interval pass stores twice)."""
+        return sum(value[0].numel() for value in self._values(x[:1]).values())
+
+    def _values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         values = {self.input: x}
         for node in self.nodes:
             values[node.name] = forward(node, [values[i] for i in node.inputs])
-        return values[self.output]
+        return values
 
 
 def forward(node: BoundNode, inputs: list[torch.Tensor]) -> torch.Tensor:

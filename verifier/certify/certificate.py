@@ -222,7 +222,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     radii = radius_grid(inputs, deltas, p, box, norm, grid_points)
     # The tightened bounds first: on a large model they matter more than the cells' tiny radii.
     evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, None, progress=progress,
-                                deadline=refine)
+                                deadline=refine, memory_limit_bytes=memory_limit_bytes)
     fallbacks += evidence.notes
     deadline.check("the bounds per radius")
     cells = None

@@ -27,6 +27,7 @@ from verifier.cells import CellAnalysis
 from verifier.certify.aggregate import GrowthCurves
 from verifier.deadline import NEVER, Deadline, Stopped, Terminated
 from verifier.losses import loss_values, margins
+from verifier.resources import memory_limit
 
 ROUTES = ("cell", "linear", "jacobian", "global", "milp")
 
@@ -76,7 +77,7 @@ class MarginEvidence:
     cell_rates: torch.Tensor | None  # (N, K+1, C): their supergradients in s (tangents, concave in-cell)
     cell_radius: torch.Tensor | None  # (N,)
     reach: torch.Tensor  # (N,): D_i
-    tightened: torch.Tensor | None = None  # (K+1,) bool: radius bounded with tightened intermediate intervals
+    tightened: torch.Tensor | None = None  # (N, K+1) bool: point bounded with tightened intermediate intervals
     notes: tuple[str, ...] = ()  # what a time limit cut short
     milp: torch.Tensor | None = None  # (N, K+1, C): MILP margin bounds where it ran (inf elsewhere, -inf at j = y)
 
@@ -97,68 +98,88 @@ def _bounds_at(network: BoundNetwork, x: torch.Tensor, y: torch.Tensor, radius: 
     return bounds, slopes_from(problem, state, deadline).per_class, state
 
 
+# Bytes per node value per sample kept by one propagation: the interval (2), an activation's four
+# relaxation lines, the slope pass's intervals, and the tightened copy of the previous radius.
+_COPIES_PER_UNIT = 10
+
+
+def samples_per_pass(network: BoundNetwork, x: torch.Tensor, memory_limit_bytes: int | None) -> int:
+    """How many samples one propagation may hold under the memory limit (half of it; at least one)."""
+    per_sample = network.units(x) * x.element_size() * _COPIES_PER_UNIT
+    return max(1, memory_limit(memory_limit_bytes) // 2 // max(per_sample, 1))
+
+
 def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
                      norm: str, radii: torch.Tensor, box: tuple[float, float] | None,
                      cells: CellAnalysis | None = None, device: str = "cpu", progress: bool = False,
-                     deadline: Deadline = NEVER) -> MarginEvidence:
+                     deadline: Deadline = NEVER, memory_limit_bytes: int | None = None) -> MarginEvidence:
     """Margin and slope bounds at every grid radius and on the whole domain, coarse to fine (anytime).
 
     First the cheap pass: the margins back-substituted through relaxations of interval bounds
-    (CROWN-IBP), on the whole domain and at every radius. Then the tight pass: intermediate
-    intervals tightened by back-substitution, from the largest radius down (each ball contains the
-    next, so its intervals seed the next propagation), the whole domain last. Each point keeps the
-    smaller of its bounds. Past `deadline` the pass in progress ends where it is (`notes` say where):
-    a radius without a tight bound keeps its cheap one, and is also capped by every larger radius.
-    A signal (`Terminated`) still stops everything.
+    (CROWN-IBP), on the whole domain and at every radius (coarse to fine over the grid). Then the
+    tight pass: intermediate intervals tightened by back-substitution, from the largest radius down
+    (each ball contains the next, so its intervals seed the next propagation), the whole domain
+    last. Each point keeps the smaller of its bounds. Samples go in chunks that fit half of
+    `memory_limit_bytes` (default `resources.memory_limit()`). Past `deadline` the pass in progress
+    ends where it is (`notes` say how far the tight pass got): a point without a tight bound keeps
+    its cheap one, and is also capped by every larger radius. A signal (`Terminated`) still stops
+    everything.
     """
     linear = slopes = whole_box = domain_slope = tightened = None
     notes: list[str] = []
     if network is not None:
         x = x.to(radii.dtype)
-        clean = margins(logits, y).masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), -math.inf)
-        points = len(radii)
-        linear = torch.full((len(x), points, logits.shape[1]), math.inf, dtype=radii.dtype)
+        count, points, classes = len(x), len(radii), logits.shape[1]
+        true_class = torch.nn.functional.one_hot(y, classes).bool()
+        linear = torch.full((count, points, classes), math.inf, dtype=radii.dtype)
         slopes = torch.full_like(linear, math.inf)
-        linear[:, 0], slopes[:, 0] = clean, 0.0
-        tightened = torch.zeros(points, dtype=torch.bool)
-        tightened[0] = True
-        domain: list[torch.Tensor | None] = [None, None]  # margins over the whole domain, slopes there
+        linear[:, 0], slopes[:, 0] = margins(logits, y).masked_fill(true_class, -math.inf), 0.0
+        tightened = torch.zeros(count, points, dtype=torch.bool)
+        tightened[:, 0] = True
+        domain = torch.full((count, classes), math.inf, dtype=radii.dtype)
+        domain_slopes = torch.full_like(domain, math.inf)
+        step = samples_per_pass(network, x, memory_limit_bytes)
+        parts = [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
-        def record(index: int | None, bounds: torch.Tensor, slope: torch.Tensor) -> None:
+        def bound(part: slice, index: int | None, tighten: bool, prior: Bounds | None = None) -> Bounds:
+            radius = math.inf if index is None else radii[index]
+            bounds, slope, state = _bounds_at(network, x[part], y[part], radius, norm, box, device, deadline,
+                                              tighten=tighten, prior=prior)
             if index is None:
-                domain[0] = bounds if domain[0] is None else torch.minimum(domain[0], bounds)
-                domain[1] = slope if domain[1] is None else torch.minimum(domain[1], slope)
+                domain[part] = torch.minimum(domain[part], bounds)
+                domain_slopes[part] = torch.minimum(domain_slopes[part], slope)
             else:
-                linear[:, index] = torch.minimum(linear[:, index], bounds)
-                slopes[:, index] = torch.minimum(slopes[:, index], slope)
+                linear[part, index] = torch.minimum(linear[part, index], bounds)
+                slopes[part, index] = torch.minimum(slopes[part, index], slope)
+                tightened[part, index] |= tighten
+            return state
 
         try:
             # Coarse to fine over the grid (the largest radius, then every 2^j-th point), so that a cut
-            # leaves bounds spread over the grid; a radius not reached is capped by every larger one.
+            # leaves bounds spread over it; a radius not reached is capped by every larger one.
             spread = sorted(range(1, points), key=lambda k: (k != points - 1, -(k & -k), -k))
-            for index, radius in [(None, math.inf)] + [(k, radii[k]) for k in spread]:
-                deadline.check("the interval bounds per radius")
-                record(index, *_bounds_at(network, x, y, radius, norm, box, device, deadline, tighten=False)[:2])
+            for index in [None] + spread:
+                for part in parts:
+                    deadline.check("the interval bounds per radius")
+                    bound(part, index, tighten=False)
+            work = [(part, index) for part in parts for index in [*range(points - 1, 0, -1), None]]
             state = None
-            order = [(k, radii[k]) for k in range(points - 1, 0, -1)] + [(None, math.inf)]
-            for index, radius in tqdm(order, desc="certify: bounds per radius", unit="radius",
-                                      disable=not progress, leave=False):
+            for part, index in tqdm(work, desc="certify: bounds per radius", unit="radius", disable=not progress,
+                                    leave=False):
                 deadline.check("the bounds per radius")
-                bounds, slope, state = _bounds_at(network, x, y, radius, norm, box, device, deadline, tighten=True,
-                                                  prior=state if index is not None else None)
-                record(index, bounds, slope)
-                if index is not None:
-                    tightened[index] = True
+                state = bound(part, index, tighten=True, prior=state if index is not None and index < points - 1
+                              else None)
         except Stopped as err:
             if isinstance(err, Terminated):
                 raise
-            done = int(tightened[1:].sum())
-            notes.append(f"time limit: tightened bounds at {done} of {points - 1} radii"
+            done, total = int(tightened[:, 1:].sum()), count * (points - 1)
+            notes.append(f"time limit: tightened bounds at {done} of {total} (sample, radius) points"
                          + ("" if done else ", interval-based bounds elsewhere"))
-        linear.masked_fill_(torch.nn.functional.one_hot(y, logits.shape[1]).bool().unsqueeze(1), -math.inf)
-        domain_slope = domain[1]
-        if box is not None and domain[0] is not None:
-            whole_box = domain[0]
+        linear.masked_fill_(true_class.unsqueeze(1), -math.inf)
+        finite = torch.isfinite(domain_slopes).any() or torch.isfinite(domain).any()
+        domain_slope = domain_slopes if finite else None
+        if box is not None and finite:
+            whole_box = domain
     return MarginEvidence(
         radii=radii, logits=logits, labels=y, linear=linear, slopes=slopes, whole_box=whole_box,
         domain_slope=domain_slope,

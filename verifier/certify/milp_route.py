@@ -290,7 +290,8 @@ def _with_radii(evidence: MarginEvidence, milp: torch.Tensor, status: torch.Tens
     merged = replace(evidence, radii=radii[order], linear=merge(evidence.linear, extra.linear),
                      slopes=merge(evidence.slopes, extra.slopes),
                      cell_margins=merge(evidence.cell_margins, extra.cell_margins),
-                     cell_rates=merge(evidence.cell_rates, extra.cell_rates))
+                     cell_rates=merge(evidence.cell_rates, extra.cell_rates),
+                     tightened=merge(evidence.tightened, extra.tightened))
     shape = (len(milp), len(new) + 1, milp.shape[2])
     return (merged, merge(milp, torch.full(shape, math.inf, dtype=milp.dtype)),
             merge(status, torch.zeros(shape[:2], dtype=status.dtype)))
