@@ -23,13 +23,17 @@ from typing import ClassVar
 
 import torch
 
+import numpy as np
+
 from verifier.attacks.result import Distribution
 from verifier.deadline import NEVER, Deadline
+from verifier.distributed import Shard
 from verifier.geometry import vector_norm
 from verifier.losses import loss_values
 
 SHRINK = 1e-6  # radii are shrunk by this factor so that float64 costs stay within the budget
-_CHUNK = 8192
+ROWS_PER_PASS = 256  # every forward/gradient pass sees exactly this many rows (padded): per-row results then
+# do not depend on which other rows share the pass, so a sharded run computes what one process computes
 
 Objective = Callable[[torch.Tensor, slice], torch.Tensor]  # (logits of a chunk, its rows) -> value per row
 
@@ -93,6 +97,25 @@ class Target:
     upper: torch.Tensor  # box_hi - x
     fixed_batch: int | None = None
     deadline: Deadline = NEVER  # checked before every forward or gradient pass of a chunk (every step)
+    shard: Shard | None = None  # which samples of the whole sample these are (None: all of them)
+
+    @property
+    def total(self) -> int:
+        """Number of samples of the whole audit (N of the weights 1/N; `count` on one process)."""
+        return self.count if self.shard is None else self.shard.total
+
+    def sample_ids(self) -> torch.Tensor:
+        """Global index of each local sample (seeds are drawn per sample from it)."""
+        start = 0 if self.shard is None else self.shard.start
+        return torch.arange(start, start + self.count)
+
+    def gather(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-sample (or per-atom) rows of every rank in sample order; the identity on one process."""
+        return tensors if self.shard is None else self.shard.gather(*tensors)
+
+    def local(self, values: torch.Tensor) -> torch.Tensor:
+        """The local rows of a gathered per-sample tensor."""
+        return values if self.shard is None else self.shard.local(values)
 
     @property
     def count(self) -> int:
@@ -114,11 +137,11 @@ class Target:
         return atom.reshape(len(rows), *self.x.shape[1:])
 
     def _chunks(self, count: int) -> list[slice]:
-        step = self.fixed_batch or _CHUNK
+        step = self.fixed_batch or ROWS_PER_PASS
         return [slice(s, min(s + step, count)) for s in range(0, count, step)]
 
     def _padded(self, atoms: torch.Tensor) -> torch.Tensor:
-        missing = (self.fixed_batch or 0) - len(atoms)
+        missing = (self.fixed_batch or ROWS_PER_PASS) - len(atoms)
         return torch.cat([atoms, atoms[-1:].expand(missing, *atoms.shape[1:])]) if missing > 0 else atoms
 
     def logits(self, atoms: torch.Tensor) -> torch.Tensor:
@@ -181,16 +204,16 @@ class Best:
 
 
 class Attack:
-    """Base of every attack: owns the target, the step count and the random generator."""
+    """Base of every attack: owns the target, the step count and the seed of the per-sample random draws."""
 
     name: ClassVar[str] = ""
     default_steps: ClassVar[int] = 50
 
-    def __init__(self, target: Target, steps: int | None = None, generator: torch.Generator | None = None,
-                 **options) -> None:
+    def __init__(self, target: Target, steps: int | None = None, seed: int = 0, **options) -> None:
         self.target = target
         self.steps = int(steps) if steps is not None else self.default_steps
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.seed = int(seed)
+        self.draws = 0  # random draws so far: each gets fresh per-sample streams
         self.options = options
         self.zero_gradient = torch.zeros(target.count, dtype=torch.bool, device=target.y.device)
 
@@ -223,20 +246,41 @@ class Attack:
         """Into the box only."""
         return torch.minimum(torch.maximum(d, self.target.lower[rows]), self.target.upper[rows])
 
+    def row_generators(self, rows: torch.Tensor) -> list[torch.Generator]:
+        """One CPU generator per row, seeded from (seed, global sample index, draw number, the row's
+        occurrence among its sample's rows): the numbers a sample gets do not depend on which other
+        samples run in this process, so a sharded run draws what one process draws."""
+        self.draws += 1
+        seen: dict[int, int] = {}
+        generators = []
+        for sample in self.target.sample_ids()[rows.cpu()].tolist():
+            occurrence = seen[sample] = seen.get(sample, -1) + 1
+            state = np.random.SeedSequence([self.seed, sample, self.draws, occurrence]).generate_state(2)
+            generators.append(torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
+        return generators
+
     def random_start(self, radius: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """A random displacement inside each row's ball (drawn on the CPU generator: device-independent)."""
+        """A random displacement inside each row's ball (per-sample CPU generators: device- and
+        shard-independent)."""
         t = self.target
-        shape = (len(rows), t.flat.shape[1])
-        u = torch.rand(shape, generator=self.generator, dtype=torch.float64)
-        scale = torch.rand(shape[0], 1, generator=self.generator, dtype=torch.float64)
+        width = t.flat.shape[1]
+        generators = self.row_generators(rows)
+
+        def draw(sample) -> torch.Tensor:  # (rows, width) from each row's own generator
+            if not generators:
+                return torch.zeros(0, width, dtype=torch.float64)
+            return torch.stack([sample(g) for g in generators])
+
+        u = draw(lambda g: torch.rand(width, generator=g, dtype=torch.float64))
+        scale = draw(lambda g: torch.rand(1, generator=g, dtype=torch.float64))[:, :1]
         if t.norm == "inf":
             d = (2 * u - 1) * radius.cpu().unsqueeze(-1)
         else:
             if t.norm == "2":
-                v = torch.randn(shape, generator=self.generator, dtype=torch.float64)
+                v = draw(lambda g: torch.randn(width, generator=g, dtype=torch.float64))
             else:
-                v = -torch.log(u.clamp_min(1e-300)) * torch.sign(torch.rand(shape, generator=self.generator,
-                                                                             dtype=torch.float64) - 0.5)
+                v = -torch.log(u.clamp_min(1e-300)) * torch.sign(
+                    draw(lambda g: torch.rand(width, generator=g, dtype=torch.float64)) - 0.5)
             size = vector_norm(v, t.norm).clamp_min(1e-300).unsqueeze(-1)
             d = v / size * scale * radius.cpu().unsqueeze(-1)
         return self.project(d.to(t.flat.device), radius, rows)
@@ -270,13 +314,13 @@ class Attack:
         self.zero_gradient |= (total > 0) & (zero == total)
 
     def flags(self) -> tuple[str, ...]:
-        """Warnings gathered while attacking (e.g. samples whose gradient vanished)."""
-        count = int(self.zero_gradient.sum())
-        return (f"zero-gradient ({count} of {self.target.count} samples)",) if count else ()
+        """Warnings gathered while attacking (e.g. samples whose gradient vanished), over every rank."""
+        count = int(self.target.gather(self.zero_gradient.cpu())[0].sum())
+        return (f"zero-gradient ({count} of {self.target.total} samples)",) if count else ()
 
     def pointwise(self, d: torch.Tensor, steps: int) -> Distribution:
         """Q = (1/N) sum_i delta(x_i + d_i): one atom per sample."""
         t = self.target
         rows = self.rows()
-        weights = torch.full((t.count,), 1.0 / t.count, dtype=torch.float64)
+        weights = torch.full((t.count,), 1.0 / t.total, dtype=torch.float64)
         return Distribution(t.atoms(d, rows), weights, rows.cpu(), steps, self.flags())

@@ -50,7 +50,7 @@ class CurveAttack(Attack):
     def _points(self, deltas: Sequence[float]):
         t = self.target
         given = self.options.get("radii")
-        grid = default_radii(deltas, t.p, t.count) if given is None else torch.as_tensor(given, dtype=torch.float64)
+        grid = default_radii(deltas, t.p, t.total) if given is None else torch.as_tensor(given, dtype=torch.float64)
         grid = torch.unique(torch.cat([grid.flatten().cpu(), torch.tensor([float(d) for d in deltas],
                                                                           dtype=torch.float64)]))
         grid = grid[grid > 0].to(t.flat.device)
@@ -69,22 +69,25 @@ class CurveAttack(Attack):
         return atoms, distance.view(shape).cpu(), (best.value - clean[rows]).view(shape).cpu()
 
     def _pointwise(self, distance: torch.Tensor, gain: torch.Tensor, delta: float) -> list[tuple[int, int, float]]:
-        """p = inf: the best point within delta per sample, as (sample, point or -1, weight)."""
+        """p = inf: the best point within delta per local sample, as (sample, point or -1, weight)."""
         usable = torch.where(distance <= delta, gain, torch.full_like(gain, -math.inf))
         value, k = usable.max(-1)
-        n = len(gain)
-        return [(i, int(k[i]) if value[i] > 0 else -1, 1.0 / n) for i in range(n)]
+        n = self.target.total
+        return [(i, int(k[i]) if value[i] > 0 else -1, 1.0 / n) for i in range(len(gain))]
 
     def _allocated(self, distance: torch.Tensor, gain: torch.Tensor, delta: float) -> list[tuple[int, int, float]]:
-        """p < inf: hull segments, knapsack, and at most two atoms per sample (`allocate`)."""
+        """p < inf: hull segments, knapsack over every rank's samples, and at most two atoms per local
+        sample (`allocate`)."""
+        t = self.target
+        distance, gain = t.gather(distance, gain)
         n = len(gain)
         unmoved = torch.zeros(n, 1, dtype=torch.float64)  # candidate 0 of `allocate`: the sample itself
-        costs = torch.cat([unmoved, distance.to(torch.float64) ** self.target.p], 1)
+        costs = torch.cat([unmoved, distance.to(torch.float64) ** t.p], 1)
         gains = torch.cat([unmoved, gain.to(torch.float64)], 1)
-        allocation = allocate(costs, gains, delta**self.target.p)
+        allocation = allocate(costs, gains, delta**t.p)
         out = []
-        for i, (low, high, weight) in enumerate(zip(allocation.low.tolist(), allocation.high.tolist(),
-                                                    allocation.weight.tolist())):
+        for i, (low, high, weight) in enumerate(zip(t.local(allocation.low).tolist(), t.local(allocation.high).tolist(),
+                                                    t.local(allocation.weight).tolist())):
             if weight <= 0:
                 out.append((i, low - 1, 1.0 / n))
             else:

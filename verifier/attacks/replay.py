@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from verifier.attacks.base import Target
-from verifier.attacks.result import AttackResult, Distribution, transport_cost
+from verifier.attacks.result import AttackResult, Distribution, atom_distances, cost_of
 from verifier.convert import ConvertedModel
 from verifier.errors import NonFiniteError
 from verifier.finite import require_finite_logits
@@ -22,7 +22,7 @@ from verifier.validate import onnxruntime_session, oracle_model, run_onnxruntime
 
 LOSS_ATOL = 1e-4
 LOSS_RTOL = 1e-4
-_CHUNK = 1024
+_CHUNK = 256  # rows per onnxruntime run, padded: per-row results do not depend on the other rows
 
 
 class Replayer:
@@ -43,41 +43,51 @@ class Replayer:
         for start in range(0, len(data), step):
             chunk = data[start:start + step]
             size = len(chunk)
-            if self.fixed and size < self.fixed:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed - size, axis=0)])
+            if size < step:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - size, axis=0)])
             (out,) = run_onnxruntime(self.session, [self.name], self.input_name, chunk, self.fixed)
             parts.append(np.asarray(out, dtype=np.float64).reshape(len(chunk), -1)[:size])
         return torch.from_numpy(np.concatenate(parts))
 
 
-def disagreements(torch_logits: torch.Tensor, ort_logits: torch.Tensor, labels: torch.Tensor, loss: str) -> int:
-    """Number of atoms whose error indicator or loss differs between the two runtimes."""
+def disagreeing(torch_logits: torch.Tensor, ort_logits: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per atom: whether its error indicator or loss differs between the two runtimes."""
     error_t = loss_values(torch_logits, labels, "margin") >= 0
     error_o = loss_values(ort_logits, labels, "margin") >= 0
     loss_t, loss_o = loss_values(torch_logits, labels, loss), loss_values(ort_logits, labels, loss)
     off = (loss_t - loss_o).abs() > LOSS_ATOL + LOSS_RTOL * loss_o.abs()
-    return int(((error_t != error_o) | off).sum())
+    return (error_t != error_o) | off
+
 
 
 def measure(method: str, delta: float, dist: Distribution, target: Target, replayer: Replayer | None,
             clean: tuple[float, float]) -> AttackResult:
-    """Risk, accuracy and transport cost of one distribution (onnxruntime values when replayed)."""
-    source = dist.source.cpu()
+    """Risk, accuracy and transport cost of one distribution (onnxruntime values when replayed).
+
+    The atoms are taken in order of their source sample (stable), so the sums over atoms run in
+    one order whichever rank evaluated which atoms; sources are global sample indices.
+    """
+    order = torch.sort(dist.source.cpu(), stable=True).indices
+    source, atoms = dist.source.cpu()[order], dist.atoms[order.to(dist.atoms.device)]
     labels = target.y.cpu()[source]
-    torch_logits = target.logits(dist.atoms.to(target.x.device)).cpu()
+    torch_logits = target.logits(atoms.to(target.x.device)).cpu()
     flags = list(dist.flags)
     logits = torch_logits
+    off = torch.zeros(len(labels), dtype=torch.bool)
     if replayer is not None:
-        logits = replayer.logits(dist.atoms)
-        count = disagreements(torch_logits, logits, labels, target.loss)
-        if count:
-            flags.append(f"onnxruntime-disagrees ({count} of {len(labels)} atoms)")
-    else:
-        flags.append("not-replayed")
-    weights = dist.weights.cpu().to(torch.float64)
+        logits = replayer.logits(atoms)
+        off = disagreeing(torch_logits, logits, labels, target.loss)
     losses = loss_values(logits, labels, target.loss)
     correct = (loss_values(logits, labels, "margin") < 0).to(torch.float64)
-    cost = transport_cost(dist.atoms, weights, source, target.x.cpu(), target.p, target.norm)
+    distance = atom_distances(atoms, source, target.x.cpu(), target.norm)
+    weights, losses, correct, distance, off, atoms, source = target.gather(
+        dist.weights.cpu().to(torch.float64)[order], losses, correct, distance, off, atoms.detach().cpu(),
+        target.sample_ids()[source])
+    if replayer is not None and bool(off.any()):
+        flags.append(f"onnxruntime-disagrees ({int(off.sum())} of {len(off)} atoms)")
+    if replayer is None:
+        flags.append("not-replayed")
+    cost = cost_of(weights, distance, target.p)
     nan_atoms = int(torch.isnan(losses[weights > 0]).sum())
     if nan_atoms:
         raise NonFiniteError(f"attack {method} at delta {delta:g}: the model's loss is NaN at {nan_atoms} "
@@ -89,7 +99,7 @@ def measure(method: str, delta: float, dist: Distribution, target: Target, repla
         risk=float((weights * losses).sum()), robust_accuracy=float((weights * correct).sum()),
         clean_risk=clean[0], clean_accuracy=clean[1], transport_cost=cost, steps=int(dist.steps),
         seconds=float(dist.seconds), flags=tuple(flags), replayed_in_onnxruntime=replayer is not None,
-        atoms=dist.atoms.detach().cpu(), weights=weights, source=source,
+        atoms=atoms, weights=weights, source=source,
     )
 
 
@@ -98,6 +108,7 @@ def clean_numbers(target: Target, replayer: Replayer | None) -> tuple[float, flo
     logits = replayer.logits(target.x) if replayer is not None else target.logits(target.x).cpu()
     require_finite_logits(logits, "onnxruntime" if replayer is not None else "torch")
     labels = target.y.cpu()
-    risk = float(loss_values(logits, labels, target.loss).mean())
-    accuracy = float((loss_values(logits, labels, "margin") < 0).to(torch.float64).mean())
+    losses, correct = target.gather(loss_values(logits, labels, target.loss),
+                                    (loss_values(logits, labels, "margin") < 0).to(torch.float64))
+    risk, accuracy = float(losses.mean()), float(correct.mean())
     return risk, accuracy

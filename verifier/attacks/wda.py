@@ -71,6 +71,6 @@ class WDA(Attack):
             return self.pointwise(best.d, steps)
         clean = torch.zeros_like(best.d)
         atoms = torch.cat([t.atoms(clean, own), t.atoms(best.d, own)])
-        weights = torch.cat([torch.full((t.count,), (1 - 1 / kappa) / t.count, dtype=torch.float64),
-                             torch.full((t.count,), (1 / kappa) / t.count, dtype=torch.float64)])
+        weights = torch.cat([torch.full((t.count,), (1 - 1 / kappa) / t.total, dtype=torch.float64),
+                             torch.full((t.count,), (1 / kappa) / t.total, dtype=torch.float64)])
         return Distribution(atoms, weights, torch.cat([own, own]).cpu(), steps, self.flags())

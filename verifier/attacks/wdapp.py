@@ -107,8 +107,8 @@ class WDAPlusPlus(Attack):
     def _reach(self, largest_delta: float) -> float:
         """How far any atom may travel: N^(1/p) max(delta), capped at the box's extent."""
         t = self.target
-        reach = largest_delta if math.isinf(t.p) else largest_delta * t.count ** (1.0 / t.p)
-        extent = float(vector_norm(torch.maximum(-t.lower, t.upper), t.norm).max())
+        reach = largest_delta if math.isinf(t.p) else largest_delta * t.total ** (1.0 / t.p)
+        extent = float(t.gather(vector_norm(torch.maximum(-t.lower, t.upper), t.norm).cpu())[0].max())
         return min(reach, extent)
 
     def flip_points(self, largest_delta: float):
@@ -123,12 +123,13 @@ class WDAPlusPlus(Attack):
         distance = torch.full((t.count,), math.inf, dtype=torch.float64, device=t.flat.device)
         distance[~correct] = 0.0
         self.taken = 0
-        if largest_delta <= 0 or not bool(correct.any()):
+        if largest_delta <= 0 or not bool(t.gather(correct.cpu())[0].any()):
             return adversarial, distance, correct
         reach = self._reach(largest_delta)
         first = min(largest_delta, reach) / 20
         growth = growth_factor(first, 2 * reach, self.steps)
-        low, high, found, self.taken = self._walk(first, growth, classes, correct)
+        low, high, found, taken = self._walk(first, growth, classes, correct)
+        self.taken = int(t.gather(torch.tensor([taken]))[0].max())  # the walk ends when every rank's does
         index = found.nonzero().squeeze(-1)
         if len(index):
             ends = self._bisect(low[index], high[index], rows[index])
@@ -150,8 +151,8 @@ class WDAPlusPlus(Attack):
         out = []
         for delta in deltas:
             start = time.perf_counter()
-            alpha = flip_allocation(distance.cpu(), correct.cpu(), float(delta) * (1 - SHRINK), t.p)
-            stay, move = (1 - alpha) / t.count, alpha / t.count
+            alpha = t.local(flip_allocation(*t.gather(distance.cpu(), correct.cpu()), float(delta) * (1 - SHRINK), t.p))
+            stay, move = (1 - alpha) / t.total, alpha / t.total
             keep_stay, keep_move = stay > 0, move > 0
             atoms = torch.cat([clean_atoms[keep_stay.to(t.x.device)], flip_atoms[keep_move.to(t.x.device)]])
             weights = torch.cat([stay[keep_stay], move[keep_move]])

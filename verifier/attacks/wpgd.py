@@ -22,11 +22,12 @@ from verifier.geometry import dual_norm, vector_norm
 
 
 def wpgd_direction(g: torch.Tensor, d: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-                   norm: str, p: float) -> torch.Tensor:
-    """Bai et al.'s per-point direction (up to one positive factor common to the batch)."""
+                   norm: str, p: float, top: torch.Tensor | None = None) -> torch.Tensor:
+    """Bai et al.'s per-point direction (up to one positive factor common to the batch); `top` is the
+    largest `||g_i||_*` of the whole batch (default: of these rows)."""
     q = dual_exponent(p)
     size = dual_norm(g, norm)
-    top = size.max()
+    top = size.max() if top is None else top
     if not bool(top > 0):
         return torch.zeros_like(g)
     g = g / top  # the direction is homogeneous in g: rescaling avoids overflow of the powers
@@ -43,7 +44,8 @@ class WPGD(Attack):
     default_steps = 50
 
     def _cost(self, d: torch.Tensor) -> torch.Tensor:
-        sizes = vector_norm(d, self.target.norm)
+        """`(mean ||d_i||_r^p)^(1/p)` over the whole sample (every rank's rows)."""
+        (sizes,) = self.target.gather(vector_norm(d, self.target.norm))
         p = self.target.p
         return sizes.max() if math.isinf(p) else (sizes**p).mean() ** (1.0 / p)
 
@@ -59,14 +61,15 @@ class WPGD(Attack):
         taken = 0
         for step in range(self.steps + 1):
             _, grad, logits = t.gradient(t.atoms(d, rows), objective)
-            value = float(t.loss_of(logits, rows).mean())
+            value = float(t.gather(t.loss_of(logits, rows))[0].mean())
             if value > best_value:
                 best_d, best_value = d, value
             if step == self.steps:
                 break
             if step == 0:
                 self.note_zero_gradient(rows, grad)
-            direction = wpgd_direction(grad, d, t.lower, t.upper, t.norm, t.p)
+            top = t.gather(dual_norm(grad, t.norm))[0].max()
+            direction = wpgd_direction(grad, d, t.lower, t.upper, t.norm, t.p, top.to(grad.device))
             scale = self._cost(direction)
             if not bool(scale > 0):
                 break
@@ -78,5 +81,5 @@ class WPGD(Attack):
                 cost = self._cost(d)
                 limit = delta * (1 - SHRINK)
                 if bool(cost > limit):
-                    d = d * (limit / cost)
+                    d = d * (limit / cost).to(d.device)
         return self.pointwise(best_d, taken)

@@ -7,7 +7,9 @@ bound, Bai et al.'s first-order estimate `clean + delta * Upsilon` (an estimate,
 the certified accuracy (§4), and the exactness report (§3.5): an explicit distribution built
 from the samples' linearised maximisers, whose forward-pass risk is a lower bound on R(delta);
 the certificate is `exact` when it meets that lower bound. A model without bound rules falls
-back to the global baseline, flagged in `fallbacks`.
+back to the global baseline, flagged in `fallbacks`. The per-sample half runs block by block
+(`tables.py`); what follows it sees only the concatenated tables, so a sharded run
+(`verifier.distributed`) gathers them and computes the same certificate.
 """
 
 from __future__ import annotations
@@ -23,24 +25,24 @@ import torch
 
 from verifier.bounds.global_lipschitz import global_lipschitz
 from verifier.bounds.network import BoundNetwork
-from verifier.cells import cell_analysis
+from verifier.cells import displacement_box
 from verifier.certify.accuracy import certified_accuracy
 from verifier.certify.aggregate import excess_bound, grid, linear_closed_form
-from verifier.certify.exactness import EXACT_TOLERANCE, RealisedDistribution, candidates, is_exact, realise
-from verifier.certify.growth import (ROUTES, RouteGrowth, box_reach, collect_evidence, growth_curves,
-                                     margin_class_curves)
-from verifier.certify.radii import certified_radii
+from verifier.certify.exactness import (EXACT_TOLERANCE, Candidates, Placed, RealisedDistribution, choose, is_exact,
+                                        place, summarise)
+from verifier.certify.growth import ROUTES, box_reach
+from verifier.certify.tables import BlockInputs, block_tables, concat
 from verifier.convert import ConvertedModel
 from verifier.convert.normalize import NormalizedModel
 from verifier.data import check_labels
 from verifier.data import save_distributions as write_distributions
 from verifier.deadline import NEVER, Deadline
-from verifier.errors import ResourceLimitError, UsageError, VerifierError
+from verifier.distributed import Shard
+from verifier.errors import UsageError, VerifierError
 from verifier.finite import require_finite_inputs, require_finite_logits, require_no_nan
-from verifier.geometry import dual_norm, parse_norm, vector_norm
-from verifier.cells import displacement_box
-from verifier.jacobian import logits_jacobian, loss_gradients, prepared_module
-from verifier.losses import check_loss, loss_values
+from verifier.geometry import parse_norm
+from verifier.jacobian import prepared_module
+from verifier.losses import check_loss
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,11 @@ def _upsilon(local_slopes: torch.Tensor, p: float) -> float:
     return float((local_slopes**q).mean() ** (1.0 / q))
 
 
-def _radius_grid(inputs: torch.Tensor, deltas: Sequence[float], p: float, box, norm: str,
-                 grid_points: int) -> torch.Tensor:
-    """One grid for every delta: up to the farthest a single sample can move (N^(1/p) delta, capped)."""
-    top = max(deltas) * (1.0 if math.isinf(p) else min(len(inputs) ** (1.0 / p), 20.0))
-    top = min(top, float(box_reach(inputs, box, norm).max())) if box is not None else top
+def _radius_grid(count: int, reach: float, deltas: Sequence[float], p: float, grid_points: int) -> torch.Tensor:
+    """One grid for every delta: up to the farthest one of `count` samples can move (N^(1/p) delta,
+    capped, and at most `reach`, the box's farthest point from any sample)."""
+    top = max(deltas) * (1.0 if math.isinf(p) else min(count ** (1.0 / p), 20.0))
+    top = min(top, reach)
     top = max(top, max(deltas), 1e-6)  # a grid even when every delta is 0
     return torch.unique(torch.cat([grid(top, grid_points),
                                    torch.tensor([float(d) for d in deltas], dtype=torch.float64)]))
@@ -150,12 +152,12 @@ def _refined(radii: torch.Tensor, factor: int) -> torch.Tensor:
     return inner.flatten()
 
 
-def _global_fallbacks(growth: RouteGrowth, radii: torch.Tensor, delta: float) -> tuple[str, ...]:
+def _global_fallbacks(winner: torch.Tensor, radii: torch.Tensor, delta: float) -> tuple[str, ...]:
     """Samples whose growth at delta's grid point came from the global route."""
     index = int(torch.searchsorted(radii, torch.tensor(delta, dtype=radii.dtype)))
     if index == 0 or index >= len(radii):
         return ()
-    count = int((growth.winner[:, index] == ROUTES.index("global")).sum())
+    count = int((winner[:, index] == ROUTES.index("global")).sum())
     return (f"{count} sample(s): global bound",) if count else ()
 
 
@@ -163,7 +165,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             deltas: Sequence[float], p: float = 2.0, norm: str | float = "2", loss: str = "ce",
             box: tuple[float, float] | None = None, grid_points: int = 24,
             exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False,
-            deadline: Deadline = NEVER, memory_limit_bytes: int | None = None) -> Certificate:
+            deadline: Deadline = NEVER, memory_limit_bytes: int | None = None,
+            shard: Shard | None = None) -> Certificate:
     """Certificates (upper bounds on R(delta)) for every delta, on CPU in float64.
 
     Work sized from shapes stays under `memory_limit_bytes` (default `resources.memory_limit()`):
@@ -172,6 +175,10 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     `deadline` is checked between chunks of work inside every step (bound propagation per node
     and unit chunk, cells and Jacobians per sample chunk, candidates per radius, each delta);
     past it `verifier.deadline.Stopped` is raised and nothing is returned.
+
+    Per-sample work runs block by block (`shard.block` samples, default `distributed.BLOCK`);
+    with a `shard` of a sharded run, `x` and `y` are this rank's samples, the per-sample tables
+    are gathered and every rank returns the certificate one process computes over all samples.
     """
     norm, loss = parse_norm(norm), check_loss(loss)
     if not p >= 1:
@@ -181,12 +188,10 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     _require_finite_model_logits(model, x)
     inputs = torch.as_tensor(x).to(torch.float64)
     labels = torch.as_tensor(y, dtype=torch.long)
+    shard = Shard.whole(len(inputs)) if shard is None else shard
+    if shard.count != len(inputs):
+        raise UsageError(f"the shard has {shard.count} samples but x has {len(inputs)}")
     module = prepared_module(model, "cpu", torch.float64)  # a float64 copy; the model is left as it is
-    logits = module(inputs).detach()
-    require_finite_logits(logits, "torch, float64")
-    check_labels(labels.numpy(), logits.shape[1])
-    lower, upper = displacement_box(inputs, box)
-    clean = loss_values(logits, labels, loss)
     fallbacks: list[str] = []
     lipschitz = global_lipschitz(_normalized(model), norm)
     network: BoundNetwork | None
@@ -196,47 +201,43 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         network = None
         fallbacks.append(str(err))
     deadline.check("the certificate's set-up")
-    cells = None
-    if model.piecewise_linear:  # every kink is a site: the model is affine on each cell
-        try:
-            cells = cell_analysis(model, inputs, labels, norm, box=box, device="cpu", deadline=deadline,
-                                  memory_limit_bytes=memory_limit_bytes)
-        except ResourceLimitError as err:  # the cell route is skipped; the others still bound
-            fallbacks.append(f"cells skipped: {err}")
-    radii = _radius_grid(inputs, deltas, p, box, norm, grid_points)
-    evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, cells, progress=progress,
-                                deadline=deadline)
-    growth = growth_curves(evidence, loss, lipschitz.loss_constant(loss))
-    class_curves = margin_class_curves(evidence, lipschitz.loss_constant("margin")) if loss == "margin" else None
-    correct = loss_values(logits, labels, "margin") < 0
-    radii_certified = certified_radii(evidence, network, inputs, norm, box, cells, deadline=deadline)
-    local = None
-    if loss != "zero_one":
-        gradients = loss_gradients(model, inputs, labels, loss, device="cpu", dtype=torch.float64,
-                                   deadline=deadline).gradients
-        local = dual_norm(gradients.flatten(1), norm)
-    upsilon = _upsilon(local, p) if loss in ("ce", "margin") else None
-    slope = lipschitz.loss_constant(loss) if loss != "dlr" else math.inf
-    jacobian = cells.jacobian if cells is not None else logits_jacobian(model, inputs, "cpu", torch.float64,
-                                                                        deadline=deadline).jacobian
-    reach = float(box_reach(inputs, box, norm).max())
+    reach = float(shard.gather_one(box_reach(inputs, box, norm)).max())
+    radii = _radius_grid(shard.total, reach, deltas, p, grid_points)
     far = torch.logspace(0.0, 4.0, 9, dtype=torch.float64)[1:] * radii[-1]  # small mass moved far (p < inf)
     extra = far[far <= reach] if not math.isinf(p) else far[:0]
-    moves = candidates(module, inputs, labels, jacobian, lower, upper, torch.cat([_refined(radii, 4), extra]),
-                       norm, loss, deadline)
+    move_radii = torch.cat([_refined(radii, 4), extra])
+    parts, blocks = [], []
+    for part in shard.blocks():
+        block_x, block_y = inputs[part], labels[part]
+        logits = module(block_x).detach()
+        require_finite_logits(logits, "torch, float64")
+        check_labels(block_y.numpy(), logits.shape[1])
+        tables, jacobian = block_tables(model, module, network, block_x, block_y, logits, norm, loss, box, radii,
+                                        move_radii, lipschitz.loss_constant(loss), lipschitz.loss_constant("margin"),
+                                        deadline, memory_limit_bytes, progress)
+        parts.append(tables)
+        blocks.append((BlockInputs(part.start, block_x, block_y, jacobian, *displacement_box(block_x, box)),
+                       tables.moves))
+    tables = concat(parts)
+    tables = concat(shard.objects(tables)) if shard.distributed else tables
+    fallbacks += tables.fallbacks
+    correct = tables.correct
+    local = tables.local_slopes
+    upsilon = _upsilon(local, p) if loss in ("ce", "margin") else None
+    slope = lipschitz.loss_constant(loss) if loss != "dlr" else math.inf
     results, distributions = [], []
     rounding = 8 * torch.finfo(model.input_dtype).eps
-    clean_risk = float(clean.mean())
+    clean_risk = float(tables.clean.mean())
     for delta in deltas:
         deadline.check("the certificates per delta")
         global_bound = clean_risk + delta * slope if math.isfinite(slope) else None
-        accuracy = certified_accuracy(radii_certified, correct, float(delta), p)
+        accuracy = certified_accuracy(tables.certified_radii, correct, float(delta), p)
         certificate = None
         if loss != "dlr":
-            excess, _ = excess_bound(growth.curves, float(delta), p)
-            if class_curves is not None:
-                excess = min(excess, excess_bound(class_curves, float(delta), p)[0])
-            closed_forms = [clean_risk + linear_closed_form(growth.curves.tail_slope, float(delta), p)]
+            excess, _ = excess_bound(tables.curves, float(delta), p)
+            if tables.class_curves is not None:
+                excess = min(excess, excess_bound(tables.class_curves, float(delta), p)[0])
+            closed_forms = [clean_risk + linear_closed_form(tables.curves.tail_slope, float(delta), p)]
             closed_forms += [global_bound] if global_bound is not None else []
             certificate = min([clean_risk + excess] + closed_forms)  # §3.7: every candidate is sound
             if loss == "zero_one":  # the error rate is also at most 1 - certified accuracy (§4)
@@ -245,7 +246,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             certificate += rounding * max(1.0, abs(certificate))
             if loss == "zero_one":
                 certificate = min(certificate, 1.0)
-        realised = realise(module, inputs, labels, jacobian, lower, upper, moves, float(delta), p, norm, loss)
+        low, high = _placed(module, blocks, shard, choose(tables.moves, float(delta), p), norm, loss)
+        realised = summarise(float(delta), p, low, high)
         distributions.append(realised)
         alarm = certificate is not None and realised.risk > certificate + rounding * max(1.0, abs(certificate))
         alarms = ("SOUNDNESS ALARM: the realising distribution's risk exceeds the certificate; please report "
@@ -256,17 +258,34 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             certified_accuracy=accuracy,
             realised_risk=realised.risk, realised_accuracy=realised.accuracy,
             exact=None if certificate is None else is_exact(certificate, realised.risk, exact_tolerance),
-            in_cell_mass=None if cells is None else _in_cell_mass(realised, inputs, cells.radius, norm),
-            fallbacks=alarms + tuple(fallbacks) + _global_fallbacks(growth, radii, float(delta)),
+            in_cell_mass=None if tables.cell_radius is None else _in_cell_mass([*low, *high], tables.cell_radius),
+            fallbacks=alarms + tuple(fallbacks) + _global_fallbacks(tables.winner, radii, float(delta)),
         ))
-    won = Counter(ROUTES[int(i)] for i in growth.winner[:, 1:].flatten() if i >= 0)
-    result = Certificate(loss=loss, p=p, norm=norm, box=box, samples=len(inputs),
+    won = Counter(ROUTES[int(i)] for i in tables.winner[:, 1:].flatten() if i >= 0)
+    result = Certificate(loss=loss, p=p, norm=norm, box=box, samples=shard.total,
                          clean_accuracy=float(correct.double().mean()), results=tuple(results),
                          exact_up_to_delta=_exact_up_to(results), routes_won=dict(won), fallbacks=tuple(fallbacks),
                          local_slopes=local, global_slope=slope if math.isfinite(slope) else None,
-                         certified_radii=radii_certified, distributions=tuple(distributions))
+                         certified_radii=tables.certified_radii, distributions=tuple(distributions))
     require_no_nan(result.to_dict(), "the certificate")
     return result
+
+
+def _placed(module: torch.nn.Module, blocks: list[tuple[BlockInputs, Candidates]], shard: Shard,
+            picks: tuple[torch.Tensor, torch.Tensor, torch.Tensor], norm: str, loss: str
+            ) -> tuple[list[Placed], list[Placed]]:
+    """Every rank's atoms of the realising distribution, block by block, in sample order."""
+    low, high = [], []
+    for inputs, found in blocks:
+        rows = slice(shard.start + inputs.offset, shard.start + inputs.offset + len(inputs.x))
+        lower_pick, upper_pick = place(module, inputs.x, inputs.y, inputs.jacobian, inputs.lower, inputs.upper,
+                                       found, tuple(t[rows] for t in picks), shard.total, norm, loss, rows.start)
+        low.append(lower_pick)
+        high.append(upper_pick)
+    if not shard.distributed:
+        return low, high
+    every = shard.objects((low, high))
+    return [p for lows, _ in every for p in lows], [p for _, highs in every for p in highs]
 
 
 def _require_finite_model_logits(model: ConvertedModel, x: torch.Tensor | np.ndarray) -> None:
@@ -279,10 +298,12 @@ def _require_finite_model_logits(model: ConvertedModel, x: torch.Tensor | np.nda
     require_finite_logits(logits, f"torch, {str(dtype).replace('torch.', '')}")
 
 
-def _in_cell_mass(realised: RealisedDistribution, x: torch.Tensor, radius: torch.Tensor, norm: str) -> float:
+def _in_cell_mass(placed: Sequence[Placed], radius: torch.Tensor) -> float:
     """Probability mass of atoms within their sample's exact cell radius (where the analysis is exact)."""
-    moved = vector_norm((realised.atoms - x[realised.source]).flatten(1), norm)
-    return float(realised.weights[moved <= radius[realised.source]].sum())
+    moved = torch.cat([part.moved_by for part in placed])
+    source = torch.cat([part.source for part in placed])
+    weights = torch.cat([part.weights for part in placed])
+    return float(weights[moved <= radius[source]].sum())
 
 
 def _exact_up_to(results: Sequence[DeltaCertificate]) -> float | None:
