@@ -265,7 +265,7 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
 
     outcome = audit(args.model, args.data, settings, args.out, on_stage=announce, progress=progress,
                     started=args.started, job=args.job)
-    return outcome.exit_code, outcome.report, _audit_text(outcome)
+    return outcome.exit_code, outcome.report, _audit_text(outcome) if outcome.paths is not None else ""
 
 
 def _audit_text(outcome) -> str:
