@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_budget(audit, default_delta="1/255,2/255,4/255,8/255", default_norm="inf")
     audit.add_argument("--attacks", default="wdapp,wda,pgd,wpgd",
                        help="comma-separated attack methods, or all (default wdapp,wda,pgd,wpgd)")
+    audit.add_argument("--grid-points", type=int, default=24, help="radius grid size of the certificates (default 24)")
     audit.add_argument("--out", default="verifier-report", metavar="DIR",
                        help="report folder (default ./verifier-report)")
     audit.add_argument("--max-risk", type=float, metavar="X", help="fail unless the certificate is <= X at every delta")
@@ -250,12 +251,14 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
 
     if not args.data:
         raise UsageError("--data FILE.npz with inputs x and labels y is required")
+    if args.grid_points < 2:
+        raise UsageError("--grid-points must be at least 2")
     settings = AuditSettings(
         deltas=tuple(parse_deltas(args.delta)), p=parse_p(args.p), norm=args.norm, loss=args.loss,
         attacks=tuple(m.strip() for m in args.attacks.split(",") if m.strip()), box=parse_box(args.box),
         samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit, output=args.output,
         thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy),
-        memory_limit=memory_limit(args))
+        memory_limit=memory_limit(args), grid_points=args.grid_points)
     progress = _progress_wanted(args)
 
     def announce(stage: str) -> None:  # one line per stage, terminal or log file (CI), unless --quiet

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from verifier.deadline import Stopped
-from verifier.errors import VerifierError
+from verifier.errors import UsageError, VerifierError
 
 BLOCK = 256  # samples per block: results are identical for every process count at the same block size
 DEFAULT_TIMEOUT_S = 1800.0  # how long a collective waits for the slowest rank (torch's own default)
@@ -236,7 +236,7 @@ class Job:
     def start(cls, block: int = BLOCK, time_limit: float | None = None) -> Job:
         """This process's job: torchrun's environment joined (with the collective timeout), else alone."""
         if block < 1:
-            raise CollectiveError(f"the block size must be >= 1 sample (got {block})")
+            raise UsageError(f"the block size must be >= 1 sample (got {block})")
         launch = launched()
         if launch is None:
             return cls(block=block)
@@ -253,7 +253,7 @@ class Job:
             return Shard.whole(total, self.block)
         blocks = math.ceil(total / self.block)
         if blocks < self.world:
-            raise CollectiveError(f"{total} samples make {blocks} block(s) of {self.block}, fewer than the "
+            raise UsageError(f"{total} samples make {blocks} block(s) of {self.block}, fewer than the "
                                   f"{self.world} ranks: use --block-size {max(1, total // self.world)} or fewer ranks")
         return Shard.of_rank(total, self.rank, self.world, self.block, self.group)
 
