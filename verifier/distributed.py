@@ -240,7 +240,8 @@ class Job:
         launch = launched()
         if launch is None:
             return cls(block=block)
-        return cls(block=block, rank=launch.rank, world=launch.world, group=join(launch, collective_timeout(time_limit)))
+        group = join(launch, collective_timeout(time_limit))
+        return cls(block=block, rank=launch.rank, world=launch.world, group=group)
 
     @property
     def writer(self) -> bool:
