@@ -14,8 +14,8 @@ attacks run their forward passes on fixed-size padded chunks (docs/scale.md).
 Failures stay collective: every gather also exchanges each rank's status, and a rank that
 fails or stops (`--time-limit`) calls `Shard.share(err)`, which is matched by the gather the
 others wait in: they raise `PeerFailed` (exit 2, one line naming the rank) or `PeerStopped`,
-so nobody hangs. `WHOLE`-style single-process shards (`Shard.whole(n)`) make every gather the
-identity and never touch torch.distributed.
+so nobody hangs. A single process has `Shard.whole(n)`: every gather is the identity and
+torch.distributed is never touched.
 """
 
 from __future__ import annotations
@@ -87,10 +87,6 @@ class Shard:
     def distributed(self) -> bool:
         """Whether other ranks share the work."""
         return self.world > 1
-
-    def ids(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """Global index of every local sample (int64)."""
-        return torch.arange(self.start, self.end, device=device)
 
     def local(self, values):
         """The local rows of a per-sample array of all `total` samples."""

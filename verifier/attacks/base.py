@@ -6,11 +6,14 @@ samples, labels, threat norm r, order p, loss, the box as displacement bounds (f
 attack step, so a time limit stops an attack within one such pass.
 Displacements `d` are kept in float64 and turned into model-dtype atoms by `Target.atoms`, which
 rounds every coordinate towards its sample, so an atom's true distance never exceeds the one
-computed from `d`. `Attack` is the base each attack file builds on: batching (fixed-batch models
-are padded), steepest-ascent directions and projections for r in {inf, 2, 1} (method §5), a
+computed from `d`. `Attack` is the base each attack file builds on: batching (padded chunks of a
+fixed size), steepest-ascent directions and projections for r in {inf, 2, 1} (method §5), a
 step schedule, the per-atom best-iterate loop `ascend`, and the point-wise distribution. An
 attack only writes its own loop in `attack(delta)` (or `run(deltas)` when one pass serves every
-delta).
+delta). In a sharded run (`verifier.distributed`) `Target.shard` says which samples these are:
+`Target.total` is N and `Target.gather` brings every rank's per-sample rows to the global steps;
+random draws are per sample and every pass has a fixed row count (`ROWS_PER_PASS`, padded), so
+results do not depend on the sharding.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 import numpy as np
+import torch
 
 from verifier.attacks.result import Distribution
 from verifier.deadline import NEVER, Deadline
