@@ -24,12 +24,13 @@ import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from verifier.deadline import Stopped
 from verifier.errors import UsageError, VerifierError
+
+if TYPE_CHECKING:  # torch is imported where a collective runs: a refused command never loads it
+    import torch
 
 BLOCK = 256  # samples per block: results are identical for every process count at the same block size
 DEFAULT_TIMEOUT_S = 1800.0  # how long a collective waits for the slowest rank (torch's own default)
@@ -103,6 +104,8 @@ class Shard:
         """Each tensor's rows from every rank, concatenated in rank (= sample) order, on the CPU."""
         if not self.distributed:
             return tensors
+        import torch
+
         parts = self._exchange(("ok", tuple(t.detach().cpu() for t in tensors)))
         return tuple(torch.cat([part[i] for part in parts]) for i in range(len(tensors)))
 
@@ -195,6 +198,7 @@ def join(launch: Launch, timeout_s: float) -> Any:
     The tables travel as CPU tensors, so they go over gloo; with CUDA, nccl is set up beside it and
     each rank takes the device of its local rank.
     """
+    import torch
     import torch.distributed as dist
 
     backend = "gloo"
