@@ -61,15 +61,15 @@ class WPGD(Attack):
         taken = 0
         for step in range(self.steps + 1):
             _, grad, logits = t.gradient(t.atoms(d, rows), objective)
-            value = float(t.gather(t.loss_of(logits, rows))[0].mean())
+            losses, sizes = t.gather(t.loss_of(logits, rows), dual_norm(grad, t.norm))  # one exchange per step
+            value = float(losses.mean())
             if value > best_value:
                 best_d, best_value = d, value
             if step == self.steps:
                 break
             if step == 0:
                 self.note_zero_gradient(rows, grad)
-            top = t.gather(dual_norm(grad, t.norm))[0].max()
-            direction = wpgd_direction(grad, d, t.lower, t.upper, t.norm, t.p, top.to(grad.device))
+            direction = wpgd_direction(grad, d, t.lower, t.upper, t.norm, t.p, sizes.max().to(grad.device))
             scale = self._cost(direction)
             if not bool(scale > 0):
                 break
