@@ -88,7 +88,7 @@ def test_fixed_seed_gives_the_same_report(mlp):
     loaded, model, x, y = mlp
 
     def run():
-        report = attack(model, loaded, x[:12], y[:12], ["pgd", "wdapp", "wda-curve"], [0.3], p=2.0, norm="2",
+        report = attack(model, loaded, x[:12], y[:12], ["all"], [0.3], p=2.0, norm="2",
                         box=(0.0, 1.0), steps=6, seed=3)
         out = report.to_dict()
         for result in out["results"]:
@@ -99,7 +99,8 @@ def test_fixed_seed_gives_the_same_report(mlp):
     assert first == second
     json.dumps(first, allow_nan=False)
     assert set(first) == {"p", "norm", "loss", "box", "samples", "seed", "results", "skipped"}
-    assert first["results"][0]["atoms"] == 12
+    assert [r["method"] for r in first["results"]] == list(METHODS)
+    assert first["results"][METHODS.index("pgd")]["atoms"] == 12
 
 
 def test_report_text_and_kappa_mixture(mlp):

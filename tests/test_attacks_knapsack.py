@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.optimize import linprog
 
-from verifier.attacks.base import project_ball, steepest_ascent
+from verifier.attacks.steps import project_ball, steepest_ascent
 from verifier.certify.allocation import flip_allocation, fractional_knapsack, upper_hull
 from verifier.certify.accuracy import flippable_mass
 

@@ -134,7 +134,7 @@ def test_p_one_drops_wpgd_from_the_defaults_with_a_warning(tmp_path):
                                 "deltas": (2 / 255,), "samples": 6})
     outcome = audit(shipped_model("mlp_relu"), shipped_data("mlp_relu"), settings, tmp_path)
     assert outcome.exit_code == 0
-    assert outcome.report["settings"]["attacks"] == ["wdapp", "wda", "pgd"]
+    assert outcome.report["settings"]["attacks"] == ["wdapp", "wda", "pgd", "wda-curve"]  # CE, p < inf: + curve
     assert any("wpgd" in warning for warning in outcome.report["warnings"])
 
 

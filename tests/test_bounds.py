@@ -311,3 +311,57 @@ def test_fixed_batch_export_gets_bounds_after_the_rewrite(tmp_path):
     x = torch.rand(5, 64, dtype=torch.float64)
     network = BoundNetwork.from_model(converted)
     assert torch.allclose(network.evaluate(x), module.double()(x), atol=1e-9)
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_tightening_only_unsettled_units_changes_no_bound(monkeypatch, tmp_path, norm):
+    """Skipping the back-substitution of stable units (and of a first affine layer on a box) must
+    give the same margin and slope bounds as tightening every unit of every layer."""
+    from verifier.bounds import propagate as propagation
+
+    path = tmp_path / "cnn.onnx"
+    path.write_bytes(_random_cnn(7).SerializeToString())
+    network = BoundNetwork.from_model(convert_model(load_model(path)))
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(rng.uniform(0, 1, size=(5, 1, 6, 6)))
+    y = torch.from_numpy(rng.integers(0, 4, size=5))
+    radius = torch.tensor([0.0, 0.01, 0.05, 0.2, 2.0], dtype=torch.float64)
+    selected = margin_bounds(network, x, y, radius, norm, box=(0.0, 1.0), device="cpu").upper
+    selected_slopes = slope_bounds(network, x, y, radius, norm, box=(0.0, 1.0), device="cpu").per_class
+    skipped = []
+    original = propagation._units_worth_tightening
+    monkeypatch.setattr(propagation, "_units_worth_tightening",
+                        lambda *args: skipped.append(original(*args)) or None)
+    every = margin_bounds(network, x, y, radius, norm, box=(0.0, 1.0), device="cpu").upper
+    every_slopes = slope_bounds(network, x, y, radius, norm, box=(0.0, 1.0), device="cpu").per_class
+    assert any(mask is not None and not bool(mask.all()) for mask in skipped)  # something was skipped
+    assert torch.allclose(selected, every, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(selected_slopes, every_slopes, rtol=1e-10, atol=1e-10)
+
+
+def test_settled_units_lie_in_one_linear_piece():
+    from verifier.bounds.relaxations import settled
+
+    low = torch.tensor([-2.0, -1.0, 0.0, 0.5, -4.0, 2.0])
+    high = torch.tensor([-1.0, 1.0, 0.0, 3.0, -3.5, 4.0])
+    assert settled("relu", low, high).tolist() == [True, False, True, True, True, True]
+    assert settled("clip", low, high, {"min": 0.0, "max": 1.0}).tolist() == [True, False, True, False, True, True]
+    assert settled("hard_swish", low, high).tolist() == [False, False, False, False, True, False]
+    assert not settled("gelu", low, high).any()
+
+
+def test_transpose_of_a_linear_map_is_its_adjoint():
+    from verifier.bounds.propagate import _transpose
+
+    weight = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    conv = lambda u: torch.nn.functional.conv2d(u, weight, stride=2, padding=1)  # noqa: E731
+    rows = torch.randn(7, 4, 3, 3, dtype=torch.float64)
+    dense = torch.autograd.functional.jacobian(lambda u: conv(u.reshape(1, 2, 5, 5)).flatten(),
+                                               torch.zeros(50, dtype=torch.float64))
+    expected = (rows.flatten(1) @ dense).reshape(7, 2, 5, 5)
+    (adjoint,) = _transpose(conv, [torch.zeros(1, 2, 5, 5, dtype=torch.float64)], rows)
+    assert torch.allclose(adjoint, expected, atol=1e-12)
+    # An op that vmap cannot batch (`.item()` on a batched tensor) takes the whole-batch vjp instead.
+    unbatchable = lambda u: u * (u.flatten()[0] * 0 + 2).item()  # noqa: E731
+    (doubled,) = _transpose(unbatchable, [torch.zeros(1, 3, dtype=torch.float64)], rows[:, 0, 0])
+    assert torch.allclose(doubled, 2 * rows[:, 0, 0], atol=1e-12)

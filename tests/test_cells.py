@@ -172,3 +172,27 @@ def test_samples_outside_the_box_are_refused():
     converted, x, y = _shipped("mlp_relu", 3)
     with pytest.raises(errors.VerifierError, match="outside the box"):
         cell_analysis(converted, x + 2.0, y, "2", box=(0.0, 1.0))
+
+
+@pytest.mark.parametrize("norm", ["inf", "2", "1"])
+@pytest.mark.parametrize("boxed", [True, False])
+def test_pruned_distance_to_kinks_equals_the_full_minimum(monkeypatch, norm, boxed):
+    """The exact distance is computed only for constraints whose box-free lower bound could win:
+    the minimum must be the one over every constraint."""
+    from verifier import cells
+    from verifier.geometry import radius_to_reach
+
+    generator = torch.Generator().manual_seed(3)
+    kappa = torch.randn(4, 300, dtype=torch.float64, generator=generator)
+    grad = torch.randn(4, 300, 12, dtype=torch.float64, generator=generator)
+    grad[:, :5] = 0.0  # constant constraints never bind
+    kappa[0, 7] = 0.0  # on a kink: distance 0
+    centre = torch.rand(4, 12, dtype=torch.float64, generator=generator)
+    lower, upper = (-centre, 1.0 - centre) if boxed else (torch.full_like(centre, -math.inf),
+                                                          torch.full_like(centre, math.inf))
+    toward = torch.where((kappa == 0).unsqueeze(-1), grad, -torch.sign(kappa).unsqueeze(-1) * grad)
+    full = radius_to_reach(toward, lower[:, None], upper[:, None], kappa.abs(), norm)
+    full = torch.where((grad == 0).all(-1), math.inf, full).min(-1).values
+    monkeypatch.setattr(cells, "_FIRST_CANDIDATES", 1)  # forces the widening loop
+    assert torch.equal(cells._distance_to_kinks(kappa, grad, lower, upper, norm), full)
+    assert float(full[0]) == 0.0

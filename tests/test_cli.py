@@ -108,7 +108,9 @@ def _bad_inputs(tmp_path):
                                   "unsupported"])
 def test_bad_models_exit_2_with_one_line(capsys, tmp_path, case):
     path, expected = _bad_inputs(tmp_path)[case]
-    command = "validate" if case == "unsupported" else "inspect"
+    # inspect describes a model with several or integer inputs (and lists --perturb candidates); the
+    # analyses refuse it without --perturb
+    command = "validate" if case in ("unsupported", "int_input", "two_inputs") else "inspect"
     code, out, err = run_cli(capsys, command, path)
     assert code == 2
     assert expected in err

@@ -115,7 +115,68 @@ def test_certify_stops_inside_its_first_bound_computation(mlp):
     with pytest.raises(Stopped):
         certify(converted, x[:8], y[:8], [1 / 255], box=(0.0, 1.0), grid_points=4,
                 deadline=Deadline.polling(polls))
-    assert polls.count == 5
+    # The fifth poll ends the bound refinement where it is; certify's own check right after stops.
+    assert polls.count == 6
+
+
+class _Ticks:
+    """A clock that advances one second per reading."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_certify_under_a_short_limit_returns_a_sound_coarser_certificate(mlp):
+    """Anytime: the refinements stop at their share of the limit and say so; the certificate is
+    never below the full one's realised risk and never above the global bound."""
+    _, converted, x, y = mlp
+    x, y = x[:8], y[:8]
+    full = certify(converted, x, y, [1 / 255, 4 / 255], box=(0.0, 1.0), grid_points=6)
+    ticks = _Ticks()
+    # The full run reads the clock ~480 times, ~320 of them in the bound evidence; with 300 the
+    # refinements stop at reading ~240 (80 %), inside the evidence, and the rest needs ~15 more.
+    budget = Deadline(at=300.0, clock=ticks)
+    cut = certify(converted, x, y, [1 / 255, 4 / 255], box=(0.0, 1.0), grid_points=6, deadline=budget)
+    assert any(note.startswith("time limit: tightened bounds at") for note in cut.fallbacks)
+    for coarse, fine in zip(cut.results, full.results):
+        assert fine.certificate <= coarse.certificate + 1e-12
+        assert fine.realised_risk <= coarse.certificate
+        assert coarse.certificate <= coarse.global_bound
+        assert coarse.certified_accuracy <= fine.certified_accuracy + 1e-12
+        assert coarse.certified_accuracy <= coarse.realised_accuracy
+
+
+def test_collect_evidence_cut_short_keeps_the_cheap_bounds(mlp):
+    from verifier.certify.growth import collect_evidence
+
+    _, converted, x, y = mlp
+    network = BoundNetwork.from_model(converted)
+    x, y = torch.as_tensor(x[:6]).double(), torch.as_tensor(y[:6])
+    logits = network.evaluate(x)
+    radii = torch.linspace(0.0, 0.05, 6, dtype=torch.float64)
+    full = collect_evidence(network, x, y, logits, "inf", radii, (0.0, 1.0))
+    counted = Polls()
+    collect_evidence(network, x, y, logits, "inf", radii, (0.0, 1.0), deadline=Deadline.polling(counted))
+
+    def stopped_at(poll: int):
+        return collect_evidence(network, x, y, logits, "inf", radii, (0.0, 1.0),
+                                deadline=Deadline.polling(Polls(stop_at=poll)))
+
+    # The first poll after the cheap pass (bisection: whether it finished is monotone in the poll).
+    low, high = 1, counted.count
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if torch.isfinite(stopped_at(middle).linear[:, 1:].max()) else (middle + 1, high)
+    cut = stopped_at(low + 2)  # inside the first tightened radius
+    assert cut.notes == ("time limit: tightened bounds at 0 of 5 radii, interval-based bounds elsewhere",)
+    assert not cut.tightened[1:].any() and full.tightened.all()
+    assert torch.all(full.linear <= cut.linear + 1e-12)  # the cheap bounds are looser, never tighter
+    assert torch.isfinite(cut.linear.masked_fill(torch.isinf(full.linear), 0.0)).all()
+    assert cut.whole_box is not None and torch.all(full.whole_box <= cut.whole_box + 1e-12)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -189,7 +250,8 @@ def test_audit_stopped_inside_certify_writes_a_valid_partial_report(tmp_path, mo
     settings = AuditSettings(deltas=(1 / 255,), attacks=("pgd",), box=(0.0, 1.0), samples=16, grid_points=8,
                              steps=5, time_limit=3600.0)
     outcome = audit(shipped_model("mlp_relu"), shipped_data("mlp_relu"), settings, tmp_path)
-    assert stopping.calls[0] == 4 and outcome.exit_code == 3
+    # reading 4 reaches the limit inside the bound refinement; certify's own check (reading 5) stops
+    assert stopping.calls[0] == 5 and outcome.exit_code == 3
     report = json.loads((tmp_path / "report.json").read_text())
     validate_report(report)
     assert report["stopped_at"] == "certify" and report["results"] == [] and report["timings"]["attacks"] is None

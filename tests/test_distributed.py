@@ -126,3 +126,32 @@ def test_shards_are_whole_blocks_in_sample_order():
 def test_too_few_blocks_for_the_ranks_is_refused():
     with pytest.raises(UsageError, match="8 samples make 1 block.* use --block-size 4"):
         Job(block=256, world=2).shard(8)
+
+
+def _linear_target(x: torch.Tensor, y: torch.Tensor, shard: Shard | None):
+    from verifier.attacks.base import Target
+
+    torch.manual_seed(3)
+    module = torch.nn.Linear(x.shape[1], 4).double()
+    flat = x.flatten(1)
+    return Target(module, x, y, "2", 2.0, "ce", torch.full_like(flat, -torch.inf), torch.full_like(flat, torch.inf),
+                  shard=shard)
+
+
+def test_search_draws_per_sample_whatever_the_shard_and_chunks(monkeypatch):
+    """A rank's samples get the random starts and best iterates they get in one process, also when
+    the search is cut into chunks at other rows (and a sample's rows fall in two chunks)."""
+    import verifier.attacks.base as base
+
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.arange(10) % 4
+    whole = base.Attack(_linear_target(x, y, None), seed=5, topk=2)
+    part = base.Attack(_linear_target(x[4:8], y[4:8], Shard(total=10, start=4, stop=8)), seed=5, topk=2)
+    rows_whole, rows_part = whole.rows(3), part.rows(3)  # 3 rows per sample, sample-major
+    radius_whole, radius_part = torch.full((30,), 0.5, dtype=torch.float64), torch.full((12,), 0.5, dtype=torch.float64)
+    starts = whole.random_start(radius_whole, rows_whole)
+    assert torch.equal(part.random_start(radius_part, rows_part), starts[12:24])
+    monkeypatch.setattr(base, "SEARCH_ELEMENTS", 6 * 3 * 5)  # 5 rows per chunk: chunks cut samples apart
+    found_whole = whole.search(rows_whole, radius_whole, 3)
+    found_part = part.search(rows_part, radius_part, 3)
+    assert torch.equal(found_part.d, found_whole.d[12:24]) and torch.equal(found_part.flip, found_whole.flip[12:24])
+    assert whole.runs == part.runs == 1 + 2 and whole.draws == part.draws

@@ -322,8 +322,8 @@ def test_markdown_verdict_and_table(report):
     assert "- delta=0.2: risk not certified below 0.5 (certificate 0.6633, best attack 0.4105)" in text
     # best risk from pgd, lowest accuracy from wda: both attacks are named
     assert ("| 0.05 | 0.0812 | 0.1402 (pgd) | 0.1456 | 5.901 | 1.092 | 98.0% | 94.0% | 94.0% (wda) | yes "
-            "| pass | pass |") in text
-    assert ("| 0.2 | 0.0812 | 0.4105 (wda) | 0.6633 | 23.56 | 1.768 | 98.0% | 71.0% | 78.0% (wda) | no | fail | pass |"
+            "| — | pass | pass |") in text
+    assert ("| 0.2 | 0.0812 | 0.4105 (wda) | 0.6633 | 23.56 | 1.768 | 98.0% | 71.0% | 78.0% (wda) | no | — | fail | pass |"
             in text)
     assert "| gap ratio |" in text and "| max risk ≤ 0.5 | certified acc. ≥ 50.0% |" in text
     assert "1 = the certificate is met by an attack; larger = looser" in text

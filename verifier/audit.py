@@ -26,8 +26,10 @@ import numpy as np
 from verifier import __version__
 from verifier.attacks import METHODS, attack, resolve_methods
 from verifier.certify.certificate import Certificate, certify
+from verifier.certify.milp_route import EXACT_MODES
 from verifier.convert import convert_model
-from verifier.data import budget_scale_warning, fit_box, load_samples
+from verifier.data import budget_scale_warning, load_samples
+from verifier.perturb import fitted_threat_box, load_for_analysis
 from verifier.deadline import Deadline, Stopped, Terminated
 from verifier.device import resolve_device
 from verifier.distributed import Job
@@ -36,13 +38,15 @@ from verifier.geometry import parse_norm
 from verifier.graph import OperatorGraph
 from verifier.head import choose_head
 from verifier.losses import check_loss
-from verifier.onnx_io import load_model
 from verifier.report import SCHEMA_VERSION, ReportPaths, finalize_report, write_report
 from verifier.summary import summarize_model
 from verifier.validate import validate_against_onnxruntime
 
 DEFAULT_DELTAS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 DEFAULT_ATTACKS = ("wdapp", "wda", "pgd", "wpgd")
+# Under a time limit certify's refinements stop at this share of the time left, so that the
+# attacks after it get the rest (certify is anytime, the attacks are not).
+CERTIFY_REFINE_SHARE = 0.4
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ class AuditSettings:
     steps: int | None = None
     output: str | None = None  # the graph output that is the classifier head (None: the default choice)
     memory_limit: int | None = None  # bytes; None: half of the available memory
+    exact: str = "auto"  # the MILP route (certify.milp_route): auto | on | off
+    perturb: str | None = None  # the perturbed input or internal tensor (None: the only input; verifier.perturb)
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,8 @@ def _check(settings: AuditSettings) -> AuditSettings:
         raise UsageError("give at least one delta, all finite and >= 0")
     if not settings.p >= 1:
         raise UsageError(f"p must be >= 1 (got {settings.p})")
+    if settings.exact not in EXACT_MODES:
+        raise UsageError(f"exact must be one of {', '.join(EXACT_MODES)} (got {settings.exact!r})")
     if settings.time_limit is not None and not settings.time_limit > 0:
         raise UsageError(f"the time limit must be > 0 seconds (got {settings.time_limit})")
     gates = settings.thresholds
@@ -126,6 +134,8 @@ def _check(settings: AuditSettings) -> AuditSettings:
             raise UsageError(f"{name.replace('_', '-')} must lie in [0, 1] (got {value})")
     requested = [m for m in settings.attacks if not (m == "wpgd" and settings.p == 1
                                                      and tuple(settings.attacks) == DEFAULT_ATTACKS)]
+    if tuple(settings.attacks) == DEFAULT_ATTACKS and np.isfinite(settings.p) and settings.loss == "ce":
+        requested.append("wda-curve")  # the strongest risk attack for p < inf and CE (docs/benchmarks.md)
     methods, _ = resolve_methods(requested, settings.p)  # the default list drops wpgd for p = 1
     return AuditSettings(**{**settings.__dict__, "deltas": tuple(sorted(set(float(d) for d in settings.deltas))),
                             "norm": parse_norm(settings.norm), "loss": check_loss(settings.loss),
@@ -180,7 +190,7 @@ def _rows(certificate: Certificate | None, attacks_done: dict[str, list[dict]]) 
             "delta": row.delta, "clean_risk": row.clean_risk, "clean_accuracy": certificate.clean_accuracy,
             "certificate": row.certificate, "global_bound": row.global_bound,
             "first_order_estimate": row.first_order_estimate, "certified_accuracy": row.certified_accuracy,
-            "exact": row.exact, "fallbacks": list(row.fallbacks),
+            "exact": row.exact, "fallbacks": list(row.fallbacks), "curve_sources": dict(row.curve_sources),
             "attacks": {method: results[index] for method, results in attacks_done.items()},
         })
     return rows
@@ -206,7 +216,9 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     skipped = resolve_methods(["all"], settings.p)[1] if settings.p == 1 and (
         "all" in settings.attacks or tuple(settings.attacks) == DEFAULT_ATTACKS) else ()
     settings = _check(settings)
-    loaded = load_model(model_path, settings.memory_limit)  # a bad model or --output: exit 2 before any folder
+    # a bad model, data file, --perturb or --output: exit 2 before any folder
+    loaded, perturbed, perturbation = load_for_analysis(model_path, data_path if settings.perturb else None,
+                                                        settings.perturb, settings.samples, settings.memory_limit)
     choose_head(OperatorGraph(loaded.proto), settings.output)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -221,16 +233,19 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
 
     announce("inspect")
     summary = clock.run("inspect", lambda: summarize_model(loaded, settings.output))
-    samples = clock.run("inspect", lambda: load_samples(data_path, loaded.info.data_input, settings.samples,
-                                                        settings.memory_limit))
+    samples = perturbed or clock.run("inspect", lambda: load_samples(data_path, loaded.info.data_input,
+                                                                     settings.samples, settings.memory_limit))
     if samples.y is None:
         raise UsageError(f"{data_path} has no labels 'y'; the audit needs them")
     device = resolve_device(settings.device)
     x, y = samples.x, samples.y
     shard = job.shard(len(x))
-    box = fit_box(x, settings.box, samples.source)
-    scale = budget_scale_warning(x, settings.deltas, settings.norm, box)
-    warnings += [scale] if scale else []
+    box, values, fitted = fitted_threat_box(samples, settings.box, perturbation)
+    scale = budget_scale_warning(values, settings.deltas, settings.norm, fitted)
+    warnings += ([perturbation.describe()] if perturbation else []) + ([scale] if scale else [])
+    if samples.box is not None:
+        warnings.append(f"threat model: the box is per coordinate, lo..hi from {samples.source} "
+                        f"(envelope [{samples.box[0]:g}, {samples.box[1]:g}])")
     if job.agree(clock.expired()):
         stopped_at = "validate"
     else:
@@ -257,7 +272,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                     converted, shard.local(x), shard.local(y), list(settings.deltas), p=settings.p,
                     norm=settings.norm, loss=settings.loss, box=box, grid_points=settings.grid_points,
                     progress=progress, deadline=clock.deadline(), memory_limit_bytes=settings.memory_limit,
-                    shard=shard))
+                    refine_share=CERTIFY_REFINE_SHARE, exact=settings.exact, shard=shard))
             except Stopped as err:
                 job.share(err)
                 stopped_at = "certify"
@@ -285,15 +300,17 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "producer": {"name": "verifier", "version": __version__}, "versions": _versions(),
         "device": str(device), "seed": settings.seed,
-        "model": {**summary.to_dict(), "path": str(model_path)},
+        "model": {**summary.to_dict(), "path": str(model_path),
+                  **({"perturbation": perturbation.to_dict()} if perturbation else {})},
         "data": {"path": str(data_path), "sha256": _sha256(data_path), "samples": len(samples)},
         "conversion": None if conversion is None else conversion.to_dict(),
         "settings": {
             "p": settings.p, "norm": settings.norm, "loss": settings.loss,
             "box": None if settings.box is None else list(settings.box), "deltas": list(settings.deltas),
             "attacks": list(settings.attacks), "samples": len(samples), "time_limit": settings.time_limit,
-            "thresholds": dict(settings.thresholds.__dict__),
+            "thresholds": dict(settings.thresholds.__dict__), "exact": settings.exact,
         },
+        "exact_mode": None if certificate is None or certificate.exact_mode is None else certificate.exact_mode.to_dict(),
         "timings": {**clock.timings, "total": None},
         "local_slopes": None if certificate is None or certificate.local_slopes is None else {
             "norm": settings.norm, "per_sample": certificate.local_slopes.tolist(),

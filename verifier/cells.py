@@ -17,17 +17,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from verifier.box import displacement_box
 from verifier.convert import ConvertedModel, pad_rows
 from verifier.deadline import NEVER, Deadline
 from verifier.device import resolve_device
 from verifier.errors import VerifierError
-from verifier.geometry import max_linear, max_linear_rate, parse_norm, radius_to_reach
+from verifier.geometry import dual_norm, max_linear, max_linear_rate, parse_norm, radius_to_reach
 from verifier.graph import PIECEWISE_LINEAR_KINDS, ActivationSite
 from verifier.jacobian import batched_jacobian
 from verifier.losses import margins
 from verifier.resources import memory_limit, require_within
 
 _CHUNK = 64
+_CELL_BUDGET = 2**30  # bytes per differentiation pass: samples x unit rows x (inputs + activations)
 
 
 @dataclass(frozen=True)
@@ -101,22 +103,6 @@ def _mask_true(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return values.masked_fill(_true_mask(values, labels), -math.inf)
 
 
-def displacement_box(x: torch.Tensor, box: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(box_lo - x, box_hi - x) flattened per sample; ±inf without a box. Refuses x outside the box."""
-    flat = x.flatten(1)
-    if box is None:
-        return torch.full_like(flat, -math.inf), torch.full_like(flat, math.inf)
-    low, high = float(box[0]), float(box[1])
-    if not low < high:
-        raise VerifierError(f"the box needs low < high (got {low}, {high})")
-    outside = ((flat < low) | (flat > high)).any(1)
-    if outside.any():
-        first = int(outside.nonzero()[0])
-        raise VerifierError(f"{int(outside.sum())} sample(s) lie outside the box [{low:g}, {high:g}] "
-                            f"(first: sample {first}); every sample must lie in the box")
-    return low - flat, high - flat
-
-
 def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
                   norm: str | float = "inf", box: tuple[float, float] | None = None,
                   device: str = "auto", dtype: torch.dtype = torch.float64,
@@ -125,9 +111,11 @@ def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.
     `deadline` is checked before every chunk of samples and every site in it).
 
     The exact analysis differentiates every activation unit with respect to every input
-    coordinate: (classes + units) x D numbers per sample, D the input size. Chunks of samples are
-    sized to `memory_limit_bytes` (default `resources.memory_limit()`); a model whose single
-    sample already needs more raises `ResourceLimitError` before anything large is allocated."""
+    coordinate, a chunk of units at a time: each chunk's rows are reduced to its nearest kink at
+    once, so only the logits' Jacobian is kept. Chunks of samples and of units are sized to
+    `memory_limit_bytes` (default `resources.memory_limit()`, at most `_CELL_BUDGET` per pass);
+    a model whose single row already needs more raises `ResourceLimitError` before anything large
+    is allocated."""
     norm = parse_norm(norm)
     sites = _piecewise_linear_sites(model)
     target = resolve_device(device)
@@ -136,16 +124,18 @@ def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.
     labels = torch.as_tensor(y, dtype=torch.long, device=target)
     lower, upper = displacement_box(inputs, box)
     fixed = model.module_batch
-    per_sample = _bytes_per_sample(probe, sites, inputs[:fixed or 1])
+    row, classes = _bytes_per_row(probe, sites, inputs[:fixed or 1])
     limit = memory_limit(memory_limit_bytes)
-    require_within("the exact cell analysis of one sample (every activation unit differentiated with respect to "
-                   "every input coordinate)", per_sample, limit)
-    step = fixed or max(1, min(_CHUNK, limit // per_sample))
+    require_within("the exact cell analysis of one sample (the logits and one activation unit differentiated with "
+                   "respect to every input coordinate)", row * (classes + 1), limit)
+    budget = min(limit, _CELL_BUDGET)
+    step = fixed or max(1, min(_CHUNK, budget // (row * (classes + 1))))
+    rows_per_pass = max(1, budget // (row * step))
     parts = []
     for i in range(0, len(inputs), step):
         deadline.check("cell analysis")
         parts.append(_analyse_chunk(probe, sites, inputs[i:i + step], lower[i:i + step], upper[i:i + step], norm,
-                                    fixed, deadline))
+                                    fixed, rows_per_pass, deadline))
     logits = torch.cat([p[0] for p in parts])
     jacobian = torch.cat([p[1] for p in parts])
     return CellAnalysis(
@@ -162,16 +152,15 @@ def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.
     )
 
 
-def _bytes_per_sample(probe: torch.nn.Module, sites: list[ActivationSite], x: torch.Tensor) -> int:
-    """Peak bytes of `_analyse_chunk` per sample: the Jacobian of (classes + units) outputs over D
-    inputs, and the replicated forward/backward pass (one copy of the input and every activation
-    per output row, kept for the backward pass and its gradients)."""
+def _bytes_per_row(probe: torch.nn.Module, sites: list[ActivationSite], x: torch.Tensor) -> tuple[int, int]:
+    """Peak bytes of one differentiated output row of one sample — its Jacobian row over D inputs and
+    the replicated forward/backward pass (a copy of the input and every activation, kept for the
+    backward pass and its gradients) — and the number of classes."""
     with torch.no_grad():
         logits, values = probe(x)
-    rows = logits[0].numel() + sum(values[s.index][0][0].numel() for s in sites)
     activations = sum(values[s.index][0][0].numel() + values[s.index][1][0].numel() for s in sites)
     inputs = x[0].numel()
-    return rows * (inputs + 3 * (inputs + activations)) * x.element_size()
+    return (inputs + 3 * (inputs + activations)) * x.element_size(), logits[0].numel()
 
 
 def _piecewise_linear_sites(model: ConvertedModel) -> list[ActivationSite]:
@@ -187,46 +176,80 @@ def _piecewise_linear_sites(model: ConvertedModel) -> list[ActivationSite]:
 
 
 def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch.Tensor, lower: torch.Tensor,
-                   upper: torch.Tensor, norm: str, fixed_batch: int | None, deadline: Deadline):
+                   upper: torch.Tensor, norm: str, fixed_batch: int | None, rows_per_pass: int,
+                   deadline: Deadline):
     count = len(x)
     with torch.no_grad():
         logits, values = probe(pad_rows(x, fixed_batch or 1))  # a fixed batch: the last chunk padded
     logits = logits[:count]
     values = {index: (pre[:count], post[:count]) for index, (pre, post) in values.items()}
     classes = logits.shape[-1]
-    sizes = [values[s.index][0][0].numel() for s in sites]
-
-    def stacked(v: torch.Tensor) -> torch.Tensor:
-        out, probes = probe(v)
-        return torch.cat([out.flatten(1)] + [probes[s.index][0].flatten(1) for s in sites], 1)
-
-    jac = batched_jacobian(stacked, x, classes + sum(sizes), fixed_batch).detach().flatten(2)  # (n, C + units, d)
+    jac = batched_jacobian(lambda v: probe(v)[0].flatten(1), x, classes, fixed_batch).detach().flatten(2)
     radius = torch.full((len(x),), math.inf, dtype=x.dtype, device=x.device)
     closest = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
     patterns: dict[int, torch.Tensor] = {}
-    start = classes
-    for site, size in zip(sites, sizes):
-        deadline.check("cell analysis")
+    for site in sites:
         pre = values[site.index][0]
-        grads = jac[:, start:start + size].reshape(*pre.shape, jac.shape[-1])
-        start += size
-        kappa, kappa_grad, patterns[site.index] = _constraints(site, pre, grads)
-        distance = _distance_to_kinks(kappa, kappa_grad, lower, upper, norm)
-        nearer = distance < radius
-        radius = torch.where(nearer, distance, radius)
-        closest = torch.where(nearer, torch.full_like(closest, site.index), closest)
-    return logits, jac[:, :classes], radius, closest, patterns
+        # Units in chunks along the flattened site; a MaxPool chunk holds whole channels (its windows).
+        block = math.prod(pre.shape[2:]) if site.kind == "max_pool" else 1
+        width = max(block, rows_per_pass // block * block)
+        site_patterns = []
+        for start in range(0, pre[0].numel(), width):
+            deadline.check("cell analysis")
+            stop = min(start + width, pre[0].numel())
+
+            def units(v: torch.Tensor, index=site.index, start=start, stop=stop) -> torch.Tensor:
+                return probe(v)[1][index][0].flatten(1)[:, start:stop]
+
+            grads = batched_jacobian(units, x, stop - start, fixed_batch).detach().flatten(2)
+            part = pre.flatten(1)[:, start:stop]
+            if site.kind == "max_pool":
+                part = part.reshape(count, -1, *pre.shape[2:])
+            kappa, kappa_grad, pattern = _constraints(site, part, grads.reshape(*part.shape, -1))
+            site_patterns.append(pattern)
+            distance = _distance_to_kinks(kappa, kappa_grad, lower, upper, norm, known=radius)
+            nearer = distance < radius
+            radius = torch.where(nearer, distance, radius)
+            closest = torch.where(nearer, torch.full_like(closest, site.index), closest)
+        merged = torch.cat(site_patterns, 1)
+        patterns[site.index] = merged if site.kind == "max_pool" else merged.reshape(pre.shape)
+    return logits, jac, radius, closest, patterns
+
+
+_FIRST_CANDIDATES = 64
 
 
 def _distance_to_kinks(kappa: torch.Tensor, grad: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-                       norm: str) -> torch.Tensor:
-    """Per sample: min over constraints of the in-box distance to {kappa = 0} (kappa affine on the cell)."""
+                       norm: str, known: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample: min over constraints of the in-box distance to {kappa = 0} (kappa affine on the cell),
+    and of `known` (a distance already found, e.g. in an earlier chunk of units).
+
+    Without the box the distance is `|kappa| / ||grad||_*`, a lower bound of the in-box one; the exact
+    (sorting) computation runs only on the constraints whose lower bound could still be the minimum.
+    """
+    count, constraints = kappa.shape
+    known = torch.full_like(lower[:, 0], math.inf) if known is None else known
+    if not constraints:
+        return known
     constant = (grad == 0).all(-1)
     toward_zero = -torch.sign(kappa).unsqueeze(-1) * grad
     toward_zero = torch.where((kappa == 0).unsqueeze(-1), grad, toward_zero)
-    distances = radius_to_reach(toward_zero, lower[:, None], upper[:, None], kappa.abs(), norm)
-    distances = torch.where(constant, torch.full_like(distances, math.inf), distances)
-    return distances.min(-1).values if distances.shape[-1] else torch.full_like(lower[:, 0], math.inf)
+    floor = torch.where(constant, math.inf, kappa.abs() / dual_norm(toward_zero, norm)) * (1.0 - 1e-9)
+    floor = torch.nan_to_num(floor, nan=0.0)
+    take = min(_FIRST_CANDIDATES, constraints)
+    while True:
+        nearest = floor.topk(take, dim=1, largest=False).indices  # (n, take)
+        rows = toward_zero.gather(1, nearest.unsqueeze(-1).expand(-1, -1, toward_zero.shape[-1]))
+        distances = radius_to_reach(rows, lower[:, None], upper[:, None], kappa.abs().gather(1, nearest), norm)
+        distances = torch.where(constant.gather(1, nearest), math.inf, distances)
+        best = torch.minimum(distances.min(-1).values, known)
+        if take == constraints:
+            return best
+        # Every constraint left out is at least its floor away: done once the best beats them all.
+        rest = floor.topk(take + 1, dim=1, largest=False).values[:, -1]
+        if bool((best <= rest).all()):
+            return best
+        take = min(constraints, 4 * take)
 
 
 def _constraints(site: ActivationSite, pre: torch.Tensor, grads: torch.Tensor):

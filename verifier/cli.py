@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from verifier import __version__
-from verifier.cli_options import (OneLineParser, add_block_size, add_budget, add_data, add_device, add_json, add_model,
-                                  add_output, add_time_limit, attach_negative_values, deadline, memory_limit,
-                                  parse_box, parse_deltas, parse_p)
+from verifier.cli_options import (OneLineParser, add_block_size, add_budget, add_data, add_device, add_exact, add_json,
+                                  add_model, add_output, add_perturb, add_time_limit, attach_negative_values, deadline,
+                                  memory_limit, parse_box, parse_deltas, parse_p)
 from verifier.deadline import Stopped, Terminated
 from verifier.errors import UsageError, VerifierError
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check the torch conversion against onnxruntime")
     add_model(validate)
     add_output(validate)
+    add_perturb(validate)
     add_data(validate, random_fallback=True)
     validate.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
     validate.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
@@ -58,12 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     certify = commands.add_parser("certify", help="upper bounds on the Wasserstein robust risk (certificates)")
     add_model(certify)
     add_output(certify)
+    add_perturb(certify)
     add_data(certify, seed=False)  # certify is deterministic
     add_budget(certify, default_delta="8/255", default_norm="inf")  # the same defaults as attack
     certify.add_argument("--grid-points", type=int, default=24, help="radius grid size (default 24)")
+    add_exact(certify)
     certify.add_argument("--save-distributions", metavar="OUT.npz",
                          help="save each delta's realising distribution (atoms, weights, source)")
-    add_time_limit(certify, "exit 3 and no result")
+    add_time_limit(certify, "refinements stop at 80%% of it, listed in fallbacks; exit 3 and no result only if the coarse certificate does not fit")
     add_block_size(certify)
     add_json(certify)  # certificates are computed in float64 on the CPU (no --device)
     certify.set_defaults(run=_run_certify)
@@ -71,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack = commands.add_parser("attack", help="Wasserstein distributional attacks (lower bounds)")
     add_model(attack)
     add_output(attack)
+    add_perturb(attack)
     add_data(attack)
     add_budget(attack, default_delta="8/255", default_norm="inf")
     attack.add_argument("--method", default="all",
@@ -89,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="inspect, validate, certify, attack and write a report")
     add_model(audit)
     add_output(audit)
+    add_perturb(audit)
     add_data(audit)
     add_budget(audit, default_delta="1/255,2/255,4/255,8/255", default_norm="inf")
     audit.add_argument("--attacks", default="wdapp,wda,pgd,wpgd",
@@ -101,12 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fail unless the certified accuracy is >= A at every delta")
     audit.add_argument("--min-robust-accuracy", type=float, metavar="A",
                        help="fail if an attack drives the accuracy below A (and no certificate proves it)")
+    add_exact(audit)
     add_time_limit(audit, "a partial report, exit 3")
     add_block_size(audit)
     audit.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_device(audit)
     add_json(audit)
     audit.set_defaults(run=_run_audit)
+
+    vnnlib = commands.add_parser("vnnlib", help="decide a VNN-LIB property: sat (counterexample), unsat, unknown")
+    add_model(vnnlib)
+    vnnlib.add_argument("property", metavar="PROP.vnnlib", help="the property (VNN-COMP's VNN-LIB subset)")
+    add_output(vnnlib)
+    vnnlib.add_argument("--timeout", type=float, default=None, metavar="S",
+                        help="answer timeout after S seconds (exit 3)")
+    vnnlib.add_argument("--counterexample", metavar="FILE", default=None,
+                        help="write VNN-COMP's result file (sat with the assignment, or the status) to FILE")
+    add_json(vnnlib)
+    vnnlib.set_defaults(run=_run_vnnlib)
     return parser
 
 
@@ -122,17 +139,15 @@ def _run_inspect(args: argparse.Namespace) -> tuple[int, dict, str]:
 
 
 def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
-    from verifier.data import load_samples, random_samples
-    from verifier.onnx_io import load_model
+    from verifier.data import random_samples
+    from verifier.perturb import load_for_analysis
 
     if args.atol < 0 or args.rtol < 0:
         raise UsageError("--atol and --rtol must be >= 0")
     limit = memory_limit(args)
-    loaded = load_model(args.model, limit)
+    loaded, samples, perturbation = load_for_analysis(args.model, args.data, args.perturb, args.samples, limit)
     spec = loaded.info.data_input
-    if args.data:
-        samples = load_samples(args.data, spec, args.samples, limit)
-    else:
+    if samples is None:
         fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
         samples = random_samples(spec, args.samples or fixed or 64, seed=args.seed, memory_limit_bytes=limit)
     from verifier.convert import convert_model  # heavy (torch, onnx2torch): after the input checks
@@ -141,9 +156,10 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
     converted = convert_model(loaded, args.output)
     report = validate_against_onnxruntime(loaded, converted, samples.x, args.atol, args.rtol, args.device, samples.y)
     payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted),
-               "batch": converted.batch.to_dict()}
+               "batch": converted.batch.to_dict(), **_perturbation(perturbation)}
     lines = [
         f"model      {args.model}",
+        *([f"perturb    {perturbation.describe()}"] if perturbation else []),
         f"head       {converted.head.reason}",
         f"batch      {converted.batch.describe()}",
         f"data       {samples.source} ({report.samples} samples)",
@@ -164,18 +180,26 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
 
 def _labelled_samples(args: argparse.Namespace):
     """The model (loaded and converted) and labelled samples from --data (checked before torch loads)."""
-    from verifier.data import load_samples
-    from verifier.onnx_io import load_model
+    from verifier.perturb import load_for_analysis
 
     if not args.data:
         raise UsageError("--data FILE.npz with inputs x and labels y is required")
-    limit = memory_limit(args)
-    loaded = load_model(args.model, limit)
-    samples = load_samples(args.data, loaded.info.data_input, args.samples, limit)
+    loaded, samples, perturbation = load_for_analysis(args.model, args.data, args.perturb, args.samples,
+                                                      memory_limit(args))
     if samples.y is None:
         raise UsageError(f"{args.data} has no labels 'y'; certificates and attacks need them")
     from verifier.convert import convert_model
-    return loaded, convert_model(loaded, args.output), samples
+    return loaded, convert_model(loaded, args.output), samples, perturbation
+
+
+def _perturbation(perturbation) -> dict:
+    """`{"perturbation": ...}` for the JSON when --perturb was given, else nothing."""
+    return {} if perturbation is None else {"perturbation": perturbation.to_dict()}
+
+
+def _perturb_line(perturbation) -> str:
+    """The threat-model line of the text output (empty without --perturb)."""
+    return "" if perturbation is None else f"{perturbation.describe()}\n"
 
 
 def _head(converted) -> dict:
@@ -192,15 +216,16 @@ def _refuse_folder(path: str | None) -> None:
 def _analysis_inputs(args: argparse.Namespace, deltas: list[float], box: tuple[float, float] | None):
     """`_labelled_samples` plus the box fitted to the data's dtype and the budget-scale warnings
     (printed on stderr as they are found, and returned for the JSON)."""
-    from verifier.data import budget_scale_warning, fit_box
+    from verifier.data import budget_scale_warning
+    from verifier.perturb import fitted_threat_box
 
-    loaded, converted, samples = _labelled_samples(args)
+    loaded, converted, samples, perturbation = _labelled_samples(args)
     from verifier.geometry import parse_norm  # torch: only after the input checks
-    box = fit_box(samples.x, box, samples.source)
-    warning = budget_scale_warning(samples.x, deltas, parse_norm(args.norm), box)
+    box, perturbed, fitted = fitted_threat_box(samples, box, perturbation)
+    warning = budget_scale_warning(perturbed, deltas, parse_norm(args.norm), fitted)
     if warning and args.job.writer:
         print(f"verifier: warning: {warning}", file=sys.stderr)
-    return loaded, converted, samples, box, [warning] if warning else []
+    return loaded, converted, samples, box, [warning] if warning else [], perturbation
 
 
 def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
@@ -211,18 +236,18 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
         raise UsageError("--grid-points must be at least 2")
     _refuse_folder(args.save_distributions)
     stop_at = deadline(args)
-    loaded, converted, samples, box, warnings = _analysis_inputs(args, deltas, box)
+    loaded, converted, samples, box, warnings, perturbation = _analysis_inputs(args, deltas, box)
     from verifier.certify.certificate import certify, save_distributions  # heavy: after the input checks
 
     shard = args.job.shard(len(samples.x))
     result = certify(converted, shard.local(samples.x), shard.local(samples.y), deltas, p=p, norm=args.norm,
                      loss=args.loss, box=box, grid_points=args.grid_points, progress=_progress_wanted(args),
-                     deadline=stop_at, memory_limit_bytes=memory_limit(args), shard=shard)
+                     deadline=stop_at, memory_limit_bytes=memory_limit(args), exact=args.exact, shard=shard)
     if args.save_distributions and args.job.writer:
         save_distributions(result, args.save_distributions)
     payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted),
-               "warnings": warnings}
-    return EXIT_OK, json_safe(payload), f"head: {converted.head.reason}\n{result.to_text()}"
+               "warnings": warnings, **_perturbation(perturbation)}
+    return EXIT_OK, json_safe(payload), f"{_perturb_line(perturbation)}head: {converted.head.reason}\n{result.to_text()}"
 
 
 def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
@@ -232,7 +257,7 @@ def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     _refuse_folder(args.save_adversarial)
     stop_at = deadline(args)
-    loaded, converted, samples, box, warnings = _analysis_inputs(args, deltas, box)
+    loaded, converted, samples, box, warnings, perturbation = _analysis_inputs(args, deltas, box)
     from verifier.attacks import attack, save_adversarial  # heavy: after the input checks
 
     shard = args.job.shard(len(samples.x))
@@ -242,8 +267,8 @@ def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
     if args.save_adversarial and args.job.writer:
         save_adversarial(report, args.save_adversarial)
     payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted),
-               "warnings": warnings}
-    return EXIT_OK, json_safe(payload), f"head: {converted.head.reason}\n{report.to_text()}"
+               "warnings": warnings, **_perturbation(perturbation)}
+    return EXIT_OK, json_safe(payload), f"{_perturb_line(perturbation)}head: {converted.head.reason}\n{report.to_text()}"
 
 
 def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
@@ -257,8 +282,9 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
         deltas=tuple(parse_deltas(args.delta)), p=parse_p(args.p), norm=args.norm, loss=args.loss,
         attacks=tuple(m.strip() for m in args.attacks.split(",") if m.strip()), box=parse_box(args.box),
         samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit, output=args.output,
+        perturb=args.perturb,
         thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy),
-        memory_limit=memory_limit(args), grid_points=args.grid_points)
+        memory_limit=memory_limit(args), grid_points=args.grid_points, exact=args.exact)
     progress = _progress_wanted(args)
 
     def announce(stage: str) -> None:  # one line per stage, terminal or log file (CI), unless --quiet
@@ -289,9 +315,39 @@ def _audit_text(outcome) -> str:
     return "\n".join(lines)
 
 
+EXIT_UNKNOWN = 5
+_VNNLIB_EXIT = {"unsat": EXIT_OK, "sat": EXIT_CHECK_FAILED, "timeout": EXIT_TIME_LIMIT, "unknown": EXIT_UNKNOWN}
+
+
+def _run_vnnlib(args: argparse.Namespace) -> tuple[int, dict, str]:
+    from verifier.onnx_io import load_model
+    from verifier.vnnlib import counterexample_text, read_property
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0 seconds (got {args.timeout})")
+    _refuse_folder(args.counterexample)
+    prop = read_property(args.property)
+    loaded = load_model(args.model, memory_limit(args))
+    from verifier.convert import convert_model  # heavy: after the input checks
+    from verifier.deadline import Deadline
+    from verifier.vnnlib_check import check_property
+
+    result = check_property(loaded, convert_model(loaded, args.output), prop,
+                            Deadline.after(args.timeout, started=args.started))
+    if args.counterexample:
+        text = counterexample_text(*result.counterexample) if result.counterexample else f"{result.status}\n"
+        try:
+            Path(args.counterexample).write_text(text)
+        except OSError as err:
+            raise UsageError(f"cannot write {args.counterexample}: {err.strerror or err}") from err
+    payload = {"model": args.model, "property": args.property, **result.to_dict()}
+    line = f"{result.status}  ({result.reason}; {result.boxes} input box(es), {result.seconds:.1f} s)"
+    return _VNNLIB_EXIT[result.status], payload, line
+
+
 def _progress_wanted(args: argparse.Namespace) -> bool:
     """Progress bars redraw a line: only on a terminal (an audit's stage lines go to logs too), rank 0 only."""
-    return sys.stderr.isatty() and not getattr(args, "quiet", False) and args.job.writer
+    return sys.stderr.isatty() and not getattr(args, "quiet", False) and (args.job is None or args.job.writer)
 
 
 def _quiet_libraries() -> None:

@@ -35,6 +35,14 @@ def add_output(parser: argparse.ArgumentParser) -> None:
                              "that is not a pass-through of the input; `inspect` lists them)")
 
 
+def add_perturb(parser: argparse.ArgumentParser) -> None:
+    """`--perturb NAME`: the perturbed input of several, or a float tensor inside the graph."""
+    parser.add_argument("--perturb", metavar="NAME", default=None,
+                        help="the input or internal float tensor to perturb (default: the only input); other "
+                             "inputs are held fixed, read per sample from the data file by name; an internal "
+                             "tensor cuts the model there (`inspect` lists candidates)")
+
+
 def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -99,6 +107,13 @@ def add_budget(parser: argparse.ArgumentParser, default_delta: str, default_norm
                         help=f"budget(s): decimals or fractions, comma-separated (default {default_delta})")
     parser.add_argument("--loss", default="ce", help="ce, margin, zero_one or dlr (default ce)")
     parser.add_argument("--box", default=None, metavar="LOW,HIGH", help="input domain, e.g. 0,1 (default: none)")
+
+
+def add_exact(parser: argparse.ArgumentParser) -> None:
+    """`--exact auto|on|off`: the MILP route for small ReLU nets (method §8)."""
+    parser.add_argument("--exact", choices=("auto", "on", "off"), default="auto",
+                        help="exact worst margins by MILP at the curve points the certificate uses: small ReLU "
+                             "nets, norm inf or 1 (auto: only when cheap; default auto)")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:

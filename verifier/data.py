@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from verifier.box import Box
 from verifier.errors import DataError
 from verifier.finite import require_finite_inputs
 from verifier.onnx_io import TensorSpec
@@ -22,11 +23,13 @@ from verifier.resources import require_within, tensor_bytes
 
 @dataclass(frozen=True, eq=False)
 class Samples:
-    """Inputs `x` (N, *sample shape) in the model's dtype, labels `y` (N,) or None."""
+    """Inputs `x` (N, *sample shape) in the model's dtype, labels `y` (N,) or None, and the box the
+    file states per coordinate (`lo`, `hi`), if any."""
 
     x: np.ndarray
     y: np.ndarray | None
     source: str
+    box: Box | None = None  # per-coordinate ends from the file's `lo`/`hi` arrays (None: not given)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -38,16 +41,7 @@ def load_samples(path: str | os.PathLike[str], spec: TensorSpec, limit: int | No
 
     Members are size-checked against the memory limit before they are decompressed; inputs are
     checked finite after the cast to the model's dtype (x = 1e39 overflows float32)."""
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"data file not found: {path}")
-    if not zipfile.is_zipfile(file):
-        with file.open("rb") as handle:
-            magic = handle.read(6)
-        kind = "a .npy array" if magic == b"\x93NUMPY" else "not an .npz (zip) archive"
-        raise DataError(f"{path} is {kind}: give an .npz with arrays x (inputs) and y (labels), "
-                        "e.g. numpy.savez('data.npz', x=x, y=y)")
-    arrays = _read_archive(file, str(path), memory_limit_bytes)
+    arrays = load_arrays(path, memory_limit_bytes)
     if "x" not in arrays:
         raise DataError(f"{path} has no array 'x' (found: {', '.join(sorted(arrays)) or 'nothing'})")
     x = arrays["x"]
@@ -72,7 +66,45 @@ def load_samples(path: str | os.PathLike[str], spec: TensorSpec, limit: int | No
     with np.errstate(over="ignore", invalid="ignore"):
         cast = np.ascontiguousarray(x.astype(spec.dtype, copy=False))
     require_finite_inputs(cast, f"'x' in {path}")
-    return Samples(x=cast, y=None if y is None else y.astype(np.int64), source=str(path))
+    return Samples(x=cast, y=None if y is None else y.astype(np.int64), source=str(path),
+                   box=file_box(arrays, cast.shape[1:], str(path)))
+
+
+def file_box(arrays: dict[str, np.ndarray], sample_shape: tuple[int, ...], source: str) -> Box | None:
+    """The per-coordinate box of a data file: `lo` and `hi` broadcastable to one sample (None
+    when the file has neither)."""
+    low, high = arrays.get("lo"), arrays.get("hi")
+    if low is None and high is None:
+        return None
+    if low is None or high is None:
+        raise DataError(f"{source} has {'lo' if high is None else 'hi'} without {'hi' if high is None else 'lo'}; "
+                        "a per-input box needs both")
+    for name, value in (("lo", low), ("hi", high)):
+        if not np.issubdtype(value.dtype, np.number) or not np.all(np.isfinite(value) | np.isinf(value)):
+            raise DataError(f"'{name}' in {source} must hold numbers")
+        try:
+            np.broadcast_to(value, sample_shape)
+        except ValueError as err:
+            raise DataError(f"'{name}' in {source} has shape {value.shape}, which does not broadcast to one "
+                            f"sample of shape {tuple(sample_shape)}") from err
+    if np.isnan(low).any() or np.isnan(high).any() or not np.all(np.broadcast_to(low, sample_shape)
+                                                                 < np.broadcast_to(high, sample_shape)):
+        raise DataError(f"'lo' and 'hi' in {source} need lo < hi at every coordinate")
+    return Box(low.astype(np.float64), high.astype(np.float64))
+
+
+def load_arrays(path: str | os.PathLike[str], memory_limit_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Every array of an npz data file (size-checked before decompressing), or one `DataError`."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"data file not found: {path}")
+    if not zipfile.is_zipfile(file):
+        with file.open("rb") as handle:
+            magic = handle.read(6)
+        kind = "a .npy array" if magic == b"\x93NUMPY" else "not an .npz (zip) archive"
+        raise DataError(f"{path} is {kind}: give an .npz with arrays x (inputs) and y (labels), "
+                        "e.g. numpy.savez('data.npz', x=x, y=y)")
+    return _read_archive(file, str(path), memory_limit_bytes)
 
 
 def _read_archive(file: Path, source: str, memory_limit_bytes: int | None) -> dict[str, np.ndarray]:
@@ -165,14 +197,21 @@ def check_labels(labels: np.ndarray, classes: int) -> None:
                         f"(got {labels.min()}..{labels.max()})")
 
 
-def fit_box(x: np.ndarray, box: tuple[float, float] | None, source: str) -> tuple[float, float] | None:
+def fit_box(x: np.ndarray, box: tuple[float, float] | Box | None, source: str) -> tuple[float, float] | Box | None:
     """The box with its bounds rounded outward to `x`'s dtype (a float32 2.6400001 is the bound
     2.64 as float32 data holds it), after checking that every value lies in it; `DataError`
-    naming the sample, feature and value furthest outside otherwise."""
+    naming the sample, feature and value furthest outside otherwise. A per-coordinate `Box`
+    comes back as a `Box` (its ends rounded the same way, coordinate by coordinate)."""
     if box is None:
         return None
     dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float64)
-    low, high = _outward(box[0], dtype, -np.inf), _outward(box[1], dtype, np.inf)
+    per_coordinate = isinstance(box, Box) and box.per_coordinate
+    if per_coordinate:
+        shape = tuple(x.shape[1:])
+        low = _outward(np.broadcast_to(np.asarray(box.low), shape).reshape(-1), dtype, -np.inf)
+        high = _outward(np.broadcast_to(np.asarray(box.high), shape).reshape(-1), dtype, np.inf)
+    else:
+        low, high = _outward(box[0], dtype, -np.inf), _outward(box[1], dtype, np.inf)
     flat = np.asarray(x).reshape(len(x), -1).astype(np.float64)
     excess = np.maximum(low - flat, flat - high)
     if excess.size and excess.max() > 0:
@@ -180,18 +219,24 @@ def fit_box(x: np.ndarray, box: tuple[float, float] | None, source: str) -> tupl
         index = np.unravel_index(int(feature), x.shape[1:]) if x.ndim > 2 else (int(feature),)
         outside = int(np.count_nonzero((excess > 0).any(1)))
         value = str(np.asarray(x).reshape(len(x), -1)[sample, feature])  # shortest repr in x's own dtype
-        raise DataError(f"{outside} sample(s) in {source} lie outside the box [{box[0]:g}, {box[1]:g}]; furthest: "
+        where = "the per-coordinate box lo..hi" if per_coordinate else f"the box [{box[0]:g}, {box[1]:g}]"
+        raise DataError(f"{outside} sample(s) in {source} lie outside {where}; furthest: "
                         f"sample {int(sample)}, feature {', '.join(map(str, index))}, value "
                         f"{value} ({dtype.name}); every value must lie in the box "
                         f"(up to the rounding of {dtype.name})")
+    if per_coordinate:
+        return Box(low.reshape(x.shape[1:]), high.reshape(x.shape[1:]), box.free_shape)
     return float(low), float(high)
 
 
-def _outward(bound: float, dtype: np.dtype, direction: float) -> float:
-    """`bound` rounded to `dtype`, then one step further out if rounding moved it inward."""
-    rounded = np.asarray(bound).astype(dtype)
+def _outward(bound, dtype: np.dtype, direction: float):
+    """`bound` (a number or an array) rounded to `dtype`, then one step further out where rounding
+    moved it inward."""
+    bound = np.asarray(bound, dtype=np.float64)
+    rounded = bound.astype(dtype)
     inward = rounded > bound if direction < 0 else rounded < bound
-    return float(np.nextafter(rounded, np.asarray(direction, dtype=dtype)) if inward else rounded)
+    result = np.where(inward, np.nextafter(rounded, np.asarray(direction, dtype=dtype)), rounded).astype(np.float64)
+    return float(result) if result.ndim == 0 else result
 
 
 def budget_scale_warning(x: np.ndarray, deltas: Sequence[float], norm: str,

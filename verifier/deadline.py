@@ -46,6 +46,14 @@ class Deadline:
         """A deadline that is whatever `should_stop()` says (`NEVER` for None)."""
         return NEVER if should_stop is None else cls(stop_when=should_stop)
 
+    def sooner(self, share: float) -> Deadline:
+        """A deadline `share` of the way from now to this one, with the same clock and signal check
+        (for refinements that must leave time for what follows them); `NEVER` stays `NEVER`."""
+        if self.at == math.inf:
+            return self
+        now = self.clock()
+        return Deadline(at=now + share * max(0.0, self.at - now), clock=self.clock, stop_when=self.stop_when)
+
     def expired(self) -> bool:
         """Whether the work should stop now."""
         if self.stop_when is not None and self.stop_when():

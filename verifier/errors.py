@@ -86,7 +86,9 @@ class NonFloatInputError(InputSpecError):
 
     def __init__(self, name: str, dtype: str) -> None:
         super().__init__(
-            f"input {name!r} has dtype {dtype}; verifier perturbs continuous inputs and needs a float tensor"
+            f"input {name!r} has dtype {dtype}; verifier perturbs continuous inputs and needs a float tensor "
+            "(--perturb TENSOR names a float tensor inside the graph, e.g. an embedding's output; "
+            "`verifier inspect` lists candidates)"
         )
 
 
@@ -95,7 +97,8 @@ class MultipleInputsError(InputSpecError):
 
     def __init__(self, names: Sequence[str]) -> None:
         if names:
-            msg = f"the model has {len(names)} data inputs ({', '.join(names)}); verifier supports exactly one"
+            msg = (f"the model has {len(names)} data inputs ({', '.join(names)}); name the perturbed one with "
+                   "--perturb NAME (the others are held fixed, read per sample from the data file by name)")
         else:
             msg = "the model has no data input"
         super().__init__(msg)

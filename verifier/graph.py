@@ -54,6 +54,8 @@ _STANDARD_DOMAINS = ("", "ai.onnx")
 _MAX_POOL_ATTRIBUTES = ("kernel_shape", "strides", "pads", "dilations", "ceil_mode", "auto_pad", "storage_order")
 _SOFTMAX_DEFAULT_AXIS_CHANGED = 13  # Softmax-13: default axis -1 and one-axis semantics (before: 1, coerced 2-D)
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+_ML_DOMAIN = "ai.onnx.ml"
+_ML_AFFINE_OPS = frozenset({"LinearClassifier", "LinearRegressor", "Scaler", "ArrayFeatureExtractor", "ZipMap"})
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,8 @@ class OperatorGraph:
             return "none"
         if node.op_type == "Clip" and node.domain in _STANDARD_DOMAINS and self.is_identity_clip(node):
             return "none"
+        if node.domain == _ML_DOMAIN:
+            return _ml_nonlinearity(node)
         if node.op_type in _PIECEWISE_LINEAR_OPS:
             return "piecewise-linear"
         kind = _STANDALONE_KINDS.get(node.op_type)
@@ -288,6 +292,12 @@ class OperatorGraph:
         if node.op_type in _LINEAR_OPS:
             return "none"
         return "smooth"
+
+
+def _ml_nonlinearity(node: onnx.NodeProto) -> str:
+    """ai.onnx.ml ops: the linear models without a post-transform and the scaler are affine."""
+    post = next((a.s for a in node.attribute if a.name == "post_transform"), b"NONE")
+    return "none" if node.op_type in _ML_AFFINE_OPS and post in (b"NONE", "NONE") else "smooth"
 
 
 def node_keys(nodes: Iterable[onnx.NodeProto]) -> list[str]:

@@ -11,7 +11,14 @@ final `Softmax`, `LogSoftmax`, `Log(Softmax)` or `Sigmoid` (also `Concat(1 - s, 
 - `binary`: one logit z, shape (N,) or (N, 1): the logits are `[0, z]` (so that softmax gives
   `[1 - sigmoid(z), sigmoid(z)]`, class 1 when z > 0);
 - `probabilities`: only probabilities exist (a normalisation `a / ReduceSum(a)`): the logits are
-  `log(max(p, PROBABILITY_FLOOR))`, whose softmax is p itself wherever p >= the floor.
+  `log(max(p, PROBABILITY_FLOOR))`, whose softmax is p itself wherever p >= the floor;
+- `scores`: the scores of an `ai.onnx.ml.LinearClassifier` whose post-transform (SOFTMAX or
+  LOGISTIC, often behind skl2onnx's `Normalizer(L1)` and `ZipMap`) made them probabilities, or
+  of a binary one (one coefficient row): the logits are the raw scores `s = X W^T + b` before
+  a SOFTMAX; `log sigmoid(s)` for LOGISTIC (whose softmax is the one-vs-rest probabilities
+  normalised, as scikit-learn's `predict_proba`; skl2onnx writes a binary LogisticRegression
+  as two rows `[-s, s]`, whose log-sigmoids have softmax `[1 - sigmoid(s), sigmoid(s)]`
+  exactly); `[0, s]` for one coefficient row with two labels.
 
 `attach_logits` appends the few ONNX nodes that compute those logits, so that the converted
 module and the onnxruntime oracle compute the same tensor.
@@ -31,7 +38,7 @@ from verifier.onnx_io import tensor_spec
 
 PROBABILITY_FLOOR = 1e-12
 LOGITS_NAME = "verifier_logits"
-HEAD_KINDS = ("logits", "binary", "probabilities")
+HEAD_KINDS = ("logits", "binary", "probabilities", "scores")
 
 _STANDARD = ("", "ai.onnx")
 _ML = "ai.onnx.ml"
@@ -81,6 +88,14 @@ class Head:
         """JSON-ready form."""
         return {"output": self.output, "tensor": self.tensor, "kind": self.kind, "cut": list(self.cut),
                 "logits": self.logits, "chosen_by": self.chosen_by, "reason": self.reason}
+
+
+def family_tensor(graph: OperatorGraph, head: Head) -> str:
+    """The tensor whose computation decides the model family: the head's tensor, or for a
+    `scores` head the classifier's input (the classifier is affine once its transform is cut)."""
+    if head.kind != "scores":
+        return head.tensor
+    return graph.nodes[graph.producer[head.tensor]].input[0]
 
 
 def numeric_outputs(graph: OperatorGraph) -> list[str]:
@@ -161,6 +176,12 @@ def _read(graph: OperatorGraph, candidate: OutputCandidate, chosen_by: str) -> H
         cut += ["Concat(1 - s, s)", "Sigmoid"]
         return Head(candidate.name, logit, "binary", tuple(cut),
                     _reason(candidate, "binary", "the input of the Sigmoid behind Concat(1 - s, s)", cut), chosen_by)
+    elif (classifier := _linear_classifier_behind(graph, tensor, cut)) is not None:
+        post = _text(classifier, "post_transform", "NONE")
+        source = f"the raw scores of the LinearClassifier (post_transform {post} not applied)"
+        what = "one score s of a binary model, read as logits [0, s]" if _is_binary_classifier(classifier) else None
+        return Head(candidate.name, classifier.output[1], "scores", tuple(cut),
+                    _reason(candidate, "scores", source, cut, what), chosen_by)
     elif node is not None and _is_normalisation(graph, node):
         return Head(candidate.name, tensor, "probabilities", tuple(cut),
                     _reason(candidate, "probabilities", "normalised scores a / ReduceSum(a)", cut), chosen_by)
@@ -170,9 +191,10 @@ def _read(graph: OperatorGraph, candidate: OutputCandidate, chosen_by: str) -> H
     return Head(candidate.name, tensor, kind, tuple(cut), _reason(candidate, kind, source, cut), chosen_by)
 
 
-def _reason(candidate: OutputCandidate, kind: str, source: str, cut: list[str]) -> str:
-    what = {"logits": "logits", "binary": "one logit z of a binary classifier, read as logits [0, z]",
-            "probabilities": f"probabilities p, read as logits log(max(p, {PROBABILITY_FLOOR:g}))"}[kind]
+def _reason(candidate: OutputCandidate, kind: str, source: str, cut: list[str], what: str | None = None) -> str:
+    what = what or {"logits": "logits", "binary": "one logit z of a binary classifier, read as logits [0, z]",
+            "probabilities": f"probabilities p, read as logits log(max(p, {PROBABILITY_FLOOR:g}))",
+            "scores": "logits"}[kind]
     through = f" (cut: {' -> '.join(reversed(cut))})" if cut else ""
     return f"output {candidate.name!r}: {source} as {what}{through}"
 
@@ -192,14 +214,24 @@ def attach_logits(model: onnx.ModelProto, head: Head) -> onnx.ModelProto:
     def name(suffix: str) -> str:
         return f"{LOGITS_NAME}_{suffix}"
 
-    if head.kind == "binary":
-        graph.initializer.extend([numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), name("shape")),
-                                  numpy_helper.from_array(np.zeros((), dtype=dtype), name("zero"))])
-        graph.node.extend([
-            make("Reshape", [head.tensor, name("shape")], [name("column")], name=name("column")),
-            make("Mul", [name("column"), name("zero")], [name("zeros")], name=name("zeros")),
-            make("Concat", [name("zeros"), name("column")], [LOGITS_NAME], axis=1, name=LOGITS_NAME),
-        ])
+    if head.kind == "scores":
+        raw, binary = _raw_scores(graph, head.tensor, name)
+        if binary:  # a binary model's raw scores are [1 - s, s] or [-s, s]: s is column 1
+            graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), name("positive")))
+            graph.node.append(make("Gather", [raw, name("positive")], [name("positive_score")], axis=1,
+                                   name=name("positive_score")))
+            _binary_logits(graph, name("positive_score"), dtype, name)
+            width = 2
+        elif _classifier_post(graph, head.tensor) == "LOGISTIC":  # log sigmoid(s) = -softplus(-s)
+            graph.node.extend([make("Neg", [raw], [name("negated")], name=name("negated")),
+                               make("Softplus", [name("negated")], [name("softplus")], name=name("softplus")),
+                               make("Neg", [name("softplus")], [LOGITS_NAME], name=LOGITS_NAME)])
+            width = _width(OperatorGraph(model).shape(head.tensor))
+        else:
+            graph.node.append(make("Identity", [raw], [LOGITS_NAME], name=LOGITS_NAME))
+            width = _width(OperatorGraph(model).shape(head.tensor))
+    elif head.kind == "binary":
+        _binary_logits(graph, head.tensor, dtype, name)
         width = 2
     else:
         opset = next((o.version for o in copy.opset_import if o.domain in _STANDARD), 0)
@@ -210,10 +242,96 @@ def attach_logits(model: onnx.ModelProto, head: Head) -> onnx.ModelProto:
         else:
             floor = make("Clip", [head.tensor], [name("floored")], min=lowest, name=name("floored"))
         graph.node.extend([floor, make("Log", [name("floored")], [LOGITS_NAME], name=LOGITS_NAME)])
-        shape = OperatorGraph(model).shape(head.tensor)
-        width = shape[-1] if shape and isinstance(shape[-1], int) else None
+        width = _width(OperatorGraph(model).shape(head.tensor))
     graph.output.append(onnx.helper.make_tensor_value_info(LOGITS_NAME, elem, [None, width]))
     return copy
+
+
+def _width(shape: tuple | None) -> int | None:
+    return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+
+def _binary_logits(graph: onnx.GraphProto, logit: str, dtype: np.dtype, name) -> None:
+    """Append `[0, z]` of one logit z as LOGITS_NAME."""
+    make = onnx.helper.make_node
+    graph.initializer.extend([numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), name("shape")),
+                              numpy_helper.from_array(np.zeros((), dtype=dtype), name("zero"))])
+    graph.node.extend([
+        make("Reshape", [logit, name("shape")], [name("column")], name=name("column")),
+        make("Mul", [name("column"), name("zero")], [name("zeros")], name=name("zeros")),
+        make("Concat", [name("zeros"), name("column")], [LOGITS_NAME], axis=1, name=LOGITS_NAME),
+    ])
+
+
+def _classifier_post(graph: onnx.GraphProto, scores: str) -> str:
+    classifier = next(n for n in graph.node if n.domain == _ML and len(n.output) > 1 and n.output[1] == scores)
+    return _text(classifier, "post_transform", "NONE")
+
+
+def _raw_scores(graph: onnx.GraphProto, scores: str, name) -> tuple[str, bool]:
+    """Append a copy of the LinearClassifier that makes `scores`, with post_transform NONE;
+    returns its scores tensor and whether the model is binary (one coefficient row)."""
+    classifier = next(n for n in graph.node if n.domain == _ML and len(n.output) > 1 and n.output[1] == scores)
+    clone = onnx.NodeProto()
+    clone.CopyFrom(classifier)
+    clone.name = name("raw_scores")
+    del clone.output[:]
+    clone.output.extend([name("label"), name("raw_scores")])
+    for attribute in clone.attribute:
+        if attribute.name == "post_transform":
+            attribute.s = b"NONE"
+    graph.node.append(clone)
+    return name("raw_scores"), _is_binary_classifier(classifier)
+
+
+def _is_binary_classifier(node: onnx.NodeProto) -> bool:
+    """Two class labels and one score s: one coefficient row (onnxruntime's scores `[1 - s, s]`),
+    or, with LOGISTIC, two opposite rows (skl2onnx's binary LogisticRegression, scores `[-s, s]`):
+    either way s is the second column and `[0, s]` are exact logits."""
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    labels = attributes.get("classlabels_ints") or attributes.get("classlabels_strings") or []
+    intercepts = np.asarray(attributes.get("intercepts") or [], dtype=np.float64)
+    if len(labels) != 2 or len(intercepts) not in (1, 2):
+        return False
+    if len(intercepts) == 1:
+        return True
+    rows = np.asarray(attributes.get("coefficients") or [], dtype=np.float64).reshape(2, -1)
+    return (_text(node, "post_transform", "NONE") == "LOGISTIC" and bool(np.array_equal(rows[0], -rows[1]))
+            and float(intercepts[0]) == -float(intercepts[1]))
+
+
+def _ml_producer(graph: OperatorGraph, tensor: str, op_type: str) -> onnx.NodeProto | None:
+    key = graph.producer.get(tensor)
+    node = graph.nodes[key] if key is not None else None
+    return node if node is not None and node.domain == _ML and node.op_type == op_type else None
+
+
+def _text(node: onnx.NodeProto, attribute: str, default: str) -> str:
+    for a in node.attribute:
+        if a.name == attribute:
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return default
+
+
+def _linear_classifier_behind(graph: OperatorGraph, tensor: str, cut: list[str]) -> onnx.NodeProto | None:
+    """The ai.onnx.ml LinearClassifier whose scores `tensor` is (through skl2onnx's Normalizer(L1) of
+    probabilities) when its scores are probabilities (SOFTMAX/LOGISTIC) or it is binary; else None."""
+    seen: list[str] = []
+    normalizer = _ml_producer(graph, tensor, "Normalizer")
+    if normalizer is not None and _text(normalizer, "norm", "MAX") == "L1":
+        seen.append("Normalizer(L1)")
+        tensor = normalizer.input[0]
+    classifier = _ml_producer(graph, tensor, "LinearClassifier")
+    if classifier is None or len(classifier.output) < 2 or classifier.output[1] != tensor:
+        return None
+    post = _text(classifier, "post_transform", "NONE")
+    if post not in ("SOFTMAX", "LOGISTIC") and not _is_binary_classifier(classifier):
+        return None
+    if seen and post not in ("SOFTMAX", "LOGISTIC"):
+        return None  # an L1 normalisation of raw scores is no probability: not this pattern
+    cut.extend([*seen, f"LinearClassifier.post_transform={post}"])
+    return classifier
 
 
 def _through_zipmap(graph: OperatorGraph, tensor: str) -> str:

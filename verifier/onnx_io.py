@@ -116,11 +116,13 @@ class LoadedModel:
     info: ModelInfo
 
 
-def load_model(path: str | os.PathLike[str], memory_limit_bytes: int | None = None) -> LoadedModel:
+def load_model(path: str | os.PathLike[str], memory_limit_bytes: int | None = None,
+               any_inputs: bool = False) -> LoadedModel:
     """Load, check and describe an ONNX model; raise a typed `VerifierError` on any problem.
 
     The file and its external data are size-checked against `memory_limit_bytes` (default:
-    `resources.memory_limit()`) before they are read.
+    `resources.memory_limit()`) before they are read. `any_inputs` accepts several inputs and
+    non-float ones (for `verifier.perturb`, which derives the one-float-input model).
     """
     model_path = Path(path)
     if model_path.is_dir():
@@ -146,8 +148,11 @@ def load_model(path: str | os.PathLike[str], memory_limit_bytes: int | None = No
     _run_checker(proto)
     inferred = _infer_shapes(proto)
     inputs = _data_inputs(inferred)
-    _require_single_float_input(inputs)
-    _require_nonempty_input(inputs[0])
+    if not any_inputs:
+        _require_single_float_input(inputs)
+        _require_nonempty_input(inputs[0])
+    elif not inputs:
+        raise MultipleInputsError([])
     info = ModelInfo(
         path=str(path),
         sha256=hashlib.sha256(raw).hexdigest(),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from verifier.graph import ActivationSite, OperatorGraph, json_safe
-from verifier.head import Head, OutputCandidate, choose_head, output_candidates
+from verifier.head import Head, OutputCandidate, choose_head, family_tensor, output_candidates
 from verifier.onnx_io import LoadedModel, ModelInfo, TensorSpec, load_model
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ class ModelSummary:
     unsupported: tuple[tuple[str, str, str], ...] = ()  # (node, op, why), as UnsupportedOpsError lists them
     unsupported_message: str | None = None  # the other commands' one-line error, when there is one
     batch: BatchAxis | None = None  # how the data input's batch axis is handled (None: not normalisable)
+    perturb_candidates: tuple[str, ...] = ()  # tensors for --perturb (a model with several or integer inputs)
+    perturb_needed: str | None = None  # why the other commands need --perturb (None: they do not)
 
     @property
     def activation_counts(self) -> dict[str, int]:
@@ -53,6 +55,8 @@ class ModelSummary:
             "output_candidates": [c.to_dict() for c in self.candidates],
             "unsupported_ops": [{"node": n, "op": op, "reason": why} for n, op, why in self.unsupported],
             "batch": None if self.batch is None else self.batch.to_dict(),
+            "perturb_candidates": list(self.perturb_candidates),
+            "perturb_needed": self.perturb_needed,
         })
 
     def to_text(self) -> str:
@@ -76,6 +80,10 @@ class ModelSummary:
             "sites      " + (", ".join(f"{k} {n}" for k, n in self.activation_counts.items()) or "none"),
         ]
         lines += [f"  #{s.index:<3} {s.kind:<11} {s.input} -> {s.output}  [{', '.join(s.nodes)}]" for s in self.sites]
+        if self.perturb_needed:
+            lines.append(f"perturb    {self.perturb_needed}")
+        if self.perturb_candidates:
+            lines.append("candidates " + ", ".join(self.perturb_candidates) + "  (for --perturb)")
         return "\n".join(lines)
 
     def _by_output(self) -> list[OutputCandidate | None]:
@@ -99,27 +107,43 @@ def _spec(spec: TensorSpec) -> str:
 def inspect_model(path: str | os.PathLike[str], output: str | None = None,
                   memory_limit_bytes: int | None = None) -> ModelSummary:
     """Load and check a model, then summarise its graph; `output` names the head (`--output`)."""
-    return summarize_model(load_model(path, memory_limit_bytes), output)
+    return summarize_model(load_model(path, memory_limit_bytes, any_inputs=True), output)
 
 
 def summarize_model(loaded: LoadedModel, output: str | None = None) -> ModelSummary:
     """The summary of a model already loaded and checked by `load_model`."""
     from verifier.convert import conversion_check  # the conversion check the other commands run (torch)
 
+    from verifier.perturb import perturbation_candidates
+
     graph = OperatorGraph(loaded.proto)
     sites = graph.find_activations()
     candidates = output_candidates(graph)
     head = choose_head(graph, output) if output is not None or any(c.usable for c in candidates) else None
-    normalized, blocked = conversion_check(loaded, output)
+    needed = _perturb_needed(loaded.info)
+    normalized, blocked = (None, None) if needed else conversion_check(loaded, output)
     return ModelSummary(
         info=loaded.info,
         op_histogram=graph.op_histogram(),
         sites=tuple(sites),
-        family=graph.model_family(sites, head.tensor if head else None),
+        family=graph.model_family(sites, family_tensor(graph, head) if head else None),
         logits=head.tensor if head else None,
         head=head,
         candidates=candidates,
         unsupported=() if blocked is None else blocked.nodes,
         unsupported_message=None if blocked is None else str(blocked),
         batch=None if normalized is None else normalized.batch,
+        perturb_candidates=tuple(perturbation_candidates(loaded.proto)),
+        perturb_needed=needed,
     )
+
+
+def _perturb_needed(info: ModelInfo) -> str | None:
+    """Why the other commands need `--perturb`: several inputs, or one that is not float."""
+    if len(info.inputs) > 1:
+        return (f"{len(info.inputs)} inputs: name the perturbed one (or a float tensor inside the graph) with "
+                "--perturb; the others are held fixed, read per sample from the data file by name")
+    if info.inputs and info.inputs[0].dtype not in ("float32", "float64", "float16", "bfloat16"):
+        return (f"input {info.inputs[0].name!r} is {info.inputs[0].dtype}: perturb a float tensor inside the graph "
+                "with --perturb TENSOR (the model is cut there)")
+    return None

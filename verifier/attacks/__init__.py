@@ -90,7 +90,7 @@ def _check(p: float, deltas: Sequence[float], kappa: float, topk: int, steps: in
 
 
 def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, device: torch.device,
-            deadline: Deadline, shard: Shard | None) -> Target:
+            deadline: Deadline, shard: Shard | None = None) -> Target:
     dtype = model.input_dtype
     module = prepared_module(model, device, dtype)
     inputs = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(device=device, dtype=dtype)
@@ -149,7 +149,7 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
     clean = clean_numbers(target, replayer)
     results: list[AttackResult] = []
     for name in _progress(chosen, progress):
-        runner = ATTACKS[name](target, steps=steps, seed=seed, kappa=kappa, topk=topk, radii=radii)
+        runner = ATTACKS[name](target, steps=steps, seed=seed, kappa=kappa, topk=topk, radii=radii, box=box)
         for delta, dist in zip(deltas, runner.run(deltas)):
             deadline.check("the replay of an attack")
             results.append(measure(name, delta, dist, target, replayer, clean))

@@ -7,13 +7,18 @@ attack step, so a time limit stops an attack within one such pass.
 Displacements `d` are kept in float64 and turned into model-dtype atoms by `Target.atoms`, which
 rounds every coordinate towards its sample, so an atom's true distance never exceeds the one
 computed from `d`. `Attack` is the base each attack file builds on: batching (padded chunks of a
-fixed size), steepest-ascent directions and projections for r in {inf, 2, 1} (method §5), a
-step schedule, the per-atom best-iterate loop `ascend`, and the point-wise distribution. An
-attack only writes its own loop in `attack(delta)` (or `run(deltas)` when one pass serves every
-delta). In a sharded run (`verifier.distributed`) `Target.shard` says which samples these are:
-`Target.total` is N and `Target.gather` brings every rank's per-sample rows to the global steps;
-random draws are per sample and every pass has a fixed row count (`ROWS_PER_PASS`, padded), so
-results do not depend on the sharding.
+fixed size), steepest-ascent directions and projections for r in {inf, 2, 1} (method §5), the
+one ascent loop `ascend` (APGD's step-size control: checkpoints, momentum, step halving with a
+restart from the best point; Croce & Hein, ICML 2020), the point-wise engine `search`
+(AutoAttack's schedule: APGD on the loss from random starts, then APGD on the targeted DLR loss
+for each of the top-k wrong classes on the rows still correct), the two-optimum best iterate
+`Best` (the highest-loss point for the risk, the most misclassified point for the accuracy) and
+the point-wise distribution. An attack only writes its own loop in `attack(delta)` (or
+`run(deltas)` when one pass serves every delta). In a sharded run (`verifier.distributed`)
+`Target.shard` says which samples these are: `Target.total` is N and `Target.gather` brings
+every rank's per-sample rows to the global steps; random draws are per sample (numbered draws,
+not a shared stream) and every pass has a fixed row count (`ROWS_PER_PASS`, padded), so results
+do not depend on the sharding.
 """
 
 from __future__ import annotations
@@ -21,68 +26,32 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
-import numpy as np
 import torch
 
+from verifier.attacks.draws import ball_displacements, occurrences, seeded_generators
 from verifier.attacks.result import Distribution
+from verifier.attacks.steps import checkpoints, project_ball, schedule, steepest_ascent
 from verifier.deadline import NEVER, Deadline
 from verifier.distributed import Shard
-from verifier.geometry import vector_norm
-from verifier.losses import loss_values
+from verifier.losses import loss_values, other_logits
 
 SHRINK = 1e-6  # radii are shrunk by this factor so that float64 costs stay within the budget
 ROWS_PER_PASS = 256  # every forward/gradient pass sees exactly this many rows (padded): per-row results then
 # do not depend on which other rows share the pass, so a sharded run computes what one process computes
+MOMENTUM = 0.75  # APGD's momentum alpha
+OSCILLATION = 0.75  # APGD's rho: halve the step when fewer than rho of the steps since the last checkpoint rose
+SEARCH_ELEMENTS = 2**23  # coordinates per iterate tensor of one search chunk (64 MiB in float64)
 
 Objective = Callable[[torch.Tensor, slice], torch.Tensor]  # (logits of a chunk, its rows) -> value per row
 
 
-def steepest_ascent(g: torch.Tensor, d: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-                    norm: str) -> torch.Tensor:
-    """Unit steepest-ascent direction of gradients `g` (B, D): inf sign(g), 2 g/||g||, 1 the signed
-    coordinate of largest |g_k| that still has room in the box; 0 where g = 0."""
-    if norm == "inf":
-        return torch.sign(g)
-    if norm == "2":
-        size = vector_norm(g, "2").unsqueeze(-1)
-        return torch.where(size > 0, g / size.clamp_min(1e-300), torch.zeros_like(g))
-    room = torch.where(g > 0, upper - d, d - lower)
-    score = torch.where(room > 0, g.abs(), torch.zeros_like(g))
-    best, k = score.max(-1, keepdim=True)
-    step = torch.zeros_like(g).scatter_(-1, k, torch.sign(g.gather(-1, k)))
-    return torch.where(best > 0, step, torch.zeros_like(g))
-
-
-def project_ball(d: torch.Tensor, radius: torch.Tensor, norm: str) -> torch.Tensor:
-    """Euclidean projection of each row of `d` (B, D) onto the r-ball of its radius (B,)."""
-    r = radius.unsqueeze(-1)
-    if norm == "inf":
-        return torch.maximum(torch.minimum(d, r), -r)
-    if norm == "2":
-        size = vector_norm(d, "2").unsqueeze(-1)
-        return d * torch.where(size > r, r / size.clamp_min(1e-300), torch.ones_like(size))
-    size = d.abs()
-    ordered = torch.sort(size, -1, descending=True).values
-    partial = torch.cumsum(ordered, -1)
-    count = torch.arange(1, d.shape[-1] + 1, dtype=d.dtype, device=d.device)
-    active = (ordered - (partial - r) / count) > 0
-    rho = (active * count).max(-1, keepdim=True).values.clamp_min(1).long()
-    theta = (partial.gather(-1, rho - 1) - r) / rho
-    shrunk = torch.sign(d) * (size - theta).clamp_min(0.0)
-    return torch.where(size.sum(-1, keepdim=True) <= r, d, shrunk)
-
-
-def schedule(steps: int) -> list[float]:
-    """Step sizes as fractions of the radius: cosine decay from 0.5, never below 1/steps."""
-    return [max(0.25 * (1 + math.cos(math.pi * t / steps)), 1.0 / steps) for t in range(steps)]
-
-
-def dual_exponent(p: float) -> float:
-    """q with 1/p + 1/q = 1."""
-    return math.inf if p == 1 else (1.0 if math.isinf(p) else p / (p - 1.0))
+def top_wrong_classes(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest-scoring wrong classes per sample (N, k), best first."""
+    k = max(1, min(k, logits.shape[-1] - 1))
+    return other_logits(logits, labels).topk(k, dim=-1).indices
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,19 +159,72 @@ class Target:
             return chosen - logits.gather(-1, labels[part].unsqueeze(-1)).squeeze(-1)
         return objective
 
+    def targeted_dlr(self, rows: torch.Tensor, classes: torch.Tensor) -> Objective:
+        """AutoAttack's targeted DLR `(z_j - z_y) / (z_pi1 - (z_pi3 + z_pi4) / 2)` (pi: logits sorted
+        descending) with class `classes[k]` on row k; `z_j - z_y` with fewer than 4 classes."""
+        margin = self.targeted_objective(rows, classes)
+
+        def objective(logits: torch.Tensor, part: slice) -> torch.Tensor:
+            if logits.shape[-1] < 4:
+                return margin(logits, part)
+            ordered = torch.sort(logits, dim=-1, descending=True).values
+            return margin(logits, part) / (ordered[:, 0] - (ordered[:, 2] + ordered[:, 3]) / 2 + 1e-12)
+        return objective
+
+    def scores(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reported loss, margin `max_{j != y} z_j - z_y`) per row, float64."""
+        logits = logits.to(torch.float64)
+        return self.loss_of(logits, rows), loss_values(logits, self.y[rows], "margin")
+
 
 @dataclass
 class Best:
-    """Per-row best iterate by reported loss (the sample itself is the first candidate)."""
+    """Per-row best iterates, two optima (the sample itself is the first candidate of both):
+    `d`/`value` the highest reported loss (for the risk), `flip`/`margin` the highest margin
+    `max_{j != y} z_j - z_y` (for the accuracy: misclassified as soon as some iterate is)."""
 
     d: torch.Tensor
     value: torch.Tensor
+    flip: torch.Tensor
+    margin: torch.Tensor
 
-    def update(self, d: torch.Tensor, value: torch.Tensor) -> None:
-        """Keep `d` where its loss is strictly higher."""
-        better = value > self.value
-        self.d = torch.where(better.unsqueeze(-1), d, self.d)
-        self.value = torch.where(better, value, self.value)
+    @classmethod
+    def at(cls, d: torch.Tensor, value: torch.Tensor, margin: torch.Tensor) -> Best:
+        """Both optima at the same points."""
+        return cls(d, value, d, margin)
+
+    def update(self, d: torch.Tensor, value: torch.Tensor, margin: torch.Tensor) -> None:
+        """Keep `d` where its loss (its margin) is strictly higher."""
+        higher, wider = value > self.value, margin > self.margin
+        self.d = torch.where(higher.unsqueeze(-1), d, self.d)
+        self.value = torch.where(higher, value, self.value)
+        self.flip = torch.where(wider.unsqueeze(-1), d, self.flip)
+        self.margin = torch.where(wider, margin, self.margin)
+
+    def take(self, index: torch.Tensor) -> Best:
+        """The rows `index` as a new `Best`."""
+        return Best(self.d[index], self.value[index], self.flip[index], self.margin[index])
+
+    def put(self, index: torch.Tensor, part: Best) -> None:
+        """Write `part` (from `take(index)`) back into the rows `index`."""
+        for name in ("d", "value", "flip", "margin"):
+            getattr(self, name)[index] = getattr(part, name)
+
+    def grouped(self, k: int) -> Best:
+        """Per group of k consecutive rows, the best row of each optimum (one row per group)."""
+        offset = torch.arange(len(self.value) // k, device=self.value.device) * k
+        high = offset + self.value.view(-1, k).argmax(-1)
+        wide = offset + self.margin.view(-1, k).argmax(-1)
+        return Best(self.d[high], self.value[high], self.flip[wide], self.margin[wide])
+
+    @property
+    def misclassified(self) -> torch.Tensor:
+        """Rows whose accuracy optimum is an error (margin >= 0)."""
+        return self.margin >= 0
+
+    def accuracy_d(self) -> torch.Tensor:
+        """Per row the misclassified iterate when one was found, else the highest-loss one."""
+        return torch.where(self.misclassified.unsqueeze(-1), self.flip, self.d)
 
 
 class Attack:
@@ -218,6 +240,7 @@ class Attack:
         self.draws = 0  # random draws so far: each gets fresh per-sample streams
         self.options = options
         self.zero_gradient = torch.zeros(target.count, dtype=torch.bool, device=target.y.device)
+        self.runs = 0
 
     def run(self, deltas: Sequence[float]) -> list[Distribution]:
         """One distribution per delta (default: `attack(delta)` for each, timed)."""
@@ -225,8 +248,7 @@ class Attack:
         for delta in deltas:
             start = time.perf_counter()
             dist = self.attack(float(delta))
-            out.append(Distribution(dist.atoms, dist.weights, dist.source, dist.steps, dist.flags,
-                                    time.perf_counter() - start))
+            out.append(replace(dist, seconds=time.perf_counter() - start))
         return out
 
     def attack(self, delta: float) -> Distribution:
@@ -248,65 +270,134 @@ class Attack:
         """Into the box only."""
         return torch.minimum(torch.maximum(d, self.target.lower[rows]), self.target.upper[rows])
 
-    def row_generators(self, rows: torch.Tensor) -> list[torch.Generator]:
-        """One CPU generator per row, seeded from (seed, global sample index, draw number, the row's
-        occurrence among its sample's rows): the numbers a sample gets do not depend on which other
-        samples run in this process, so a sharded run draws what one process draws."""
-        self.draws += 1
-        seen: dict[int, int] = {}
-        generators = []
-        for sample in self.target.sample_ids()[rows.cpu()].tolist():
-            occurrence = seen[sample] = seen.get(sample, -1) + 1
-            state = np.random.SeedSequence([self.seed, sample, self.draws, occurrence]).generate_state(2)
-            generators.append(torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
-        return generators
-
-    def random_start(self, radius: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """A random displacement inside each row's ball (per-sample CPU generators: device- and
-        shard-independent)."""
+    def random_start(self, radius: torch.Tensor, rows: torch.Tensor, draw: int | None = None,
+                     occurrence: torch.Tensor | None = None) -> torch.Tensor:
+        """A random displacement inside each row's ball, from per-row CPU generators (`draws.py`:
+        device- and shard-independent). `draw` (default: the next one) and `occurrence` (default:
+        counted in `rows`) are given when one draw is split into chunks."""
+        if draw is None:
+            self.draws += 1
+            draw = self.draws
+        occurrence = occurrences(rows) if occurrence is None else occurrence
         t = self.target
-        width = t.flat.shape[1]
-        generators = self.row_generators(rows)
-
-        def draw(sample) -> torch.Tensor:  # (rows, width) from each row's own generator
-            if not generators:
-                return torch.zeros(0, width, dtype=torch.float64)
-            return torch.stack([sample(g) for g in generators])
-
-        u = draw(lambda g: torch.rand(width, generator=g, dtype=torch.float64))
-        scale = draw(lambda g: torch.rand(1, generator=g, dtype=torch.float64))[:, :1]
-        if t.norm == "inf":
-            d = (2 * u - 1) * radius.cpu().unsqueeze(-1)
-        else:
-            if t.norm == "2":
-                v = draw(lambda g: torch.randn(width, generator=g, dtype=torch.float64))
-            else:
-                v = -torch.log(u.clamp_min(1e-300)) * torch.sign(
-                    draw(lambda g: torch.rand(width, generator=g, dtype=torch.float64)) - 0.5)
-            size = vector_norm(v, t.norm).clamp_min(1e-300).unsqueeze(-1)
-            d = v / size * scale * radius.cpu().unsqueeze(-1)
+        generators = seeded_generators(self.seed, t.sample_ids()[rows.cpu()], draw, occurrence)
+        d = ball_displacements(generators, t.flat.shape[1], radius, t.norm)
         return self.project(d.to(t.flat.device), radius, rows)
 
-    def ascend(self, rows: torch.Tensor, radius: torch.Tensor, objective: Objective, steps: int,
-               start: torch.Tensor | None = None, best: Best | None = None) -> tuple[Best, torch.Tensor]:
-        """Projected steepest ascent of `objective` within each row's radius.
-
-        Returns the best iterate by reported loss (the sample itself included) and the last iterate.
-        """
+    def start_best(self, rows: torch.Tensor) -> Best:
+        """Both optima at the samples themselves."""
         t = self.target
         zero = torch.zeros(len(rows), t.flat.shape[1], dtype=torch.float64, device=t.flat.device)
-        if best is None:
-            best = Best(zero.clone(), t.loss_of(t.logits(t.atoms(zero, rows)), rows))
-        d = zero if start is None else start
-        for step, fraction in enumerate(schedule(steps)):
-            _, grad, logits = t.gradient(t.atoms(d, rows), objective)
-            best.update(d, t.loss_of(logits, rows))
+        return Best.at(zero, *t.scores(t.logits(t.atoms(zero, rows)), rows))
+
+    def ascend(self, rows: torch.Tensor, radius: torch.Tensor, objective: Objective, steps: int,
+               start: torch.Tensor | None = None, best: Best | None = None,
+               adaptive: bool = True) -> tuple[Best, torch.Tensor]:
+        """Projected steepest ascent of `objective` within each row's radius: the one loop of every attack.
+
+        `adaptive` (default): APGD's step-size control per row (first step 2 radius, momentum 0.75,
+        at each checkpoint the step is halved and the row restarts from its highest-objective
+        point when fewer than 75 % of the steps since the last checkpoint rose, or when the
+        previous checkpoint did not halve and the best objective did not improve). Otherwise plain
+        PGD with the cosine `schedule`. Returns the best iterates (`Best`, the sample itself
+        included) and the last iterate.
+        """
+        t = self.target
+        best = self.start_best(rows) if best is None else best
+        d = best.d.new_zeros(best.d.shape) if start is None else start
+        halvings = checkpoints(steps)
+        eta = 2 * radius if adaptive else radius
+        previous, previous_value = d, None
+        top_d, top_grad, top_value = d, None, torch.full_like(radius, -math.inf)
+        rose, checked_value = torch.zeros_like(radius), top_value
+        halved, since = torch.zeros_like(radius, dtype=torch.bool), 0
+        fractions = schedule(steps)
+        for step in range(steps):
+            value, grad, logits = t.gradient(t.atoms(d, rows), objective)
+            best.update(d, *t.scores(logits, rows))
             if step == 0:
                 self.note_zero_gradient(rows, grad)
+            if not adaptive:
+                direction = steepest_ascent(grad, d, t.lower[rows], t.upper[rows], t.norm)
+                d = self.project(d + fractions[step] * eta.unsqueeze(-1) * direction, radius, rows)
+                continue
+            if previous_value is not None:
+                rose += (value > previous_value).to(rose.dtype)
+            previous_value, since = value, since + 1
+            higher = value > top_value
+            top_d = torch.where(higher.unsqueeze(-1), d, top_d)
+            top_grad = grad if top_grad is None else torch.where(higher.unsqueeze(-1), grad, top_grad)
+            top_value = torch.where(higher, value, top_value)
+            if step in halvings:
+                halve = (rose <= OSCILLATION * since) | (~halved & (top_value <= checked_value))
+                eta = torch.where(halve, eta / 2, eta)
+                d = torch.where(halve.unsqueeze(-1), top_d, d)
+                grad = torch.where(halve.unsqueeze(-1), top_grad, grad)
+                halved, checked_value, rose, since = halve, top_value, torch.zeros_like(rose), 0
             direction = steepest_ascent(grad, d, t.lower[rows], t.upper[rows], t.norm)
-            d = self.project(d + fraction * radius.unsqueeze(-1) * direction, radius, rows)
-        best.update(d, t.loss_of(t.logits(t.atoms(d, rows)), rows))
+            z = self.project(d + eta.unsqueeze(-1) * direction, radius, rows)
+            alpha = MOMENTUM if step > 0 else 1.0
+            previous, d = d, self.project(d + alpha * (z - d) + (1 - alpha) * (d - previous), radius, rows)
+        best.update(d, *t.scores(t.logits(t.atoms(d, rows)), rows))
         return best, d
+
+    def search(self, rows: torch.Tensor, radius: torch.Tensor, steps: int, best: Best | None = None,
+               restarts: int | None = None, topk: int | None = None, every_row: bool = False,
+               occurrence: torch.Tensor | None = None) -> Best:
+        """The point-wise engine (AutoAttack's APGD-CE + APGD-T schedule) on rows of samples `rows`.
+
+        `restarts` (option, default 1) runs of APGD on the loss from random starts (option `plain`:
+        plain PGD instead, the loop before APGD, kept for comparisons), then for each
+        of the `topk` (option, default 9) highest wrong classes of the clean sample one run of
+        APGD on the targeted DLR loss from a random start (all targets in one batch), on the rows
+        not yet misclassified (`every_row`: on every row and on the targeted margin `z_j - z_y`, for
+        attacks after the risk: the highest loss may lie towards another class than the first
+        error, and the DLR's denominator moves its maximiser off the margin's). `steps` per run.
+        Both optima of `Best` are kept across every run; `self.runs` counts the runs a row still
+        correct gets. Rows go in chunks of at most `SEARCH_ELEMENTS` coordinates per iterate tensor
+        (all targets). The random starts are per sample: draw numbers fixed per search and
+        `occurrence` (default: counted in `rows`) telling a sample's rows apart.
+        """
+        t = self.target
+        restarts = int(self.options.get("restarts", 1)) if restarts is None else restarts
+        topk = int(self.options.get("topk", 9)) if topk is None else topk
+        first = self.draws  # this search's draws are numbered first + 1 ... first + restarts + 1, however
+        self.draws += restarts + 1  # its rows are chunked or sharded and whether the targeted runs happen
+        occurrence = occurrences(rows) if occurrence is None else occurrence
+        k = max(1, min(topk, t.logits(t.x[:1]).shape[-1] - 1))
+        self.runs = restarts + (k if topk > 0 else 0)  # the runs a row still correct gets (shard-independent)
+        return self._search(rows, radius, steps, self.start_best(rows) if best is None else best, restarts, topk,
+                            every_row, first, occurrence)
+
+    def _search(self, rows: torch.Tensor, radius: torch.Tensor, steps: int, best: Best, restarts: int, topk: int,
+                every_row: bool, first: int, occurrence: torch.Tensor) -> Best:
+        t = self.target
+        size = max(1, SEARCH_ELEMENTS // (t.flat.shape[1] * (max(topk, 0) + 1)))
+        if len(rows) > size:
+            parts = [self._search(rows[s:s + size], radius[s:s + size], steps,
+                                  best.take(torch.arange(s, min(s + size, len(rows)), device=rows.device)),
+                                  restarts, topk, every_row, first, occurrence[s:s + size])
+                     for s in range(0, len(rows), size)]
+            return Best(*(torch.cat([getattr(b, name) for b in parts]) for name in ("d", "value", "flip", "margin")))
+        for run in range(restarts):
+            start = self.random_start(radius, rows, first + 1 + run, occurrence)
+            best, _ = self.ascend(rows, radius, t.loss_objective(rows), steps, start, best,
+                                  adaptive=not self.options.get("plain", False))
+        if topk <= 0:
+            return best
+        classes = top_wrong_classes(t.logits(t.x), t.y, topk)[rows]
+        left = torch.arange(len(rows), device=rows.device) if every_row else (~best.misclassified).nonzero().squeeze(-1)
+        if len(left) == 0:
+            return best
+        k = classes.shape[1]  # every target of every row left in one batch of len(left) * k rows
+        wide, index = rows[left].repeat_interleave(k), left.repeat_interleave(k)
+        wide_occurrence = occurrence[left.cpu()].repeat_interleave(k) * k + torch.arange(k).repeat(len(left))
+        targeted = t.targeted_objective if every_row else t.targeted_dlr
+        start = self.random_start(radius[index], wide, first + restarts + 1, wide_occurrence)
+        part, _ = self.ascend(wide, radius[index], targeted(wide, classes[left].flatten()), steps, start,
+                              best.take(index))
+        best.put(left, part.grouped(k))
+        return best
 
     def note_zero_gradient(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Mark the samples whose every row has an identically zero gradient."""
@@ -320,9 +411,12 @@ class Attack:
         count = int(self.target.gather(self.zero_gradient.cpu())[0].sum())
         return (f"zero-gradient ({count} of {self.target.total} samples)",) if count else ()
 
-    def pointwise(self, d: torch.Tensor, steps: int) -> Distribution:
-        """Q = (1/N) sum_i delta(x_i + d_i): one atom per sample."""
+    def pointwise(self, d: torch.Tensor, steps: int, accuracy_d: torch.Tensor | None = None) -> Distribution:
+        """Q = (1/N) sum_i delta(x_i + d_i): one atom per sample (the risk); the accuracy is measured
+        on the atoms of `accuracy_d` when given and different (e.g. `Best.accuracy_d()`)."""
         t = self.target
         rows = self.rows()
         weights = torch.full((t.count,), 1.0 / t.total, dtype=torch.float64)
-        return Distribution(t.atoms(d, rows), weights, rows.cpu(), steps, self.flags())
+        differs = accuracy_d is not None and bool((accuracy_d != d).any())
+        return Distribution(t.atoms(d, rows), weights, rows.cpu(), steps, self.flags(),
+                            accuracy_atoms=t.atoms(accuracy_d, rows) if differs else None)

@@ -1,8 +1,9 @@
 """The curve attack `wda-curve` (beyond the paper; method §5 "Curve attack").
 
 Per sample, attack points x_ik at several radii: for every (sample, radius) pair, in one batch,
-WDA's targeted search (probe the top-k wrong classes, ascend on the best, `steps` default 30)
-followed by PGD of the loss from x_i (`steps`), best iterate by loss over both. Measured costs
+the base's point-wise engine `Attack.search` (APGD on the loss from a random start, then APGD on
+the targeted DLR loss for each of the top-k wrong classes, on every pair; `steps` default 30
+per run), the highest-loss iterate of every run kept. Measured costs
 `t_ik = ||x_ik - x_i||_r^p` (float64, from the returned atoms) and gains
 `loss(x_ik) - loss(x_i)`; the upper concave hull in t of (0, 0) and these points; a greedy
 multiple-choice fractional knapsack on the hull's segments (value per cost = slope) under
@@ -11,9 +12,12 @@ multiple-choice fractional knapsack on the hull's segments (value per cost = slo
 allocated cost). p = inf: every point moves within delta, so each atom is
 the best attack point at distance <= delta.
 `radii` (1-D tensor of absolute radii, shared by every delta; the deltas are always added):
-default a 12-point geometric grid from min(delta)/8 to max(delta) * min(N^(1/p), 16)
-(p = inf: 6 points up to max(delta)). The attack points do not depend on delta: one pass
-serves every delta. Example: `CurveAttack(target, radii=torch.tensor([0.05, 0.1, 0.2])).run([0.1])`.
+default the certificate's grid (`verifier.certify.certificate.radius_grid` with its default 24
+points and the attack's box: geometric from max/100 up to N^(1/p) max(delta), capped at 20
+max(delta) and at the box's reach), so that the allocation works on the radii the certificate
+aggregates over, plus `SMALL_RADII` (4) geometric radii from min(delta)/8 up to its first
+radius (at small budgets small moves of many samples are what pays); p = inf: the deltas only (the search at radius delta already covers every
+smaller radius). The attack points do not depend on delta: one pass serves every delta. Example: `CurveAttack(target, radii=torch.tensor([0.05, 0.1, 0.2])).run([0.1])`.
 """
 
 from __future__ import annotations
@@ -26,19 +30,26 @@ import torch
 
 from verifier.attacks.base import SHRINK, Attack
 from verifier.attacks.result import Distribution
-from verifier.attacks.wda import probe_and_ascend, top_wrong_classes
 from verifier.certify.allocation import allocate
+from verifier.certify.certificate import grid_of
+from verifier.certify.growth import box_reach
 from verifier.geometry import vector_norm
 
+SMALL_RADII = 4  # radii added from min(delta)/8 up to the certificate grid's first radius
 
-def default_radii(deltas: Sequence[float], p: float, count: int) -> torch.Tensor:
-    """The default radius grid (absolute radii) for a set of budgets."""
-    positive = [float(d) for d in deltas if d > 0]
-    if not positive:
-        return torch.zeros(0, dtype=torch.float64)
-    top = max(positive) * (1.0 if math.isinf(p) else min(count ** (1.0 / p), 16.0))
-    points = 6 if math.isinf(p) else 12
-    return torch.logspace(math.log10(min(positive) / 8), math.log10(top), points, dtype=torch.float64)
+
+def default_radii(count: int, reach: float, deltas: Sequence[float], p: float) -> torch.Tensor:
+    """The default radius grid (absolute radii): the certificate's grid of `count` samples whose
+    farthest point in the box is `reach` away (p = inf: the deltas)."""
+    if math.isinf(p) or not any(d > 0 for d in deltas):
+        return torch.tensor([float(d) for d in deltas], dtype=torch.float64)
+    grid = grid_of(count, reach, deltas, p, 24)
+    first, smallest = float(grid[grid > 0].min()), min(float(d) for d in deltas if d > 0)
+    if smallest / 8 >= first:
+        return grid
+    # below the grid's first radius: small moves of many samples win at small budgets
+    below = torch.logspace(math.log10(smallest / 8), math.log10(first), SMALL_RADII + 1, dtype=torch.float64)[:-1]
+    return torch.cat([below, grid])
 
 
 class CurveAttack(Attack):
@@ -50,7 +61,13 @@ class CurveAttack(Attack):
     def _points(self, deltas: Sequence[float]):
         t = self.target
         given = self.options.get("radii")
-        grid = default_radii(deltas, t.p, t.total) if given is None else torch.as_tensor(given, dtype=torch.float64)
+        if given is None:
+            box = self.options.get("box")
+            reach = (float(t.gather(box_reach(t.x.cpu().to(torch.float64), box, t.norm))[0].max())
+                     if box is not None else math.inf)
+            grid = default_radii(t.total, reach, deltas, t.p)
+        else:
+            grid = torch.as_tensor(given, dtype=torch.float64)
         grid = torch.unique(torch.cat([grid.flatten().cpu(), torch.tensor([float(d) for d in deltas],
                                                                           dtype=torch.float64)]))
         grid = grid[grid > 0].to(t.flat.device)
@@ -58,10 +75,7 @@ class CurveAttack(Attack):
             empty = torch.zeros(t.count, 0, dtype=torch.float64)
             return t.x[:0], empty, empty
         rows = self.rows(len(grid))
-        radius = grid.repeat(t.count)
-        classes = top_wrong_classes(t.logits(t.x), t.y, int(self.options.get("topk", 9)))[rows]
-        best = probe_and_ascend(self, rows, radius, classes, self.steps)
-        best, _ = self.ascend(rows, radius, t.loss_objective(rows), self.steps, best=best)
+        best = self.search(rows, grid.repeat(t.count), self.steps, every_row=True)
         clean = t.loss_of(t.logits(t.x), self.rows())
         atoms = t.atoms(best.d, rows)
         distance = vector_norm(atoms.flatten(1).to(torch.float64) - t.flat[rows], t.norm)
@@ -114,6 +128,6 @@ class CurveAttack(Attack):
             parts = [t.x[i:i + 1] if k < 0 else atoms[i * per_sample + k:i * per_sample + k + 1] for i, k, _ in choice]
             out.append(Distribution(
                 torch.cat(parts), torch.tensor([w for _, _, w in choice], dtype=torch.float64),
-                torch.tensor([i for i, _, _ in choice], dtype=torch.int64), self.steps, self.flags(),
+                torch.tensor([i for i, _, _ in choice], dtype=torch.int64), self.steps * self.runs, self.flags(),
                 shared + time.perf_counter() - start))
         return out

@@ -60,35 +60,55 @@ def disagreeing(torch_logits: torch.Tensor, ort_logits: torch.Tensor, labels: to
 
 
 
+def _replayed(atoms: torch.Tensor, labels: torch.Tensor, target: Target,
+              replayer: Replayer | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of atoms (onnxruntime when replayed) and, per atom, whether the two runtimes disagree."""
+    torch_logits = target.logits(atoms.to(target.x.device)).cpu()
+    if replayer is None:
+        return torch_logits, torch.zeros(len(labels), dtype=torch.bool)
+    logits = replayer.logits(atoms)
+    return logits, disagreeing(torch_logits, logits, labels, target.loss)
+
+
 def measure(method: str, delta: float, dist: Distribution, target: Target, replayer: Replayer | None,
             clean: tuple[float, float]) -> AttackResult:
-    """Risk, accuracy and transport cost of one distribution (onnxruntime values when replayed).
+    """Risk, accuracy and transport cost of one distribution (onnxruntime values when replayed); the
+    accuracy is measured on `dist.accuracy_atoms` when the attack gave them.
 
     The atoms are taken in order of their source sample (stable), so the sums over atoms run in
-    one order whichever rank evaluated which atoms; sources are global sample indices.
+    one order whichever rank evaluated which atoms; sources are global sample indices. A rank
+    without accuracy atoms of its own (its samples' accuracy optima are their risk optima) lends
+    its risk atoms to the accuracy set, which is what one process's accuracy atoms hold there.
     """
     order = torch.sort(dist.source.cpu(), stable=True).indices
     source, atoms = dist.source.cpu()[order], dist.atoms[order.to(dist.atoms.device)]
     labels = target.y.cpu()[source]
-    torch_logits = target.logits(atoms.to(target.x.device)).cpu()
+    logits, off = _replayed(atoms, labels, target, replayer)
+    accuracy_atoms, accuracy_logits, accuracy_off = atoms, logits, off
+    if dist.accuracy_atoms is not None:
+        accuracy_atoms = dist.accuracy_atoms[order.to(dist.accuracy_atoms.device)]
+        accuracy_logits, accuracy_off = _replayed(accuracy_atoms, labels, target, replayer)
+    has_accuracy = torch.full((len(labels),), dist.accuracy_atoms is not None)
+    x = target.x.cpu()
+    (weights, losses, accuracy_margins, distance, accuracy_distance, off, accuracy_off, has_accuracy, atoms,
+     accuracy_atoms, source) = target.gather(
+        dist.weights.cpu().to(torch.float64)[order], loss_values(logits, labels, target.loss),
+        loss_values(accuracy_logits, labels, "margin"), atom_distances(atoms, source, x, target.norm),
+        atom_distances(accuracy_atoms, source, x, target.norm), off, accuracy_off, has_accuracy,
+        atoms.detach().cpu(), accuracy_atoms.detach().cpu(), target.sample_ids()[source])
+    separate = bool(has_accuracy.any())  # one process: the attack gave accuracy atoms
+    cost = cost_of(weights, distance, target.p)
+    count = int(off.sum())
+    if separate:
+        cost = max(cost, cost_of(weights, accuracy_distance, target.p))
+        count += int(accuracy_off.sum())
     flags = list(dist.flags)
-    logits = torch_logits
-    off = torch.zeros(len(labels), dtype=torch.bool)
-    if replayer is not None:
-        logits = replayer.logits(atoms)
-        off = disagreeing(torch_logits, logits, labels, target.loss)
-    losses = loss_values(logits, labels, target.loss)
-    correct = (loss_values(logits, labels, "margin") < 0).to(torch.float64)
-    distance = atom_distances(atoms, source, target.x.cpu(), target.norm)
-    weights, losses, correct, distance, off, atoms, source = target.gather(
-        dist.weights.cpu().to(torch.float64)[order], losses, correct, distance, off, atoms.detach().cpu(),
-        target.sample_ids()[source])
-    if replayer is not None and bool(off.any()):
-        flags.append(f"onnxruntime-disagrees ({int(off.sum())} of {len(off)} atoms)")
     if replayer is None:
         flags.append("not-replayed")
-    cost = cost_of(weights, distance, target.p)
-    nan_atoms = int(torch.isnan(losses[weights > 0]).sum())
+    elif count:
+        flags.append(f"onnxruntime-disagrees ({count} of {len(off)} atoms)")
+    correct = (accuracy_margins < 0).to(torch.float64)
+    nan_atoms = int((torch.isnan(losses) | torch.isnan(accuracy_margins))[weights > 0].sum())
     if nan_atoms:
         raise NonFiniteError(f"attack {method} at delta {delta:g}: the model's loss is NaN at {nan_atoms} "
                              "perturbed input(s) (the model overflows its dtype there), so no risk is reported")
@@ -99,7 +119,7 @@ def measure(method: str, delta: float, dist: Distribution, target: Target, repla
         risk=float((weights * losses).sum()), robust_accuracy=float((weights * correct).sum()),
         clean_risk=clean[0], clean_accuracy=clean[1], transport_cost=cost, steps=int(dist.steps),
         seconds=float(dist.seconds), flags=tuple(flags), replayed_in_onnxruntime=replayer is not None,
-        atoms=atoms, weights=weights, source=source,
+        atoms=atoms, weights=weights, source=source, accuracy_atoms=accuracy_atoms if separate else None,
     )
 
 

@@ -20,7 +20,11 @@ from verifier.graph import json_safe
 
 @dataclass(frozen=True, eq=False)
 class Distribution:
-    """Q = sum_m weights[m] * delta(atoms[m], y[source[m]]), built by one attack for one delta."""
+    """Q = sum_m weights[m] * delta(atoms[m], y[source[m]]), built by one attack for one delta.
+
+    `accuracy_atoms` (same shape, weights and sources, or None: the same atoms) is a second
+    distribution within the same budget on which the accuracy is measured: a point-wise attack
+    keeps two optima per sample, the highest-loss iterate (the risk) and a misclassified one."""
 
     atoms: torch.Tensor  # (M, *input shape), model dtype
     weights: torch.Tensor  # (M,) float64, summing to 1
@@ -28,6 +32,7 @@ class Distribution:
     steps: int
     flags: tuple[str, ...] = ()
     seconds: float = 0.0
+    accuracy_atoms: torch.Tensor | None = None
 
 
 def transport_cost(atoms: torch.Tensor, weights: torch.Tensor, source: torch.Tensor, x: torch.Tensor,
@@ -65,7 +70,7 @@ class AttackResult:
     robust_accuracy: float  # Q(margin < 0)
     clean_risk: float
     clean_accuracy: float
-    transport_cost: float  # float64 cost of the returned coupling (<= delta)
+    transport_cost: float  # float64 cost of the returned coupling(s) (<= delta)
     steps: int
     seconds: float
     flags: tuple[str, ...]
@@ -73,6 +78,7 @@ class AttackResult:
     atoms: torch.Tensor = field(repr=False)
     weights: torch.Tensor = field(repr=False)
     source: torch.Tensor = field(repr=False)
+    accuracy_atoms: torch.Tensor | None = field(default=None, repr=False)  # where the accuracy was measured
 
     def to_dict(self) -> dict:
         """JSON-ready form (the distribution itself is left out)."""

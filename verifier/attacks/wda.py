@@ -4,8 +4,9 @@ Per sample, probe the top-k wrong classes (`topk` default 9; 10 probe steps each
 batch of N*k rows), fix the target j* whose probe reached the highest targeted margin
 `z_j - z_y` (the paper scores by the raw logit z_j; the margin also accounts for z_y moving),
 then run `steps` (default 50) of targeted margin ascent on `z_j* - z_y`, continuing from the
-probe. Every atom is the best of x_i, the probe iterates of all targets and the main iterates,
-by the reported loss. Distributional form with `kappa >= 1`: mass `1 - 1/kappa` stays at x_i and
+probe; every run uses the base's APGD step-size control (`Attack.ascend`). Every atom is the
+best of x_i, the probe iterates of all targets and the main iterates by the reported loss (the
+risk); the accuracy is measured on the most misclassified of them (`Best`). Distributional form with `kappa >= 1`: mass `1 - 1/kappa` stays at x_i and
 `1/kappa` moves within radius `kappa^(1/p) delta` (cost exactly delta^p; kappa = 1 is point-wise,
 p = inf keeps the radius delta). Shapes: Q has N atoms (kappa = 1) or 2N.
 Example: `WDA(target, topk=9, kappa=1.0).run([0.05])`.
@@ -17,18 +18,10 @@ import math
 
 import torch
 
-from verifier.attacks.base import Attack, Best
+from verifier.attacks.base import Attack, Best, top_wrong_classes
 from verifier.attacks.result import Distribution
-from verifier.losses import other_logits
 
 PROBE_STEPS = 10
-
-
-def top_wrong_classes(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """The k highest-scoring wrong classes per sample (N, k), best first."""
-    k = max(1, min(k, logits.shape[-1] - 1))
-    return other_logits(logits, labels).topk(k, dim=-1).indices
-
 
 def probe_and_ascend(attack: Attack, rows: torch.Tensor, radius: torch.Tensor, classes: torch.Tensor,
                      steps: int) -> Best:
@@ -42,12 +35,9 @@ def probe_and_ascend(attack: Attack, rows: torch.Tensor, radius: torch.Tensor, c
     reached = t.logits(t.atoms(last, wide))
     labels = t.y[wide].unsqueeze(-1)
     score = (reached.gather(-1, flat_classes.unsqueeze(-1)) - reached.gather(-1, labels)).squeeze(-1)
-    offset = torch.arange(len(rows), device=rows.device) * k
-    picked = offset + score.view(-1, k).argmax(-1)
-    kept = offset + probe.value.view(-1, k).argmax(-1)
-    best = Best(probe.d[kept], probe.value[kept])
+    picked = torch.arange(len(rows), device=rows.device) * k + score.view(-1, k).argmax(-1)
     best, _ = attack.ascend(rows, radius, t.targeted_objective(rows, flat_classes[picked]), steps,
-                            start=last[picked], best=best)
+                            start=last[picked], best=probe.grouped(k))
     return best
 
 
@@ -67,10 +57,13 @@ class WDA(Attack):
         radius = torch.full((t.count,), reach, dtype=torch.float64, device=t.flat.device)
         best = probe_and_ascend(self, own, radius, classes, self.steps)
         steps = PROBE_STEPS * classes.shape[1] + self.steps
+        accuracy = best.accuracy_d()
         if kappa == 1.0:
-            return self.pointwise(best.d, steps)
-        clean = torch.zeros_like(best.d)
-        atoms = torch.cat([t.atoms(clean, own), t.atoms(best.d, own)])
+            return self.pointwise(best.d, steps, accuracy)
+        clean = t.atoms(torch.zeros_like(best.d), own)
+        differs = bool((accuracy != best.d).any())
         weights = torch.cat([torch.full((t.count,), (1 - 1 / kappa) / t.total, dtype=torch.float64),
                              torch.full((t.count,), (1 / kappa) / t.total, dtype=torch.float64)])
-        return Distribution(atoms, weights, torch.cat([own, own]).cpu(), steps, self.flags())
+        return Distribution(torch.cat([clean, t.atoms(best.d, own)]), weights, torch.cat([own, own]).cpu(), steps,
+                            self.flags(),
+                            accuracy_atoms=torch.cat([clean, t.atoms(accuracy, own)]) if differs else None)

@@ -3,14 +3,17 @@
 For every correctly classified sample: a multi-target greedy walk (each step tries the steepest
 ascent direction of `z_j - z_y` for each of the top-k wrong classes, `topk` default 9, and keeps
 the trial with the highest margin `max_j z_j - z_y`) with geometrically growing steps (`steps`
-default 100; the first is `min(max delta, reach)/20`, the growth makes the steps add up to twice
-the reach, the farthest an atom may travel: `max(delta) N^(1/p)` capped at the box's extent,
-`max(delta)` for p = inf) until the first flip; then 10 bisection
-steps between the last correct and the first wrong iterate. The flip point is the bracket end
-**verified misclassified** by a forward pass with margin >= 1e-4 (a small slack so that a point
+default 100; the first is `min(delta, reach)/20`, the growth makes the steps add up to twice
+the reach, the farthest an atom may travel: `delta N^(1/p)` capped at the box's extent,
+`delta` for p = inf) until the first flip; then 10 bisection
+steps between the last correct and the first wrong iterate. Then `REFINE_ROUNDS` (2) rounds of
+the base's point-wise engine (`Attack.search`, `REFINE_STEPS` = 20 per run) at radius `d_i`:
+its misclassified point is pulled back along its ray towards x_i by 10 bisection steps and kept
+when closer. Every flip point is **verified misclassified** by a forward pass with margin >= 1e-4 (a small slack so that a point
 on the decision boundary is not counted as an error by one runtime and not the other), and
-`d_i = ||x_adv_i - x_i||_r` is measured on the returned atom. The walk does not depend on delta
-and runs once; then, per delta, `flip_allocation` (fractional knapsack on `d_i^p / N`, capacity
+`d_i = ||x_adv_i - x_i||_r` is measured on the returned atom. The walk runs once per delta and
+depends on that delta only (a row does not change when another delta is requested); then
+`flip_allocation` (fractional knapsack on `d_i^p / N`, capacity
 delta^p; p = inf: flip the samples with `d_i <= delta`) gives
 `Q = (1/N) sum_i [(1 - alpha_i) delta(x_i) + alpha_i delta(x_adv_i)]` (at most two atoms per sample).
 Example: `WDAPlusPlus(target, topk=9).run([0.1, 0.2])`.
@@ -24,15 +27,17 @@ from collections.abc import Sequence
 
 import torch
 
-from verifier.attacks.base import SHRINK, Attack, steepest_ascent
+from verifier.attacks.base import SHRINK, Attack, top_wrong_classes
+from verifier.attacks.steps import steepest_ascent
 from verifier.certify.allocation import flip_allocation
 from verifier.attacks.result import Distribution
-from verifier.attacks.wda import top_wrong_classes
 from verifier.geometry import vector_norm
 from verifier.losses import loss_values
 
 FLIP_MARGIN = 1e-4
 BISECTION_STEPS = 10
+REFINE_ROUNDS = 2
+REFINE_STEPS = 20
 
 
 def growth_factor(first: float, total: float, steps: int) -> float:
@@ -104,16 +109,39 @@ class WDAPlusPlus(Attack):
             low = torch.where(wrong, low, middle)
         return high
 
-    def _reach(self, largest_delta: float) -> float:
-        """How far any atom may travel: N^(1/p) max(delta), capped at the box's extent."""
+    def _reach(self, delta: float) -> float:
+        """How far any atom may travel: N^(1/p) delta, capped at the box's extent."""
         t = self.target
-        reach = largest_delta if math.isinf(t.p) else largest_delta * t.total ** (1.0 / t.p)
+        reach = delta if math.isinf(t.p) else delta * t.total ** (1.0 / t.p)
         extent = float(t.gather(vector_norm(torch.maximum(-t.lower, t.upper), t.norm).cpu())[0].max())
         return min(reach, extent)
 
-    def flip_points(self, largest_delta: float):
-        """Displacements to verified flip points, their measured distances (inf: none found) and
-        which samples were correctly classified."""
+    def _measured(self, d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Distances of the returned atoms x_i + d (model dtype) from their samples (float64)."""
+        t = self.target
+        return vector_norm(t.atoms(d, rows).flatten(1).to(torch.float64) - t.flat[rows], t.norm)
+
+    def _closer(self, adversarial: torch.Tensor, distance: torch.Tensor) -> None:
+        """Rounds of the point-wise engine at radius d_i; a verified flip pulled back along its ray
+        towards x_i replaces the walk's when it is closer (in place)."""
+        for _ in range(REFINE_ROUNDS):
+            index = (torch.isfinite(distance) & (distance > 0)).nonzero().squeeze(-1)
+            if len(index) == 0:
+                return
+            rows = self.rows()[index]
+            best = self.search(rows, distance[index], REFINE_STEPS)
+            wrong = self._margin(best.flip, rows) >= FLIP_MARGIN
+            index, rows, flip = index[wrong], rows[wrong], best.flip[wrong]
+            ends = self._bisect(torch.zeros_like(flip), flip, rows)
+            verified = self._margin(ends, rows) >= FLIP_MARGIN
+            measured = self._measured(ends, rows)
+            closer = verified & (measured < distance[index])
+            adversarial[index[closer]] = ends[closer]
+            distance[index[closer]] = measured[closer]
+
+    def flip_points(self, delta: float):
+        """Displacements to verified flip points for budget `delta`, their measured distances
+        (inf: none found) and which samples were correctly classified."""
         t = self.target
         rows = self.rows()
         logits = t.logits(t.x)
@@ -123,10 +151,10 @@ class WDAPlusPlus(Attack):
         distance = torch.full((t.count,), math.inf, dtype=torch.float64, device=t.flat.device)
         distance[~correct] = 0.0
         self.taken = 0
-        if largest_delta <= 0 or not bool(t.gather(correct.cpu())[0].any()):
+        if delta <= 0 or not bool(t.gather(correct.cpu())[0].any()):
             return adversarial, distance, correct
-        reach = self._reach(largest_delta)
-        first = min(largest_delta, reach) / 20
+        reach = self._reach(delta)
+        first = min(delta, reach) / 20
         growth = growth_factor(first, 2 * reach, self.steps)
         low, high, found, taken = self._walk(first, growth, classes, correct)
         self.taken = int(t.gather(torch.tensor([taken]))[0].max())  # the walk ends when every rank's does
@@ -136,27 +164,26 @@ class WDAPlusPlus(Attack):
             verified = self._margin(ends, rows[index]) >= FLIP_MARGIN
             index, ends = index[verified], ends[verified]
             adversarial[index] = ends
-            moved = t.atoms(ends, rows[index]).flatten(1).to(torch.float64) - t.flat[index]
-            distance[index] = vector_norm(moved, t.norm)
+            distance[index] = self._measured(ends, rows[index])
+        self._closer(adversarial, distance)
         return adversarial, distance, correct
 
     def run(self, deltas: Sequence[float]) -> list[Distribution]:
-        """One walk for every delta, then one knapsack allocation per delta."""
+        """One walk per delta (each row depends on its own delta only), then its knapsack allocation."""
         t = self.target
-        start = time.perf_counter()
-        adversarial, distance, correct = self.flip_points(max(float(d) for d in deltas))
-        shared = time.perf_counter() - start
         rows = self.rows()
-        clean_atoms, flip_atoms = t.x, t.atoms(adversarial, rows)
         out = []
         for delta in deltas:
             start = time.perf_counter()
+            self.draws = 0  # every delta's random starts are those of a run on it alone
+            adversarial, distance, correct = self.flip_points(float(delta))
+            clean_atoms, flip_atoms = t.x, t.atoms(adversarial, rows)
             alpha = t.local(flip_allocation(*t.gather(distance.cpu(), correct.cpu()), float(delta) * (1 - SHRINK), t.p))
             stay, move = (1 - alpha) / t.total, alpha / t.total
             keep_stay, keep_move = stay > 0, move > 0
             atoms = torch.cat([clean_atoms[keep_stay.to(t.x.device)], flip_atoms[keep_move.to(t.x.device)]])
             weights = torch.cat([stay[keep_stay], move[keep_move]])
             source = torch.cat([rows.cpu()[keep_stay], rows.cpu()[keep_move]])
-            out.append(Distribution(atoms, weights, source, self.taken + BISECTION_STEPS, self.flags(),
-                                    shared + time.perf_counter() - start))
+            steps = self.taken + BISECTION_STEPS + REFINE_ROUNDS * (REFINE_STEPS * self.runs + BISECTION_STEPS)
+            out.append(Distribution(atoms, weights, source, steps, self.flags(), time.perf_counter() - start))
         return out

@@ -4,10 +4,14 @@ Method §5. Defined for p in (1, inf]; r in {2, inf} as in the paper, r = 1 by t
 direction. Each step moves every point along `sign(g)|g|^(s-1) ||g||_s^(q-s)` (s, q the dual
 exponents of r and p; r=1: `sign(g_k) e_k ||g||_inf^(q-1)`), normalised over the batch by
 `(mean ||d_i||_r^p)^(1/p)`, with step `1.875 delta / steps` (`steps` default 50), then clips to
-the box and contracts the whole batch by `min(1, delta / W)` onto the W_p ball (p = inf: each
-point is projected on its own ball). The budget couples the points, so the best iterate is kept
-for the whole batch (the iterate with the highest mean loss, the clean sample included), not
-per point. Shapes: Q has N atoms of weight 1/N. Example: `WPGD(target).run([0.1])`.
+the box and, when the batch's cost W exceeds delta, brings it back with the factor
+`c = min(1, delta / W)` as Bai et al. do: r = inf clamps every image's coordinates to
+`+-c ||d_i||_inf` (each image's cost shrinks by c while its saturated coordinates keep their
+size), r in {2, 1} contracts the displacements by c (p = inf: each point is projected on its own
+ball). The budget couples the points, so the best iterates are kept for the whole batch: the one
+with the highest mean loss (the risk) and, as Bai et al., the one with the lowest accuracy (where
+the accuracy is measured), the clean sample included. Shapes: Q has N atoms of weight 1/N.
+Example: `WPGD(target).run([0.1])`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import math
 
 import torch
 
-from verifier.attacks.base import SHRINK, Attack, dual_exponent, steepest_ascent
+from verifier.attacks.base import SHRINK, Attack
+from verifier.attacks.steps import dual_exponent, steepest_ascent
 from verifier.attacks.result import Distribution
 from verifier.geometry import dual_norm, vector_norm
 
@@ -56,15 +61,18 @@ class WPGD(Attack):
         objective = t.loss_objective(rows)
         radius = torch.full((t.count,), delta, dtype=torch.float64, device=t.flat.device)
         d = torch.zeros_like(t.flat)
-        best_d, best_value = d, -math.inf
+        best_d, best_value, flip_d, best_errors = d, -math.inf, d, -1
         alpha = 1.875 * delta / self.steps
         taken = 0
         for step in range(self.steps + 1):
             _, grad, logits = t.gradient(t.atoms(d, rows), objective)
-            losses, sizes = t.gather(t.loss_of(logits, rows), dual_norm(grad, t.norm))  # one exchange per step
-            value = float(losses.mean())
+            loss, margin = t.scores(logits, rows)
+            losses, margins, sizes = t.gather(loss, margin, dual_norm(grad, t.norm))  # one exchange per step
+            value, errors = float(losses.mean()), int((margins >= 0).sum())
             if value > best_value:
                 best_d, best_value = d, value
+            if errors > best_errors:
+                flip_d, best_errors = d, errors
             if step == self.steps:
                 break
             if step == 0:
@@ -78,8 +86,17 @@ class WPGD(Attack):
             if math.isinf(t.p):
                 d = self.project(d, radius, rows)
             else:
-                cost = self._cost(d)
-                limit = delta * (1 - SHRINK)
-                if bool(cost > limit):
-                    d = d * (limit / cost).to(d.device)
-        return self.pointwise(best_d, taken)
+                d = self._contract(d, delta * (1 - SHRINK))
+        return self.pointwise(best_d, taken, accuracy_d=flip_d)
+
+    def _contract(self, d: torch.Tensor, limit: float) -> torch.Tensor:
+        """Back onto the W_p ball with c = min(1, limit / W): r = inf clamps each image to
+        +-c ||d_i||_inf (Bai et al.), other norms contract the displacements by c."""
+        cost = self._cost(d)
+        if not bool(cost > limit):
+            return d
+        factor = limit / cost
+        if self.target.norm != "inf":
+            return d * factor
+        size = vector_norm(d, "inf").unsqueeze(-1) * factor
+        return torch.maximum(torch.minimum(d, size), -size)

@@ -284,6 +284,22 @@ def _monotone(c: _NodeContext) -> Rule | None:
     return ops.monotone(ops.MONOTONE_UNARY[c.node.op_type]) if c.single else None
 
 
+_FLOAT_ELEMS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                          onnx.TensorProto.BFLOAT16})
+_INTEGER_ELEMS = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
+                            onnx.TensorProto.INT64, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,
+                            onnx.TensorProto.UINT32, onnx.TensorProto.UINT64})
+
+
+def _cast(c: _NodeContext) -> Rule | None:
+    """Cast to a float type is the identity on the reals the bounds work in; to an integer type it
+    truncates towards zero (onnxruntime, torch), a non-decreasing map (exact on held integers)."""
+    to = int(c.attributes.get("to", 0))
+    if to in _FLOAT_ELEMS:
+        return ops.scale(1.0)
+    return ops.monotone(torch.trunc) if to in _INTEGER_ELEMS and c.single else None
+
+
 def _structural(c: _NodeContext) -> Rule | None:
     return ops.structural(c.builder._module_call(c.fx_node, c.variables))
 
@@ -293,7 +309,7 @@ def _structural(c: _NodeContext) -> Rule | None:
 RULES: dict[str, Callable[[_NodeContext], Rule | None]] = {
     "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm,
     "Add": _add_sub, "Sub": _add_sub, "Mul": _mul, "Div": _div, "Neg": _neg,
-    "LayerNormalization": _layer_norm,
+    "LayerNormalization": _layer_norm, "Cast": _cast,
     **{op: _monotone for op in ops.MONOTONE_UNARY},
     **{op: _structural for op in ops.STRUCTURAL_OPS},
 }

@@ -74,10 +74,14 @@ class Bounds:
     relaxed: dict[str, relaxations.Relaxation | PoolRelaxation]
 
 
-def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, deadline: Deadline = NEVER) -> Bounds:
+def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, deadline: Deadline = NEVER,
+              prior: Bounds | None = None) -> Bounds:
     """Interval bounds of every node, tightened by back-substitution at nonlinear inputs.
 
-    `deadline` is checked before every node and inside every back-substitution (`Stopped`).
+    `prior`: bounds already propagated over a superset of `region` for the same samples (a larger
+    radius, the whole box); they hold here too, so every interval starts from their intersection and
+    units they already settle are not back-substituted again. `deadline` is checked before every node
+    and inside every back-substitution (`Stopped`).
     """
     intervals = {network.input: region.interval()}
     relaxed: dict[str, relaxations.Relaxation] = {}
@@ -85,15 +89,20 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
     # Outputs of nonlinear nodes are already bounded from tightened inputs: only affine outputs
     # feeding a nonlinear node are worth a back-substitution.
     tightened = {network.input} | {n.name for n in network.nodes if not isinstance(n.rule, ops.Affine)}
+    consumers = _nonlinear_consumers(network)
     for node in network.nodes:
         deadline.check("bound propagation")
         if not isinstance(node.rule, ops.Affine) and tighten:
             for name in node.inputs:
                 if name not in tightened:
+                    needed = _units_worth_tightening(network, region, name, consumers[name], intervals[name])
                     intervals[name] = _intersect(intervals[name],
-                                                 _linear_interval(network, state, region, name, deadline))
+                                                 _linear_interval(network, state, region, name, needed, deadline))
                     tightened.add(name)
-        intervals[node.name] = widen(*_interval(node, [intervals[i] for i in node.inputs]))
+        interval = _interval(node, [intervals[i] for i in node.inputs])
+        intervals[node.name] = interval if node.op in _DATA_MOVEMENT else widen(*interval)
+        if prior is not None and node.name in prior.intervals:
+            intervals[node.name] = _intersect(intervals[node.name], prior.intervals[node.name])
         if isinstance(node.rule, Activation) and node.rule.kind in _RELAXED:
             low, high = intervals[node.inputs[0]]
             relaxed[node.name] = relaxations.linear_relaxation(node.rule.kind, low, high, node.rule.params,
@@ -109,6 +118,12 @@ def _intersect(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torc
 
 
 _ROUNDING = 1e-12  # relative outward pad: float64 sums of a few thousand terms stay inside it
+
+
+# Ops whose outputs are copies of input values (or constants): no rounding to widen for, so held
+# integers packed behind the perturbed input (verifier.perturb) reach a Cast as exact points.
+_DATA_MOVEMENT = frozenset("""Reshape Flatten Transpose Squeeze Unsqueeze Identity Dropout Slice Gather Concat
+    Split Pad Expand Tile""".split())
 
 
 def widen(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,22 +150,64 @@ def _interval(node: BoundNode, inputs: list[tuple[torch.Tensor, torch.Tensor]]):
     return relaxations.interval(rule.kind, low, high, rule.params, rule.slope)
 
 
-def _linear_interval(network: BoundNetwork, state: Bounds, region: InputSet, name: str, deadline: Deadline):
-    """Lower and upper bounds of every unit of node `name` by back-substitution (chunked)."""
+def _nonlinear_consumers(network: BoundNetwork) -> dict[str, list[BoundNode]]:
+    """The non-affine nodes reading each node's output."""
+    consumers: dict[str, list[BoundNode]] = {n.name: [] for n in network.nodes}
+    for node in network.nodes:
+        if not isinstance(node.rule, ops.Affine):
+            for name in node.inputs:
+                consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _units_worth_tightening(network: BoundNetwork, region: InputSet, name: str, consumers: list[BoundNode],
+                            interval: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+    """Mask (N, *shape) of the units whose back-substituted interval can change a relaxation (None: all).
+
+    A unit whose interval already lies in one linear piece of every activation reading it (a stable
+    ReLU) is relaxed exactly whatever its interval. A single affine map of the input on a box (the
+    l_inf ball, or the whole box) has an exact interval already: nothing to tighten.
+    """
+    node = next(n for n in network.nodes if n.name == name)
+    if isinstance(node.rule, ops.Affine) and node.inputs == (network.input,) and (
+            region.norm == "inf" or bool(torch.isinf(region.radius).all())):
+        return torch.zeros_like(interval[0], dtype=torch.bool)
+    needed = None
+    for consumer in consumers:
+        rule = consumer.rule
+        if not (isinstance(rule, Activation) and rule.kind in _RELAXED):
+            return None
+        unsettled = ~relaxations.settled(rule.kind, *interval, rule.params)
+        needed = unsettled if needed is None else needed | unsettled
+    return needed
+
+
+def _linear_interval(network: BoundNetwork, state: Bounds, region: InputSet, name: str,
+                     needed: torch.Tensor | None, deadline: Deadline):
+    """Bounds of the `needed` units of node `name` (all when None) by back-substitution, chunked.
+
+    Units are chosen per sample (padded to the sample with the most); the others keep the interval.
+    """
     low, high = state.intervals[name]
     count, units = low.shape[0], low[0].numel()
+    flat_needed = torch.ones(count, units, dtype=torch.bool, device=low.device) if needed is None \
+        else needed.reshape(count, units)
+    width = int(flat_needed.sum(1).max()) if units else 0
+    # Needed units first in each sample's row; a sample with fewer repeats some (still sound) bounds.
+    order = torch.argsort((~flat_needed).to(torch.int8), dim=1, stable=True)[:, :width]
     widest = max(bounds[0][0].numel() for bounds in state.intervals.values())
     chunk = max(1, min(UNIT_CHUNK, ELEMENT_BUDGET // (2 * count * widest)))
-    lower_parts, upper_parts = [], []
-    for start in range(0, units, chunk):
-        stop = min(start + chunk, units)
-        eye = torch.zeros(stop - start, units, dtype=low.dtype, device=low.device)
-        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        rows = torch.cat([eye, -eye]).expand(count, -1, -1).reshape(count, 2 * (stop - start), *low.shape[1:])
-        values = upper_bound(network, state, region, name, rows, deadline)
-        upper_parts.append(values[:, : stop - start])
-        lower_parts.append(-values[:, stop - start:])
-    return torch.cat(lower_parts, 1).reshape(low.shape), torch.cat(upper_parts, 1).reshape(high.shape)
+    new_low, new_high = low.reshape(count, units).clone(), high.reshape(count, units).clone()
+    for start in range(0, width, chunk):
+        index = order[:, start:start + chunk]  # (N, m)
+        m = index.shape[1]
+        rows = torch.zeros(count, 2 * m, units, dtype=low.dtype, device=low.device)
+        rows[:, :m].scatter_(2, index.unsqueeze(-1), 1.0)
+        rows[:, m:].scatter_(2, index.unsqueeze(-1), -1.0)
+        values = upper_bound(network, state, region, name, rows.reshape(count, 2 * m, *low.shape[1:]), deadline)
+        new_high.scatter_(1, index, values[:, :m])
+        new_low.scatter_(1, index, -values[:, m:])
+    return new_low.reshape(low.shape), new_high.reshape(high.shape)
 
 
 def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: str,
@@ -221,6 +278,9 @@ def _pool_adjoint(relax: PoolRelaxation, lam: torch.Tensor):
 
 def _inner(lam: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Σ over unit axes of lam * values, with infinities times zero counted as zero."""
+    if values.shape[1] == 1 and values.shape[0] == lam.shape[0] and bool(torch.isfinite(values).all()):
+        # values (N, 1, *units) shared by the objectives: one batched matrix-vector product.
+        return torch.bmm(lam.flatten(2), values.flatten(1).unsqueeze(-1).to(lam.dtype)).squeeze(-1)
     product = lam * values
     product = torch.where(lam == 0, torch.zeros_like(product), product)
     return product.flatten(2).sum(-1)
@@ -230,16 +290,26 @@ def _affine_adjoint(rule: ops.Affine, lam: torch.Tensor, shapes: list[torch.Size
     """Adjoint of the linear part applied to lam (N, K, *out), and <lam, offset>."""
     count, objectives = lam.shape[:2]
     flat = lam.reshape(count * objectives, *lam.shape[2:])
-    zeros = [torch.zeros(count * objectives, *shape, dtype=lam.dtype, device=lam.device) for shape in shapes]
-    _, pullback = torch.func.vjp(rule.linear, *zeros)
-    adjoints = pullback(flat)
+    zeros = [torch.zeros(1, *shape, dtype=lam.dtype, device=lam.device) for shape in shapes]
+    adjoints = _transpose(rule.linear, zeros, flat)
     contributions = [a.reshape(count, objectives, *a.shape[1:]) for a in adjoints]
-    offset_value = rule(*[z[:1] for z in zeros])
+    offset_value = rule(*zeros)
     if isinstance(offset_value, torch.Tensor) and offset_value.abs().sum() > 0:
         offset = (lam * offset_value.unsqueeze(1)).flatten(2).sum(-1)
     else:
         offset = torch.zeros(count, objectives, dtype=lam.dtype, device=lam.device)
     return contributions, offset
+
+
+def _transpose(linear, zeros: list[torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The adjoint of a linear map applied to each of `rows` (B, *out): one vjp at a single point,
+    vmapped over the rows (half the work of a vjp at a batch of B, whose forward pass is wasted)."""
+    _, pullback = torch.func.vjp(linear, *zeros)
+    try:
+        return torch.func.vmap(lambda row: tuple(a.squeeze(0) for a in pullback(row.unsqueeze(0))))(rows)
+    except RuntimeError:  # an op without a batching rule: one vjp at the whole batch
+        batch = [z.expand(len(rows), *z.shape[1:]).contiguous() for z in zeros]
+        return torch.func.vjp(linear, *batch)[1](rows)
 
 
 @dataclass(frozen=True)

@@ -244,6 +244,16 @@ def linear_relaxation(kind: str, lower: Tensor, upper: Tensor, params: Params = 
     return Relaxation(*lines)
 
 
+def settled(kind: str, lower: Tensor, upper: Tensor, params: Params = None) -> Tensor:
+    """Mask of units whose [lower, upper] lies in one linear piece: their relaxation is exact there and
+    on every sub-interval (always False for the smooth kinds)."""
+    _key(kind, params)
+    mask = torch.zeros_like(lower, dtype=torch.bool)
+    for piece, _, _ in _stable_pieces(kind, lower, upper, torch.zeros(()), params):
+        mask = mask | piece
+    return mask
+
+
 # ---------------------------------------------------------------- relaxation internals
 def _offsets(s: Tensor, xs: list[Tensor], values: list[Tensor], lows: Sequence[Tensor] = (),
              highs: Sequence[Tensor] = ()) -> tuple[Tensor, Tensor]:

@@ -82,7 +82,38 @@ def _segments(curves: GrowthCurves):
 
 
 def inner_sup(curves: GrowthCurves, lam: float, p: float) -> torch.Tensor:
-    """`sup_{0 <= rho <= D_i} (ubar_i(rho) - lam rho^p)` for every sample (N,), exactly (may be inf).
+    """`sup_{0 <= rho <= D_i} (ubar_i(rho) - lam rho^p)` for every sample (N,), exactly (may be inf)."""
+    return curves.per_sample(_piece_sups(curves, lam, p).max(1).values).clamp_min(0.0)  # rho = 0 gives 0
+
+
+def used_points(curves: GrowthCurves, delta: float, p: float, lam: float) -> torch.Tensor:
+    """Grid points (N, K+1) whose values decide each sample's term of the bound at this `lam`.
+
+    `p = inf`: the first grid radius `>= delta`. Otherwise the piece that attains the sample's
+    inner sup (its row with the largest sup): both ends of it, or the last point for the tail
+    piece; nothing where the sup is 0 (no move pays).
+    """
+    count, points = curves.values.shape[0] // curves.groups, len(curves.radii)
+    used = torch.zeros(count, points, dtype=torch.bool)
+    if math.isinf(p):
+        index = min(int(torch.searchsorted(curves.radii, torch.tensor(delta, dtype=curves.radii.dtype))), points - 1)
+        used[:, index] = True
+        return used
+    sups = _piece_sups(curves, lam, p)  # (R, K+1)
+    best, piece = sups.max(1)
+    row = best.reshape(count, curves.groups).argmax(1)
+    value = best.reshape(count, curves.groups).gather(1, row[:, None]).squeeze(1)
+    piece = piece.reshape(count, curves.groups).gather(1, row[:, None]).squeeze(1)
+    pays = value > 0
+    samples = torch.arange(count)
+    used[samples[pays], piece[pays].clamp_max(points - 1)] = True
+    right = pays & (piece < points - 1)
+    used[samples[right], piece[right] + 1] = True
+    return used
+
+
+def _piece_sups(curves: GrowthCurves, lam: float, p: float) -> torch.Tensor:
+    """`sup (ubar(rho) - lam rho^p)` on every piece of every row (R, K+1; -inf on empty pieces).
 
     On a piece, `ubar(rho) = min(right, left + slope (rho - start))`; minus `lam rho^p` it is
     concave, so the maximum is at the start, the end, the kink, or the stationary point.
@@ -109,8 +140,7 @@ def inner_sup(curves: GrowthCurves, lam: float, p: float) -> torch.Tensor:
     # Unbounded pieces: an infinite end with growth that outruns lam rho^p.
     outruns = (right == math.inf) & (slope > (lam if p == 1 else 0.0)) & ((lam == 0) | (p == 1))
     best = torch.where(usable & torch.isinf(end) & outruns, torch.full_like(best, math.inf), best)
-    best = torch.where(usable, best, torch.full_like(best, -math.inf))
-    return curves.per_sample(best.max(1).values).clamp_min(0.0)  # rho = 0 gives 0
+    return torch.where(usable, best, torch.full_like(best, -math.inf))
 
 
 def dual_value(curves: GrowthCurves, delta: float, p: float, lam: float) -> float:

@@ -18,7 +18,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -27,10 +27,11 @@ from verifier.bounds.global_lipschitz import global_lipschitz
 from verifier.bounds.network import BoundNetwork
 from verifier.cells import displacement_box
 from verifier.certify.accuracy import certified_accuracy
-from verifier.certify.aggregate import excess_bound, grid, linear_closed_form
+from verifier.certify.aggregate import excess_bound, grid, linear_closed_form, used_points
 from verifier.certify.exactness import (EXACT_TOLERANCE, Candidates, Placed, RealisedDistribution, choose, is_exact,
                                         place, summarise)
-from verifier.certify.growth import ROUTES, box_reach
+from verifier.certify.growth import ROUTES, RouteGrowth, box_reach
+from verifier.certify.milp_route import ExactSettings, MilpReport, curve_sources
 from verifier.certify.tables import BlockInputs, block_tables, concat
 from verifier.convert import ConvertedModel
 from verifier.convert.normalize import NormalizedModel
@@ -43,6 +44,10 @@ from verifier.finite import require_finite_inputs, require_finite_logits, requir
 from verifier.geometry import parse_norm
 from verifier.jacobian import prepared_module
 from verifier.losses import check_loss
+
+# Under a time limit the refinements get this share of the time left; the rest is for the
+# Jacobians, the aggregation per delta and the realising distributions.
+REFINE_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class DeltaCertificate:
     exact: bool | None  # certificate within tolerance of realised_risk (§3.5); None without a certificate
     in_cell_mass: float | None  # mass of the realising distribution whose atoms stay in their sample's cell
     fallbacks: tuple[str, ...]  # model-level fallbacks and samples whose bound came from the global route
+    # share of the samples whose decisive growth-curve point came from each route (milp_exact, milp_bound,
+    # cell, linear, jacobian, global; unmoved: the sample gains nothing at this budget)
+    curve_sources: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -84,6 +92,7 @@ class Certificate:
     global_slope: float | None  # the global Lipschitz constant of the loss (None when unbounded)
     certified_radii: torch.Tensor  # c_i per sample (0 when misclassified)
     distributions: tuple[RealisedDistribution, ...]  # one per delta, replayable by an attack
+    exact_mode: MilpReport | None = None  # what the MILP route (§8) did
 
     def to_dict(self) -> dict:
         """JSON-ready form (the distributions are left out: save them with `save_distributions`)."""
@@ -95,6 +104,7 @@ class Certificate:
             "global_slope": self.global_slope,
             "local_slopes": None if self.local_slopes is None else self.local_slopes.tolist(),
             "certified_radii": self.certified_radii.tolist(),
+            "exact_mode": None if self.exact_mode is None else self.exact_mode.to_dict(),
         }
 
     def to_text(self) -> str:
@@ -115,6 +125,10 @@ class Certificate:
                          f"{r.certified_accuracy:>8.2%}  {'yes' if r.exact else 'no'}")
         lines.append("realised>=: risk of the explicit realising distribution (a lower bound); cert<=: the certificate "
                      "(an upper bound); 1st-order~: Bai et al.'s estimate, not a bound")
+        if self.exact_mode is not None and self.exact_mode.active:
+            m = self.exact_mode
+            lines.append(f"exact mode ({m.mode}): MILP at {m.solved} curve point(s), {m.optimal} solved to optimality, "
+                         f"{m.skipped} left to the linear bounds, {m.seconds:.1f} s")
         if self.fallbacks:
             lines.append("fallbacks: " + "; ".join(self.fallbacks))
         return "\n".join(lines)
@@ -135,9 +149,17 @@ def _upsilon(local_slopes: torch.Tensor, p: float) -> float:
     return float((local_slopes**q).mean() ** (1.0 / q))
 
 
-def _radius_grid(count: int, reach: float, deltas: Sequence[float], p: float, grid_points: int) -> torch.Tensor:
-    """One grid for every delta: up to the farthest one of `count` samples can move (N^(1/p) delta,
-    capped, and at most `reach`, the box's farthest point from any sample)."""
+def radius_grid(inputs: torch.Tensor, deltas: Sequence[float], p: float, box, norm: str,
+                grid_points: int) -> torch.Tensor:
+    """One grid for every delta: up to the farthest a single sample can move (N^(1/p) delta, capped);
+    the curve attack (`verifier.attacks.curve`) attacks at these radii too."""
+    reach = float(box_reach(inputs, box, norm).max()) if box is not None else math.inf
+    return grid_of(len(inputs), reach, deltas, p, grid_points)
+
+
+def grid_of(count: int, reach: float, deltas: Sequence[float], p: float, grid_points: int) -> torch.Tensor:
+    """`radius_grid` of `count` samples whose farthest point in the box is `reach` away (inf: no box):
+    the form a sharded run uses, with N and the reach over every rank."""
     top = max(deltas) * (1.0 if math.isinf(p) else min(count ** (1.0 / p), 20.0))
     top = min(top, reach)
     top = max(top, max(deltas), 1e-6)  # a grid even when every delta is 0
@@ -152,12 +174,12 @@ def _refined(radii: torch.Tensor, factor: int) -> torch.Tensor:
     return inner.flatten()
 
 
-def _global_fallbacks(winner: torch.Tensor, radii: torch.Tensor, delta: float) -> tuple[str, ...]:
+def _global_fallbacks(growth: RouteGrowth, radii: torch.Tensor, delta: float) -> tuple[str, ...]:
     """Samples whose growth at delta's grid point came from the global route."""
     index = int(torch.searchsorted(radii, torch.tensor(delta, dtype=radii.dtype)))
     if index == 0 or index >= len(radii):
         return ()
-    count = int((winner[:, index] == ROUTES.index("global")).sum())
+    count = int((growth.winner[:, index] == ROUTES.index("global")).sum())
     return (f"{count} sample(s): global bound",) if count else ()
 
 
@@ -166,15 +188,24 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             box: tuple[float, float] | None = None, grid_points: int = 24,
             exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False,
             deadline: Deadline = NEVER, memory_limit_bytes: int | None = None,
+            refine_share: float = REFINE_SHARE, exact: ExactSettings | str = "auto",
             shard: Shard | None = None) -> Certificate:
     """Certificates (upper bounds on R(delta)) for every delta, on CPU in float64.
+
+    `exact` (auto | on | off, or `ExactSettings`) runs the MILP route (§8) at the curve points
+    the certificates depend on: `auto` only where it is cheap (see `certify.milp_route`). It needs
+    every sample in one block: with more than `shard.block` samples it does not run (said in
+    `exact_mode.reason`, and in `fallbacks` under `on`).
 
     Work sized from shapes stays under `memory_limit_bytes` (default `resources.memory_limit()`):
     the exact cell analysis is skipped, with a fallback note, when one sample would not fit.
 
-    `deadline` is checked between chunks of work inside every step (bound propagation per node
-    and unit chunk, cells and Jacobians per sample chunk, candidates per radius, each delta);
-    past it `verifier.deadline.Stopped` is raised and nothing is returned.
+    Anytime under `deadline`: the refinements (cell analysis, tightened bounds per radius,
+    bisection of certified radii, exactness candidates) get the first `refine_share` of the time
+    left and stop where they are when it runs out, leaving coarser but sound routes (interval-based
+    bounds, larger radii, the global bound), each cut stated in `fallbacks`. Past `deadline`
+    itself (checked between chunks of work in every step) `verifier.deadline.Stopped` is raised and
+    nothing is returned.
 
     Per-sample work runs block by block (`shard.block` samples, default `distributed.BLOCK`);
     with a `shard` of a sharded run, `x` and `y` are this rank's samples, the per-sample tables
@@ -201,26 +232,40 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         network = None
         fallbacks.append(str(err))
     deadline.check("the certificate's set-up")
-    reach = float(shard.gather_one(box_reach(inputs, box, norm)).max())
-    radii = _radius_grid(shard.total, reach, deltas, p, grid_points)
-    far = torch.logspace(0.0, 4.0, 9, dtype=torch.float64)[1:] * radii[-1]  # small mass moved far (p < inf)
-    extra = far[far <= reach] if not math.isinf(p) else far[:0]
-    move_radii = torch.cat([_refined(radii, 4), extra])
-    parts, blocks = [], []
+    refine = deadline.sooner(refine_share)
+    settings = exact if isinstance(exact, ExactSettings) else ExactSettings(mode=exact)
+    one_block = shard.total <= shard.block
+    refusal = "" if one_block else (f"the exact route needs every sample in one block ({shard.total} samples, "
+                                    f"blocks of {shard.block}: --block-size)")
+    if refusal and settings.mode == "on":
+        fallbacks.append(f"exact MILP route not run: {refusal}")
+    reach = float(shard.gather_one(box_reach(inputs, box, norm)).max()) if box is not None else math.inf
+    radii = grid_of(shard.total, reach, deltas, p, grid_points)
+
+    def move_radii(grid_radii: torch.Tensor) -> torch.Tensor:
+        far = torch.logspace(0.0, 4.0, 9, dtype=torch.float64)[1:] * grid_radii[-1]  # small mass moved far (p < inf)
+        extra = far[far <= reach] if not math.isinf(p) else far[:0]
+        return torch.cat([_refined(grid_radii, 4), extra])
+
+    parts, blocks, reports = [], [], []
     for part in shard.blocks():
         block_x, block_y = inputs[part], labels[part]
         logits = module(block_x).detach()
         require_finite_logits(logits, "torch, float64")
         check_labels(block_y.numpy(), logits.shape[1])
-        tables, jacobian = block_tables(model, module, network, block_x, block_y, logits, norm, loss, box, radii,
-                                        move_radii, lipschitz.loss_constant(loss), lipschitz.loss_constant("margin"),
-                                        deadline, memory_limit_bytes, progress)
+        tables, jacobian, report = block_tables(
+            model, module, network, block_x, block_y, logits, norm, loss, box, radii, move_radii, deltas, p,
+            lipschitz.loss_constant(loss), lipschitz.loss_constant("margin"), settings, deadline, refine,
+            memory_limit_bytes, progress, refusal)
         parts.append(tables)
-        blocks.append((BlockInputs(part.start, block_x, block_y, jacobian, *displacement_box(block_x, box)),
-                       tables.moves))
+        reports.append(report)
+        blocks.append(BlockInputs(part.start, block_x, block_y, jacobian, *displacement_box(block_x, box)))
     tables = concat(parts)
     tables = concat(shard.objects(tables)) if shard.distributed else tables
+    milp_report = reports[0] if one_block else replace(reports[0], status=tables.milp_status)
     fallbacks += tables.fallbacks
+    radii = tables.radii  # the exact mode may have refined the grid where the certificate is decided
+    growth = RouteGrowth(curves=tables.curves, by_route={}, winner=tables.winner, clean_loss=tables.clean)
     correct = tables.correct
     local = tables.local_slopes
     upsilon = _upsilon(local, p) if loss in ("ce", "margin") else None
@@ -232,11 +277,17 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         deadline.check("the certificates per delta")
         global_bound = clean_risk + delta * slope if math.isfinite(slope) else None
         accuracy = certified_accuracy(tables.certified_radii, correct, float(delta), p)
-        certificate = None
+        certificate, sources = None, {}
         if loss != "dlr":
-            excess, _ = excess_bound(tables.curves, float(delta), p)
+            excess, lam = excess_bound(tables.curves, float(delta), p)
+            family = tables.curves
             if tables.class_curves is not None:
-                excess = min(excess, excess_bound(tables.class_curves, float(delta), p)[0])
+                class_excess, class_lam = excess_bound(tables.class_curves, float(delta), p)
+                if class_excess < excess:
+                    excess, lam, family = class_excess, class_lam, tables.class_curves
+            if delta > 0:
+                sources = curve_sources(growth, used_points(family, float(delta), p, lam), milp_report.status,
+                                        milp_report.solver or "milp")
             closed_forms = [clean_risk + linear_closed_form(tables.curves.tail_slope, float(delta), p)]
             closed_forms += [global_bound] if global_bound is not None else []
             certificate = min([clean_risk + excess] + closed_forms)  # §3.7: every candidate is sound
@@ -246,7 +297,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             certificate += rounding * max(1.0, abs(certificate))
             if loss == "zero_one":
                 certificate = min(certificate, 1.0)
-        low, high = _placed(module, blocks, shard, choose(tables.moves, float(delta), p), norm, loss)
+        low, high = _placed(module, blocks, tables.moves, shard, choose(tables.moves, float(delta), p), norm, loss)
         realised = summarise(float(delta), p, low, high)
         distributions.append(realised)
         alarm = certificate is not None and realised.risk > certificate + rounding * max(1.0, abs(certificate))
@@ -259,27 +310,38 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             realised_risk=realised.risk, realised_accuracy=realised.accuracy,
             exact=None if certificate is None else is_exact(certificate, realised.risk, exact_tolerance),
             in_cell_mass=None if tables.cell_radius is None else _in_cell_mass([*low, *high], tables.cell_radius),
-            fallbacks=alarms + tuple(fallbacks) + _global_fallbacks(tables.winner, radii, float(delta)),
+            fallbacks=alarms + tuple(fallbacks) + _global_fallbacks(growth, radii, float(delta)),
+            curve_sources=sources,
         ))
     won = Counter(ROUTES[int(i)] for i in tables.winner[:, 1:].flatten() if i >= 0)
     result = Certificate(loss=loss, p=p, norm=norm, box=box, samples=shard.total,
                          clean_accuracy=float(correct.double().mean()), results=tuple(results),
                          exact_up_to_delta=_exact_up_to(results), routes_won=dict(won), fallbacks=tuple(fallbacks),
                          local_slopes=local, global_slope=slope if math.isfinite(slope) else None,
-                         certified_radii=tables.certified_radii, distributions=tuple(distributions))
+                         certified_radii=tables.certified_radii, distributions=tuple(distributions),
+                         exact_mode=milp_report)
     require_no_nan(result.to_dict(), "the certificate")
     return result
 
 
-def _placed(module: torch.nn.Module, blocks: list[tuple[BlockInputs, Candidates]], shard: Shard,
+def _rows_of(found: Candidates, rows: slice) -> Candidates:
+    """The candidates of samples `rows` (global indices)."""
+    return Candidates(radii=found.radii, direction_class=found.direction_class[rows], distance=found.distance[rows],
+                      gain=found.gain[rows], points=None if found.points is None else found.points[rows],
+                      point_distance=None if found.point_distance is None else found.point_distance[rows],
+                      point_gain=None if found.point_gain is None else found.point_gain[rows])
+
+
+def _placed(module: torch.nn.Module, blocks: list[BlockInputs], found: Candidates, shard: Shard,
             picks: tuple[torch.Tensor, torch.Tensor, torch.Tensor], norm: str, loss: str
             ) -> tuple[list[Placed], list[Placed]]:
     """Every rank's atoms of the realising distribution, block by block, in sample order."""
     low, high = [], []
-    for inputs, found in blocks:
+    for inputs in blocks:
         rows = slice(shard.start + inputs.offset, shard.start + inputs.offset + len(inputs.x))
         lower_pick, upper_pick = place(module, inputs.x, inputs.y, inputs.jacobian, inputs.lower, inputs.upper,
-                                       found, tuple(t[rows] for t in picks), shard.total, norm, loss, rows.start)
+                                       _rows_of(found, rows), tuple(t[rows] for t in picks), shard.total, norm, loss,
+                                       rows.start)
         low.append(lower_pick)
         high.append(upper_pick)
     if not shard.distributed:

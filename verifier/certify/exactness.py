@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from verifier.certify.allocation import allocate
-from verifier.deadline import NEVER, Deadline
+from verifier.deadline import NEVER, Deadline, Stopped, Terminated
 from verifier.geometry import argmax_linear, max_linear, vector_norm
 from verifier.losses import loss_values, margins
 
@@ -47,6 +47,19 @@ class Candidates:
     direction_class: torch.Tensor  # (N, K) long: the class whose linearised margin is maximised
     distance: torch.Tensor  # (N, K): ||x_ik - x_i||_r
     gain: torch.Tensor  # (N, K): loss(x_ik) - loss(x_i)
+    points: torch.Tensor | None = None  # (N, E, d): explicit moves (e.g. MILP maximisers), zero = no move
+    point_distance: torch.Tensor | None = None  # (N, E)
+    point_gain: torch.Tensor | None = None  # (N, E)
+
+    def with_points(self, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, moves: torch.Tensor,
+                    norm: str, loss: str) -> Candidates:
+        """These candidates plus explicit displacements `moves` (N, E, d), evaluated by forward passes."""
+        count, extra = moves.shape[:2]
+        with torch.no_grad():
+            clean = loss_values(module(x), y, loss)
+            moved = module((x.unsqueeze(1) + moves.reshape(count, extra, *x.shape[1:])).flatten(0, 1))
+            gain = loss_values(moved, y.repeat_interleave(extra), loss).reshape(count, extra) - clean[:, None]
+        return replace(self, points=moves, point_distance=vector_norm(moves, norm), point_gain=gain)
 
 
 def _moves(jacobian: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lower: torch.Tensor,
@@ -65,22 +78,29 @@ def _moves(jacobian: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, l
 def candidates(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: torch.Tensor,
                lower: torch.Tensor, upper: torch.Tensor, radii: torch.Tensor, norm: str, loss: str,
                deadline: Deadline = NEVER) -> Candidates:
-    """Evaluate the candidate move of every sample at every radius (one forward pass per radius;
-    `deadline`: per radius)."""
+    """Evaluate the candidate move of every sample at every radius (one forward pass per radius).
+
+    `deadline` is checked per radius; past it the candidates are those of the radii reached (the
+    realising distribution is then built from fewer moves; a signal still stops everything)."""
     with torch.no_grad():
         logits = module(x)
         clean = loss_values(logits, y, loss)
         flat_jacobian = jacobian.flatten(2)
-        classes, distances, gains = [], [], []
-        for radius in radii:
-            deadline.check("the exactness candidates")
-            chosen, move = _moves(flat_jacobian, logits, y, lower, upper, radius.expand(len(x)), norm)
-            moved = module(x + move.reshape(x.shape))
-            classes.append(chosen)
-            distances.append(vector_norm(move, norm))
-            gains.append(loss_values(moved, y, loss) - clean)
-    return Candidates(radii=radii, direction_class=torch.stack(classes, 1), distance=torch.stack(distances, 1),
-                      gain=torch.stack(gains, 1))
+        empty = torch.zeros(len(x), 0, dtype=x.dtype)
+        classes, distances, gains = [empty.long()], [empty], [empty]
+        try:
+            for radius in radii:
+                deadline.check("the exactness candidates")
+                chosen, move = _moves(flat_jacobian, logits, y, lower, upper, radius.expand(len(x)), norm)
+                moved = module(x + move.reshape(x.shape))
+                classes.append(chosen[:, None])
+                distances.append(vector_norm(move, norm)[:, None])
+                gains.append((loss_values(moved, y, loss) - clean)[:, None])
+        except Stopped as err:
+            if isinstance(err, Terminated):
+                raise
+    return Candidates(radii=radii[:len(gains) - 1], direction_class=torch.cat(classes, 1),
+                      distance=torch.cat(distances, 1), gain=torch.cat(gains, 1))
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,16 +117,21 @@ class Placed:
 
 def choose(found: Candidates, delta: float, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sample (every sample of Q): candidate `low` with mass `1 - weight`, `high` with `weight`
-    (0 = no move): p = inf the best candidate within delta, p < inf the knapsack of `allocate`."""
+    (0 = no move, 1..K the linearised moves, K+1.. the explicit points): p = inf the best candidate
+    within delta, p < inf the knapsack of `allocate`."""
     count = len(found.gain)
     zero = torch.zeros(count, 1, dtype=found.gain.dtype)
-    gains = torch.cat([zero, found.gain], 1)
+    extra = [] if found.points is None else [found.point_gain]
+    gains = torch.cat([zero, found.gain] + extra, 1)
     if math.isinf(p):
         within = (found.radii <= delta).expand(count, -1)
+        if found.points is not None:
+            within = torch.cat([within, found.point_distance <= delta], 1)
         usable = torch.cat([torch.ones(count, 1, dtype=torch.bool), within], 1)
         best = gains.masked_fill(~usable, -math.inf).argmax(1)
         return best, best, torch.zeros(count, dtype=torch.float64)
-    allocation = allocate(torch.cat([zero, found.distance], 1) ** p, gains, delta**p)
+    distances = torch.cat([zero, found.distance] + ([] if found.points is None else [found.point_distance]), 1)
+    allocation = allocate(distances**p, gains, delta**p)
     return allocation.low, allocation.high, allocation.weight
 
 
@@ -117,6 +142,7 @@ def place(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: t
     evaluated by one forward pass; `total` is N of the masses 1/N."""
     low, high, weight = picks
     rows = torch.arange(len(x))
+    linearised = len(found.radii)
     flat_jacobian = jacobian.flatten(2)
     placed = []
     with torch.no_grad():
@@ -124,7 +150,11 @@ def place(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: t
         for index, mass in ((low, 1.0 - weight), (high, weight)):
             keep = mass > 0
             moved = x.clone()
-            chosen = keep & (index > 0)
+            explicit = keep & (index > linearised)
+            if explicit.any():
+                moved[explicit] = x[explicit] + found.points[rows[explicit], index[explicit] - linearised - 1].reshape(
+                    x[explicit].shape)
+            chosen = keep & (index > 0) & (index <= linearised)
             if chosen.any():
                 k = index[chosen] - 1
                 radius = found.radii[k]

@@ -4,7 +4,9 @@ Routes, each sound on `B(x_i, s) ∩ box` (inf where it does not apply):
 - `cell`: the exact in-cell LP while `s <= r_i` (piecewise-linear models);
 - `linear`: back-substituted margin bounds `UB_j(s)` turned into the loss;
 - `jacobian`: the upper Riemann sum of slope bounds, `sum_{m<=k} Lambda(s_m) (s_m - s_{m-1})`;
-- `global`: `Lip(loss) * s`.
+- `global`: `Lip(loss) * s`;
+- `milp`: the exact worst margins of the MILP (`verifier.exact`, where it ran), or its dual bound
+  when it stopped at a limit.
 The minimum is made non-decreasing from the right (`g(s_k) <= g(s_m) <= gbar(s_m)` for m > k),
 which is sound and only tightens. Which route won is kept per sample and radius.
 """
@@ -12,21 +14,21 @@ which is sound and only tightens. Which route won is kept per sample and radius.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
 from verifier.bounds.margins import margins_from
 from verifier.bounds.network import BoundNetwork
-from verifier.bounds.propagate import margin_problem, propagate
+from verifier.bounds.propagate import Bounds, margin_problem, propagate
 from verifier.bounds.slopes import slopes_from
 from verifier.cells import CellAnalysis
 from verifier.certify.aggregate import GrowthCurves
-from verifier.deadline import NEVER, Deadline, Stopped
+from verifier.deadline import NEVER, Deadline, Stopped, Terminated
 from verifier.losses import loss_values, margins
 
-ROUTES = ("cell", "linear", "jacobian", "global")
+ROUTES = ("cell", "linear", "jacobian", "global", "milp")
 
 
 @dataclass(frozen=True)
@@ -74,43 +76,102 @@ class MarginEvidence:
     cell_rates: torch.Tensor | None  # (N, K+1, C): their supergradients in s (tangents, concave in-cell)
     cell_radius: torch.Tensor | None  # (N,)
     reach: torch.Tensor  # (N,): D_i
+    tightened: torch.Tensor | None = None  # (K+1,) bool: radius bounded with tightened intermediate intervals
+    notes: tuple[str, ...] = ()  # what a time limit cut short
+    milp: torch.Tensor | None = None  # (N, K+1, C): MILP margin bounds where it ran (inf elsewhere, -inf at j = y)
+
+    def milp_ran(self) -> torch.Tensor:
+        """Grid points (N, K+1) with MILP margin bounds."""
+        if self.milp is None:
+            return torch.zeros(self.radii.shape[0], dtype=torch.bool).expand(len(self.labels), -1)
+        return (self.milp < math.inf).any(-1)
+
+
+def _bounds_at(network: BoundNetwork, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor | float, norm: str,
+               box: tuple[float, float] | None, device: str, deadline: Deadline, tighten: bool,
+               prior: Bounds | None = None):
+    """Margin upper bounds (-inf at the true class), per-class slope bounds and the propagated state."""
+    problem = margin_problem(network, x, y, radius, norm, box, torch.device(device), x.dtype)
+    state = propagate(network, problem.region, tighten=tighten, deadline=deadline, prior=prior)
+    bounds = margins_from(problem, state, deadline).upper.masked_fill(problem.true_class, -math.inf)
+    return bounds, slopes_from(problem, state, deadline).per_class, state
 
 
 def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
                      norm: str, radii: torch.Tensor, box: tuple[float, float] | None,
                      cells: CellAnalysis | None = None, device: str = "cpu", progress: bool = False,
                      deadline: Deadline = NEVER) -> MarginEvidence:
-    """Margin and slope bounds at every grid radius: one propagation per radius serves both.
+    """Margin and slope bounds at every grid radius and on the whole domain, coarse to fine (anytime).
 
-    `deadline` is checked before each radius and inside every propagation (`Stopped`).
+    First the cheap pass: the margins back-substituted through relaxations of interval bounds
+    (CROWN-IBP), on the whole domain and at every radius. Then the tight pass: intermediate
+    intervals tightened by back-substitution, from the largest radius down (each ball contains the
+    next, so its intervals seed the next propagation), the whole domain last. Each point keeps the
+    smaller of its bounds. Past `deadline` the pass in progress ends where it is (`notes` say where):
+    a radius without a tight bound keeps its cheap one, and is also capped by every larger radius.
+    A signal (`Terminated`) still stops everything.
     """
-    linear = slopes = whole_box = domain_slope = None
+    linear = slopes = whole_box = domain_slope = tightened = None
+    notes: list[str] = []
     if network is not None:
-        linear_rows, slope_rows = [], []
-        for radius in tqdm(radii[1:], desc="certify: bounds per radius", unit="radius", disable=not progress,
-                           leave=False):
-            deadline.check("the bounds per radius")
-            problem = margin_problem(network, x, y, radius, norm, box, torch.device(device), radii.dtype)
-            state = propagate(network, problem.region, deadline=deadline)
-            bounds = margins_from(problem, state, deadline)
-            linear_rows.append(bounds.upper.masked_fill(problem.true_class, -math.inf))
-            slope_rows.append(slopes_from(problem, state, deadline).per_class)
+        x = x.to(radii.dtype)
         clean = margins(logits, y).masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), -math.inf)
-        linear = torch.stack([clean] + linear_rows, 1)
-        slopes = torch.stack([torch.zeros_like(slope_rows[0])] + slope_rows, 1) if slope_rows else None
-        # The whole domain (the box, or all of R^d): a growth cap and a slope valid at every radius.
-        problem = margin_problem(network, x, y, math.inf, norm, box, torch.device(device), radii.dtype)
-        state = propagate(network, problem.region, deadline=deadline)
-        domain_slope = slopes_from(problem, state, deadline).per_class
-        if box is not None:
-            whole_box = margins_from(problem, state, deadline).upper.masked_fill(problem.true_class, -math.inf)
+        points = len(radii)
+        linear = torch.full((len(x), points, logits.shape[1]), math.inf, dtype=radii.dtype)
+        slopes = torch.full_like(linear, math.inf)
+        linear[:, 0], slopes[:, 0] = clean, 0.0
+        tightened = torch.zeros(points, dtype=torch.bool)
+        tightened[0] = True
+        domain: list[torch.Tensor | None] = [None, None]  # margins over the whole domain, slopes there
+
+        def record(index: int | None, bounds: torch.Tensor, slope: torch.Tensor) -> None:
+            if index is None:
+                domain[0] = bounds if domain[0] is None else torch.minimum(domain[0], bounds)
+                domain[1] = slope if domain[1] is None else torch.minimum(domain[1], slope)
+            else:
+                linear[:, index] = torch.minimum(linear[:, index], bounds)
+                slopes[:, index] = torch.minimum(slopes[:, index], slope)
+
+        try:
+            for index, radius in [(None, math.inf)] + [(k, radii[k]) for k in range(1, points)]:
+                deadline.check("the interval bounds per radius")
+                record(index, *_bounds_at(network, x, y, radius, norm, box, device, deadline, tighten=False)[:2])
+            state = None
+            order = [(k, radii[k]) for k in range(points - 1, 0, -1)] + [(None, math.inf)]
+            for index, radius in tqdm(order, desc="certify: bounds per radius", unit="radius",
+                                      disable=not progress, leave=False):
+                deadline.check("the bounds per radius")
+                bounds, slope, state = _bounds_at(network, x, y, radius, norm, box, device, deadline, tighten=True,
+                                                  prior=state if index is not None else None)
+                record(index, bounds, slope)
+                if index is not None:
+                    tightened[index] = True
+        except Stopped as err:
+            if isinstance(err, Terminated):
+                raise
+            done = int(tightened[1:].sum())
+            notes.append(f"time limit: tightened bounds at {done} of {points - 1} radii"
+                         + ("" if done else ", interval-based bounds elsewhere"))
+        linear.masked_fill_(torch.nn.functional.one_hot(y, logits.shape[1]).bool().unsqueeze(1), -math.inf)
+        domain_slope = domain[1]
+        if box is not None and domain[0] is not None:
+            whole_box = domain[0]
     return MarginEvidence(
         radii=radii, logits=logits, labels=y, linear=linear, slopes=slopes, whole_box=whole_box,
         domain_slope=domain_slope,
         cell_margins=None if cells is None else cells.class_margins(radii),
         cell_rates=None if cells is None else cells.class_margin_rates(radii),
         cell_radius=None if cells is None else cells.radius, reach=box_reach(x, box, norm),
+        tightened=tightened, notes=tuple(notes),
     )
+
+
+def with_cells(evidence: MarginEvidence, cells: CellAnalysis | None) -> MarginEvidence:
+    """The evidence with the exact in-cell margins of `cells` added (unchanged for None)."""
+    if cells is None:
+        return evidence
+    return replace(evidence, cell_margins=cells.class_margins(evidence.radii),
+                   cell_rates=cells.class_margin_rates(evidence.radii), cell_radius=cells.radius)
 
 
 def _loss_slope(class_slopes: torch.Tensor, class_margins: torch.Tensor | None, loss: str) -> torch.Tensor:
@@ -155,10 +216,15 @@ def growth_curves(evidence: MarginEvidence, loss: str, global_slope: float) -> R
             slopes = torch.minimum(slopes, _loss_slope(evidence.slopes, evidence.linear, loss))
             steps = torch.diff(radii, prepend=radii[:1])
             routes["jacobian"] = torch.cumsum(slopes * steps, 1)  # upper Riemann sum, §3.4
+    if evidence.milp is not None:
+        capped = torch.minimum(evidence.milp, evidence.linear) if evidence.linear is not None else evidence.milp
+        routes["milp"] = torch.where(evidence.milp_ran(), loss_from_margins(capped, loss) - clean.unsqueeze(1), inf)
     for values in routes.values():
         values[:, 0] = 0.0
     stacked = torch.stack([routes[name] for name in ROUTES])  # (R, N, K+1)
     best, winner = stacked.min(0)
+    tie = evidence.milp_ran() & (routes["milp"] <= best)
+    winner = torch.where(tie, ROUTES.index("milp"), winner)  # a tie: the exact route gets it
     winner = torch.where(torch.isfinite(best), winner, torch.full_like(winner, -1))  # -1: no route applies
     best = torch.flip(torch.cummin(torch.flip(best, [1]), 1).values, [1]).clamp_min(0.0)
     if loss == "zero_one":
@@ -196,6 +262,8 @@ def margin_class_curves(evidence: MarginEvidence, global_slope: float) -> Growth
     upper = base.unsqueeze(1) + torch.cumsum(torch.where(steps > 0, slope * steps, torch.zeros_like(slope)), 1)
     if evidence.linear is not None:
         upper = torch.minimum(upper, evidence.linear)
+    if evidence.milp is not None:
+        upper = torch.minimum(upper, evidence.milp)
     if evidence.cell_margins is not None:
         inside = (radii.unsqueeze(0) <= evidence.cell_radius.unsqueeze(1)).unsqueeze(-1)
         upper = torch.where(inside, torch.minimum(upper, evidence.cell_margins), upper)
@@ -215,4 +283,4 @@ def margin_class_curves(evidence: MarginEvidence, global_slope: float) -> Growth
                         reach=evidence.reach.repeat_interleave(classes - 1),
                         tail=torch.maximum(tail, values[:, -1]), tail_slope=tail_slope[others], groups=classes - 1)
 __all__ = ["ROUTES", "MarginEvidence", "RouteGrowth", "Stopped", "box_reach", "collect_evidence", "growth_curves",
-           "loss_from_margins", "margin_class_curves"]
+           "loss_from_margins", "margin_class_curves", "with_cells"]

@@ -12,7 +12,7 @@ from verifier.bounds.margins import margin_bounds
 from verifier.bounds.network import BoundNetwork
 from verifier.cells import CellAnalysis
 from verifier.certify.growth import MarginEvidence
-from verifier.deadline import NEVER, Deadline
+from verifier.deadline import NEVER, Deadline, Stopped, Terminated
 
 
 def certified_radii(evidence: MarginEvidence, network: BoundNetwork | None, x: torch.Tensor, norm: str,
@@ -45,7 +45,8 @@ def certified_radii(evidence: MarginEvidence, network: BoundNetwork | None, x: t
 def _bisect(network: BoundNetwork | None, x: torch.Tensor, labels: torch.Tensor, norm: str,
             box: tuple[float, float] | None, low: torch.Tensor, high: torch.Tensor, active: torch.Tensor,
             steps: int, deadline: Deadline) -> torch.Tensor:
-    """Raise `low` (verified safe) towards `high` (not verified) where `active`; returns verified radii."""
+    """Raise `low` (verified safe) towards `high` (not verified) where `active`; returns verified radii
+    (past `deadline`, those verified so far; a signal still stops everything)."""
     active = active & (high > low) & torch.isfinite(high)
     if network is None or not active.any():
         return low
@@ -53,8 +54,13 @@ def _bisect(network: BoundNetwork | None, x: torch.Tensor, labels: torch.Tensor,
     index = active.nonzero().squeeze(1)
     for _ in range(steps):
         middle = (low[index] + high[index]) / 2
-        bounds = margin_bounds(network, x[index], labels[index], middle, norm, box=box, device="cpu",
-                               dtype=x.dtype, deadline=deadline)
+        try:
+            bounds = margin_bounds(network, x[index], labels[index], middle, norm, box=box, device="cpu",
+                                   dtype=x.dtype, deadline=deadline)
+        except Stopped as err:
+            if isinstance(err, Terminated):
+                raise
+            break
         proved = bounds.certified
         low[index] = torch.where(proved, middle, low[index])
         high[index] = torch.where(proved, high[index], middle)

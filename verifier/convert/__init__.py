@@ -27,6 +27,7 @@ from torch import fx
 from verifier.convert import converters  # noqa: F401  (registers verifier's converters)
 from verifier.convert.compat import import_onnx2torch
 from verifier.convert.batch import BatchAxis, pad_rows
+from verifier.convert.ml_ops import ML_DOMAIN, refusal_reason
 from verifier.convert.normalize import NormalizedModel, normalize_model
 from verifier.errors import ConversionError, UnsupportedOpsError
 from verifier.graph import PIECEWISE_LINEAR_KINDS, ActivationSite, OperatorGraph
@@ -197,7 +198,8 @@ def _check_supported(normalized: NormalizedModel, onnx_graph: OnnxGraph) -> None
             )
             converter(node, onnx_graph)
         except NotImplementedError as err:
-            problems.append((name, f"{label} (opset {opsets.get(domain, 1)})", _reason(err)))
+            why = refusal_reason(node.operation_type) if domain == ML_DOMAIN else None
+            problems.append((name, f"{label} (opset {opsets.get(domain, 1)})", why or _reason(err)))
         except Exception as err:  # noqa: BLE001 - a converter choking on attributes is also unsupported
             problems.append((name, label, f"{type(err).__name__}: {err}"))
     if problems:

@@ -218,6 +218,35 @@ for _version in (11, 12, 13):
     _replace_converter("Clip", _version)(_clip)
 
 
+class CastToFloat(nn.Module, OnnxToTorchModule):
+    """ONNX Cast to a float type: to the dtype of a buffer made in that type, which follows the
+    module's `.to(dtype)` — native runs cast as the file says, float64 analyses stay float64 (an
+    integer held input cast to float32 would otherwise meet float64 weights)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("reference", torch.zeros((), dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x.to(self.reference.dtype)
+
+
+_FLOAT_CASTS = {1: torch.float32, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}  # TensorProto codes
+
+
+def _cast(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """Cast-9/13: float targets follow the module's dtype (`CastToFloat`), others as onnx2torch does."""
+    target = _FLOAT_CASTS.get(int(node.attributes.get("to", 0)))
+    if target is None:
+        return _ONNX2TORCH_CAST(node, graph)
+    return _result(CastToFloat(target), _data_only(node))
+
+
+_ONNX2TORCH_CAST = get_converter(operation_type="Cast", version=13)
+for _version in (9, 13):
+    _replace_converter("Cast", _version)(_cast)
+
+
 @add_converter(operation_type="Gelu", version=20)
 def _gelu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # noqa: ARG001
     approximate = node.attributes.get("approximate", "none")

@@ -6,8 +6,9 @@ Real exports break onnx2torch in a handful of known ways (see docs/architecture.
    `onnx.utils.Extractor`;
 2. exposes the head's logits (`verifier.head`: the input of a final Softmax/LogSoftmax/Sigmoid,
    `[0, z]` for one binary logit, `log(max(p, floor))` for probabilities) as an extra output;
-3. rewrites a Clip without any finite bound as Identity, then folds constants and shape
-   computations with `onnxscript.optimizer`;
+3. rewrites a Clip without any finite bound as Identity and the ai.onnx.ml linear models and
+   normalisers as standard ops (`ml_ops.py`), then folds constants and shape computations
+   with `onnxscript.optimizer`;
 4. gives every node a safe unique name: the names become torch module names and attributes in
    generated code, so a keyword, builtin or attribute of a GraphModule (`class`, `None`, `self`,
    `to`, `training`, `graph`, …), a name starting with `_`, or one taken already becomes
@@ -35,6 +36,7 @@ import torch
 from torch import fx
 
 from verifier.convert.batch import BatchAxis, make_batch_dynamic
+from verifier.convert.ml_ops import lower_ml_ops
 from verifier.errors import UnsupportedOpsError
 from verifier.graph import OperatorGraph, node_keys
 from verifier.head import Head, attach_logits, choose_head, numeric_outputs
@@ -87,7 +89,7 @@ def normalize_model(model: onnx.ModelProto, output: str | None = None) -> Normal
         node.name = key
     _drop_identity_clips(named, graph)
     named = attach_logits(named, head)
-    extracted = onnx.utils.Extractor(named).extract_model(list(graph.inputs), outputs)
+    extracted = lower_ml_ops(onnx.utils.Extractor(named).extract_model(list(graph.inputs), outputs))
     optimized = onnxscript.optimizer.optimize(extracted)
     constants = {t.name for t in optimized.graph.initializer}
     input_name = next(vi.name for vi in optimized.graph.input if vi.name not in constants)

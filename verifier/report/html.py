@@ -13,7 +13,7 @@ from importlib import resources
 import jinja2
 from markupsafe import Markup
 
-from verifier.report.numbers import fmt, fmt_box, fmt_delta, fmt_pct, fmt_seconds
+from verifier.report.numbers import fmt, fmt_box, fmt_delta, fmt_exact_mode, fmt_pct, fmt_seconds, fmt_sources
 from verifier.report.plots import accuracy_plot, risk_plot, slopes_plot
 from verifier.report.schema import THRESHOLDS
 from verifier.report.summary import split_warnings, threshold_lines, vacuous_note, weakest_attack
@@ -32,7 +32,7 @@ def _shape(shape) -> str:
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=fmt, pct=fmt_pct, secs=fmt_seconds, shape=_shape, delta=fmt_delta, box=fmt_box,
+    env.filters.update(num=fmt, pct=fmt_pct, secs=fmt_seconds, sources=fmt_sources, exact_mode=fmt_exact_mode, shape=_shape, delta=fmt_delta, box=fmt_box,
                        weakest=weakest_attack)
     return env
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from verifier.report.html import column_headers, verdict_label
-from verifier.report.numbers import MISSING, fmt, fmt_box, fmt_delta, fmt_pct
+from verifier.report.numbers import MISSING, fmt, fmt_box, fmt_delta, fmt_exact_mode, fmt_pct, fmt_sources
 from verifier.report.schema import THRESHOLDS
 from verifier.report.summary import split_warnings, threshold_lines, vacuous_note, weakest_attack
 
@@ -38,12 +38,12 @@ def _row(cells: list[str]) -> str:
 
 def _numbers(report: dict) -> list[str]:
     head = ["delta", "clean risk", "best attack (attack)", "certificate", "global bound", "gap ratio",
-            "clean acc.", "certified acc.", "attacked acc. (attack)", "exact"]
+            "clean acc.", "certified acc.", "attacked acc. (attack)", "exact", "decisive curve points"]
     limits = report["settings"]["thresholds"]
     used = [name for name in THRESHOLDS if limits[name] is not None]
     headers = column_headers(limits)
     lines = [_row(head + [headers[name] for name in used]),
-             _row(["---:"] * (len(head) - 1) + [":---:"] + [":---:"] * len(used))]
+             _row(["---:"] * (len(head) - 2) + [":---:", ":---"] + [":---:"] * len(used))]
     for x in report["results"]:
         attack = fmt(x["best_attack_risk"]) + (f" ({escape(x['best_attack'])})" if x["best_attack"] else "")
         weakest = weakest_attack(x)
@@ -52,6 +52,7 @@ def _numbers(report: dict) -> list[str]:
             fmt_delta(x["delta"]), fmt(x["clean_risk"]), attack, fmt(x["certificate"]), fmt(x["global_bound"]),
             fmt(x["tightness"]), fmt_pct(x["clean_accuracy"]), fmt_pct(x["certified_accuracy"]),
             attacked, fmt(x["exact"]) if x["exact"] is not None else MISSING,
+            escape(fmt_sources(x.get("curve_sources"))),
             *(x["verdict"][name] or MISSING for name in used)]))
     return lines
 
@@ -63,7 +64,9 @@ _LEGEND = [
     "lower bound._",
     "_gap ratio = (certificate − clean) / (best attack − clean): 1 = the certificate is met by an attack; "
     "larger = looser. exact: the certificate equals the true worst case (an explicit distribution reaches it); "
-    "\"no\" means the truth lies between the best attack and the certificate._",
+    "\"no\" means the truth lies between the best attack and the certificate. decisive curve points: where the "
+    "per-sample bounds that decide the certificate came from (share of the samples): MILP (exact) is the exact "
+    "worst margin, solved as a mixed-integer program (`--exact`)._",
 ]
 
 
@@ -112,6 +115,9 @@ def render_markdown(report: dict) -> str:
         f"box {fmt_box(settings['box'])}, {report['data']['samples']} samples; "
         f"exit code {report['verdict']['exit_code']}.", "",
     ]
+    exact_mode = fmt_exact_mode(report.get("exact_mode"))
+    if exact_mode:
+        lines += [escape(exact_mode), ""]
     if report["results"]:
         lines += _numbers(report) + [""] + _LEGEND
     return "\n".join(lines) + "\n"

@@ -63,6 +63,32 @@ def fmt_delta(item, digits: int = 3) -> str:
     return fmt(item) if k is None else f"{k}/255 ({fmt(item, digits)})"
 
 
+_SOURCE_NAMES = {"milp_exact": "MILP (exact)", "milp_bound": "MILP (bound at a limit)",
+                 "split_exact": "split (exact)", "split_bound": "split (bound at a limit)", "cell": "cell (exact)",
+                 "linear": "linear bound", "jacobian": "slope bound", "global": "global bound", "none": "no route",
+                 "unmoved": "no move"}
+
+
+def fmt_sources(sources) -> str:
+    """Where a certificate's decisive curve points came from: `MILP (exact) 75%, linear bound 25%`."""
+    if not sources:
+        return MISSING
+    ranked = sorted(sources.items(), key=lambda item: -float(item[1]))
+    return ", ".join(f"{_SOURCE_NAMES.get(name, name)} {fmt_pct(share)}" for name, share in ranked if share > 0)
+
+
+def fmt_exact_mode(mode) -> str | None:
+    """One sentence on what the MILP route did (None when it was not asked for or did not run)."""
+    if not mode:
+        return None
+    if not mode.get("active"):
+        return None if mode.get("mode") == "off" else f"Exact mode ({mode['mode']}) did not run: {mode.get('reason')}."
+    solver = "input splitting" if mode.get("solver") == "split" else "MILP"
+    return (f"Exact mode ({mode['mode']}): {solver} at {mode['points_solved']} curve point(s), "
+            f"{mode['points_optimal']} solved to optimality, {mode['points_skipped']} left to the linear bounds, "
+            f"{fmt_seconds(mode['seconds'])}.")
+
+
 def fmt_box(box) -> str:
     """The input box `[lo, hi]` (`[0, 1]`), `none (unbounded)` for null."""
     if box is None:

@@ -74,7 +74,20 @@ _RESULT = _strict({
     "best_attack_accuracy": _nullable(_PROB),
     "tightness": _nullable(_NUMBER),
     "verdict": _strict({name: {"$ref": "#/$defs/check"} for name in THRESHOLDS}),
+}, {
+    # share of the samples whose decisive growth-curve point came from each route (milp_exact, milp_bound, ...)
+    "curve_sources": {"type": "object", "additionalProperties": _PROB},
 })
+
+_EXACT_MODE = _strict({
+    "mode": {"enum": ["auto", "on", "off"]},
+    "active": {"type": "boolean"},
+    "reason": {"type": ["string", "null"]},
+    "points_solved": {"type": "integer", "minimum": 0},
+    "points_optimal": {"type": "integer", "minimum": 0},
+    "points_skipped": {"type": "integer", "minimum": 0},
+    "seconds": _NONNEG,
+}, {"solver": {"enum": ["milp", "split", None]}})
 
 _MODEL = _open({
     "path": {"type": "string"},
@@ -140,7 +153,7 @@ REPORT_SCHEMA: dict = {
             "thresholds": _strict({"max_risk": _nullable(_NUMBER),
                                    "min_certified_accuracy": _nullable(_PROB),
                                    "min_robust_accuracy": _nullable(_PROB)}),
-        }),
+        }, {"exact": {"enum": ["auto", "on", "off"]}}),
         "timings": _strict({name: _nullable(_NONNEG) for name in (*STAGES, "total")}),
         "local_slopes": _nullable(_strict({
             "norm": {"enum": ["inf", "2", "1"]},
@@ -156,7 +169,7 @@ REPORT_SCHEMA: dict = {
             "failures": _STR_LIST,
             "summary": {"type": "string"},
         }),
-    }),
+    }, {"exact_mode": _nullable(_EXACT_MODE)}),
 }
 
 

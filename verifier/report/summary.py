@@ -17,7 +17,7 @@ from verifier.report.schema import THRESHOLDS
 
 LABELS = {"max_risk": "max risk", "min_certified_accuracy": "min certified accuracy",
           "min_robust_accuracy": "min robust accuracy"}
-NOTE_PREFIXES = ("attack skipped:", "audit stopped after the conversion check:")
+NOTE_PREFIXES = ("attack skipped:", "audit stopped after the conversion check:", "threat model:")
 VACUOUS_FACTOR = 10.0
 
 

@@ -1,0 +1,346 @@
+"""The MILP route of the growth curves (method §8): exact worst margins where the aggregation needs them.
+
+Which curve points decide a certificate is known after aggregating: for `p = inf` the grid
+radius of each delta, otherwise the piece of every sample's curve that attains its inner sup at
+the dual's `lambda` (`aggregate.used_points`). `refine_with_milp` solves the MILP of
+`verifier.exact` at exactly those (sample, radius) points that no exact route covers yet (beyond
+the sample's cell), writes the bounds into the evidence (`MarginEvidence.milp`), aggregates again
+and repeats while new points become decisive, within a time budget. Every value written is an
+upper bound (the dual bound; exact when the MILP was solved to optimality), so the certificate
+stays sound at any stop. The maximisers found are kept as explicit moves for the realising
+distribution (§3.5), which is what makes the certificate `exact` when every decisive point is.
+Where the MILP cannot state the net (smooth activations, MaxPool) and the threat is ℓ∞ on
+at most `SPLIT_MAX_INPUTS` inputs, input-splitting branch and bound (`exact.bab`) takes its place
+(its bound is the maximum over leaves: sound at any stop; "exact" when the leaves meet the best
+leaf centre within `SPLIT_TOLERANCE`).
+
+`--exact auto` runs the route only when it is cheap and pays: the margin and zero_one losses (for
+CE the MILP bounds the margins only, and measured on the digits MLP it moved the certificate by
+< 0.4 % at 4.6x the certify time), an encodable net (ReLU-family units, affine maps) of at most
+`AUTO_MAX_UNITS` units, a polyhedral threat (ℓ∞ or ℓ1), points with at most
+`AUTO_MAX_UNSTABLE` unstable units (binaries), at most `AUTO_NODE_LIMIT` branch-and-bound nodes
+per MILP and `AUTO_MAX_POINTS` points in all. Its budget counts work, not seconds, so `auto`
+gives the same numbers on every machine. Points are solved from the smallest radius up, so what
+the budget covers is the budgets' low end, where `exact_up_to_delta` is decided. `on` has no
+caps but `seconds` (total) and `per_milp_seconds`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from verifier.bounds.network import BoundNetwork
+from verifier.bounds.propagate import Bounds, MarginProblem, margin_problem, propagate
+from verifier.certify.aggregate import excess_bound, used_points
+from verifier.cells import CellAnalysis
+from verifier.certify.growth import (ROUTES, MarginEvidence, RouteGrowth, collect_evidence, growth_curves,
+                                     margin_class_curves)
+from verifier.deadline import NEVER, Deadline
+from verifier.exact.bab import split_margins
+from verifier.exact.encode import NotEncodable, encode_network
+from verifier.exact.margins import sample_intervals
+from verifier.exact.milp import MilpLimits, solve_margins, unstable_units
+from verifier.errors import UsageError
+
+EXACT_MODES = ("auto", "on", "off")
+AUTO_MAX_UNITS = 512
+AUTO_MAX_UNSTABLE = 48
+AUTO_MAX_POINTS = 100
+AUTO_LOSSES = ("margin", "zero_one")
+AUTO_NODE_LIMIT = 2000
+SPLIT_MAX_INPUTS = 8  # input splitting (any activation the bounds cover) for inputs this small
+AUTO_SPLIT_LEAVES = 1024
+SPLIT_TOLERANCE = 1e-4
+NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class ExactSettings:
+    """How the MILP route runs (None: the mode's default)."""
+
+    mode: str = "auto"  # auto | on | off
+    seconds: float | None = None  # total MILP time (None: unlimited)
+    max_unstable: int | None = None  # binaries per MILP (None: AUTO_MAX_UNSTABLE under auto, no cap under on)
+    max_points: int | None = None  # (sample, radius) points (None: AUTO_MAX_POINTS under auto, no cap under on)
+    node_limit: int | None = None  # per MILP (None: AUTO_NODE_LIMIT under auto, none under on)
+    per_milp_seconds: float | None = None  # per MILP (None: none under auto, which stays deterministic; 10 s under on)
+    rounds: int = 16  # aggregate -> solve (or refine the grid) -> aggregate again
+
+    def __post_init__(self) -> None:
+        if self.mode not in EXACT_MODES:
+            raise UsageError(f"exact must be one of {', '.join(EXACT_MODES)} (got {self.mode!r})")
+
+
+@dataclass(frozen=True, eq=False)
+class MilpReport:
+    """What the MILP route did: counts, time, per-point status and the maximisers found."""
+
+    mode: str
+    active: bool  # the route ran (the model and threat allowed it)
+    reason: str  # why it did not run, or ""
+    solver: str  # "milp" (the exact MILP), "split" (input-splitting branch and bound) or "" (did not run)
+    solved: int  # (sample, radius) points bounded by a MILP
+    optimal: int  # ... of which solved to optimality (exact)
+    skipped: int  # points left to the linear bounds (too many unstable units, or the time budget)
+    seconds: float
+    status: torch.Tensor  # (N, K+1) int8: NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED
+    moves: torch.Tensor | None  # (N, E, d): displacements of the maximisers (zero = no move)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (the per-point status and moves are left out)."""
+        return {"mode": self.mode, "active": self.active, "reason": self.reason or None, "solver": self.solver or None,
+                "points_solved": self.solved,
+                "points_optimal": self.optimal, "points_skipped": self.skipped, "seconds": round(self.seconds, 3)}
+
+
+def inactive(settings: ExactSettings, evidence: MarginEvidence, reason: str) -> tuple[MarginEvidence, MilpReport]:
+    status = torch.zeros(len(evidence.labels), len(evidence.radii), dtype=torch.int8)
+    return evidence, MilpReport(settings.mode, False, reason, "", 0, 0, 0, 0.0, status, None)
+
+
+def decisive_points(evidence: MarginEvidence, loss: str, global_slope: float, margin_slope: float,
+                    deltas: Sequence[float], p: float) -> tuple[RouteGrowth, list[torch.Tensor]]:
+    """The growth curves and, per delta, the grid points (N, K+1) its certificate depends on."""
+    growth = growth_curves(evidence, loss, global_slope)
+    families = [growth.curves]
+    if loss == "margin":
+        families.append(margin_class_curves(evidence, margin_slope))
+    used = []
+    for delta in deltas:
+        if delta <= 0:
+            used.append(torch.zeros(len(evidence.labels), len(evidence.radii), dtype=torch.bool))
+            continue
+        bounds = [excess_bound(curves, float(delta), p) for curves in families]
+        best = min(range(len(families)), key=lambda k: bounds[k][0])
+        used.append(used_points(families[best], float(delta), p, bounds[best][1]))
+    return growth, used
+
+
+def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: torch.Tensor, norm: str,
+                     box: tuple[float, float] | None, deltas: Sequence[float], p: float, loss: str,
+                     global_slope: float, margin_slope: float, settings: ExactSettings,
+                     cells: CellAnalysis | None = None, deadline: Deadline = NEVER) -> tuple[MarginEvidence, MilpReport]:
+    """Evidence with MILP (or split) bounds at the decisive points, and what was done (see the module doc)."""
+    if settings.mode == "off":
+        return inactive(settings, evidence, "off")
+    if network is None or evidence.linear is None:
+        return inactive(settings, evidence, "no bound network")
+    auto = settings.mode == "auto"
+    if auto and loss not in AUTO_LOSSES:
+        return inactive(settings, evidence, f"auto runs for the {' and '.join(AUTO_LOSSES)} losses, whose growth the "
+                                             f"worst margin decides (use --exact on for {loss})")
+
+    def default(value, under_auto, under_on):
+        return value if value is not None else (under_auto if auto else under_on)
+
+    solver, reason = _solver(network, x, norm, auto, default(settings.max_unstable, AUTO_MAX_UNSTABLE, None),
+                             default(settings.node_limit, AUTO_NODE_LIMIT, None),
+                             default(settings.per_milp_seconds, None, 10.0))
+    if solver is None:
+        return inactive(settings, evidence, reason)
+    budget = settings.seconds if settings.seconds is not None else math.inf
+    points_left = default(settings.max_points, AUTO_MAX_POINTS, math.inf)
+    count, points = len(evidence.labels), len(evidence.radii)
+    status = torch.zeros(count, points, dtype=torch.int8)
+    milp = torch.full_like(evidence.linear, math.inf)
+    inside = _inside_cells(evidence)
+    moves: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    flat = x.flatten(1)
+    began, exhausted = time.perf_counter(), False
+    for _ in range(settings.rounds):
+        current = replace(evidence, milp=milp)
+        _, used = decisive_points(current, loss, global_slope, margin_slope, deltas, p)
+        need = torch.stack(used).any(0) & ~inside & (status == NOT_RUN)
+        if not need.any():
+            new = _midpoints(used, inside | (status == OPTIMAL), evidence.radii) if not math.isinf(p) else []
+            if len(new) == 0 or points_left <= 0:
+                break
+            evidence, milp, status = _with_radii(evidence, milp, status, network, x, norm, box, cells, new, deadline)
+            inside = _inside_cells(evidence)
+            continue
+        for k in need.any(0).nonzero().flatten().tolist():
+            samples = need[:, k].nonzero().flatten()
+            deadline.check("the exact MILP route")
+            radius = float(evidence.radii[k])
+            problem = margin_problem(network, x[samples], evidence.labels[samples], radius, norm, box,
+                                     torch.device("cpu"), torch.float64)
+            state = propagate(network, problem.region, deadline=deadline)
+            for row, i in enumerate(samples.tolist()):
+                left = budget - (time.perf_counter() - began)
+                if left <= 0 or points_left <= 0:
+                    exhausted = True
+                    break
+                deadline.check("the exact MILP route")
+                solution = solver(problem, state, row, evidence.linear[i, k], left)
+                if solution is None:  # too large for this mode
+                    status[i, k] = SKIPPED
+                    continue
+                upper, optimal, point = solution
+                points_left -= 1
+                milp[i, k] = torch.from_numpy(upper)
+                status[i, k] = OPTIMAL if optimal else AT_LIMIT
+                if point is not None:
+                    moves[i].append(_project(torch.from_numpy(point) - flat[i],
+                                             problem.region.lower[row], problem.region.upper[row], radius, norm))
+            if exhausted:
+                break
+        if exhausted:
+            status[need & (status == NOT_RUN)] = SKIPPED  # decisive points the budget did not reach
+            break
+    solved = int(((status == OPTIMAL) | (status == AT_LIMIT)).sum())
+    report = MilpReport(settings.mode, True, "", solver.kind, solved, int((status == OPTIMAL).sum()),
+                        int((status == SKIPPED).sum()), time.perf_counter() - began, status,
+                        _stack_moves(moves, flat.shape[1], flat.dtype))
+    return replace(evidence, milp=milp), report
+
+
+@dataclass(frozen=True)
+class _Solver:
+    """One (sample, radius) point -> (per-class upper bounds, optimal, maximiser) or None (skipped)."""
+
+    kind: str  # "milp" or "split"
+    solve: Callable
+
+    def __call__(self, problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
+        return self.solve(problem, state, row, linear, seconds)
+
+
+def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, auto: bool, cap: int | None, node_limit: int | None,
+            per_milp: float | None) -> tuple[_Solver | None, str]:
+    """The MILP when the net and threat allow it, else input splitting for low-dimensional ℓ∞ inputs."""
+    reason = ""
+    if norm in ("inf", "1"):
+        try:
+            encoded = encode_network(network, tuple(x.shape[1:]))
+            if auto and encoded.unit_count > AUTO_MAX_UNITS:
+                raise NotEncodable(f"{encoded.unit_count} activation units > {AUTO_MAX_UNITS} (auto)")
+        except NotEncodable as err:
+            reason = str(err)
+        else:
+            def milp(problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
+                intervals = sample_intervals(state, row)
+                if cap is not None and unstable_units(encoded, intervals) > cap:
+                    return None
+                region = problem.region
+                solution = solve_margins(encoded, region.center[row].flatten().numpy(), int(problem.labels[row]),
+                                         region.lower[row].numpy(), region.upper[row].numpy(),
+                                         float(region.radius[row]), norm, intervals, linear.numpy(),
+                                         MilpLimits(time_limit=_least(per_milp, seconds), node_limit=node_limit))
+                return solution.upper, solution.optimal, solution.point
+
+            return _Solver("milp", milp), ""
+    else:
+        reason = f"the ℓ{norm} ball is not polyhedral (the MILP needs norm inf or 1)"
+    width = int(np.prod(x.shape[1:]))
+    if norm == "inf" and width <= SPLIT_MAX_INPUTS:
+        leaves = AUTO_SPLIT_LEAVES if auto else 16 * AUTO_SPLIT_LEAVES
+
+        def split(problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
+            region = problem.region
+            centre, radius = region.center[row].flatten(), float(region.radius[row])
+            low = centre + torch.clamp(region.lower[row], min=-radius)
+            high = centre + torch.clamp(region.upper[row], max=radius)
+            solution = split_margins(network, centre, int(problem.labels[row]), low, high, tolerance=SPLIT_TOLERANCE,
+                                     max_leaves=leaves)
+            return np.minimum(solution.upper, linear.numpy()), solution.complete, solution.point
+
+        return _Solver("split", split), ""
+    return None, reason + (f"; input splitting needs norm inf and at most {SPLIT_MAX_INPUTS} inputs" if reason else "")
+
+
+def _inside_cells(evidence: MarginEvidence) -> torch.Tensor:
+    """Grid points (N, K+1) where an exact route already holds: radius 0 and the samples' cells."""
+    inside = torch.zeros(len(evidence.labels), len(evidence.radii), dtype=torch.bool)
+    if evidence.cell_radius is not None:
+        inside = evidence.radii.unsqueeze(0) <= evidence.cell_radius.unsqueeze(1)
+    inside[:, 0] = True
+    return inside
+
+
+def _midpoints(used: list[torch.Tensor], exact: torch.Tensor, radii: torch.Tensor) -> list[float]:
+    """Geometric midpoints of the grid intervals that are decisive pieces with exact values at both
+    ends: there only the slope bound between the ends keeps the certificate above the truth."""
+    new = set()
+    for mask in used:
+        both = mask[:, :-1] & mask[:, 1:] & exact[:, :-1] & exact[:, 1:]
+        for a in both.any(0).nonzero().flatten().tolist():
+            low, high = float(radii[a]), float(radii[a + 1])
+            if high > low * (1 + 1e-3):
+                new.add(math.sqrt(low * high) if low > 0 else high / 2)
+    return sorted(new)
+
+
+def _with_radii(evidence: MarginEvidence, milp: torch.Tensor, status: torch.Tensor, network: BoundNetwork,
+                x: torch.Tensor, norm: str, box, cells, new: list[float], deadline: Deadline):
+    """The evidence on the grid with `new` radii inserted (their bounds computed for every sample)."""
+    extra = collect_evidence(network, x, evidence.labels, evidence.logits, norm,
+                             torch.tensor([0.0] + new, dtype=evidence.radii.dtype), box, cells, deadline=deadline)
+    radii = torch.cat([evidence.radii, extra.radii[1:]])
+    order = torch.argsort(radii)
+
+    def merge(old: torch.Tensor | None, added: torch.Tensor | None) -> torch.Tensor | None:
+        return None if old is None else torch.cat([old, added[:, 1:]], 1)[:, order]
+
+    merged = replace(evidence, radii=radii[order], linear=merge(evidence.linear, extra.linear),
+                     slopes=merge(evidence.slopes, extra.slopes),
+                     cell_margins=merge(evidence.cell_margins, extra.cell_margins),
+                     cell_rates=merge(evidence.cell_rates, extra.cell_rates))
+    shape = (len(milp), len(new) + 1, milp.shape[2])
+    return (merged, merge(milp, torch.full(shape, math.inf, dtype=milp.dtype)),
+            merge(status, torch.zeros(shape[:2], dtype=status.dtype)))
+
+
+def _least(*limits: float | None) -> float | None:
+    finite = [v for v in limits if v is not None and math.isfinite(v)]
+    return min(finite) if finite else None
+
+
+def _project(move: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
+    """The solver's displacement put exactly inside `{lower <= d <= upper, ||d|| <= radius}` (float64)."""
+    move = torch.minimum(torch.maximum(move, torch.clamp(lower, min=-radius)), torch.clamp(upper, max=radius))
+    if norm == "1":
+        length = float(move.abs().sum())
+        if length > radius:  # the box contains 0, so shrinking stays inside it
+            move = move * (radius / length) * (1.0 - 1e-12)
+    return move
+
+
+def _stack_moves(moves: list[list[torch.Tensor]], width: int, dtype: torch.dtype) -> torch.Tensor | None:
+    most = max((len(m) for m in moves), default=0)
+    if most == 0:
+        return None
+    stacked = torch.zeros(len(moves), most, width, dtype=dtype)
+    for i, sample in enumerate(moves):
+        if sample:
+            stacked[i, : len(sample)] = torch.stack(sample)
+    return stacked
+
+
+def curve_sources(growth: RouteGrowth, used: torch.Tensor, status: torch.Tensor,
+                  solver: str = "milp") -> dict[str, float]:
+    """Share of the samples whose decisive curve point (the farthest one used) came from each route.
+
+    The `milp` route is named by its solver and split into `<solver>_exact` (solved to optimality,
+    or a complete split) and `<solver>_bound` (a bound at a limit); samples that gain nothing at this budget count as `unmoved`.
+    """
+    count = len(used)
+    names: list[str] = []
+    for i in range(count):
+        indices = used[i].nonzero().flatten()
+        if len(indices) == 0:
+            names.append("unmoved")
+            continue
+        k = int(indices[-1])
+        winner = int(growth.winner[i, k])
+        name = ROUTES[winner] if winner >= 0 else "none"
+        if name == "milp":
+            name = f"{solver}_exact" if int(status[i, k]) == OPTIMAL else f"{solver}_bound"
+        names.append(name)
+    values, counts = np.unique(np.array(names), return_counts=True)
+    return {str(v): float(c) / count for v, c in zip(values, counts)}
