@@ -104,8 +104,12 @@ def test_cells_and_gradients_poll_per_sample_chunk(mlp):
     with pytest.raises(Stopped, match="cell analysis"):
         cell_analysis(converted, x, y, "inf", box=(0.0, 1.0), device="cpu", deadline=Deadline.polling(polls))
     chunked = Polls()
-    loss_gradients(converted, x, y, "ce", device="cpu", dtype=torch.float64, memory_bytes=64 * 8 * 8 * 10,
-                   deadline=Deadline.polling(chunked))
+    from verifier.jacobian import autograd_bytes, prepared_module
+
+    kept = autograd_bytes(prepared_module(converted, "cpu", torch.float64), torch.as_tensor(x[:1]).double())
+    assert kept > 0
+    loss_gradients(converted, x, y, "ce", device="cpu", dtype=torch.float64,
+                   memory_bytes=(64 * 8 * 8 + kept) * 10, deadline=Deadline.polling(chunked))
     assert chunked.count == 8  # 10 samples per chunk
 
 

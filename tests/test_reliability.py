@@ -317,11 +317,12 @@ def test_cell_analysis_is_sized_to_the_memory_limit(one_thread):
     args = (converted, samples.x, samples.y, [2 / 255, 8 / 255])
     options = dict(p=2.0, norm="inf", loss="ce", box=(0.0, 1.0), grid_points=8)
     default = certify(*args, **options)
-    # one MLP sample needs (10 + 96) rows x (64 + 3 x 256) x 8 B = 705 KiB: 1.5 MiB holds 2 samples a chunk
-    chunked = certify(*args, **options, memory_limit_bytes=3 * 2**19)
+    # one differentiated row of an MLP sample needs (64 + 3 x (64 + 192)) x 8 B = 6.5 KiB, a sample's
+    # logits and one unit 11 rows: 100 KiB makes chunks of one sample, and of 1 or 2 units per pass
+    chunked = certify(*args, **options, memory_limit_bytes=100_000)
     assert [r.certificate for r in chunked.results] == pytest.approx([r.certificate for r in default.results],
                                                                      rel=1e-12)
-    skipped = certify(*args, **options, memory_limit_bytes=100_000)
+    skipped = certify(*args, **options, memory_limit_bytes=50_000)
     assert any(f.startswith("cells skipped:") and "cell analysis of one sample" in f for f in skipped.fallbacks)
     attacked = attack(converted, loaded, samples.x, samples.y, ["pgd"], [2 / 255, 8 / 255], p=2.0, norm="inf",
                       loss="ce", box=(0.0, 1.0), steps=20, device="cpu")

@@ -75,6 +75,20 @@ def _chunks(count: int, per_sample_bytes: int, fixed_batch: int | None, budget: 
         yield slice(start, min(start + step, count))
 
 
+def autograd_bytes(module: torch.nn.Module, sample: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward pass of one sample (measured on a forward of `sample`,
+    one row): what every replicated row of a Jacobian or gradient pass costs besides its output."""
+    kept = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(sample.detach().clone().requires_grad_(True))
+    return kept[0]
+
+
 def _fixed_batch(model: ConvertedModel) -> int | None:
     return model.module_batch
 
@@ -125,7 +139,8 @@ def logits_jacobian(model: ConvertedModel, x: torch.Tensor | np.ndarray, device:
         probe = module(inputs[:1])  # a kept fixed batch: `prepared_module` pads
     classes = probe.shape[-1]
     replicas = min(classes, math.prod(inputs.shape[1:]))
-    per_sample = replicas * max(classes, math.prod(inputs.shape[1:])) * inputs.element_size() * 8
+    per_sample = replicas * (max(classes, math.prod(inputs.shape[1:])) * inputs.element_size() * 8
+                             + autograd_bytes(module, inputs[:1]))
     logits_parts, jac_parts = [], []
     for part in _chunks(len(inputs), per_sample, _fixed_batch(model), memory_bytes):
         deadline.check("Jacobians")
@@ -146,7 +161,7 @@ def loss_gradients(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch
     module = prepared_module(model, device, dtype)
     inputs = _as_tensor(x, module)
     labels = torch.as_tensor(y, dtype=torch.long, device=inputs.device)
-    per_sample = math.prod(inputs.shape[1:]) * inputs.element_size() * 8
+    per_sample = math.prod(inputs.shape[1:]) * inputs.element_size() * 8 + autograd_bytes(module, inputs[:1])
     values, grads, logits = [], [], []
     fixed = _fixed_batch(model)
     for part in _chunks(len(inputs), per_sample, fixed, memory_bytes):

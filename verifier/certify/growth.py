@@ -133,7 +133,10 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
                 slopes[:, index] = torch.minimum(slopes[:, index], slope)
 
         try:
-            for index, radius in [(None, math.inf)] + [(k, radii[k]) for k in range(1, points)]:
+            # Coarse to fine over the grid (the largest radius, then every 2^j-th point), so that a cut
+            # leaves bounds spread over the grid; a radius not reached is capped by every larger one.
+            spread = sorted(range(1, points), key=lambda k: (k != points - 1, -(k & -k), -k))
+            for index, radius in [(None, math.inf)] + [(k, radii[k]) for k in spread]:
                 deadline.check("the interval bounds per radius")
                 record(index, *_bounds_at(network, x, y, radius, norm, box, device, deadline, tighten=False)[:2])
             state = None
