@@ -32,6 +32,7 @@ from verifier.data import budget_scale_warning, load_samples
 from verifier.perturb import fitted_threat_box, load_for_analysis
 from verifier.deadline import Deadline, Stopped, Terminated
 from verifier.device import resolve_device
+from verifier.distributed import Job
 from verifier.errors import UsageError
 from verifier.geometry import parse_norm
 from verifier.graph import OperatorGraph
@@ -85,7 +86,7 @@ class AuditOutcome:
     """The finalised report dict, where it was written, and the exit code it implies."""
 
     report: dict
-    paths: ReportPaths
+    paths: ReportPaths | None  # None on the ranks of a torchrun job other than rank 0 (nothing written)
     exit_code: int
 
 
@@ -204,11 +205,13 @@ def _attack_entry(result) -> dict:
 def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
           settings: AuditSettings = AuditSettings(), out_dir: str | os.PathLike[str] = "verifier-report",
           on_stage: Callable[[str], None] | None = None, progress: bool = False,
-          started: float | None = None) -> AuditOutcome:
+          started: float | None = None, job: Job = Job()) -> AuditOutcome:
     """Run the whole audit and write the report; `on_stage(name)` is called as each stage starts.
 
     The time limit counts from `started` (a `time.monotonic()` reading, e.g. when the command
-    began, so that imports count) or from this call.
+    began, so that imports count) or from this call. `job` (verifier.distributed): one rank of a
+    torchrun job certifies and attacks its shard of the samples; every rank takes the same
+    decisions (time limit, stops) and rank 0 alone writes the report (the others return no paths).
     """
     skipped = resolve_methods(["all"], settings.p)[1] if settings.p == 1 and (
         "all" in settings.attacks or tuple(settings.attacks) == DEFAULT_ATTACKS) else ()
@@ -236,13 +239,14 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
         raise UsageError(f"{data_path} has no labels 'y'; the audit needs them")
     device = resolve_device(settings.device)
     x, y = samples.x, samples.y
+    shard = job.shard(len(x))
     box, values, fitted = fitted_threat_box(samples, settings.box, perturbation)
     scale = budget_scale_warning(values, settings.deltas, settings.norm, fitted)
     warnings += ([perturbation.describe()] if perturbation else []) + ([scale] if scale else [])
     if samples.box is not None:
         warnings.append(f"threat model: the box is per coordinate, lo..hi from {samples.source} "
                         f"(envelope [{samples.box[0]:g}, {samples.box[1]:g}])")
-    if clock.expired():
+    if job.agree(clock.expired()):
         stopped_at = "validate"
     else:
         announce("validate")
@@ -259,30 +263,32 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
             stopped_at = "certify"
             warnings.append("audit stopped after the conversion check: the torch module does not compute what "
                             "the ONNX file computes, so no certificate or attack on it would be trustworthy")
-        elif clock.expired():
+        elif job.agree(clock.expired()):
             stopped_at = "certify"
         else:
             announce("certify")
             try:
                 certificate = clock.run("certify", lambda: certify(
-                    converted, x, y, list(settings.deltas), p=settings.p, norm=settings.norm, loss=settings.loss,
-                    box=box, grid_points=settings.grid_points, progress=progress,
-                    deadline=clock.deadline(), memory_limit_bytes=settings.memory_limit,
-                    refine_share=CERTIFY_REFINE_SHARE, exact=settings.exact))
+                    converted, shard.local(x), shard.local(y), list(settings.deltas), p=settings.p,
+                    norm=settings.norm, loss=settings.loss, box=box, grid_points=settings.grid_points,
+                    progress=progress, deadline=clock.deadline(), memory_limit_bytes=settings.memory_limit,
+                    refine_share=CERTIFY_REFINE_SHARE, exact=settings.exact, shard=shard))
             except Stopped as err:
+                job.share(err)
                 stopped_at = "certify"
                 warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
             for method in settings.attacks if certificate is not None else ():
-                if clock.expired():
+                if job.agree(clock.expired()):
                     stopped_at = "attacks"
                     break
                 announce(f"attack {method}")
                 try:
                     report = clock.run("attacks", lambda m=method: attack(
-                        converted, loaded, x, y, [m], list(settings.deltas), p=settings.p, norm=settings.norm,
-                        loss=settings.loss, box=box, steps=settings.steps, seed=settings.seed,
-                        device=settings.device, progress=progress, deadline=clock.deadline()))
+                        converted, loaded, shard.local(x), shard.local(y), [m], list(settings.deltas), p=settings.p,
+                        norm=settings.norm, loss=settings.loss, box=box, steps=settings.steps, seed=settings.seed,
+                        device=settings.device, progress=progress, deadline=clock.deadline(), shard=shard))
                 except Stopped as err:
+                    job.share(err)
                     stopped_at = "attacks"
                     warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
                     break
@@ -315,6 +321,8 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     raw["timings"]["report"] = time.monotonic() - began
     raw["timings"]["total"] = time.monotonic() - clock.start
     report = finalize_report(raw)
+    if not job.writer:
+        return AuditOutcome(report=report, paths=None, exit_code=report["verdict"]["exit_code"])
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

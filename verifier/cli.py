@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from verifier import __version__
-from verifier.cli_options import (OneLineParser, add_budget, add_data, add_device, add_exact, add_json, add_model,
-                                  add_output, add_perturb, add_time_limit, attach_negative_values, deadline,
+from verifier.cli_options import (OneLineParser, add_block_size, add_budget, add_data, add_device, add_exact, add_json,
+                                  add_model, add_output, add_perturb, add_time_limit, attach_negative_values, deadline,
                                   memory_limit, parse_box, parse_deltas, parse_p)
 from verifier.deadline import Stopped, Terminated
 from verifier.errors import UsageError, VerifierError
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--save-distributions", metavar="OUT.npz",
                          help="save each delta's realising distribution (atoms, weights, source)")
     add_time_limit(certify, "refinements stop at 80%% of it, listed in fallbacks; exit 3 and no result only if the coarse certificate does not fit")
+    add_block_size(certify)
     add_json(certify)  # certificates are computed in float64 on the CPU (no --device)
     certify.set_defaults(run=_run_certify)
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--save-adversarial", metavar="OUT.npz",
                         help="save every (method, delta) distribution: atoms, weights, source")
     add_time_limit(attack, "exit 3 and no result")
+    add_block_size(attack)
     add_device(attack)
     add_json(attack)
     attack.set_defaults(run=_run_attack)
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_budget(audit, default_delta="1/255,2/255,4/255,8/255", default_norm="inf")
     audit.add_argument("--attacks", default="wdapp,wda,pgd,wpgd",
                        help="comma-separated attack methods, or all (default wdapp,wda,pgd,wpgd)")
+    audit.add_argument("--grid-points", type=int, default=24, help="radius grid size of the certificates (default 24)")
     audit.add_argument("--out", default="verifier-report", metavar="DIR",
                        help="report folder (default ./verifier-report)")
     audit.add_argument("--max-risk", type=float, metavar="X", help="fail unless the certificate is <= X at every delta")
@@ -105,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fail if an attack drives the accuracy below A (and no certificate proves it)")
     add_exact(audit)
     add_time_limit(audit, "a partial report, exit 3")
+    add_block_size(audit)
     audit.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_device(audit)
     add_json(audit)
@@ -219,7 +223,7 @@ def _analysis_inputs(args: argparse.Namespace, deltas: list[float], box: tuple[f
     from verifier.geometry import parse_norm  # torch: only after the input checks
     box, perturbed, fitted = fitted_threat_box(samples, box, perturbation)
     warning = budget_scale_warning(perturbed, deltas, parse_norm(args.norm), fitted)
-    if warning:
+    if warning and args.job.writer:
         print(f"verifier: warning: {warning}", file=sys.stderr)
     return loaded, converted, samples, box, [warning] if warning else [], perturbation
 
@@ -235,10 +239,11 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
     loaded, converted, samples, box, warnings, perturbation = _analysis_inputs(args, deltas, box)
     from verifier.certify.certificate import certify, save_distributions  # heavy: after the input checks
 
-    result = certify(converted, samples.x, samples.y, deltas, p=p, norm=args.norm, loss=args.loss, box=box,
-                     grid_points=args.grid_points, progress=_progress_wanted(args), deadline=stop_at,
-                     memory_limit_bytes=memory_limit(args), exact=args.exact)
-    if args.save_distributions:
+    shard = args.job.shard(len(samples.x))
+    result = certify(converted, shard.local(samples.x), shard.local(samples.y), deltas, p=p, norm=args.norm,
+                     loss=args.loss, box=box, grid_points=args.grid_points, progress=_progress_wanted(args),
+                     deadline=stop_at, memory_limit_bytes=memory_limit(args), exact=args.exact, shard=shard)
+    if args.save_distributions and args.job.writer:
         save_distributions(result, args.save_distributions)
     payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted),
                "warnings": warnings, **_perturbation(perturbation)}
@@ -255,10 +260,11 @@ def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
     loaded, converted, samples, box, warnings, perturbation = _analysis_inputs(args, deltas, box)
     from verifier.attacks import attack, save_adversarial  # heavy: after the input checks
 
-    report = attack(converted, loaded, samples.x, samples.y, methods, deltas, p=p, norm=args.norm, loss=args.loss,
-                    box=box, steps=args.steps, kappa=args.kappa, topk=args.topk, seed=args.seed,
-                    device=args.device, progress=_progress_wanted(args), deadline=stop_at)
-    if args.save_adversarial:
+    shard = args.job.shard(len(samples.x))
+    report = attack(converted, loaded, shard.local(samples.x), shard.local(samples.y), methods, deltas, p=p,
+                    norm=args.norm, loss=args.loss, box=box, steps=args.steps, kappa=args.kappa, topk=args.topk,
+                    seed=args.seed, device=args.device, progress=_progress_wanted(args), deadline=stop_at, shard=shard)
+    if args.save_adversarial and args.job.writer:
         save_adversarial(report, args.save_adversarial)
     payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted),
                "warnings": warnings, **_perturbation(perturbation)}
@@ -270,23 +276,25 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
 
     if not args.data:
         raise UsageError("--data FILE.npz with inputs x and labels y is required")
+    if args.grid_points < 2:
+        raise UsageError("--grid-points must be at least 2")
     settings = AuditSettings(
         deltas=tuple(parse_deltas(args.delta)), p=parse_p(args.p), norm=args.norm, loss=args.loss,
         attacks=tuple(m.strip() for m in args.attacks.split(",") if m.strip()), box=parse_box(args.box),
         samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit, output=args.output,
         perturb=args.perturb,
         thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy),
-        memory_limit=memory_limit(args), exact=args.exact)
+        memory_limit=memory_limit(args), grid_points=args.grid_points, exact=args.exact)
     progress = _progress_wanted(args)
 
     def announce(stage: str) -> None:  # one line per stage, terminal or log file (CI), unless --quiet
-        if not args.quiet:
+        if not args.quiet and args.job.writer:
             print(f"verifier audit: {stage} ... ({time.monotonic() - args.started:.0f} s)", file=sys.stderr,
                   flush=True)
 
     outcome = audit(args.model, args.data, settings, args.out, on_stage=announce, progress=progress,
-                    started=args.started)
-    return outcome.exit_code, outcome.report, _audit_text(outcome)
+                    started=args.started, job=args.job)
+    return outcome.exit_code, outcome.report, _audit_text(outcome) if outcome.paths is not None else ""
 
 
 def _audit_text(outcome) -> str:
@@ -338,8 +346,8 @@ def _run_vnnlib(args: argparse.Namespace) -> tuple[int, dict, str]:
 
 
 def _progress_wanted(args: argparse.Namespace) -> bool:
-    """Progress bars redraw a line: only on a terminal (an audit's stage lines go to logs too)."""
-    return sys.stderr.isatty() and not getattr(args, "quiet", False)
+    """Progress bars redraw a line: only on a terminal (an audit's stage lines go to logs too), rank 0 only."""
+    return sys.stderr.isatty() and not getattr(args, "quiet", False) and (args.job is None or args.job.writer)
 
 
 def _quiet_libraries() -> None:
@@ -357,27 +365,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     run: Callable[[argparse.Namespace], tuple[int, dict, str]] = args.run
     json_wanted, debug = getattr(args, "json", False), getattr(args, "debug", False)
+    args.job = None
     try:
         with _stop_on_termination():
+            if hasattr(args, "block_size"):  # certify, attack, audit: alone or one rank of a torchrun job
+                from verifier.distributed import Job
+
+                args.job = Job.start(args.block_size, args.time_limit)
             code, payload, text = run(args)
-    except VerifierError as err:
-        return _fail(err.exit_code, f"verifier: error: {err}", str(err), type(err).__name__, json_wanted, debug)
-    except Terminated as err:
-        return _fail(EXIT_TERMINATED, f"verifier: {err}; no result", str(err), "Terminated", json_wanted, debug)
-    except Stopped as err:  # certify / attack --time-limit: no partial result (audit writes a partial report)
-        message = f"{args.command} {err} after {args.time_limit:g} s; no result"
-        return _fail(EXIT_TIME_LIMIT, f"verifier: time limit hit: {message}", message, "Stopped", json_wanted, debug)
-    except KeyboardInterrupt:
-        print("verifier: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - a bug must still end in one readable line
-        line = f"verifier: internal error (please report): {type(err).__name__}: {err}"
-        line += "" if debug else " (--debug shows the traceback)"
-        return _fail(EXIT_INTERNAL, " ".join(line.split())[:2000], None, type(err).__name__, False, debug)
+            if args.job is not None:
+                args.job.finish()
+    except BaseException as err:  # noqa: BLE001 - every failure ends in one line (rank 0 speaks for all)
+        if args.job is not None:
+            args.job.share(err)
+        code = _failure(err, args, json_wanted, debug)
+        _leave(args.job)
+        return code
+    _leave(args.job)
+    if args.job is not None and not args.job.writer:
+        return code
     try:
         print(json.dumps(payload, indent=2) if json_wanted else text, flush=True)
     except BrokenPipeError:  # `verifier ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
+
+
+def _leave(job) -> None:
+    if job is not None and job.world > 1:
+        from verifier.distributed import leave
+
+        leave()
+
+
+def _failure(err: BaseException, args: argparse.Namespace, json_wanted: bool, debug: bool) -> int:
+    """The exit code of a failure, and its one line (in a torchrun job only rank 0's line is printed:
+    another rank's failure reaches it through the next collective and is named there)."""
+    from verifier.distributed import CollectiveError
+
+    quiet = args.job is not None and not args.job.writer and not isinstance(err, CollectiveError)
+    fail = _silent if quiet else _fail
+    if isinstance(err, VerifierError):
+        return fail(err.exit_code, f"verifier: error: {err}", str(err), type(err).__name__, json_wanted, debug)
+    if isinstance(err, Terminated):
+        return fail(EXIT_TERMINATED, f"verifier: {err}; no result", str(err), "Terminated", json_wanted, debug)
+    if isinstance(err, Stopped):  # certify / attack --time-limit: no partial result (audit writes a partial report)
+        message = f"{args.command} {err} after {args.time_limit:g} s; no result"
+        return fail(EXIT_TIME_LIMIT, f"verifier: time limit hit: {message}", message, "Stopped", json_wanted, debug)
+    if isinstance(err, KeyboardInterrupt):
+        return fail(130, "verifier: interrupted", None, "KeyboardInterrupt", False, False)
+    if not isinstance(err, Exception):  # SystemExit and the like
+        raise err
+    line = f"verifier: internal error (please report): {type(err).__name__}: {err}"
+    line += "" if debug else " (--debug shows the traceback)"
+    return fail(EXIT_INTERNAL, " ".join(line.split())[:2000], None, type(err).__name__, False, debug)
+
+
+def _silent(code: int, *_details) -> int:
+    """A failure another rank reports: the exit code only."""
     return code
 
 

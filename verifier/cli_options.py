@@ -137,6 +137,13 @@ def add_time_limit(parser: argparse.ArgumentParser, result: str) -> None:
                              "1.1*S + 5 s (measured; see docs/cli.md)")
 
 
+def add_block_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--block-size", type=int, default=256, metavar="B",
+                        help="samples per block of work (default 256); under torchrun every rank takes whole "
+                             "blocks, and results are bit-identical for any number of processes at the same B "
+                             "(docs/scale.md)")
+
+
 def deadline(args: argparse.Namespace):
     """The `Deadline` of --time-limit, counted from the command's start (NEVER without one)."""
     from verifier.deadline import Deadline

@@ -32,6 +32,7 @@ from verifier.convert import ConvertedModel
 from verifier.data import check_labels, save_distributions
 from verifier.deadline import NEVER, Deadline
 from verifier.device import resolve_device
+from verifier.distributed import Shard
 from verifier.errors import UsageError
 from verifier.finite import require_finite_inputs
 from verifier.geometry import parse_norm
@@ -89,7 +90,7 @@ def _check(p: float, deltas: Sequence[float], kappa: float, topk: int, steps: in
 
 
 def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, device: torch.device,
-            deadline: Deadline) -> Target:
+            deadline: Deadline, shard: Shard | None = None) -> Target:
     dtype = model.input_dtype
     module = prepared_module(model, device, dtype)
     inputs = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(device=device, dtype=dtype)
@@ -101,7 +102,9 @@ def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, de
     require_finite_inputs(inputs, "x")
     lower, upper = displacement_box(inputs.to(torch.float64), box)
     fixed = model.module_batch
-    target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed, deadline)
+    if shard is not None and shard.count != len(inputs):
+        raise UsageError(f"the shard has {shard.count} samples but x has {len(inputs)}")
+    target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed, deadline, shard)
     classes = target.logits(inputs[:1]).shape[-1]
     check_labels(labels.cpu().numpy(), classes)
     return target
@@ -120,7 +123,8 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
            y: torch.Tensor | np.ndarray, methods: Sequence[str], deltas: Sequence[float], p: float = 2.0,
            norm: str = "inf", loss: str = "ce", box: tuple[float, float] | None = None,
            steps: int | None = None, kappa: float = 1.0, topk: int = 9, seed: int = 0, device: str = "auto",
-           radii: torch.Tensor | None = None, progress: bool = False, deadline: Deadline = NEVER) -> AttackReport:
+           radii: torch.Tensor | None = None, progress: bool = False, deadline: Deadline = NEVER,
+           shard: Shard | None = None) -> AttackReport:
     """Run every method at every delta; one `AttackResult` per (method, delta), in that order.
 
     `deadline` is checked before every forward or gradient pass of the attacks (each step, each
@@ -128,26 +132,29 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
 
     Risk and accuracy come from onnxruntime forward passes of the returned atoms (`loaded` is the
     original model; with `loaded=None` torch values are reported, flagged "not-replayed").
-    Each method starts from `torch.Generator().manual_seed(seed)`: on the CPU the report is
-    identical for a fixed seed (up to `seconds`).
+    Random draws come from per-sample generators seeded from (`seed`, the sample's index): on the
+    CPU the report is identical for a fixed seed (up to `seconds`).
+
+    `shard` (verifier.distributed): `x`, `y` are this rank's samples of a sharded run; the global
+    steps (knapsacks, W-PGD's batch coupling, means) gather the other ranks' per-sample tables, and
+    every rank returns the same report, that of one process over all samples.
     """
     p, norm, loss = float(p), parse_norm(norm), check_loss(loss)
     deltas = [float(d) for d in deltas]
     _check(p, deltas, kappa, topk, steps, radii)
     chosen, skipped = resolve_methods(methods, p)
     torch_device = resolve_device(device)
-    target = _target(model, x, y, p, norm, loss, box, torch_device, deadline)
+    target = _target(model, x, y, p, norm, loss, box, torch_device, deadline, shard)
     replayer = Replayer(loaded, model, torch_device) if loaded is not None else None
     clean = clean_numbers(target, replayer)
     results: list[AttackResult] = []
     for name in _progress(chosen, progress):
-        runner = ATTACKS[name](target, steps=steps, generator=torch.Generator().manual_seed(seed),
-                               kappa=kappa, topk=topk, radii=radii, box=box)
+        runner = ATTACKS[name](target, steps=steps, seed=seed, kappa=kappa, topk=topk, radii=radii, box=box)
         for delta, dist in zip(deltas, runner.run(deltas)):
             deadline.check("the replay of an attack")
             results.append(measure(name, delta, dist, target, replayer, clean))
     return AttackReport(p=p, norm=norm, loss=loss, box=None if box is None else (float(box[0]), float(box[1])),
-                        samples=target.count, seed=int(seed), results=tuple(results), skipped=skipped)
+                        samples=target.total, seed=int(seed), results=tuple(results), skipped=skipped)
 
 
 def save_adversarial(report: AttackReport, path: str | os.PathLike[str]) -> None:

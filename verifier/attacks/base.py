@@ -6,15 +6,19 @@ samples, labels, threat norm r, order p, loss, the box as displacement bounds (f
 attack step, so a time limit stops an attack within one such pass.
 Displacements `d` are kept in float64 and turned into model-dtype atoms by `Target.atoms`, which
 rounds every coordinate towards its sample, so an atom's true distance never exceeds the one
-computed from `d`. `Attack` is the base each attack file builds on: batching (fixed-batch models
-are padded), steepest-ascent directions and projections for r in {inf, 2, 1} (method §5), the
+computed from `d`. `Attack` is the base each attack file builds on: batching (padded chunks of a
+fixed size), steepest-ascent directions and projections for r in {inf, 2, 1} (method §5), the
 one ascent loop `ascend` (APGD's step-size control: checkpoints, momentum, step halving with a
 restart from the best point; Croce & Hein, ICML 2020), the point-wise engine `search`
 (AutoAttack's schedule: APGD on the loss from random starts, then APGD on the targeted DLR loss
 for each of the top-k wrong classes on the rows still correct), the two-optimum best iterate
 `Best` (the highest-loss point for the risk, the most misclassified point for the accuracy) and
 the point-wise distribution. An attack only writes its own loop in `attack(delta)` (or
-`run(deltas)` when one pass serves every delta).
+`run(deltas)` when one pass serves every delta). In a sharded run (`verifier.distributed`)
+`Target.shard` says which samples these are: `Target.total` is N and `Target.gather` brings
+every rank's per-sample rows to the global steps; random draws are per sample (numbered draws,
+not a shared stream) and every pass has a fixed row count (`ROWS_PER_PASS`, padded), so results
+do not depend on the sharding.
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ from typing import ClassVar
 
 import torch
 
+from verifier.attacks.draws import ball_displacements, occurrences, seeded_generators
 from verifier.attacks.result import Distribution
 from verifier.attacks.steps import checkpoints, project_ball, schedule, steepest_ascent
 from verifier.deadline import NEVER, Deadline
-from verifier.geometry import vector_norm
+from verifier.distributed import Shard
 from verifier.losses import loss_values, other_logits
 
 SHRINK = 1e-6  # radii are shrunk by this factor so that float64 costs stay within the budget
-_CHUNK = 8192
+ROWS_PER_PASS = 256  # every forward/gradient pass sees exactly this many rows (padded): per-row results then
+# do not depend on which other rows share the pass, so a sharded run computes what one process computes
 MOMENTUM = 0.75  # APGD's momentum alpha
 OSCILLATION = 0.75  # APGD's rho: halve the step when fewer than rho of the steps since the last checkpoint rose
 SEARCH_ELEMENTS = 2**23  # coordinates per iterate tensor of one search chunk (64 MiB in float64)
@@ -62,6 +68,25 @@ class Target:
     upper: torch.Tensor  # box_hi - x
     fixed_batch: int | None = None
     deadline: Deadline = NEVER  # checked before every forward or gradient pass of a chunk (every step)
+    shard: Shard | None = None  # which samples of the whole sample these are (None: all of them)
+
+    @property
+    def total(self) -> int:
+        """Number of samples of the whole audit (N of the weights 1/N; `count` on one process)."""
+        return self.count if self.shard is None else self.shard.total
+
+    def sample_ids(self) -> torch.Tensor:
+        """Global index of each local sample (seeds are drawn per sample from it)."""
+        start = 0 if self.shard is None else self.shard.start
+        return torch.arange(start, start + self.count)
+
+    def gather(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-sample (or per-atom) rows of every rank in sample order; the identity on one process."""
+        return tensors if self.shard is None else self.shard.gather(*tensors)
+
+    def local(self, values: torch.Tensor) -> torch.Tensor:
+        """The local rows of a gathered per-sample tensor."""
+        return values if self.shard is None else self.shard.local(values)
 
     @property
     def count(self) -> int:
@@ -83,11 +108,11 @@ class Target:
         return atom.reshape(len(rows), *self.x.shape[1:])
 
     def _chunks(self, count: int) -> list[slice]:
-        step = self.fixed_batch or _CHUNK
+        step = self.fixed_batch or ROWS_PER_PASS
         return [slice(s, min(s + step, count)) for s in range(0, count, step)]
 
     def _padded(self, atoms: torch.Tensor) -> torch.Tensor:
-        missing = (self.fixed_batch or 0) - len(atoms)
+        missing = (self.fixed_batch or ROWS_PER_PASS) - len(atoms)
         return torch.cat([atoms, atoms[-1:].expand(missing, *atoms.shape[1:])]) if missing > 0 else atoms
 
     def logits(self, atoms: torch.Tensor) -> torch.Tensor:
@@ -203,16 +228,16 @@ class Best:
 
 
 class Attack:
-    """Base of every attack: owns the target, the step count and the random generator."""
+    """Base of every attack: owns the target, the step count and the seed of the per-sample random draws."""
 
     name: ClassVar[str] = ""
     default_steps: ClassVar[int] = 50
 
-    def __init__(self, target: Target, steps: int | None = None, generator: torch.Generator | None = None,
-                 **options) -> None:
+    def __init__(self, target: Target, steps: int | None = None, seed: int = 0, **options) -> None:
         self.target = target
         self.steps = int(steps) if steps is not None else self.default_steps
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.seed = int(seed)
+        self.draws = 0  # random draws so far: each gets fresh per-sample streams
         self.options = options
         self.zero_gradient = torch.zeros(target.count, dtype=torch.bool, device=target.y.device)
         self.runs = 0
@@ -245,22 +270,18 @@ class Attack:
         """Into the box only."""
         return torch.minimum(torch.maximum(d, self.target.lower[rows]), self.target.upper[rows])
 
-    def random_start(self, radius: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """A random displacement inside each row's ball (drawn on the CPU generator: device-independent)."""
+    def random_start(self, radius: torch.Tensor, rows: torch.Tensor, draw: int | None = None,
+                     occurrence: torch.Tensor | None = None) -> torch.Tensor:
+        """A random displacement inside each row's ball, from per-row CPU generators (`draws.py`:
+        device- and shard-independent). `draw` (default: the next one) and `occurrence` (default:
+        counted in `rows`) are given when one draw is split into chunks."""
+        if draw is None:
+            self.draws += 1
+            draw = self.draws
+        occurrence = occurrences(rows) if occurrence is None else occurrence
         t = self.target
-        shape = (len(rows), t.flat.shape[1])
-        u = torch.rand(shape, generator=self.generator, dtype=torch.float64)
-        scale = torch.rand(shape[0], 1, generator=self.generator, dtype=torch.float64)
-        if t.norm == "inf":
-            d = (2 * u - 1) * radius.cpu().unsqueeze(-1)
-        else:
-            if t.norm == "2":
-                v = torch.randn(shape, generator=self.generator, dtype=torch.float64)
-            else:
-                v = -torch.log(u.clamp_min(1e-300)) * torch.sign(torch.rand(shape, generator=self.generator,
-                                                                             dtype=torch.float64) - 0.5)
-            size = vector_norm(v, t.norm).clamp_min(1e-300).unsqueeze(-1)
-            d = v / size * scale * radius.cpu().unsqueeze(-1)
+        generators = seeded_generators(self.seed, t.sample_ids()[rows.cpu()], draw, occurrence)
+        d = ball_displacements(generators, t.flat.shape[1], radius, t.norm)
         return self.project(d.to(t.flat.device), radius, rows)
 
     def start_best(self, rows: torch.Tensor) -> Best:
@@ -321,7 +342,8 @@ class Attack:
         return best, d
 
     def search(self, rows: torch.Tensor, radius: torch.Tensor, steps: int, best: Best | None = None,
-               restarts: int | None = None, topk: int | None = None, every_row: bool = False) -> Best:
+               restarts: int | None = None, topk: int | None = None, every_row: bool = False,
+               occurrence: torch.Tensor | None = None) -> Best:
         """The point-wise engine (AutoAttack's APGD-CE + APGD-T schedule) on rows of samples `rows`.
 
         `restarts` (option, default 1) runs of APGD on the loss from random starts (option `plain`:
@@ -331,22 +353,35 @@ class Attack:
         not yet misclassified (`every_row`: on every row and on the targeted margin `z_j - z_y`, for
         attacks after the risk: the highest loss may lie towards another class than the first
         error, and the DLR's denominator moves its maximiser off the margin's). `steps` per run.
-        Both optima of `Best` are kept across every run; `self.runs` counts the runs made. Rows
-        go in chunks of at most `SEARCH_ELEMENTS` coordinates per iterate tensor (all targets).
+        Both optima of `Best` are kept across every run; `self.runs` counts the runs a row still
+        correct gets. Rows go in chunks of at most `SEARCH_ELEMENTS` coordinates per iterate tensor
+        (all targets). The random starts are per sample: draw numbers fixed per search and
+        `occurrence` (default: counted in `rows`) telling a sample's rows apart.
         """
         t = self.target
         restarts = int(self.options.get("restarts", 1)) if restarts is None else restarts
         topk = int(self.options.get("topk", 9)) if topk is None else topk
-        best = self.start_best(rows) if best is None else best
+        first = self.draws  # this search's draws are numbered first + 1 ... first + restarts + 1, however
+        self.draws += restarts + 1  # its rows are chunked or sharded and whether the targeted runs happen
+        occurrence = occurrences(rows) if occurrence is None else occurrence
+        k = max(1, min(topk, t.logits(t.x[:1]).shape[-1] - 1))
+        self.runs = restarts + (k if topk > 0 else 0)  # the runs a row still correct gets (shard-independent)
+        return self._search(rows, radius, steps, self.start_best(rows) if best is None else best, restarts, topk,
+                            every_row, first, occurrence)
+
+    def _search(self, rows: torch.Tensor, radius: torch.Tensor, steps: int, best: Best, restarts: int, topk: int,
+                every_row: bool, first: int, occurrence: torch.Tensor) -> Best:
+        t = self.target
         size = max(1, SEARCH_ELEMENTS // (t.flat.shape[1] * (max(topk, 0) + 1)))
         if len(rows) > size:
-            parts = [self.search(rows[s:s + size], radius[s:s + size], steps,
-                                 best.take(torch.arange(s, min(s + size, len(rows)), device=rows.device)),
-                                 restarts, topk, every_row) for s in range(0, len(rows), size)]
+            parts = [self._search(rows[s:s + size], radius[s:s + size], steps,
+                                  best.take(torch.arange(s, min(s + size, len(rows)), device=rows.device)),
+                                  restarts, topk, every_row, first, occurrence[s:s + size])
+                     for s in range(0, len(rows), size)]
             return Best(*(torch.cat([getattr(b, name) for b in parts]) for name in ("d", "value", "flip", "margin")))
-        self.runs = restarts
-        for _ in range(restarts):
-            best, _ = self.ascend(rows, radius, t.loss_objective(rows), steps, self.random_start(radius, rows), best,
+        for run in range(restarts):
+            start = self.random_start(radius, rows, first + 1 + run, occurrence)
+            best, _ = self.ascend(rows, radius, t.loss_objective(rows), steps, start, best,
                                   adaptive=not self.options.get("plain", False))
         if topk <= 0:
             return best
@@ -356,11 +391,12 @@ class Attack:
             return best
         k = classes.shape[1]  # every target of every row left in one batch of len(left) * k rows
         wide, index = rows[left].repeat_interleave(k), left.repeat_interleave(k)
+        wide_occurrence = occurrence[left.cpu()].repeat_interleave(k) * k + torch.arange(k).repeat(len(left))
         targeted = t.targeted_objective if every_row else t.targeted_dlr
-        part, _ = self.ascend(wide, radius[index], targeted(wide, classes[left].flatten()), steps,
-                              self.random_start(radius[index], wide), best.take(index))
+        start = self.random_start(radius[index], wide, first + restarts + 1, wide_occurrence)
+        part, _ = self.ascend(wide, radius[index], targeted(wide, classes[left].flatten()), steps, start,
+                              best.take(index))
         best.put(left, part.grouped(k))
-        self.runs += k
         return best
 
     def note_zero_gradient(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
@@ -371,16 +407,16 @@ class Attack:
         self.zero_gradient |= (total > 0) & (zero == total)
 
     def flags(self) -> tuple[str, ...]:
-        """Warnings gathered while attacking (e.g. samples whose gradient vanished)."""
-        count = int(self.zero_gradient.sum())
-        return (f"zero-gradient ({count} of {self.target.count} samples)",) if count else ()
+        """Warnings gathered while attacking (e.g. samples whose gradient vanished), over every rank."""
+        count = int(self.target.gather(self.zero_gradient.cpu())[0].sum())
+        return (f"zero-gradient ({count} of {self.target.total} samples)",) if count else ()
 
     def pointwise(self, d: torch.Tensor, steps: int, accuracy_d: torch.Tensor | None = None) -> Distribution:
         """Q = (1/N) sum_i delta(x_i + d_i): one atom per sample (the risk); the accuracy is measured
         on the atoms of `accuracy_d` when given and different (e.g. `Best.accuracy_d()`)."""
         t = self.target
         rows = self.rows()
-        weights = torch.full((t.count,), 1.0 / t.count, dtype=torch.float64)
+        weights = torch.full((t.count,), 1.0 / t.total, dtype=torch.float64)
         differs = accuracy_d is not None and bool((accuracy_d != d).any())
         return Distribution(t.atoms(d, rows), weights, rows.cpu(), steps, self.flags(),
                             accuracy_atoms=t.atoms(accuracy_d, rows) if differs else None)

@@ -31,17 +31,19 @@ import torch
 from verifier.attacks.base import SHRINK, Attack
 from verifier.attacks.result import Distribution
 from verifier.certify.allocation import allocate
-from verifier.certify.certificate import radius_grid
+from verifier.certify.certificate import grid_of
+from verifier.certify.growth import box_reach
 from verifier.geometry import vector_norm
 
 SMALL_RADII = 4  # radii added from min(delta)/8 up to the certificate grid's first radius
 
 
-def default_radii(inputs: torch.Tensor, deltas: Sequence[float], p: float, norm: str, box) -> torch.Tensor:
-    """The default radius grid (absolute radii): the certificate's grid (p = inf: the deltas)."""
+def default_radii(count: int, reach: float, deltas: Sequence[float], p: float) -> torch.Tensor:
+    """The default radius grid (absolute radii): the certificate's grid of `count` samples whose
+    farthest point in the box is `reach` away (p = inf: the deltas)."""
     if math.isinf(p) or not any(d > 0 for d in deltas):
         return torch.tensor([float(d) for d in deltas], dtype=torch.float64)
-    grid = radius_grid(inputs, deltas, p, box, norm, 24)
+    grid = grid_of(count, reach, deltas, p, 24)
     first, smallest = float(grid[grid > 0].min()), min(float(d) for d in deltas if d > 0)
     if smallest / 8 >= first:
         return grid
@@ -59,8 +61,13 @@ class CurveAttack(Attack):
     def _points(self, deltas: Sequence[float]):
         t = self.target
         given = self.options.get("radii")
-        grid = (default_radii(t.x.cpu().to(torch.float64), deltas, t.p, t.norm, self.options.get("box"))
-                if given is None else torch.as_tensor(given, dtype=torch.float64))
+        if given is None:
+            box = self.options.get("box")
+            reach = (float(t.gather(box_reach(t.x.cpu().to(torch.float64), box, t.norm))[0].max())
+                     if box is not None else math.inf)
+            grid = default_radii(t.total, reach, deltas, t.p)
+        else:
+            grid = torch.as_tensor(given, dtype=torch.float64)
         grid = torch.unique(torch.cat([grid.flatten().cpu(), torch.tensor([float(d) for d in deltas],
                                                                           dtype=torch.float64)]))
         grid = grid[grid > 0].to(t.flat.device)
@@ -76,22 +83,25 @@ class CurveAttack(Attack):
         return atoms, distance.view(shape).cpu(), (best.value - clean[rows]).view(shape).cpu()
 
     def _pointwise(self, distance: torch.Tensor, gain: torch.Tensor, delta: float) -> list[tuple[int, int, float]]:
-        """p = inf: the best point within delta per sample, as (sample, point or -1, weight)."""
+        """p = inf: the best point within delta per local sample, as (sample, point or -1, weight)."""
         usable = torch.where(distance <= delta, gain, torch.full_like(gain, -math.inf))
         value, k = usable.max(-1)
-        n = len(gain)
-        return [(i, int(k[i]) if value[i] > 0 else -1, 1.0 / n) for i in range(n)]
+        n = self.target.total
+        return [(i, int(k[i]) if value[i] > 0 else -1, 1.0 / n) for i in range(len(gain))]
 
     def _allocated(self, distance: torch.Tensor, gain: torch.Tensor, delta: float) -> list[tuple[int, int, float]]:
-        """p < inf: hull segments, knapsack, and at most two atoms per sample (`allocate`)."""
+        """p < inf: hull segments, knapsack over every rank's samples, and at most two atoms per local
+        sample (`allocate`)."""
+        t = self.target
+        distance, gain = t.gather(distance, gain)
         n = len(gain)
         unmoved = torch.zeros(n, 1, dtype=torch.float64)  # candidate 0 of `allocate`: the sample itself
-        costs = torch.cat([unmoved, distance.to(torch.float64) ** self.target.p], 1)
+        costs = torch.cat([unmoved, distance.to(torch.float64) ** t.p], 1)
         gains = torch.cat([unmoved, gain.to(torch.float64)], 1)
-        allocation = allocate(costs, gains, delta**self.target.p)
+        allocation = allocate(costs, gains, delta**t.p)
         out = []
-        for i, (low, high, weight) in enumerate(zip(allocation.low.tolist(), allocation.high.tolist(),
-                                                    allocation.weight.tolist())):
+        for i, (low, high, weight) in enumerate(zip(t.local(allocation.low).tolist(), t.local(allocation.high).tolist(),
+                                                    t.local(allocation.weight).tolist())):
             if weight <= 0:
                 out.append((i, low - 1, 1.0 / n))
             else:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from verifier.attacks.base import Target
-from verifier.attacks.result import AttackResult, Distribution, transport_cost
+from verifier.attacks.result import AttackResult, Distribution, atom_distances, cost_of
 from verifier.convert import ConvertedModel
 from verifier.errors import NonFiniteError
 from verifier.finite import require_finite_logits
@@ -22,7 +22,7 @@ from verifier.validate import onnxruntime_session, oracle_model, run_onnxruntime
 
 LOSS_ATOL = 1e-4
 LOSS_RTOL = 1e-4
-_CHUNK = 1024
+_CHUNK = 256  # rows per onnxruntime run, padded: per-row results do not depend on the other rows
 
 
 class Replayer:
@@ -43,54 +43,70 @@ class Replayer:
         for start in range(0, len(data), step):
             chunk = data[start:start + step]
             size = len(chunk)
-            if self.fixed and size < self.fixed:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed - size, axis=0)])
+            if size < step:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - size, axis=0)])
             (out,) = run_onnxruntime(self.session, [self.name], self.input_name, chunk, self.fixed)
             parts.append(np.asarray(out, dtype=np.float64).reshape(len(chunk), -1)[:size])
         return torch.from_numpy(np.concatenate(parts))
 
 
-def disagreements(torch_logits: torch.Tensor, ort_logits: torch.Tensor, labels: torch.Tensor, loss: str) -> int:
-    """Number of atoms whose error indicator or loss differs between the two runtimes."""
+def disagreeing(torch_logits: torch.Tensor, ort_logits: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per atom: whether its error indicator or loss differs between the two runtimes."""
     error_t = loss_values(torch_logits, labels, "margin") >= 0
     error_o = loss_values(ort_logits, labels, "margin") >= 0
     loss_t, loss_o = loss_values(torch_logits, labels, loss), loss_values(ort_logits, labels, loss)
     off = (loss_t - loss_o).abs() > LOSS_ATOL + LOSS_RTOL * loss_o.abs()
-    return int(((error_t != error_o) | off).sum())
+    return (error_t != error_o) | off
+
 
 
 def _replayed(atoms: torch.Tensor, labels: torch.Tensor, target: Target,
-              replayer: Replayer | None) -> tuple[torch.Tensor, int]:
-    """Logits of atoms (onnxruntime when replayed) and how many atoms the two runtimes disagree on."""
+              replayer: Replayer | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of atoms (onnxruntime when replayed) and, per atom, whether the two runtimes disagree."""
     torch_logits = target.logits(atoms.to(target.x.device)).cpu()
     if replayer is None:
-        return torch_logits, 0
+        return torch_logits, torch.zeros(len(labels), dtype=torch.bool)
     logits = replayer.logits(atoms)
-    return logits, disagreements(torch_logits, logits, labels, target.loss)
+    return logits, disagreeing(torch_logits, logits, labels, target.loss)
 
 
 def measure(method: str, delta: float, dist: Distribution, target: Target, replayer: Replayer | None,
             clean: tuple[float, float]) -> AttackResult:
     """Risk, accuracy and transport cost of one distribution (onnxruntime values when replayed); the
-    accuracy is measured on `dist.accuracy_atoms` when the attack gave them."""
-    source = dist.source.cpu()
+    accuracy is measured on `dist.accuracy_atoms` when the attack gave them.
+
+    The atoms are taken in order of their source sample (stable), so the sums over atoms run in
+    one order whichever rank evaluated which atoms; sources are global sample indices. A rank
+    without accuracy atoms of its own (its samples' accuracy optima are their risk optima) lends
+    its risk atoms to the accuracy set, which is what one process's accuracy atoms hold there.
+    """
+    order = torch.sort(dist.source.cpu(), stable=True).indices
+    source, atoms = dist.source.cpu()[order], dist.atoms[order.to(dist.atoms.device)]
     labels = target.y.cpu()[source]
-    weights = dist.weights.cpu().to(torch.float64)
-    logits, count = _replayed(dist.atoms, labels, target, replayer)
-    accuracy_logits, cost = logits, transport_cost(dist.atoms, weights, source, target.x.cpu(), target.p,
-                                                   target.norm)
+    logits, off = _replayed(atoms, labels, target, replayer)
+    accuracy_atoms, accuracy_logits, accuracy_off = atoms, logits, off
     if dist.accuracy_atoms is not None:
-        accuracy_logits, more = _replayed(dist.accuracy_atoms, labels, target, replayer)
-        count += more
-        cost = max(cost, transport_cost(dist.accuracy_atoms, weights, source, target.x.cpu(), target.p,
-                                        target.norm))
+        accuracy_atoms = dist.accuracy_atoms[order.to(dist.accuracy_atoms.device)]
+        accuracy_logits, accuracy_off = _replayed(accuracy_atoms, labels, target, replayer)
+    has_accuracy = torch.full((len(labels),), dist.accuracy_atoms is not None)
+    x = target.x.cpu()
+    (weights, losses, accuracy_margins, distance, accuracy_distance, off, accuracy_off, has_accuracy, atoms,
+     accuracy_atoms, source) = target.gather(
+        dist.weights.cpu().to(torch.float64)[order], loss_values(logits, labels, target.loss),
+        loss_values(accuracy_logits, labels, "margin"), atom_distances(atoms, source, x, target.norm),
+        atom_distances(accuracy_atoms, source, x, target.norm), off, accuracy_off, has_accuracy,
+        atoms.detach().cpu(), accuracy_atoms.detach().cpu(), target.sample_ids()[source])
+    separate = bool(has_accuracy.any())  # one process: the attack gave accuracy atoms
+    cost = cost_of(weights, distance, target.p)
+    count = int(off.sum())
+    if separate:
+        cost = max(cost, cost_of(weights, accuracy_distance, target.p))
+        count += int(accuracy_off.sum())
     flags = list(dist.flags)
     if replayer is None:
         flags.append("not-replayed")
     elif count:
-        flags.append(f"onnxruntime-disagrees ({count} of {len(labels)} atoms)")
-    losses = loss_values(logits, labels, target.loss)
-    accuracy_margins = loss_values(accuracy_logits, labels, "margin")
+        flags.append(f"onnxruntime-disagrees ({count} of {len(off)} atoms)")
     correct = (accuracy_margins < 0).to(torch.float64)
     nan_atoms = int((torch.isnan(losses) | torch.isnan(accuracy_margins))[weights > 0].sum())
     if nan_atoms:
@@ -103,8 +119,7 @@ def measure(method: str, delta: float, dist: Distribution, target: Target, repla
         risk=float((weights * losses).sum()), robust_accuracy=float((weights * correct).sum()),
         clean_risk=clean[0], clean_accuracy=clean[1], transport_cost=cost, steps=int(dist.steps),
         seconds=float(dist.seconds), flags=tuple(flags), replayed_in_onnxruntime=replayer is not None,
-        atoms=dist.atoms.detach().cpu(), weights=weights, source=source,
-        accuracy_atoms=None if dist.accuracy_atoms is None else dist.accuracy_atoms.detach().cpu(),
+        atoms=atoms, weights=weights, source=source, accuracy_atoms=accuracy_atoms if separate else None,
     )
 
 
@@ -113,6 +128,7 @@ def clean_numbers(target: Target, replayer: Replayer | None) -> tuple[float, flo
     logits = replayer.logits(target.x) if replayer is not None else target.logits(target.x).cpu()
     require_finite_logits(logits, "onnxruntime" if replayer is not None else "torch")
     labels = target.y.cpu()
-    risk = float(loss_values(logits, labels, target.loss).mean())
-    accuracy = float((loss_values(logits, labels, "margin") < 0).to(torch.float64).mean())
+    losses, correct = target.gather(loss_values(logits, labels, target.loss),
+                                    (loss_values(logits, labels, "margin") < 0).to(torch.float64))
+    risk, accuracy = float(losses.mean()), float(correct.mean())
     return risk, accuracy

@@ -39,8 +39,17 @@ def transport_cost(atoms: torch.Tensor, weights: torch.Tensor, source: torch.Ten
                    p: float, norm: str) -> float:
     """`(sum_m w_m ||atom_m - x_source(m)||_r^p)^(1/p)` in float64; p = inf: the largest distance
     of an atom with positive weight."""
+    return cost_of(weights, atom_distances(atoms, source, x, norm), p)
+
+
+def atom_distances(atoms: torch.Tensor, source: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """`||atom_m - x_source(m)||_r` per atom, in float64 on the CPU (`source` indexes the rows of `x`)."""
     sources = x.detach().cpu().to(torch.float64)[source.cpu()].flatten(1)
-    distance = vector_norm(atoms.detach().cpu().to(torch.float64).flatten(1) - sources, norm)
+    return vector_norm(atoms.detach().cpu().to(torch.float64).flatten(1) - sources, norm)
+
+
+def cost_of(weights: torch.Tensor, distance: torch.Tensor, p: float) -> float:
+    """The coupling's cost from its weights and atom distances (see `transport_cost`)."""
     w = weights.detach().to(torch.float64).cpu()
     if math.isinf(p):
         positive = distance[w > 0]

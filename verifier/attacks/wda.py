@@ -62,8 +62,8 @@ class WDA(Attack):
             return self.pointwise(best.d, steps, accuracy)
         clean = t.atoms(torch.zeros_like(best.d), own)
         differs = bool((accuracy != best.d).any())
-        weights = torch.cat([torch.full((t.count,), (1 - 1 / kappa) / t.count, dtype=torch.float64),
-                             torch.full((t.count,), (1 / kappa) / t.count, dtype=torch.float64)])
+        weights = torch.cat([torch.full((t.count,), (1 - 1 / kappa) / t.total, dtype=torch.float64),
+                             torch.full((t.count,), (1 / kappa) / t.total, dtype=torch.float64)])
         return Distribution(torch.cat([clean, t.atoms(best.d, own)]), weights, torch.cat([own, own]).cpu(), steps,
                             self.flags(),
                             accuracy_atoms=torch.cat([clean, t.atoms(accuracy, own)]) if differs else None)

@@ -112,8 +112,8 @@ class WDAPlusPlus(Attack):
     def _reach(self, delta: float) -> float:
         """How far any atom may travel: N^(1/p) delta, capped at the box's extent."""
         t = self.target
-        reach = delta if math.isinf(t.p) else delta * t.count ** (1.0 / t.p)
-        extent = float(vector_norm(torch.maximum(-t.lower, t.upper), t.norm).max())
+        reach = delta if math.isinf(t.p) else delta * t.total ** (1.0 / t.p)
+        extent = float(t.gather(vector_norm(torch.maximum(-t.lower, t.upper), t.norm).cpu())[0].max())
         return min(reach, extent)
 
     def _measured(self, d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -151,12 +151,13 @@ class WDAPlusPlus(Attack):
         distance = torch.full((t.count,), math.inf, dtype=torch.float64, device=t.flat.device)
         distance[~correct] = 0.0
         self.taken = 0
-        if delta <= 0 or not bool(correct.any()):
+        if delta <= 0 or not bool(t.gather(correct.cpu())[0].any()):
             return adversarial, distance, correct
         reach = self._reach(delta)
         first = min(delta, reach) / 20
         growth = growth_factor(first, 2 * reach, self.steps)
-        low, high, found, self.taken = self._walk(first, growth, classes, correct)
+        low, high, found, taken = self._walk(first, growth, classes, correct)
+        self.taken = int(t.gather(torch.tensor([taken]))[0].max())  # the walk ends when every rank's does
         index = found.nonzero().squeeze(-1)
         if len(index):
             ends = self._bisect(low[index], high[index], rows[index])
@@ -171,15 +172,14 @@ class WDAPlusPlus(Attack):
         """One walk per delta (each row depends on its own delta only), then its knapsack allocation."""
         t = self.target
         rows = self.rows()
-        seeded = self.generator.get_state()
         out = []
         for delta in deltas:
             start = time.perf_counter()
-            self.generator.set_state(seeded)  # every delta's random starts are those of a run on it alone
+            self.draws = 0  # every delta's random starts are those of a run on it alone
             adversarial, distance, correct = self.flip_points(float(delta))
             clean_atoms, flip_atoms = t.x, t.atoms(adversarial, rows)
-            alpha = flip_allocation(distance.cpu(), correct.cpu(), float(delta) * (1 - SHRINK), t.p)
-            stay, move = (1 - alpha) / t.count, alpha / t.count
+            alpha = t.local(flip_allocation(*t.gather(distance.cpu(), correct.cpu()), float(delta) * (1 - SHRINK), t.p))
+            stay, move = (1 - alpha) / t.total, alpha / t.total
             keep_stay, keep_move = stay > 0, move > 0
             atoms = torch.cat([clean_atoms[keep_stay.to(t.x.device)], flip_atoms[keep_move.to(t.x.device)]])
             weights = torch.cat([stay[keep_stay], move[keep_move]])

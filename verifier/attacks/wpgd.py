@@ -27,11 +27,12 @@ from verifier.geometry import dual_norm, vector_norm
 
 
 def wpgd_direction(g: torch.Tensor, d: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-                   norm: str, p: float) -> torch.Tensor:
-    """Bai et al.'s per-point direction (up to one positive factor common to the batch)."""
+                   norm: str, p: float, top: torch.Tensor | None = None) -> torch.Tensor:
+    """Bai et al.'s per-point direction (up to one positive factor common to the batch); `top` is the
+    largest `||g_i||_*` of the whole batch (default: of these rows)."""
     q = dual_exponent(p)
     size = dual_norm(g, norm)
-    top = size.max()
+    top = size.max() if top is None else top
     if not bool(top > 0):
         return torch.zeros_like(g)
     g = g / top  # the direction is homogeneous in g: rescaling avoids overflow of the powers
@@ -48,7 +49,8 @@ class WPGD(Attack):
     default_steps = 50
 
     def _cost(self, d: torch.Tensor) -> torch.Tensor:
-        sizes = vector_norm(d, self.target.norm)
+        """`(mean ||d_i||_r^p)^(1/p)` over the whole sample (every rank's rows)."""
+        (sizes,) = self.target.gather(vector_norm(d, self.target.norm))
         p = self.target.p
         return sizes.max() if math.isinf(p) else (sizes**p).mean() ** (1.0 / p)
 
@@ -65,15 +67,17 @@ class WPGD(Attack):
         for step in range(self.steps + 1):
             _, grad, logits = t.gradient(t.atoms(d, rows), objective)
             loss, margin = t.scores(logits, rows)
-            if float(loss.mean()) > best_value:
-                best_d, best_value = d, float(loss.mean())
-            if int((margin >= 0).sum()) > best_errors:
-                flip_d, best_errors = d, int((margin >= 0).sum())
+            losses, margins, sizes = t.gather(loss, margin, dual_norm(grad, t.norm))  # one exchange per step
+            value, errors = float(losses.mean()), int((margins >= 0).sum())
+            if value > best_value:
+                best_d, best_value = d, value
+            if errors > best_errors:
+                flip_d, best_errors = d, errors
             if step == self.steps:
                 break
             if step == 0:
                 self.note_zero_gradient(rows, grad)
-            direction = wpgd_direction(grad, d, t.lower, t.upper, t.norm, t.p)
+            direction = wpgd_direction(grad, d, t.lower, t.upper, t.norm, t.p, sizes.max().to(grad.device))
             scale = self._cost(direction)
             if not bool(scale > 0):
                 break

@@ -7,7 +7,9 @@ bound, Bai et al.'s first-order estimate `clean + delta * Upsilon` (an estimate,
 the certified accuracy (§4), and the exactness report (§3.5): an explicit distribution built
 from the samples' linearised maximisers, whose forward-pass risk is a lower bound on R(delta);
 the certificate is `exact` when it meets that lower bound. A model without bound rules falls
-back to the global baseline, flagged in `fallbacks`.
+back to the global baseline, flagged in `fallbacks`. The per-sample half runs block by block
+(`tables.py`); what follows it sees only the concatenated tables, so a sharded run
+(`verifier.distributed`) gathers them and computes the same certificate.
 """
 
 from __future__ import annotations
@@ -16,36 +18,36 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from verifier.bounds.global_lipschitz import global_lipschitz
 from verifier.bounds.network import BoundNetwork
-from verifier.cells import cell_analysis
+from verifier.cells import displacement_box
 from verifier.certify.accuracy import certified_accuracy
 from verifier.certify.aggregate import excess_bound, grid, linear_closed_form, used_points
-from verifier.certify.exactness import EXACT_TOLERANCE, RealisedDistribution, candidates, is_exact, realise
-from verifier.certify.growth import (ROUTES, RouteGrowth, box_reach, collect_evidence, growth_curves,
-                                     margin_class_curves, with_cells)
-from verifier.certify.milp_route import ExactSettings, MilpReport, curve_sources, inactive, refine_with_milp
-
-# Under a time limit the refinements get this share of the time left; the rest is for the
-# Jacobians, the aggregation per delta and the realising distributions.
-REFINE_SHARE = 0.8
-from verifier.certify.radii import certified_radii
+from verifier.certify.exactness import (EXACT_TOLERANCE, Candidates, Placed, RealisedDistribution, choose, is_exact,
+                                        place, summarise)
+from verifier.certify.growth import ROUTES, RouteGrowth, box_reach
+from verifier.certify.milp_route import ExactSettings, MilpReport, curve_sources
+from verifier.certify.tables import BlockInputs, block_tables, concat
 from verifier.convert import ConvertedModel
 from verifier.convert.normalize import NormalizedModel
 from verifier.data import check_labels
 from verifier.data import save_distributions as write_distributions
-from verifier.deadline import NEVER, Deadline, Stopped, Terminated
-from verifier.errors import ResourceLimitError, UsageError, VerifierError
+from verifier.deadline import NEVER, Deadline
+from verifier.distributed import Shard
+from verifier.errors import UsageError, VerifierError
 from verifier.finite import require_finite_inputs, require_finite_logits, require_no_nan
-from verifier.geometry import dual_norm, parse_norm, vector_norm
-from verifier.cells import displacement_box
-from verifier.jacobian import logits_jacobian, loss_gradients, prepared_module
-from verifier.losses import check_loss, loss_values
+from verifier.geometry import parse_norm
+from verifier.jacobian import prepared_module
+from verifier.losses import check_loss
+
+# Under a time limit the refinements get this share of the time left; the rest is for the
+# Jacobians, the aggregation per delta and the realising distributions.
+REFINE_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -148,11 +150,18 @@ def _upsilon(local_slopes: torch.Tensor, p: float) -> float:
 
 
 def radius_grid(inputs: torch.Tensor, deltas: Sequence[float], p: float, box, norm: str,
-                 grid_points: int) -> torch.Tensor:
+                grid_points: int) -> torch.Tensor:
     """One grid for every delta: up to the farthest a single sample can move (N^(1/p) delta, capped);
     the curve attack (`verifier.attacks.curve`) attacks at these radii too."""
-    top = max(deltas) * (1.0 if math.isinf(p) else min(len(inputs) ** (1.0 / p), 20.0))
-    top = min(top, float(box_reach(inputs, box, norm).max())) if box is not None else top
+    reach = float(box_reach(inputs, box, norm).max()) if box is not None else math.inf
+    return grid_of(len(inputs), reach, deltas, p, grid_points)
+
+
+def grid_of(count: int, reach: float, deltas: Sequence[float], p: float, grid_points: int) -> torch.Tensor:
+    """`radius_grid` of `count` samples whose farthest point in the box is `reach` away (inf: no box):
+    the form a sharded run uses, with N and the reach over every rank."""
+    top = max(deltas) * (1.0 if math.isinf(p) else min(count ** (1.0 / p), 20.0))
+    top = min(top, reach)
     top = max(top, max(deltas), 1e-6)  # a grid even when every delta is 0
     return torch.unique(torch.cat([grid(top, grid_points),
                                    torch.tensor([float(d) for d in deltas], dtype=torch.float64)]))
@@ -179,11 +188,14 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             box: tuple[float, float] | None = None, grid_points: int = 24,
             exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False,
             deadline: Deadline = NEVER, memory_limit_bytes: int | None = None,
-            refine_share: float = REFINE_SHARE, exact: ExactSettings | str = "auto") -> Certificate:
+            refine_share: float = REFINE_SHARE, exact: ExactSettings | str = "auto",
+            shard: Shard | None = None) -> Certificate:
     """Certificates (upper bounds on R(delta)) for every delta, on CPU in float64.
 
     `exact` (auto | on | off, or `ExactSettings`) runs the MILP route (§8) at the curve points
-    the certificates depend on: `auto` only where it is cheap (see `certify.milp_route`).
+    the certificates depend on: `auto` only where it is cheap (see `certify.milp_route`). It needs
+    every sample in one block: with more than `shard.block` samples it does not run (said in
+    `exact_mode.reason`, and in `fallbacks` under `on`).
 
     Work sized from shapes stays under `memory_limit_bytes` (default `resources.memory_limit()`):
     the exact cell analysis is skipped, with a fallback note, when one sample would not fit.
@@ -194,6 +206,10 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     bounds, larger radii, the global bound), each cut stated in `fallbacks`. Past `deadline`
     itself (checked between chunks of work in every step) `verifier.deadline.Stopped` is raised and
     nothing is returned.
+
+    Per-sample work runs block by block (`shard.block` samples, default `distributed.BLOCK`);
+    with a `shard` of a sharded run, `x` and `y` are this rank's samples, the per-sample tables
+    are gathered and every rank returns the certificate one process computes over all samples.
     """
     norm, loss = parse_norm(norm), check_loss(loss)
     if not p >= 1:
@@ -203,12 +219,10 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     _require_finite_model_logits(model, x)
     inputs = torch.as_tensor(x).to(torch.float64)
     labels = torch.as_tensor(y, dtype=torch.long)
+    shard = Shard.whole(len(inputs)) if shard is None else shard
+    if shard.count != len(inputs):
+        raise UsageError(f"the shard has {shard.count} samples but x has {len(inputs)}")
     module = prepared_module(model, "cpu", torch.float64)  # a float64 copy; the model is left as it is
-    logits = module(inputs).detach()
-    require_finite_logits(logits, "torch, float64")
-    check_labels(labels.numpy(), logits.shape[1])
-    lower, upper = displacement_box(inputs, box)
-    clean = loss_values(logits, labels, loss)
     fallbacks: list[str] = []
     lipschitz = global_lipschitz(_normalized(model), norm)
     network: BoundNetwork | None
@@ -219,82 +233,64 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         fallbacks.append(str(err))
     deadline.check("the certificate's set-up")
     refine = deadline.sooner(refine_share)
-    radii = radius_grid(inputs, deltas, p, box, norm, grid_points)
-    # The tightened bounds first: on a large model they matter more than the cells' tiny radii.
-    evidence = collect_evidence(network, inputs, labels, logits, norm, radii, box, None, progress=progress,
-                                deadline=refine, memory_limit_bytes=memory_limit_bytes)
-    fallbacks += evidence.notes
-    deadline.check("the bounds per radius")
-    cells = None
-    if model.piecewise_linear:  # every kink is a site: the model is affine on each cell
-        try:
-            cells = cell_analysis(model, inputs, labels, norm, box=box, device="cpu", deadline=refine,
-                                  memory_limit_bytes=memory_limit_bytes)
-        except ResourceLimitError as err:  # the cell route is skipped; the others still bound
-            fallbacks.append(f"cells skipped: {err}")
-        except Stopped as err:
-            if isinstance(err, Terminated):
-                raise
-            fallbacks.append("cells skipped: time limit")
-        deadline.check("cell analysis")
-        evidence = with_cells(evidence, cells)
     settings = exact if isinstance(exact, ExactSettings) else ExactSettings(mode=exact)
-    try:
-        evidence, milp_report = refine_with_milp(
-            evidence, network if loss != "dlr" else None, inputs, norm, box, deltas, p, loss,
-            lipschitz.loss_constant(loss), lipschitz.loss_constant("margin"), settings, cells, refine)
-    except Stopped as err:
-        if isinstance(err, Terminated):
-            raise
-        evidence, milp_report = inactive(settings, evidence, "time limit")
-        fallbacks.append("time limit: exact MILP route skipped")
-    deadline.check("the exact MILP route")
-    radii = evidence.radii  # the exact mode may have refined the grid where the certificate is decided
-    growth = growth_curves(evidence, loss, lipschitz.loss_constant(loss))
-    class_curves = margin_class_curves(evidence, lipschitz.loss_constant("margin")) if loss == "margin" else None
-    correct = loss_values(logits, labels, "margin") < 0
-    radii_certified = certified_radii(evidence, network, inputs, norm, box, cells, deadline=refine)
-    deadline.check("the certified radii")
-    if refine.expired():
-        fallbacks.append("time limit: certified radii not (fully) refined by bisection")
-    local = None
-    if loss != "zero_one":
-        gradients = loss_gradients(model, inputs, labels, loss, device="cpu", dtype=torch.float64,
-                                   deadline=deadline).gradients
-        local = dual_norm(gradients.flatten(1), norm)
+    one_block = shard.total <= shard.block
+    refusal = "" if one_block else (f"the exact route needs every sample in one block ({shard.total} samples, "
+                                    f"blocks of {shard.block}: --block-size)")
+    if refusal and settings.mode == "on":
+        fallbacks.append(f"exact MILP route not run: {refusal}")
+    reach = float(shard.gather_one(box_reach(inputs, box, norm)).max()) if box is not None else math.inf
+    radii = grid_of(shard.total, reach, deltas, p, grid_points)
+
+    def move_radii(grid_radii: torch.Tensor) -> torch.Tensor:
+        far = torch.logspace(0.0, 4.0, 9, dtype=torch.float64)[1:] * grid_radii[-1]  # small mass moved far (p < inf)
+        extra = far[far <= reach] if not math.isinf(p) else far[:0]
+        return torch.cat([_refined(grid_radii, 4), extra])
+
+    parts, blocks, reports = [], [], []
+    local_blocks = list(shard.blocks())
+    for number, part in enumerate(local_blocks):
+        block_x, block_y = inputs[part], labels[part]
+        logits = module(block_x).detach()
+        require_finite_logits(logits, "torch, float64")
+        check_labels(block_y.numpy(), logits.shape[1])
+        tables, jacobian, report = block_tables(
+            model, module, network, block_x, block_y, logits, norm, loss, box, radii, move_radii, deltas, p,
+            lipschitz.loss_constant(loss), lipschitz.loss_constant("margin"), settings, deadline,
+            refine.sooner(1.0 / (len(local_blocks) - number)),  # the refinement time left, shared by the blocks left
+            memory_limit_bytes, progress, refusal)
+        parts.append(tables)
+        reports.append(report)
+        blocks.append(BlockInputs(part.start, block_x, block_y, jacobian, *displacement_box(block_x, box)))
+    tables = concat(parts)
+    tables = concat(shard.objects(tables)) if shard.distributed else tables
+    milp_report = reports[0] if one_block else replace(reports[0], status=tables.milp_status)
+    fallbacks += tables.fallbacks
+    radii = tables.radii  # the exact mode may have refined the grid where the certificate is decided
+    growth = RouteGrowth(curves=tables.curves, by_route={}, winner=tables.winner, clean_loss=tables.clean)
+    correct = tables.correct
+    local = tables.local_slopes
     upsilon = _upsilon(local, p) if loss in ("ce", "margin") else None
     slope = lipschitz.loss_constant(loss) if loss != "dlr" else math.inf
-    jacobian = cells.jacobian if cells is not None else logits_jacobian(model, inputs, "cpu", torch.float64,
-                                                                        deadline=deadline).jacobian
-    reach = float(box_reach(inputs, box, norm).max())
-    far = torch.logspace(0.0, 4.0, 9, dtype=torch.float64)[1:] * radii[-1]  # small mass moved far (p < inf)
-    extra = far[far <= reach] if not math.isinf(p) else far[:0]
-    wanted = torch.cat([_refined(radii, 4), extra])
-    moves = candidates(module, inputs, labels, jacobian, lower, upper, wanted, norm, loss, refine)
-    deadline.check("the exactness candidates")
-    if len(moves.radii) < len(wanted):
-        fallbacks.append(f"time limit: exactness candidates at {len(moves.radii)} of {len(wanted)} radii")
-    if milp_report.moves is not None:
-        moves = moves.with_points(module, inputs, labels, milp_report.moves, norm, loss)
     results, distributions = [], []
     rounding = 8 * torch.finfo(model.input_dtype).eps
-    clean_risk = float(clean.mean())
+    clean_risk = float(tables.clean.mean())
     for delta in deltas:
         deadline.check("the certificates per delta")
         global_bound = clean_risk + delta * slope if math.isfinite(slope) else None
-        accuracy = certified_accuracy(radii_certified, correct, float(delta), p)
+        accuracy = certified_accuracy(tables.certified_radii, correct, float(delta), p)
         certificate, sources = None, {}
         if loss != "dlr":
-            excess, lam = excess_bound(growth.curves, float(delta), p)
-            family = growth.curves
-            if class_curves is not None:
-                class_excess, class_lam = excess_bound(class_curves, float(delta), p)
+            excess, lam = excess_bound(tables.curves, float(delta), p)
+            family = tables.curves
+            if tables.class_curves is not None:
+                class_excess, class_lam = excess_bound(tables.class_curves, float(delta), p)
                 if class_excess < excess:
-                    excess, lam, family = class_excess, class_lam, class_curves
+                    excess, lam, family = class_excess, class_lam, tables.class_curves
             if delta > 0:
                 sources = curve_sources(growth, used_points(family, float(delta), p, lam), milp_report.status,
                                         milp_report.solver or "milp")
-            closed_forms = [clean_risk + linear_closed_form(growth.curves.tail_slope, float(delta), p)]
+            closed_forms = [clean_risk + linear_closed_form(tables.curves.tail_slope, float(delta), p)]
             closed_forms += [global_bound] if global_bound is not None else []
             certificate = min([clean_risk + excess] + closed_forms)  # §3.7: every candidate is sound
             if loss == "zero_one":  # the error rate is also at most 1 - certified accuracy (§4)
@@ -303,7 +299,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             certificate += rounding * max(1.0, abs(certificate))
             if loss == "zero_one":
                 certificate = min(certificate, 1.0)
-        realised = realise(module, inputs, labels, jacobian, lower, upper, moves, float(delta), p, norm, loss)
+        low, high = _placed(module, blocks, tables.moves, shard, choose(tables.moves, float(delta), p), norm, loss)
+        realised = summarise(float(delta), p, low, high)
         distributions.append(realised)
         alarm = certificate is not None and realised.risk > certificate + rounding * max(1.0, abs(certificate))
         alarms = ("SOUNDNESS ALARM: the realising distribution's risk exceeds the certificate; please report "
@@ -314,19 +311,45 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             certified_accuracy=accuracy,
             realised_risk=realised.risk, realised_accuracy=realised.accuracy,
             exact=None if certificate is None else is_exact(certificate, realised.risk, exact_tolerance),
-            in_cell_mass=None if cells is None else _in_cell_mass(realised, inputs, cells.radius, norm),
+            in_cell_mass=None if tables.cell_radius is None else _in_cell_mass([*low, *high], tables.cell_radius),
             fallbacks=alarms + tuple(fallbacks) + _global_fallbacks(growth, radii, float(delta)),
             curve_sources=sources,
         ))
-    won = Counter(ROUTES[int(i)] for i in growth.winner[:, 1:].flatten() if i >= 0)
-    result = Certificate(loss=loss, p=p, norm=norm, box=box, samples=len(inputs),
+    won = Counter(ROUTES[int(i)] for i in tables.winner[:, 1:].flatten() if i >= 0)
+    result = Certificate(loss=loss, p=p, norm=norm, box=box, samples=shard.total,
                          clean_accuracy=float(correct.double().mean()), results=tuple(results),
                          exact_up_to_delta=_exact_up_to(results), routes_won=dict(won), fallbacks=tuple(fallbacks),
                          local_slopes=local, global_slope=slope if math.isfinite(slope) else None,
-                         certified_radii=radii_certified, distributions=tuple(distributions),
+                         certified_radii=tables.certified_radii, distributions=tuple(distributions),
                          exact_mode=milp_report)
     require_no_nan(result.to_dict(), "the certificate")
     return result
+
+
+def _rows_of(found: Candidates, rows: slice) -> Candidates:
+    """The candidates of samples `rows` (global indices)."""
+    return Candidates(radii=found.radii, direction_class=found.direction_class[rows], distance=found.distance[rows],
+                      gain=found.gain[rows], points=None if found.points is None else found.points[rows],
+                      point_distance=None if found.point_distance is None else found.point_distance[rows],
+                      point_gain=None if found.point_gain is None else found.point_gain[rows])
+
+
+def _placed(module: torch.nn.Module, blocks: list[BlockInputs], found: Candidates, shard: Shard,
+            picks: tuple[torch.Tensor, torch.Tensor, torch.Tensor], norm: str, loss: str
+            ) -> tuple[list[Placed], list[Placed]]:
+    """Every rank's atoms of the realising distribution, block by block, in sample order."""
+    low, high = [], []
+    for inputs in blocks:
+        rows = slice(shard.start + inputs.offset, shard.start + inputs.offset + len(inputs.x))
+        lower_pick, upper_pick = place(module, inputs.x, inputs.y, inputs.jacobian, inputs.lower, inputs.upper,
+                                       _rows_of(found, rows), tuple(t[rows] for t in picks), shard.total, norm, loss,
+                                       rows.start)
+        low.append(lower_pick)
+        high.append(upper_pick)
+    if not shard.distributed:
+        return low, high
+    every = shard.objects((low, high))
+    return [p for lows, _ in every for p in lows], [p for _, highs in every for p in highs]
 
 
 def _require_finite_model_logits(model: ConvertedModel, x: torch.Tensor | np.ndarray) -> None:
@@ -339,10 +362,12 @@ def _require_finite_model_logits(model: ConvertedModel, x: torch.Tensor | np.nda
     require_finite_logits(logits, f"torch, {str(dtype).replace('torch.', '')}")
 
 
-def _in_cell_mass(realised: RealisedDistribution, x: torch.Tensor, radius: torch.Tensor, norm: str) -> float:
+def _in_cell_mass(placed: Sequence[Placed], radius: torch.Tensor) -> float:
     """Probability mass of atoms within their sample's exact cell radius (where the analysis is exact)."""
-    moved = vector_norm((realised.atoms - x[realised.source]).flatten(1), norm)
-    return float(realised.weights[moved <= radius[realised.source]].sum())
+    moved = torch.cat([part.moved_by for part in placed])
+    source = torch.cat([part.source for part in placed])
+    weights = torch.cat([part.weights for part in placed])
+    return float(weights[moved <= radius[source]].sum())
 
 
 def _exact_up_to(results: Sequence[DeltaCertificate]) -> float | None:

@@ -13,6 +13,7 @@ lower bound on `R(delta)`, and the certificate is **exact** when it is within
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -102,33 +103,51 @@ def candidates(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobi
                       distance=torch.cat(distances, 1), gain=torch.cat(gains, 1))
 
 
-def realise(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: torch.Tensor,
-            lower: torch.Tensor, upper: torch.Tensor, found: Candidates, delta: float, p: float, norm: str,
-            loss: str) -> RealisedDistribution:
-    """The best distribution within `W_p <= delta` built from the candidates, evaluated by forward passes."""
-    count = len(x)
+@dataclass(frozen=True, eq=False)
+class Placed:
+    """The atoms one range of samples contributes to Q for one pick (its lower or upper candidate)."""
+
+    atoms: torch.Tensor  # (m, *input shape)
+    weights: torch.Tensor  # (m,) probability mass (already divided by N)
+    source: torch.Tensor  # (m,) long, sample index (shifted by the range's offset)
+    values: torch.Tensor  # (m,) loss by a forward pass
+    wrong: torch.Tensor  # (m,) bool, margin >= 0
+    moved_by: torch.Tensor  # (m,) float64 displacement norm
+
+
+def choose(found: Candidates, delta: float, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample (every sample of Q): candidate `low` with mass `1 - weight`, `high` with `weight`
+    (0 = no move, 1..K the linearised moves, K+1.. the explicit points): p = inf the best candidate
+    within delta, p < inf the knapsack of `allocate`."""
+    count = len(found.gain)
     zero = torch.zeros(count, 1, dtype=found.gain.dtype)
     extra = [] if found.points is None else [found.point_gain]
     gains = torch.cat([zero, found.gain] + extra, 1)
-    distances = torch.cat([zero, found.distance] + ([] if found.points is None else [found.point_distance]), 1)
-    rows = torch.arange(count)
-    linearised = len(found.radii)
     if math.isinf(p):
         within = (found.radii <= delta).expand(count, -1)
         if found.points is not None:
             within = torch.cat([within, found.point_distance <= delta], 1)
         usable = torch.cat([torch.ones(count, 1, dtype=torch.bool), within], 1)
         best = gains.masked_fill(~usable, -math.inf).argmax(1)
-        low, high, weight = best, best, torch.zeros(count, dtype=torch.float64)
-    else:
-        allocation = allocate(distances**p, gains, delta**p)
-        low, high, weight = allocation.low, allocation.high, allocation.weight
-    picks = [(low, 1.0 - weight), (high, weight)]
-    atoms, weights, source = [], [], []
+        return best, best, torch.zeros(count, dtype=torch.float64)
+    distances = torch.cat([zero, found.distance] + ([] if found.points is None else [found.point_distance]), 1)
+    allocation = allocate(distances**p, gains, delta**p)
+    return allocation.low, allocation.high, allocation.weight
+
+
+def place(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: torch.Tensor, lower: torch.Tensor,
+          upper: torch.Tensor, found: Candidates, picks: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+          total: int, norm: str, loss: str, offset: int = 0) -> tuple[Placed, Placed]:
+    """The atoms of these samples for both picks (rows of `found` and `picks` are these samples),
+    evaluated by one forward pass; `total` is N of the masses 1/N."""
+    low, high, weight = picks
+    rows = torch.arange(len(x))
+    linearised = len(found.radii)
     flat_jacobian = jacobian.flatten(2)
+    placed = []
     with torch.no_grad():
         logits = module(x)
-        for index, mass in picks:
+        for index, mass in ((low, 1.0 - weight), (high, weight)):
             keep = mass > 0
             moved = x.clone()
             explicit = keep & (index > linearised)
@@ -142,22 +161,41 @@ def realise(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian:
                 _, move = _moves(flat_jacobian[chosen], logits[chosen], y[chosen], lower[chosen], upper[chosen],
                                  radius, norm, classes=found.direction_class[rows[chosen], k])
                 moved[chosen] = x[chosen] + move.reshape(x[chosen].shape)
-            atoms.append(moved[keep])
-            weights.append(mass[keep] / count)
-            source.append(rows[keep])
-        atoms_t, weights_t, source_t = torch.cat(atoms), torch.cat(weights), torch.cat(source)
-        outputs = module(atoms_t)
-    values = loss_values(outputs, y[source_t], loss)
-    wrong = (margins(outputs, y[source_t]).masked_fill(
-        torch.nn.functional.one_hot(y[source_t], outputs.shape[1]).bool(), -math.inf).max(-1).values >= 0)
-    moved_by = vector_norm((atoms_t - x[source_t]).flatten(1).double(), norm)
+            placed.append((moved[keep], mass[keep] / total, rows[keep]))
+        outputs = module(torch.cat([atoms for atoms, _, _ in placed]))
+    parts, start = [], 0
+    for atoms, weights, source in placed:
+        out, labels = outputs[start:start + len(atoms)], y[source]
+        start += len(atoms)
+        wrong = margins(out, labels).masked_fill(
+            torch.nn.functional.one_hot(labels, out.shape[1]).bool(), -math.inf).max(-1).values >= 0
+        parts.append(Placed(atoms=atoms, weights=weights, source=source + offset, values=loss_values(out, labels, loss),
+                            wrong=wrong, moved_by=vector_norm((atoms - x[source]).flatten(1).double(), norm)))
+    return parts[0], parts[1]
+
+
+def summarise(delta: float, p: float, low: Sequence[Placed], high: Sequence[Placed]) -> RealisedDistribution:
+    """Q from the placed atoms of every range, every lower pick first (the order of one process)."""
+    parts = [*low, *high]
+    weights = torch.cat([part.weights for part in parts])
+    moved_by = torch.cat([part.moved_by for part in parts])
+    values, wrong = torch.cat([part.values for part in parts]), torch.cat([part.wrong for part in parts])
     if math.isinf(p):
         cost = float(moved_by.max()) if len(moved_by) else 0.0
     else:
-        cost = float((weights_t * moved_by**p).sum()) ** (1.0 / p)
-    return RealisedDistribution(delta=delta, atoms=atoms_t, weights=weights_t, source=source_t,
-                                risk=float((weights_t * values).sum()), accuracy=float((weights_t * (~wrong)).sum()),
+        cost = float((weights * moved_by**p).sum()) ** (1.0 / p)
+    return RealisedDistribution(delta=delta, atoms=torch.cat([part.atoms for part in parts]), weights=weights,
+                                source=torch.cat([part.source for part in parts]),
+                                risk=float((weights * values).sum()), accuracy=float((weights * (~wrong)).sum()),
                                 cost=cost)
+
+
+def realise(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: torch.Tensor,
+            lower: torch.Tensor, upper: torch.Tensor, found: Candidates, delta: float, p: float, norm: str,
+            loss: str) -> RealisedDistribution:
+    """The best distribution within `W_p <= delta` built from the candidates, evaluated by forward passes."""
+    low, high = place(module, x, y, jacobian, lower, upper, found, choose(found, delta, p), len(x), norm, loss)
+    return summarise(delta, p, [low], [high])
 
 
 def is_exact(certificate: float | None, realised: float, tolerance: float = EXACT_TOLERANCE) -> bool:
