@@ -6,7 +6,8 @@ Real exports break onnx2torch in a handful of known ways (see docs/architecture.
    `onnx.utils.Extractor`;
 2. exposes the head's logits (`verifier.head`: the input of a final Softmax/LogSoftmax/Sigmoid,
    `[0, z]` for one binary logit, `log(max(p, floor))` for probabilities) as an extra output;
-3. rewrites a Clip without any finite bound as Identity and the ai.onnx.ml linear models and
+3. rewrites a Clip without any finite bound as Identity, a HardSigmoid outside a HardSwish as
+   `Clip(alpha x + beta, 0, 1)` (`hard_sigmoid.py`) and the ai.onnx.ml linear models and
    normalisers as standard ops (`ml_ops.py`), then folds constants and shape computations
    with `onnxscript.optimizer`;
 4. gives every node a safe unique name: the names become torch module names and attributes in
@@ -36,9 +37,11 @@ import torch
 from torch import fx
 
 from verifier.convert.batch import BatchAxis, make_batch_dynamic
+from verifier.convert.hard_sigmoid import lower_hard_sigmoids
 from verifier.convert.ml_ops import lower_ml_ops
 from verifier.errors import UnsupportedOpsError
 from verifier.graph import OperatorGraph, node_keys
+from verifier.patterns import find_decomposed
 from verifier.head import Head, attach_logits, choose_head, numeric_outputs
 
 VERIFIER_DOMAIN = "verifier"
@@ -88,6 +91,8 @@ def normalize_model(model: onnx.ModelProto, output: str | None = None) -> Normal
     for key, node in zip(graph.nodes, named.graph.node):  # the keys inspect shows, for every node
         node.name = key
     _drop_identity_clips(named, graph)
+    lower_hard_sigmoids(named, keep={key for match in find_decomposed(graph, graph.topological_order())
+                                     for key in match.nodes})
     named = attach_logits(named, head)
     extracted = lower_ml_ops(onnx.utils.Extractor(named).extract_model(list(graph.inputs), outputs))
     optimized = onnxscript.optimizer.optimize(extracted)
