@@ -176,6 +176,7 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
             notes.append(f"time limit: tightened bounds at {done} of {total} (sample, radius) points"
                          + ("" if done else ", interval-based bounds elsewhere"))
         linear.masked_fill_(true_class.unsqueeze(1), -math.inf)
+        domain.masked_fill_(true_class, -math.inf)
         finite = torch.isfinite(domain_slopes).any() or torch.isfinite(domain).any()
         domain_slope = domain_slopes if finite else None
         if box is not None and finite:
