@@ -190,14 +190,6 @@ def summarise(delta: float, p: float, low: Sequence[Placed], high: Sequence[Plac
                                 cost=cost)
 
 
-def realise(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: torch.Tensor,
-            lower: torch.Tensor, upper: torch.Tensor, found: Candidates, delta: float, p: float, norm: str,
-            loss: str) -> RealisedDistribution:
-    """The best distribution within `W_p <= delta` built from the candidates, evaluated by forward passes."""
-    low, high = place(module, x, y, jacobian, lower, upper, found, choose(found, delta, p), len(x), norm, loss)
-    return summarise(delta, p, [low], [high])
-
-
 def is_exact(certificate: float | None, realised: float, tolerance: float = EXACT_TOLERANCE) -> bool:
     """Whether the certificate is met by an explicit distribution (§3.5)."""
     if certificate is None:

@@ -112,7 +112,8 @@ def samples_per_pass(network: BoundNetwork, x: torch.Tensor, memory_limit_bytes:
 def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
                      norm: str, radii: torch.Tensor, box: tuple[float, float] | None,
                      cells: CellAnalysis | None = None, device: str = "cpu", progress: bool = False,
-                     deadline: Deadline = NEVER, memory_limit_bytes: int | None = None) -> MarginEvidence:
+                     deadline: Deadline = NEVER, memory_limit_bytes: int | None = None,
+                     whole_domain: bool = True) -> MarginEvidence:
     """Margin and slope bounds at every grid radius and on the whole domain, coarse to fine (anytime).
 
     First the cheap pass: the margins back-substituted through relaxations of interval bounds
@@ -123,7 +124,8 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
     `memory_limit_bytes` (default `resources.memory_limit()`). Past `deadline` the pass in progress
     ends where it is (`notes` say how far the tight pass got): a point without a tight bound keeps
     its cheap one, and is also capped by every larger radius. A signal (`Terminated`) still stops
-    everything.
+    everything. `whole_domain=False` skips the whole-domain passes (`whole_box`, `domain_slope`
+    None), for a caller that only adds radii to evidence it has.
     """
     linear = slopes = whole_box = domain_slope = tightened = None
     notes: list[str] = []
@@ -158,11 +160,12 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
             # Coarse to fine over the grid (the largest radius, then every 2^j-th point), so that a cut
             # leaves bounds spread over it; a radius not reached is capped by every larger one.
             spread = sorted(range(1, points), key=lambda k: (k != points - 1, -(k & -k), -k))
-            for index in [None] + spread:
+            domain_pass = [None] if whole_domain else []
+            for index in domain_pass + spread:
                 for part in parts:
                     deadline.check("the interval bounds per radius")
                     bound(part, index, tighten=False)
-            work = [(part, index) for part in parts for index in [*range(points - 1, 0, -1), None]]
+            work = [(part, index) for part in parts for index in [*range(points - 1, 0, -1), *domain_pass]]
             state = None
             for part, index in tqdm(work, desc="certify: bounds per radius", unit="radius", disable=not progress,
                                     leave=False):
@@ -181,14 +184,11 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
         domain_slope = domain_slopes if finite else None
         if box is not None and finite:
             whole_box = domain
-    return MarginEvidence(
+    return with_cells(MarginEvidence(
         radii=radii, logits=logits, labels=y, linear=linear, slopes=slopes, whole_box=whole_box,
-        domain_slope=domain_slope,
-        cell_margins=None if cells is None else cells.class_margins(radii),
-        cell_rates=None if cells is None else cells.class_margin_rates(radii),
-        cell_radius=None if cells is None else cells.radius, reach=box_reach(x, box, norm),
-        tightened=tightened, notes=tuple(notes),
-    )
+        domain_slope=domain_slope, cell_margins=None, cell_rates=None, cell_radius=None,
+        reach=box_reach(x, box, norm), tightened=tightened, notes=tuple(notes),
+    ), cells)
 
 
 def with_cells(evidence: MarginEvidence, cells: CellAnalysis | None) -> MarginEvidence:

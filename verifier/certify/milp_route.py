@@ -280,7 +280,8 @@ def _with_radii(evidence: MarginEvidence, milp: torch.Tensor, status: torch.Tens
                 x: torch.Tensor, norm: str, box, cells, new: list[float], deadline: Deadline):
     """The evidence on the grid with `new` radii inserted (their bounds computed for every sample)."""
     extra = collect_evidence(network, x, evidence.labels, evidence.logits, norm,
-                             torch.tensor([0.0] + new, dtype=evidence.radii.dtype), box, cells, deadline=deadline)
+                             torch.tensor([0.0] + new, dtype=evidence.radii.dtype), box, cells, deadline=deadline,
+                             whole_domain=False)
     radii = torch.cat([evidence.radii, extra.radii[1:]])
     order = torch.argsort(radii)
 
