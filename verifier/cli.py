@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--topk", type=int, default=9, help="WDA: wrong classes probed (default 9)")
     attack.add_argument("--save-adversarial", metavar="OUT.npz",
                         help="save every (method, delta) distribution: atoms, weights, source")
-    add_time_limit(attack, "exit 3 and no result")
+    add_time_limit(attack, "each method gets an equal share and returns its best points so far, flagged time-limited; exit 3 and no result only if a replay does not fit")
     add_block_size(attack)
     add_device(attack)
     add_json(attack)
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--min-robust-accuracy", type=float, metavar="A",
                        help="fail if an attack drives the accuracy below A (and no certificate proves it)")
     add_exact(audit)
-    add_time_limit(audit, "a partial report, exit 3")
+    add_time_limit(audit, "certify and each attack get shares and return their best so far; a partial report, exit 3, only if a stage does not fit")
     add_block_size(audit)
     audit.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_device(audit)

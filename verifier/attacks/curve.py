@@ -113,6 +113,7 @@ class CurveAttack(Attack):
         """One batch of attack points for every delta, then one hull allocation per delta."""
         t = self.target
         start = time.perf_counter()
+        self.begin(1)  # one batch of points serves every delta
         atoms, distance, gain = self._points(deltas)
         shared = time.perf_counter() - start
         per_sample = distance.shape[1]

@@ -77,7 +77,7 @@ class WDAPlusPlus(Attack):
         step_size, taken = first_step, 0
         for step in range(self.steps):
             index = active.nonzero().squeeze(-1)
-            if len(index) == 0:
+            if len(index) == 0 or self.out_of_time():
                 break
             taken += 1
             rows = index.repeat_interleave(k)
@@ -173,8 +173,9 @@ class WDAPlusPlus(Attack):
         t = self.target
         rows = self.rows()
         out = []
-        for delta in deltas:
+        for index, delta in enumerate(deltas):
             start = time.perf_counter()
+            self.begin(len(deltas) - index)
             self.draws = 0  # every delta's random starts are those of a run on it alone
             adversarial, distance, correct = self.flip_points(float(delta))
             clean_atoms, flip_atoms = t.x, t.atoms(adversarial, rows)
