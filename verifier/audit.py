@@ -273,7 +273,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                     converted, shard.local(x), shard.local(y), list(settings.deltas), p=settings.p,
                     norm=settings.norm, loss=settings.loss, box=box, grid_points=settings.grid_points,
                     progress=progress, deadline=clock.deadline(), memory_limit_bytes=settings.memory_limit,
-                    refine_share=CERTIFY_REFINE_SHARE, exact=settings.exact, shard=shard))
+                    refine_share=CERTIFY_REFINE_SHARE, exact=settings.exact, shard=shard, device=settings.device))
             except Stopped as err:
                 job.share(err)
                 stopped_at = "certify"

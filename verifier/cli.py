@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="save each delta's realising distribution (atoms, weights, source)")
     add_time_limit(certify, "refinements stop at 80%% of it, listed in fallbacks; exit 3 and no result only if the coarse certificate does not fit")
     add_block_size(certify)
-    add_json(certify)  # certificates are computed in float64 on the CPU (no --device)
+    add_device(certify)  # bounds, cells and Jacobians there; the tables and aggregation on the CPU
+    add_json(certify)
     certify.set_defaults(run=_run_certify)
 
     attack = commands.add_parser("attack", help="Wasserstein distributional attacks (lower bounds)")
@@ -242,7 +243,8 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
     shard = args.job.shard(len(samples.x))
     result = certify(converted, shard.local(samples.x), shard.local(samples.y), deltas, p=p, norm=args.norm,
                      loss=args.loss, box=box, grid_points=args.grid_points, progress=_progress_wanted(args),
-                     deadline=stop_at, memory_limit_bytes=memory_limit(args), exact=args.exact, shard=shard)
+                     deadline=stop_at, memory_limit_bytes=memory_limit(args), exact=args.exact, shard=shard,
+                     device=args.device)
     if args.save_distributions and args.job.writer:
         save_distributions(result, args.save_distributions)
     payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted),

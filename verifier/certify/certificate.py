@@ -38,6 +38,7 @@ from verifier.convert.normalize import NormalizedModel
 from verifier.data import check_labels
 from verifier.data import save_distributions as write_distributions
 from verifier.deadline import NEVER, Deadline
+from verifier.device import resolve_device
 from verifier.distributed import Shard
 from verifier.errors import UsageError, VerifierError
 from verifier.finite import require_finite_inputs, require_finite_logits, require_no_nan
@@ -189,8 +190,12 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False,
             deadline: Deadline = NEVER, memory_limit_bytes: int | None = None,
             refine_share: float = REFINE_SHARE, exact: ExactSettings | str = "auto",
-            shard: Shard | None = None) -> Certificate:
-    """Certificates (upper bounds on R(delta)) for every delta, on CPU in float64.
+            shard: Shard | None = None, device: str = "cpu") -> Certificate:
+    """Certificates (upper bounds on R(delta)) for every delta, in float64.
+
+    `device` (auto | cpu | cuda) is where the heavy per-sample work runs: bound propagation, the
+    cell analysis, Jacobians and gradients; the per-sample tables, the aggregation, the MILP route
+    and the exactness candidates stay on the CPU.
 
     `exact` (auto | on | off, or `ExactSettings`) runs the MILP route (§8) at the curve points
     the certificates depend on: `auto` only where it is cheap (see `certify.milp_route`). It needs
@@ -226,10 +231,14 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     fallbacks: list[str] = []
     lipschitz = global_lipschitz(_normalized(model), norm)
     network: BoundNetwork | None
+    target = resolve_device(device)
+    cpu_network: BoundNetwork | None
     try:
-        network = BoundNetwork.from_model(model)
+        network = cpu_network = BoundNetwork.from_model(model)
+        if target.type != "cpu":  # the bounds' constants on the device; the MILP route reads the CPU twin
+            network = BoundNetwork.from_model(model, torch.float64, target)
     except VerifierError as err:
-        network = None
+        network = cpu_network = None
         fallbacks.append(str(err))
     deadline.check("the certificate's set-up")
     refine = deadline.sooner(refine_share)
@@ -258,7 +267,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             model, module, network, block_x, block_y, logits, norm, loss, box, radii, move_radii, deltas, p,
             lipschitz.loss_constant(loss), lipschitz.loss_constant("margin"), settings, deadline,
             refine.sooner(1.0 / (len(local_blocks) - number)),  # the refinement time left, shared by the blocks left
-            memory_limit_bytes, progress, refusal)
+            memory_limit_bytes, progress, refusal, device=target, exact_network=cpu_network)
         parts.append(tables)
         reports.append(report)
         blocks.append(BlockInputs(part.start, block_x, block_y, jacobian, *displacement_box(block_x, box)))

@@ -31,6 +31,9 @@ from verifier.jacobian import logits_jacobian, loss_gradients
 from verifier.losses import loss_values
 
 
+CPU = torch.device("cpu")
+
+
 @dataclass(frozen=True, eq=False)
 class SampleTables:
     """Everything certify's global steps need from a range of samples (rows in sample order)."""
@@ -65,23 +68,26 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
                  y: torch.Tensor, logits: torch.Tensor, norm: str, loss: str, box: tuple[float, float] | None,
                  radii: torch.Tensor, move_radii, deltas, p: float, global_slope: float, margin_slope: float,
                  exact: ExactSettings, deadline: Deadline, refine: Deadline, memory_limit_bytes: int | None,
-                 progress: bool, exact_refusal: str = "") -> tuple[SampleTables, torch.Tensor, MilpReport]:
+                 progress: bool, exact_refusal: str = "", device: torch.device = CPU,
+                 exact_network: BoundNetwork | None = None) -> tuple[SampleTables, torch.Tensor, MilpReport]:
     """The tables of one block of samples (float64 inputs), its logits Jacobian (n, C, d) and what
-    the exact route did. Anytime: the refinements (tightened bounds, cells, the MILP route,
+    the exact route did. The bounds, cells, Jacobians and gradients run on `device` (`network`'s
+    constants live there; `exact_network` is its CPU twin for the MILP route, default `network`);
+    the tables come back on the CPU. Anytime: the refinements (tightened bounds, cells, the MILP route,
     bisection, candidates) run under `refine` and stop where they are, each cut a fallback line;
     `deadline` itself raises `Stopped`. `move_radii(radii)` gives the candidate radii of a grid.
     `exact_refusal` (non-empty): the exact route does not run, for that reason."""
     fallbacks: list[str] = []
     # The tightened bounds first: on a large model they matter more than the cells' tiny radii.
-    evidence = collect_evidence(network, x, y, logits, norm, radii, box, None, progress=progress, deadline=refine,
-                                memory_limit_bytes=memory_limit_bytes)
+    evidence = collect_evidence(network, x, y, logits, norm, radii, box, None, device=device, progress=progress,
+                                deadline=refine, memory_limit_bytes=memory_limit_bytes)
     fallbacks += evidence.notes
     deadline.check("the bounds per radius")
     cells = None
     if model.piecewise_linear:  # every kink is a site: the model is affine on each cell
         try:
-            cells = cell_analysis(model, x, y, norm, box=box, device="cpu", deadline=refine,
-                                  memory_limit_bytes=memory_limit_bytes)
+            cells = cell_analysis(model, x, y, norm, box=box, device=str(device), deadline=refine,
+                                  memory_limit_bytes=memory_limit_bytes).to(CPU)
         except ResourceLimitError as err:  # the cell route is skipped; the others still bound
             fallbacks.append(f"cells skipped: {err}")
         except Stopped as err:
@@ -94,8 +100,9 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
         evidence, milp_report = inactive(exact, evidence, exact_refusal)
     else:
         try:
-            evidence, milp_report = refine_with_milp(evidence, network if loss != "dlr" else None, x, norm, box, deltas,
-                                                     p, loss, global_slope, margin_slope, exact, cells, refine)
+            milp_network = (exact_network if exact_network is not None else network) if loss != "dlr" else None
+            evidence, milp_report = refine_with_milp(evidence, milp_network, x, norm, box, deltas, p, loss, global_slope,
+                                                     margin_slope, exact, cells, refine)
         except Stopped as err:
             if isinstance(err, Terminated):
                 raise
@@ -104,16 +111,16 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
     deadline.check("the exact MILP route")
     growth = growth_curves(evidence, loss, global_slope)
     class_curves = margin_class_curves(evidence, margin_slope) if loss == "margin" else None
-    radii_certified = certified_radii(evidence, network, x, norm, box, cells, deadline=refine)
+    radii_certified = certified_radii(evidence, network, x, norm, box, cells, deadline=refine, device=device)
     deadline.check("the certified radii")
     if refine.expired():
         fallbacks.append("time limit: certified radii not (fully) refined by bisection")
     local = None
     if loss != "zero_one":
-        gradients = loss_gradients(model, x, y, loss, device="cpu", dtype=torch.float64, deadline=deadline).gradients
-        local = dual_norm(gradients.flatten(1), norm)
-    jacobian = cells.jacobian if cells is not None else logits_jacobian(model, x, "cpu", torch.float64,
-                                                                        deadline=deadline).jacobian
+        gradients = loss_gradients(model, x, y, loss, device=device, dtype=torch.float64, deadline=deadline).gradients
+        local = dual_norm(gradients.flatten(1).to(CPU), norm)
+    jacobian = cells.jacobian if cells is not None else logits_jacobian(model, x, device, torch.float64,
+                                                                        deadline=deadline).jacobian.to(CPU)
     lower, upper = displacement_box(x, box)
     wanted = move_radii(evidence.radii)
     moves = candidates(module, x, y, jacobian, lower, upper, wanted, norm, loss, refine)
