@@ -291,7 +291,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                         converted, loaded, shard.local(x), shard.local(y), [m], list(settings.deltas), p=settings.p,
                         norm=settings.norm, loss=settings.loss, box=box, steps=settings.steps, seed=settings.seed,
                         device=settings.device, progress=progress, deadline=clock.deadline(), shard=shard,
-                        budget=b))
+                        budget=b, memory_limit_bytes=settings.memory_limit))
                 except Stopped as err:
                     job.share(err)
                     stopped_at = "attacks"

@@ -265,7 +265,8 @@ def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
     shard = args.job.shard(len(samples.x))
     report = attack(converted, loaded, shard.local(samples.x), shard.local(samples.y), methods, deltas, p=p,
                     norm=args.norm, loss=args.loss, box=box, steps=args.steps, kappa=args.kappa, topk=args.topk,
-                    seed=args.seed, device=args.device, progress=_progress_wanted(args), deadline=stop_at, shard=shard)
+                    seed=args.seed, device=args.device, progress=_progress_wanted(args), deadline=stop_at, shard=shard,
+                    memory_limit_bytes=memory_limit(args))
     if args.save_adversarial and args.job.writer:
         save_adversarial(report, args.save_adversarial)
     payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted),

@@ -6,8 +6,9 @@ bounds (float64), and the `Deadline` checked before every forward or gradient pa
 atoms — i.e. inside every attack step, so a time limit stops an attack within one such pass.
 Displacements `d` are kept in float64 and turned into model-dtype atoms by `Target.atoms`, which
 rounds every coordinate towards its sample, so an atom's true distance never exceeds the one
-computed from `d`. Every pass has a fixed row count (`ROWS_PER_PASS`, padded), so per-row results
-do not depend on which other rows share the pass. In a sharded run (`verifier.distributed`)
+computed from `d`. Every pass has a fixed row count (`rows_per_pass`: at most `ROWS_PER_PASS`,
+fewer for a small sample or a large model; padded), so per-row results do not depend on which
+other rows share the pass. In a sharded run (`verifier.distributed`)
 `Target.shard` says which samples these are: `Target.total` is N and `Target.gather` brings every
 rank's per-sample rows to the global steps. `Best` keeps two optima per row (the highest-loss point
 for the risk, the most misclassified point for the accuracy).
@@ -22,10 +23,31 @@ import torch
 
 from verifier.deadline import NEVER, Deadline
 from verifier.distributed import Shard
+from verifier.jacobian import autograd_bytes
+from verifier.resources import memory_limit
 from verifier.losses import loss_values, other_logits
 
 ROWS_PER_PASS = 256  # every forward/gradient pass sees exactly this many rows (padded): per-row results then
 # do not depend on which other rows share the pass, so a sharded run computes what one process computes
+MIN_ROWS_PER_PASS = 64  # the fewest rows a pass is padded to (fewer: more passes of little work)
+PASS_SHARE = 4  # one pass's autograd tensors may take this fraction (1/PASS_SHARE) of the memory limit
+
+
+def rows_per_pass(module: torch.nn.Module, sample: torch.Tensor, total: int, memory_limit_bytes: int | None,
+                  shard: Shard | None = None) -> int:
+    """Rows of every forward/gradient pass: `ROWS_PER_PASS`, or fewer when the whole sample has fewer
+    rows to fill it (the next power of two of `total`, at least `MIN_ROWS_PER_PASS`: a 16-sample audit
+    of a large CNN does not pay for 256 rows), and no more than fit in 1/`PASS_SHARE` of the memory
+    limit (autograd's saved tensors of one row of `sample`, measured). A function of the model, the
+    total sample count and the limit only, and the smallest over the ranks of a sharded run, so every
+    rank pads to the same count."""
+    per_row = autograd_bytes(module, sample[:1]) + 3 * sample[:1].numel() * sample.element_size()
+    fits = max(1, memory_limit(memory_limit_bytes) // PASS_SHARE // max(per_row, 1))
+    wanted = max(MIN_ROWS_PER_PASS, 1 << max(0, int(total) - 1).bit_length())
+    rows = int(min(ROWS_PER_PASS, wanted, fits))
+    if shard is not None and shard.distributed:
+        rows = int(shard.gather_one(torch.tensor([rows])).min())
+    return rows
 
 Objective = Callable[[torch.Tensor, slice], torch.Tensor]  # (logits of a chunk, its rows) -> value per row
 
@@ -51,6 +73,7 @@ class Target:
     fixed_batch: int | None = None
     deadline: Deadline = NEVER  # checked before every forward or gradient pass of a chunk (every step)
     shard: Shard | None = None  # which samples of the whole sample these are (None: all of them)
+    rows_per_pass: int = ROWS_PER_PASS  # rows of every pass (padded); `rows_per_pass()` sizes it
 
     @property
     def total(self) -> int:
@@ -90,11 +113,11 @@ class Target:
         return atom.reshape(len(rows), *self.x.shape[1:])
 
     def _chunks(self, count: int) -> list[slice]:
-        step = self.fixed_batch or ROWS_PER_PASS
+        step = self.fixed_batch or self.rows_per_pass
         return [slice(s, min(s + step, count)) for s in range(0, count, step)]
 
     def _padded(self, atoms: torch.Tensor) -> torch.Tensor:
-        missing = (self.fixed_batch or ROWS_PER_PASS) - len(atoms)
+        missing = (self.fixed_batch or self.rows_per_pass) - len(atoms)
         return torch.cat([atoms, atoms[-1:].expand(missing, *atoms.shape[1:])]) if missing > 0 else atoms
 
     def logits(self, atoms: torch.Tensor) -> torch.Tensor:
