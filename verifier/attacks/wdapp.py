@@ -103,6 +103,8 @@ class WDAPlusPlus(Attack):
     def _bisect(self, low: torch.Tensor, high: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Shrink [correct, wrong] brackets on their segments; returns the wrong ends."""
         for _ in range(BISECTION_STEPS):
+            if self.out_of_time():  # `high` is wrong at every step: a valid (farther) end
+                break
             middle = (low + high) / 2
             wrong = (self._margin(middle, rows) >= FLIP_MARGIN).unsqueeze(-1)
             high = torch.where(wrong, middle, high)
@@ -126,7 +128,7 @@ class WDAPlusPlus(Attack):
         towards x_i replaces the walk's when it is closer (in place)."""
         for _ in range(REFINE_ROUNDS):
             index = (torch.isfinite(distance) & (distance > 0)).nonzero().squeeze(-1)
-            if len(index) == 0:
+            if len(index) == 0 or self.out_of_time():
                 return
             rows = self.rows()[index]
             best = self.search(rows, distance[index], REFINE_STEPS)
