@@ -120,7 +120,7 @@ class Attack:
         """Both optima at the samples themselves."""
         t = self.target
         zero = torch.zeros(len(rows), t.flat.shape[1], dtype=torch.float64, device=t.flat.device)
-        return Best.at(zero, *t.scores(t.logits(t.atoms(zero, rows)), rows))
+        return Best.at(zero, *t.scores(t.clean_logits[rows], rows))  # atoms(0) = x exactly
 
     def ascend(self, rows: torch.Tensor, radius: torch.Tensor, objective: Objective, steps: int,
                start: torch.Tensor | None = None, best: Best | None = None,
@@ -144,8 +144,10 @@ class Attack:
         rose, checked_value = torch.zeros_like(radius), top_value
         halved, since = torch.zeros_like(radius, dtype=torch.bool), 0
         fractions = schedule(steps)
+        cut = False
         for step in range(steps):
             if self.out_of_time():
+                cut = True
                 break
             value, grad, logits = t.gradient(t.atoms(d, rows), objective)
             best.update(d, *t.scores(logits, rows))
@@ -172,7 +174,8 @@ class Attack:
             z = self.project(d + eta.unsqueeze(-1) * direction, radius, rows)
             alpha = MOMENTUM if step > 0 else 1.0
             previous, d = d, self.project(d + alpha * (z - d) + (1 - alpha) * (d - previous), radius, rows)
-        best.update(d, *t.scores(t.logits(t.atoms(d, rows)), rows))
+        if not cut:  # out of time, the last iterate is left unevaluated: the best so far stands
+            best.update(d, *t.scores(t.logits(t.atoms(d, rows)), rows))
         return best, d
 
     def search(self, rows: torch.Tensor, radius: torch.Tensor, steps: int, best: Best | None = None,
@@ -198,7 +201,7 @@ class Attack:
         first = self.draws  # this search's draws are numbered first + 1 ... first + restarts + 1, however
         self.draws += restarts + 1  # its rows are chunked or sharded and whether the targeted runs happen
         occurrence = occurrences(rows) if occurrence is None else occurrence
-        k = max(1, min(topk, t.logits(t.x[:1]).shape[-1] - 1))
+        k = max(1, min(topk, t.clean_logits.shape[-1] - 1))
         self.runs = restarts + (k if topk > 0 else 0)  # the runs a row still correct gets (shard-independent)
         return self._search(rows, radius, steps, self.start_best(rows) if best is None else best, restarts, topk,
                             every_row, first, occurrence)
@@ -221,7 +224,7 @@ class Attack:
                                   adaptive=not self.options.get("plain", False))
         if topk <= 0 or self.out_of_time():
             return best
-        classes = top_wrong_classes(t.logits(t.x), t.y, topk)[rows]
+        classes = top_wrong_classes(t.clean_logits, t.y, topk)[rows]
         left = torch.arange(len(rows), device=rows.device) if every_row else (~best.misclassified).nonzero().squeeze(-1)
         if len(left) == 0:
             return best

@@ -76,7 +76,7 @@ class CurveAttack(Attack):
             return t.x[:0], empty, empty
         rows = self.rows(len(grid))
         best = self.search(rows, grid.repeat(t.count), self.steps, every_row=True)
-        clean = t.loss_of(t.logits(t.x), self.rows())
+        clean = t.loss_of(t.clean_logits, self.rows())
         atoms = t.atoms(best.d, rows)
         distance = vector_norm(atoms.flatten(1).to(torch.float64) - t.flat[rows], t.norm)
         shape = (t.count, len(grid))

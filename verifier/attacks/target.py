@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -29,21 +30,23 @@ from verifier.losses import loss_values, other_logits
 
 ROWS_PER_PASS = 256  # every forward/gradient pass sees exactly this many rows (padded): per-row results then
 # do not depend on which other rows share the pass, so a sharded run computes what one process computes
-MIN_ROWS_PER_PASS = 64  # the fewest rows a pass is padded to (fewer: more passes of little work)
+MIN_ROWS_PER_PASS = 64  # the fewest rows a pass of a small model is padded to (fewer: more passes of little work)
+SMALL_PASS_BYTES = 2**26  # ... where MIN_ROWS_PER_PASS rows fit in this many bytes of autograd tensors
 PASS_SHARE = 4  # one pass's autograd tensors may take this fraction (1/PASS_SHARE) of the memory limit
 
 
 def rows_per_pass(module: torch.nn.Module, sample: torch.Tensor, total: int, memory_limit_bytes: int | None,
                   shard: Shard | None = None) -> int:
     """Rows of every forward/gradient pass: `ROWS_PER_PASS`, or fewer when the whole sample has fewer
-    rows to fill it (the next power of two of `total`, at least `MIN_ROWS_PER_PASS`: a 16-sample audit
-    of a large CNN does not pay for 256 rows), and no more than fit in 1/`PASS_SHARE` of the memory
+    rows to fill it (the next power of two of `total`: a 16-sample audit of a large CNN does not pay
+    for 256 rows; at least `MIN_ROWS_PER_PASS` for a small model, whose passes cost little), and no more than fit in 1/`PASS_SHARE` of the memory
     limit (autograd's saved tensors of one row of `sample`, measured). A function of the model, the
     total sample count and the limit only, and the smallest over the ranks of a sharded run, so every
     rank pads to the same count."""
     per_row = autograd_bytes(module, sample[:1]) + 3 * sample[:1].numel() * sample.element_size()
     fits = max(1, memory_limit(memory_limit_bytes) // PASS_SHARE // max(per_row, 1))
-    wanted = max(MIN_ROWS_PER_PASS, 1 << max(0, int(total) - 1).bit_length())
+    floor = min(MIN_ROWS_PER_PASS, max(1, SMALL_PASS_BYTES // max(per_row, 1)))
+    wanted = max(floor, 1 << max(0, int(total) - 1).bit_length())
     rows = int(min(ROWS_PER_PASS, wanted, fits))
     if shard is not None and shard.distributed:
         rows = int(shard.gather_one(torch.tensor([rows])).min())
@@ -119,6 +122,12 @@ class Target:
     def _padded(self, atoms: torch.Tensor) -> torch.Tensor:
         missing = (self.fixed_batch or self.rows_per_pass) - len(atoms)
         return torch.cat([atoms, atoms[-1:].expand(missing, *atoms.shape[1:])]) if missing > 0 else atoms
+
+    @cached_property
+    def clean_logits(self) -> torch.Tensor:
+        """`logits(x)` of the samples themselves, computed once (every pass has the same rows count,
+        so these are the values any pass gives them)."""
+        return self.logits(self.x)
 
     def logits(self, atoms: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) in float64 of model-dtype atoms, by forward passes without gradients."""

@@ -146,7 +146,7 @@ class WDAPlusPlus(Attack):
         (inf: none found) and which samples were correctly classified."""
         t = self.target
         rows = self.rows()
-        logits = t.logits(t.x)
+        logits = t.clean_logits
         correct = loss_values(logits, t.y, "margin") < 0
         classes = top_wrong_classes(logits, t.y, int(self.options.get("topk", 9)))
         adversarial = torch.zeros_like(t.flat)
