@@ -124,3 +124,16 @@ def test_audit_attack_cut_by_its_share_still_completes_and_says_so(tmp_path, mon
         assert TIME_LIMITED in row["attacks"]["pgd"]["flags"]
         assert TIME_LIMITED not in row["attacks"]["wdapp"]["flags"]
         assert row["attacks"]["pgd"]["risk"] <= row["certificate"] + 1e-9
+
+
+def test_passes_of_no_rows_give_empty_results(mlp):
+    """A loop whose rows all dropped out (e.g. no verified flip left to pull back) asks for nothing."""
+    from verifier.attacks import _target
+    from verifier.device import resolve_device
+
+    _, converted, x, y = mlp
+    target = _target(converted, x[:3], y[:3], 2.0, "inf", "ce", (0.0, 1.0), resolve_device("cpu"), NEVER)
+    empty = target.x[:0]
+    assert target.logits(empty).shape == (0, 10)
+    values, grads, logits = target.gradient(empty, target.loss_objective(target.y[:0]))
+    assert values.shape == (0,) and grads.shape == (0, x[0].size) and logits.shape == (0, 10)

@@ -131,6 +131,8 @@ class Target:
 
     def logits(self, atoms: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) in float64 of model-dtype atoms, by forward passes without gradients."""
+        if len(atoms) == 0:  # (the samples themselves are never empty)
+            return self.clean_logits[:0]
         parts = []
         with torch.no_grad():
             for part in self._chunks(len(atoms)):
@@ -141,6 +143,9 @@ class Target:
 
     def gradient(self, atoms: torch.Tensor, objective: Objective):
         """Objective values (B,), input gradients flattened to float64 (B, D) and logits (B, C)."""
+        if len(atoms) == 0:
+            flat = atoms.flatten(1).to(torch.float64)
+            return flat.sum(1), flat, self.clean_logits[:0]
         values, grads, logits = [], [], []
         for part in self._chunks(len(atoms)):
             self.deadline.check("an attack step")
