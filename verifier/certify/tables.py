@@ -119,10 +119,13 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
     if loss != "zero_one":
         gradients = loss_gradients(model, x, y, loss, device=device, dtype=torch.float64, deadline=deadline).gradients
         local = dual_norm(gradients.flatten(1).to(CPU), norm)
-    jacobian = cells.jacobian if cells is not None else logits_jacobian(model, x, device, torch.float64,
-                                                                        deadline=deadline).jacobian.to(CPU)
-    lower, upper = displacement_box(x, box)
+    jacobian = cells.jacobian if cells is not None else _jacobian_or_none(model, x, device, refine)
     wanted = move_radii(evidence.radii)
+    if jacobian is None:  # the logits Jacobian (C backward passes) is a refinement: without it, no linearised moves
+        fallbacks.append("time limit: logits Jacobians skipped, so no linearised moves in the realising distribution")
+        jacobian, wanted = torch.zeros(len(x), logits.shape[1], 0, dtype=x.dtype), wanted[:0]
+    deadline.check("the logits Jacobians")
+    lower, upper = displacement_box(x, box)
     moves = candidates(module, x, y, jacobian, lower, upper, wanted, norm, loss, refine)
     deadline.check("the exactness candidates")
     if len(moves.radii) < len(wanted):
@@ -137,6 +140,17 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
                           certified_radii=radii_certified, local_slopes=local, moves=moves, cell_radius=cell_radius,
                           fallbacks=tuple(fallbacks), radii=evidence.radii, milp_status=milp_report.status)
     return tables, jacobian, milp_report
+
+
+def _jacobian_or_none(model: ConvertedModel, x: torch.Tensor, device: torch.device,
+                      refine: Deadline) -> torch.Tensor | None:
+    """The logits Jacobian (n, C, d) on the CPU, or None when `refine` runs out first (a signal still stops)."""
+    try:
+        return logits_jacobian(model, x, device, torch.float64, deadline=refine).jacobian.to(CPU)
+    except Stopped as err:
+        if isinstance(err, Terminated):
+            raise
+        return None
 
 
 def _cat(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
