@@ -137,3 +137,20 @@ def test_passes_of_no_rows_give_empty_results(mlp):
     assert target.logits(empty).shape == (0, 10)
     values, grads, logits = target.gradient(empty, target.loss_objective(target.y[:0]))
     assert values.shape == (0,) and grads.shape == (0, x[0].size) and logits.shape == (0, 10)
+
+
+def test_a_loop_stops_before_a_step_that_would_end_past_its_share(mlp):
+    """Steps of 10 s and a share ending at t = 25: the poll at t = 20 stops (the next step would end
+    at 30), not the one at t = 30 after the share is already spent."""
+    from verifier.attacks.base import Attack
+    from verifier.attacks import _target
+    from verifier.device import resolve_device
+
+    _, converted, x, y = mlp
+    target = _target(converted, x[:2], y[:2], 2.0, "inf", "ce", (0.0, 1.0), resolve_device("cpu"), NEVER)
+    readings = iter([0.0, 10.0, 10.0, 20.0, 20.0])  # begin's share, then two readings per poll
+    runner = Attack(target, budget=Deadline(at=25.0, clock=lambda: next(readings)))
+    runner.begin(1)
+    assert runner.until.at == 25.0
+    assert runner.out_of_time() is False  # t = 10, no step measured yet
+    assert runner.out_of_time() is True and runner.cut  # t = 20: the next step would end at 30

@@ -56,6 +56,7 @@ class Attack:
         self.budget = budget  # soft: when the whole run should end (`begin` shares it out per delta)
         self.until = budget  # soft: when the current delta's loops should end
         self.cut = False  # whether a loop of the current delta stopped early at `until`
+        self._polled, self._step = None, 0.0  # the last poll of `until` and the time since the one before
 
     def run(self, deltas: Sequence[float]) -> list[Distribution]:
         """One distribution per delta (default: `attack(delta)` for each, timed)."""
@@ -72,12 +73,22 @@ class Attack:
         budget left with the `parts_left - 1` parts after it."""
         self.until = self.budget.sooner(1.0 / max(1, parts_left))
         self.cut = False
+        self._polled, self._step = None, 0.0
 
     def out_of_time(self, agreed: bool = False) -> bool:
         """Whether the current part's loops should stop now (then the part is flagged time-limited).
         `agreed`: every rank of a sharded run gives the same answer (one exchange; for loops that
-        exchange per step), otherwise each rank decides for its own rows."""
-        late = self.until.expired()
+        exchange per step), otherwise each rank decides for its own rows. A loop also stops when the
+        next step would end past the share: a step is taken to last as long as the time since the
+        previous poll (one pass of a large model can take longer than a share's last seconds)."""
+        until = self.until
+        late = until.expired()
+        if not late and not math.isinf(until.at):
+            now = until.clock()
+            if self._polled is not None:
+                self._step = now - self._polled
+            self._polled = now
+            late = now + self._step > until.at
         if agreed and self.target.shard is not None:
             late = bool(self.target.gather(torch.tensor([late]))[0].any())
         self.cut = self.cut or late
