@@ -73,14 +73,15 @@ class Attack:
         budget left with the `parts_left - 1` parts after it."""
         self.until = self.budget.sooner(1.0 / max(1, parts_left))
         self.cut = False
-        self._polled, self._step = None, 0.0
+        self._polled = None  # the step estimate carries over: it is the model's, not the part's
 
     def out_of_time(self, agreed: bool = False) -> bool:
         """Whether the current part's loops should stop now (then the part is flagged time-limited).
         `agreed`: every rank of a sharded run gives the same answer (one exchange; for loops that
         exchange per step), otherwise each rank decides for its own rows. A loop also stops when the
-        next step would end past the share: a step is taken to last as long as the time since the
-        previous poll (one pass of a large model can take longer than a share's last seconds)."""
+        next step would end past the share: a step is taken to last as long as the time between the
+        last two polls of a part (one pass of a large model can take longer than a share's last
+        seconds; the estimate carries over to the next part)."""
         until = self.until
         late = until.expired()
         if not late and not math.isinf(until.at):
