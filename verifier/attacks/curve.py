@@ -17,7 +17,11 @@ points and the attack's box: geometric from max/100 up to N^(1/p) max(delta), ca
 max(delta) and at the box's reach), so that the allocation works on the radii the certificate
 aggregates over, plus `SMALL_RADII` (4) geometric radii from min(delta)/8 up to its first
 radius (at small budgets small moves of many samples are what pays); p = inf: the deltas only (the search at radius delta already covers every
-smaller radius). The attack points do not depend on delta: one pass serves every delta. Example: `CurveAttack(target, radii=torch.tensor([0.05, 0.1, 0.2])).run([0.1])`.
+smaller radius). Per-sample radii (p in (1, inf), default grid, option `wpgd`, default True):
+W-PGD's highest-risk atom at every delta and the engine's point at that atom's radius join each
+sample's candidates (after the grid's, whose points are unchanged), so the knapsack is never below
+W-PGD's own allocation, the first-order optimum the shared grid only brackets at small budgets.
+The attack points do not depend on delta: one pass serves every delta. Example: `CurveAttack(target, radii=torch.tensor([0.05, 0.1, 0.2])).run([0.1])`.
 """
 
 from __future__ import annotations
