@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import shipped_data, shipped_model
+from conftest import const, float_io, make_model, shipped_data, shipped_model
+from onnx import helper
 from test_attacks_linear import _linear, exact_risk
 
 from verifier.attacks import _target, attack
@@ -94,3 +95,23 @@ def test_wdapp_refinement_without_any_flip_keeps_the_walk(mlp):
     distance = torch.where(correct, 1e-9, 0.0).to(torch.float64)  # no flip exists this close
     attack_._closer(adversarial, distance)  # raised on the empty bisection before
     assert bool((distance == torch.where(correct, 1e-9, 0.0)).all()) and bool((adversarial == 0).all())
+
+
+def test_wdapp_finds_the_fractional_flip_beyond_the_full_flip_reach(save):
+    # z_1 - z_0 = x_0 - 0.5: sample i (class 0) flips at l_2 distance d_i along e_0. The budget pays
+    # the flip at 0.01 and a tenth of the one at 0.4, farther than the walk's full-flip reach
+    # (2 delta N^(1/2) = 0.25): accuracy 1 - (1 + 0.1) / 4 (0.75 when the walk stopped at the reach)
+    weight = np.array([[0, 0, 0, 0], [1, 0, 0, 0]], dtype=np.float32)
+    proto = make_model([helper.make_node("Gemm", ["x", "W", "b"], ["logits"], transB=1)],
+                       [float_io("x", ["N", 4])], [float_io("logits", ["N", 2])],
+                       [const("W", weight), const("b", np.array([0.0, -0.5], dtype=np.float32))])
+    loaded = load_model(save(proto, "halfplane.onnx"))
+    d = np.array([0.01, 0.4, 0.45, 0.48])
+    x = np.full((4, 4), 0.5, dtype=np.float32)
+    x[:, 0] = 0.5 - d
+    delta = float(np.sqrt((0.01**2 + 0.1 * 0.4**2) / 4))
+    report = attack(convert_model(loaded), loaded, x, np.zeros(4, dtype=np.int64), ["wdapp"], [delta], p=2.0,
+                    norm="2", loss="ce", box=(0.0, 1.0))
+    result = report.results[0]
+    assert result.robust_accuracy == pytest.approx(1 - 1.1 / 4, abs=1e-3)
+    assert _float64_cost(result, x, "2") <= delta * (1 + 1e-6)

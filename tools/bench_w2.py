@@ -214,6 +214,10 @@ def table(args) -> None:
               f"| {peers['paper-wda']['risk']:.4f} | {peers['bai-wpgd']['risk']:.4f} | {gap:+.2e} "
               f"| {acc_ours:.1f} / {acc_peer:.1f} |")
     print(f"\ncells where a peer's risk is higher: {len(misses)} of {len(rows)} {misses}")
+    wdapp = [(r["verifier"]["wdapp"]["accuracy"] - min(r["peers"]["paper-wdapp"]["accuracy"],
+                                                      r["peers"]["paper-wdapp-long"]["accuracy"])) * 100 for r in rows]
+    print(f"verifier wdapp accuracy - paper WDA++'s (points): {min(wdapp):+.2f} to {max(wdapp):+.2f}, "
+          f"above it in {sum(w > 0 for w in wdapp)} of {len(rows)} cells")
     excess = [(p["projected"] - r["delta"]) / r["delta"] for r in rows for p in r["peers"].values() if "projected" in p]
     if excess:
         print(f"projected peers: {sorted(projected)}, {len(excess)} distributions, relative excess "
