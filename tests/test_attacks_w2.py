@@ -13,6 +13,7 @@ from test_attacks_linear import _linear, exact_risk
 from verifier.attacks import _target, attack
 from verifier.attacks.curve import CurveAttack
 from verifier.attacks.wdapp import WDAPlusPlus
+from verifier.certify.allocation import allocate
 from verifier.convert import convert_model
 from verifier.deadline import NEVER
 from verifier.losses import loss_values
@@ -67,8 +68,7 @@ def test_wpgd_candidates_leave_the_grid_points_unchanged(mlp):
     loaded, model, x, y = mlp
     target = _target(model, x, y, 2.0, "2", "ce", (0.0, 1.0), torch.device("cpu"), NEVER)
     deltas = [0.05, 0.2]
-    with_wpgd = CurveAttack(target, steps=4, box=(0.0, 1.0))
-    atoms, distance, gain = with_wpgd._points(deltas)
+    atoms, distance, gain = CurveAttack(target, steps=4, box=(0.0, 1.0))._points(deltas)
     alone, alone_distance, alone_gain = CurveAttack(target, steps=4, box=(0.0, 1.0), wpgd=False)._points(deltas)
     grid = alone_distance.shape[1]
     assert distance.shape[1] == grid + 2 * len(deltas)  # the engine at W-PGD's radii, and W-PGD's atoms
@@ -76,13 +76,14 @@ def test_wpgd_candidates_leave_the_grid_points_unchanged(mlp):
     torch.testing.assert_close(gain[:, :grid], alone_gain, rtol=0, atol=0)
     # the engine searched inside each W-PGD atom's own radius
     assert bool((distance[:, grid:grid + len(deltas)] <= distance[:, grid + len(deltas):] + 1e-12).all())
-    # more candidates: each delta's knapsack value can only grow
-    for delta, dist_with, dist_alone in zip(deltas, with_wpgd.run(deltas),
-                                            CurveAttack(target, steps=4, box=(0.0, 1.0), wpgd=False).run(deltas)):
-        def risk(dist):
-            losses = loss_values(target.logits(dist.atoms), target.y[dist.source], "ce")
-            return float((dist.weights * losses).sum())
-        assert risk(dist_with) >= risk(dist_alone) - 1e-9, delta
+    # more candidates: each delta's knapsack value can only grow, and it covers W-PGD's own allocation
+    zero = torch.zeros(len(x), 1, dtype=torch.float64)
+    for k, delta in enumerate(deltas):
+        budget = (delta * (1 - 1e-6)) ** 2
+        value = allocate(torch.cat([zero, distance**2], 1), torch.cat([zero, gain], 1), budget).gain
+        assert value >= allocate(torch.cat([zero, alone_distance**2], 1), torch.cat([zero, alone_gain], 1),
+                                 budget).gain - 1e-12
+        assert value >= float(gain[:, grid + len(deltas) + k].mean()) - 1e-12  # W-PGD's atoms at delta
 
 
 def test_wdapp_refinement_without_any_flip_keeps_the_walk(mlp):
