@@ -4,6 +4,7 @@ bound of a Conv-ReLU-MaxPool net is sound and no looser than the constant relaxa
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -113,14 +114,15 @@ def test_decided_windows_are_exact_and_infinite_ends_fall_back_to_the_constant()
     assert torch.all(relax.upper_weight == 0) and float(relax.upper_offset) == math.inf
 
 
-def _conv_pool_net(seed: int):
-    """x(1x6x6) -> Conv 3x3 (4 channels) -> Relu -> MaxPool 2x2 (stride 1) -> Gemm -> 3 logits."""
+def _conv_pool_net(seed: int, pad: int = 0):
+    """x(1x6x6) -> Conv 3x3 (4 channels) -> Relu -> MaxPool 2x2 (stride 1, `pad`) -> Gemm -> 3 logits."""
     rng = np.random.default_rng(seed)
+    side = 3 + 2 * pad
     nodes = [N("Conv", ["x", "cw", "cb"], ["c"], kernel_shape=[3, 3]), N("Relu", ["c"], ["r"]),
-             N("MaxPool", ["r"], ["mp"], kernel_shape=[2, 2], strides=[1, 1]), N("Flatten", ["mp"], ["f"]),
-             N("Gemm", ["f", "w", "b"], ["y"], transB=1)]
+             N("MaxPool", ["r"], ["mp"], kernel_shape=[2, 2], strides=[1, 1], pads=[pad] * 4),
+             N("Flatten", ["mp"], ["f"]), N("Gemm", ["f", "w", "b"], ["y"], transB=1)]
     inits = [const("cw", rng.normal(size=(4, 1, 3, 3))), const("cb", rng.normal(size=4) * 0.3),
-             const("w", rng.normal(size=(3, 4 * 3 * 3)) * 0.3), const("b", rng.normal(size=3) * 0.1)]
+             const("w", rng.normal(size=(3, 4 * side * side)) * 0.3), const("b", rng.normal(size=3) * 0.1)]
     return make_model(nodes, [float_io("x", ["n", 1, 6, 6])], [float_io("y", ["n", 3])], inits)
 
 
@@ -141,3 +143,16 @@ def test_conv_relu_pool_bound_is_sound_and_no_looser_than_the_constant(tmp_path,
     constant = margin_bounds(network, x, y, radius, "inf", box=(0.0, 1.0), device="cpu").worst_margin
     assert torch.all(bound <= constant + 1e-9)
     assert float((constant - bound).mean()) > 1e-3  # the chord matters on this net
+
+
+def test_adjoint_reads_no_padding_tap():
+    """Weights left on padding taps (an optimiser may move them) must not reach any input."""
+    params, low, high, generator = _boxes(3, 2, 1, 1, 1.0)
+    relax = pool.pool_relaxation(params, "mp", low, high)
+    valid = relax.taps >= 0
+    assert not bool(valid.all())
+    stray = replace(relax, upper_weight=torch.where(valid, relax.upper_weight, 0.7),
+                    lower_weight=torch.where(valid, relax.lower_weight, 0.3))
+    lam = torch.randn(WINDOWS, 2, 1, 5, 5, generator=generator, dtype=torch.float64)
+    for a, b in zip(pool.pool_adjoint(relax, lam), pool.pool_adjoint(stray, lam)):
+        assert torch.equal(a, b)

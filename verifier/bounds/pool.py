@@ -105,6 +105,7 @@ def pool_adjoint(relax: PoolRelaxation, lam: torch.Tensor) -> tuple[torch.Tensor
     positive, negative = flat.clamp_min(0), flat.clamp_max(0)
     upper, lower = _broadcast(relax.upper_weight, flat), _broadcast(relax.lower_weight, flat)
     per_tap = positive.unsqueeze(-1) * upper + negative.unsqueeze(-1) * lower  # (N, K, C, windows, taps)
+    per_tap = torch.where(relax.taps >= 0, per_tap, 0.0)  # padding taps read no input
     index = relax.taps.clamp_min(0).reshape(1, 1, 1, -1).expand(count, objectives, channels, -1)
     contribution = torch.zeros(count, objectives, channels, height * width, dtype=lam.dtype, device=lam.device)
     contribution = contribution.scatter_add(-1, index, per_tap.reshape(count, objectives, channels, -1))
