@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from verifier.bounds.network import BoundNetwork
+from verifier.bounds.optimise import SlopeSearch
 from verifier.cells import cell_analysis, displacement_box
 from verifier.certify.aggregate import GrowthCurves
 from verifier.certify.exactness import Candidates, candidates
@@ -65,16 +66,18 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
                  y: torch.Tensor, logits: torch.Tensor, norm: str, loss: str, box: tuple[float, float] | None,
                  radii: torch.Tensor, move_radii, deltas, p: float, global_slope: float, margin_slope: float,
                  exact: ExactSettings, deadline: Deadline, refine: Deadline, memory_limit_bytes: int | None,
-                 progress: bool, exact_refusal: str = "") -> tuple[SampleTables, torch.Tensor, MilpReport]:
+                 progress: bool, exact_refusal: str = "",
+                 optimise: SlopeSearch | None = None) -> tuple[SampleTables, torch.Tensor, MilpReport]:
     """The tables of one block of samples (float64 inputs), its logits Jacobian (n, C, d) and what
     the exact route did. Anytime: the refinements (tightened bounds, cells, the MILP route,
     bisection, candidates) run under `refine` and stop where they are, each cut a fallback line;
     `deadline` itself raises `Stopped`. `move_radii(radii)` gives the candidate radii of a grid.
-    `exact_refusal` (non-empty): the exact route does not run, for that reason."""
+    `exact_refusal` (non-empty): the exact route does not run, for that reason. `optimise`: the
+    tightened margin bounds search the relaxations' free slopes (`verifier.bounds.optimise`)."""
     fallbacks: list[str] = []
     # The tightened bounds first: on a large model they matter more than the cells' tiny radii.
     evidence = collect_evidence(network, x, y, logits, norm, radii, box, None, progress=progress, deadline=refine,
-                                memory_limit_bytes=memory_limit_bytes)
+                                memory_limit_bytes=memory_limit_bytes, optimise=optimise)
     fallbacks += evidence.notes
     deadline.check("the bounds per radius")
     cells = None
