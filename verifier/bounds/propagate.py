@@ -85,7 +85,7 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
         if not isinstance(node.rule, ops.Affine) and tighten:
             for name in node.inputs:
                 if name not in tightened:
-                    needed = _units_worth_tightening(network, region, name, consumers[name], intervals[name])
+                    needed = _units_worth_tightening(network, region, name, consumers, intervals[name])
                     intervals[name] = _intersect(intervals[name],
                                                  _linear_interval(network, state, region, name, needed, deadline))
                     tightened.add(name)
@@ -150,22 +150,24 @@ def _nonlinear_consumers(network: BoundNetwork) -> dict[str, list[BoundNode]]:
     return consumers
 
 
-def _units_worth_tightening(network: BoundNetwork, region: InputSet, name: str, consumers: list[BoundNode],
+def _units_worth_tightening(network: BoundNetwork, region: InputSet, name: str,
+                            consumers: dict[str, list[BoundNode]],
                             interval: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
     """Mask (N, *shape) of the units whose back-substituted interval can change a relaxation (None: all).
 
     A unit whose interval already lies in one linear piece of every activation reading it (a stable
-    ReLU) is relaxed exactly whatever its interval. A single affine map of the input on a box (the
-    l_inf ball, or the whole box) has an exact interval already: nothing to tighten.
+    ReLU) is relaxed exactly whatever its interval, unless that activation's output interval is read
+    by a non-affine node (a MaxPool's relaxation depends on it). A single affine map of the input on a
+    box (the l_inf ball, or the whole box) has an exact interval already: nothing to tighten.
     """
     node = next(n for n in network.nodes if n.name == name)
     if isinstance(node.rule, ops.Affine) and node.inputs == (network.input,) and (
             region.norm == "inf" or bool(torch.isinf(region.radius).all())):
         return torch.zeros_like(interval[0], dtype=torch.bool)
     needed = None
-    for consumer in consumers:
+    for consumer in consumers[name]:
         rule = consumer.rule
-        if not (isinstance(rule, Activation) and rule.kind in _RELAXED):
+        if not (isinstance(rule, Activation) and rule.kind in _RELAXED) or consumers.get(consumer.name):
             return None
         unsettled = ~relaxations.settled(rule.kind, *interval, rule.params)
         needed = unsettled if needed is None else needed | unsettled
