@@ -32,29 +32,32 @@ def _bounds(path, x, y, radius, norm, box, search):
 
 @pytest.mark.parametrize("activation", ["relu", "leaky", "prelu", "abs"])
 @pytest.mark.parametrize("norm", ["inf", "2"])
-def test_optimised_bounds_are_sound_and_never_looser(tmp_path, activation, norm):
+@pytest.mark.parametrize("intermediate", [False, True])
+def test_optimised_bounds_are_sound_and_never_looser(tmp_path, activation, norm, intermediate):
     path = tmp_path / "net.onnx"
     path.write_bytes(_random_net(activation, seed=11).SerializeToString())
     rng = np.random.default_rng(5)
     x = torch.from_numpy(rng.uniform(-1, 1, size=(12, 6)))
     y = torch.from_numpy(rng.integers(0, 4, size=12))
     radius = torch.from_numpy(rng.uniform(0.05, 0.6, size=12))
-    plain, optimised, found = _bounds(path, x, y, radius, norm, (-1.0, 1.0), SlopeSearch(steps=15))
+    search = SlopeSearch(steps=15, intermediate=intermediate)
+    plain, optimised, found = _bounds(path, x, y, radius, norm, (-1.0, 1.0), search)
     worst = optimised.max(1).values
     assert torch.all(found <= worst + 1e-9)
     assert torch.all(optimised <= plain)
     assert float((plain - optimised).sum()) > 1e-3  # the search moved something on these nets
 
 
-@pytest.mark.parametrize("pad", [0, 1])
-def test_optimised_pool_weights_are_sound_and_never_looser(tmp_path, pad):
+@pytest.mark.parametrize("pad,intermediate", [(0, False), (1, False), (1, True)])
+def test_optimised_pool_weights_are_sound_and_never_looser(tmp_path, pad, intermediate):
     path = tmp_path / "cnn.onnx"
     path.write_bytes(_conv_pool_net(4, pad).SerializeToString())
     rng = np.random.default_rng(4)
     x = torch.from_numpy(rng.uniform(0, 1, size=(6, 1, 6, 6)))
     y = torch.from_numpy(rng.integers(0, 3, size=6))
     radius = torch.full((6,), 0.08, dtype=torch.float64)
-    plain, optimised, found = _bounds(path, x, y, radius, "inf", (0.0, 1.0), SlopeSearch(steps=15))
+    search = SlopeSearch(steps=15, intermediate=intermediate)
+    plain, optimised, found = _bounds(path, x, y, radius, "inf", (0.0, 1.0), search)
     assert torch.all(found <= optimised.max(1).values + 1e-9)
     assert torch.all(optimised <= plain)
     assert float((plain - optimised).sum()) > 1e-3

@@ -8,20 +8,24 @@ free parameters of the lines whose every value in a range is sound on those inte
   lower weights, a convex combination of the taps (kept on the simplex as a softmax).
 One set per objective (as in alpha-CROWN). Adam on the sum of the bounds improves them; every
 iterate is a sound bound, so the minimum over the iterates is returned and a deadline may stop
-the search at any step.
+the search at any step. By default the intermediate intervals stay those of `propagate`;
+`SlopeSearch(intermediate=True)` also re-bounds, at every step, the unstable inputs of each ReLU-type
+node after the first by back-substitution through the earlier nodes' lines (one more set of
+parameters per node, shared by those intermediate objectives), intersected with the fixed intervals.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
 from verifier.bounds import relaxations
-from verifier.bounds.network import Activation, BoundNetwork
+from verifier.bounds.network import Activation, BoundNetwork, BoundNode
 from verifier.bounds.pool import PoolRelaxation, upper_offset, window_bounds
-from verifier.bounds.propagate import Bounds, InputSet, upper_bound
+from verifier.bounds.propagate import Bounds, InputSet, _linear_interval, upper_bound
 from verifier.deadline import NEVER, Deadline, Stopped, Terminated
 
 _RELU_FAMILY = frozenset({"relu", "leaky_relu", "prelu", "abs"})
@@ -34,15 +38,22 @@ class SlopeSearch:
     steps: int = 20
     learning_rate: float = 0.2
     pool: bool = True  # also optimise the MaxPool weights
+    intermediate: bool = False  # also re-bound the inputs of later ReLU-type nodes at every step
+
+
+Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class _Free:
-    """One node's parameters: a tensor the optimiser moves and how it becomes a relaxation."""
+    """One node's parameters (objective axis K for the final objectives, 1 for the intermediate ones),
+    how they become a relaxation on a given input interval, and their projection onto the sound set."""
 
-    values: torch.Tensor
-    build: object  # Callable[[torch.Tensor], Relaxation | PoolRelaxation]
-    project: object  # Callable[[torch.Tensor], None], in place
+    node: BoundNode
+    final: torch.Tensor
+    shared: torch.Tensor
+    build: Callable[[torch.Tensor, Pair], relaxations.Relaxation | PoolRelaxation]
+    project: Callable[[torch.Tensor], None]
 
 
 def optimised_upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: str,
@@ -53,17 +64,20 @@ def optimised_upper_bound(network: BoundNetwork, state: Bounds, region: InputSet
     The first iterate is the default relaxation; a deadline past it ends the search with the best so far.
     """
     best = upper_bound(network, state, region, target, coefficients, deadline)
-    objectives = coefficients.shape[1]
-    free = _free_parameters(network, state, objectives, search.pool)
+    free = _free_parameters(network, state, coefficients.shape[1], search.pool)
     if not free or search.steps <= 0:
         return best
-    optimiser = torch.optim.Adam([item.values for item in free.values()], lr=search.learning_rate)
+    tensors = [item.final for item in free.values()]
+    tensors += [item.shared for item in free.values()] if search.intermediate else []
+    optimiser = torch.optim.Adam(tensors, lr=search.learning_rate)
     try:
         for step in range(search.steps):
-            relaxed = dict(state.relaxed)
-            relaxed.update({name: item.build(item.values) for name, item in free.items()})
             with torch.enable_grad():
-                value = upper_bound(network, Bounds(state.intervals, relaxed), region, target, coefficients, deadline)
+                intervals = _rebound(network, state, region, free, deadline) if search.intermediate else state.intervals
+                relaxed = dict(state.relaxed)
+                relaxed.update({name: item.build(item.final, intervals[item.node.inputs[0]])
+                                for name, item in free.items()})
+                value = upper_bound(network, Bounds(intervals, relaxed), region, target, coefficients, deadline)
                 best = torch.minimum(best, value.detach())
                 if step == search.steps - 1:
                     break
@@ -72,11 +86,36 @@ def optimised_upper_bound(network: BoundNetwork, state: Bounds, region: InputSet
             optimiser.step()
             with torch.no_grad():
                 for item in free.values():
-                    item.project(item.values)
+                    item.project(item.final)
+                    item.project(item.shared)
     except Stopped as err:
         if isinstance(err, Terminated):
             raise
     return best
+
+
+def _rebound(network: BoundNetwork, state: Bounds, region: InputSet, free: dict[str, _Free],
+             deadline: Deadline) -> dict[str, Pair]:
+    """Intervals with the unstable inputs of every ReLU-type node after the first free one re-bounded
+    through the earlier nodes' shared lines, each intersected with its fixed (sound) interval."""
+    intervals, relaxed = dict(state.intervals), dict(state.relaxed)
+    seen = False
+    for node in network.nodes:
+        item = free.get(node.name)
+        if item is None:
+            continue
+        name = node.inputs[0]
+        if seen and node.rule.kind in _RELU_FAMILY:
+            low, high = state.intervals[name]
+            unstable = (low < 0) & (high > 0)
+            new_low, new_high = _linear_interval(network, Bounds(intervals, relaxed), region, name, unstable, deadline)
+            intervals[name] = torch.maximum(low, new_low), torch.minimum(high, new_high)
+            out_low, out_high = relaxations.interval(node.rule.kind, *intervals[name], node.rule.params, node.rule.slope)
+            fixed_low, fixed_high = state.intervals[node.name]
+            intervals[node.name] = torch.maximum(fixed_low, out_low), torch.minimum(fixed_high, out_high)
+        relaxed[node.name] = item.build(item.shared, intervals[name])
+        seen = True
+    return intervals
 
 
 def _free_parameters(network: BoundNetwork, state: Bounds, objectives: int, pool: bool) -> dict[str, _Free]:
@@ -87,57 +126,58 @@ def _free_parameters(network: BoundNetwork, state: Bounds, objectives: int, pool
             continue
         if isinstance(relax, PoolRelaxation):
             if pool:
-                free[node.name] = _pool_parameters(node, relax, state.intervals[node.inputs[0]], objectives)
+                free[node.name] = _pool_parameters(node, relax, objectives)
         elif rule.kind in _RELU_FAMILY:
-            item = _relu_parameters(rule, relax, state.intervals[node.inputs[0]], objectives)
+            item = _relu_parameters(node, relax, state.intervals[node.inputs[0]], objectives)
             if item is not None:
                 free[node.name] = item
     return free
 
 
-def _relu_parameters(rule: Activation, relax: relaxations.Relaxation, interval, objectives: int) -> _Free | None:
+def _with_objectives(tensor: torch.Tensor, objectives: int) -> torch.Tensor:
+    """A leaf copy (N, objectives, ...) of a per-unit tensor (N, ...), for the optimiser."""
+    return tensor.unsqueeze(1).expand(-1, objectives, *tensor.shape[1:]).clone().requires_grad_(True)
+
+
+def _relu_parameters(node: BoundNode, relax: relaxations.Relaxation, interval: Pair, objectives: int) -> _Free | None:
     """Lower slopes `alpha in [a, 1]` of the unstable units (convex case `a <= 1` only)."""
+    rule = node.rule
     low, high = interval
     # sigma(-1) = -a for the ReLU family: the slope of the negative piece, per unit (PReLU).
     a = -relaxations.activation(rule.kind, -torch.ones_like(low[:1]), rule.params, rule.slope)
-    unstable = (low < 0) & (high > 0) & (a <= 1)
-    if not bool(unstable.any()):
+    if not bool(((low < 0) & (high > 0) & (a <= 1)).any()):
         return None
-    floor = a.expand_as(low).unsqueeze(1).expand(-1, objectives, *low.shape[1:])
-    mask = unstable.unsqueeze(1).expand_as(floor)
-    start = relax.lower_slope.unsqueeze(1).expand_as(floor)
-    values = start.clone().requires_grad_(True)
+    floor = a.unsqueeze(1)
 
-    def build(alpha: torch.Tensor) -> relaxations.Relaxation:
-        return replace(relax, lower_slope=torch.where(mask, alpha, start),
-                       lower_offset=torch.where(mask, 0.0, relax.lower_offset.unsqueeze(1)))
+    def build(alpha: torch.Tensor, interval: Pair) -> relaxations.Relaxation:
+        low, high = interval
+        default = relaxations.linear_relaxation(rule.kind, low, high, rule.params, rule.slope)
+        free = ((low < 0) & (high > 0) & (a <= 1)).unsqueeze(1)
+        return replace(default, lower_slope=torch.where(free, alpha, default.lower_slope.unsqueeze(1)),
+                       lower_offset=torch.where(free, 0.0, default.lower_offset.unsqueeze(1)))
 
     def project(alpha: torch.Tensor) -> None:
         alpha.copy_(torch.maximum(torch.minimum(alpha, torch.ones_like(alpha)), floor))
 
-    return _Free(values, build, project)
+    return _Free(node, _with_objectives(relax.lower_slope, objectives), _with_objectives(relax.lower_slope, 1),
+                 build, project)
 
 
-def _pool_parameters(node, relax: PoolRelaxation, interval, objectives: int) -> _Free:
+def _pool_parameters(node: BoundNode, relax: PoolRelaxation, objectives: int) -> _Free:
     """Per window: upper weights in [0, 1] (offset from eq. P1) and lower logits (softmax weights)."""
-    windows = window_bounds(node.rule.params, node.onnx_node, *interval)
-    finite = ((torch.isfinite(windows.lows) & torch.isfinite(windows.highs)) | ~windows.valid).all(-1, keepdim=True)
-
-    def per_objective(weight: torch.Tensor) -> torch.Tensor:
-        return weight.unsqueeze(1).expand(-1, objectives, *weight.shape[1:]).clone()
-
-    upper = per_objective(relax.upper_weight)
+    valid = relax.taps >= 0
     # Logits of the default one-hot lower weights: 0 at the winner, -4 elsewhere, -inf on padding.
-    logits = per_objective(torch.where(relax.lower_weight > 0, 0.0, -4.0).masked_fill(~windows.valid, -math.inf))
-    values = torch.stack([upper, logits]).requires_grad_(True)
-    finite = finite.unsqueeze(1)
+    logits = torch.where(relax.lower_weight > 0, 0.0, -4.0).masked_fill(~valid, -math.inf)
+    start = torch.stack([relax.upper_weight, logits], 1)  # (N, 2, C, W, T): an objective axis goes at 1
 
-    def build(pair: torch.Tensor) -> PoolRelaxation:
-        weight = torch.where(finite, pair[0], 0.0)
-        lower = torch.softmax(pair[1], -1)
-        return PoolRelaxation(relax.taps, lower, weight, upper_offset(weight, windows), relax.input_shape)
+    def build(pair: torch.Tensor, interval: Pair) -> PoolRelaxation:
+        windows = window_bounds(node.rule.params, node.onnx_node, *interval)
+        finite = ((torch.isfinite(windows.lows) & torch.isfinite(windows.highs)) | ~windows.valid).all(-1, keepdim=True)
+        weight = torch.where(finite.unsqueeze(1), pair[:, :, 0], 0.0)
+        lower = torch.softmax(pair[:, :, 1], -1)
+        return PoolRelaxation(windows.taps, lower, weight, upper_offset(weight, windows), interval[0].shape)
 
     def project(pair: torch.Tensor) -> None:
-        pair[0].clamp_(0.0, 1.0)
+        pair[:, :, 0].clamp_(0.0, 1.0)
 
-    return _Free(values, build, project)
+    return _Free(node, _with_objectives(start, objectives), _with_objectives(start, 1), build, project)
