@@ -11,6 +11,7 @@ from onnx import helper
 from test_bounds import _attack, _random_net
 from test_pool import _conv_pool_net
 
+from verifier.bounds import optimise
 from verifier.bounds.margins import margin_bounds
 from verifier.bounds.network import BoundNetwork
 from verifier.bounds.optimise import SlopeSearch, optimised_upper_bound
@@ -32,15 +33,17 @@ def _bounds(path, x, y, radius, norm, box, search):
 
 @pytest.mark.parametrize("activation", ["relu", "leaky", "prelu", "abs"])
 @pytest.mark.parametrize("norm", ["inf", "2"])
-@pytest.mark.parametrize("intermediate", [False, True])
-def test_optimised_bounds_are_sound_and_never_looser(tmp_path, activation, norm, intermediate):
+@pytest.mark.parametrize("intermediate", [False, "shared", True])
+def test_optimised_bounds_are_sound_and_never_looser(tmp_path, monkeypatch, activation, norm, intermediate):
+    if intermediate == "shared":  # per-objective intermediate parameters over budget: one set per node
+        monkeypatch.setattr(optimise, "INTERMEDIATE_BUDGET", 0)
     path = tmp_path / "net.onnx"
     path.write_bytes(_random_net(activation, seed=11).SerializeToString())
     rng = np.random.default_rng(5)
     x = torch.from_numpy(rng.uniform(-1, 1, size=(12, 6)))
     y = torch.from_numpy(rng.integers(0, 4, size=12))
     radius = torch.from_numpy(rng.uniform(0.05, 0.6, size=12))
-    search = SlopeSearch(steps=15, intermediate=intermediate)
+    search = SlopeSearch(steps=15, intermediate=bool(intermediate))
     plain, optimised, found = _bounds(path, x, y, radius, norm, (-1.0, 1.0), search)
     worst = optimised.max(1).values
     assert torch.all(found <= worst + 1e-9)

@@ -67,13 +67,17 @@ def optimised_upper_bound(network: BoundNetwork, state: Bounds, region: InputSet
     free = _free_parameters(network, state, coefficients.shape[1], search.pool)
     if not free or search.steps <= 0:
         return best
+    plan = _intermediate_plan(network, state, free) if search.intermediate else None
     tensors = [item.final for item in free.values()]
-    tensors += [item.shared for item in free.values()] if search.intermediate else []
+    if search.intermediate:
+        tensors += [item.shared for item in free.values()] if plan is None else \
+            [values for rows in plan.values() for values in rows.inner.values()]
     optimiser = torch.optim.Adam(tensors, lr=search.learning_rate)
     try:
         for step in range(search.steps):
             with torch.enable_grad():
-                intervals = _rebound(network, state, region, free, deadline) if search.intermediate else state.intervals
+                intervals = _rebound(network, state, region, free, plan, deadline) if search.intermediate \
+                    else state.intervals
                 relaxed = dict(state.relaxed)
                 relaxed.update({name: item.build(item.final, intervals[item.node.inputs[0]])
                                 for name, item in free.items()})
@@ -88,16 +92,62 @@ def optimised_upper_bound(network: BoundNetwork, state: Bounds, region: InputSet
                 for item in free.values():
                     item.project(item.final)
                     item.project(item.shared)
+                for rows in (plan or {}).values():
+                    for name, values in rows.inner.items():
+                        free[name].project(values)
     except Stopped as err:
         if isinstance(err, Terminated):
             raise
     return best
 
 
+# Per-objective intermediate parameters (elements, over all re-bounded nodes) beyond which the
+# intermediate objectives share one set per node instead.
+INTERMEDIATE_BUDGET = 2**24
+
+
+@dataclass
+class _UnitRows:
+    """The re-bounded units of one node's input: per sample (N, m), as rows `+-e_unit` (N, 2m, *shape),
+    and the earlier free nodes' parameters with one set per row."""
+
+    index: torch.Tensor
+    rows: torch.Tensor
+    inner: dict[str, torch.Tensor]
+
+
+def _intermediate_plan(network: BoundNetwork, state: Bounds, free: dict[str, _Free]) -> dict[str, _UnitRows] | None:
+    """Rows and per-row parameters for the unstable inputs of every ReLU-type node after the first free
+    one (None when they would exceed `INTERMEDIATE_BUDGET`)."""
+    plan: dict[str, _UnitRows] = {}
+    earlier: list[str] = []
+    total = 0
+    for node in network.nodes:
+        if node.name not in free:
+            continue
+        if earlier and node.rule.kind in _RELU_FAMILY:
+            low, high = state.intervals[node.inputs[0]]
+            count = low.shape[0]
+            unstable = ((low < 0) & (high > 0)).reshape(count, -1)
+            width = int(unstable.sum(1).max())
+            if width:
+                # Unstable units first in each sample's row (a sample with fewer also bounds a few stable ones).
+                index = torch.argsort((~unstable).to(torch.int8), dim=1, stable=True)[:, :width]
+                rows = torch.zeros(count, 2 * width, unstable.shape[1], dtype=low.dtype, device=low.device)
+                rows[:, :width].scatter_(2, index.unsqueeze(-1), 1.0)
+                rows[:, width:].scatter_(2, index.unsqueeze(-1), -1.0)
+                inner = {name: _with_objectives(free[name].shared[:, 0].detach(), 2 * width) for name in earlier}
+                total += rows.numel() + sum(values.numel() for values in inner.values())
+                plan[node.name] = _UnitRows(index, rows.reshape(count, 2 * width, *low.shape[1:]), inner)
+        earlier.append(node.name)
+    return plan if total <= INTERMEDIATE_BUDGET else None
+
+
 def _rebound(network: BoundNetwork, state: Bounds, region: InputSet, free: dict[str, _Free],
-             deadline: Deadline) -> dict[str, Pair]:
+             plan: dict[str, _UnitRows] | None, deadline: Deadline) -> dict[str, Pair]:
     """Intervals with the unstable inputs of every ReLU-type node after the first free one re-bounded
-    through the earlier nodes' shared lines, each intersected with its fixed (sound) interval."""
+    through the earlier nodes' lines (one set per row of `plan`; without a plan the shared sets),
+    each intersected with its fixed (sound) interval."""
     intervals, relaxed = dict(state.intervals), dict(state.relaxed)
     seen = False
     for node in network.nodes:
@@ -105,10 +155,20 @@ def _rebound(network: BoundNetwork, state: Bounds, region: InputSet, free: dict[
         if item is None:
             continue
         name = node.inputs[0]
-        if seen and node.rule.kind in _RELU_FAMILY:
+        if seen and node.rule.kind in _RELU_FAMILY and (plan is None or node.name in plan):
             low, high = state.intervals[name]
-            unstable = (low < 0) & (high > 0)
-            new_low, new_high = _linear_interval(network, Bounds(intervals, relaxed), region, name, unstable, deadline)
+            if plan is None:
+                new_low, new_high = _linear_interval(network, Bounds(intervals, relaxed), region, name,
+                                                     (low < 0) & (high > 0), deadline)
+            else:
+                rows = plan[node.name]
+                lines = dict(state.relaxed)
+                lines.update({earlier: free[earlier].build(values, intervals[free[earlier].node.inputs[0]])
+                              for earlier, values in rows.inner.items()})
+                values = upper_bound(network, Bounds(intervals, lines), region, name, rows.rows, deadline)
+                width, count = rows.index.shape[1], low.shape[0]
+                new_high = high.reshape(count, -1).scatter(1, rows.index, values[:, :width]).reshape(high.shape)
+                new_low = low.reshape(count, -1).scatter(1, rows.index, -values[:, width:]).reshape(low.shape)
             intervals[name] = torch.maximum(low, new_low), torch.minimum(high, new_high)
             out_low, out_high = relaxations.interval(node.rule.kind, *intervals[name], node.rule.params, node.rule.slope)
             fixed_low, fixed_high = state.intervals[node.name]
