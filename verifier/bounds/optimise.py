@@ -10,8 +10,9 @@ One set per objective (as in alpha-CROWN). Adam on the sum of the bounds improve
 iterate is a sound bound, so the minimum over the iterates is returned and a deadline may stop
 the search at any step. By default the intermediate intervals stay those of `propagate`;
 `SlopeSearch(intermediate=True)` also re-bounds, at every step, the unstable inputs of each ReLU-type
-node after the first by back-substitution through the earlier nodes' lines (one more set of
-parameters per node, shared by those intermediate objectives), intersected with the fixed intervals.
+node after the first by back-substitution through the earlier nodes' lines, with one parameter set
+per intermediate row while they fit `INTERMEDIATE_BUDGET` (else one shared set per node), each
+re-bounded interval intersected with the fixed one.
 """
 
 from __future__ import annotations

@@ -156,9 +156,10 @@ def _units_worth_tightening(network: BoundNetwork, region: InputSet, name: str,
     """Mask (N, *shape) of the units whose back-substituted interval can change a relaxation (None: all).
 
     A unit whose interval already lies in one linear piece of every activation reading it (a stable
-    ReLU) is relaxed exactly whatever its interval, unless that activation's output interval is read
-    by a non-affine node (a MaxPool's relaxation depends on it). A single affine map of the input on a
-    box (the l_inf ball, or the whole box) has an exact interval already: nothing to tighten.
+    ReLU) is relaxed exactly whatever its interval. When that activation's output interval is also
+    read by a non-affine node (a MaxPool's relaxation depends on it), only a dead ReLU unit (output 0
+    on any sub-interval) is settled. A single affine map of the input on a box (the l_inf ball, or
+    the whole box) has an exact interval already: nothing to tighten.
     """
     node = next(n for n in network.nodes if n.name == name)
     if isinstance(node.rule, ops.Affine) and node.inputs == (network.input,) and (
@@ -167,9 +168,14 @@ def _units_worth_tightening(network: BoundNetwork, region: InputSet, name: str,
     needed = None
     for consumer in consumers[name]:
         rule = consumer.rule
-        if not (isinstance(rule, Activation) and rule.kind in _RELAXED) or consumers.get(consumer.name):
+        if not (isinstance(rule, Activation) and rule.kind in _RELAXED):
             return None
-        unsettled = ~relaxations.settled(rule.kind, *interval, rule.params)
+        if consumers.get(consumer.name):  # its output interval matters too
+            if rule.kind != "relu":
+                return None
+            unsettled = interval[1] > 0
+        else:
+            unsettled = ~relaxations.settled(rule.kind, *interval, rule.params)
         needed = unsettled if needed is None else needed | unsettled
     return needed
 
