@@ -22,7 +22,7 @@ from verifier.convert import convert_model
 from verifier.onnx_io import load_model
 
 N = helper.make_node
-WINDOWS = 64  # boxes per hypothesis example; 20 examples: 1,280 boxes
+WINDOWS = 64  # images per hypothesis example, each with 1-25 windows: >= 1,280 boxes over 20 examples
 
 
 def _boxes(seed: int, kernel: int, stride: int, pad: int, scale: float):

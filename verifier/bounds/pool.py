@@ -69,8 +69,9 @@ def upper_offset(weight: torch.Tensor, windows: WindowBounds) -> torch.Tensor:
     weight = torch.where(windows.valid, weight, 0.0)
     peaks = torch.where(windows.valid, high0 - weight * (high0 - low0), -math.inf).amax(-1)
     offset = peaks - (weight * low0).sum(-1)
+    # Rounding: a few operations per tap, each within eps of a magnitude <= |u_t| + |l_t|.
     scale = (high0.abs() + low0.abs()).sum(-1)
-    offset = offset + 8 * torch.finfo(offset.dtype).eps * (1.0 + scale)
+    offset = offset + (4 * weight.shape[-1] + 8) * torch.finfo(offset.dtype).eps * (1.0 + scale)
     return torch.where(finite.all(-1), offset, highs.amax(-1))
 
 
