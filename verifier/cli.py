@@ -24,8 +24,8 @@ from pathlib import Path
 
 from verifier import __version__
 from verifier.cli_options import (OneLineParser, add_block_size, add_budget, add_data, add_device, add_exact, add_json,
-                                  add_model, add_output, add_perturb, add_time_limit, attach_negative_values, deadline,
-                                  memory_limit, parse_box, parse_deltas, parse_p)
+                                  add_model, add_optimise_slopes, add_output, add_perturb, add_time_limit,
+                                  attach_negative_values, deadline, memory_limit, parse_box, parse_deltas, parse_p)
 from verifier.deadline import Stopped, Terminated
 from verifier.errors import UsageError, VerifierError
 
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_budget(certify, default_delta="8/255", default_norm="inf")  # the same defaults as attack
     certify.add_argument("--grid-points", type=int, default=24, help="radius grid size (default 24)")
     add_exact(certify)
+    add_optimise_slopes(certify)
     certify.add_argument("--save-distributions", metavar="OUT.npz",
                          help="save each delta's realising distribution (atoms, weights, source)")
     add_time_limit(certify, "refinements stop at 80%% of it, listed in fallbacks; exit 3 and no result only if the coarse certificate does not fit")
@@ -244,7 +245,7 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
     result = certify(converted, shard.local(samples.x), shard.local(samples.y), deltas, p=p, norm=args.norm,
                      loss=args.loss, box=box, grid_points=args.grid_points, progress=_progress_wanted(args),
                      deadline=stop_at, memory_limit_bytes=memory_limit(args), exact=args.exact, shard=shard,
-                     device=args.device)
+                     device=args.device, optimise_slopes=args.optimise_slopes)
     if args.save_distributions and args.job.writer:
         save_distributions(result, args.save_distributions)
     payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted),

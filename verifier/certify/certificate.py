@@ -25,6 +25,7 @@ import torch
 
 from verifier.bounds.global_lipschitz import global_lipschitz
 from verifier.bounds.network import BoundNetwork
+from verifier.bounds.optimise import SlopeSearch
 from verifier.cells import displacement_box
 from verifier.certify.accuracy import certified_accuracy
 from verifier.certify.aggregate import excess_bound, grid, linear_closed_form, used_points
@@ -190,7 +191,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False,
             deadline: Deadline = NEVER, memory_limit_bytes: int | None = None,
             refine_share: float = REFINE_SHARE, exact: ExactSettings | str = "auto",
-            shard: Shard | None = None, device: str = "cpu") -> Certificate:
+            shard: Shard | None = None, device: str = "cpu", optimise_slopes: bool = False) -> Certificate:
     """Certificates (upper bounds on R(delta)) for every delta, in float64.
 
     `device` (auto | cpu | cuda) is where the heavy per-sample work runs: bound propagation, the
@@ -215,6 +216,9 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     Per-sample work runs block by block (`shard.block` samples, default `distributed.BLOCK`);
     with a `shard` of a sharded run, `x` and `y` are this rank's samples, the per-sample tables
     are gathered and every rank returns the certificate one process computes over all samples.
+
+    `optimise_slopes`: the tightened margin bounds also search the relaxations' free slopes
+    (alpha-CROWN style, `verifier.bounds.optimise`): tighter, several times slower.
     """
     norm, loss = parse_norm(norm), check_loss(loss)
     if not p >= 1:
@@ -267,7 +271,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             model, module, network, block_x, block_y, logits, norm, loss, box, radii, move_radii, deltas, p,
             lipschitz.loss_constant(loss), lipschitz.loss_constant("margin"), settings, deadline,
             refine.sooner(1.0 / (len(local_blocks) - number)),  # the refinement time left, shared by the blocks left
-            memory_limit_bytes, progress, refusal, device=target, exact_network=cpu_network)
+            memory_limit_bytes, progress, refusal, device=target, exact_network=cpu_network,
+            optimise=SlopeSearch() if optimise_slopes else None)
         parts.append(tables)
         reports.append(report)
         blocks.append(BlockInputs(part.start, block_x, block_y, jacobian, *displacement_box(block_x, box)))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from verifier.bounds.network import BoundNetwork
+from verifier.bounds.optimise import SlopeSearch
 from verifier.cells import cell_analysis, displacement_box
 from verifier.certify.aggregate import GrowthCurves
 from verifier.certify.exactness import Candidates, candidates
@@ -69,18 +70,20 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
                  radii: torch.Tensor, move_radii, deltas, p: float, global_slope: float, margin_slope: float,
                  exact: ExactSettings, deadline: Deadline, refine: Deadline, memory_limit_bytes: int | None,
                  progress: bool, exact_refusal: str = "", device: torch.device = CPU,
-                 exact_network: BoundNetwork | None = None) -> tuple[SampleTables, torch.Tensor, MilpReport]:
+                 exact_network: BoundNetwork | None = None,
+                 optimise: SlopeSearch | None = None) -> tuple[SampleTables, torch.Tensor, MilpReport]:
     """The tables of one block of samples (float64 inputs), its logits Jacobian (n, C, d) and what
     the exact route did. The bounds, cells, Jacobians and gradients run on `device` (`network`'s
     constants live there; `exact_network` is its CPU twin for the MILP route, default `network`);
     the tables come back on the CPU. Anytime: the refinements (tightened bounds, cells, the MILP route,
     bisection, candidates) run under `refine` and stop where they are, each cut a fallback line;
     `deadline` itself raises `Stopped`. `move_radii(radii)` gives the candidate radii of a grid.
-    `exact_refusal` (non-empty): the exact route does not run, for that reason."""
+    `exact_refusal` (non-empty): the exact route does not run, for that reason. `optimise`: the
+    tightened margin bounds search the relaxations' free slopes (`verifier.bounds.optimise`)."""
     fallbacks: list[str] = []
     # The tightened bounds first: on a large model they matter more than the cells' tiny radii.
     evidence = collect_evidence(network, x, y, logits, norm, radii, box, None, device=device, progress=progress,
-                                deadline=refine, memory_limit_bytes=memory_limit_bytes)
+                                deadline=refine, memory_limit_bytes=memory_limit_bytes, optimise=optimise)
     fallbacks += evidence.notes
     deadline.check("the bounds per radius")
     cells = None
