@@ -29,8 +29,7 @@ STRUCTURAL_OPS = frozenset(
     """Reshape Flatten Transpose Squeeze Unsqueeze Identity Dropout Slice Gather Concat Split Pad
     AveragePool GlobalAveragePool ReduceMean ReduceSum Expand Tile Sum Mean""".split()
 )
-MONOTONE_UNARY = {"Exp": torch.exp, "Erf": torch.erf, "Sqrt": torch.sqrt, "Log": torch.log,
-                  "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Relu": torch.relu}
+MONOTONE_UNARY = {"Erf": torch.erf, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Relu": torch.relu}
 
 
 @dataclass(frozen=True)
@@ -232,19 +231,8 @@ def layer_norm(attributes: dict, scale_: torch.Tensor | None, bias: torch.Tensor
     def rule(bounds):
         (lo, hi), = bounds
         axes = tuple(range(-dims, 0))
-        count = math.prod(lo.shape[-dims:])
-        mean_lo, mean_hi = lo.mean(axes, keepdim=True), hi.mean(axes, keepdim=True)
-        c_lo, c_hi = _centred_bounds(lo, hi, axes, count)
-        square_hi = torch.maximum(c_lo**2, c_hi**2)
-        square_lo = torch.where((c_lo <= 0) & (c_hi >= 0), torch.zeros_like(c_lo), torch.minimum(c_lo**2, c_hi**2))
-        var_lo, var_hi = square_lo.mean(axes, keepdim=True), square_hi.mean(axes, keepdim=True)
-        del mean_lo, mean_hi
-        denominators = torch.sqrt(torch.stack([var_lo, var_hi]) + eps)
-        quotients = torch.stack([c_lo / denominators[0], c_lo / denominators[1],
-                                 c_hi / denominators[0], c_hi / denominators[1]])
-        y_lo, y_hi = quotients.min(0).values, quotients.max(0).values
-        cap = math.sqrt(max(count - 1, 1))
-        y_lo, y_hi = y_lo.clamp(-cap, cap), y_hi.clamp(-cap, cap)
+        c_lo, c_hi = _centred_bounds(lo, hi, axes, math.prod(lo.shape[-dims:]))
+        y_lo, y_hi = normalised_bounds(c_lo, c_hi, dims, eps)
         if scale_ is not None:
             y_lo, y_hi = torch.minimum(y_lo * scale_, y_hi * scale_), torch.maximum(y_lo * scale_, y_hi * scale_)
         if bias is not None:
@@ -256,6 +244,24 @@ def layer_norm(attributes: dict, scale_: torch.Tensor | None, bias: torch.Tensor
         return F.layer_norm(u, shape, scale_, bias, eps)
 
     return Interval(rule, forward)
+
+
+def normalised_bounds(c_lo: torch.Tensor, c_hi: torch.Tensor, dims: int, eps: float):
+    """Bounds of `c_k / sqrt(mean(c²) + eps)` over the last `dims` axes from bounds on the centred c.
+
+    The quotient of the variance interval's ends, capped by `|y_k| <= sqrt(n - 1)` (a centred
+    vector's entry is at most sqrt(n - 1) times its root mean square).
+    """
+    axes = tuple(range(-dims, 0))
+    count = math.prod(c_lo.shape[-dims:])
+    square_hi = torch.maximum(c_lo**2, c_hi**2)
+    square_lo = torch.where((c_lo <= 0) & (c_hi >= 0), torch.zeros_like(c_lo), torch.minimum(c_lo**2, c_hi**2))
+    var_lo, var_hi = square_lo.mean(axes, keepdim=True), square_hi.mean(axes, keepdim=True)
+    denominators = torch.sqrt(torch.stack([var_lo, var_hi]) + eps)
+    quotients = torch.stack([c_lo / denominators[0], c_lo / denominators[1],
+                             c_hi / denominators[0], c_hi / denominators[1]])
+    cap = math.sqrt(max(count - 1, 1))
+    return quotients.min(0).values.clamp(-cap, cap), quotients.max(0).values.clamp(-cap, cap)
 
 
 def _centred_bounds(lo: torch.Tensor, hi: torch.Tensor, axes: tuple[int, ...], count: int):

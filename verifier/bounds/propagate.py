@@ -14,14 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from verifier.bounds import ops, relaxations
+from verifier.bounds import bilinear, elementary, ops, relaxations
 from verifier.bounds.network import Activation, BoundNetwork, BoundNode
 from verifier.cells import displacement_box, window_index
 from verifier.deadline import NEVER, Deadline
 from verifier.geometry import max_linear
 
 _RELAXED = frozenset({"relu", "leaky_relu", "prelu", "abs", "clip", "gelu", "silu", "sigmoid", "tanh",
-                      "softplus", "hard_swish"})
+                      "softplus", "hard_swish"}) | elementary.KINDS
 UNIT_CHUNK = 512
 # Back-substitution holds (samples x objectives x widest node) coefficients at once: a unit chunk is
 # sized to keep that under this many elements (64 MB in float64), which also bounds the work
@@ -71,7 +71,7 @@ class Bounds:
     """Interval bounds of every node and the relaxations used at every activation."""
 
     intervals: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    relaxed: dict[str, relaxations.Relaxation | PoolRelaxation]
+    relaxed: dict[str, relaxations.Relaxation | PoolRelaxation | bilinear.Planes]
 
 
 def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, deadline: Deadline = NEVER,
@@ -109,6 +109,8 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
                                                                node.rule.slope)
         elif isinstance(node.rule, Activation) and node.rule.kind == "max_pool":
             relaxed[node.name] = _pool_relaxation(node, *intervals[node.inputs[0]])
+        elif isinstance(node.rule, bilinear.Product):
+            relaxed[node.name] = bilinear.relax(node.rule, *(intervals[i] for i in node.inputs))
     return state
 
 
@@ -230,6 +232,9 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
         elif isinstance(rule, Activation) and isinstance(state.relaxed.get(node.name), PoolRelaxation):
             contribution, offset = _pool_adjoint(state.relaxed[node.name], lam)
             contributions = [contribution]
+            bias = bias + offset
+        elif isinstance(rule, bilinear.Product):
+            contributions, offset = bilinear.adjoint(rule, state.relaxed[node.name], lam)
             bias = bias + offset
         elif isinstance(rule, Activation) and node.name in state.relaxed:
             relax = state.relaxed[node.name]
