@@ -12,8 +12,10 @@ Both planes of a side have the same mean gap over the box; per unit we take the 
 corner (where its gap `wx wy` sits) has the more favourable product: the lower plane misses at
 the corner with the larger product, the upper plane at the corner with the smaller one, so
 neither plane's concretisation over the box exceeds the interval of `z` by more than needed.
-The planes hold exactly in the reals; their offsets are widened by their rounding error, and a
-product with an infinite end gets flat planes at its interval ends.
+A product with a `hull` (LayerNorm's `c · rsqrt(v)`) takes flat lines at its interval instead where
+the planes' worst gap `wx wy` exceeds that interval's width. The planes hold exactly in the reals;
+their offsets are widened by their rounding error, and a product with an infinite end gets flat
+planes at its interval ends.
 """
 
 from __future__ import annotations
@@ -95,6 +97,14 @@ def relax(rule: Product, x: Pair, y: Pair) -> Planes:
     flat_hi = torch.nan_to_num(corners, nan=math.inf).amax(0).expand_as(c_hi)
     a_lo, b_lo, a_hi, b_hi = (torch.where(finite, v, 0.0) for v in (a_lo, b_lo, a_hi, b_hi))
     c_lo, c_hi = torch.where(finite, c_lo, flat_lo), torch.where(finite, c_hi, flat_hi)
+    if rule.hull is not None:
+        # Where the planes' worst gap (wx·wy, at the missed corner) exceeds the width of the direct
+        # interval (LayerNorm's rule: a huge rsqrt upper end when the variance may be ~0), flat
+        # lines at that interval are the tighter choice.
+        low, high = (v.expand_as(c_lo) for v in rule.rule([x, y]))
+        flat = (ux - lx) * (uy - ly) > high - low
+        a_lo, b_lo, a_hi, b_hi = (torch.where(flat, 0.0, v) for v in (a_lo, b_lo, a_hi, b_hi))
+        c_lo, c_hi = torch.where(flat, low, c_lo), torch.where(flat, high, c_hi)
     if rule.matmul:
         c_lo, c_hi = c_lo.sum(-2), c_hi.sum(-2)
     return Planes(a_lo, b_lo, c_lo, a_hi, b_hi, c_hi, x_shape, y_shape)
