@@ -14,7 +14,6 @@ bounds pass through these ops instead of stopping at an interval:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +35,12 @@ class Part:
     rule: object  # a network Rule (ops.Affine, ops.Interval, Activation)
 
 
-UnaryRule = Callable[[str, dict], object]  # kind, params -> Activation rule (built by the network)
+def unary(kind: str, params: dict) -> ops.Activation:
+    """An elementary convex/concave function (verifier.bounds.elementary) as a relaxed node."""
+    return ops.Activation(kind, dict(params), None, lambda u: function(kind, u, params))
 
 
-def softmax(axis: int, coerce_2d: bool, shape: list[int | None], unary: UnaryRule) -> list[Part] | None:
+def softmax(axis: int, coerce_2d: bool, shape: list[int | None]) -> list[Part] | None:
     """Parts of a Softmax over `axis` of a per-sample input of `shape` (None: keep the interval rule)."""
     rank = len(shape) + 1  # with the batch axis
     start = axis % rank
@@ -88,8 +89,7 @@ def softmax(axis: int, coerce_2d: bool, shape: list[int | None], unary: UnaryRul
     return parts
 
 
-def layer_norm(dims: int, eps: float, scale: torch.Tensor | None, bias: torch.Tensor | None,
-               unary: UnaryRule) -> list[Part]:
+def layer_norm(dims: int, eps: float, scale: torch.Tensor | None, bias: torch.Tensor | None) -> list[Part]:
     """Parts of a LayerNormalization over the last `dims` axes."""
     axes = tuple(range(-dims, 0))
 
@@ -121,7 +121,7 @@ def layer_norm(dims: int, eps: float, scale: torch.Tensor | None, bias: torch.Te
     return parts
 
 
-def reciprocal_times(numerator: int | torch.Tensor, denominator: int, unary: UnaryRule) -> list[Part]:
+def reciprocal_times(numerator: int | torch.Tensor, denominator: int) -> list[Part]:
     """Parts of `x / y` (numerator: the variable position of x) or `a / y` (numerator: constant a)."""
     parts = [Part("reciprocal", "reciprocal", (denominator,), unary("reciprocal", {}))]
     if isinstance(numerator, int):
@@ -131,6 +131,46 @@ def reciprocal_times(numerator: int | torch.Tensor, denominator: int, unary: Una
     return parts
 
 
-def unary_forward(kind: str, params: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The concrete function of an elementary kind (for the network's Activation rule)."""
-    return lambda u: function(kind, u, params)
+# ---- rules of the network builder for ops with variable operands beyond the affine ones; `c` is
+# its node context (variables, constants, shapes).
+
+def same_rank(c, least: int) -> bool:
+    """Both variable inputs have known ranks, equal and at least `least` + 1 (the batch axis)."""
+    try:
+        ranks = {len(c.builder._shape(t)) for t in c.variables}
+    except KeyError:
+        return False
+    return len(ranks) == 1 and ranks.pop() >= least + 1
+
+
+def _div(c):
+    if c.variable_at(0):
+        return ops.scale(1.0 / c.const(1))
+    if c.variable_at(1):
+        return reciprocal_times(c.const(0), 0)
+    if len(c.variables) == 2 and same_rank(c, 1):
+        return reciprocal_times(0, 1)
+    return None
+
+
+_ELEMENTARY_OPS = {"Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal"}
+_NAMED_POWERS = {2.0: "square", 0.5: "sqrt", -0.5: "rsqrt", -1.0: "reciprocal"}
+
+
+def _elementary(c):
+    return unary(_ELEMENTARY_OPS[c.node.op_type], {}) if c.single else None
+
+
+def _pow(c):
+    exponent = c.const(1)
+    if not c.variable_at(0) or exponent is None or exponent.numel() != 1:
+        return None
+    value = float(exponent)
+    if value in _NAMED_POWERS:
+        return unary(_NAMED_POWERS[value], {})
+    if value == 1.0:
+        return ops.scale(1.0)
+    return unary("power", {"exponent": value}) if value == int(value) and value > 2 else None
+
+
+RULES = {"Div": _div, "Pow": _pow, **{op: _elementary for op in _ELEMENTARY_OPS}}

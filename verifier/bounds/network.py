@@ -2,22 +2,26 @@
 
 `BoundNetwork.from_model` walks the fx graph of `ConvertedModel.logits_module` in order and
 gives every node a rule from `verifier.bounds.ops`: an `Affine` map, an `Activation` (one per
-site found by `verifier.graph`, decomposed patterns included), or an `Interval`-only rule. The
-ONNX node (op type, attributes, constants) decides the rule; the converted module is reused only
-to execute structural ops. Every node without a rule is listed in one error.
+site found by `verifier.graph`, decomposed patterns included, or an elementary convex/concave
+kind), a `bilinear.Product` of two variables, or an `Interval`-only rule. Softmax, LayerNorm and
+Div by a variable become several nodes (`verifier.bounds.decompose`; part `s` of fx node `n` is
+named `n.s`, the last one `n`). The ONNX node (op type, attributes, constants) decides the rule;
+the converted module is reused only to execute structural ops. Every node without a rule is
+listed in one error.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import onnx
 import torch
 from torch import fx
 
 from verifier.bounds import bilinear, decompose, ops
+from verifier.bounds.ops import Activation
 from verifier.convert import ConvertedModel
 from verifier.convert.compat import import_onnx2torch
 from verifier.errors import UnsupportedOpsError
@@ -25,16 +29,6 @@ from verifier.graph import ActivationSite, OperatorGraph
 
 import_onnx2torch()
 from onnx2torch.onnx_graph import OnnxGraph  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Activation:
-    """An activation site as a bound node: kind, parameters, PReLU slope if any."""
-
-    kind: str
-    params: dict
-    slope: torch.Tensor | None = None
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
 
 Rule = ops.Affine | ops.Interval | Activation  # bilinear.Product is an Interval with planes
@@ -170,7 +164,7 @@ class _Builder:
             return None
         shape = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
         return decompose.softmax(int(site.params.get("axis", -1)), bool(site.params.get("coerce_2d", False)),
-                                 shape, unary)
+                                 shape)
 
     def _activation(self, site: ActivationSite) -> Activation:
         slope = None
@@ -259,7 +253,7 @@ def _matmul(c: _NodeContext) -> Rule | None:
         return ops.matmul(c.const(1) if first else c.const(0), first)
     if len(c.variables) != 2:
         return None
-    return bilinear.product(True) if _same_rank(c, 2) else ops.matrix_product()
+    return bilinear.product(True) if decompose.same_rank(c, 2) else ops.matrix_product()
 
 
 def _conv(c: _NodeContext) -> Rule | None:
@@ -289,44 +283,8 @@ def _mul(c: _NodeContext) -> Rule | None:
     if len(c.variables) != 2:
         return None
     if c.variables[0] == c.variables[1]:
-        return unary("square", {})
-    return bilinear.product(False) if _same_rank(c, 1) else ops.product()
-
-
-def _same_rank(c: _NodeContext, least: int) -> bool:
-    """Both variable inputs have known ranks, equal and at least `least` + 1 (the batch axis)."""
-    try:
-        ranks = {len(c.builder._shape(t)) for t in c.variables}
-    except KeyError:
-        return False
-    return len(ranks) == 1 and ranks.pop() >= least + 1
-
-
-def _div(c: _NodeContext) -> Rule | list[decompose.Part] | None:
-    if c.variable_at(0):
-        return ops.scale(1.0 / c.const(1))
-    if c.variable_at(1):
-        return decompose.reciprocal_times(c.const(0), 0, unary)
-    if len(c.variables) == 2 and _same_rank(c, 1):
-        return decompose.reciprocal_times(0, 1, unary)
-    return None
-
-
-def _elementary(c: _NodeContext) -> Rule | None:
-    return unary(_ELEMENTARY_OPS[c.node.op_type], {}) if c.single else None
-
-
-def _pow(c: _NodeContext) -> Rule | None:
-    exponent = c.const(1)
-    if not c.variable_at(0) or exponent is None or exponent.numel() != 1:
-        return None
-    value = float(exponent)
-    named = {2.0: "square", 0.5: "sqrt", -0.5: "rsqrt", -1.0: "reciprocal"}
-    if value in named:
-        return unary(named[value], {})
-    if value == 1.0:
-        return ops.scale(1.0)
-    return unary("power", {"exponent": value}) if value == int(value) and value > 2 else None
+        return decompose.unary("square", {})
+    return bilinear.product(False) if decompose.same_rank(c, 1) else ops.product()
 
 
 def _neg(c: _NodeContext) -> Rule | None:
@@ -339,7 +297,7 @@ def _layer_norm(c: _NodeContext) -> list[decompose.Part] | None:
     if not c.variable_at(0):
         return None
     eps = float(c.attributes.get("epsilon", 1e-5))
-    return decompose.layer_norm(rank - axis if axis >= 0 else -axis, eps, c.const(1), c.const(2), unary)
+    return decompose.layer_norm(rank - axis if axis >= 0 else -axis, eps, c.const(1), c.const(2))
 
 
 def _monotone(c: _NodeContext) -> Rule | None:
@@ -366,14 +324,6 @@ def _structural(c: _NodeContext) -> Rule | None:
     return ops.structural(c.builder._module_call(c.fx_node, c.variables))
 
 
-_ELEMENTARY_OPS = {"Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal"}
-
-
-def unary(kind: str, params: dict) -> Activation:
-    """An elementary convex/concave function (verifier.bounds.elementary) as a relaxed node."""
-    return Activation(kind, dict(params), None, decompose.unary_forward(kind, params))
-
-
 def _expand(name: str, key: str, inputs: tuple[str, ...], parts: list[decompose.Part]) -> list[BoundNode]:
     """BoundNodes of a decomposed op: part `s` is named `name.s`, the last one `name`."""
     def resolve(ref: int | str) -> str:
@@ -387,10 +337,10 @@ def _expand(name: str, key: str, inputs: tuple[str, ...], parts: list[decompose.
 # activation kinds never reach this table: they are sites (see verifier.graph).
 RULES: dict[str, Callable[[_NodeContext], Rule | list[decompose.Part] | None]] = {
     "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm,
-    "Add": _add_sub, "Sub": _add_sub, "Mul": _mul, "Div": _div, "Neg": _neg,
-    "LayerNormalization": _layer_norm, "Cast": _cast, "Pow": _pow,
+    "Add": _add_sub, "Sub": _add_sub, "Mul": _mul, "Neg": _neg,
+    "LayerNormalization": _layer_norm, "Cast": _cast,
     **{op: _monotone for op in ops.MONOTONE_UNARY},
-    **{op: _elementary for op in _ELEMENTARY_OPS},
+    **decompose.RULES,
     **{op: _structural for op in ops.STRUCTURAL_OPS},
 }
 

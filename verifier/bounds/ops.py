@@ -6,9 +6,11 @@ Every node of the logits path becomes one of:
   the same code with `|weights|` gives `|L|`; structural ops (Reshape, Transpose, Slice, Concat,
   Pad, pooling averages, reductions by sums …) reuse the converted module, whose linear part is
   entrywise non-negative, so `|L| = L`.
-- `Interval`: ops with no linear rule (Softmax, LayerNormalization, products of two variable
-  tensors, monotone unary functions, MaxPool until relaxed) give sound intervals only and are
-  concretised during back-substitution.
+- `Interval`: ops with no linear rule of their own give sound intervals. The products of two
+  variables (`bilinear.Product`, an `Interval` with McCormick planes) and the pieces of Softmax /
+  LayerNorm (`decompose.py`) reuse the rules here for their intervals; what stays interval-only
+  (Erf outside GELU, a Softmax over > 512 entries, monotone unary functions) is concretised
+  during back-substitution.
 An op with no rule raises "unsupported for bounds: OP at NODE".
 """
 
@@ -57,6 +59,16 @@ class Interval:
 
     rule: Callable[[Sequence[tuple[torch.Tensor, torch.Tensor]]], tuple[torch.Tensor, torch.Tensor]]
     forward: Callable[..., torch.Tensor] = field(repr=False, default=None)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation site (or an elementary kind) as a bound node: kind, parameters, PReLU slope if any."""
+
+    kind: str
+    params: dict
+    slope: torch.Tensor | None = None
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
 
 def _attr(attributes: dict, name: str, default):

@@ -1,7 +1,8 @@
 """Per-activation numeric primitives for sound bound propagation (method.md §3.1, §3.3, §3.4, §3.7).
 
 This module owns, for every elementwise activation kind that `verifier.graph` reports (max_pool
-and softmax are not elementwise and live elsewhere): the function itself (`activation`), a sound
+and softmax are not elementwise and live elsewhere), and by dispatch to `elementary.py` for the
+convex/concave kinds Softmax and LayerNorm are decomposed into: the function itself (`activation`), a sound
 image of an interval (`interval`), a sound range of the derivative (`derivative_range`), sound
 linear relaxations (`linear_relaxation`, bounds-design.md §5) and global Lipschitz constants
 (`lipschitz_constant`). All are pure, batched, broadcasting functions on torch tensors. The smooth
