@@ -219,12 +219,15 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
     pending: dict[str, torch.Tensor] = {target: coefficients}
     bias = torch.zeros(count, objectives, dtype=coefficients.dtype, device=coefficients.device)
     position = next(i for i, n in enumerate(network.nodes) if n.name == target) if target != network.input else -1
+    cut = torch.full_like(bias, math.inf)  # the best bound that stops at a relaxed node (§3.8)
     for node in reversed(network.nodes[: position + 1]):
         lam = pending.pop(node.name, None)
         if lam is None:
             continue
         deadline.check("back-substitution")
         rule = node.rule
+        if not isinstance(rule, ops.Affine):
+            cut = torch.fmin(cut, _concretised(state, {node.name: lam, **pending}, bias))
         if isinstance(rule, ops.Affine):
             shapes = [state.intervals[i][0].shape[1:] for i in node.inputs]
             contributions, offset = _affine_adjoint(rule, lam, shapes)
@@ -252,7 +255,18 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
     lam = pending.pop(network.input, None)
     value = bias if lam is None else bias + region.maximise(lam)
     value = torch.nan_to_num(value, nan=math.inf, posinf=math.inf, neginf=-math.inf)  # undefined: no bound
+    value = torch.fmin(value, cut)
     return value + _ROUNDING * (1.0 + value.abs())
+
+
+def _concretised(state: Bounds, pending: dict[str, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+    """`bias + Σ <lam, v>` with every pending node's v bounded by its interval: a sound upper bound
+    wherever back-substitution stops (it keeps a loose relaxation from costing more than an interval)."""
+    total = bias
+    for name, lam in pending.items():
+        low, high = state.intervals[name]
+        total = total + _inner(lam.clamp_min(0), high.unsqueeze(1)) + _inner(lam.clamp_max(0), low.unsqueeze(1))
+    return torch.nan_to_num(total, nan=math.inf)
 
 
 def _pool_relaxation(node: BoundNode, low: torch.Tensor, high: torch.Tensor) -> PoolRelaxation:

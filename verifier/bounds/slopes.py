@@ -100,7 +100,9 @@ def _backward_intervals(network: BoundNetwork, intervals: dict[str, Pair], rows:
 
 
 def _product(a: Pair, b: Pair) -> Pair:
-    corners = torch.stack([a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1]])
+    """Interval product; an exact 0 times an infinite end is 0 (every actual value is finite)."""
+    pairs = [(a[0], b[0]), (a[0], b[1]), (a[1], b[0]), (a[1], b[1])]
+    corners = torch.stack([torch.where((u == 0) | (v == 0), 0.0, u * v) for u, v in pairs])
     return corners.min(0).values, corners.max(0).values
 
 
@@ -114,14 +116,15 @@ def _product_backward(rule: bilinear.Product, inputs: list[Pair], grad: Pair) ->
         to_y = interval_matmul([(x_lo.transpose(-1, -2), x_hi.transpose(-1, -2)), grad])
     else:
         to_x, to_y = _product(grad, (y_lo, y_hi)), _product(grad, (x_lo, x_hi))
-    return [tuple(v.sum_to_size(count, objectives, *shape[2:]) for v in pair)
+    return [tuple(torch.nan_to_num(v, nan=fill).sum_to_size(count, objectives, *shape[2:])
+                  for v, fill in zip(pair, (-math.inf, math.inf)))
             for pair, shape in ((to_x, x_lo.shape), (to_y, y_lo.shape))]
 
 
 def _affine_backward(rule: ops.Affine, grad: Pair, shapes: list[torch.Size]) -> list[Pair]:
     low, high = grad
     count, objectives = low.shape[:2]
-    centre = ((low + high) / 2).reshape(count * objectives, *low.shape[2:])
+    centre = torch.nan_to_num((low + high) / 2, nan=0.0).reshape(count * objectives, *low.shape[2:])  # inf - inf
     radius = ((high - low) / 2).reshape(count * objectives, *low.shape[2:])
     zeros = [torch.zeros(count * objectives, *shape, dtype=low.dtype, device=low.device) for shape in shapes]
     _, pull_linear = torch.func.vjp(rule.linear, *zeros)
@@ -129,7 +132,7 @@ def _affine_backward(rule: ops.Affine, grad: Pair, shapes: list[torch.Size]) -> 
     results = []
     for c, r in zip(pull_linear(centre), pull_magnitude(radius)):
         c, r = c.reshape(count, objectives, *c.shape[1:]), r.reshape(count, objectives, *r.shape[1:])
-        results.append((c - r, c + r))
+        results.append((torch.nan_to_num(c - r, nan=-math.inf), torch.nan_to_num(c + r, nan=math.inf)))
     return results
 
 
