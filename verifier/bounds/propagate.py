@@ -219,14 +219,14 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
     pending: dict[str, torch.Tensor] = {target: coefficients}
     bias = torch.zeros(count, objectives, dtype=coefficients.dtype, device=coefficients.device)
     position = next(i for i, n in enumerate(network.nodes) if n.name == target) if target != network.input else -1
-    cut = torch.full_like(bias, math.inf)  # the best bound that stops at a relaxed node (§3.8)
+    cut = torch.full_like(bias, math.inf)  # the best bound stopping at a product or elementary node (§3.8)
     for node in reversed(network.nodes[: position + 1]):
         lam = pending.pop(node.name, None)
         if lam is None:
             continue
         deadline.check("back-substitution")
         rule = node.rule
-        if not isinstance(rule, ops.Affine):
+        if isinstance(rule, bilinear.Product) or getattr(rule, "kind", None) in elementary.KINDS:
             cut = torch.fmin(cut, _concretised(state, {node.name: lam, **pending}, bias))
         if isinstance(rule, ops.Affine):
             shapes = [state.intervals[i][0].shape[1:] for i in node.inputs]
