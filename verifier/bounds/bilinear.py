@@ -132,6 +132,8 @@ def adjoint(rule: Product, planes: Planes, lam: Tensor) -> tuple[list[Tensor], T
 
 def _inner(lam: Tensor, offsets: Tensor) -> Tensor:
     """Σ over unit axes of lam * offsets (offsets (N, *out) shared by the K objectives; 0 * inf = 0)."""
+    if bool(torch.isfinite(offsets).all()):
+        return torch.bmm(lam.flatten(2), offsets.flatten(1).unsqueeze(-1).to(lam.dtype)).squeeze(-1)
     product = lam * offsets.unsqueeze(1)
     product = torch.where(lam == 0, torch.zeros_like(product), product)
     return product.flatten(2).sum(-1)
