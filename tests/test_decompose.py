@@ -89,7 +89,8 @@ def test_softmax_relaxation_holds_on_dense_samples_and_is_at_least_as_tight(save
     generator = torch.Generator().manual_seed(1)
     nodes = [N("Softmax", ["x"], ["p"], axis=axis), N("Mul", ["p", "k"], ["y"])]  # a last Softmax is a head
     network = _network(save, nodes, [2, 3], [2, 3], [const("k", np.float32(-2.0))])
-    assert [n.op for n in network.nodes] == ["Sub", "exp", "ReduceSum", "reciprocal"] + ["Transpose"] * (axis == 1) + ["Mul"]
+    moved = ["Transpose"] * (axis == 1)
+    assert [n.op for n in network.nodes] == ["Sub", "exp", "ReduceSum", "reciprocal", *moved, "Mul"]
     center = 2 * torch.randn(5, 2, 3, generator=generator, dtype=torch.float64)
     for radius in (1e-3, 0.1, 0.8):
         state = _check_objectives(network, center, radius, generator)["state"]

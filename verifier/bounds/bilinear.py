@@ -74,8 +74,9 @@ class Planes:
     y_shape: torch.Size
 
 
-def relax(rule: Product, x: Pair, y: Pair) -> Planes:
-    """McCormick planes of every product of `rule` on the input intervals x, y (each (N, *shape))."""
+def relax(rule: Product, x: Pair, y: Pair, own: Pair | None = None) -> Planes:
+    """McCormick planes of every product of `rule` on the input intervals x, y (each (N, *shape));
+    `own`: the product's own (sound, rounded) interval, used where a `hull` makes it tighter."""
     x_shape, y_shape = x[0].shape[1:], y[0].shape[1:]
     if rule.matmul:
         batch = torch.broadcast_shapes(x[0].shape[:-2], y[0].shape[:-2])
@@ -97,11 +98,11 @@ def relax(rule: Product, x: Pair, y: Pair) -> Planes:
     flat_hi = torch.nan_to_num(corners, nan=math.inf).amax(0).expand_as(c_hi)
     a_lo, b_lo, a_hi, b_hi = (torch.where(finite, v, 0.0) for v in (a_lo, b_lo, a_hi, b_hi))
     c_lo, c_hi = torch.where(finite, c_lo, flat_lo), torch.where(finite, c_hi, flat_hi)
-    if rule.hull is not None:
+    if rule.hull is not None and own is not None:
         # Where the planes' worst gap (wx·wy, at the missed corner) exceeds the width of the direct
         # interval (LayerNorm's rule: a huge rsqrt upper end when the variance may be ~0), flat
         # lines at that interval are the tighter choice.
-        low, high = (v.expand_as(c_lo) for v in rule.rule([x, y]))
+        low, high = (v.expand_as(c_lo) for v in own)
         flat = (ux - lx) * (uy - ly) > high - low
         a_lo, b_lo, a_hi, b_hi = (torch.where(flat, 0.0, v) for v in (a_lo, b_lo, a_hi, b_hi))
         c_lo, c_hi = torch.where(flat, low, c_lo), torch.where(flat, high, c_hi)

@@ -110,7 +110,7 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
         elif isinstance(node.rule, Activation) and node.rule.kind == "max_pool":
             relaxed[node.name] = _pool_relaxation(node, *intervals[node.inputs[0]])
         elif isinstance(node.rule, bilinear.Product):
-            relaxed[node.name] = bilinear.relax(node.rule, *(intervals[i] for i in node.inputs))
+            relaxed[node.name] = bilinear.relax(node.rule, *(intervals[i] for i in node.inputs), intervals[node.name])
     return state
 
 
