@@ -100,7 +100,7 @@ def test_softmax_relaxation_holds_on_dense_samples_and_is_at_least_as_tight(save
 
 
 def test_hand_written_norm_and_elementary_ops_are_relaxed_soundly(save):
-    """(h - mean) / Sqrt(mean(Pow(h - mean, 2)) + eps), Exp, Log, Reciprocal and a Div by a variable."""
+    """(h - mean) / Sqrt(mean(Pow(h - mean, 2)) + eps), Exp, Log, Reciprocal, Div by a variable, x * x."""
     rng = np.random.default_rng(2)
     nodes = [N("Gemm", ["x", "w", "c"], ["h"], transB=1),
              N("ReduceMean", ["h"], ["m"], axes=[-1]), N("Sub", ["h", "m"], ["d"]),
@@ -108,10 +108,10 @@ def test_hand_written_norm_and_elementary_ops_are_relaxed_soundly(save):
              N("Add", ["v", "eps"], ["ve"]), N("Sqrt", ["ve"], ["s"]), N("Div", ["d", "s"], ["n"]),
              N("Exp", ["n"], ["e"]), N("Add", ["e", "one"], ["e1"]), N("Log", ["e1"], ["sp"]),
              N("Reciprocal", ["e1"], ["r"]), N("Div", ["one", "e1"], ["r2"]), N("Mul", ["r", "r2"], ["rr"]),
-             N("Concat", ["sp", "rr"], ["y"], axis=-1)]
+             N("Mul", ["sp", "sp"], ["sq"]), N("Concat", ["sp", "rr", "sq"], ["y"], axis=-1)]
     inits = [const("w", rng.normal(size=(3, 3))), const("c", rng.normal(size=3)), const("two", 2.0),
              const("eps", 1e-5), const("one", 1.0)]
-    network = _network(save, nodes, [3], [6], inits)
+    network = _network(save, nodes, [3], [9], inits)
     kinds = {getattr(n.rule, "kind", type(n.rule).__name__) for n in network.nodes}
     assert {"square", "sqrt", "reciprocal", "exp", "log", "Product"} <= kinds
     center = torch.from_numpy(rng.uniform(-1, 1, size=(4, 3)))

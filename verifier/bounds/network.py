@@ -277,13 +277,13 @@ def _add_sub(c: _NodeContext) -> Rule | None:
     return ops.shift(-other) if first else ops.shift(other, sign=-1.0)  # x - c, or c - x
 
 
-def _mul(c: _NodeContext) -> Rule | None:
+def _mul(c: _NodeContext) -> Rule | list[decompose.Part] | None:
     if c.single:
         return ops.scale(c.const(1) if c.variable_at(0) else c.const(0))
     if len(c.variables) != 2:
         return None
-    if c.variables[0] == c.variables[1]:
-        return decompose.unary("square", {})
+    if c.variables[0] == c.variables[1]:  # x * x: one input
+        return [decompose.Part("", "square", (0,), decompose.unary("square", {}))]
     return bilinear.product(False) if decompose.same_rank(c, 1) else ops.product()
 
 
