@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verifier.bounds import ops, relaxations
+from verifier.bounds import bilinear, elementary, ops, relaxations
 from verifier.bounds.network import Activation, BoundNetwork, BoundNode
 from verifier.bounds.pool import PoolRelaxation, pool_adjoint, pool_relaxation
 from verifier.cells import displacement_box
@@ -22,7 +22,7 @@ from verifier.deadline import NEVER, Deadline
 from verifier.geometry import max_linear
 
 _RELAXED = frozenset({"relu", "leaky_relu", "prelu", "abs", "clip", "gelu", "silu", "sigmoid", "tanh",
-                      "softplus", "hard_swish"})
+                      "softplus", "hard_swish"}) | elementary.KINDS
 UNIT_CHUNK = 512
 # Back-substitution holds (samples x objectives x widest node) coefficients at once: a unit chunk is
 # sized to keep that under this many elements (64 MB in float64), which also bounds the work
@@ -61,7 +61,7 @@ class Bounds:
     """Interval bounds of every node and the relaxations used at every activation."""
 
     intervals: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    relaxed: dict[str, relaxations.Relaxation | PoolRelaxation]
+    relaxed: dict[str, relaxations.Relaxation | PoolRelaxation | bilinear.Planes]
 
 
 def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, deadline: Deadline = NEVER,
@@ -99,6 +99,8 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
                                                                node.rule.slope)
         elif isinstance(node.rule, Activation) and node.rule.kind == "max_pool":
             relaxed[node.name] = pool_relaxation(node.rule.params, node.onnx_node, *intervals[node.inputs[0]])
+        elif isinstance(node.rule, bilinear.Product):
+            relaxed[node.name] = bilinear.relax(node.rule, *(intervals[i] for i in node.inputs), intervals[node.name])
     return state
 
 
@@ -215,12 +217,15 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
     pending: dict[str, torch.Tensor] = {target: coefficients}
     bias = torch.zeros(count, objectives, dtype=coefficients.dtype, device=coefficients.device)
     position = next(i for i, n in enumerate(network.nodes) if n.name == target) if target != network.input else -1
+    cut = torch.full_like(bias, math.inf)  # the best bound stopping at a product or elementary node (§3.8)
     for node in reversed(network.nodes[: position + 1]):
         lam = pending.pop(node.name, None)
         if lam is None:
             continue
         deadline.check("back-substitution")
         rule = node.rule
+        if isinstance(rule, bilinear.Product) or getattr(rule, "kind", None) in elementary.KINDS:
+            cut = torch.fmin(cut, _concretised(state, {node.name: lam, **pending}, bias))
         if isinstance(rule, ops.Affine):
             shapes = [state.intervals[i][0].shape[1:] for i in node.inputs]
             contributions, offset = _affine_adjoint(rule, lam, shapes)
@@ -228,6 +233,9 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
         elif isinstance(rule, Activation) and isinstance(state.relaxed.get(node.name), PoolRelaxation):
             contribution, offset = pool_adjoint(state.relaxed[node.name], lam)
             contributions = [contribution]
+            bias = bias + offset
+        elif isinstance(rule, bilinear.Product):
+            contributions, offset = bilinear.adjoint(rule, state.relaxed[node.name], lam)
             bias = bias + offset
         elif isinstance(rule, Activation) and node.name in state.relaxed:
             relax = state.relaxed[node.name]
@@ -245,6 +253,7 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
     lam = pending.pop(network.input, None)
     value = bias if lam is None else bias + region.maximise(lam)
     value = torch.nan_to_num(value, nan=math.inf, posinf=math.inf, neginf=-math.inf)  # undefined: no bound
+    value = torch.fmin(value, cut)
     return value + _ROUNDING * (1.0 + value.abs())
 
 
@@ -252,6 +261,16 @@ def _per_objective(line: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """A relaxation line (N, *units) shared by the objectives gets their axis; one per objective
     (N, K, *units, from `verifier.bounds.optimise`) is used as it is."""
     return line if line.dim() == lam.dim() else line.unsqueeze(1)
+
+
+def _concretised(state: Bounds, pending: dict[str, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+    """`bias + Σ <lam, v>` with every pending node's v bounded by its interval: a sound upper bound
+    wherever back-substitution stops (it keeps a loose relaxation from costing more than an interval)."""
+    total = bias
+    for name, lam in pending.items():
+        low, high = state.intervals[name]
+        total = total + _inner(lam.clamp_min(0), high.unsqueeze(1)) + _inner(lam.clamp_max(0), low.unsqueeze(1))
+    return torch.nan_to_num(total, nan=math.inf)
 
 
 def _inner(lam: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
