@@ -275,7 +275,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             optimise=SlopeSearch() if optimise_slopes else None)
         parts.append(tables)
         reports.append(report)
-        blocks.append(BlockInputs(part.start, block_x, block_y, jacobian, *displacement_box(block_x, box)))
+        blocks.append(BlockInputs(part.start, block_x, block_y, jacobian, *displacement_box(block_x, box), logits))
     tables = concat(parts)
     tables = concat(shard.objects(tables)) if shard.distributed else tables
     milp_report = reports[0] if one_block else replace(reports[0], status=tables.milp_status)
@@ -357,7 +357,7 @@ def _placed(module: torch.nn.Module, blocks: list[BlockInputs], found: Candidate
         rows = slice(shard.start + inputs.offset, shard.start + inputs.offset + len(inputs.x))
         lower_pick, upper_pick = place(module, inputs.x, inputs.y, inputs.jacobian, inputs.lower, inputs.upper,
                                        _rows_of(found, rows), tuple(t[rows] for t in picks), shard.total, norm, loss,
-                                       rows.start)
+                                       rows.start, inputs.logits)
         low.append(lower_pick)
         high.append(upper_pick)
     if not shard.distributed:

@@ -137,18 +137,21 @@ def choose(found: Candidates, delta: float, p: float) -> tuple[torch.Tensor, tor
 
 def place(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: torch.Tensor, lower: torch.Tensor,
           upper: torch.Tensor, found: Candidates, picks: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-          total: int, norm: str, loss: str, offset: int = 0) -> tuple[Placed, Placed]:
+          total: int, norm: str, loss: str, offset: int = 0,
+          logits: torch.Tensor | None = None) -> tuple[Placed, Placed]:
     """The atoms of these samples for both picks (rows of `found` and `picks` are these samples),
-    evaluated by one forward pass; `total` is N of the masses 1/N."""
+    the moved ones evaluated by one forward pass (`logits`: the clean ones, default computed);
+    `total` is N of the masses 1/N."""
     low, high, weight = picks
     rows = torch.arange(len(x))
     linearised = len(found.radii)
     flat_jacobian = jacobian.flatten(2)
-    placed = []
+    placed, shifted = [], []
     with torch.no_grad():
-        logits = module(x)
+        logits = module(x) if logits is None else logits
         for index, mass in ((low, 1.0 - weight), (high, weight)):
             keep = mass > 0
+            shifted.append((keep & (index > 0))[keep])
             moved = x.clone()
             explicit = keep & (index > linearised)
             if explicit.any():
@@ -162,7 +165,10 @@ def place(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: t
                                  radius, norm, classes=found.direction_class[rows[chosen], k])
                 moved[chosen] = x[chosen] + move.reshape(x[chosen].shape)
             placed.append((moved[keep], mass[keep] / total, rows[keep]))
-        outputs = module(torch.cat([atoms for atoms, _, _ in placed]))
+        outputs = logits[torch.cat([source for _, _, source in placed])].clone()
+        away = torch.cat(shifted)
+        if away.any():  # only moved atoms need a forward pass; the others are the samples themselves
+            outputs[away] = module(torch.cat([atoms for atoms, _, _ in placed])[away])
     parts, start = [], 0
     for atoms, weights, source in placed:
         out, labels = outputs[start:start + len(atoms)], y[source]

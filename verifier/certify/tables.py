@@ -63,6 +63,7 @@ class BlockInputs:
     jacobian: torch.Tensor  # (n, C, d)
     lower: torch.Tensor
     upper: torch.Tensor
+    logits: torch.Tensor  # (n, C) clean logits of the float64 twin
 
 
 def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundNetwork | None, x: torch.Tensor,
