@@ -91,7 +91,12 @@ def relax(rule: Product, x: Pair, y: Pair, own: Pair | None = None) -> Planes:
     a_lo, b_lo = torch.where(first_lo, ly, uy), torch.where(first_lo, lx, ux)
     a_hi, b_hi = torch.where(first_hi, uy, ly), torch.where(first_hi, lx, ux)
     c_lo, c_hi = -a_lo * b_lo, -a_hi * b_hi  # -lx ly | -ux uy and -lx uy | -ux ly
-    c_lo, c_hi = c_lo - 2 * _EPS64 * c_lo.abs(), c_hi + 2 * _EPS64 * c_hi.abs()
+    # Outward by the float64 error of evaluating a plane `a x + b y + c` on the box (a few ulps of
+    # its terms' magnitudes), so that even the plane computed in floats stays on its side.
+    reach_x, reach_y = torch.maximum(lx.abs(), ux.abs()), torch.maximum(ly.abs(), uy.abs())
+    pad_lo = 4 * _EPS64 * (a_lo.abs() * reach_x + b_lo.abs() * reach_y + c_lo.abs())
+    pad_hi = 4 * _EPS64 * (a_hi.abs() * reach_x + b_hi.abs() * reach_y + c_hi.abs())
+    c_lo, c_hi = c_lo - pad_lo, c_hi + pad_hi
     # An infinite end: flat planes at the interval of the product (0 * inf counted as unbounded).
     corners = torch.stack([x[0] * y[0], x[0] * y[1], x[1] * y[0], x[1] * y[1]])
     flat_lo = torch.nan_to_num(corners, nan=-math.inf).amin(0).expand_as(c_lo)
