@@ -37,16 +37,18 @@ import torch
 
 from verifier.bounds.network import BoundNetwork
 from verifier.bounds.propagate import Bounds, MarginProblem, margin_problem, propagate
-from verifier.certify.aggregate import excess_bound, used_points
+from verifier.certify.aggregate import PenalisedBound, excess_bound, used_points
 from verifier.cells import CellAnalysis
 from verifier.certify.growth import (ROUTES, MarginEvidence, RouteGrowth, collect_evidence, growth_curves,
                                      margin_class_curves)
+from verifier.certify.penalty_route import penalised_bounds
 from verifier.deadline import NEVER, Deadline
 from verifier.exact.bab import split_margins
 from verifier.exact.encode import NotEncodable, encode_network
 from verifier.exact.margins import sample_intervals
-from verifier.exact.milp import MilpLimits, solve_margins, unstable_units
+from verifier.exact.milp import MilpLimits, Penalty, project_displacement, solve_margins, unstable_units
 from verifier.errors import UsageError
+from verifier.losses import margins
 
 EXACT_MODES = ("auto", "on", "off")
 AUTO_MAX_UNITS = 512
@@ -71,6 +73,7 @@ class ExactSettings:
     node_limit: int | None = None  # per MILP (None: AUTO_NODE_LIMIT under auto, none under on)
     per_milp_seconds: float | None = None  # per MILP (None: none under auto, which stays deterministic; 10 s under on)
     rounds: int = 16  # aggregate -> solve (or refine the grid) -> aggregate again
+    penalised: bool = True  # p < inf, margin loss: the dual's inner sups by penalised MILPs (penalty_route)
 
     def __post_init__(self) -> None:
         if self.mode not in EXACT_MODES:
@@ -91,11 +94,13 @@ class MilpReport:
     seconds: float
     status: torch.Tensor  # (N, K+1) int8: NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED
     moves: torch.Tensor | None  # (N, E, d): displacements of the maximisers (zero = no move)
+    penalised: tuple[PenalisedBound, ...] = ()  # p < inf: inner-sup bounds by penalised MILPs (one per delta)
+    penalised_points: int = 0  # ... (sample, delta) MILP points behind them
 
     def to_dict(self) -> dict:
         """JSON-ready summary (the per-point status and moves are left out)."""
         return {"mode": self.mode, "active": self.active, "reason": self.reason or None, "solver": self.solver or None,
-                "points_solved": self.solved,
+                "points_solved": self.solved, "penalised_points": self.penalised_points,
                 "points_optimal": self.optimal, "points_skipped": self.skipped, "seconds": round(self.seconds, 3)}
 
 
@@ -186,18 +191,29 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
                 milp[i, k] = torch.from_numpy(upper)
                 status[i, k] = OPTIMAL if optimal else AT_LIMIT
                 if point is not None:
-                    moves[i].append(_project(torch.from_numpy(point) - flat[i],
+                    moves[i].append(project_displacement(torch.from_numpy(point) - flat[i],
                                              problem.region.lower[row], problem.region.upper[row], radius, norm))
             if exhausted:
                 break
         if exhausted:
             status[need & (status == NOT_RUN)] = SKIPPED  # decisive points the budget did not reach
             break
+    evidence = replace(evidence, milp=milp)
+    penalised, penalised_points = [], 0
+    if not math.isinf(p) and loss == "margin" and solver.kind == "milp" and not exhausted and settings.penalised:
+        growth = growth_curves(evidence, loss, global_slope)
+        top = margins(evidence.logits, evidence.labels).masked_fill(
+            torch.nn.functional.one_hot(evidence.labels, evidence.logits.shape[1]).bool(), -math.inf).max(1).values
+        penalised, found, penalised_points, _ = penalised_bounds(
+            growth.curves, margin_class_curves(evidence, margin_slope), top, network, x, evidence.labels, norm, box,
+            deltas, p, solver, budget - (time.perf_counter() - began), points_left, deadline)
+        for i, move in found:
+            moves[i].append(move)
     solved = int(((status == OPTIMAL) | (status == AT_LIMIT)).sum())
     report = MilpReport(settings.mode, True, "", solver.kind, solved, int((status == OPTIMAL).sum()),
                         int((status == SKIPPED).sum()), time.perf_counter() - began, status,
-                        _stack_moves(moves, flat.shape[1], flat.dtype))
-    return replace(evidence, milp=milp), report
+                        _stack_moves(moves, flat.shape[1], flat.dtype), tuple(penalised), penalised_points)
+    return evidence, report
 
 
 @dataclass(frozen=True)
@@ -207,8 +223,11 @@ class _Solver:
     kind: str  # "milp" or "split"
     solve: Callable
 
-    def __call__(self, problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
-        return self.solve(problem, state, row, linear, seconds)
+    def __call__(self, problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float,
+                 penalty: Penalty | None = None):
+        if penalty is None:
+            return self.solve(problem, state, row, linear, seconds)
+        return self.solve(problem, state, row, linear, seconds, penalty)
 
 
 def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, auto: bool, cap: int | None, node_limit: int | None,
@@ -223,7 +242,8 @@ def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, auto: bool, cap: 
         except NotEncodable as err:
             reason = str(err)
         else:
-            def milp(problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
+            def milp(problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float,
+                     penalty: Penalty | None = None):
                 intervals = sample_intervals(state, row)
                 if cap is not None and unstable_units(encoded, intervals) > cap:
                     return None
@@ -231,7 +251,8 @@ def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, auto: bool, cap: 
                 solution = solve_margins(encoded, region.center[row].flatten().numpy(), int(problem.labels[row]),
                                          region.lower[row].numpy(), region.upper[row].numpy(),
                                          float(region.radius[row]), norm, intervals, linear.numpy(),
-                                         MilpLimits(time_limit=_least(per_milp, seconds), node_limit=node_limit))
+                                         MilpLimits(time_limit=_least(per_milp, seconds), node_limit=node_limit),
+                                         penalty)
                 return solution.upper, solution.optimal, solution.point
 
             return _Solver("milp", milp), ""
@@ -301,16 +322,6 @@ def _with_radii(evidence: MarginEvidence, milp: torch.Tensor, status: torch.Tens
 def _least(*limits: float | None) -> float | None:
     finite = [v for v in limits if v is not None and math.isfinite(v)]
     return min(finite) if finite else None
-
-
-def _project(move: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
-    """The solver's displacement put exactly inside `{lower <= d <= upper, ||d|| <= radius}` (float64)."""
-    move = torch.minimum(torch.maximum(move, torch.clamp(lower, min=-radius)), torch.clamp(upper, max=radius))
-    if norm == "1":
-        length = float(move.abs().sum())
-        if length > radius:  # the box contains 0, so shrinking stays inside it
-            move = move * (radius / length) * (1.0 - 1e-12)
-    return move
 
 
 def _stack_moves(moves: list[list[torch.Tensor]], width: int, dtype: torch.dtype) -> torch.Tensor | None:
