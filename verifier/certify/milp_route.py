@@ -158,12 +158,17 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
     moves: list[list[torch.Tensor]] = [[] for _ in range(count)]
     flat = x.flatten(1)
     began, exhausted = time.perf_counter(), False
+    # p < inf, margin: penalised MILPs give the inner sups without interpolating between grid radii
+    # (penalty_route), so the grid is not refined at midpoints and keeps half the budget at most.
+    penalised_route = not math.isinf(p) and loss == "margin" and solver.kind == "milp" and settings.penalised
+    grid_budget = budget / 2 if penalised_route else budget
     for _ in range(settings.rounds):
         current = replace(evidence, milp=milp)
         _, used = decisive_points(current, loss, global_slope, margin_slope, deltas, p)
         need = torch.stack(used).any(0) & ~inside & (status == NOT_RUN)
         if not need.any():
-            new = _midpoints(used, inside | (status == OPTIMAL), evidence.radii) if not math.isinf(p) else []
+            new = [] if math.isinf(p) or penalised_route else _midpoints(used, inside | (status == OPTIMAL),
+                                                                          evidence.radii)
             if len(new) == 0 or points_left <= 0:
                 break
             evidence, milp, status = _with_radii(evidence, milp, status, network, x, norm, box, cells, new, deadline)
@@ -177,7 +182,7 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
                                      torch.device("cpu"), torch.float64)
             state = propagate(network, problem.region, deadline=deadline)
             for row, i in enumerate(samples.tolist()):
-                left = budget - (time.perf_counter() - began)
+                left = grid_budget - (time.perf_counter() - began)
                 if left <= 0 or points_left <= 0:
                     exhausted = True
                     break
@@ -191,8 +196,8 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
                 milp[i, k] = torch.from_numpy(upper)
                 status[i, k] = OPTIMAL if optimal else AT_LIMIT
                 if point is not None:
-                    moves[i].append(project_displacement(torch.from_numpy(point) - flat[i],
-                                             problem.region.lower[row], problem.region.upper[row], radius, norm))
+                    moves[i].append(project_displacement(torch.from_numpy(point) - flat[i], problem.region.lower[row],
+                                                         problem.region.upper[row], radius, norm))
             if exhausted:
                 break
         if exhausted:
@@ -200,7 +205,7 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
             break
     evidence = replace(evidence, milp=milp)
     penalised, penalised_points = [], 0
-    if not math.isinf(p) and loss == "margin" and solver.kind == "milp" and not exhausted and settings.penalised:
+    if penalised_route and points_left > 0:
         growth = growth_curves(evidence, loss, global_slope)
         top = margins(evidence.logits, evidence.labels).masked_fill(
             torch.nn.functional.one_hot(evidence.labels, evidence.logits.shape[1]).bool(), -math.inf).max(1).values
