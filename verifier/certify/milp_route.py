@@ -35,8 +35,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from verifier.bounds.network import BoundNetwork
-from verifier.bounds.propagate import Bounds, MarginProblem, margin_problem, propagate
+from verifier.bounds.network import Activation, BoundNetwork
+from verifier.bounds.propagate import Bounds, InputSet, MarginProblem, margin_problem, propagate
 from verifier.certify.aggregate import PenalisedBound, excess_bound, used_points
 from verifier.cells import CellAnalysis
 from verifier.certify.growth import (ROUTES, MarginEvidence, RouteGrowth, collect_evidence, growth_curves,
@@ -44,13 +44,15 @@ from verifier.certify.growth import (ROUTES, MarginEvidence, RouteGrowth, collec
 from verifier.certify.penalty_route import penalised_bounds
 from verifier.deadline import NEVER, Deadline
 from verifier.exact.bab import split_margins
+from verifier.exact.beta_crown import DenseNetwork
 from verifier.exact.encode import NotEncodable, encode_network
 from verifier.exact.margins import sample_intervals
+from verifier.exact.relu_bab import SPLIT_KINDS, relu_split_margins
 from verifier.exact.milp import MilpLimits, Penalty, project_displacement, solve_margins, unstable_units
 from verifier.errors import UsageError
 from verifier.losses import margins
 
-EXACT_MODES = ("auto", "on", "off")
+EXACT_MODES = ("auto", "on", "split", "off")
 AUTO_MAX_UNITS = 512
 AUTO_MAX_UNSTABLE = 48
 AUTO_MAX_POINTS = 100
@@ -59,14 +61,17 @@ AUTO_NODE_LIMIT = 2000
 SPLIT_MAX_INPUTS = 8  # input splitting (any activation the bounds cover) for inputs this small
 AUTO_SPLIT_LEAVES = 1024
 SPLIT_TOLERANCE = 1e-4
-NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED = 0, 1, 2, 3
+AUTO_RELU_LEAVES = 64  # ReLU splitting under auto, where a point's MILP has too many binaries
+RELU_LEAVES = 4096  # ... under split (per point, with per_milp_seconds)
+NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED, SPLIT_EXACT, SPLIT_BOUND = 0, 1, 2, 3, 4, 5
+EXACT_STATUS = (OPTIMAL, SPLIT_EXACT)
 
 
 @dataclass(frozen=True)
 class ExactSettings:
     """How the MILP route runs (None: the mode's default)."""
 
-    mode: str = "auto"  # auto | on | off
+    mode: str = "auto"  # auto | on | split | off
     seconds: float | None = None  # total MILP time (None: unlimited)
     max_unstable: int | None = None  # binaries per MILP (None: AUTO_MAX_UNSTABLE under auto, no cap under on)
     max_points: int | None = None  # (sample, radius) points (None: AUTO_MAX_POINTS under auto, no cap under on)
@@ -87,12 +92,12 @@ class MilpReport:
     mode: str
     active: bool  # the route ran (the model and threat allowed it)
     reason: str  # why it did not run, or ""
-    solver: str  # "milp" (the exact MILP), "split" (input-splitting branch and bound) or "" (did not run)
+    solver: str  # "milp" (the MILP, ReLU splitting where too big), "split" (branch and bound only) or ""
     solved: int  # (sample, radius) points bounded by a MILP
     optimal: int  # ... of which solved to optimality (exact)
     skipped: int  # points left to the linear bounds (too many unstable units, or the time budget)
     seconds: float
-    status: torch.Tensor  # (N, K+1) int8: NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED
+    status: torch.Tensor  # (N, K+1) int8: NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED, SPLIT_EXACT, SPLIT_BOUND
     moves: torch.Tensor | None  # (N, E, d): displacements of the maximisers (zero = no move)
     penalised: tuple[PenalisedBound, ...] = ()  # p < inf: inner-sup bounds by penalised MILPs (one per delta)
     penalised_points: int = 0  # ... (sample, delta) MILP points behind them
@@ -144,7 +149,7 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
     def default(value, under_auto, under_on):
         return value if value is not None else (under_auto if auto else under_on)
 
-    solver, reason = _solver(network, x, norm, auto, default(settings.max_unstable, AUTO_MAX_UNSTABLE, None),
+    solver, reason = _solver(network, x, norm, settings.mode, default(settings.max_unstable, AUTO_MAX_UNSTABLE, None),
                              default(settings.node_limit, AUTO_NODE_LIMIT, None),
                              default(settings.per_milp_seconds, None, 10.0))
     if solver is None:
@@ -167,7 +172,7 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
         _, used = decisive_points(current, loss, global_slope, margin_slope, deltas, p)
         need = torch.stack(used).any(0) & ~inside & (status == NOT_RUN)
         if not need.any():
-            new = [] if math.isinf(p) or penalised_route else _midpoints(used, inside | (status == OPTIMAL),
+            new = [] if math.isinf(p) or penalised_route else _midpoints(used, inside | _exact(status),
                                                                           evidence.radii)
             if len(new) == 0 or points_left <= 0:
                 break
@@ -191,10 +196,11 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
                 if solution is None:  # too large for this mode
                     status[i, k] = SKIPPED
                     continue
-                upper, optimal, point = solution
+                upper, optimal, point, by_split = solution
                 points_left -= 1
                 milp[i, k] = torch.from_numpy(upper)
-                status[i, k] = OPTIMAL if optimal else AT_LIMIT
+                status[i, k] = (SPLIT_EXACT if optimal else SPLIT_BOUND) if by_split else (OPTIMAL if optimal
+                                                                                             else AT_LIMIT)
                 if point is not None:
                     moves[i].append(project_displacement(torch.from_numpy(point) - flat[i], problem.region.lower[row],
                                                          problem.region.upper[row], radius, norm))
@@ -214,8 +220,8 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
             deltas, p, solver, budget - (time.perf_counter() - began), points_left, deadline)
         for i, move in found:
             moves[i].append(move)
-    solved = int(((status == OPTIMAL) | (status == AT_LIMIT)).sum())
-    report = MilpReport(settings.mode, True, "", solver.kind, solved, int((status == OPTIMAL).sum()),
+    solved = int(((status != NOT_RUN) & (status != SKIPPED)).sum())
+    report = MilpReport(settings.mode, True, "", solver.kind, solved, int(_exact(status).sum()),
                         int((status == SKIPPED).sum()), time.perf_counter() - began, status,
                         _stack_moves(moves, flat.shape[1], flat.dtype), tuple(penalised), penalised_points)
     return evidence, report
@@ -223,7 +229,8 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
 
 @dataclass(frozen=True)
 class _Solver:
-    """One (sample, radius) point -> (per-class upper bounds, optimal, maximiser) or None (skipped)."""
+    """One (sample, radius) point -> (per-class upper bounds, optimal, maximiser, by splitting) or None
+    (skipped)."""
 
     kind: str  # "milp" or "split"
     solve: Callable
@@ -235,10 +242,16 @@ class _Solver:
         return self.solve(problem, state, row, linear, seconds, penalty)
 
 
-def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, auto: bool, cap: int | None, node_limit: int | None,
+def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, mode: str, cap: int | None, node_limit: int | None,
             per_milp: float | None) -> tuple[_Solver | None, str]:
-    """The MILP when the net and threat allow it, else input splitting for low-dimensional ℓ∞ inputs."""
-    reason = ""
+    """The MILP when the net and threat allow it (ReLU splitting at points whose MILP has more than
+    `cap` binaries under auto), ReLU splitting alone under `split`, else input splitting for
+    low-dimensional ℓ∞ inputs."""
+    reason, auto = "", mode == "auto"
+    relu_split = _relu_splitter(network, x, AUTO_RELU_LEAVES if auto else RELU_LEAVES, per_milp)
+    if mode == "split":
+        return (_Solver("split", relu_split), "") if relu_split is not None else \
+            (None, "ReLU splitting needs ReLU-family units and norm inf or 1")
     if norm in ("inf", "1"):
         try:
             encoded = encode_network(network, tuple(x.shape[1:]))
@@ -251,6 +264,9 @@ def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, auto: bool, cap: 
                      penalty: Penalty | None = None):
                 intervals = sample_intervals(state, row)
                 if cap is not None and unstable_units(encoded, intervals) > cap:
+                    # Too many binaries for this mode: ReLU splitting (not for the penalised objective).
+                    if penalty is None and auto and relu_split is not None:
+                        return relu_split(problem, state, row, linear, seconds)
                     return None
                 region = problem.region
                 solution = solve_margins(encoded, region.center[row].flatten().numpy(), int(problem.labels[row]),
@@ -258,7 +274,7 @@ def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, auto: bool, cap: 
                                          float(region.radius[row]), norm, intervals, linear.numpy(),
                                          MilpLimits(time_limit=_least(per_milp, seconds), node_limit=node_limit),
                                          penalty)
-                return solution.upper, solution.optimal, solution.point
+                return solution.upper, solution.optimal, solution.point, False
 
             return _Solver("milp", milp), ""
     else:
@@ -274,10 +290,36 @@ def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, auto: bool, cap: 
             high = centre + torch.clamp(region.upper[row], max=radius)
             solution = split_margins(network, centre, int(problem.labels[row]), low, high, tolerance=SPLIT_TOLERANCE,
                                      max_leaves=leaves)
-            return np.minimum(solution.upper, linear.numpy()), solution.complete, solution.point
+            return np.minimum(solution.upper, linear.numpy()), solution.complete, solution.point, False
 
         return _Solver("split", split), ""
     return None, reason + (f"; input splitting needs norm inf and at most {SPLIT_MAX_INPUTS} inputs" if reason else "")
+
+
+def _relu_splitter(network: BoundNetwork, x: torch.Tensor, leaves: int, per_point: float | None) -> Callable | None:
+    """ReLU splitting (`exact.relu_bab`) at one point, or None when the net has no ReLU-family unit."""
+    if not any(isinstance(n.rule, Activation) and n.rule.kind in SPLIT_KINDS for n in network.nodes):
+        return None
+    try:
+        dense = DenseNetwork.of(encode_network(network, tuple(x.shape[1:])))
+    except NotEncodable:
+        dense = None  # plain interval splits (MaxPool and other non-encodable nodes)
+
+    def split(problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
+        region = problem.region
+        one = InputSet(region.center[row:row + 1], region.radius[row:row + 1], region.norm,
+                       region.lower[row:row + 1], region.upper[row:row + 1])
+        solution = relu_split_margins(network, one, int(problem.labels[row]), tolerance=SPLIT_TOLERANCE,
+                                      max_leaves=leaves, seconds=_least(per_point, seconds), dense=dense)
+        return (np.minimum(solution.upper.numpy(), linear.numpy()), solution.complete, solution.point.numpy(),
+                True)
+
+    return split
+
+
+def _exact(status: torch.Tensor) -> torch.Tensor:
+    """Points solved exactly (a MILP at optimality, a complete split)."""
+    return (status == OPTIMAL) | (status == SPLIT_EXACT)
 
 
 def _inside_cells(evidence: MarginEvidence) -> torch.Tensor:
@@ -358,7 +400,9 @@ def curve_sources(growth: RouteGrowth, used: torch.Tensor, status: torch.Tensor,
         winner = int(growth.winner[i, k])
         name = ROUTES[winner] if winner >= 0 else "none"
         if name == "milp":
-            name = f"{solver}_exact" if int(status[i, k]) == OPTIMAL else f"{solver}_bound"
+            point = int(status[i, k])
+            by = "split" if point in (SPLIT_EXACT, SPLIT_BOUND) else solver
+            name = f"{by}_exact" if point in EXACT_STATUS else f"{by}_bound"
         names.append(name)
     values, counts = np.unique(np.array(names), return_counts=True)
     return {str(v): float(c) / count for v, c in zip(values, counts)}

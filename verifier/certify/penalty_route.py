@@ -143,7 +143,7 @@ def _solve_at(bound: PenalisedBound, target: torch.Tensor, wanted: torch.Tensor,
             solution = solve(problem, state, row, linear, work.until - time.perf_counter(), Penalty(bound.lam, p))
             if solution is None:
                 continue
-            upper, is_optimal, point = solution
+            upper, is_optimal, point, _ = solution
             work.points_left -= 1
             work.solved, work.optimal = work.solved + 1, work.optimal + int(is_optimal)
             first[i], value[i] = target[i], float(upper.max()) - float(top[i])
