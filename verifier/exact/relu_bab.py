@@ -83,7 +83,7 @@ def relu_split_margins(network: BoundNetwork, region: InputSet, label: int, floo
     while True:
         worst = leaves.upper.max(1).values
         final = ~_splittable(leaves, units) & ~close(worst)
-        if final.any() and dense is not None:  # every unit fixed: the net is affine there, an LP is exact
+        if final.any() and dense is not None and region.norm in ("inf", "1"):  # affine there: an LP is exact
             upper, found, candidate = _solve_fixed(dense, region, label, leaves.take(final), floor)
             leaves = replace(leaves, upper=leaves.upper.masked_scatter(final[:, None], upper))
             if found > floor:
