@@ -164,9 +164,9 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
     flat = x.flatten(1)
     began, exhausted = time.perf_counter(), False
     # p < inf, margin: penalised MILPs give the inner sups without interpolating between grid radii
-    # (penalty_route), so the grid is not refined at midpoints and keeps half the budget at most.
+    # (penalty_route), so the grid is not refined at midpoints and keeps a quarter of the budget at most.
     penalised_route = not math.isinf(p) and loss == "margin" and solver.kind == "milp" and settings.penalised
-    grid_budget = budget / 2 if penalised_route else budget
+    grid_budget = budget / 4 if penalised_route else budget
     for _ in range(settings.rounds):
         current = replace(evidence, milp=milp)
         _, used = decisive_points(current, loss, global_slope, margin_slope, deltas, p)

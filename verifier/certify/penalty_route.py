@@ -48,18 +48,22 @@ def penalised_bounds(curves: GrowthCurves, class_curves: GrowthCurves, top: torc
     work = _Work(time.perf_counter() + seconds, points, len(labels))
     families, bounds = [curves, class_curves], []
     count = len(labels)
+    # Per delta: its current lam and best dual value; the rounds go over every delta in turn, so a
+    # budget that runs out leaves every delta with at least its first rounds.
+    open_deltas = {}
     for delta in deltas:
-        if delta <= 0:
-            continue
-        lam = min((excess_bound(f, float(delta), p) for f in families), key=lambda r: r[0])[1]
-        if not (0 < lam < math.inf):
-            continue
-        best = math.inf
-        for _ in range(LAMBDA_ROUNDS):
+        lam = min((excess_bound(f, float(delta), p) for f in families), key=lambda r: r[0])[1] if delta > 0 else 0.0
+        if 0 < lam < math.inf:
+            open_deltas[float(delta)] = (lam, math.inf)
+    for _ in range(LAMBDA_ROUNDS):
+        for delta, (lam, best) in list(open_deltas.items()):
+            if work.spent():
+                break
             bound = PenalisedBound(lam, torch.zeros(count, dtype=torch.long),
                                    torch.full((count,), -math.inf, dtype=curves.radii.dtype))
             piece = torch.stack([decisive_piece(f, lam, p) for f in families]).max(0).values
             target = torch.where(piece >= 0, piece + 1, torch.zeros_like(piece))
+            target = torch.where(_tight(families, work.points, lam, p), torch.zeros_like(target), target)
             for _ in range(EXTENSIONS):
                 wanted = target > bound.first
                 if not wanted.any() or work.spent():
@@ -68,12 +72,21 @@ def penalised_bounds(curves: GrowthCurves, class_curves: GrowthCurves, top: torc
                                   solve, work, deadline)
                 target = _farther_piece(bound, families, p)
             bounds.append(bound)
-            best = min(best, penalised_excess(bound, families, float(delta), p))
-            model, following = _next_lambda(work.points, lam, float(delta), p)
-            if work.spent() or best - model <= STOP_GAP * max(1.0, abs(best)):
-                break
-            lam = following
+            best = min(best, penalised_excess(bound, families, delta, p))
+            model, following = _next_lambda(work.points, lam, delta, p)
+            if best - model <= STOP_GAP * max(1.0, abs(best)):
+                del open_deltas[delta]
+            else:
+                open_deltas[delta] = (following, best)
     return bounds, work.found, work.solved, work.optimal
+
+
+def _tight(families: list[GrowthCurves], points: list[list[tuple[float, float]]], lam: float, p: float) -> torch.Tensor:
+    """Samples (N,) whose grid inner sup at `lam` is already met by a maximiser found (or by not moving):
+    no MILP can lower their term."""
+    grid = torch.stack([sample_piece_sups(f, lam, p).max(1).values for f in families]).min(0).values.clamp_min(0.0)
+    found = torch.tensor([max([0.0] + [g - lam * d**p for d, g in sample]) for sample in points], dtype=grid.dtype)
+    return grid - found <= STOP_GAP * torch.clamp(grid.abs(), min=1.0)
 
 
 def _next_lambda(points: list[list[tuple[float, float]]], lam: float, delta: float, p: float) -> tuple[float, float]:

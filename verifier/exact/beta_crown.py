@@ -62,7 +62,7 @@ def dense_forward(net: DenseNetwork, x: torch.Tensor) -> torch.Tensor:
 
 def split_bound(net: DenseNetwork, region: InputSet, intervals: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 signs: dict[str, torch.Tensor], rows: torch.Tensor,
-                steps: int = STEPS) -> tuple[torch.Tensor, dict, torch.Tensor]:
+                steps: int = STEPS, learning_rate: float = LEARNING_RATE) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """Sound upper bounds (B, K) of `rows` (B, K, classes) · logits over each leaf, the per-unit
     scores (B, width) of every unit node (for the row with the largest bound) and one candidate
     point (B, d) per leaf (the maximiser of that row's linear bound: inside the ball ∩ box, not
@@ -82,7 +82,7 @@ def split_bound(net: DenseNetwork, region: InputSet, intervals: dict[str, tuple[
               for n in units}
     best = torch.full((count, objectives), torch.inf, dtype=rows.dtype)
     scores: dict = {}
-    optimiser = torch.optim.Adam(list(betas.values()) + list(slopes.values()), lr=LEARNING_RATE)
+    optimiser = torch.optim.Adam(list(betas.values()) + list(slopes.values()), lr=learning_rate)
     for step in range(steps + 1):
         with torch.enable_grad():
             value, intercepts, lam = _backward(net, region, lines, signs, rows, betas, slopes)

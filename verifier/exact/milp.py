@@ -244,14 +244,12 @@ def _program(encoded: EncodedNetwork, center: np.ndarray, lower: np.ndarray, upp
 def solve_margins(encoded: EncodedNetwork, center: np.ndarray, label: int, lower: np.ndarray, upper: np.ndarray,
                   radius: float, norm: str, intervals: dict[str, tuple[np.ndarray, np.ndarray]],
                   linear_upper: np.ndarray, limits: MilpLimits = MilpLimits(),
-                  penalty: Penalty | None = None, allow_empty: bool = False) -> MarginSolution:
+                  penalty: Penalty | None = None) -> MarginSolution:
     """Worst margins of one sample over `{x_i + d : lower <= d <= upper, ||d||_norm <= radius}`.
 
     `intervals[name]` bounds every tensor of the network over that set (flattened, sound);
     `linear_upper[j]` is a sound upper bound on `z_j - z_y` (prunes classes, caps every result).
     With a `penalty` every margin is `z_j - z_y - lam ||d||^p` (and `linear_upper` bounds that).
-    `allow_empty`: `intervals` may hold no forward pass (a leaf of ReLU splitting, `relu_bab`); when
-    the solver proves the program infeasible every bound is -inf (no point, nothing to bound).
     """
     began = time.perf_counter()
     program = _program(encoded, center, lower, upper, radius, norm, intervals, penalty)
@@ -286,10 +284,6 @@ def solve_margins(encoded: EncodedNetwork, center: np.ndarray, label: int, lower
         if outcome.status == 2 and math.isfinite(best):
             dual = -best  # infeasible above the best margin: z_j - z_y < best on the whole set
             outcome.status = 0
-        elif outcome.status == 2 and allow_empty:  # the set itself is empty: nothing to bound
-            result[:] = -math.inf
-            solved[:] = True
-            break
         elif program.binaries == 0 and outcome.status == 0:
             dual = outcome.fun  # an LP: its optimum is its own dual bound
         if outcome.status not in (0, 1) or dual is None or not np.isfinite(dual):

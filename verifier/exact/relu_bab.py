@@ -27,10 +27,12 @@ from verifier.bounds.network import Activation, BoundNetwork
 from verifier.bounds.propagate import Bounds, InputSet, propagate, upper_bound
 from verifier.deadline import NEVER, Deadline
 from verifier.exact.beta_crown import DenseNetwork, dense_forward, split_bound
-from verifier.exact.encode import NotEncodable, encode_network
+from verifier.exact.encode import NotEncodable, UnitNode, encode_network
 from verifier.exact.milp import MilpLimits, project_displacement, solve_margins
 
 SPLIT_KINDS = ("relu", "leaky_relu", "prelu")
+LP_SLACK = 1e-7
+LONG_STEPS = 100  # beta steps on fully fixed leaves the LP did not answer (their bound falls without limit if empty)
 
 
 @dataclass(frozen=True)
@@ -179,17 +181,29 @@ def _bound(network: BoundNetwork, dense: DenseNetwork | None, region: InputSet, 
 def _solve_fixed(dense: DenseNetwork, region: InputSet, label: int, leaves: _Leaves, floor: float):
     """Exact margin bounds (B, C) of leaves without unstable units (one LP each: `exact.milp` with no
     binaries, whose variable bounds are the leaf's intervals and so its signs), and the best point."""
-    uppers, best, point = [], -math.inf, None
+    uppers, unsolved, best, point = [], [], -math.inf, None
     centre = region.center.flatten(1)[0]
+    pre = {node.input for node in dense.encoded.nodes if isinstance(node, UnitNode)}
     for row in range(leaves.size):
-        intervals = {name: (low[row].flatten().numpy(), high[row].flatten().numpy())
+        intervals = {name: _loosened(low[row].flatten(), high[row].flatten(), name in pre)
                      for name, (low, high) in leaves.intervals.items()}
         solution = solve_margins(dense.encoded, centre.numpy(), label, region.lower[0].numpy(),
                                  region.upper[0].numpy(), float(region.radius[0]), region.norm, intervals,
-                                 leaves.upper[row].numpy(), MilpLimits(time_limit=None), allow_empty=True)
+                                 leaves.upper[row].numpy(), MilpLimits(time_limit=None))
         uppers.append(torch.from_numpy(solution.upper))
         if solution.point is not None and solution.best > max(best, floor):
             best, point = solution.best, torch.from_numpy(solution.point)
+        unsolved.append(not solution.solved[torch.arange(len(solution.upper)) != label].any())
+    upper = torch.stack(uppers)
+    failed = torch.tensor(unsolved, dtype=torch.bool)
+    if failed.any():  # no LP answer (e.g. an empty leaf): longer beta steps, sound at every step
+        count = int(failed.sum())
+        rows = torch.eye(len(upper[0]), dtype=upper.dtype) - torch.eye(len(upper[0]), dtype=upper.dtype)[label]
+        longer, _, _ = split_bound(dense, _repeat(region, count), leaves.take(failed).intervals,
+                                   leaves.take(failed).signs, rows.expand(count, -1, -1), steps=LONG_STEPS,
+                                   learning_rate=1.0)
+        longer[:, label] = -math.inf
+        upper[failed] = torch.minimum(upper[failed], longer)
     if point is not None:  # the solver's point, put exactly in the set and evaluated
         move = project_displacement(point - centre, region.lower[0], region.upper[0], float(region.radius[0]),
                                     region.norm)
@@ -197,7 +211,19 @@ def _solve_fixed(dense: DenseNetwork, region: InputSet, label: int, leaves: _Lea
         with torch.no_grad():
             logits = dense_forward(dense, point)
         best = float((logits - logits[label]).index_fill(0, torch.tensor([label]), -math.inf).max())
-    return torch.stack(uppers), best, point
+    return upper, best, point
+
+
+def _loosened(low: torch.Tensor, high: torch.Tensor, pre_activation: bool):
+    """The interval widened by `LP_SLACK` (relative + absolute) as numpy arrays: measured, HiGHS called
+    a feasible program with many 1e-12-wide variable bounds infeasible; a wider box is still sound.
+    A pre-activation keeps its sign (the unit stays stable, no binary)."""
+    pad = LP_SLACK * (1.0 + torch.maximum(low.abs(), high.abs()))
+    wide_low, wide_high = low - pad, high + pad
+    if pre_activation:
+        wide_low = torch.where(low >= 0, wide_low.clamp_min(0.0), wide_low)
+        wide_high = torch.where(high <= 0, wide_high.clamp_max(0.0), wide_high)
+    return wide_low.numpy(), wide_high.numpy()
 
 
 def _intercept(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
