@@ -132,7 +132,8 @@ def test_certificates_with_penalised_or_split_points_stay_sound(tmp_path, mode):
     for a, b in zip(off.results, on.results):
         assert b.realised_risk <= b.certificate + 1e-9 and b.certificate <= a.certificate + 1e-12
         for row in (a, b):  # `exact` exactly when the realising distribution meets the certificate
-            assert row.exact == (row.certificate - row.realised_risk <= EXACT_TOLERANCE * max(1.0, abs(row.certificate)))
+            met = row.certificate - row.realised_risk <= EXACT_TOLERANCE * max(1.0, abs(row.certificate))
+            assert row.exact == met
         assert sum(b.curve_sources.values()) == pytest.approx(1.0)
     assert all(r.exact for r in on.results) and not any(r.exact for r in off.results)
     expected = "milp_penalised" if mode == "on" else "split_exact"

@@ -126,7 +126,8 @@ def bab_part(converted, x: torch.Tensor, y: torch.Tensor, seconds: float, radii=
         pgd = attack(converted, None, x.float().numpy(), y.numpy(), ["pgd"], [radius], p=math.inf, norm="inf",
                      loss="margin", box=BOX, device="cpu").results[0].risk
         lower = max(floor, pgd)
-        print(f"| {k}/255 | {(float(linear.mean()) - clean) / (lower - clean):.3f} | {(bound - clean) / (lower - clean):.3f} "
+        excess = [(value - clean) / (lower - clean) for value in (float(linear.mean()), bound)]
+        print(f"| {k}/255 | {excess[0]:.3f} | {excess[1]:.3f} "
               f"| {sum(s.complete for s in solutions)}/{len(solutions)} | {spent / plain:.0f}× ({spent:.1f} s vs "
               f"{plain:.2f} s) |", flush=True)
 

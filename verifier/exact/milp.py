@@ -160,7 +160,8 @@ def unstable_units(encoded: EncodedNetwork, intervals: dict[str, tuple[np.ndarra
 
 
 def _program(encoded: EncodedNetwork, center: np.ndarray, lower: np.ndarray, upper: np.ndarray, radius: float,
-             norm: str, intervals: dict[str, tuple[np.ndarray, np.ndarray]], penalty: Penalty | None = None) -> _Program:
+             norm: str, intervals: dict[str, tuple[np.ndarray, np.ndarray]],
+             penalty: Penalty | None = None) -> _Program:
     start, columns = {}, 0
     for name in [encoded.input] + [n.name for n in encoded.nodes]:
         start[name], columns = columns, columns + encoded.widths[name]
