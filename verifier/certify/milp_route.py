@@ -12,57 +12,51 @@ distribution (§3.5), which is what makes the certificate `exact` when every dec
 Where the MILP cannot state the net (smooth activations, MaxPool) and the threat is ℓ∞ on
 at most `SPLIT_MAX_INPUTS` inputs, input-splitting branch and bound (`exact.bab`) takes its place
 (its bound is the maximum over leaves: sound at any stop; "exact" when the leaves meet the best
-leaf centre within `SPLIT_TOLERANCE`).
+leaf centre within `SPLIT_TOLERANCE`). `--exact split` uses ReLU-splitting branch and bound
+(`exact.relu_bab`, any input size) at every decisive point instead of the MILP; `auto` takes it
+(`AUTO_RELU_LEAVES` leaves) at points whose MILP has more than `AUTO_MAX_UNSTABLE` binaries. For
+`p < inf` and the margin loss, the MILP route ends with the penalised MILPs of the dual's inner
+sups (`penalty_route`), whose bounds go to the certificate (`MilpReport.penalised`).
 
 `--exact auto` runs the route only when it is cheap and pays: the margin and zero_one losses (for
 CE the MILP bounds the margins only, and measured on the digits MLP it moved the certificate by
 < 0.4 % at 4.6x the certify time), an encodable net (ReLU-family units, affine maps) of at most
-`AUTO_MAX_UNITS` units, a polyhedral threat (ℓ∞ or ℓ1), points with at most
+`point_solvers.AUTO_MAX_UNITS` units, a polyhedral threat (ℓ∞ or ℓ1), points with at most
 `AUTO_MAX_UNSTABLE` unstable units (binaries), at most `AUTO_NODE_LIMIT` branch-and-bound nodes
 per MILP and `AUTO_MAX_POINTS` points in all. Its budget counts work, not seconds, so `auto`
 gives the same numbers on every machine. Points are solved from the smallest radius up, so what
 the budget covers is the budgets' low end, where `exact_up_to_delta` is decided. `on` has no
-caps but `seconds` (total) and `per_milp_seconds`.
+caps but `seconds` (total) and `per_milp_seconds` (per MILP, and per point for ReLU splitting).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from verifier.bounds.network import Activation, BoundNetwork
-from verifier.bounds.propagate import Bounds, InputSet, MarginProblem, margin_problem, propagate
-from verifier.certify.aggregate import PenalisedBound, excess_bound, used_points
+from verifier.bounds.network import BoundNetwork
+from verifier.bounds.propagate import margin_problem, propagate
 from verifier.cells import CellAnalysis
+from verifier.certify.aggregate import PenalisedBound, excess_bound, used_points
 from verifier.certify.growth import (ROUTES, MarginEvidence, RouteGrowth, collect_evidence, growth_curves,
                                      margin_class_curves)
 from verifier.certify.penalty_route import penalised_bounds
+from verifier.certify.point_solvers import point_solver
 from verifier.deadline import NEVER, Deadline
-from verifier.exact.bab import split_margins
-from verifier.exact.beta_crown import DenseNetwork
-from verifier.exact.encode import NotEncodable, encode_network
-from verifier.exact.margins import sample_intervals
-from verifier.exact.relu_bab import SPLIT_KINDS, relu_split_margins
-from verifier.exact.milp import MilpLimits, Penalty, project_displacement, solve_margins, unstable_units
 from verifier.errors import UsageError
+from verifier.exact.milp import project_displacement
 from verifier.losses import margins
 
 EXACT_MODES = ("auto", "on", "split", "off")
-AUTO_MAX_UNITS = 512
 AUTO_MAX_UNSTABLE = 48
 AUTO_MAX_POINTS = 100
 AUTO_LOSSES = ("margin", "zero_one")
 AUTO_NODE_LIMIT = 2000
-SPLIT_MAX_INPUTS = 8  # input splitting (any activation the bounds cover) for inputs this small
-AUTO_SPLIT_LEAVES = 1024
-SPLIT_TOLERANCE = 1e-4
-AUTO_RELU_LEAVES = 64  # ReLU splitting under auto, where a point's MILP has too many binaries
-RELU_LEAVES = 4096  # ... under split (per point, with per_milp_seconds)
 NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED, SPLIT_EXACT, SPLIT_BOUND = 0, 1, 2, 3, 4, 5
 EXACT_STATUS = (OPTIMAL, SPLIT_EXACT)
 
@@ -149,7 +143,7 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
     def default(value, under_auto, under_on):
         return value if value is not None else (under_auto if auto else under_on)
 
-    solver, reason = _solver(network, x, norm, settings.mode, default(settings.max_unstable, AUTO_MAX_UNSTABLE, None),
+    solver, reason = point_solver(network, x, norm, settings.mode, default(settings.max_unstable, AUTO_MAX_UNSTABLE, None),
                              default(settings.node_limit, AUTO_NODE_LIMIT, None),
                              default(settings.per_milp_seconds, None, 10.0))
     if solver is None:
@@ -227,96 +221,6 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
     return evidence, report
 
 
-@dataclass(frozen=True)
-class _Solver:
-    """One (sample, radius) point -> (per-class upper bounds, optimal, maximiser, by splitting) or None
-    (skipped)."""
-
-    kind: str  # "milp" or "split"
-    solve: Callable
-
-    def __call__(self, problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float,
-                 penalty: Penalty | None = None):
-        if penalty is None:
-            return self.solve(problem, state, row, linear, seconds)
-        return self.solve(problem, state, row, linear, seconds, penalty)
-
-
-def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, mode: str, cap: int | None, node_limit: int | None,
-            per_milp: float | None) -> tuple[_Solver | None, str]:
-    """The MILP when the net and threat allow it (ReLU splitting at points whose MILP has more than
-    `cap` binaries under auto), ReLU splitting alone under `split`, else input splitting for
-    low-dimensional ℓ∞ inputs."""
-    reason, auto = "", mode == "auto"
-    relu_split = _relu_splitter(network, x, AUTO_RELU_LEAVES if auto else RELU_LEAVES, per_milp)
-    if mode == "split":
-        return (_Solver("split", relu_split), "") if relu_split is not None else \
-            (None, "ReLU splitting needs ReLU-family units and norm inf or 1")
-    if norm in ("inf", "1"):
-        try:
-            encoded = encode_network(network, tuple(x.shape[1:]))
-            if auto and encoded.unit_count > AUTO_MAX_UNITS:
-                raise NotEncodable(f"{encoded.unit_count} activation units > {AUTO_MAX_UNITS} (auto)")
-        except NotEncodable as err:
-            reason = str(err)
-        else:
-            def milp(problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float,
-                     penalty: Penalty | None = None):
-                intervals = sample_intervals(state, row)
-                if cap is not None and unstable_units(encoded, intervals) > cap:
-                    # Too many binaries for this mode: ReLU splitting (not for the penalised objective).
-                    if penalty is None and auto and relu_split is not None:
-                        return relu_split(problem, state, row, linear, seconds)
-                    return None
-                region = problem.region
-                solution = solve_margins(encoded, region.center[row].flatten().numpy(), int(problem.labels[row]),
-                                         region.lower[row].numpy(), region.upper[row].numpy(),
-                                         float(region.radius[row]), norm, intervals, linear.numpy(),
-                                         MilpLimits(time_limit=_least(per_milp, seconds), node_limit=node_limit),
-                                         penalty)
-                return solution.upper, solution.optimal, solution.point, False
-
-            return _Solver("milp", milp), ""
-    else:
-        reason = f"the ℓ{norm} ball is not polyhedral (the MILP needs norm inf or 1)"
-    width = int(np.prod(x.shape[1:]))
-    if norm == "inf" and width <= SPLIT_MAX_INPUTS:
-        leaves = AUTO_SPLIT_LEAVES if auto else 16 * AUTO_SPLIT_LEAVES
-
-        def split(problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
-            region = problem.region
-            centre, radius = region.center[row].flatten(), float(region.radius[row])
-            low = centre + torch.clamp(region.lower[row], min=-radius)
-            high = centre + torch.clamp(region.upper[row], max=radius)
-            solution = split_margins(network, centre, int(problem.labels[row]), low, high, tolerance=SPLIT_TOLERANCE,
-                                     max_leaves=leaves)
-            return np.minimum(solution.upper, linear.numpy()), solution.complete, solution.point, False
-
-        return _Solver("split", split), ""
-    return None, reason + (f"; input splitting needs norm inf and at most {SPLIT_MAX_INPUTS} inputs" if reason else "")
-
-
-def _relu_splitter(network: BoundNetwork, x: torch.Tensor, leaves: int, per_point: float | None) -> Callable | None:
-    """ReLU splitting (`exact.relu_bab`) at one point, or None when the net has no ReLU-family unit."""
-    if not any(isinstance(n.rule, Activation) and n.rule.kind in SPLIT_KINDS for n in network.nodes):
-        return None
-    try:
-        dense = DenseNetwork.of(encode_network(network, tuple(x.shape[1:])))
-    except NotEncodable:
-        dense = None  # plain interval splits (MaxPool and other non-encodable nodes)
-
-    def split(problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
-        region = problem.region
-        one = InputSet(region.center[row:row + 1], region.radius[row:row + 1], region.norm,
-                       region.lower[row:row + 1], region.upper[row:row + 1])
-        solution = relu_split_margins(network, one, int(problem.labels[row]), tolerance=SPLIT_TOLERANCE,
-                                      max_leaves=leaves, seconds=_least(per_point, seconds), dense=dense)
-        return (np.minimum(solution.upper.numpy(), linear.numpy()), solution.complete, solution.point.numpy(),
-                True)
-
-    return split
-
-
 def _exact(status: torch.Tensor) -> torch.Tensor:
     """Points solved exactly (a MILP at optimality, a complete split)."""
     return (status == OPTIMAL) | (status == SPLIT_EXACT)
@@ -364,11 +268,6 @@ def _with_radii(evidence: MarginEvidence, milp: torch.Tensor, status: torch.Tens
     shape = (len(milp), len(new) + 1, milp.shape[2])
     return (merged, merge(milp, torch.full(shape, math.inf, dtype=milp.dtype)),
             merge(status, torch.zeros(shape[:2], dtype=status.dtype)))
-
-
-def _least(*limits: float | None) -> float | None:
-    finite = [v for v in limits if v is not None and math.isfinite(v)]
-    return min(finite) if finite else None
 
 
 def _stack_moves(moves: list[list[torch.Tensor]], width: int, dtype: torch.dtype) -> torch.Tensor | None:
