@@ -139,3 +139,23 @@ def test_certificates_with_penalised_or_split_points_stay_sound(tmp_path, mode):
     expected = "milp_penalised" if mode == "on" else "split_exact"
     assert on.results[-1].curve_sources.get(expected, 0.0) > 0.5
     assert (on.exact_mode.penalised_points > 0) == (mode == "on")
+
+
+def test_cli_exact_split_reports_the_splitting(tmp_path, capsys):
+    import json
+
+    from verifier import cli
+
+    path = tmp_path / "tiny.onnx"
+    path.write_bytes(_tiny_relu_2d(1).SerializeToString())
+    converted = _load(tmp_path, _tiny_relu_2d(1), "copy.onnx")
+    x = np.random.default_rng(5).uniform(-0.6, 0.6, size=(3, 2)).astype(np.float32)
+    with torch.no_grad():
+        y = converted.logits_module.double()(torch.from_numpy(x).double()).argmax(1).numpy()
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x, y=y)
+    code = cli.main(["certify", str(path), "--data", str(data), "--p", "inf", "--norm", "inf", "--delta", "0.3",
+                     "--loss", "margin", "--box", "-1.5,1.5", "--grid-points", "6", "--exact", "split", "--json"])
+    payload = json.loads(capsys.readouterr().out)
+    assert code == 0 and payload["exact_mode"]["solver"] == "split" and payload["exact_mode"]["points_solved"] > 0
+    assert payload["results"][0]["realised_risk"] <= payload["results"][0]["certificate"] + 1e-9
