@@ -128,8 +128,10 @@ class Certificate:
                      "(an upper bound); 1st-order~: Bai et al.'s estimate, not a bound")
         if self.exact_mode is not None and self.exact_mode.active:
             m = self.exact_mode
-            lines.append(f"exact mode ({m.mode}): MILP at {m.solved} curve point(s), {m.optimal} solved to optimality, "
-                         f"{m.skipped} left to the linear bounds, {m.seconds:.1f} s")
+            solver = "branch and bound" if m.solver == "split" else "MILP"
+            penalised = f", {m.penalised_points} penalised MILP point(s)" if m.penalised_points else ""
+            lines.append(f"exact mode ({m.mode}): {solver} at {m.solved} curve point(s), {m.optimal} solved to "
+                         f"optimality, {m.skipped} left to the linear bounds{penalised}, {m.seconds:.1f} s")
         if self.fallbacks:
             lines.append("fallbacks: " + "; ".join(self.fallbacks))
         return "\n".join(lines)
