@@ -65,6 +65,8 @@ class WPGD(Attack):
         alpha = 1.875 * delta / self.steps
         taken = 0
         for step in range(self.steps + 1):
+            if step == 0 and self.out_of_time(agreed=True):  # no time for one pass: the samples themselves
+                break
             _, grad, logits = t.gradient(t.atoms(d, rows), objective)
             loss, margin = t.scores(logits, rows)
             losses, margins, sizes = t.gather(loss, margin, dual_norm(grad, t.norm))  # one exchange per step
@@ -73,7 +75,7 @@ class WPGD(Attack):
                 best_d, best_value = d, value
             if errors > best_errors:
                 flip_d, best_errors = d, errors
-            if step == self.steps:
+            if step == self.steps or self.out_of_time(agreed=True):
                 break
             if step == 0:
                 self.note_zero_gradient(rows, grad)
