@@ -110,10 +110,11 @@ def add_budget(parser: argparse.ArgumentParser, default_delta: str, default_norm
 
 
 def add_exact(parser: argparse.ArgumentParser) -> None:
-    """`--exact auto|on|off`: the MILP route for small ReLU nets (method §8)."""
-    parser.add_argument("--exact", choices=("auto", "on", "off"), default="auto",
+    """`--exact auto|on|split|off`: the MILP / branch-and-bound route for ReLU nets (method §8)."""
+    parser.add_argument("--exact", choices=("auto", "on", "split", "off"), default="auto",
                         help="exact worst margins by MILP at the curve points the certificate uses: small ReLU "
-                             "nets, norm inf or 1 (auto: only when cheap; default auto)")
+                             "nets, norm inf or 1 (auto: only when cheap, ReLU splitting where a MILP is too big; "
+                             "split: ReLU-splitting branch and bound only; default auto)")
 
 
 def add_optimise_slopes(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ each row's pieces stay concave and the inner sup stays exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,17 +100,66 @@ def used_points(curves: GrowthCurves, delta: float, p: float, lam: float) -> tor
         index = min(int(torch.searchsorted(curves.radii, torch.tensor(delta, dtype=curves.radii.dtype))), points - 1)
         used[:, index] = True
         return used
-    sups = _piece_sups(curves, lam, p)  # (R, K+1)
-    best, piece = sups.max(1)
-    row = best.reshape(count, curves.groups).argmax(1)
-    value = best.reshape(count, curves.groups).gather(1, row[:, None]).squeeze(1)
-    piece = piece.reshape(count, curves.groups).gather(1, row[:, None]).squeeze(1)
-    pays = value > 0
+    piece = decisive_piece(curves, lam, p)
+    pays = piece >= 0
     samples = torch.arange(count)
     used[samples[pays], piece[pays].clamp_max(points - 1)] = True
     right = pays & (piece < points - 1)
     used[samples[right], piece[right] + 1] = True
     return used
+
+
+def decisive_piece(curves: GrowthCurves, lam: float, p: float) -> torch.Tensor:
+    """The piece (N,) on which each sample's inner sup is attained at `lam` (its row with the
+    largest sup; the tail piece is index K), -1 where the sup is 0 (no move pays)."""
+    count = curves.values.shape[0] // curves.groups
+    best, piece = _piece_sups(curves, lam, p).max(1)
+    row = best.reshape(count, curves.groups).argmax(1)
+    value = best.reshape(count, curves.groups).gather(1, row[:, None]).squeeze(1)
+    piece = piece.reshape(count, curves.groups).gather(1, row[:, None]).squeeze(1)
+    return torch.where(value > 0, piece, torch.full_like(piece, -1))
+
+
+def row_sups(curves: GrowthCurves, lam: float, p: float, first: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+    """`sup (ubar(rho) - lam rho^p)` of every row (R,) over the pieces `first[i] <= m < stop[i]` of its
+    sample (pieces m < K cover [s_m, s_(m+1)], piece K the tail); -inf where there are none."""
+    sups = _piece_sups(curves, lam, p)
+    index = torch.arange(sups.shape[1])[None, :]
+    keep = (index >= first.repeat_interleave(curves.groups)[:, None]) & \
+        (index < stop.repeat_interleave(curves.groups)[:, None])
+    return sups.masked_fill(~keep, -math.inf).max(1).values
+
+
+@dataclass(frozen=True)
+class PenalisedBound:
+    """`sup_{rho <= radii[first_i]} (g_i(rho) - lam rho^p) <= value_i` per sample (method §8; from a
+    penalised MILP); `first_i = 0` (value -inf) where no such bound was computed, `first_i = K+1`
+    where it covers every radius (the whole box)."""
+
+    lam: float
+    first: torch.Tensor  # (N,) long: a grid index, or K+1
+    value: torch.Tensor  # (N,)
+
+
+def sample_piece_sups(curves: GrowthCurves, lam: float, p: float) -> torch.Tensor:
+    """`sup (ubar_i(rho) - lam rho^p)` of every sample on every piece (N, K+1; the max over its rows)."""
+    sups = _piece_sups(curves, lam, p)
+    return sups.reshape(-1, curves.groups, sups.shape[1]).max(1).values
+
+
+def beyond_penalised(bound: PenalisedBound, families: list[GrowthCurves], p: float) -> torch.Tensor:
+    """Each sample's inner sup at `bound.lam` over the pieces from `radii[first_i]` on (N,): the least
+    over the `families` (all valid upper curves); -inf where `first_i` is past the tail piece."""
+    sups = [sample_piece_sups(f, bound.lam, p) for f in families]
+    early = torch.arange(sups[0].shape[1])[None, :] < bound.first[:, None]
+    return torch.stack([s.masked_fill(early, -math.inf).max(1).values for s in sups]).min(0).values
+
+
+def penalised_excess(bound: PenalisedBound, families: list[GrowthCurves], delta: float, p: float) -> float:
+    """Weak duality at `bound.lam`, each inner sup split at `radii[first_i]`: below it the penalised
+    bound, beyond it the curves' pieces."""
+    beyond = beyond_penalised(bound, families, p)
+    return bound.lam * delta**p + float(torch.maximum(bound.value, beyond).clamp_min(0.0).mean())
 
 
 def _piece_sups(curves: GrowthCurves, lam: float, p: float) -> torch.Tensor:
@@ -157,21 +207,29 @@ def excess_bound(curves: GrowthCurves, delta: float, p: float, iterations: int =
     if math.isinf(p):
         return float(curves.at(delta).mean()), math.inf
     best_value, best_lam = dual_value(curves, delta, p, 0.0), 0.0
-    low, high = math.log(1e-12), math.log(1e12)
+    value, lam = golden_minimum(lambda lam: dual_value(curves, delta, p, lam), math.log(1e-12), math.log(1e12),
+                                iterations)
+    return (value, lam) if value < best_value else (best_value, best_lam)
+
+
+def golden_minimum(value: Callable[[float], float], low: float, high: float, iterations: int) -> tuple[float, float]:
+    """Golden-section search of `value(lam)` over `log lam` in `[low, high]`: the least value seen and its lam."""
     a, b = high - _GOLDEN * (high - low), low + _GOLDEN * (high - low)
-    value_a, value_b = dual_value(curves, delta, p, math.exp(a)), dual_value(curves, delta, p, math.exp(b))
+    value_a, value_b = value(math.exp(a)), value(math.exp(b))
+    best_value, best_lam = min((value_a, math.exp(a)), (value_b, math.exp(b)))
     for _ in range(iterations):
-        for value, point in ((value_a, a), (value_b, b)):
-            if value < best_value:
-                best_value, best_lam = value, math.exp(point)
         if value_a < value_b:
             high, b, value_b = b, a, value_a
             a = high - _GOLDEN * (high - low)
-            value_a = dual_value(curves, delta, p, math.exp(a))
+            value_a = value(math.exp(a))
+            point, seen = a, value_a
         else:
             low, a, value_a = a, b, value_b
             b = low + _GOLDEN * (high - low)
-            value_b = dual_value(curves, delta, p, math.exp(b))
+            value_b = value(math.exp(b))
+            point, seen = b, value_b
+        if seen < best_value:
+            best_value, best_lam = seen, math.exp(point)
     return best_value, best_lam
 
 

@@ -28,11 +28,12 @@ from verifier.bounds.network import BoundNetwork
 from verifier.bounds.optimise import SlopeSearch
 from verifier.cells import displacement_box
 from verifier.certify.accuracy import certified_accuracy
-from verifier.certify.aggregate import excess_bound, grid, linear_closed_form, used_points
+from verifier.certify.aggregate import excess_bound, grid, linear_closed_form, penalised_excess, used_points
 from verifier.certify.exactness import (EXACT_TOLERANCE, Candidates, Placed, RealisedDistribution, choose, is_exact,
                                         place, summarise)
 from verifier.certify.growth import ROUTES, RouteGrowth, box_reach
 from verifier.certify.milp_route import ExactSettings, MilpReport, curve_sources
+from verifier.certify.penalty_route import penalised_sources
 from verifier.certify.tables import BlockInputs, block_tables, concat
 from verifier.convert import ConvertedModel
 from verifier.convert.normalize import NormalizedModel
@@ -129,8 +130,10 @@ class Certificate:
                      "(an upper bound); 1st-order~: Bai et al.'s estimate, not a bound")
         if self.exact_mode is not None and self.exact_mode.active:
             m = self.exact_mode
-            lines.append(f"exact mode ({m.mode}): MILP at {m.solved} curve point(s), {m.optimal} solved to optimality, "
-                         f"{m.skipped} left to the linear bounds, {m.seconds:.1f} s")
+            solver = "branch and bound" if m.solver == "split" else "MILP"
+            penalised = f", {m.penalised_points} penalised MILP point(s)" if m.penalised_points else ""
+            lines.append(f"exact mode ({m.mode}): {solver} at {m.solved} curve point(s), {m.optimal} solved to "
+                         f"optimality, {m.skipped} left to the linear bounds{penalised}, {m.seconds:.1f} s")
         if self.fallbacks:
             lines.append("fallbacks: " + "; ".join(self.fallbacks))
         return "\n".join(lines)
@@ -304,6 +307,11 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             if delta > 0:
                 sources = curve_sources(growth, used_points(family, float(delta), p, lam), milp_report.status,
                                         milp_report.solver or "milp")
+            families = [f for f in (tables.curves, tables.class_curves) if f is not None]
+            for bound in milp_report.penalised if one_block else ():  # §8: each is sound at any delta
+                penalised = penalised_excess(bound, families, float(delta), p)
+                if penalised < excess:
+                    excess, sources = penalised, penalised_sources(bound, families, p)
             closed_forms = [clean_risk + linear_closed_form(tables.curves.tail_slope, float(delta), p)]
             closed_forms += [global_bound] if global_bound is not None else []
             certificate = min([clean_risk + excess] + closed_forms)  # §3.7: every candidate is sound

@@ -12,65 +12,67 @@ distribution (§3.5), which is what makes the certificate `exact` when every dec
 Where the MILP cannot state the net (smooth activations, MaxPool) and the threat is ℓ∞ on
 at most `SPLIT_MAX_INPUTS` inputs, input-splitting branch and bound (`exact.bab`) takes its place
 (its bound is the maximum over leaves: sound at any stop; "exact" when the leaves meet the best
-leaf centre within `SPLIT_TOLERANCE`).
+leaf centre within `SPLIT_TOLERANCE`). `--exact split` uses ReLU-splitting branch and bound
+(`exact.relu_bab`, any input size) at every decisive point instead of the MILP; `auto` takes it
+(`AUTO_RELU_LEAVES` leaves) at points whose MILP has more than `AUTO_MAX_UNSTABLE` binaries. For
+`p < inf` and the margin loss, the MILP route ends with the penalised MILPs of the dual's inner
+sups (`penalty_route`), whose bounds go to the certificate (`MilpReport.penalised`).
 
 `--exact auto` runs the route only when it is cheap and pays: the margin and zero_one losses (for
 CE the MILP bounds the margins only, and measured on the digits MLP it moved the certificate by
 < 0.4 % at 4.6x the certify time), an encodable net (ReLU-family units, affine maps) of at most
-`AUTO_MAX_UNITS` units, a polyhedral threat (ℓ∞ or ℓ1), points with at most
+`point_solvers.AUTO_MAX_UNITS` units, a polyhedral threat (ℓ∞ or ℓ1), points with at most
 `AUTO_MAX_UNSTABLE` unstable units (binaries), at most `AUTO_NODE_LIMIT` branch-and-bound nodes
 per MILP and `AUTO_MAX_POINTS` points in all. Its budget counts work, not seconds, so `auto`
 gives the same numbers on every machine. Points are solved from the smallest radius up, so what
 the budget covers is the budgets' low end, where `exact_up_to_delta` is decided. `on` has no
-caps but `seconds` (total) and `per_milp_seconds`.
+caps but `seconds` (total) and `per_milp_seconds` (per MILP, and per point for ReLU splitting).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from verifier.bounds.network import BoundNetwork
-from verifier.bounds.propagate import Bounds, MarginProblem, margin_problem, propagate
-from verifier.certify.aggregate import excess_bound, used_points
+from verifier.bounds.propagate import margin_problem, propagate
 from verifier.cells import CellAnalysis
+from verifier.certify.aggregate import PenalisedBound, excess_bound, used_points
 from verifier.certify.growth import (ROUTES, MarginEvidence, RouteGrowth, collect_evidence, growth_curves,
                                      margin_class_curves)
+from verifier.certify.penalty_route import penalised_bounds
+from verifier.certify.point_solvers import point_solver
 from verifier.deadline import NEVER, Deadline
-from verifier.exact.bab import split_margins
-from verifier.exact.encode import NotEncodable, encode_network
-from verifier.exact.margins import sample_intervals
-from verifier.exact.milp import MilpLimits, solve_margins, unstable_units
 from verifier.errors import UsageError
+from verifier.exact.milp import project_displacement
+from verifier.losses import margins
 
-EXACT_MODES = ("auto", "on", "off")
-AUTO_MAX_UNITS = 512
+EXACT_MODES = ("auto", "on", "split", "off")
 AUTO_MAX_UNSTABLE = 48
 AUTO_MAX_POINTS = 100
 AUTO_LOSSES = ("margin", "zero_one")
 AUTO_NODE_LIMIT = 2000
-SPLIT_MAX_INPUTS = 8  # input splitting (any activation the bounds cover) for inputs this small
-AUTO_SPLIT_LEAVES = 1024
-SPLIT_TOLERANCE = 1e-4
-NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED = 0, 1, 2, 3
+NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED, SPLIT_EXACT, SPLIT_BOUND = 0, 1, 2, 3, 4, 5
+EXACT_STATUS = (OPTIMAL, SPLIT_EXACT)
 
 
 @dataclass(frozen=True)
 class ExactSettings:
     """How the MILP route runs (None: the mode's default)."""
 
-    mode: str = "auto"  # auto | on | off
+    mode: str = "auto"  # auto | on | split | off
     seconds: float | None = None  # total MILP time (None: unlimited)
     max_unstable: int | None = None  # binaries per MILP (None: AUTO_MAX_UNSTABLE under auto, no cap under on)
     max_points: int | None = None  # (sample, radius) points (None: AUTO_MAX_POINTS under auto, no cap under on)
     node_limit: int | None = None  # per MILP (None: AUTO_NODE_LIMIT under auto, none under on)
     per_milp_seconds: float | None = None  # per MILP (None: none under auto, which stays deterministic; 10 s under on)
     rounds: int = 16  # aggregate -> solve (or refine the grid) -> aggregate again
+    penalised: bool = True  # p < inf, margin loss: the dual's inner sups by penalised MILPs (penalty_route)
 
     def __post_init__(self) -> None:
         if self.mode not in EXACT_MODES:
@@ -84,18 +86,20 @@ class MilpReport:
     mode: str
     active: bool  # the route ran (the model and threat allowed it)
     reason: str  # why it did not run, or ""
-    solver: str  # "milp" (the exact MILP), "split" (input-splitting branch and bound) or "" (did not run)
+    solver: str  # "milp" (the MILP, ReLU splitting where too big), "split" (branch and bound only) or ""
     solved: int  # (sample, radius) points bounded by a MILP
     optimal: int  # ... of which solved to optimality (exact)
     skipped: int  # points left to the linear bounds (too many unstable units, or the time budget)
     seconds: float
-    status: torch.Tensor  # (N, K+1) int8: NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED
+    status: torch.Tensor  # (N, K+1) int8: NOT_RUN, OPTIMAL, AT_LIMIT, SKIPPED, SPLIT_EXACT, SPLIT_BOUND
     moves: torch.Tensor | None  # (N, E, d): displacements of the maximisers (zero = no move)
+    penalised: tuple[PenalisedBound, ...] = ()  # p < inf: inner-sup bounds by penalised MILPs (one per delta)
+    penalised_points: int = 0  # ... (sample, delta) MILP points behind them
 
     def to_dict(self) -> dict:
         """JSON-ready summary (the per-point status and moves are left out)."""
         return {"mode": self.mode, "active": self.active, "reason": self.reason or None, "solver": self.solver or None,
-                "points_solved": self.solved,
+                "points_solved": self.solved, "penalised_points": self.penalised_points,
                 "points_optimal": self.optimal, "points_skipped": self.skipped, "seconds": round(self.seconds, 3)}
 
 
@@ -139,7 +143,7 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
     def default(value, under_auto, under_on):
         return value if value is not None else (under_auto if auto else under_on)
 
-    solver, reason = _solver(network, x, norm, auto, default(settings.max_unstable, AUTO_MAX_UNSTABLE, None),
+    solver, reason = point_solver(network, x, norm, settings.mode, default(settings.max_unstable, AUTO_MAX_UNSTABLE, None),
                              default(settings.node_limit, AUTO_NODE_LIMIT, None),
                              default(settings.per_milp_seconds, None, 10.0))
     if solver is None:
@@ -153,12 +157,17 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
     moves: list[list[torch.Tensor]] = [[] for _ in range(count)]
     flat = x.flatten(1)
     began, exhausted = time.perf_counter(), False
+    # p < inf, margin: penalised MILPs give the inner sups without interpolating between grid radii
+    # (penalty_route), so the grid is not refined at midpoints and keeps a quarter of the budget at most.
+    penalised_route = not math.isinf(p) and loss == "margin" and solver.kind == "milp" and settings.penalised
+    grid_budget = budget / 4 if penalised_route else budget
     for _ in range(settings.rounds):
         current = replace(evidence, milp=milp)
         _, used = decisive_points(current, loss, global_slope, margin_slope, deltas, p)
         need = torch.stack(used).any(0) & ~inside & (status == NOT_RUN)
         if not need.any():
-            new = _midpoints(used, inside | (status == OPTIMAL), evidence.radii) if not math.isinf(p) else []
+            new = [] if math.isinf(p) or penalised_route else _midpoints(used, inside | _exact(status),
+                                                                          evidence.radii)
             if len(new) == 0 or points_left <= 0:
                 break
             evidence, milp, status = _with_radii(evidence, milp, status, network, x, norm, box, cells, new, deadline)
@@ -172,7 +181,7 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
                                      torch.device("cpu"), torch.float64)
             state = propagate(network, problem.region, deadline=deadline)
             for row, i in enumerate(samples.tolist()):
-                left = budget - (time.perf_counter() - began)
+                left = grid_budget - (time.perf_counter() - began)
                 if left <= 0 or points_left <= 0:
                     exhausted = True
                     break
@@ -181,77 +190,40 @@ def refine_with_milp(evidence: MarginEvidence, network: BoundNetwork | None, x: 
                 if solution is None:  # too large for this mode
                     status[i, k] = SKIPPED
                     continue
-                upper, optimal, point = solution
+                upper, optimal, point, by_split = solution
                 points_left -= 1
                 milp[i, k] = torch.from_numpy(upper)
-                status[i, k] = OPTIMAL if optimal else AT_LIMIT
+                status[i, k] = (SPLIT_EXACT if optimal else SPLIT_BOUND) if by_split else (OPTIMAL if optimal
+                                                                                             else AT_LIMIT)
                 if point is not None:
-                    moves[i].append(_project(torch.from_numpy(point) - flat[i],
-                                             problem.region.lower[row], problem.region.upper[row], radius, norm))
+                    moves[i].append(project_displacement(torch.from_numpy(point) - flat[i], problem.region.lower[row],
+                                                         problem.region.upper[row], radius, norm))
             if exhausted:
                 break
         if exhausted:
             status[need & (status == NOT_RUN)] = SKIPPED  # decisive points the budget did not reach
             break
-    solved = int(((status == OPTIMAL) | (status == AT_LIMIT)).sum())
-    report = MilpReport(settings.mode, True, "", solver.kind, solved, int((status == OPTIMAL).sum()),
+    evidence = replace(evidence, milp=milp)
+    penalised, penalised_points = [], 0
+    if penalised_route and points_left > 0:
+        growth = growth_curves(evidence, loss, global_slope)
+        top = margins(evidence.logits, evidence.labels).masked_fill(
+            torch.nn.functional.one_hot(evidence.labels, evidence.logits.shape[1]).bool(), -math.inf).max(1).values
+        penalised, found, penalised_points, _ = penalised_bounds(
+            growth.curves, margin_class_curves(evidence, margin_slope), top, network, x, evidence.labels, norm, box,
+            deltas, p, solver, budget - (time.perf_counter() - began), points_left, deadline)
+        for i, move in found:
+            moves[i].append(move)
+    solved = int(((status != NOT_RUN) & (status != SKIPPED)).sum())
+    report = MilpReport(settings.mode, True, "", solver.kind, solved, int(_exact(status).sum()),
                         int((status == SKIPPED).sum()), time.perf_counter() - began, status,
-                        _stack_moves(moves, flat.shape[1], flat.dtype))
-    return replace(evidence, milp=milp), report
+                        _stack_moves(moves, flat.shape[1], flat.dtype), tuple(penalised), penalised_points)
+    return evidence, report
 
 
-@dataclass(frozen=True)
-class _Solver:
-    """One (sample, radius) point -> (per-class upper bounds, optimal, maximiser) or None (skipped)."""
-
-    kind: str  # "milp" or "split"
-    solve: Callable
-
-    def __call__(self, problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
-        return self.solve(problem, state, row, linear, seconds)
-
-
-def _solver(network: BoundNetwork, x: torch.Tensor, norm: str, auto: bool, cap: int | None, node_limit: int | None,
-            per_milp: float | None) -> tuple[_Solver | None, str]:
-    """The MILP when the net and threat allow it, else input splitting for low-dimensional ℓ∞ inputs."""
-    reason = ""
-    if norm in ("inf", "1"):
-        try:
-            encoded = encode_network(network, tuple(x.shape[1:]))
-            if auto and encoded.unit_count > AUTO_MAX_UNITS:
-                raise NotEncodable(f"{encoded.unit_count} activation units > {AUTO_MAX_UNITS} (auto)")
-        except NotEncodable as err:
-            reason = str(err)
-        else:
-            def milp(problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
-                intervals = sample_intervals(state, row)
-                if cap is not None and unstable_units(encoded, intervals) > cap:
-                    return None
-                region = problem.region
-                solution = solve_margins(encoded, region.center[row].flatten().numpy(), int(problem.labels[row]),
-                                         region.lower[row].numpy(), region.upper[row].numpy(),
-                                         float(region.radius[row]), norm, intervals, linear.numpy(),
-                                         MilpLimits(time_limit=_least(per_milp, seconds), node_limit=node_limit))
-                return solution.upper, solution.optimal, solution.point
-
-            return _Solver("milp", milp), ""
-    else:
-        reason = f"the ℓ{norm} ball is not polyhedral (the MILP needs norm inf or 1)"
-    width = int(np.prod(x.shape[1:]))
-    if norm == "inf" and width <= SPLIT_MAX_INPUTS:
-        leaves = AUTO_SPLIT_LEAVES if auto else 16 * AUTO_SPLIT_LEAVES
-
-        def split(problem: MarginProblem, state: Bounds, row: int, linear: torch.Tensor, seconds: float):
-            region = problem.region
-            centre, radius = region.center[row].flatten(), float(region.radius[row])
-            low = centre + torch.clamp(region.lower[row], min=-radius)
-            high = centre + torch.clamp(region.upper[row], max=radius)
-            solution = split_margins(network, centre, int(problem.labels[row]), low, high, tolerance=SPLIT_TOLERANCE,
-                                     max_leaves=leaves)
-            return np.minimum(solution.upper, linear.numpy()), solution.complete, solution.point
-
-        return _Solver("split", split), ""
-    return None, reason + (f"; input splitting needs norm inf and at most {SPLIT_MAX_INPUTS} inputs" if reason else "")
+def _exact(status: torch.Tensor) -> torch.Tensor:
+    """Points solved exactly (a MILP at optimality, a complete split)."""
+    return (status == OPTIMAL) | (status == SPLIT_EXACT)
 
 
 def _inside_cells(evidence: MarginEvidence) -> torch.Tensor:
@@ -298,21 +270,6 @@ def _with_radii(evidence: MarginEvidence, milp: torch.Tensor, status: torch.Tens
             merge(status, torch.zeros(shape[:2], dtype=status.dtype)))
 
 
-def _least(*limits: float | None) -> float | None:
-    finite = [v for v in limits if v is not None and math.isfinite(v)]
-    return min(finite) if finite else None
-
-
-def _project(move: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
-    """The solver's displacement put exactly inside `{lower <= d <= upper, ||d|| <= radius}` (float64)."""
-    move = torch.minimum(torch.maximum(move, torch.clamp(lower, min=-radius)), torch.clamp(upper, max=radius))
-    if norm == "1":
-        length = float(move.abs().sum())
-        if length > radius:  # the box contains 0, so shrinking stays inside it
-            move = move * (radius / length) * (1.0 - 1e-12)
-    return move
-
-
 def _stack_moves(moves: list[list[torch.Tensor]], width: int, dtype: torch.dtype) -> torch.Tensor | None:
     most = max((len(m) for m in moves), default=0)
     if most == 0:
@@ -342,7 +299,9 @@ def curve_sources(growth: RouteGrowth, used: torch.Tensor, status: torch.Tensor,
         winner = int(growth.winner[i, k])
         name = ROUTES[winner] if winner >= 0 else "none"
         if name == "milp":
-            name = f"{solver}_exact" if int(status[i, k]) == OPTIMAL else f"{solver}_bound"
+            point = int(status[i, k])
+            by = "split" if point in (SPLIT_EXACT, SPLIT_BOUND) else solver
+            name = f"{by}_exact" if point in EXACT_STATUS else f"{by}_bound"
         names.append(name)
     values, counts = np.unique(np.array(names), return_counts=True)
     return {str(v): float(c) / count for v, c in zip(values, counts)}

@@ -11,6 +11,12 @@ of their linear bound; a class whose linear bound is already at most the best ma
 not solved (it cannot be the maximum). The bound used is the solver's **dual bound** (the best
 LP bound over its open nodes), an upper bound on the optimum at any stop, padded for the
 solver's floating-point tolerances; at optimality it meets the incumbent within the gap.
+
+With a `Penalty(lam, p)` the objective is `z_j - z_y - lam ||x - x_i||^p` (the inner sup of the
+W_p dual, method §8): `tau >= ||x - x_i||` is linear (ℓ∞: `tau >= |x_k - x_ik|`; ℓ1: `tau >= sum t`)
+and `w >= tau^p` is relaxed to the tangents of the convex `tau^p` at `TANGENTS` points of
+`[0, s]` (`w >= a^p + p a^(p-1) (tau - a)`): every true point stays feasible with `w = tau^p`, so
+the dual bound still bounds the penalised optimum from above.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from verifier.exact.encode import AffineNode, EncodedNetwork, NotEncodable, UnitNode
 
 RELATIVE_GAP = 1e-6
+TANGENTS = 48  # tangent points of tau^p (the relaxation's gap at most lam s^p / (4 (TANGENTS-1)^2) for p = 2)
 PAD = 1e-6  # relative + absolute pad on the dual bound for the solver's feasibility tolerances
 
 
@@ -39,6 +47,14 @@ class MilpLimits:
 
     time_limit: float | None = 5.0
     node_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Penalty:
+    """The transport price `lam ||x - x_i||^p` subtracted from every margin (the W_p dual's inner sup)."""
+
+    lam: float
+    p: float
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,7 @@ class _Program:
     integrality: np.ndarray
     output_start: int
     binaries: int
+    price_column: int | None = None  # w >= ||x - x_i||^p under a Penalty
 
 
 class _Rows:
@@ -143,7 +160,8 @@ def unstable_units(encoded: EncodedNetwork, intervals: dict[str, tuple[np.ndarra
 
 
 def _program(encoded: EncodedNetwork, center: np.ndarray, lower: np.ndarray, upper: np.ndarray, radius: float,
-             norm: str, intervals: dict[str, tuple[np.ndarray, np.ndarray]]) -> _Program:
+             norm: str, intervals: dict[str, tuple[np.ndarray, np.ndarray]],
+             penalty: Penalty | None = None) -> _Program:
     start, columns = {}, 0
     for name in [encoded.input] + [n.name for n in encoded.nodes]:
         start[name], columns = columns, columns + encoded.widths[name]
@@ -201,23 +219,41 @@ def _program(encoded: EncodedNetwork, center: np.ndarray, lower: np.ndarray, upp
         high_parts.append(np.full(d, radius))
     elif norm != "inf":
         raise NotEncodable(f"the ℓ{norm} ball is not polyhedral: the exact mode needs norm inf or 1")
+    price = None
+    if penalty is not None:
+        tau, price = columns, columns + 1
+        columns += 2
+        if norm == "1":  # tau >= sum t
+            rows.add_row(np.concatenate([[tau], t]), np.concatenate([[1.0], -np.ones(d)]), 0.0, np.inf)
+        else:  # tau >= |x_k - x_ik|
+            x = np.arange(d)
+            taus = np.full(d, tau)
+            rows.add([(taus, 1.0), (x, -1.0)], -center, np.full(d, np.inf))
+            rows.add([(taus, 1.0), (x, 1.0)], center, np.full(d, np.inf))
+        points = np.linspace(0.0, radius, TANGENTS)  # w - p a^(p-1) tau >= (1 - p) a^p
+        rows.add([(np.full(TANGENTS, price), 1.0), (np.full(TANGENTS, tau), -penalty.p * points ** (penalty.p - 1))],
+                 (1 - penalty.p) * points ** penalty.p, np.full(TANGENTS, np.inf))
+        low_parts.append(np.zeros(2))
+        high_parts.append(np.array([radius, radius ** penalty.p]))
     matrix, row_low, row_high = rows.matrix(columns)
     integrality = np.zeros(columns)
     integrality[integer_columns] = 1
     return _Program(matrix, row_low, row_high, np.concatenate(low_parts), np.concatenate(high_parts), integrality,
-                    start[encoded.output], len(integer_columns))
+                    start[encoded.output], len(integer_columns), price)
 
 
 def solve_margins(encoded: EncodedNetwork, center: np.ndarray, label: int, lower: np.ndarray, upper: np.ndarray,
                   radius: float, norm: str, intervals: dict[str, tuple[np.ndarray, np.ndarray]],
-                  linear_upper: np.ndarray, limits: MilpLimits = MilpLimits()) -> MarginSolution:
+                  linear_upper: np.ndarray, limits: MilpLimits = MilpLimits(),
+                  penalty: Penalty | None = None) -> MarginSolution:
     """Worst margins of one sample over `{x_i + d : lower <= d <= upper, ||d||_norm <= radius}`.
 
     `intervals[name]` bounds every tensor of the network over that set (flattened, sound);
     `linear_upper[j]` is a sound upper bound on `z_j - z_y` (prunes classes, caps every result).
+    With a `penalty` every margin is `z_j - z_y - lam ||d||^p` (and `linear_upper` bounds that).
     """
     began = time.perf_counter()
-    program = _program(encoded, center, lower, upper, radius, norm, intervals)
+    program = _program(encoded, center, lower, upper, radius, norm, intervals, penalty)
     classes = len(linear_upper)
     result = np.array(linear_upper, dtype=np.float64)
     result[label] = -math.inf
@@ -236,6 +272,8 @@ def solve_margins(encoded: EncodedNetwork, center: np.ndarray, label: int, lower
         objective = np.zeros(program.matrix.shape[1])
         objective[program.output_start + j] = -1.0
         objective[program.output_start + label] += 1.0
+        if penalty is not None:
+            objective[program.price_column] = penalty.lam
         constraints = [constraint]
         if math.isfinite(best):  # only a margin above the best one found matters: z_j - z_y >= best
             constraints.append(LinearConstraint(-objective[None, :], best, np.inf))
@@ -261,3 +299,14 @@ def solve_margins(encoded: EncodedNetwork, center: np.ndarray, label: int, lower
             best, point = -float(outcome.fun), np.asarray(outcome.x[: encoded.widths[encoded.input]])
     return MarginSolution(upper=result, solved=solved, optimal=optimal, point=point, best=best,
                           binaries=program.binaries, nodes=nodes, seconds=time.perf_counter() - began)
+
+
+def project_displacement(move: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, radius: float,
+                         norm: str) -> torch.Tensor:
+    """A solver's displacement put exactly inside `{lower <= d <= upper, ||d|| <= radius}` (float64)."""
+    move = torch.minimum(torch.maximum(move, torch.clamp(lower, min=-radius)), torch.clamp(upper, max=radius))
+    if norm == "1":
+        length = float(move.abs().sum())
+        if length > radius:  # the box contains 0, so shrinking stays inside it
+            move = move * (radius / length) * (1.0 - 1e-12)
+    return move

@@ -66,7 +66,8 @@ def fmt_delta(item, digits: int = 3) -> str:
 _SOURCE_NAMES = {"milp_exact": "MILP (exact)", "milp_bound": "MILP (bound at a limit)",
                  "split_exact": "split (exact)", "split_bound": "split (bound at a limit)", "cell": "cell (exact)",
                  "linear": "linear bound", "jacobian": "slope bound", "global": "global bound", "none": "no route",
-                 "unmoved": "no move"}
+                 "unmoved": "no move", "milp_penalised": "penalised MILP (W_p dual)",
+                 "grid": "grid beyond the penalised MILP"}
 
 
 def fmt_sources(sources) -> str:
@@ -83,10 +84,12 @@ def fmt_exact_mode(mode) -> str | None:
         return None
     if not mode.get("active"):
         return None if mode.get("mode") == "off" else f"Exact mode ({mode['mode']}) did not run: {mode.get('reason')}."
-    solver = "input splitting" if mode.get("solver") == "split" else "MILP"
+    solver = "branch and bound" if mode.get("solver") == "split" else "MILP"
+    penalised = mode.get("penalised_points") or 0
+    extra = f", {penalised} penalised MILP point(s) for the W_p dual" if penalised else ""
     return (f"Exact mode ({mode['mode']}): {solver} at {mode['points_solved']} curve point(s), "
-            f"{mode['points_optimal']} solved to optimality, {mode['points_skipped']} left to the linear bounds, "
-            f"{fmt_seconds(mode['seconds'])}.")
+            f"{mode['points_optimal']} solved to optimality, {mode['points_skipped']} left to the linear bounds"
+            f"{extra}, {fmt_seconds(mode['seconds'])}.")
 
 
 def fmt_box(box) -> str:

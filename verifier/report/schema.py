@@ -80,14 +80,14 @@ _RESULT = _strict({
 })
 
 _EXACT_MODE = _strict({
-    "mode": {"enum": ["auto", "on", "off"]},
+    "mode": {"enum": ["auto", "on", "split", "off"]},
     "active": {"type": "boolean"},
     "reason": {"type": ["string", "null"]},
     "points_solved": {"type": "integer", "minimum": 0},
     "points_optimal": {"type": "integer", "minimum": 0},
     "points_skipped": {"type": "integer", "minimum": 0},
     "seconds": _NONNEG,
-}, {"solver": {"enum": ["milp", "split", None]}})
+}, {"solver": {"enum": ["milp", "split", None]}, "penalised_points": {"type": "integer", "minimum": 0}})
 
 _MODEL = _open({
     "path": {"type": "string"},
@@ -153,7 +153,7 @@ REPORT_SCHEMA: dict = {
             "thresholds": _strict({"max_risk": _nullable(_NUMBER),
                                    "min_certified_accuracy": _nullable(_PROB),
                                    "min_robust_accuracy": _nullable(_PROB)}),
-        }, {"exact": {"enum": ["auto", "on", "off"]}}),
+        }, {"exact": {"enum": ["auto", "on", "split", "off"]}}),
         "timings": _strict({name: _nullable(_NONNEG) for name in (*STAGES, "total")}),
         "local_slopes": _nullable(_strict({
             "norm": {"enum": ["inf", "2", "1"]},
