@@ -154,3 +154,22 @@ def test_a_loop_stops_before_a_step_that_would_end_past_its_share(mlp):
     assert runner.until.at == 25.0
     assert runner.out_of_time() is False  # t = 10, no step measured yet
     assert runner.out_of_time() is True and runner.cut  # t = 20: the next step would end at 30
+
+
+def test_a_loop_does_not_start_a_pass_longer_than_its_share(mlp):
+    """The target times its passes: with a gradient pass taking 1 s a row, a step of 10 rows (one
+    padded pass) does not start with 30 s of share left, and a step of no rows does."""
+    from verifier.attacks import _target
+    from verifier.attacks.base import Attack
+    from verifier.device import resolve_device
+
+    _, converted, x, y = mlp
+    target = _target(converted, x[:2], y[:2], 2.0, "inf", "ce", (0.0, 1.0), resolve_device("cpu"), NEVER)
+    assert target.timing["forward"] > 0  # the pass that read the number of classes was timed
+    target.timing["gradient"] = 1.0
+    assert target.step_seconds(10) == target.rows_per_pass  # one padded pass
+    runner = Attack(target, budget=Deadline.after(30.0))
+    runner.begin(1)
+    assert target.rows_per_pass > 30 and runner.out_of_time(rows=10) is True
+    runner.begin(1)
+    assert runner.out_of_time(rows=0) is False

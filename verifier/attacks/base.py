@@ -75,13 +75,14 @@ class Attack:
         self.cut = False
         self._polled = None  # the step estimate carries over: it is the model's, not the part's
 
-    def out_of_time(self, agreed: bool = False) -> bool:
+    def out_of_time(self, agreed: bool = False, rows: int = 0) -> bool:
         """Whether the current part's loops should stop now (then the part is flagged time-limited).
         `agreed`: every rank of a sharded run gives the same answer (one exchange; for loops that
         exchange per step), otherwise each rank decides for its own rows. A loop also stops when the
         next step would end past the share: a step is taken to last as long as the time between the
         last two polls of a part (one pass of a large model can take longer than a share's last
-        seconds; the estimate carries over to the next part)."""
+        seconds; the estimate carries over to the next part), and at least as long as a gradient
+        pass on the next step's `rows` rows takes by the target's timing of its passes."""
         until = self.until
         late = until.expired()
         if not late and not math.isinf(until.at):
@@ -89,7 +90,7 @@ class Attack:
             if self._polled is not None:
                 self._step = now - self._polled
             self._polled = now
-            late = now + self._step > until.at
+            late = now + max(self._step, self.target.step_seconds(rows)) > until.at
         if agreed and self.target.shard is not None:
             late = bool(self.target.gather(torch.tensor([late]))[0].any())
         self.cut = self.cut or late
@@ -158,7 +159,7 @@ class Attack:
         fractions = schedule(steps)
         cut = False
         for step in range(steps):
-            if self.out_of_time():
+            if self.out_of_time(rows=len(rows)):
                 cut = True
                 break
             value, grad, logits = t.gradient(t.atoms(d, rows), objective)

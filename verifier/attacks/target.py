@@ -16,8 +16,10 @@ for the risk, the most misclassified point for the accuracy).
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -77,6 +79,14 @@ class Target:
     deadline: Deadline = NEVER  # checked before every forward or gradient pass of a chunk (every step)
     shard: Shard | None = None  # which samples of the whole sample these are (None: all of them)
     rows_per_pass: int = ROWS_PER_PASS  # rows of every pass (padded); `rows_per_pass()` sizes it
+    timing: dict = field(default_factory=dict, compare=False)  # seconds per padded row: "forward", "gradient"
+
+    def step_seconds(self, rows: int) -> float:
+        """How long one gradient step on `rows` rows should take, from the passes timed so far (a
+        gradient pass taken as three forward passes until one is timed; 0 before any pass)."""
+        per_row = self.timing.get("gradient", 3.0 * self.timing.get("forward", 0.0))
+        step = self.fixed_batch or self.rows_per_pass
+        return math.ceil(rows / step) * step * per_row
 
     @property
     def total(self) -> int:
@@ -137,8 +147,10 @@ class Target:
         with torch.no_grad():
             for part in self._chunks(len(atoms)):
                 self.deadline.check("an attack step")
-                chunk = atoms[part]
-                parts.append(self.module(self._padded(chunk))[: len(chunk)].to(torch.float64))
+                chunk, began = atoms[part], time.perf_counter()
+                padded = self._padded(chunk)
+                parts.append(self.module(padded)[: len(chunk)].to(torch.float64))
+                self.timing["forward"] = (time.perf_counter() - began) / len(padded)
         return torch.cat(parts)
 
     def gradient(self, atoms: torch.Tensor, objective: Objective):
@@ -149,6 +161,7 @@ class Target:
         values, grads, logits = [], [], []
         for part in self._chunks(len(atoms)):
             self.deadline.check("an attack step")
+            began = time.perf_counter()
             chunk = self._padded(atoms[part]).detach().requires_grad_(True)
             with torch.enable_grad():
                 out = self.module(chunk)[: part.stop - part.start]
@@ -157,6 +170,7 @@ class Target:
             values.append(value.detach().to(torch.float64))
             grads.append(grad[: part.stop - part.start].flatten(1).to(torch.float64))
             logits.append(out.detach().to(torch.float64))
+            self.timing["gradient"] = (time.perf_counter() - began) / len(chunk)
         return torch.cat(values), torch.cat(grads), torch.cat(logits)
 
     def loss_of(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

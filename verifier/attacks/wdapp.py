@@ -80,7 +80,7 @@ class WDAPlusPlus(Attack):
         step_size, taken = first_step, 0
         for step in range(self.steps):
             index = active.nonzero().squeeze(-1)
-            if len(index) == 0 or self.out_of_time():
+            if len(index) == 0 or self.out_of_time(rows=len(index) * k):
                 break
             taken += 1
             rows = index.repeat_interleave(k)
