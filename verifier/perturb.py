@@ -127,12 +127,12 @@ def perturb_at(loaded: LoadedModel, data_path: str | os.PathLike[str], name: str
     feeds = _feeds(loaded, graph, arrays, str(data_path), limit)
     labels = _labels(arrays, len(next(iter(feeds.values()))), str(data_path), limit)
     internal = name not in graph.inputs
-    proto, cut_inputs = loaded.proto, ()
+    proto, cut_inputs = _fixed_to_data(loaded.proto, feeds), ()
     if internal:
         needed = _inputs_behind(graph, name)
         cut_inputs = tuple(i for i in graph.inputs if i not in needed)
-        values = _clean_values(loaded.proto, name, feeds)
-        proto = onnx.utils.Extractor(loaded.proto).extract_model([name, *needed], list(graph.outputs))
+        values = _clean_values(proto, name, feeds)
+        proto = onnx.utils.Extractor(proto).extract_model([name, *needed], list(graph.outputs))
         feeds = {name: values, **{i: feeds[i] for i in needed}}
     order = [name] + [i for i in OperatorGraph(proto).inputs if i != name]
     parts = tuple(Part(i, tuple(int(d) for d in feeds[i].shape[1:]), feeds[i].dtype.name) for i in order)
@@ -209,6 +209,31 @@ def _labels(arrays: dict[str, np.ndarray], count: int, source: str, limit: int |
         raise DataError(f"'y' in {source} must be a 1-D integer array with one label per sample "
                         f"(got dtype {y.dtype}, shape {y.shape}, {count} samples)")
     return y.astype(np.int64)
+
+
+def _fixed_to_data(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """`model` with every free axis of its inputs but the batch axis (a symbolic or unknown
+    size, e.g. a sequence length) fixed to the data's, shapes inferred again (the model itself
+    when none is free). Unrolling a recurrent op needs its length (`verifier.convert.rnn`)."""
+    fixed: dict[str, int] = {}
+    specialised = onnx.ModelProto()
+    specialised.CopyFrom(model)
+    for value_info in specialised.graph.input:
+        if value_info.name not in feeds or not value_info.type.tensor_type.HasField("shape"):
+            continue
+        for axis, dim in enumerate(value_info.type.tensor_type.shape.dim[1:], start=1):
+            if not dim.HasField("dim_value") and axis < feeds[value_info.name].ndim:
+                if dim.HasField("dim_param"):
+                    fixed[dim.dim_param] = int(feeds[value_info.name].shape[axis])
+                dim.dim_value = int(feeds[value_info.name].shape[axis])
+    if not fixed and specialised.graph.input == model.graph.input:
+        return model
+    for value_info in specialised.graph.output:
+        for dim in value_info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in fixed:
+                dim.dim_value = fixed[dim.dim_param]
+    del specialised.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(specialised, data_prop=True)
 
 
 def _inputs_behind(graph: OperatorGraph, tensor: str) -> list[str]:

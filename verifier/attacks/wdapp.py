@@ -132,6 +132,8 @@ class WDAPlusPlus(Attack):
             best = self.search(rows, distance[index], REFINE_STEPS)
             wrong = self._margin(best.flip, rows) >= FLIP_MARGIN
             index, rows, flip = index[wrong], rows[wrong], best.flip[wrong]
+            if len(index) == 0:  # no verified flip this round: nothing to pull back
+                return
             ends = self._bisect(torch.zeros_like(flip), flip, rows)
             verified = self._margin(ends, rows) >= FLIP_MARGIN
             measured = self._measured(ends, rows)
