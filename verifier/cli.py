@@ -25,7 +25,7 @@ from pathlib import Path
 from verifier import __version__
 from verifier.cli_options import (OneLineParser, add_block_size, add_budget, add_data, add_device, add_exact, add_json,
                                   add_model, add_output, add_perturb, add_time_limit, attach_negative_values, deadline,
-                                  memory_limit, parse_box, parse_deltas, parse_p)
+                                  memory_limit, parse_box, parse_deltas, parse_normalisation, parse_p)
 from verifier.deadline import Stopped, Terminated
 from verifier.errors import UsageError, VerifierError
 
@@ -219,9 +219,10 @@ def _analysis_inputs(args: argparse.Namespace, deltas: list[float], box: tuple[f
     from verifier.data import budget_scale_warning
     from verifier.perturb import fitted_threat_box
 
+    normalisation = parse_normalisation(args.mean, args.std)
     loaded, converted, samples, perturbation = _labelled_samples(args)
     from verifier.geometry import parse_norm  # torch: only after the input checks
-    box, perturbed, fitted = fitted_threat_box(samples, box, perturbation)
+    box, perturbed, fitted = fitted_threat_box(samples, box, perturbation, normalisation)
     warning = budget_scale_warning(perturbed, deltas, parse_norm(args.norm), fitted)
     if warning and args.job.writer:
         print(f"verifier: warning: {warning}", file=sys.stderr)
@@ -281,6 +282,7 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
     settings = AuditSettings(
         deltas=tuple(parse_deltas(args.delta)), p=parse_p(args.p), norm=args.norm, loss=args.loss,
         attacks=tuple(m.strip() for m in args.attacks.split(",") if m.strip()), box=parse_box(args.box),
+        normalisation=parse_normalisation(args.mean, args.std),
         samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit, output=args.output,
         perturb=args.perturb,
         thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy),

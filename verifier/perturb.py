@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from verifier.box import Box
+from verifier.box import Box, normalised_box
 from verifier.data import Samples, file_box, load_arrays
 from verifier.errors import DataError, NonFloatInputError, RuntimeRunError, UsageError
 from verifier.finite import require_finite_inputs
@@ -362,14 +362,19 @@ def load_for_analysis(model_path: str | os.PathLike[str], data_path: str | os.Pa
 
 
 def fitted_threat_box(samples: Samples, box: tuple[float, float] | None, perturbation: Perturbation | None,
+                      normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
                       ) -> tuple[tuple[float, float] | Box | None, np.ndarray, tuple[float, float] | None]:
     """The box every stage uses (held inputs pinned), the perturbed values alone and the user's box
-    (`--box`, or the data file's `lo`/`hi`) fitted to them (`data.fit_box`; both for the
+    (`--box`, or the data file's `lo`/`hi`, or `--mean`/`--std` with `--box` as the raw range,
+    default [0, 1]: `box.normalised_box`) fitted to them (`data.fit_box`; both for the
     budget-scale check)."""
     from verifier.data import fit_box
 
-    if samples.box is not None and box is not None:
-        raise UsageError(f"{samples.source} gives a per-input box (lo, hi) and --box was given too; keep one")
+    if samples.box is not None and (box is not None or normalisation is not None):
+        given = "--box" if normalisation is None else "--mean/--std"
+        raise UsageError(f"{samples.source} gives a per-input box (lo, hi) and {given} was given too; keep one")
     values = samples.x if perturbation is None else perturbation.free_values(samples.x)
+    if normalisation is not None:
+        box = normalised_box(*normalisation, tuple(values.shape[1:]), box or (0.0, 1.0))
     fitted = fit_box(values, box if samples.box is None else samples.box, samples.source)
     return (fitted if perturbation is None else perturbation.threat_box(fitted)), values, fitted
