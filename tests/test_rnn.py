@@ -158,3 +158,44 @@ def test_refusals_name_the_node_and_the_reason(tmp_path) -> None:
     onnx.save(dynamic, str(path))
     error = unsupported_nodes(load_model(path))
     assert error is not None and "sequence length" in str(error) and "GRU" in str(error)
+
+
+def _torch_style_classifier() -> onnx.ModelProto:
+    """As torch exports an LSTM: a free sequence axis, time first by a Transpose, and the initial
+    state a ConstantOfShape of zeros sized from the batch at run time."""
+    model = _classifier()
+    graph = model.graph
+    graph.input[0].type.tensor_type.shape.dim[1].dim_param = "T"
+    lstm = next(n for n in graph.node if n.op_type == "LSTM")
+    lstm.input.extend(["h0", "c0"])  # after X, W, R, B and an empty sequence_lens
+    graph.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "one"),
+                              numpy_helper.from_array(np.array([HIDDEN], np.int64), "width"),
+                              numpy_helper.from_array(np.array(1, np.int64), "batch_axis"),
+                              numpy_helper.from_array(np.array([0], np.int64), "axis0")])
+    prefix = [helper.make_node("Shape", ["X"], ["shape"]),
+              helper.make_node("Gather", ["shape", "batch_axis"], ["n"], axis=0),
+              helper.make_node("Unsqueeze", ["n", "axis0"], ["n1"]),
+              helper.make_node("Concat", ["one", "n1", "width"], ["state_shape"], axis=0),
+              helper.make_node("ConstantOfShape", ["state_shape"], ["h0"]),
+              helper.make_node("Identity", ["h0"], ["c0"])]
+    nodes = [graph.node[0], *prefix, *graph.node[1:]]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_free_sequence_axis_is_fixed_from_the_data_by_perturb(tmp_path) -> None:
+    from verifier.perturb import load_for_analysis
+
+    path, data = tmp_path / "torch_style.onnx", tmp_path / "d.npz"
+    onnx.save(_torch_style_classifier(), str(path))
+    x = np.random.default_rng(8).normal(size=(5, STEPS, FEATURES)).astype(np.float32)
+    np.savez(data, x=x)
+    error = unsupported_nodes(load_model(path))
+    assert error is not None and "sequence length" in str(error) and "--perturb" in str(error)
+    loaded, samples, _ = load_for_analysis(path, data, "x")
+    converted = convert_model(loaded)
+    assert validate_against_onnxruntime(loaded, converted, samples.x).passed
+    kinds = {n.op_type for n in converted.normalized.graph.node}
+    assert "LSTM" not in kinds and "ConstantOfShape" not in kinds  # the zero state adds no term
