@@ -114,7 +114,7 @@ def _unroll(w: NodeWriter, node: onnx.NodeProto, shapes: dict[str, tuple], produ
     weight, recurrent = _constant(w, inputs[1], "W"), _constant(w, inputs[2], "R")
     hidden = int(attributes.get("hidden_size", recurrent.shape[-1]))
     gates = _GATES[op]
-    bias = _constant(w, inputs[3], "B") if inputs[3] else np.zeros((directions, 2 * gates * hidden), np.float32)
+    bias = _constant(w, inputs[3], "B") if inputs[3] else np.zeros((directions, 2 * gates * hidden), weight.dtype)
     peepholes = _constant(w, inputs[7], "P") if op == "LSTM" and inputs[7] else None
     _check_lengths(w, inputs[4], steps)
     sequence = inputs[0] if layout else w.add("Transpose", [inputs[0]], perm=[1, 0, 2])  # (N, T, input)
@@ -167,7 +167,7 @@ def _activations(op: str, given, directions: int) -> list[tuple[str, ...]]:
 def _constant(w: NodeWriter, name: str, role: str) -> np.ndarray:
     if name not in w.constants:
         raise _Refused(f"its {role} input {name!r} is not a constant")
-    return np.asarray(w.constants[name], dtype=np.float32)
+    return np.asarray(w.constants[name])
 
 
 def _check_lengths(w: NodeWriter, name: str, steps: int) -> None:
@@ -213,7 +213,7 @@ def _project(w: NodeWriter, sequence: str, weights: _Weights, gate: int, op: str
     inner = op == "GRU" and gate == 2 and int(attributes.get("linear_before_reset", 0))
     bias = weights.input_bias[gate] + (0.0 if inner else weights.recurrent_bias[gate])
     product = w.add("MatMul", [sequence, w.constant(f"W{gate}_", weights.inputs[gate])])
-    return w.add("Add", [product, w.constant(f"b{gate}_", np.asarray(bias, np.float32))])
+    return w.add("Add", [product, w.constant(f"b{gate}_", np.asarray(bias, weights.inputs[gate].dtype))])
 
 
 def _row(w: NodeWriter, tensor: str, index: int, axis: int = 0) -> str:
@@ -233,8 +233,9 @@ class _Recurrence:
         self.peepholes = None if weights.peepholes is None else [w.constant(f"P{k}_", p)
                                                                  for k, p in enumerate(weights.peepholes)]
         if op == "GRU":
-            self.candidate_bias = w.constant("Rb2_", np.asarray(weights.recurrent_bias[2], np.float32))
-            self.one = w.constant("one", np.ones((), np.float32))
+            dtype = weights.recurrent[2].dtype
+            self.candidate_bias = w.constant("Rb2_", np.asarray(weights.recurrent_bias[2], dtype))
+            self.one = w.constant("one", np.ones((), dtype))
 
     def _recurrent(self, state: str | None, gate: int, projection: str) -> str:
         if state is None:
