@@ -312,6 +312,20 @@ def _monotone_call(c: _NodeContext) -> Rule | None:
     return ops.monotone(c.builder._module_call(c.fx_node, c.variables)) if c.single else None
 
 
+def _reciprocal(c: _NodeContext) -> Rule | None:
+    """1/u decreases on each side of 0: [1/hi, 1/lo] on an interval without 0, else unbounded."""
+    if not c.single:
+        return None
+
+    def rule(bounds):
+        low, high = bounds[0]
+        apart = (low > 0) | (high < 0)
+        unbounded = torch.full_like(low, float("inf"))
+        return torch.where(apart, 1.0 / high, -unbounded), torch.where(apart, 1.0 / low, unbounded)
+
+    return ops.Interval(rule, torch.reciprocal)
+
+
 def _structural(c: _NodeContext) -> Rule | None:
     return ops.structural(c.builder._module_call(c.fx_node, c.variables))
 
@@ -323,7 +337,7 @@ RULES: dict[str, Callable[[_NodeContext], Rule | None]] = {
     "Add": _add_sub, "Sub": _add_sub, "Mul": _mul, "Div": _div, "Neg": _neg,
     "LayerNormalization": _layer_norm, "Cast": _cast,
     **{op: _monotone for op in ops.MONOTONE_UNARY},
-    **{op: _monotone_call for op in ("Max", "Min", "ReduceMax", "ReduceMin")},
+    **{op: _monotone_call for op in ("Max", "Min", "ReduceMax", "ReduceMin")}, "Reciprocal": _reciprocal,
     **{op: _structural for op in ops.STRUCTURAL_OPS},
 }
 
