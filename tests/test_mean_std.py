@@ -83,3 +83,15 @@ def test_cli_mean_std_is_the_file_box(channel_model, capsys):
     assert "go together" in capsys.readouterr().err
     assert cli.main([*common, "--data", str(folder / "boxed.npz"), *normalised]) == 2
     assert "keep one" in capsys.readouterr().err
+
+
+def test_audit_takes_the_conversion_tolerances(channel_model, capsys, tmp_path):
+    """`audit --atol/--rtol` reach the conversion check (recorded under `conversion`); < 0 exits 2."""
+    path, folder = channel_model
+    common = ["audit", str(path), "--data", str(folder / "plain.npz"), "--samples", "4", "--delta", "0.1",
+              "--attacks", "pgd", "--quiet", "--out", str(tmp_path / "report")]
+    assert cli.main([*common, "--atol", "-1"]) == 2
+    assert "--atol and --rtol must be >= 0" in capsys.readouterr().err
+    assert cli.main([*common, "--atol", "0.001", "--rtol", "0", "--json"]) == 0
+    conversion = json.loads(capsys.readouterr().out)["conversion"]
+    assert (conversion["atol"], conversion["rtol"]) == (0.001, 0.0) and conversion["passed"]

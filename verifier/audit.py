@@ -80,6 +80,8 @@ class AuditSettings:
     exact: str = "auto"  # the MILP route (certify.milp_route): auto | on | off
     perturb: str | None = None  # the perturbed input or internal tensor (None: the only input; verifier.perturb)
     normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # --mean/--std (box.normalised_box)
+    atol: float = 1e-5  # the conversion check's tolerances (--atol/--rtol, as validate's)
+    rtol: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
         try:
             converted = clock.run("validate", lambda: convert_model(loaded, settings.output))
             conversion = clock.run("validate", lambda: validate_against_onnxruntime(
-                loaded, converted, x, 1e-5, 1e-5, settings.device, y))
+                loaded, converted, x, settings.atol, settings.rtol, settings.device, y))
         except Terminated as err:  # a signal; the time limit is only checked between these two steps
             stopped_at = "validate"
             warnings.append(f"audit {err}")

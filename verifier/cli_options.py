@@ -134,6 +134,21 @@ def add_budget(parser: argparse.ArgumentParser, default_delta: str, default_norm
     parser.add_argument("--std", default=None, metavar="S1,S2,...", help="per-channel std (with --mean)")
 
 
+def add_tolerances(parser: argparse.ArgumentParser) -> None:
+    """`--atol`/`--rtol` of the conversion check (torch vs onnxruntime, elementwise)."""
+    parser.add_argument("--atol", type=float, default=1e-5,
+                        help="absolute tolerance of the torch-vs-onnxruntime check (default 1e-5)")
+    parser.add_argument("--rtol", type=float, default=1e-5,
+                        help="relative tolerance of the torch-vs-onnxruntime check (default 1e-5)")
+
+
+def tolerances(args: argparse.Namespace) -> tuple[float, float]:
+    """(`--atol`, `--rtol`), both checked >= 0."""
+    if not (args.atol >= 0 and args.rtol >= 0):
+        raise UsageError("--atol and --rtol must be >= 0")
+    return args.atol, args.rtol
+
+
 def add_exact(parser: argparse.ArgumentParser) -> None:
     """`--exact auto|on|off`: the MILP route for small ReLU nets (method §8)."""
     parser.add_argument("--exact", choices=("auto", "on", "off"), default="auto",
