@@ -70,7 +70,7 @@ def channel_model(tmp_path):
 
 def test_cli_mean_std_is_the_file_box(channel_model, capsys):
     path, folder = channel_model
-    common = ["certify", str(path), "--delta", "0.1,0.5", "--json"]
+    common = ["certify", str(path), "--delta", "0.5", "--grid-points", "4", "--exact", "off", "--json"]
     normalised = ["--mean", ",".join(map(str, MEAN)), "--std", ",".join(map(str, STD))]
     assert cli.main([*common, "--data", str(folder / "plain.npz"), *normalised]) == 0
     with_options = json.loads(capsys.readouterr().out)
