@@ -70,3 +70,31 @@ def test_bounds_through_max_reduce_max_and_reciprocal_are_sound(tmp_path, writte
         noise = rng.uniform(-radius, radius, size=(4000, 4)).astype(np.float32)
         logits = converted.logits(torch.as_tensor(x[i] + noise)).detach().numpy().astype(np.float64)
         assert np.all((logits - logits[:, [y[i]]]).max(0) <= upper[i] + 1e-5)
+
+
+def test_bounds_through_a_scalar_per_sample(tmp_path) -> None:
+    """A reduction over all of a sample's axes (jax2tf's LayerNorm sums, shape (N,)) in the linear
+    bounds: the back-substitution has no unit axis there (was an IndexError); sound by sampling."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=0),
+             helper.make_node("Mul", ["total", "total"], ["square"]),  # a product: its input is tightened
+             helper.make_node("Unsqueeze", ["square", "axes"], ["column"]),
+             helper.make_node("Mul", ["x", "column"], ["scaled"]),
+             helper.make_node("Gemm", ["scaled", "w", "b"], ["logits"])]
+    initializers = [numpy_helper.from_array(np.array([1], np.int64), "axes"),
+                    numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w"),
+                    numpy_helper.from_array(np.zeros(3, np.float32), "b")]
+    graph = helper.make_graph(nodes, "scalar", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], initializers)
+    path = tmp_path / "scalar.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    converted = convert_model(load_model(path))
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    y = converted.logits(torch.as_tensor(x)).detach().numpy().argmax(1)
+    radius = 0.05
+    upper = margin_bounds(converted, x, y, radius=radius, norm="inf", box=None).upper.numpy()
+    assert np.isfinite(upper).all()
+    for i in range(len(x)):
+        noise = rng.uniform(-radius, radius, size=(3000, 4)).astype(np.float32)
+        logits = converted.logits(torch.as_tensor(x[i] + noise)).detach().numpy().astype(np.float64)
+        assert np.all((logits - logits[:, [y[i]]]).max(0) <= upper[i] + 1e-5)
