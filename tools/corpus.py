@@ -59,6 +59,7 @@ class Entry:
     extra_members: list[dict] = field(default_factory=list)
     perturb: str = ""  # `--perturb NAME` for every analysis (e.g. an integer input's first float tensor)
     perturb_box: list[float] | None = None  # the box in that tensor's space (default: `box`)
+    audit_args: list[str] = field(default_factory=list)  # more options for the audit (e.g. --atol 1e-4)
 
     @property
     def model_path(self) -> Path:
@@ -263,7 +264,8 @@ def run_entry(entry: Entry, stages: list[str], samples: int, time_limit: float, 
         elif stage == "audit":
             out = Path("/tmp/corpus-audit") / entry.name
             shutil.rmtree(out, ignore_errors=True)
-            done = measure(["audit", *common, "--out", str(out), "--quiet", *limit], logs / "audit.txt")
+            done = measure(["audit", *common, *entry.audit_args, "--out", str(out), "--quiet", *limit],
+                           logs / "audit.txt")
             row["audit"] = done.to_dict() | audit_summary(out / "report.json")
         elif stage == "certify":
             done = measure(["certify", *common, "--json", *aux], logs / "certify.txt")
