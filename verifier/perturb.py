@@ -242,10 +242,15 @@ _SHAPE_READERS = frozenset({"Shape", "Size"})
 def _batch_fixed_for_folding(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with the batch axis of its (one) input fixed to 1 when it reads shapes at run time
     (`Shape`, `Size`: jax2tf and torch exports build Reshape/Expand shapes and zero states from the
-    batch size). Every shape computation then folds to a constant during normalisation, and the
-    fixed batch is made dynamic again there when onnxruntime confirms the graph is batch-generic
-    (`verifier.convert.batch`); the bounds have no rule for computing with shapes."""
-    if not any(n.op_type in _SHAPE_READERS and n.domain in ("", "ai.onnx") for n in model.graph.node):
+    batch size) that `onnxscript.optimizer` cannot fold with a free batch. Every shape computation
+    then folds to a constant during normalisation, and the fixed batch is made dynamic again
+    there when onnxruntime confirms the graph is batch-generic (`verifier.convert.batch`); the
+    bounds have no rule for computing with shapes."""
+    import onnxscript
+
+    trial = onnx.ModelProto()
+    trial.CopyFrom(model)
+    if not _reads_shapes(model) or not _reads_shapes(onnxscript.optimizer.optimize(trial)):
         return model
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
@@ -259,6 +264,10 @@ def _batch_fixed_for_folding(model: onnx.ModelProto) -> onnx.ModelProto:
             out[0].dim_value = 1
     del fixed.graph.value_info[:]
     return fixed
+
+
+def _reads_shapes(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in _SHAPE_READERS and n.domain in ("", "ai.onnx") for n in model.graph.node)
 
 
 def _inputs_behind(graph: OperatorGraph, tensor: str) -> list[str]:
