@@ -314,16 +314,18 @@ def test_fixed_batch_export_gets_bounds_after_the_rewrite(tmp_path):
 
 
 @pytest.mark.parametrize("norm", ["inf", "2"])
-def test_tightening_only_unsettled_units_changes_no_bound(monkeypatch, tmp_path, norm):
+@pytest.mark.parametrize("net", ["cnn", "mlp"])
+def test_tightening_only_unsettled_units_changes_no_bound(monkeypatch, tmp_path, norm, net):
     """Skipping the back-substitution of stable units (and of a first affine layer on a box) must
-    give the same margin and slope bounds as tightening every unit of every layer."""
+    give the same margin and slope bounds as tightening every unit of every layer (on the CNN a
+    ReLU feeds a MaxPool, whose relaxation reads the ReLU's output interval: nothing is skipped there)."""
     from verifier.bounds import propagate as propagation
 
-    path = tmp_path / "cnn.onnx"
-    path.write_bytes(_random_cnn(7).SerializeToString())
+    path = tmp_path / "net.onnx"
+    path.write_bytes((_random_cnn(7) if net == "cnn" else _random_net("relu", 7)).SerializeToString())
     network = BoundNetwork.from_model(convert_model(load_model(path)))
     rng = np.random.default_rng(7)
-    x = torch.from_numpy(rng.uniform(0, 1, size=(5, 1, 6, 6)))
+    x = torch.from_numpy(rng.uniform(0, 1, size=(5, 1, 6, 6) if net == "cnn" else (5, 6)))
     y = torch.from_numpy(rng.integers(0, 4, size=5))
     radius = torch.tensor([0.0, 0.01, 0.05, 0.2, 2.0], dtype=torch.float64)
     selected = margin_bounds(network, x, y, radius, norm, box=(0.0, 1.0), device="cpu").upper
@@ -334,7 +336,8 @@ def test_tightening_only_unsettled_units_changes_no_bound(monkeypatch, tmp_path,
                         lambda *args: skipped.append(original(*args)) or None)
     every = margin_bounds(network, x, y, radius, norm, box=(0.0, 1.0), device="cpu").upper
     every_slopes = slope_bounds(network, x, y, radius, norm, box=(0.0, 1.0), device="cpu").per_class
-    assert any(mask is not None and not bool(mask.all()) for mask in skipped)  # something was skipped
+    if net == "mlp":
+        assert any(mask is not None and not bool(mask.all()) for mask in skipped)  # something was skipped
     assert torch.allclose(selected, every, rtol=1e-10, atol=1e-10)
     assert torch.allclose(selected_slopes, every_slopes, rtol=1e-10, atol=1e-10)
 

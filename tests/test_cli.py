@@ -254,6 +254,16 @@ def test_certify_json_on_shipped_models(capsys, tmp_path, name):
     assert saved["atoms_1"].shape[1:] == np.load(shipped_data(name))["x"].shape[1:]
 
 
+def test_certify_optimise_slopes_is_sound_and_no_looser(capsys):
+    common = ["certify", shipped_model("mlp_relu"), "--data", shipped_data("mlp_relu"), "--samples", "8", "--p", "inf",
+              "--norm", "inf", "--delta", "8/255", "--loss", "margin", "--box", "0,1", "--grid-points", "6",
+              "--exact", "off", "--json"]
+    plain, optimised = (json.loads(run_cli(capsys, *common, *extra)[1])["results"][0]
+                        for extra in ([], ["--optimise-slopes"]))
+    assert optimised["realised_risk"] <= optimised["certificate"] + 1e-12
+    assert optimised["certificate"] < plain["certificate"] - 1e-4
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--delta", "-0.1"], "finite and >= 0"),
     (["--delta", "8/0"], "not a number or a fraction"),

@@ -282,3 +282,25 @@ def test_certify_and_attack_time_limit_exit_3_with_one_line(command, capsys):
     assert "time limit must be > 0" in capsys.readouterr().err
     assert cli.main([*base, "--time-limit", "3600", "--json"]) == 0
     assert "results" in json.loads(capsys.readouterr().out)
+
+
+def test_certify_without_time_for_the_logits_jacobians_keeps_its_certificate(mlp, monkeypatch):
+    """The logits Jacobian (C backward passes per sample) is a refinement: cut, the certificate (from
+    the growth curves) is unchanged, the realising distribution has no linearised moves, and says so."""
+    import verifier.certify.tables as tables
+
+    loaded = load_model(shipped_model("mlp_gelu"))  # smooth: no cell analysis provides the Jacobian
+    converted = convert_model(loaded)
+    data = np.load(shipped_data("mlp_gelu"))
+    x, y = data["x"][:12], data["y"][:12]
+    full = certify(converted, x, y, [2 / 255], box=(0.0, 1.0), grid_points=8)
+
+    def out_of_time(*args, **kwargs):
+        raise Stopped("stopped by the time limit during the logits Jacobians")
+
+    monkeypatch.setattr(tables, "logits_jacobian", out_of_time)
+    cut = certify(converted, x, y, [2 / 255], box=(0.0, 1.0), grid_points=8)
+    assert cut.results[0].certificate == full.results[0].certificate
+    assert cut.results[0].realised_risk <= cut.results[0].certificate
+    assert cut.results[0].realised_risk == pytest.approx(cut.results[0].clean_risk)  # nothing moved
+    assert any("logits Jacobians skipped" in line for line in cut.results[0].fallbacks)

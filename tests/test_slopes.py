@@ -57,8 +57,16 @@ def test_inside_the_cell_the_slope_is_exact(norm):
     assert torch.allclose(bounds.per_class, exact, atol=1e-10)
 
 
-def test_layer_norm_makes_the_route_inapplicable():
+def test_transformer_slopes_pass_through_the_decomposed_attention_and_layer_norms():
+    """Finite and sound through products, Softmax and LayerNorm pieces; near a point, nearly exact."""
     converted, x, y = _setup("transformer", 4)
-    bounds = slope_bounds(converted, x, y, 0.01, "inf", box=(0.0, 1.0), device="cpu")
-    assert torch.all(torch.isinf(bounds.loss_slope))
-    assert len(bounds.unsupported) == 1  # the first LayerNormalization met going backwards
+    module = converted.logits_module.double()
+    bounds = slope_bounds(converted, x, y, 1e-3, "inf", box=(0.0, 1.0), device="cpu")
+    assert bounds.unsupported == () and torch.all(torch.isfinite(bounds.loss_slope))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        point = (x + 1e-3 * (2 * torch.rand(x.shape, generator=generator, dtype=torch.float64) - 1)).clamp(0, 1)
+        assert torch.all(dual_norm(_margin_gradients(module, point, y), "inf") <= bounds.per_class + 1e-9)
+    at_centre = dual_norm(_margin_gradients(module, x, y), "inf")
+    tight = slope_bounds(converted, x, y, 1e-9, "inf", box=(0.0, 1.0), device="cpu").per_class
+    assert torch.all(at_centre <= tight + 1e-9) and torch.all(tight <= 1.01 * at_centre + 1e-9)

@@ -25,6 +25,7 @@ import numpy as np
 
 from verifier import __version__
 from verifier.attacks import METHODS, attack, resolve_methods
+from verifier.attacks.base import TIME_LIMITED
 from verifier.certify.certificate import Certificate, certify
 from verifier.certify.milp_route import EXACT_MODES
 from verifier.convert import convert_model
@@ -45,7 +46,7 @@ from verifier.validate import validate_against_onnxruntime
 DEFAULT_DELTAS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 DEFAULT_ATTACKS = ("wdapp", "wda", "pgd", "wpgd")
 # Under a time limit certify's refinements stop at this share of the time left, so that the
-# attacks after it get the rest (certify is anytime, the attacks are not).
+# attacks after it get the rest (both are anytime: the attacks share out what is left).
 CERTIFY_REFINE_SHARE = 0.4
 
 
@@ -278,27 +279,35 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                     converted, shard.local(x), shard.local(y), list(settings.deltas), p=settings.p,
                     norm=settings.norm, loss=settings.loss, box=box, grid_points=settings.grid_points,
                     progress=progress, deadline=clock.deadline(), memory_limit_bytes=settings.memory_limit,
-                    refine_share=CERTIFY_REFINE_SHARE, exact=settings.exact, shard=shard))
+                    refine_share=CERTIFY_REFINE_SHARE, exact=settings.exact, shard=shard, device=settings.device))
             except Stopped as err:
                 job.share(err)
                 stopped_at = "certify"
                 warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
-            for method in settings.attacks if certificate is not None else ():
+            methods = settings.attacks if certificate is not None else ()
+            for index, method in enumerate(methods):
                 if job.agree(clock.expired()):
                     stopped_at = "attacks"
                     break
                 announce(f"attack {method}")
+                # anytime: each attack gets an equal share of the time left, and stops early with its best
+                share = clock.deadline().sooner(1.0 / (len(methods) - index))
                 try:
-                    report = clock.run("attacks", lambda m=method: attack(
+                    report = clock.run("attacks", lambda m=method, b=share: attack(
                         converted, loaded, shard.local(x), shard.local(y), [m], list(settings.deltas), p=settings.p,
                         norm=settings.norm, loss=settings.loss, box=box, steps=settings.steps, seed=settings.seed,
-                        device=settings.device, progress=progress, deadline=clock.deadline(), shard=shard))
+                        device=settings.device, progress=progress, deadline=clock.deadline(), shard=shard,
+                        budget=b, memory_limit_bytes=settings.memory_limit))
                 except Stopped as err:
                     job.share(err)
                     stopped_at = "attacks"
                     warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
                     break
                 attacks_done[method] = [_attack_entry(r) for r in report.results]
+                late = [f"{r.delta:g}" for r in report.results if TIME_LIMITED in r.flags]
+                if late:
+                    warnings.append(f"attack {method} stopped early by the time limit at delta {', '.join(late)}: "
+                                    "its numbers there are weaker lower bounds")
     announce("report")
     began = time.monotonic()
     raw = {

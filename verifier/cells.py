@@ -11,7 +11,7 @@ flip distance are small LPs solved exactly by `verifier.geometry`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -46,6 +46,13 @@ class CellAnalysis:
     patterns: dict[int, torch.Tensor]  # site index -> pattern (sign of units / argmax of windows)
     lower: torch.Tensor  # box - x_i, lower end of the displacement: (N, d)
     upper: torch.Tensor  # box - x_i, upper end: (N, d)
+
+    def to(self, device: torch.device | str) -> CellAnalysis:
+        """The same analysis with every tensor on `device` (certify keeps its tables on the CPU)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in moved.items()}
+        moved["patterns"] = {site: pattern.to(device) for site, pattern in self.patterns.items()}
+        return replace(self, **moved)
 
     @property
     def margins(self) -> torch.Tensor:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from verifier import __version__
 from verifier.cli_options import (OneLineParser, add_block_size, add_budget, add_data, add_device, add_exact, add_json,
-                                  add_model, add_output, add_perturb, add_time_limit, add_tolerances,
-                                  attach_negative_values, deadline, memory_limit, parse_box, parse_deltas,
-                                  parse_normalisation, parse_p, tolerances)
+                                  add_model, add_optimise_slopes, add_output, add_perturb, add_time_limit,
+                                  add_tolerances, attach_negative_values, deadline, memory_limit, parse_box,
+                                  parse_deltas, parse_normalisation, parse_p, tolerances)
 from verifier.deadline import Stopped, Terminated
 from verifier.errors import UsageError, VerifierError
 
@@ -64,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_budget(certify, default_delta="8/255", default_norm="inf")  # the same defaults as attack
     certify.add_argument("--grid-points", type=int, default=24, help="radius grid size (default 24)")
     add_exact(certify)
+    add_optimise_slopes(certify)
     certify.add_argument("--save-distributions", metavar="OUT.npz",
                          help="save each delta's realising distribution (atoms, weights, source)")
     add_time_limit(certify, "refinements stop at 80%% of it, listed in fallbacks; exit 3 and no result only if the coarse certificate does not fit")
     add_block_size(certify)
-    add_json(certify)  # certificates are computed in float64 on the CPU (no --device)
+    add_device(certify)  # bounds, cells and Jacobians there; the tables and aggregation on the CPU
+    add_json(certify)
     certify.set_defaults(run=_run_certify)
 
     attack = commands.add_parser("attack", help="Wasserstein distributional attacks (lower bounds)")
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--topk", type=int, default=9, help="WDA: wrong classes probed (default 9)")
     attack.add_argument("--save-adversarial", metavar="OUT.npz",
                         help="save every (method, delta) distribution: atoms, weights, source")
-    add_time_limit(attack, "exit 3 and no result")
+    add_time_limit(attack, "each method gets an equal share and returns its best points so far, flagged time-limited; exit 3 and no result only if a replay does not fit")
     add_block_size(attack)
     add_device(attack)
     add_json(attack)
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fail if an attack drives the accuracy below A (and no certificate proves it)")
     add_exact(audit)
     add_tolerances(audit)
-    add_time_limit(audit, "a partial report, exit 3")
+    add_time_limit(audit, "certify and each attack get shares and return their best so far; a partial report, exit 3, only if a stage does not fit")
     add_block_size(audit)
     audit.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_device(audit)
@@ -243,7 +245,8 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
     shard = args.job.shard(len(samples.x))
     result = certify(converted, shard.local(samples.x), shard.local(samples.y), deltas, p=p, norm=args.norm,
                      loss=args.loss, box=box, grid_points=args.grid_points, progress=_progress_wanted(args),
-                     deadline=stop_at, memory_limit_bytes=memory_limit(args), exact=args.exact, shard=shard)
+                     deadline=stop_at, memory_limit_bytes=memory_limit(args), exact=args.exact, shard=shard,
+                     device=args.device, optimise_slopes=args.optimise_slopes)
     if args.save_distributions and args.job.writer:
         save_distributions(result, args.save_distributions)
     payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted),
@@ -264,7 +267,8 @@ def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
     shard = args.job.shard(len(samples.x))
     report = attack(converted, loaded, shard.local(samples.x), shard.local(samples.y), methods, deltas, p=p,
                     norm=args.norm, loss=args.loss, box=box, steps=args.steps, kappa=args.kappa, topk=args.topk,
-                    seed=args.seed, device=args.device, progress=_progress_wanted(args), deadline=stop_at, shard=shard)
+                    seed=args.seed, device=args.device, progress=_progress_wanted(args), deadline=stop_at, shard=shard,
+                    memory_limit_bytes=memory_limit(args))
     if args.save_adversarial and args.job.writer:
         save_adversarial(report, args.save_adversarial)
     payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted),

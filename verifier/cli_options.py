@@ -156,6 +156,13 @@ def add_exact(parser: argparse.ArgumentParser) -> None:
                              "nets, norm inf or 1 (auto: only when cheap; default auto)")
 
 
+def add_optimise_slopes(parser: argparse.ArgumentParser) -> None:
+    """`--optimise-slopes`: alpha-CROWN style search of the relaxations' free slopes (method §7)."""
+    parser.add_argument("--optimise-slopes", action="store_true",
+                        help="tighter margin bounds: search the free slopes of the ReLU and MaxPool relaxations "
+                             "by projected gradient (alpha-CROWN style; several times slower; default off)")
+
+
 def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="torch device (default auto: CUDA when available)")

@@ -20,8 +20,8 @@ final `Softmax`, `LogSoftmax`, `Log(Softmax)` or `Sigmoid` (also `Concat(1 - s, 
   as two rows `[-s, s]`, whose log-sigmoids have softmax `[1 - sigmoid(s), sigmoid(s)]`
   exactly); `[0, s]` for one coefficient row with two labels.
 
-`attach_logits` appends the few ONNX nodes that compute those logits, so that the converted
-module and the onnxruntime oracle compute the same tensor.
+`verifier.head_logits.attach_logits` appends the few ONNX nodes that compute those logits, so
+that the converted module and the onnxruntime oracle compute the same tensor.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from verifier.errors import UsageError
 from verifier.graph import OperatorGraph
@@ -40,11 +39,10 @@ PROBABILITY_FLOOR = 1e-12
 LOGITS_NAME = "verifier_logits"
 HEAD_KINDS = ("logits", "binary", "probabilities", "scores")
 
-_STANDARD = ("", "ai.onnx")
-_ML = "ai.onnx.ml"
+STANDARD_DOMAINS = ("", "ai.onnx")
+ML_DOMAIN = "ai.onnx.ml"
 # Ops that only carry the head's values to the output (their first input is the data).
 _PASS_THROUGH = frozenset({"Identity", "Reshape", "Cast", "Flatten", "Squeeze", "Unsqueeze", "Dropout", "CastLike"})
-_CLIP_BOUNDS_AS_INPUTS = 11  # Clip-11 takes min/max as inputs (attributes before)
 _PASS_THROUGH_NOTE = "a pass-through of the input"
 _NOT_FLOAT_NOTE = "not a float tensor (labels?)"
 _FLOAT_TYPES = frozenset(
@@ -177,9 +175,9 @@ def _read(graph: OperatorGraph, candidate: OutputCandidate, chosen_by: str) -> H
         return Head(candidate.name, logit, "binary", tuple(cut),
                     _reason(candidate, "binary", "the input of the Sigmoid behind Concat(1 - s, s)", cut), chosen_by)
     elif (classifier := _linear_classifier_behind(graph, tensor, cut)) is not None:
-        post = _text(classifier, "post_transform", "NONE")
+        post = attribute_text(classifier, "post_transform", "NONE")
         source = f"the raw scores of the LinearClassifier (post_transform {post} not applied)"
-        what = "one score s of a binary model, read as logits [0, s]" if _is_binary_classifier(classifier) else None
+        what = "one score s of a binary model, read as logits [0, s]" if is_binary_classifier(classifier) else None
         return Head(candidate.name, classifier.output[1], "scores", tuple(cut),
                     _reason(candidate, "scores", source, cut, what), chosen_by)
     elif node is not None and (written := _written_softmax(graph, node)) is not None:
@@ -202,92 +200,7 @@ def _reason(candidate: OutputCandidate, kind: str, source: str, cut: list[str], 
     return f"output {candidate.name!r}: {source} as {what}{through}"
 
 
-def attach_logits(model: onnx.ModelProto, head: Head) -> onnx.ModelProto:
-    """A copy of `model` that also outputs `head.logits` (nodes appended for binary and
-    probability heads; the model itself is returned when the head already is logits)."""
-    if head.kind == "logits":
-        return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph = copy.graph
-    elem = _elem_type(copy, head.tensor)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
-    make = onnx.helper.make_node
-
-    def name(suffix: str) -> str:
-        return f"{LOGITS_NAME}_{suffix}"
-
-    if head.kind == "scores":
-        raw, binary = _raw_scores(graph, head.tensor, name)
-        if binary:  # a binary model's raw scores are [1 - s, s] or [-s, s]: s is column 1
-            graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), name("positive")))
-            graph.node.append(make("Gather", [raw, name("positive")], [name("positive_score")], axis=1,
-                                   name=name("positive_score")))
-            _binary_logits(graph, name("positive_score"), dtype, name)
-            width = 2
-        elif _classifier_post(graph, head.tensor) == "LOGISTIC":  # log sigmoid(s) = -softplus(-s)
-            graph.node.extend([make("Neg", [raw], [name("negated")], name=name("negated")),
-                               make("Softplus", [name("negated")], [name("softplus")], name=name("softplus")),
-                               make("Neg", [name("softplus")], [LOGITS_NAME], name=LOGITS_NAME)])
-            width = _width(OperatorGraph(model).shape(head.tensor))
-        else:
-            graph.node.append(make("Identity", [raw], [LOGITS_NAME], name=LOGITS_NAME))
-            width = _width(OperatorGraph(model).shape(head.tensor))
-    elif head.kind == "binary":
-        _binary_logits(graph, head.tensor, dtype, name)
-        width = 2
-    else:
-        opset = next((o.version for o in copy.opset_import if o.domain in _STANDARD), 0)
-        lowest = max(PROBABILITY_FLOOR, float(np.finfo(dtype).tiny))  # float16 cannot hold 1e-12
-        if opset >= _CLIP_BOUNDS_AS_INPUTS:  # Clip, not Max: a clip is an activation site with bound rules
-            graph.initializer.append(numpy_helper.from_array(np.array(lowest, dtype=dtype), name("floor")))
-            floor = make("Clip", [head.tensor, name("floor")], [name("floored")], name=name("floored"))
-        else:
-            floor = make("Clip", [head.tensor], [name("floored")], min=lowest, name=name("floored"))
-        graph.node.extend([floor, make("Log", [name("floored")], [LOGITS_NAME], name=LOGITS_NAME)])
-        width = _width(OperatorGraph(model).shape(head.tensor))
-    graph.output.append(onnx.helper.make_tensor_value_info(LOGITS_NAME, elem, [None, width]))
-    return copy
-
-
-def _width(shape: tuple | None) -> int | None:
-    return shape[-1] if shape and isinstance(shape[-1], int) else None
-
-
-def _binary_logits(graph: onnx.GraphProto, logit: str, dtype: np.dtype, name) -> None:
-    """Append `[0, z]` of one logit z as LOGITS_NAME."""
-    make = onnx.helper.make_node
-    graph.initializer.extend([numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), name("shape")),
-                              numpy_helper.from_array(np.zeros((), dtype=dtype), name("zero"))])
-    graph.node.extend([
-        make("Reshape", [logit, name("shape")], [name("column")], name=name("column")),
-        make("Mul", [name("column"), name("zero")], [name("zeros")], name=name("zeros")),
-        make("Concat", [name("zeros"), name("column")], [LOGITS_NAME], axis=1, name=LOGITS_NAME),
-    ])
-
-
-def _classifier_post(graph: onnx.GraphProto, scores: str) -> str:
-    classifier = next(n for n in graph.node if n.domain == _ML and len(n.output) > 1 and n.output[1] == scores)
-    return _text(classifier, "post_transform", "NONE")
-
-
-def _raw_scores(graph: onnx.GraphProto, scores: str, name) -> tuple[str, bool]:
-    """Append a copy of the LinearClassifier that makes `scores`, with post_transform NONE;
-    returns its scores tensor and whether the model is binary (one coefficient row)."""
-    classifier = next(n for n in graph.node if n.domain == _ML and len(n.output) > 1 and n.output[1] == scores)
-    clone = onnx.NodeProto()
-    clone.CopyFrom(classifier)
-    clone.name = name("raw_scores")
-    del clone.output[:]
-    clone.output.extend([name("label"), name("raw_scores")])
-    for attribute in clone.attribute:
-        if attribute.name == "post_transform":
-            attribute.s = b"NONE"
-    graph.node.append(clone)
-    return name("raw_scores"), _is_binary_classifier(classifier)
-
-
-def _is_binary_classifier(node: onnx.NodeProto) -> bool:
+def is_binary_classifier(node: onnx.NodeProto) -> bool:
     """Two class labels and one score s: one coefficient row (onnxruntime's scores `[1 - s, s]`),
     or, with LOGISTIC, two opposite rows (skl2onnx's binary LogisticRegression, scores `[-s, s]`):
     either way s is the second column and `[0, s]` are exact logits."""
@@ -299,17 +212,17 @@ def _is_binary_classifier(node: onnx.NodeProto) -> bool:
     if len(intercepts) == 1:
         return True
     rows = np.asarray(attributes.get("coefficients") or [], dtype=np.float64).reshape(2, -1)
-    return (_text(node, "post_transform", "NONE") == "LOGISTIC" and bool(np.array_equal(rows[0], -rows[1]))
+    return (attribute_text(node, "post_transform", "NONE") == "LOGISTIC" and bool(np.array_equal(rows[0], -rows[1]))
             and float(intercepts[0]) == -float(intercepts[1]))
 
 
 def _ml_producer(graph: OperatorGraph, tensor: str, op_type: str) -> onnx.NodeProto | None:
     key = graph.producer.get(tensor)
     node = graph.nodes[key] if key is not None else None
-    return node if node is not None and node.domain == _ML and node.op_type == op_type else None
+    return node if node is not None and node.domain == ML_DOMAIN and node.op_type == op_type else None
 
 
-def _text(node: onnx.NodeProto, attribute: str, default: str) -> str:
+def attribute_text(node: onnx.NodeProto, attribute: str, default: str) -> str:
     for a in node.attribute:
         if a.name == attribute:
             value = onnx.helper.get_attribute_value(a)
@@ -322,14 +235,14 @@ def _linear_classifier_behind(graph: OperatorGraph, tensor: str, cut: list[str])
     probabilities) when its scores are probabilities (SOFTMAX/LOGISTIC) or it is binary; else None."""
     seen: list[str] = []
     normalizer = _ml_producer(graph, tensor, "Normalizer")
-    if normalizer is not None and _text(normalizer, "norm", "MAX") == "L1":
+    if normalizer is not None and attribute_text(normalizer, "norm", "MAX") == "L1":
         seen.append("Normalizer(L1)")
         tensor = normalizer.input[0]
     classifier = _ml_producer(graph, tensor, "LinearClassifier")
     if classifier is None or len(classifier.output) < 2 or classifier.output[1] != tensor:
         return None
-    post = _text(classifier, "post_transform", "NONE")
-    if post not in ("SOFTMAX", "LOGISTIC") and not _is_binary_classifier(classifier):
+    post = attribute_text(classifier, "post_transform", "NONE")
+    if post not in ("SOFTMAX", "LOGISTIC") and not is_binary_classifier(classifier):
         return None
     if seen and post not in ("SOFTMAX", "LOGISTIC"):
         return None  # an L1 normalisation of raw scores is no probability: not this pattern
@@ -340,13 +253,13 @@ def _linear_classifier_behind(graph: OperatorGraph, tensor: str, cut: list[str])
 def _through_zipmap(graph: OperatorGraph, tensor: str) -> str:
     key = graph.producer.get(tensor)
     node = graph.nodes[key] if key is not None else None
-    return node.input[0] if node is not None and node.op_type == "ZipMap" and node.domain == _ML else tensor
+    return node.input[0] if node is not None and node.op_type == "ZipMap" and node.domain == ML_DOMAIN else tensor
 
 
 def _producer(graph: OperatorGraph, tensor: str) -> onnx.NodeProto | None:
     key = graph.producer.get(tensor)
     node = graph.nodes[key] if key is not None else None
-    return node if node is not None and node.domain in _STANDARD else None
+    return node if node is not None and node.domain in STANDARD_DOMAINS else None
 
 
 def _skip_pass_through(graph: OperatorGraph, tensor: str, cut: list[str]) -> str:
@@ -439,14 +352,6 @@ def _is_pass_through_of_input(graph: OperatorGraph, tensor: str) -> bool:
 
 def _is_float(value_info: onnx.ValueInfoProto) -> bool:
     return value_info.type.HasField("tensor_type") and value_info.type.tensor_type.elem_type in _FLOAT_TYPES
-
-
-def _elem_type(model: onnx.ModelProto, tensor: str) -> int:
-    graph = model.graph
-    for vi in [*graph.input, *graph.value_info, *graph.output]:
-        if vi.name == tensor and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            return vi.type.tensor_type.elem_type
-    return onnx.TensorProto.FLOAT
 
 
 def _spec(value_info: onnx.ValueInfoProto) -> tuple[tuple | None, str]:

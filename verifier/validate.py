@@ -1,7 +1,7 @@
 """Proof that the torch module computes what the ONNX file computes: onnxruntime as the oracle.
 
 The original model (plus the exposed logits tensor as an extra output, computed by the head's
-nodes of `verifier.head.attach_logits` for a binary or probability head) runs in onnxruntime, the
+nodes of `verifier.head_logits.attach_logits` for a binary or probability head) runs in onnxruntime, the
 converted module runs in torch, on the same inputs (in chunks of the user's fixed batch, if any,
 sample by sample for a fixed batch of 1; a short last chunk padded by repeating its last sample,
 the padding dropped); we report per-output max absolute and
@@ -26,7 +26,7 @@ from verifier.data import check_labels
 from verifier.device import resolve_device
 from verifier.errors import RuntimeRunError, VerifierError
 from verifier.graph import json_safe
-from verifier.head import attach_logits
+from verifier.head_logits import attach_logits
 from verifier.onnx_io import LoadedModel
 
 _DEFAULT_CHUNK = 256

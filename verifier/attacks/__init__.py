@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from verifier.attacks.base import Attack, Target
+from verifier.attacks.target import rows_per_pass
 from verifier.attacks.curve import CurveAttack
 from verifier.attacks.pgd import PGD
 from verifier.attacks.replay import Replayer, clean_numbers, measure
@@ -41,6 +42,7 @@ from verifier.losses import check_loss
 from verifier.onnx_io import LoadedModel
 
 METHODS = ("wdapp", "wda", "pgd", "wpgd", "wda-curve")
+ATTACK_SHARE = 0.9  # of a method's part of the time budget spent attacking; the rest is for its replays
 ATTACKS: dict[str, type[Attack]] = {
     "wdapp": WDAPlusPlus, "wda": WDA, "pgd": PGD, "wpgd": WPGD, "wda-curve": CurveAttack,
 }
@@ -90,7 +92,7 @@ def _check(p: float, deltas: Sequence[float], kappa: float, topk: int, steps: in
 
 
 def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, device: torch.device,
-            deadline: Deadline, shard: Shard | None = None) -> Target:
+            deadline: Deadline, shard: Shard | None = None, memory_limit_bytes: int | None = None) -> Target:
     dtype = model.input_dtype
     module = prepared_module(model, device, dtype)
     inputs = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(device=device, dtype=dtype)
@@ -104,7 +106,9 @@ def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, de
     fixed = model.module_batch
     if shard is not None and shard.count != len(inputs):
         raise UsageError(f"the shard has {shard.count} samples but x has {len(inputs)}")
-    target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed, deadline, shard)
+    total = len(inputs) if shard is None else shard.total
+    rows = rows_per_pass(module, inputs, total, memory_limit_bytes, shard)
+    target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed, deadline, shard, rows)
     classes = target.logits(inputs[:1]).shape[-1]
     check_labels(labels.cpu().numpy(), classes)
     return target
@@ -124,11 +128,16 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
            norm: str = "inf", loss: str = "ce", box: tuple[float, float] | None = None,
            steps: int | None = None, kappa: float = 1.0, topk: int = 9, seed: int = 0, device: str = "auto",
            radii: torch.Tensor | None = None, progress: bool = False, deadline: Deadline = NEVER,
-           shard: Shard | None = None) -> AttackReport:
+           shard: Shard | None = None, budget: Deadline | None = None,
+           memory_limit_bytes: int | None = None) -> AttackReport:
     """Run every method at every delta; one `AttackResult` per (method, delta), in that order.
 
-    `deadline` is checked before every forward or gradient pass of the attacks (each step, each
-    chunk of atoms) and before each replay; past it `verifier.deadline.Stopped` is raised.
+    Anytime: `budget` (default: `deadline`) is shared out, each method getting an equal part of
+    the time left (`ATTACK_SHARE` of it, the rest for the replays) and each delta an equal part of
+    its method's; a loop past its part stops at its next step and the method returns the best
+    points found so far, flagged "time-limited". `deadline` is the hard limit, checked before every
+    forward or gradient pass (each step, each chunk of atoms) and before each replay; past it
+    `verifier.deadline.Stopped` is raised.
 
     Risk and accuracy come from onnxruntime forward passes of the returned atoms (`loaded` is the
     original model; with `loaded=None` torch values are reported, flagged "not-replayed").
@@ -144,12 +153,15 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
     _check(p, deltas, kappa, topk, steps, radii)
     chosen, skipped = resolve_methods(methods, p)
     torch_device = resolve_device(device)
-    target = _target(model, x, y, p, norm, loss, box, torch_device, deadline, shard)
+    target = _target(model, x, y, p, norm, loss, box, torch_device, deadline, shard, memory_limit_bytes)
     replayer = Replayer(loaded, model, torch_device) if loaded is not None else None
     clean = clean_numbers(target, replayer)
     results: list[AttackResult] = []
-    for name in _progress(chosen, progress):
-        runner = ATTACKS[name](target, steps=steps, seed=seed, kappa=kappa, topk=topk, radii=radii, box=box)
+    budget = deadline if budget is None else budget
+    for index, name in enumerate(_progress(chosen, progress)):
+        share = NEVER if math.isinf(budget.at) else budget.sooner(ATTACK_SHARE / (len(chosen) - index))
+        runner = ATTACKS[name](target, steps=steps, seed=seed, budget=share, kappa=kappa, topk=topk, radii=radii,
+                               box=box)
         for delta, dist in zip(deltas, runner.run(deltas)):
             deadline.check("the replay of an attack")
             results.append(measure(name, delta, dist, target, replayer, clean))

@@ -1,32 +1,26 @@
-"""The shared machinery of every attack: the threat model, forward/gradient passes, ascent steps.
+"""The base every attack builds on: the one ascent loop, the point-wise engine, the time budget.
 
-`Target` owns what all attacks share: the module on its device in the model's float dtype, the
-samples, labels, threat norm r, order p, loss, the box as displacement bounds (float64), and the
-`Deadline` checked before every forward or gradient pass of a chunk of atoms — i.e. inside every
-attack step, so a time limit stops an attack within one such pass.
-Displacements `d` are kept in float64 and turned into model-dtype atoms by `Target.atoms`, which
-rounds every coordinate towards its sample, so an atom's true distance never exceeds the one
-computed from `d`. `Attack` is the base each attack file builds on: batching (padded chunks of a
-fixed size), steepest-ascent directions and projections for r in {inf, 2, 1} (method §5), the
-one ascent loop `ascend` (APGD's step-size control: checkpoints, momentum, step halving with a
-restart from the best point; Croce & Hein, ICML 2020), the point-wise engine `search`
-(AutoAttack's schedule: APGD on the loss from random starts, then APGD on the targeted DLR loss
-for each of the top-k wrong classes on the rows still correct), the two-optimum best iterate
-`Best` (the highest-loss point for the risk, the most misclassified point for the accuracy) and
-the point-wise distribution. An attack only writes its own loop in `attack(delta)` (or
-`run(deltas)` when one pass serves every delta). In a sharded run (`verifier.distributed`)
-`Target.shard` says which samples these are: `Target.total` is N and `Target.gather` brings
-every rank's per-sample rows to the global steps; random draws are per sample (numbered draws,
-not a shared stream) and every pass has a fixed row count (`ROWS_PER_PASS`, padded), so results
-do not depend on the sharding.
+`Attack` holds the target (`verifier.attacks.target`), the step count and the seed of the
+per-sample random draws, and gives every attack its shared pieces: steepest-ascent directions and
+projections for r in {inf, 2, 1} (method §5), the one ascent loop `ascend` (APGD's step-size
+control: checkpoints, momentum, step halving with a restart from the best point; Croce & Hein,
+ICML 2020), the point-wise engine `search` (AutoAttack's schedule: APGD on the loss from random
+starts, then APGD on the targeted DLR loss for each of the top-k wrong classes on the rows still
+correct) and the point-wise distribution. An attack only writes its own loop in `attack(delta)`
+(or `run(deltas)` when one pass serves every delta). Random draws are per sample (numbered draws,
+not a shared stream), so results do not depend on the sharding.
+
+`budget` makes an attack anytime: past it every loop stops at its next step and the attack returns
+the best points found so far (still within the budget of perturbation, so still a lower bound),
+flagged "time-limited"; the hard `Target.deadline` still raises `Stopped`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -34,197 +28,14 @@ import torch
 from verifier.attacks.draws import ball_displacements, occurrences, seeded_generators
 from verifier.attacks.result import Distribution
 from verifier.attacks.steps import checkpoints, project_ball, schedule, steepest_ascent
+from verifier.attacks.target import Best, Objective, Target, top_wrong_classes
 from verifier.deadline import NEVER, Deadline
-from verifier.distributed import Shard
-from verifier.losses import loss_values, other_logits
 
 SHRINK = 1e-6  # radii are shrunk by this factor so that float64 costs stay within the budget
-ROWS_PER_PASS = 256  # every forward/gradient pass sees exactly this many rows (padded): per-row results then
-# do not depend on which other rows share the pass, so a sharded run computes what one process computes
 MOMENTUM = 0.75  # APGD's momentum alpha
 OSCILLATION = 0.75  # APGD's rho: halve the step when fewer than rho of the steps since the last checkpoint rose
 SEARCH_ELEMENTS = 2**23  # coordinates per iterate tensor of one search chunk (64 MiB in float64)
-
-Objective = Callable[[torch.Tensor, slice], torch.Tensor]  # (logits of a chunk, its rows) -> value per row
-
-
-def top_wrong_classes(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """The k highest-scoring wrong classes per sample (N, k), best first."""
-    k = max(1, min(k, logits.shape[-1] - 1))
-    return other_logits(logits, labels).topk(k, dim=-1).indices
-
-
-@dataclass(frozen=True, eq=False)
-class Target:
-    """Model, samples and threat model shared by every attack of one `attack()` call."""
-
-    module: torch.nn.Module
-    x: torch.Tensor  # (N, *input shape), model dtype, on the device
-    y: torch.Tensor  # (N,) int64
-    norm: str
-    p: float
-    loss: str
-    lower: torch.Tensor  # box_lo - x, flattened, float64 (-inf without a box)
-    upper: torch.Tensor  # box_hi - x
-    fixed_batch: int | None = None
-    deadline: Deadline = NEVER  # checked before every forward or gradient pass of a chunk (every step)
-    shard: Shard | None = None  # which samples of the whole sample these are (None: all of them)
-
-    @property
-    def total(self) -> int:
-        """Number of samples of the whole audit (N of the weights 1/N; `count` on one process)."""
-        return self.count if self.shard is None else self.shard.total
-
-    def sample_ids(self) -> torch.Tensor:
-        """Global index of each local sample (seeds are drawn per sample from it)."""
-        start = 0 if self.shard is None else self.shard.start
-        return torch.arange(start, start + self.count)
-
-    def gather(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per-sample (or per-atom) rows of every rank in sample order; the identity on one process."""
-        return tensors if self.shard is None else self.shard.gather(*tensors)
-
-    def local(self, values: torch.Tensor) -> torch.Tensor:
-        """The local rows of a gathered per-sample tensor."""
-        return values if self.shard is None else self.shard.local(values)
-
-    @property
-    def count(self) -> int:
-        """Number of samples N."""
-        return len(self.y)
-
-    @property
-    def flat(self) -> torch.Tensor:
-        """The samples flattened, float64 (N, D)."""
-        return self.x.flatten(1).to(torch.float64)
-
-    def atoms(self, d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """`x[rows] + d` in the model dtype, each coordinate rounded towards its sample."""
-        base = self.flat[rows]
-        atom = (base + d).to(self.x.dtype)
-        over = (atom.to(torch.float64) - base).abs() > d.abs()
-        if bool(over.any()):
-            atom = torch.where(over, torch.nextafter(atom, base.to(self.x.dtype)), atom)
-        return atom.reshape(len(rows), *self.x.shape[1:])
-
-    def _chunks(self, count: int) -> list[slice]:
-        step = self.fixed_batch or ROWS_PER_PASS
-        return [slice(s, min(s + step, count)) for s in range(0, count, step)]
-
-    def _padded(self, atoms: torch.Tensor) -> torch.Tensor:
-        missing = (self.fixed_batch or ROWS_PER_PASS) - len(atoms)
-        return torch.cat([atoms, atoms[-1:].expand(missing, *atoms.shape[1:])]) if missing > 0 else atoms
-
-    def logits(self, atoms: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C) in float64 of model-dtype atoms, by forward passes without gradients."""
-        parts = []
-        with torch.no_grad():
-            for part in self._chunks(len(atoms)):
-                self.deadline.check("an attack step")
-                chunk = atoms[part]
-                parts.append(self.module(self._padded(chunk))[: len(chunk)].to(torch.float64))
-        return torch.cat(parts)
-
-    def gradient(self, atoms: torch.Tensor, objective: Objective):
-        """Objective values (B,), input gradients flattened to float64 (B, D) and logits (B, C)."""
-        values, grads, logits = [], [], []
-        for part in self._chunks(len(atoms)):
-            self.deadline.check("an attack step")
-            chunk = self._padded(atoms[part]).detach().requires_grad_(True)
-            with torch.enable_grad():
-                out = self.module(chunk)[: part.stop - part.start]
-                value = objective(out, part)
-                (grad,) = torch.autograd.grad(value.sum(), chunk)
-            values.append(value.detach().to(torch.float64))
-            grads.append(grad[: part.stop - part.start].flatten(1).to(torch.float64))
-            logits.append(out.detach().to(torch.float64))
-        return torch.cat(values), torch.cat(grads), torch.cat(logits)
-
-    def loss_of(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The reported loss per row (float64)."""
-        return loss_values(logits.to(torch.float64), self.y[rows], self.loss)
-
-    def loss_objective(self, rows: torch.Tensor) -> Objective:
-        """The loss to ascend on rows of samples `rows` (zero_one has no gradient: the margin stands in)."""
-        name = "margin" if self.loss == "zero_one" else self.loss
-        labels = self.y[rows]
-        return lambda logits, part: loss_values(logits, labels[part], name)
-
-    def targeted_objective(self, rows: torch.Tensor, classes: torch.Tensor) -> Objective:
-        """`z_j - z_y` with the class `classes[k]` on row k (of sample `rows[k]`)."""
-        labels = self.y[rows]
-
-        def objective(logits: torch.Tensor, part: slice) -> torch.Tensor:
-            chosen = logits.gather(-1, classes[part].unsqueeze(-1)).squeeze(-1)
-            return chosen - logits.gather(-1, labels[part].unsqueeze(-1)).squeeze(-1)
-        return objective
-
-    def targeted_dlr(self, rows: torch.Tensor, classes: torch.Tensor) -> Objective:
-        """AutoAttack's targeted DLR `(z_j - z_y) / (z_pi1 - (z_pi3 + z_pi4) / 2)` (pi: logits sorted
-        descending) with class `classes[k]` on row k; `z_j - z_y` with fewer than 4 classes."""
-        margin = self.targeted_objective(rows, classes)
-
-        def objective(logits: torch.Tensor, part: slice) -> torch.Tensor:
-            if logits.shape[-1] < 4:
-                return margin(logits, part)
-            ordered = torch.sort(logits, dim=-1, descending=True).values
-            return margin(logits, part) / (ordered[:, 0] - (ordered[:, 2] + ordered[:, 3]) / 2 + 1e-12)
-        return objective
-
-    def scores(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reported loss, margin `max_{j != y} z_j - z_y`) per row, float64."""
-        logits = logits.to(torch.float64)
-        return self.loss_of(logits, rows), loss_values(logits, self.y[rows], "margin")
-
-
-@dataclass
-class Best:
-    """Per-row best iterates, two optima (the sample itself is the first candidate of both):
-    `d`/`value` the highest reported loss (for the risk), `flip`/`margin` the highest margin
-    `max_{j != y} z_j - z_y` (for the accuracy: misclassified as soon as some iterate is)."""
-
-    d: torch.Tensor
-    value: torch.Tensor
-    flip: torch.Tensor
-    margin: torch.Tensor
-
-    @classmethod
-    def at(cls, d: torch.Tensor, value: torch.Tensor, margin: torch.Tensor) -> Best:
-        """Both optima at the same points."""
-        return cls(d, value, d, margin)
-
-    def update(self, d: torch.Tensor, value: torch.Tensor, margin: torch.Tensor) -> None:
-        """Keep `d` where its loss (its margin) is strictly higher."""
-        higher, wider = value > self.value, margin > self.margin
-        self.d = torch.where(higher.unsqueeze(-1), d, self.d)
-        self.value = torch.where(higher, value, self.value)
-        self.flip = torch.where(wider.unsqueeze(-1), d, self.flip)
-        self.margin = torch.where(wider, margin, self.margin)
-
-    def take(self, index: torch.Tensor) -> Best:
-        """The rows `index` as a new `Best`."""
-        return Best(self.d[index], self.value[index], self.flip[index], self.margin[index])
-
-    def put(self, index: torch.Tensor, part: Best) -> None:
-        """Write `part` (from `take(index)`) back into the rows `index`."""
-        for name in ("d", "value", "flip", "margin"):
-            getattr(self, name)[index] = getattr(part, name)
-
-    def grouped(self, k: int) -> Best:
-        """Per group of k consecutive rows, the best row of each optimum (one row per group)."""
-        offset = torch.arange(len(self.value) // k, device=self.value.device) * k
-        high = offset + self.value.view(-1, k).argmax(-1)
-        wide = offset + self.margin.view(-1, k).argmax(-1)
-        return Best(self.d[high], self.value[high], self.flip[wide], self.margin[wide])
-
-    @property
-    def misclassified(self) -> torch.Tensor:
-        """Rows whose accuracy optimum is an error (margin >= 0)."""
-        return self.margin >= 0
-
-    def accuracy_d(self) -> torch.Tensor:
-        """Per row the misclassified iterate when one was found, else the highest-loss one."""
-        return torch.where(self.misclassified.unsqueeze(-1), self.flip, self.d)
+TIME_LIMITED = "time-limited (stopped early: a weaker lower bound)"
 
 
 class Attack:
@@ -233,7 +44,8 @@ class Attack:
     name: ClassVar[str] = ""
     default_steps: ClassVar[int] = 50
 
-    def __init__(self, target: Target, steps: int | None = None, seed: int = 0, **options) -> None:
+    def __init__(self, target: Target, steps: int | None = None, seed: int = 0, budget: Deadline = NEVER,
+                 **options) -> None:
         self.target = target
         self.steps = int(steps) if steps is not None else self.default_steps
         self.seed = int(seed)
@@ -241,15 +53,47 @@ class Attack:
         self.options = options
         self.zero_gradient = torch.zeros(target.count, dtype=torch.bool, device=target.y.device)
         self.runs = 0
+        self.budget = budget  # soft: when the whole run should end (`begin` shares it out per delta)
+        self.until = budget  # soft: when the current delta's loops should end
+        self.cut = False  # whether a loop of the current delta stopped early at `until`
+        self._polled, self._step = None, 0.0  # the last poll of `until` and the time since the one before
 
     def run(self, deltas: Sequence[float]) -> list[Distribution]:
         """One distribution per delta (default: `attack(delta)` for each, timed)."""
         out = []
-        for delta in deltas:
+        for index, delta in enumerate(deltas):
             start = time.perf_counter()
+            self.begin(len(deltas) - index)
             dist = self.attack(float(delta))
             out.append(replace(dist, seconds=time.perf_counter() - start))
         return out
+
+    def begin(self, parts_left: int) -> None:
+        """Start a part of the run (a delta, or every delta at once): it gets an equal share of the
+        budget left with the `parts_left - 1` parts after it."""
+        self.until = self.budget.sooner(1.0 / max(1, parts_left))
+        self.cut = False
+        self._polled = None  # the step estimate carries over: it is the model's, not the part's
+
+    def out_of_time(self, agreed: bool = False) -> bool:
+        """Whether the current part's loops should stop now (then the part is flagged time-limited).
+        `agreed`: every rank of a sharded run gives the same answer (one exchange; for loops that
+        exchange per step), otherwise each rank decides for its own rows. A loop also stops when the
+        next step would end past the share: a step is taken to last as long as the time between the
+        last two polls of a part (one pass of a large model can take longer than a share's last
+        seconds; the estimate carries over to the next part)."""
+        until = self.until
+        late = until.expired()
+        if not late and not math.isinf(until.at):
+            now = until.clock()
+            if self._polled is not None:
+                self._step = now - self._polled
+            self._polled = now
+            late = now + self._step > until.at
+        if agreed and self.target.shard is not None:
+            late = bool(self.target.gather(torch.tensor([late]))[0].any())
+        self.cut = self.cut or late
+        return late
 
     def attack(self, delta: float) -> Distribution:
         """The distribution for one budget."""
@@ -288,7 +132,7 @@ class Attack:
         """Both optima at the samples themselves."""
         t = self.target
         zero = torch.zeros(len(rows), t.flat.shape[1], dtype=torch.float64, device=t.flat.device)
-        return Best.at(zero, *t.scores(t.logits(t.atoms(zero, rows)), rows))
+        return Best.at(zero, *t.scores(t.clean_logits[rows], rows))  # atoms(0) = x exactly
 
     def ascend(self, rows: torch.Tensor, radius: torch.Tensor, objective: Objective, steps: int,
                start: torch.Tensor | None = None, best: Best | None = None,
@@ -312,7 +156,11 @@ class Attack:
         rose, checked_value = torch.zeros_like(radius), top_value
         halved, since = torch.zeros_like(radius, dtype=torch.bool), 0
         fractions = schedule(steps)
+        cut = False
         for step in range(steps):
+            if self.out_of_time():
+                cut = True
+                break
             value, grad, logits = t.gradient(t.atoms(d, rows), objective)
             best.update(d, *t.scores(logits, rows))
             if step == 0:
@@ -338,7 +186,8 @@ class Attack:
             z = self.project(d + eta.unsqueeze(-1) * direction, radius, rows)
             alpha = MOMENTUM if step > 0 else 1.0
             previous, d = d, self.project(d + alpha * (z - d) + (1 - alpha) * (d - previous), radius, rows)
-        best.update(d, *t.scores(t.logits(t.atoms(d, rows)), rows))
+        if not cut:  # out of time, the last iterate is left unevaluated: the best so far stands
+            best.update(d, *t.scores(t.logits(t.atoms(d, rows)), rows))
         return best, d
 
     def search(self, rows: torch.Tensor, radius: torch.Tensor, steps: int, best: Best | None = None,
@@ -364,7 +213,7 @@ class Attack:
         first = self.draws  # this search's draws are numbered first + 1 ... first + restarts + 1, however
         self.draws += restarts + 1  # its rows are chunked or sharded and whether the targeted runs happen
         occurrence = occurrences(rows) if occurrence is None else occurrence
-        k = max(1, min(topk, t.logits(t.x[:1]).shape[-1] - 1))
+        k = max(1, min(topk, t.clean_logits.shape[-1] - 1))
         self.runs = restarts + (k if topk > 0 else 0)  # the runs a row still correct gets (shard-independent)
         return self._search(rows, radius, steps, self.start_best(rows) if best is None else best, restarts, topk,
                             every_row, first, occurrence)
@@ -380,12 +229,14 @@ class Attack:
                      for s in range(0, len(rows), size)]
             return Best(*(torch.cat([getattr(b, name) for b in parts]) for name in ("d", "value", "flip", "margin")))
         for run in range(restarts):
+            if self.out_of_time():
+                return best
             start = self.random_start(radius, rows, first + 1 + run, occurrence)
             best, _ = self.ascend(rows, radius, t.loss_objective(rows), steps, start, best,
                                   adaptive=not self.options.get("plain", False))
-        if topk <= 0:
+        if topk <= 0 or self.out_of_time():
             return best
-        classes = top_wrong_classes(t.logits(t.x), t.y, topk)[rows]
+        classes = top_wrong_classes(t.clean_logits, t.y, topk)[rows]
         left = torch.arange(len(rows), device=rows.device) if every_row else (~best.misclassified).nonzero().squeeze(-1)
         if len(left) == 0:
             return best
@@ -409,7 +260,9 @@ class Attack:
     def flags(self) -> tuple[str, ...]:
         """Warnings gathered while attacking (e.g. samples whose gradient vanished), over every rank."""
         count = int(self.target.gather(self.zero_gradient.cpu())[0].sum())
-        return (f"zero-gradient ({count} of {self.target.total} samples)",) if count else ()
+        cut = bool(self.target.gather(torch.tensor([self.cut]))[0].any())
+        return (((f"zero-gradient ({count} of {self.target.total} samples)",) if count else ())
+                + ((TIME_LIMITED,) if cut else ()))
 
     def pointwise(self, d: torch.Tensor, steps: int, accuracy_d: torch.Tensor | None = None) -> Distribution:
         """Q = (1/N) sum_i delta(x_i + d_i): one atom per sample (the risk); the accuracy is measured

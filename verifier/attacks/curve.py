@@ -17,7 +17,11 @@ points and the attack's box: geometric from max/100 up to N^(1/p) max(delta), ca
 max(delta) and at the box's reach), so that the allocation works on the radii the certificate
 aggregates over, plus `SMALL_RADII` (4) geometric radii from min(delta)/8 up to its first
 radius (at small budgets small moves of many samples are what pays); p = inf: the deltas only (the search at radius delta already covers every
-smaller radius). The attack points do not depend on delta: one pass serves every delta. Example: `CurveAttack(target, radii=torch.tensor([0.05, 0.1, 0.2])).run([0.1])`.
+smaller radius). Per-sample radii (p in (1, inf), default grid, option `wpgd`, default True):
+W-PGD's highest-risk atom at every delta and the engine's point at that atom's radius join each
+sample's candidates (after the grid's, whose points are unchanged), so the knapsack is never below
+W-PGD's own allocation, the first-order optimum the shared grid only brackets at small budgets.
+The attack points do not depend on delta: one pass serves every delta. Example: `CurveAttack(target, radii=torch.tensor([0.05, 0.1, 0.2])).run([0.1])`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 
 from verifier.attacks.base import SHRINK, Attack
 from verifier.attacks.result import Distribution
+from verifier.attacks.wpgd import WPGD
 from verifier.certify.allocation import allocate
 from verifier.certify.certificate import grid_of
 from verifier.certify.growth import box_reach
@@ -74,13 +79,42 @@ class CurveAttack(Attack):
         if len(grid) == 0:  # every delta is 0: nothing moves
             empty = torch.zeros(t.count, 0, dtype=torch.float64)
             return t.x[:0], empty, empty
-        rows = self.rows(len(grid))
-        best = self.search(rows, grid.repeat(t.count), self.steps, every_row=True)
-        clean = t.loss_of(t.logits(t.x), self.rows())
-        atoms = t.atoms(best.d, rows)
-        distance = vector_norm(atoms.flatten(1).to(torch.float64) - t.flat[rows], t.norm)
-        shape = (t.count, len(grid))
-        return atoms, distance.view(shape).cpu(), (best.value - clean[rows]).view(shape).cpu()
+        own = self.wpgd_points(deltas)  # (N, J, *shape): per-sample radii of W-PGD's allocation
+        extra = own.shape[1]
+        own_rows = self.rows(extra)
+        own_radii = self._distances(own.flatten(0, 1), own_rows).view(t.count, extra)
+        radii = torch.cat([grid.expand(t.count, len(grid)), own_radii], 1)  # the grid first: its rows'
+        rows = self.rows(radii.shape[1])  # results (and random starts) are those of a search on it alone
+        best = self.search(rows, radii.flatten(), self.steps, every_row=True)
+        clean = t.loss_of(t.clean_logits, self.rows())
+        atoms = t.atoms(best.d, rows).view(t.count, radii.shape[1], *t.x.shape[1:])
+        gain = best.value.view(t.count, -1)
+        if extra:  # W-PGD's atoms themselves are candidates too
+            atoms = torch.cat([atoms, own], 1)
+            gain = torch.cat([gain, t.loss_of(t.logits(own.flatten(0, 1)), own_rows).view(t.count, extra)], 1)
+        atoms = atoms.flatten(0, 1)
+        distance = self._distances(atoms, self.rows(gain.shape[1])).view(gain.shape)
+        return atoms, distance.cpu(), (gain - clean.unsqueeze(-1)).cpu()
+
+    def _distances(self, atoms: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`||atom - x_i||_r` in float64 of model-dtype atoms on rows of samples `rows`."""
+        t = self.target
+        return vector_norm(atoms.flatten(1).to(torch.float64) - t.flat[rows], t.norm)
+
+    def wpgd_points(self, deltas: Sequence[float]) -> torch.Tensor:
+        """W-PGD's highest-risk atoms at every positive delta (N, J, *input shape): sample-specific
+        radii (its first-order allocation, `||d_i|| ~ ||g_i||_*^(q-1)`), which the shared grid only
+        brackets; none for p = inf (point-wise), p = 1 (W-PGD is undefined), given `radii` (the
+        points then sit on exactly those) or option `wpgd=False`."""
+        t = self.target
+        positive = [float(d) for d in deltas if d > 0]
+        chosen = self.options.get("radii") is None and self.options.get("wpgd", True)
+        if math.isinf(t.p) or t.p == 1 or not chosen or not positive:
+            return t.x[:, None][:, :0]
+        runner = WPGD(t, seed=self.seed, budget=self.until)  # within this attack's time share
+        points = torch.stack([runner.attack(delta).atoms for delta in positive], 1)
+        self.cut = self.cut or runner.cut
+        return points
 
     def _pointwise(self, distance: torch.Tensor, gain: torch.Tensor, delta: float) -> list[tuple[int, int, float]]:
         """p = inf: the best point within delta per local sample, as (sample, point or -1, weight)."""
@@ -113,6 +147,7 @@ class CurveAttack(Attack):
         """One batch of attack points for every delta, then one hull allocation per delta."""
         t = self.target
         start = time.perf_counter()
+        self.begin(1)  # one batch of points serves every delta
         atoms, distance, gain = self._points(deltas)
         shared = time.perf_counter() - start
         per_sample = distance.shape[1]

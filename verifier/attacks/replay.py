@@ -125,7 +125,7 @@ def measure(method: str, delta: float, dist: Distribution, target: Target, repla
 
 def clean_numbers(target: Target, replayer: Replayer | None) -> tuple[float, float]:
     """(clean risk, clean accuracy) of the sample, from onnxruntime when replayed."""
-    logits = replayer.logits(target.x) if replayer is not None else target.logits(target.x).cpu()
+    logits = replayer.logits(target.x) if replayer is not None else target.clean_logits.cpu()
     require_finite_logits(logits, "onnxruntime" if replayer is not None else "torch")
     labels = target.y.cpu()
     losses, correct = target.gather(loss_values(logits, labels, target.loss),

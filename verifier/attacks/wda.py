@@ -32,6 +32,8 @@ def probe_and_ascend(attack: Attack, rows: torch.Tensor, radius: torch.Tensor, c
     wide, flat_classes = rows.repeat_interleave(k), classes.flatten()
     probe, last = attack.ascend(wide, radius.repeat_interleave(k), t.targeted_objective(wide, flat_classes),
                                 PROBE_STEPS)
+    if attack.out_of_time():
+        return probe.grouped(k)
     reached = t.logits(t.atoms(last, wide))
     labels = t.y[wide].unsqueeze(-1)
     score = (reached.gather(-1, flat_classes.unsqueeze(-1)) - reached.gather(-1, labels)).squeeze(-1)
@@ -52,7 +54,7 @@ class WDA(Attack):
         t = self.target
         kappa = float(self.options.get("kappa", 1.0))
         reach = delta if math.isinf(t.p) else delta * kappa ** (1.0 / t.p)
-        classes = top_wrong_classes(t.logits(t.x), t.y, int(self.options.get("topk", 9)))
+        classes = top_wrong_classes(t.clean_logits, t.y, int(self.options.get("topk", 9)))
         own = self.rows()
         radius = torch.full((t.count,), reach, dtype=torch.float64, device=t.flat.device)
         best = probe_and_ascend(self, own, radius, classes, self.steps)

@@ -6,7 +6,10 @@ the trial with the highest margin `max_j z_j - z_y`) with geometrically growing 
 default 100; the first is `min(delta, reach)/20`, the growth makes the steps add up to twice
 the reach, the farthest an atom may travel: `delta N^(1/p)` capped at the box's extent,
 `delta` for p = inf) until the first flip; then 10 bisection
-steps between the last correct and the first wrong iterate. Then `REFINE_ROUNDS` (2) rounds of
+steps between the last correct and the first wrong iterate. When the flips found leave budget
+unspent (p < inf: the last, fractional flip may lie beyond the reach, since a fraction alpha of a
+sample may travel delta (N / alpha)^(1/p)), the correct samples still unflipped walk again with
+steps adding up to twice the box's extent (no second walk without a box). Then `REFINE_ROUNDS` (2) rounds of
 the base's point-wise engine (`Attack.search`, `REFINE_STEPS` = 20 per run) at radius `d_i`:
 its misclassified point is pulled back along its ray towards x_i by 10 bisection steps and kept
 when closer. Every flip point is **verified misclassified** by a forward pass with margin >= 1e-4 (a small slack so that a point
@@ -77,7 +80,7 @@ class WDAPlusPlus(Attack):
         step_size, taken = first_step, 0
         for step in range(self.steps):
             index = active.nonzero().squeeze(-1)
-            if len(index) == 0:
+            if len(index) == 0 or self.out_of_time():
                 break
             taken += 1
             rows = index.repeat_interleave(k)
@@ -103,36 +106,43 @@ class WDAPlusPlus(Attack):
     def _bisect(self, low: torch.Tensor, high: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Shrink [correct, wrong] brackets on their segments; returns the wrong ends."""
         for _ in range(BISECTION_STEPS):
+            if self.out_of_time():  # `high` is wrong at every step: a valid (farther) end
+                break
             middle = (low + high) / 2
             wrong = (self._margin(middle, rows) >= FLIP_MARGIN).unsqueeze(-1)
             high = torch.where(wrong, middle, high)
             low = torch.where(wrong, low, middle)
         return high
 
+    def _extent(self) -> float:
+        """The box's extent: the farthest any atom can be from its sample (inf without a box)."""
+        t = self.target
+        return float(t.gather(vector_norm(torch.maximum(-t.lower, t.upper), t.norm).cpu())[0].max())
+
     def _reach(self, delta: float) -> float:
-        """How far any atom may travel: N^(1/p) delta, capped at the box's extent."""
+        """How far a full flip may travel: N^(1/p) delta, capped at the box's extent."""
         t = self.target
         reach = delta if math.isinf(t.p) else delta * t.total ** (1.0 / t.p)
-        extent = float(t.gather(vector_norm(torch.maximum(-t.lower, t.upper), t.norm).cpu())[0].max())
-        return min(reach, extent)
+        return min(reach, self._extent())
 
     def _measured(self, d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Distances of the returned atoms x_i + d (model dtype) from their samples (float64)."""
         t = self.target
         return vector_norm(t.atoms(d, rows).flatten(1).to(torch.float64) - t.flat[rows], t.norm)
 
-    def _closer(self, adversarial: torch.Tensor, distance: torch.Tensor) -> None:
-        """Rounds of the point-wise engine at radius d_i; a verified flip pulled back along its ray
-        towards x_i replaces the walk's when it is closer (in place)."""
+    def _closer(self, adversarial: torch.Tensor, distance: torch.Tensor, only: torch.Tensor | None = None) -> None:
+        """Rounds of the point-wise engine at radius d_i (on the samples `only`, default all); a verified
+        flip pulled back along its ray towards x_i replaces the walk's when it is closer (in place)."""
         for _ in range(REFINE_ROUNDS):
-            index = (torch.isfinite(distance) & (distance > 0)).nonzero().squeeze(-1)
-            if len(index) == 0:
+            chosen = torch.isfinite(distance) & (distance > 0)
+            index = (chosen if only is None else chosen & only).nonzero().squeeze(-1)
+            if len(index) == 0 or self.out_of_time():
                 return
             rows = self.rows()[index]
             best = self.search(rows, distance[index], REFINE_STEPS)
             wrong = self._margin(best.flip, rows) >= FLIP_MARGIN
             index, rows, flip = index[wrong], rows[wrong], best.flip[wrong]
-            if len(index) == 0:  # no verified flip this round: nothing to pull back
+            if len(index) == 0:  # no round found a flip within d_i: the walk's flips stay
                 return
             ends = self._bisect(torch.zeros_like(flip), flip, rows)
             verified = self._margin(ends, rows) >= FLIP_MARGIN
@@ -145,8 +155,7 @@ class WDAPlusPlus(Attack):
         """Displacements to verified flip points for budget `delta`, their measured distances
         (inf: none found) and which samples were correctly classified."""
         t = self.target
-        rows = self.rows()
-        logits = t.logits(t.x)
+        logits = t.clean_logits
         correct = loss_values(logits, t.y, "margin") < 0
         classes = top_wrong_classes(logits, t.y, int(self.options.get("topk", 9)))
         adversarial = torch.zeros_like(t.flat)
@@ -157,9 +166,24 @@ class WDAPlusPlus(Attack):
             return adversarial, distance, correct
         reach = self._reach(delta)
         first = min(delta, reach) / 20
-        growth = growth_factor(first, 2 * reach, self.steps)
-        low, high, found, taken = self._walk(first, growth, classes, correct)
-        self.taken = int(t.gather(torch.tensor([taken]))[0].max())  # the walk ends when every rank's does
+        self.taken = self._flips(first, reach, classes, correct, adversarial, distance)
+        self._closer(adversarial, distance)
+        far = correct & ~torch.isfinite(distance)
+        extent = self._extent()
+        if reach < extent < math.inf and self._budget_left(distance, correct, delta, far):
+            # the last, fractional flip may lie beyond the reach (a fraction alpha of a sample may
+            # travel delta (N / alpha)^(1/p)): the samples still unflipped walk again to the box's extent
+            self.taken += self._flips(first, extent, classes, far, adversarial, distance)
+            self._closer(adversarial, distance, far)
+        return adversarial, distance, correct
+
+    def _flips(self, first: float, reach: float, classes: torch.Tensor, active: torch.Tensor,
+               adversarial: torch.Tensor, distance: torch.Tensor) -> int:
+        """The walk from the samples `active` (steps growing from `first` to add up to 2 reach), its
+        bisection and verification, written into `adversarial`/`distance`; the walk steps taken."""
+        t = self.target
+        rows = self.rows()
+        low, high, found, taken = self._walk(first, growth_factor(first, 2 * reach, self.steps), classes, active)
         index = found.nonzero().squeeze(-1)
         if len(index):
             ends = self._bisect(low[index], high[index], rows[index])
@@ -167,16 +191,28 @@ class WDAPlusPlus(Attack):
             index, ends = index[verified], ends[verified]
             adversarial[index] = ends
             distance[index] = self._measured(ends, rows[index])
-        self._closer(adversarial, distance)
-        return adversarial, distance, correct
+        return int(t.gather(torch.tensor([taken]))[0].max())  # the walk ends when every rank's does
+
+    def _budget_left(self, distance: torch.Tensor, correct: torch.Tensor, delta: float, far: torch.Tensor) -> bool:
+        """p < inf: whether the flips found leave budget unspent while some correct sample (`far`) has none."""
+        t = self.target
+        if math.isinf(t.p):
+            return False
+        distance, correct, far = t.gather(distance.cpu(), correct.cpu(), far.cpu())
+        limit = float(delta) * (1 - SHRINK)
+        alpha = flip_allocation(distance, correct, limit, t.p)
+        finite = torch.isfinite(distance)
+        spent = float((alpha[finite] * distance[finite] ** t.p).sum()) / len(distance)
+        return bool(far.any()) and spent < limit**t.p * (1 - 1e-9)
 
     def run(self, deltas: Sequence[float]) -> list[Distribution]:
         """One walk per delta (each row depends on its own delta only), then its knapsack allocation."""
         t = self.target
         rows = self.rows()
         out = []
-        for delta in deltas:
+        for index, delta in enumerate(deltas):
             start = time.perf_counter()
+            self.begin(len(deltas) - index)
             self.draws = 0  # every delta's random starts are those of a run on it alone
             adversarial, distance, correct = self.flip_points(float(delta))
             clean_atoms, flip_atoms = t.x, t.atoms(adversarial, rows)

@@ -73,7 +73,7 @@ class WPGD(Attack):
                 best_d, best_value = d, value
             if errors > best_errors:
                 flip_d, best_errors = d, errors
-            if step == self.steps:
+            if step == self.steps or self.out_of_time(agreed=True):
                 break
             if step == 0:
                 self.note_zero_gradient(rows, grad)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from verifier.bounds.network import BoundNetwork
+from verifier.bounds.optimise import SlopeSearch, optimised_upper_bound
 from verifier.bounds.propagate import Bounds, MarginProblem, PerClassResult, margin_problem, propagate, upper_bound
 from verifier.convert import ConvertedModel
 from verifier.deadline import NEVER, Deadline
@@ -35,14 +36,23 @@ class MarginBounds(PerClassResult):
 def margin_bounds(model: ConvertedModel | BoundNetwork, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
                   radius: torch.Tensor | float, norm: str | float = "inf", box: tuple[float, float] | None = None,
                   device: str = "auto", dtype: torch.dtype = torch.float64, tighten: bool = True,
-                  deadline: Deadline = NEVER) -> MarginBounds:
-    """Upper bounds on all margins over `B_r(x_i, s_i) ∩ box` by linear bound propagation."""
+                  deadline: Deadline = NEVER, optimise: SlopeSearch | None = None) -> MarginBounds:
+    """Upper bounds on all margins over `B_r(x_i, s_i) ∩ box` by linear bound propagation.
+
+    `optimise`: search the relaxations' free slopes of the final back-substitution (alpha-CROWN,
+    `verifier.bounds.optimise`); None keeps the default lines.
+    """
     problem = margin_problem(model, x, y, radius, parse_norm(norm), box, resolve_device(device), dtype)
-    return margins_from(problem, propagate(problem.network, problem.region, tighten, deadline), deadline)
+    return margins_from(problem, propagate(problem.network, problem.region, tighten, deadline), deadline, optimise)
 
 
-def margins_from(problem: MarginProblem, state: Bounds, deadline: Deadline = NEVER) -> MarginBounds:
+def margins_from(problem: MarginProblem, state: Bounds, deadline: Deadline = NEVER,
+                 optimise: SlopeSearch | None = None) -> MarginBounds:
     """Margin bounds from an already propagated state (shared with `slopes_from`)."""
-    values = upper_bound(problem.network, state, problem.region, problem.network.output, problem.rows, deadline)
+    if optimise is None:
+        values = upper_bound(problem.network, state, problem.region, problem.network.output, problem.rows, deadline)
+    else:
+        values = optimised_upper_bound(problem.network, state, problem.region, problem.network.output, problem.rows,
+                                       optimise, deadline)
     return MarginBounds(norm=problem.region.norm, radius=problem.region.radius, labels=problem.labels,
                         upper=values.masked_fill(problem.true_class, 0.0))

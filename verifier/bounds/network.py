@@ -2,22 +2,26 @@
 
 `BoundNetwork.from_model` walks the fx graph of `ConvertedModel.logits_module` in order and
 gives every node a rule from `verifier.bounds.ops`: an `Affine` map, an `Activation` (one per
-site found by `verifier.graph`, decomposed patterns included), or an `Interval`-only rule. The
-ONNX node (op type, attributes, constants) decides the rule; the converted module is reused only
-to execute structural ops. Every node without a rule is listed in one error.
+site found by `verifier.graph`, decomposed patterns included, or an elementary convex/concave
+kind), a `bilinear.Product` of two variables, or an `Interval`-only rule. Softmax, LayerNorm and
+Div by a variable become several nodes (`verifier.bounds.decompose`; part `s` of fx node `n` is
+named `n.s`, the last one `n`). The ONNX node (op type, attributes, constants) decides the rule;
+the converted module is reused only to execute structural ops. Every node without a rule is
+listed in one error.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import onnx
 import torch
 from torch import fx
 
-from verifier.bounds import ops
+from verifier.bounds import bilinear, decompose, ops
+from verifier.bounds.ops import Activation
 from verifier.convert import ConvertedModel
 from verifier.convert.compat import import_onnx2torch
 from verifier.errors import UnsupportedOpsError
@@ -27,17 +31,7 @@ import_onnx2torch()
 from onnx2torch.onnx_graph import OnnxGraph  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Activation:
-    """An activation site as a bound node: kind, parameters, PReLU slope if any."""
-
-    kind: str
-    params: dict
-    slope: torch.Tensor | None = None
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
-
-
-Rule = ops.Affine | ops.Interval | Activation
+Rule = ops.Affine | ops.Interval | Activation  # bilinear.Product is an Interval with planes
 
 
 @dataclass(frozen=True)
@@ -118,9 +112,7 @@ class _Builder:
             elif fx_node.op == "output":
                 output_name = fx_node.args[0].name
             elif fx_node.op == "call_module":
-                node = self._module_node(fx_node)
-                if node is not None:
-                    nodes.append(node)
+                nodes += self._module_nodes(fx_node)
             elif fx_node.op == "call_function" and fx_node.target is operator.getitem:
                 owner, index = fx_node.args
                 nodes.append(BoundNode(fx_node.name, "getitem", owner.name, (owner.name,),
@@ -137,15 +129,19 @@ class _Builder:
     def _fx_name(self, tensor: str) -> str:
         return self.model.tensor_nodes[tensor]
 
-    def _module_node(self, fx_node: fx.Node) -> BoundNode | None:
+    def _module_nodes(self, fx_node: fx.Node) -> list[BoundNode]:
         onnx_node = self.onnx_of_target.get(fx_node.target)
         key = self.key_of_node.get(id(onnx_node), fx_node.target)
         tensor = self.tensor_of_fx.get(fx_node.name)
         site = self.sites_by_output.get(tensor)
         if site is not None:
-            return BoundNode(fx_node.name, site.kind, key, (self._fx_name(site.input),), self._activation(site))
+            inputs = (self._fx_name(site.input),)
+            parts = self._softmax_parts(site) if site.kind == "softmax" else None
+            if parts is not None:
+                return _expand(fx_node.name, key, inputs, parts)
+            return [BoundNode(fx_node.name, site.kind, key, inputs, self._activation(site))]
         if key in self.inner:
-            return None  # inside a decomposed activation: covered by the site's node
+            return []  # inside a decomposed activation: covered by the site's node
         variables = [t for t in onnx_node.input if t and not self.graph.is_constant(t)]
         try:
             rule = self._rule(onnx_node, variables, fx_node)
@@ -155,8 +151,20 @@ class _Builder:
         if rule is None:
             if not any(p[0] == key for p in self.problems):
                 self.problems.append((key, onnx_node.op_type, "no bound rule"))
+            return []
+        inputs = tuple(self._fx_name(t) for t in variables)
+        if isinstance(rule, list):
+            return _expand(fx_node.name, key, inputs, rule)
+        return [BoundNode(fx_node.name, onnx_node.op_type, key, inputs, rule)]
+
+    def _softmax_parts(self, site: ActivationSite) -> list[decompose.Part] | None:
+        try:
+            dims = self._shape(site.input)
+        except KeyError:
             return None
-        return BoundNode(fx_node.name, onnx_node.op_type, key, tuple(self._fx_name(t) for t in variables), rule)
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+        return decompose.softmax(int(site.params.get("axis", -1)), bool(site.params.get("coerce_2d", False)),
+                                 shape)
 
     def _activation(self, site: ActivationSite) -> Activation:
         slope = None
@@ -243,7 +251,9 @@ def _matmul(c: _NodeContext) -> Rule | None:
     if c.single:
         first = c.variable_at(0)
         return ops.matmul(c.const(1) if first else c.const(0), first)
-    return ops.matrix_product() if len(c.variables) == 2 else None
+    if len(c.variables) != 2:
+        return None
+    return bilinear.product(True) if decompose.same_rank(c, 2) else ops.matrix_product()
 
 
 def _conv(c: _NodeContext) -> Rule | None:
@@ -267,24 +277,27 @@ def _add_sub(c: _NodeContext) -> Rule | None:
     return ops.shift(-other) if first else ops.shift(other, sign=-1.0)  # x - c, or c - x
 
 
-def _mul(c: _NodeContext) -> Rule | None:
+def _mul(c: _NodeContext) -> Rule | list[decompose.Part] | None:
     if c.single:
         return ops.scale(c.const(1) if c.variable_at(0) else c.const(0))
-    return ops.product() if len(c.variables) == 2 else None
-
-
-def _div(c: _NodeContext) -> Rule | None:
-    return ops.scale(1.0 / c.const(1)) if c.variable_at(0) else None
+    if len(c.variables) != 2:
+        return None
+    if c.variables[0] == c.variables[1]:  # x * x: one input
+        return [decompose.Part("", "square", (0,), decompose.unary("square", {}))]
+    return bilinear.product(False) if decompose.same_rank(c, 1) else ops.product()
 
 
 def _neg(c: _NodeContext) -> Rule | None:
     return ops.scale(-1.0)
 
 
-def _layer_norm(c: _NodeContext) -> Rule | None:
+def _layer_norm(c: _NodeContext) -> list[decompose.Part] | None:
     axis = int(c.attributes.get("axis", -1))
     rank = len(c.builder._shape(c.node.input[0]))
-    return ops.layer_norm(c.attributes, c.const(1), c.const(2), rank - axis if axis >= 0 else -axis)
+    if not c.variable_at(0):
+        return None
+    eps = float(c.attributes.get("epsilon", 1e-5))
+    return decompose.layer_norm(rank - axis if axis >= 0 else -axis, eps, c.const(1), c.const(2))
 
 
 def _monotone(c: _NodeContext) -> Rule | None:
@@ -312,32 +325,28 @@ def _monotone_call(c: _NodeContext) -> Rule | None:
     return ops.monotone(c.builder._module_call(c.fx_node, c.variables)) if c.single else None
 
 
-def _reciprocal(c: _NodeContext) -> Rule | None:
-    """1/u decreases on each side of 0: [1/hi, 1/lo] on an interval without 0, else unbounded."""
-    if not c.single:
-        return None
-
-    def rule(bounds):
-        low, high = bounds[0]
-        apart = (low > 0) | (high < 0)
-        unbounded = torch.full_like(low, float("inf"))
-        return torch.where(apart, 1.0 / high, -unbounded), torch.where(apart, 1.0 / low, unbounded)
-
-    return ops.Interval(rule, torch.reciprocal)
-
-
 def _structural(c: _NodeContext) -> Rule | None:
     return ops.structural(c.builder._module_call(c.fx_node, c.variables))
 
 
+def _expand(name: str, key: str, inputs: tuple[str, ...], parts: list[decompose.Part]) -> list[BoundNode]:
+    """BoundNodes of a decomposed op: part `s` is named `name.s`, the last one `name`."""
+    def resolve(ref: int | str) -> str:
+        return inputs[ref] if isinstance(ref, int) else f"{name}.{ref}"
+
+    return [BoundNode(f"{name}.{p.suffix}" if p.suffix else name, p.op, key, tuple(resolve(r) for r in p.inputs),
+                      p.rule) for p in parts]
+
+
 # One rule per ONNX op family; an op missing here is "unsupported for bounds". Softmax and the
 # activation kinds never reach this table: they are sites (see verifier.graph).
-RULES: dict[str, Callable[[_NodeContext], Rule | None]] = {
+RULES: dict[str, Callable[[_NodeContext], Rule | list[decompose.Part] | None]] = {
     "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm,
-    "Add": _add_sub, "Sub": _add_sub, "Mul": _mul, "Div": _div, "Neg": _neg,
+    "Add": _add_sub, "Sub": _add_sub, "Mul": _mul, "Neg": _neg,
     "LayerNormalization": _layer_norm, "Cast": _cast,
     **{op: _monotone for op in ops.MONOTONE_UNARY},
-    **{op: _monotone_call for op in ("Max", "Min", "ReduceMax", "ReduceMin")}, "Reciprocal": _reciprocal,
+    **{op: _monotone_call for op in ("Max", "Min", "ReduceMax", "ReduceMin")},
+    **decompose.RULES,
     **{op: _structural for op in ops.STRUCTURAL_OPS},
 }
 

@@ -6,9 +6,11 @@ Every node of the logits path becomes one of:
   the same code with `|weights|` gives `|L|`; structural ops (Reshape, Transpose, Slice, Concat,
   Pad, pooling averages, reductions by sums …) reuse the converted module, whose linear part is
   entrywise non-negative, so `|L| = L`.
-- `Interval`: ops with no linear rule (Softmax, LayerNormalization, products of two variable
-  tensors, monotone unary functions, MaxPool until relaxed) give sound intervals only and are
-  concretised during back-substitution.
+- `Interval`: ops with no linear rule of their own give sound intervals. The products of two
+  variables (`bilinear.Product`, an `Interval` with McCormick planes) and the pieces of Softmax /
+  LayerNorm (`decompose.py`) reuse the rules here for their intervals; what stays interval-only
+  (Erf outside GELU, a Softmax over > 512 entries, monotone unary functions) is concretised
+  during back-substitution.
 An op with no rule raises "unsupported for bounds: OP at NODE".
 """
 
@@ -29,8 +31,7 @@ STRUCTURAL_OPS = frozenset(
     """Reshape Flatten Transpose Squeeze Unsqueeze Identity Dropout Slice Gather Concat Split Pad
     AveragePool GlobalAveragePool ReduceMean ReduceSum Expand Tile Sum Mean""".split()
 )
-MONOTONE_UNARY = {"Exp": torch.exp, "Erf": torch.erf, "Sqrt": torch.sqrt, "Log": torch.log,
-                  "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Relu": torch.relu}
+MONOTONE_UNARY = {"Erf": torch.erf, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Relu": torch.relu}
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,16 @@ class Interval:
 
     rule: Callable[[Sequence[tuple[torch.Tensor, torch.Tensor]]], tuple[torch.Tensor, torch.Tensor]]
     forward: Callable[..., torch.Tensor] = field(repr=False, default=None)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation site (or an elementary kind) as a bound node: kind, parameters, PReLU slope if any."""
+
+    kind: str
+    params: dict
+    slope: torch.Tensor | None = None
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
 
 def _attr(attributes: dict, name: str, default):
@@ -232,19 +243,8 @@ def layer_norm(attributes: dict, scale_: torch.Tensor | None, bias: torch.Tensor
     def rule(bounds):
         (lo, hi), = bounds
         axes = tuple(range(-dims, 0))
-        count = math.prod(lo.shape[-dims:])
-        mean_lo, mean_hi = lo.mean(axes, keepdim=True), hi.mean(axes, keepdim=True)
-        c_lo, c_hi = _centred_bounds(lo, hi, axes, count)
-        square_hi = torch.maximum(c_lo**2, c_hi**2)
-        square_lo = torch.where((c_lo <= 0) & (c_hi >= 0), torch.zeros_like(c_lo), torch.minimum(c_lo**2, c_hi**2))
-        var_lo, var_hi = square_lo.mean(axes, keepdim=True), square_hi.mean(axes, keepdim=True)
-        del mean_lo, mean_hi
-        denominators = torch.sqrt(torch.stack([var_lo, var_hi]) + eps)
-        quotients = torch.stack([c_lo / denominators[0], c_lo / denominators[1],
-                                 c_hi / denominators[0], c_hi / denominators[1]])
-        y_lo, y_hi = quotients.min(0).values, quotients.max(0).values
-        cap = math.sqrt(max(count - 1, 1))
-        y_lo, y_hi = y_lo.clamp(-cap, cap), y_hi.clamp(-cap, cap)
+        c_lo, c_hi = _centred_bounds(lo, hi, axes, math.prod(lo.shape[-dims:]))
+        y_lo, y_hi = normalised_bounds(c_lo, c_hi, dims, eps)
         if scale_ is not None:
             y_lo, y_hi = torch.minimum(y_lo * scale_, y_hi * scale_), torch.maximum(y_lo * scale_, y_hi * scale_)
         if bias is not None:
@@ -256,6 +256,24 @@ def layer_norm(attributes: dict, scale_: torch.Tensor | None, bias: torch.Tensor
         return F.layer_norm(u, shape, scale_, bias, eps)
 
     return Interval(rule, forward)
+
+
+def normalised_bounds(c_lo: torch.Tensor, c_hi: torch.Tensor, dims: int, eps: float):
+    """Bounds of `c_k / sqrt(mean(c²) + eps)` over the last `dims` axes from bounds on the centred c.
+
+    The quotient of the variance interval's ends, capped by `|y_k| <= sqrt(n - 1)` (a centred
+    vector's entry is at most sqrt(n - 1) times its root mean square).
+    """
+    axes = tuple(range(-dims, 0))
+    count = math.prod(c_lo.shape[-dims:])
+    square_hi = torch.maximum(c_lo**2, c_hi**2)
+    square_lo = torch.where((c_lo <= 0) & (c_hi >= 0), torch.zeros_like(c_lo), torch.minimum(c_lo**2, c_hi**2))
+    var_lo, var_hi = square_lo.mean(axes, keepdim=True), square_hi.mean(axes, keepdim=True)
+    denominators = torch.sqrt(torch.stack([var_lo, var_hi]) + eps)
+    quotients = torch.stack([c_lo / denominators[0], c_lo / denominators[1],
+                             c_hi / denominators[0], c_hi / denominators[1]])
+    cap = math.sqrt(max(count - 1, 1))
+    return quotients.min(0).values.clamp(-cap, cap), quotients.max(0).values.clamp(-cap, cap)
 
 
 def _centred_bounds(lo: torch.Tensor, hi: torch.Tensor, axes: tuple[int, ...], count: int):

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from verifier.bounds import ops, relaxations
+from verifier.bounds import bilinear, elementary, ops, relaxations
 from verifier.bounds.network import Activation, BoundNetwork, BoundNode
-from verifier.cells import displacement_box, window_index
+from verifier.bounds.pool import PoolRelaxation, pool_adjoint, pool_relaxation
+from verifier.cells import displacement_box
 from verifier.deadline import NEVER, Deadline
 from verifier.geometry import max_linear
 
 _RELAXED = frozenset({"relu", "leaky_relu", "prelu", "abs", "clip", "gelu", "silu", "sigmoid", "tanh",
-                      "softplus", "hard_swish"})
+                      "softplus", "hard_swish"}) | elementary.KINDS
 UNIT_CHUNK = 512
 # Back-substitution holds (samples x objectives x widest node) coefficients at once: a unit chunk is
 # sized to keep that under this many elements (64 MB in float64), which also bounds the work
@@ -56,22 +57,11 @@ class InputSet:
 
 
 @dataclass(frozen=True)
-class PoolRelaxation:
-    """MaxPool on an interval: `y >= x[winner]` always; `y <= x[winner]` where the winner is decided
-    (its lower bound beats every other upper bound), else `y <= max upper` (a constant)."""
-
-    winner: torch.Tensor  # (N, C, windows): flat input position of the largest lower bound
-    decided: torch.Tensor  # (N, C, windows) bool
-    ceiling: torch.Tensor  # (N, C, windows): max of the upper bounds in the window
-    input_shape: torch.Size
-
-
-@dataclass(frozen=True)
 class Bounds:
     """Interval bounds of every node and the relaxations used at every activation."""
 
     intervals: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    relaxed: dict[str, relaxations.Relaxation | PoolRelaxation]
+    relaxed: dict[str, relaxations.Relaxation | PoolRelaxation | bilinear.Planes]
 
 
 def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, deadline: Deadline = NEVER,
@@ -95,7 +85,7 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
         if not isinstance(node.rule, ops.Affine) and tighten:
             for name in node.inputs:
                 if name not in tightened:
-                    needed = _units_worth_tightening(network, region, name, consumers[name], intervals[name])
+                    needed = _units_worth_tightening(network, region, name, consumers, intervals[name])
                     intervals[name] = _intersect(intervals[name],
                                                  _linear_interval(network, state, region, name, needed, deadline))
                     tightened.add(name)
@@ -108,7 +98,9 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
             relaxed[node.name] = relaxations.linear_relaxation(node.rule.kind, low, high, node.rule.params,
                                                                node.rule.slope)
         elif isinstance(node.rule, Activation) and node.rule.kind == "max_pool":
-            relaxed[node.name] = _pool_relaxation(node, *intervals[node.inputs[0]])
+            relaxed[node.name] = pool_relaxation(node.rule.params, node.onnx_node, *intervals[node.inputs[0]])
+        elif isinstance(node.rule, bilinear.Product):
+            relaxed[node.name] = bilinear.relax(node.rule, *(intervals[i] for i in node.inputs), intervals[node.name])
     return state
 
 
@@ -160,24 +152,32 @@ def _nonlinear_consumers(network: BoundNetwork) -> dict[str, list[BoundNode]]:
     return consumers
 
 
-def _units_worth_tightening(network: BoundNetwork, region: InputSet, name: str, consumers: list[BoundNode],
+def _units_worth_tightening(network: BoundNetwork, region: InputSet, name: str,
+                            consumers: dict[str, list[BoundNode]],
                             interval: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
     """Mask (N, *shape) of the units whose back-substituted interval can change a relaxation (None: all).
 
     A unit whose interval already lies in one linear piece of every activation reading it (a stable
-    ReLU) is relaxed exactly whatever its interval. A single affine map of the input on a box (the
-    l_inf ball, or the whole box) has an exact interval already: nothing to tighten.
+    ReLU) is relaxed exactly whatever its interval. When that activation's output interval is also
+    read by a non-affine node (a MaxPool's relaxation depends on it), only a dead ReLU unit (output 0
+    on any sub-interval) is settled. A single affine map of the input on a box (the l_inf ball, or
+    the whole box) has an exact interval already: nothing to tighten.
     """
     node = next(n for n in network.nodes if n.name == name)
     if isinstance(node.rule, ops.Affine) and node.inputs == (network.input,) and (
             region.norm == "inf" or bool(torch.isinf(region.radius).all())):
         return torch.zeros_like(interval[0], dtype=torch.bool)
     needed = None
-    for consumer in consumers:
+    for consumer in consumers[name]:
         rule = consumer.rule
         if not (isinstance(rule, Activation) and rule.kind in _RELAXED):
             return None
-        unsettled = ~relaxations.settled(rule.kind, *interval, rule.params)
+        if consumers.get(consumer.name):  # its output interval matters too
+            if rule.kind != "relu":
+                return None
+            unsettled = interval[1] > 0
+        else:
+            unsettled = ~relaxations.settled(rule.kind, *interval, rule.params)
         needed = unsettled if needed is None else needed | unsettled
     return needed
 
@@ -217,25 +217,31 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
     pending: dict[str, torch.Tensor] = {target: coefficients}
     bias = torch.zeros(count, objectives, dtype=coefficients.dtype, device=coefficients.device)
     position = next(i for i, n in enumerate(network.nodes) if n.name == target) if target != network.input else -1
+    cut = torch.full_like(bias, math.inf)  # the best bound stopping at a product or elementary node (§3.8)
     for node in reversed(network.nodes[: position + 1]):
         lam = pending.pop(node.name, None)
         if lam is None:
             continue
         deadline.check("back-substitution")
         rule = node.rule
+        if isinstance(rule, bilinear.Product) or getattr(rule, "kind", None) in elementary.KINDS:
+            cut = torch.fmin(cut, _concretised(state, {node.name: lam, **pending}, bias))
         if isinstance(rule, ops.Affine):
             shapes = [state.intervals[i][0].shape[1:] for i in node.inputs]
             contributions, offset = _affine_adjoint(rule, lam, shapes)
             bias = bias + offset
         elif isinstance(rule, Activation) and isinstance(state.relaxed.get(node.name), PoolRelaxation):
-            contribution, offset = _pool_adjoint(state.relaxed[node.name], lam)
+            contribution, offset = pool_adjoint(state.relaxed[node.name], lam)
             contributions = [contribution]
+            bias = bias + offset
+        elif isinstance(rule, bilinear.Product):
+            contributions, offset = bilinear.adjoint(rule, state.relaxed[node.name], lam)
             bias = bias + offset
         elif isinstance(rule, Activation) and node.name in state.relaxed:
             relax = state.relaxed[node.name]
             positive, negative = lam.clamp_min(0), lam.clamp_max(0)
-            upper_slope, lower_slope = relax.upper_slope.unsqueeze(1), relax.lower_slope.unsqueeze(1)
-            upper_offset, lower_offset = relax.upper_offset.unsqueeze(1), relax.lower_offset.unsqueeze(1)
+            upper_slope, lower_slope = _per_objective(relax.upper_slope, lam), _per_objective(relax.lower_slope, lam)
+            upper_offset, lower_offset = _per_objective(relax.upper_offset, lam), _per_objective(relax.lower_offset, lam)
             contributions = [positive * upper_slope + negative * lower_slope]
             bias = bias + _inner(positive, upper_offset) + _inner(negative, lower_offset)
         else:
@@ -247,33 +253,24 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
     lam = pending.pop(network.input, None)
     value = bias if lam is None else bias + region.maximise(lam)
     value = torch.nan_to_num(value, nan=math.inf, posinf=math.inf, neginf=-math.inf)  # undefined: no bound
+    value = torch.fmin(value, cut)
     return value + _ROUNDING * (1.0 + value.abs())
 
 
-def _pool_relaxation(node: BoundNode, low: torch.Tensor, high: torch.Tensor) -> PoolRelaxation:
-    count, channels, height, width = low.shape
-    index = window_index(node.rule.params, node.onnx_node, height, width, low.device)  # (windows, taps)
-    valid, safe = index >= 0, index.clamp_min(0)
-    lows = low.reshape(count, channels, -1)[:, :, safe].masked_fill(~valid, -math.inf)
-    highs = high.reshape(count, channels, -1)[:, :, safe].masked_fill(~valid, -math.inf)
-    best = lows.argmax(-1, keepdim=True)  # (N, C, W, 1)
-    others = highs.scatter(-1, best, -math.inf).max(-1).values
-    winner = safe.expand(count, channels, -1, -1).gather(-1, best).squeeze(-1)
-    return PoolRelaxation(winner=winner, decided=lows.gather(-1, best).squeeze(-1) >= others,
-                          ceiling=highs.max(-1).values, input_shape=low.shape)
+def _per_objective(line: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """A relaxation line (N, *units) shared by the objectives gets their axis; one per objective
+    (N, K, *units, from `verifier.bounds.optimise`) is used as it is."""
+    return line if line.dim() == lam.dim() else line.unsqueeze(1)
 
 
-def _pool_adjoint(relax: PoolRelaxation, lam: torch.Tensor):
-    count, objectives = lam.shape[:2]
-    flat = lam.reshape(count, objectives, relax.winner.shape[1], -1)  # (N, K, C, windows)
-    positive, negative = flat.clamp_min(0), flat.clamp_max(0)
-    decided = relax.decided.unsqueeze(1)
-    selected = negative + torch.where(decided, positive, torch.zeros_like(positive))
-    offset = _inner(torch.where(decided, torch.zeros_like(positive), positive), relax.ceiling.unsqueeze(1))
-    _, channels, height, width = relax.input_shape
-    contribution = torch.zeros(count, objectives, channels, height * width, dtype=lam.dtype, device=lam.device)
-    contribution.scatter_add_(-1, relax.winner.unsqueeze(1).expand(-1, objectives, -1, -1), selected)
-    return contribution.reshape(count, objectives, channels, height, width), offset
+def _concretised(state: Bounds, pending: dict[str, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+    """`bias + Σ <lam, v>` with every pending node's v bounded by its interval: a sound upper bound
+    wherever back-substitution stops (it keeps a loose relaxation from costing more than an interval)."""
+    total = bias
+    for name, lam in pending.items():
+        low, high = state.intervals[name]
+        total = total + _inner(lam.clamp_min(0), high.unsqueeze(1)) + _inner(lam.clamp_max(0), low.unsqueeze(1))
+    return torch.nan_to_num(total, nan=math.inf)
 
 
 def _inner(lam: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Per-activation numeric primitives for sound bound propagation (method.md §3.1, §3.3, §3.4, §3.7).
 
 This module owns, for every elementwise activation kind that `verifier.graph` reports (max_pool
-and softmax are not elementwise and live elsewhere): the function itself (`activation`), a sound
+and softmax are not elementwise and live elsewhere), and by dispatch to `elementary.py` for the
+convex/concave kinds Softmax and LayerNorm are decomposed into: the function itself (`activation`), a sound
 image of an interval (`interval`), a sound range of the derivative (`derivative_range`), sound
 linear relaxations (`linear_relaxation`, bounds-design.md §5) and global Lipschitz constants
 (`lipschitz_constant`). All are pure, batched, broadcasting functions on torch tensors. The smooth
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from verifier.bounds import elementary
 from verifier.bounds.smooth import CRITICAL_POINT, CRITICAL_VALUES, LIPSCHITZ, MINIMUM, fix_inf, smooth
 
 Params = Mapping[str, float | str] | None
@@ -93,6 +95,12 @@ def _prepare(kind: str, lower: Tensor, upper: Tensor, params: Params,
     return l, u, a, dtype
 
 
+def _outward(bounds: tuple[Tensor, Tensor], lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """Float64 bounds rounded outward to the inputs' dtype."""
+    dtype = torch.promote_types(lower.dtype, upper.dtype)
+    return _round(bounds[0], dtype, up=False), _round(bounds[1], dtype, up=True)
+
+
 def _round(v: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
     """Cast float64 `v` to `dtype`, rounding toward +inf (up) or -inf, so the result bounds v."""
     out = v.to(dtype)
@@ -115,6 +123,8 @@ def _eval64(kind: str, x: Tensor, params: Params, a: Tensor) -> Tensor:
 # ---------------------------------------------------------------- public API
 def activation(kind: str, x: Tensor, params: Params = None, slope: Tensor | float | None = None) -> Tensor:
     """The activation itself: reference values (float64 formulas, rounded to x's dtype; limits at +-inf)."""
+    if kind in elementary.KINDS:
+        return elementary.function(kind, x, params)
     key = _key(kind, params)
     if kind in _RELU_FAMILY:  # one rounding in any dtype, with the slope at x's precision
         a = torch.as_tensor(_negative_slope(kind, params, slope), dtype=x.dtype, device=x.device)
@@ -132,6 +142,8 @@ def activation(kind: str, x: Tensor, params: Params = None, slope: Tensor | floa
 def interval(kind: str, lower: Tensor, upper: Tensor, params: Params = None,
              slope: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """Sound [min, max] of the activation over [lower, upper], elementwise (lower <= upper)."""
+    if kind in elementary.KINDS:
+        return _outward(elementary.interval(kind, lower, upper, params), lower, upper)
     key = _key(kind, params)
     l, u, a, dtype = _prepare(kind, lower, upper, params, slope)
     fl, fu = _eval64(kind, l, params, a), _eval64(kind, u, params, a)
@@ -151,6 +163,8 @@ def interval(kind: str, lower: Tensor, upper: Tensor, params: Params = None,
 def derivative_range(kind: str, lower: Tensor, upper: Tensor, params: Params = None,
                      slope: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """Sound range of sigma' over [lower, upper] (Clarke subgradients at kinks), elementwise."""
+    if kind in elementary.KINDS:
+        return _outward(elementary.derivative_range(kind, lower, upper, params), lower, upper)
     key = _key(kind, params)
     l, u, a, dtype = _prepare(kind, lower, upper, params, slope)
     if kind in _RELU_FAMILY or kind in ("clip", "hard_swish"):
@@ -199,6 +213,13 @@ def lipschitz_constant(kind: str, params: Params = None, slope: Tensor | float |
 def linear_relaxation(kind: str, lower: Tensor, upper: Tensor, params: Params = None,
                       slope: Tensor | float | None = None) -> Relaxation:
     """Sound lower and upper lines of the activation on [lower, upper] (bounds-design.md §5)."""
+    if kind in elementary.KINDS:
+        lines = elementary.linear_relaxation(kind, lower, upper, params)
+        dtype = torch.promote_types(lower.dtype, upper.dtype)
+        if dtype == torch.float64:
+            return Relaxation(*lines)
+        ends = [torch.nan_to_num(e.to(torch.float64), posinf=0.0, neginf=0.0) for e in (lower, upper)]
+        return Relaxation(*_finish(lines, *ends, dtype))
     key = _key(kind, params)
     l_raw, u_raw, a, dtype = _prepare(kind, lower, upper, params, slope)
     finite = torch.isfinite(l_raw) & torch.isfinite(u_raw)
@@ -247,6 +268,8 @@ def linear_relaxation(kind: str, lower: Tensor, upper: Tensor, params: Params = 
 def settled(kind: str, lower: Tensor, upper: Tensor, params: Params = None) -> Tensor:
     """Mask of units whose [lower, upper] lies in one linear piece: their relaxation is exact there and
     on every sub-interval (always False for the smooth kinds)."""
+    if kind in elementary.KINDS:
+        return torch.zeros_like(lower, dtype=torch.bool)
     _key(kind, params)
     mask = torch.zeros_like(lower, dtype=torch.bool)
     for piece, _, _ in _stable_pieces(kind, lower, upper, torch.zeros(()), params):

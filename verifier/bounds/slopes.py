@@ -4,10 +4,12 @@ Gradients are propagated backwards as intervals: through an affine node the cent
 the adjoint of the linear part and the radius through the adjoint of `|L|`; through an
 activation the gradient interval is multiplied by the activation's derivative range on its
 input interval (GELU'/SiLU' are non-monotone: `relaxations.derivative_range` knows their
-extremes); through MaxPool the gradient may go to any window entry that can still win. The result
+extremes, and so do the elementary kinds Softmax and LayerNorm are decomposed into); through MaxPool
+the gradient may go to any window entry that can still win; through a product of two variables
+`x * y` (or `x @ y`) the gradient reaches x times the interval of y and y times that of x. The result
 `Lambda_j(s) >= sup over B(x, s) ∩ box of ||grad (z_j - z_y)||_*` bounds the margin's (and the
-cross-entropy's) local Lipschitz constant. Nodes without a derivative rule (Softmax,
-LayerNormalization, products of variables) make the route inapplicable: +inf.
+cross-entropy's) local Lipschitz constant. Nodes without a derivative rule (an undecomposed
+Softmax, other interval-only ops) make the route inapplicable: +inf.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from verifier.bounds import ops, relaxations
+from verifier.bounds import bilinear, ops, relaxations
 from verifier.bounds.network import Activation, BoundNetwork
 from verifier.bounds.propagate import Bounds, MarginProblem, PerClassResult, margin_problem, propagate
 from verifier.cells import window_index
@@ -82,6 +84,8 @@ def _backward_intervals(network: BoundNetwork, intervals: dict[str, Pair], rows:
             contributions = _affine_backward(rule, grad, shapes)
         elif isinstance(rule, Activation) and rule.kind == "max_pool":
             contributions = [_pool_backward(node, intervals[node.inputs[0]], grad)]
+        elif isinstance(rule, bilinear.Product):
+            contributions = _product_backward(rule, [intervals[i] for i in node.inputs], grad)
         elif isinstance(rule, Activation) and rule.kind != "softmax":
             low, high = intervals[node.inputs[0]]
             d_low, d_high = relaxations.derivative_range(rule.kind, low, high, rule.params, rule.slope)
@@ -96,14 +100,31 @@ def _backward_intervals(network: BoundNetwork, intervals: dict[str, Pair], rows:
 
 
 def _product(a: Pair, b: Pair) -> Pair:
-    corners = torch.stack([a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1]])
+    """Interval product; an exact 0 times an infinite end is 0 (every actual value is finite)."""
+    pairs = [(a[0], b[0]), (a[0], b[1]), (a[1], b[0]), (a[1], b[1])]
+    corners = torch.stack([torch.where((u == 0) | (v == 0), 0.0, u * v) for u, v in pairs])
     return corners.min(0).values, corners.max(0).values
+
+
+def _product_backward(rule: bilinear.Product, inputs: list[Pair], grad: Pair) -> list[Pair]:
+    """d(x * y) = dx * y + x * dy (and d(x @ y) = dx @ y + x @ dy), with y, x ranging over their intervals."""
+    (x_lo, x_hi), (y_lo, y_hi) = ((lo.unsqueeze(1), hi.unsqueeze(1)) for lo, hi in inputs)
+    count, objectives = grad[0].shape[:2]
+    if rule.matmul:
+        interval_matmul = ops.matrix_product().rule
+        to_x = interval_matmul([grad, (y_lo.transpose(-1, -2), y_hi.transpose(-1, -2))])
+        to_y = interval_matmul([(x_lo.transpose(-1, -2), x_hi.transpose(-1, -2)), grad])
+    else:
+        to_x, to_y = _product(grad, (y_lo, y_hi)), _product(grad, (x_lo, x_hi))
+    return [tuple(torch.nan_to_num(v, nan=fill).sum_to_size(count, objectives, *shape[2:])
+                  for v, fill in zip(pair, (-math.inf, math.inf)))
+            for pair, shape in ((to_x, x_lo.shape), (to_y, y_lo.shape))]
 
 
 def _affine_backward(rule: ops.Affine, grad: Pair, shapes: list[torch.Size]) -> list[Pair]:
     low, high = grad
     count, objectives = low.shape[:2]
-    centre = ((low + high) / 2).reshape(count * objectives, *low.shape[2:])
+    centre = torch.nan_to_num((low + high) / 2, nan=0.0).reshape(count * objectives, *low.shape[2:])  # inf - inf
     radius = ((high - low) / 2).reshape(count * objectives, *low.shape[2:])
     zeros = [torch.zeros(count * objectives, *shape, dtype=low.dtype, device=low.device) for shape in shapes]
     _, pull_linear = torch.func.vjp(rule.linear, *zeros)
@@ -111,7 +132,7 @@ def _affine_backward(rule: ops.Affine, grad: Pair, shapes: list[torch.Size]) -> 
     results = []
     for c, r in zip(pull_linear(centre), pull_magnitude(radius)):
         c, r = c.reshape(count, objectives, *c.shape[1:]), r.reshape(count, objectives, *r.shape[1:])
-        results.append((c - r, c + r))
+        results.append((torch.nan_to_num(c - r, nan=-math.inf), torch.nan_to_num(c + r, nan=math.inf)))
     return results
 
 

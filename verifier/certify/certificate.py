@@ -25,6 +25,7 @@ import torch
 
 from verifier.bounds.global_lipschitz import global_lipschitz
 from verifier.bounds.network import BoundNetwork
+from verifier.bounds.optimise import SlopeSearch
 from verifier.cells import displacement_box
 from verifier.certify.accuracy import certified_accuracy
 from verifier.certify.aggregate import excess_bound, grid, linear_closed_form, used_points
@@ -38,6 +39,7 @@ from verifier.convert.normalize import NormalizedModel
 from verifier.data import check_labels
 from verifier.data import save_distributions as write_distributions
 from verifier.deadline import NEVER, Deadline
+from verifier.device import resolve_device
 from verifier.distributed import Shard
 from verifier.errors import UsageError, VerifierError
 from verifier.finite import require_finite_inputs, require_finite_logits, require_no_nan
@@ -189,8 +191,12 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False,
             deadline: Deadline = NEVER, memory_limit_bytes: int | None = None,
             refine_share: float = REFINE_SHARE, exact: ExactSettings | str = "auto",
-            shard: Shard | None = None) -> Certificate:
-    """Certificates (upper bounds on R(delta)) for every delta, on CPU in float64.
+            shard: Shard | None = None, device: str = "cpu", optimise_slopes: bool = False) -> Certificate:
+    """Certificates (upper bounds on R(delta)) for every delta, in float64.
+
+    `device` (auto | cpu | cuda) is where the heavy per-sample work runs: bound propagation, the
+    cell analysis, Jacobians and gradients; the per-sample tables, the aggregation, the MILP route
+    and the exactness candidates stay on the CPU.
 
     `exact` (auto | on | off, or `ExactSettings`) runs the MILP route (§8) at the curve points
     the certificates depend on: `auto` only where it is cheap (see `certify.milp_route`). It needs
@@ -210,6 +216,9 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     Per-sample work runs block by block (`shard.block` samples, default `distributed.BLOCK`);
     with a `shard` of a sharded run, `x` and `y` are this rank's samples, the per-sample tables
     are gathered and every rank returns the certificate one process computes over all samples.
+
+    `optimise_slopes`: the tightened margin bounds also search the relaxations' free slopes
+    (alpha-CROWN style, `verifier.bounds.optimise`): tighter, several times slower.
     """
     norm, loss = parse_norm(norm), check_loss(loss)
     if not p >= 1:
@@ -226,10 +235,14 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     fallbacks: list[str] = []
     lipschitz = global_lipschitz(_normalized(model), norm)
     network: BoundNetwork | None
+    target = resolve_device(device)
+    cpu_network: BoundNetwork | None
     try:
-        network = BoundNetwork.from_model(model)
+        network = cpu_network = BoundNetwork.from_model(model)
+        if target.type != "cpu":  # the bounds' constants on the device; the MILP route reads the CPU twin
+            network = BoundNetwork.from_model(model, torch.float64, target)
     except VerifierError as err:
-        network = None
+        network = cpu_network = None
         fallbacks.append(str(err))
     deadline.check("the certificate's set-up")
     refine = deadline.sooner(refine_share)
@@ -258,7 +271,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             model, module, network, block_x, block_y, logits, norm, loss, box, radii, move_radii, deltas, p,
             lipschitz.loss_constant(loss), lipschitz.loss_constant("margin"), settings, deadline,
             refine.sooner(1.0 / (len(local_blocks) - number)),  # the refinement time left, shared by the blocks left
-            memory_limit_bytes, progress, refusal)
+            memory_limit_bytes, progress, refusal, device=target, exact_network=cpu_network,
+            optimise=SlopeSearch() if optimise_slopes else None)
         parts.append(tables)
         reports.append(report)
         blocks.append(BlockInputs(part.start, block_x, block_y, jacobian, *displacement_box(block_x, box)))

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from verifier.bounds.margins import margins_from
 from verifier.bounds.network import BoundNetwork
+from verifier.bounds.optimise import SlopeSearch
 from verifier.bounds.propagate import Bounds, margin_problem, propagate
 from verifier.bounds.slopes import slopes_from
 from verifier.cells import CellAnalysis
@@ -89,12 +90,12 @@ class MarginEvidence:
 
 
 def _bounds_at(network: BoundNetwork, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor | float, norm: str,
-               box: tuple[float, float] | None, device: str, deadline: Deadline, tighten: bool,
-               prior: Bounds | None = None):
+               box: tuple[float, float] | None, device: str | torch.device, deadline: Deadline, tighten: bool,
+               prior: Bounds | None = None, optimise: SlopeSearch | None = None):
     """Margin upper bounds (-inf at the true class), per-class slope bounds and the propagated state."""
     problem = margin_problem(network, x, y, radius, norm, box, torch.device(device), x.dtype)
     state = propagate(network, problem.region, tighten=tighten, deadline=deadline, prior=prior)
-    bounds = margins_from(problem, state, deadline).upper.masked_fill(problem.true_class, -math.inf)
+    bounds = margins_from(problem, state, deadline, optimise).upper.masked_fill(problem.true_class, -math.inf)
     return bounds, slopes_from(problem, state, deadline).per_class, state
 
 
@@ -111,21 +112,23 @@ def samples_per_pass(network: BoundNetwork, x: torch.Tensor, memory_limit_bytes:
 
 def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
                      norm: str, radii: torch.Tensor, box: tuple[float, float] | None,
-                     cells: CellAnalysis | None = None, device: str = "cpu", progress: bool = False,
+                     cells: CellAnalysis | None = None, device: str | torch.device = "cpu", progress: bool = False,
                      deadline: Deadline = NEVER, memory_limit_bytes: int | None = None,
-                     whole_domain: bool = True) -> MarginEvidence:
+                     whole_domain: bool = True, optimise: SlopeSearch | None = None) -> MarginEvidence:
     """Margin and slope bounds at every grid radius and on the whole domain, coarse to fine (anytime).
 
     First the cheap pass: the margins back-substituted through relaxations of interval bounds
     (CROWN-IBP), on the whole domain and at every radius (coarse to fine over the grid). Then the
     tight pass: intermediate intervals tightened by back-substitution, from the largest radius down
     (each ball contains the next, so its intervals seed the next propagation), the whole domain
-    last. Each point keeps the smaller of its bounds. Samples go in chunks that fit half of
+    last. Each point keeps the smaller of its bounds. The propagations run on `device` (that of
+    `network`'s constants); the tables are kept on the CPU. Samples go in chunks that fit half of
     `memory_limit_bytes` (default `resources.memory_limit()`). Past `deadline` the pass in progress
     ends where it is (`notes` say how far the tight pass got): a point without a tight bound keeps
     its cheap one, and is also capped by every larger radius. A signal (`Terminated`) still stops
     everything. `whole_domain=False` skips the whole-domain passes (`whole_box`, `domain_slope`
-    None), for a caller that only adds radii to evidence it has.
+    None), for a caller that only adds radii to evidence it has. `optimise`: the tight pass's margins
+    also search the relaxations' free slopes (`verifier.bounds.optimise`, alpha-CROWN style).
     """
     linear = slopes = whole_box = domain_slope = tightened = None
     notes: list[str] = []
@@ -146,7 +149,8 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
         def bound(part: slice, index: int | None, tighten: bool, prior: Bounds | None = None) -> Bounds:
             radius = math.inf if index is None else radii[index]
             bounds, slope, state = _bounds_at(network, x[part], y[part], radius, norm, box, device, deadline,
-                                              tighten=tighten, prior=prior)
+                                              tighten=tighten, prior=prior, optimise=optimise if tighten else None)
+            bounds, slope = bounds.to(linear.device), slope.to(linear.device)  # the tables stay on the CPU
             if index is None:
                 domain[part] = torch.minimum(domain[part], bounds)
                 domain_slopes[part] = torch.minimum(domain_slopes[part], slope)

@@ -17,8 +17,10 @@ from verifier.deadline import NEVER, Deadline, Stopped, Terminated
 
 def certified_radii(evidence: MarginEvidence, network: BoundNetwork | None, x: torch.Tensor, norm: str,
                     box: tuple[float, float] | None, cells: CellAnalysis | None = None,
-                    bisection_steps: int = 8, deadline: Deadline = NEVER) -> torch.Tensor:
-    """`c_i` for every sample (0 for misclassified ones, inf when the whole box is proved safe)."""
+                    bisection_steps: int = 8, deadline: Deadline = NEVER,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """`c_i` for every sample (0 for misclassified ones, inf when the whole box is proved safe);
+    the bisection's bounds run on `device` (that of `network`'s constants)."""
     radii, labels = evidence.radii, evidence.labels
     true_class = torch.nn.functional.one_hot(labels, evidence.logits.shape[1]).bool()
     clean_worst = (evidence.logits - evidence.logits.gather(1, labels[:, None])).masked_fill(
@@ -35,7 +37,7 @@ def certified_radii(evidence: MarginEvidence, network: BoundNetwork | None, x: t
             whole_safe = evidence.whole_box.max(-1).values < 0
             low = torch.where(whole_safe & correct, torch.full_like(low, math.inf), low)
         low = _bisect(network, x, labels, norm, box, low, high, correct & (last >= 0) & torch.isfinite(low),
-                      bisection_steps, deadline)
+                      bisection_steps, deadline, device)
         certified = low
     if cells is not None:
         certified = torch.maximum(certified, cells.certified_radius())
@@ -44,7 +46,7 @@ def certified_radii(evidence: MarginEvidence, network: BoundNetwork | None, x: t
 
 def _bisect(network: BoundNetwork | None, x: torch.Tensor, labels: torch.Tensor, norm: str,
             box: tuple[float, float] | None, low: torch.Tensor, high: torch.Tensor, active: torch.Tensor,
-            steps: int, deadline: Deadline) -> torch.Tensor:
+            steps: int, deadline: Deadline, device: torch.device | str) -> torch.Tensor:
     """Raise `low` (verified safe) towards `high` (not verified) where `active`; returns verified radii
     (past `deadline`, those verified so far; a signal still stops everything)."""
     active = active & (high > low) & torch.isfinite(high)
@@ -55,13 +57,13 @@ def _bisect(network: BoundNetwork | None, x: torch.Tensor, labels: torch.Tensor,
     for _ in range(steps):
         middle = (low[index] + high[index]) / 2
         try:
-            bounds = margin_bounds(network, x[index], labels[index], middle, norm, box=box, device="cpu",
+            bounds = margin_bounds(network, x[index], labels[index], middle, norm, box=box, device=str(device),
                                    dtype=x.dtype, deadline=deadline)
         except Stopped as err:
             if isinstance(err, Terminated):
                 raise
             break
-        proved = bounds.certified
+        proved = bounds.certified.cpu()
         low[index] = torch.where(proved, middle, low[index])
         high[index] = torch.where(proved, high[index], middle)
     return low

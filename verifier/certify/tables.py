@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from verifier.bounds.network import BoundNetwork
+from verifier.bounds.optimise import SlopeSearch
 from verifier.cells import cell_analysis, displacement_box
 from verifier.certify.aggregate import GrowthCurves
 from verifier.certify.exactness import Candidates, candidates
@@ -29,6 +30,9 @@ from verifier.errors import ResourceLimitError
 from verifier.geometry import dual_norm
 from verifier.jacobian import logits_jacobian, loss_gradients
 from verifier.losses import loss_values
+
+
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,23 +69,28 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
                  y: torch.Tensor, logits: torch.Tensor, norm: str, loss: str, box: tuple[float, float] | None,
                  radii: torch.Tensor, move_radii, deltas, p: float, global_slope: float, margin_slope: float,
                  exact: ExactSettings, deadline: Deadline, refine: Deadline, memory_limit_bytes: int | None,
-                 progress: bool, exact_refusal: str = "") -> tuple[SampleTables, torch.Tensor, MilpReport]:
+                 progress: bool, exact_refusal: str = "", device: torch.device = CPU,
+                 exact_network: BoundNetwork | None = None,
+                 optimise: SlopeSearch | None = None) -> tuple[SampleTables, torch.Tensor, MilpReport]:
     """The tables of one block of samples (float64 inputs), its logits Jacobian (n, C, d) and what
-    the exact route did. Anytime: the refinements (tightened bounds, cells, the MILP route,
+    the exact route did. The bounds, cells, Jacobians and gradients run on `device` (`network`'s
+    constants live there; `exact_network` is its CPU twin for the MILP route, default `network`);
+    the tables come back on the CPU. Anytime: the refinements (tightened bounds, cells, the MILP route,
     bisection, candidates) run under `refine` and stop where they are, each cut a fallback line;
     `deadline` itself raises `Stopped`. `move_radii(radii)` gives the candidate radii of a grid.
-    `exact_refusal` (non-empty): the exact route does not run, for that reason."""
+    `exact_refusal` (non-empty): the exact route does not run, for that reason. `optimise`: the
+    tightened margin bounds search the relaxations' free slopes (`verifier.bounds.optimise`)."""
     fallbacks: list[str] = []
     # The tightened bounds first: on a large model they matter more than the cells' tiny radii.
-    evidence = collect_evidence(network, x, y, logits, norm, radii, box, None, progress=progress, deadline=refine,
-                                memory_limit_bytes=memory_limit_bytes)
+    evidence = collect_evidence(network, x, y, logits, norm, radii, box, None, device=device, progress=progress,
+                                deadline=refine, memory_limit_bytes=memory_limit_bytes, optimise=optimise)
     fallbacks += evidence.notes
     deadline.check("the bounds per radius")
     cells = None
     if model.piecewise_linear:  # every kink is a site: the model is affine on each cell
         try:
-            cells = cell_analysis(model, x, y, norm, box=box, device="cpu", deadline=refine,
-                                  memory_limit_bytes=memory_limit_bytes)
+            cells = cell_analysis(model, x, y, norm, box=box, device=str(device), deadline=refine,
+                                  memory_limit_bytes=memory_limit_bytes).to(CPU)
         except ResourceLimitError as err:  # the cell route is skipped; the others still bound
             fallbacks.append(f"cells skipped: {err}")
         except Stopped as err:
@@ -94,8 +103,9 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
         evidence, milp_report = inactive(exact, evidence, exact_refusal)
     else:
         try:
-            evidence, milp_report = refine_with_milp(evidence, network if loss != "dlr" else None, x, norm, box, deltas,
-                                                     p, loss, global_slope, margin_slope, exact, cells, refine)
+            milp_network = (exact_network if exact_network is not None else network) if loss != "dlr" else None
+            evidence, milp_report = refine_with_milp(evidence, milp_network, x, norm, box, deltas, p, loss, global_slope,
+                                                     margin_slope, exact, cells, refine)
         except Stopped as err:
             if isinstance(err, Terminated):
                 raise
@@ -104,18 +114,21 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
     deadline.check("the exact MILP route")
     growth = growth_curves(evidence, loss, global_slope)
     class_curves = margin_class_curves(evidence, margin_slope) if loss == "margin" else None
-    radii_certified = certified_radii(evidence, network, x, norm, box, cells, deadline=refine)
+    radii_certified = certified_radii(evidence, network, x, norm, box, cells, deadline=refine, device=device)
     deadline.check("the certified radii")
     if refine.expired():
         fallbacks.append("time limit: certified radii not (fully) refined by bisection")
     local = None
     if loss != "zero_one":
-        gradients = loss_gradients(model, x, y, loss, device="cpu", dtype=torch.float64, deadline=deadline).gradients
-        local = dual_norm(gradients.flatten(1), norm)
-    jacobian = cells.jacobian if cells is not None else logits_jacobian(model, x, "cpu", torch.float64,
-                                                                        deadline=deadline).jacobian
-    lower, upper = displacement_box(x, box)
+        gradients = loss_gradients(model, x, y, loss, device=device, dtype=torch.float64, deadline=deadline).gradients
+        local = dual_norm(gradients.flatten(1).to(CPU), norm)
+    jacobian = cells.jacobian if cells is not None else _jacobian_or_none(model, x, device, refine)
     wanted = move_radii(evidence.radii)
+    if jacobian is None:  # the logits Jacobian (C backward passes) is a refinement: without it, no linearised moves
+        fallbacks.append("time limit: logits Jacobians skipped, so no linearised moves in the realising distribution")
+        jacobian, wanted = torch.zeros(len(x), logits.shape[1], 0, dtype=x.dtype), wanted[:0]
+    deadline.check("the logits Jacobians")
+    lower, upper = displacement_box(x, box)
     moves = candidates(module, x, y, jacobian, lower, upper, wanted, norm, loss, refine)
     deadline.check("the exactness candidates")
     if len(moves.radii) < len(wanted):
@@ -130,6 +143,17 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
                           certified_radii=radii_certified, local_slopes=local, moves=moves, cell_radius=cell_radius,
                           fallbacks=tuple(fallbacks), radii=evidence.radii, milp_status=milp_report.status)
     return tables, jacobian, milp_report
+
+
+def _jacobian_or_none(model: ConvertedModel, x: torch.Tensor, device: torch.device,
+                      refine: Deadline) -> torch.Tensor | None:
+    """The logits Jacobian (n, C, d) on the CPU, or None when `refine` runs out first (a signal still stops)."""
+    try:
+        return logits_jacobian(model, x, device, torch.float64, deadline=refine).jacobian.to(CPU)
+    except Stopped as err:
+        if isinstance(err, Terminated):
+            raise
+        return None
 
 
 def _cat(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:

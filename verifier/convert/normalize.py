@@ -45,7 +45,8 @@ from verifier.convert.rnn import lower_rnns
 from verifier.errors import UnsupportedOpsError
 from verifier.graph import OperatorGraph, node_keys
 from verifier.patterns import find_decomposed
-from verifier.head import Head, attach_logits, choose_head, numeric_outputs
+from verifier.head import Head, choose_head, numeric_outputs
+from verifier.head_logits import attach_logits
 
 VERIFIER_DOMAIN = "verifier"
 _NAME_PART_LENGTH = 40

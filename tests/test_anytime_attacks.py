@@ -1,0 +1,156 @@
+"""Anytime attacks: under a time budget every attack loop stops at its next step and the attack
+returns the best points found so far (within the perturbation budget, flagged time-limited); the
+hard deadline still raises `Stopped`; the audit shares its time out between the attacks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import shipped_data, shipped_model
+
+from verifier import audit as audit_module
+from verifier.attacks import METHODS, attack
+from verifier.attacks.base import TIME_LIMITED
+from verifier.audit import AuditSettings, audit
+from verifier.convert import convert_model
+from verifier.deadline import NEVER, Deadline
+from verifier.onnx_io import load_model
+from verifier.report import validate_report
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DELTAS = [1 / 255, 4 / 255]
+
+
+class Ticks:
+    """A clock that advances one unit at every reading."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+class Polls:
+    """A hard deadline's `stop_when` that never stops, counting the forward/gradient passes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> bool:
+        self.count += 1
+        return False
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    loaded = load_model(shipped_model("mlp_relu"))
+    data = np.load(shipped_data("mlp_relu"))
+    return loaded, convert_model(loaded), data["x"][:24], data["y"][:24]
+
+
+def _run(mlp, method: str, budget: Deadline | None):
+    loaded, converted, x, y = mlp
+    polls = Polls()
+    report = attack(converted, loaded, x, y, [method], DELTAS, p=2.0, norm="inf", box=(0.0, 1.0), steps=10,
+                    device="cpu", deadline=Deadline.polling(polls), budget=budget)
+    return report, polls.count
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_spent_budget_stops_every_attack_early_with_a_valid_lower_bound(mlp, method):
+    full, full_passes = _run(mlp, method, None)
+    cut, cut_passes = _run(mlp, method, Deadline(at=3.0, clock=Ticks()))  # spent after a few readings
+    assert cut_passes < full_passes  # the loops stopped: fewer forward/gradient passes
+    for before, after in zip(full.results, cut.results):
+        assert TIME_LIMITED in after.flags and TIME_LIMITED not in before.flags
+        assert after.transport_cost <= after.delta * (1 + 1e-9)  # still inside the perturbation budget
+        assert after.risk >= after.clean_risk - 1e-12  # the best point kept includes the samples themselves
+        assert after.robust_accuracy <= after.clean_accuracy + 1e-12
+
+
+def test_a_budget_that_is_not_reached_changes_nothing(mlp):
+    plain, _ = _run(mlp, "pgd", None)
+    far, _ = _run(mlp, "pgd", Deadline.after(1e6))
+    assert [r.risk for r in plain.results] == [r.risk for r in far.results]
+    assert [r.flags for r in plain.results] == [r.flags for r in far.results]
+    assert all(TIME_LIMITED not in r.flags for r in far.results)
+
+
+def test_each_method_gets_an_equal_share_of_the_budget_left(mlp, monkeypatch):
+    import verifier.attacks as attacks_module
+
+    seen = []
+    real = attacks_module.ATTACKS["pgd"]
+
+    class Recording(real):
+        def __init__(self, *args, budget, **kwargs):
+            seen.append(budget.at)
+            super().__init__(*args, budget=budget, **kwargs)
+
+    monkeypatch.setitem(attacks_module.ATTACKS, "pgd", Recording)
+    monkeypatch.setitem(attacks_module.ATTACKS, "wda", Recording)
+    clock = iter([0.0, 0.0, 100.0] + [100.0] * 10_000)  # the second method starts at t = 100
+    budget = Deadline(at=1000.0, clock=lambda: next(clock))
+    loaded, converted, x, y = mlp
+    attack(converted, None, x[:4], y[:4], ["pgd", "wda"], [1 / 255], box=(0.0, 1.0), steps=2, device="cpu",
+           budget=budget)
+    # first: half of 0.9 of the 1000 s left; second: 0.9 of the 900 s left at t = 100
+    assert seen == pytest.approx([450.0, 100.0 + 0.9 * 900.0])
+
+
+def test_audit_attack_cut_by_its_share_still_completes_and_says_so(tmp_path, monkeypatch):
+    real = audit_module.attack
+    budgets = []
+
+    def spent_for_pgd(*args, budget, **kwargs):
+        budgets.append(budget)
+        return real(*args, budget=Deadline(at=0.0) if args[4] == ["pgd"] else budget, **kwargs)
+
+    monkeypatch.setattr(audit_module, "attack", spent_for_pgd)
+    settings = AuditSettings(deltas=(1 / 255, 4 / 255), attacks=("wdapp", "pgd"), box=(0.0, 1.0), samples=16,
+                             grid_points=8, steps=5, time_limit=3600.0)
+    outcome = audit(shipped_model("mlp_relu"), shipped_data("mlp_relu"), settings, tmp_path)
+    assert [b.at != NEVER.at for b in budgets] == [True, True]
+    assert budgets[0].at < budgets[1].at  # the first attack's share ends before the second's
+    report = json.loads((tmp_path / "report.json").read_text())
+    validate_report(report)
+    assert report["complete"] is True and outcome.exit_code in (0, 1)
+    assert any(w.startswith("attack pgd stopped early by the time limit at delta") for w in report["warnings"])
+    for row in report["results"]:
+        assert TIME_LIMITED in row["attacks"]["pgd"]["flags"]
+        assert TIME_LIMITED not in row["attacks"]["wdapp"]["flags"]
+        assert row["attacks"]["pgd"]["risk"] <= row["certificate"] + 1e-9
+
+
+def test_passes_of_no_rows_give_empty_results(mlp):
+    """A loop whose rows all dropped out (e.g. no verified flip left to pull back) asks for nothing."""
+    from verifier.attacks import _target
+    from verifier.device import resolve_device
+
+    _, converted, x, y = mlp
+    target = _target(converted, x[:3], y[:3], 2.0, "inf", "ce", (0.0, 1.0), resolve_device("cpu"), NEVER)
+    empty = target.x[:0]
+    assert target.logits(empty).shape == (0, 10)
+    values, grads, logits = target.gradient(empty, target.loss_objective(target.y[:0]))
+    assert values.shape == (0,) and grads.shape == (0, x[0].size) and logits.shape == (0, 10)
+
+
+def test_a_loop_stops_before_a_step_that_would_end_past_its_share(mlp):
+    """Steps of 10 s and a share ending at t = 25: the poll at t = 20 stops (the next step would end
+    at 30), not the one at t = 30 after the share is already spent."""
+    from verifier.attacks.base import Attack
+    from verifier.attacks import _target
+    from verifier.device import resolve_device
+
+    _, converted, x, y = mlp
+    target = _target(converted, x[:2], y[:2], 2.0, "inf", "ce", (0.0, 1.0), resolve_device("cpu"), NEVER)
+    readings = iter([0.0, 10.0, 10.0, 20.0, 20.0])  # begin's share, then two readings per poll
+    runner = Attack(target, budget=Deadline(at=25.0, clock=lambda: next(readings)))
+    runner.begin(1)
+    assert runner.until.at == 25.0
+    assert runner.out_of_time() is False  # t = 10, no step measured yet
+    assert runner.out_of_time() is True and runner.cut  # t = 20: the next step would end at 30

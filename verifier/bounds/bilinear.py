@@ -1,0 +1,140 @@
+"""Products of two variable tensors: McCormick planes and their adjoint (method.md §3.8).
+
+`Product` is the rule of `x * y` (elementwise, broadcasting) and of `x @ y` (MatMul, a sum over
+the shared axis of such products). For one product `z = x y` on the box [lx, ux] x [ly, uy]:
+
+    lower:  z >= ly x + lx y - lx ly   (exact on x = lx and on y = ly)   or
+            z >= uy x + ux y - ux uy   (exact on x = ux and on y = uy)
+    upper:  z <= uy x + lx y - lx uy   (exact on x = lx and on y = uy)   or
+            z <= ly x + ux y - ux ly   (exact on x = ux and on y = ly)
+
+Both planes of a side have the same mean gap over the box; per unit we take the one whose worst
+corner (where its gap `wx wy` sits) has the more favourable product: the lower plane misses at
+the corner with the larger product, the upper plane at the corner with the smaller one, so
+neither plane's concretisation over the box exceeds the interval of `z` by more than needed.
+A product with a `hull` (LayerNorm's `c · rsqrt(v)`) takes flat lines at its interval instead where
+the planes' worst gap `wx wy` exceeds that interval's width. The planes hold exactly in the reals;
+their offsets are widened by their rounding error, and a product with an infinite end gets flat
+planes at its interval ends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from verifier.bounds import ops
+
+Pair = tuple[Tensor, Tensor]
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+@dataclass(frozen=True)
+class Product(ops.Interval):
+    """`x * y` (`matmul=False`) or `x @ y` of two variable inputs; `hull`: an optional extra interval
+    rule on the input intervals, intersected with the product's (LayerNorm's direct bounds)."""
+
+    matmul: bool = False
+    hull: Callable[[Sequence[Pair]], Pair] | None = None
+
+
+def product(matmul: bool, hull: Callable[[Sequence[Pair]], Pair] | None = None) -> Product:
+    """The rule of an elementwise or a matrix product of two variables."""
+    base = ops.matrix_product() if matmul else ops.product()
+
+    def rule(bounds: Sequence[Pair]) -> Pair:
+        low, high = base.rule(bounds)
+        if hull is None:
+            return low, high
+        hull_low, hull_high = hull(bounds)
+        return torch.fmax(low, hull_low), torch.fmin(high, hull_high)
+
+    return Product(rule=rule, forward=base.forward, matmul=matmul, hull=hull)
+
+
+@dataclass(frozen=True)
+class Planes:
+    """`a_lo x + b_lo y + c_lo <= x y <= a_hi x + b_hi y + c_hi` per product unit.
+
+    Elementwise: every tensor has the output's shape (N, *out). MatMul (x: (N, *b, M, K), y: (N, *b,
+    K, P)): slopes and offsets are (N, *b, M, K, P); `offset_*` are already summed over K.
+    """
+
+    a_lo: Tensor
+    b_lo: Tensor
+    offset_lo: Tensor
+    a_hi: Tensor
+    b_hi: Tensor
+    offset_hi: Tensor
+    x_shape: torch.Size  # per-sample shapes of the two inputs (for broadcasting back)
+    y_shape: torch.Size
+
+
+def relax(rule: Product, x: Pair, y: Pair, own: Pair | None = None) -> Planes:
+    """McCormick planes of every product of `rule` on the input intervals x, y (each (N, *shape));
+    `own`: the product's own (sound, rounded) interval, used where a `hull` makes it tighter."""
+    x_shape, y_shape = x[0].shape[1:], y[0].shape[1:]
+    if rule.matmul:
+        batch = torch.broadcast_shapes(x[0].shape[:-2], y[0].shape[:-2])
+        x = tuple(v.expand(*batch, *v.shape[-2:]).unsqueeze(-1) for v in x)  # (N, *b, M, K, 1)
+        y = tuple(v.expand(*batch, *v.shape[-2:]).unsqueeze(-3) for v in y)  # (N, *b, 1, K, P)
+    (lx, ux), (ly, uy) = x, y
+    lx, ux, ly, uy = torch.broadcast_tensors(lx, ux, ly, uy)
+    finite = torch.isfinite(lx) & torch.isfinite(ux) & torch.isfinite(ly) & torch.isfinite(uy)
+    lx, ux, ly, uy = (torch.where(finite, v, 0.0) for v in (lx, ux, ly, uy))
+    first_lo = ux * uy >= lx * ly  # the plane exact on x = lx, y = ly misses at (ux, uy)
+    first_hi = ux * ly <= lx * uy  # the plane exact on x = lx, y = uy misses at (ux, ly)
+    a_lo, b_lo = torch.where(first_lo, ly, uy), torch.where(first_lo, lx, ux)
+    a_hi, b_hi = torch.where(first_hi, uy, ly), torch.where(first_hi, lx, ux)
+    c_lo, c_hi = -a_lo * b_lo, -a_hi * b_hi  # -lx ly | -ux uy and -lx uy | -ux ly
+    c_lo, c_hi = c_lo - 2 * _EPS64 * c_lo.abs(), c_hi + 2 * _EPS64 * c_hi.abs()
+    # An infinite end: flat planes at the interval of the product (0 * inf counted as unbounded).
+    corners = torch.stack([x[0] * y[0], x[0] * y[1], x[1] * y[0], x[1] * y[1]])
+    flat_lo = torch.nan_to_num(corners, nan=-math.inf).amin(0).expand_as(c_lo)
+    flat_hi = torch.nan_to_num(corners, nan=math.inf).amax(0).expand_as(c_hi)
+    a_lo, b_lo, a_hi, b_hi = (torch.where(finite, v, 0.0) for v in (a_lo, b_lo, a_hi, b_hi))
+    c_lo, c_hi = torch.where(finite, c_lo, flat_lo), torch.where(finite, c_hi, flat_hi)
+    if rule.hull is not None and own is not None:
+        # Where the planes' worst gap (wx·wy, at the missed corner) exceeds the width of the direct
+        # interval (LayerNorm's rule: a huge rsqrt upper end when the variance may be ~0), flat
+        # lines at that interval are the tighter choice.
+        low, high = (v.expand_as(c_lo) for v in own)
+        flat = (ux - lx) * (uy - ly) > high - low
+        a_lo, b_lo, a_hi, b_hi = (torch.where(flat, 0.0, v) for v in (a_lo, b_lo, a_hi, b_hi))
+        c_lo, c_hi = torch.where(flat, low, c_lo), torch.where(flat, high, c_hi)
+    if rule.matmul:
+        c_lo, c_hi = c_lo.sum(-2), c_hi.sum(-2)
+    return Planes(a_lo, b_lo, c_lo, a_hi, b_hi, c_hi, x_shape, y_shape)
+
+
+def adjoint(rule: Product, planes: Planes, lam: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Coefficients on x and y, and the bias `(N, K)`, of an upper bound of `<lam, z>` (lam: (N, K, *out))."""
+    positive, negative = lam.clamp_min(0), lam.clamp_max(0)
+    count, objectives = lam.shape[:2]
+    if rule.matmul:
+        def through(slope_hi: Tensor, slope_lo: Tensor, pattern: str) -> Tensor:
+            return torch.einsum(pattern, positive, slope_hi) + torch.einsum(pattern, negative, slope_lo)
+        to_x = through(planes.a_hi, planes.a_lo, "nq...mp,n...mkp->nq...mk")
+        to_y = through(planes.b_hi, planes.b_lo, "nq...mp,n...mkp->nq...kp")
+    else:
+        upper_a, lower_a = planes.a_hi.unsqueeze(1), planes.a_lo.unsqueeze(1)
+        upper_b, lower_b = planes.b_hi.unsqueeze(1), planes.b_lo.unsqueeze(1)
+        to_x = positive * upper_a + negative * lower_a
+        to_y = positive * upper_b + negative * lower_b
+    to_x = to_x.sum_to_size(count, objectives, *planes.x_shape)
+    to_y = to_y.sum_to_size(count, objectives, *planes.y_shape)
+    bias = _inner(positive, planes.offset_hi) + _inner(negative, planes.offset_lo)
+    return [to_x, to_y], bias
+
+
+def _inner(lam: Tensor, offsets: Tensor) -> Tensor:
+    """Σ over unit axes of lam * offsets (offsets (N, *out) shared by the K objectives; 0 * inf = 0)."""
+    if bool(torch.isfinite(offsets).all()):
+        return torch.bmm(lam.flatten(2), offsets.flatten(1).unsqueeze(-1).to(lam.dtype)).squeeze(-1)
+    product = lam * offsets.unsqueeze(1)
+    product = torch.where(lam == 0, torch.zeros_like(product), product)
+    return product.flatten(2).sum(-1)

@@ -1,0 +1,176 @@
+"""Softmax, LayerNormalization and Div by a variable as chains of primitive bound nodes (method §3.8).
+
+`verifier.bounds.network` turns each `Part` list into consecutive `BoundNode`s, so that linear
+bounds pass through these ops instead of stopping at an interval:
+
+- Softmax (method eq. 3.8c): `softmax_i = 1 / Σ_j exp(x_j - x_i)`: the pairwise differences
+  (affine), exp, the sum over j (affine), the reciprocal (on [1, ∞)).
+- LayerNormalization (eq. 3.8d): `c = x - mean(x)` (affine), `c²`, `v = mean(c²) + eps` (affine),
+  `rsqrt(v)`, the product `c · rsqrt(v)` (bilinear, its interval also intersected with the direct
+  LayerNorm interval rule on `c`), then `· scale + bias` (affine).
+- `x / y` = `x · reciprocal(y)`; `a / y` (constant a) = `a · reciprocal(y)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from verifier.bounds import bilinear, ops
+from verifier.bounds.elementary import function
+
+PAIRWISE_LIMIT = 512  # a Softmax over more entries keeps its interval rule (n² differences per row)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One primitive node of a decomposed op. `inputs`: an int is the op's variable input of that
+    position, a str the suffix of an earlier part; the last part (suffix "") is the op's output."""
+
+    suffix: str
+    op: str
+    inputs: tuple[int | str, ...]
+    rule: object  # a network Rule (ops.Affine, ops.Interval, Activation)
+
+
+def unary(kind: str, params: dict) -> ops.Activation:
+    """An elementary convex/concave function (verifier.bounds.elementary) as a relaxed node."""
+    return ops.Activation(kind, dict(params), None, lambda u: function(kind, u, params))
+
+
+def softmax(axis: int, coerce_2d: bool, shape: list[int | None]) -> list[Part] | None:
+    """Parts of a Softmax over `axis` of a per-sample input of `shape` (None: keep the interval rule)."""
+    rank = len(shape) + 1  # with the batch axis
+    start = axis % rank
+    if start == 0:
+        return None
+    if coerce_2d:
+        tail = shape[start - 1:]
+        if any(d is None for d in tail):
+            return None
+        size = math.prod(tail)
+
+        def to_last(u: torch.Tensor) -> torch.Tensor:
+            return u.reshape(*u.shape[:start], -1)
+
+        def from_last(v: torch.Tensor) -> torch.Tensor:
+            return v.reshape(*v.shape[:-1], *tail)
+    else:
+        size = shape[start - 1]
+
+        def to_last(u: torch.Tensor) -> torch.Tensor:
+            return u.movedim(start, -1)
+
+        def from_last(v: torch.Tensor) -> torch.Tensor:
+            return v.movedim(-1, start)
+    if size is None or size > PAIRWISE_LIMIT:
+        return None
+
+    def differences(u: torch.Tensor) -> torch.Tensor:
+        last = to_last(u)
+        return last.unsqueeze(-2) - last.unsqueeze(-1)  # [..., i, j] = u_j - u_i
+
+    def spread(r: torch.Tensor) -> torch.Tensor:  # |L| r: r_i + r_j off the diagonal, 0 on it
+        last = to_last(r)
+        off = 1.0 - torch.eye(last.shape[-1], dtype=last.dtype, device=last.device)
+        return (last.unsqueeze(-2) + last.unsqueeze(-1)) * off
+
+    moved = start != rank - 1  # the normalised axes are not already the last one
+    parts = [
+        Part("differences", "Sub", (0,), ops.Affine(differences, spread)),
+        Part("exp", "exp", ("differences",), unary("exp", {})),
+        Part("sum", "ReduceSum", ("exp",), ops.structural(lambda e: e.sum(-1))),
+        Part("reciprocal" if moved else "", "reciprocal", ("sum",), unary("reciprocal", {})),
+    ]
+    if moved:
+        parts.append(Part("", "Transpose", ("reciprocal",), ops.structural(from_last)))
+    return parts
+
+
+def layer_norm(dims: int, eps: float, scale: torch.Tensor | None, bias: torch.Tensor | None) -> list[Part]:
+    """Parts of a LayerNormalization over the last `dims` axes."""
+    axes = tuple(range(-dims, 0))
+
+    def centre(u: torch.Tensor) -> torch.Tensor:
+        return u - u.mean(axes, keepdim=True)
+
+    def centre_magnitude(r: torch.Tensor) -> torch.Tensor:  # |I - 11ᵀ/n| r
+        count = math.prod(r.shape[-dims:])
+        return r * (1.0 - 2.0 / count) + r.sum(axes, keepdim=True) / count
+
+    def mean(q: torch.Tensor) -> torch.Tensor:
+        return q.mean(axes, keepdim=True)
+
+    def hull(bounds):
+        (c_lo, c_hi), _ = bounds
+        return ops.normalised_bounds(c_lo, c_hi, dims, eps)
+
+    last = "" if scale is None and bias is None else "normalised"
+    parts = [
+        Part("centred", "Sub", (0,), ops.Affine(centre, centre_magnitude)),
+        Part("square", "square", ("centred",), unary("square", {})),
+        Part("variance", "ReduceMean", ("square",), ops.Affine(mean, mean, eps)),
+        Part("rsqrt", "rsqrt", ("variance",), unary("rsqrt", {})),
+        Part(last, "Mul", ("centred", "rsqrt"), bilinear.product(False, hull)),
+    ]
+    if last:
+        factor = 1.0 if scale is None else scale
+        parts.append(Part("", "Affine", ("normalised",), ops.scale(factor, 0.0 if bias is None else bias)))
+    return parts
+
+
+def reciprocal_times(numerator: int | torch.Tensor, denominator: int) -> list[Part]:
+    """Parts of `x / y` (numerator: the variable position of x) or `a / y` (numerator: constant a)."""
+    parts = [Part("reciprocal", "reciprocal", (denominator,), unary("reciprocal", {}))]
+    if isinstance(numerator, int):
+        parts.append(Part("", "Mul", (numerator, "reciprocal"), bilinear.product(False)))
+    else:
+        parts.append(Part("", "Mul", ("reciprocal",), ops.scale(numerator)))
+    return parts
+
+
+# ---- rules of the network builder for ops with variable operands beyond the affine ones; `c` is
+# its node context (variables, constants, shapes).
+
+def same_rank(c, least: int) -> bool:
+    """Both variable inputs have known ranks, equal and at least `least` + 1 (the batch axis)."""
+    try:
+        ranks = {len(c.builder._shape(t)) for t in c.variables}
+    except KeyError:
+        return False
+    return len(ranks) == 1 and ranks.pop() >= least + 1
+
+
+def _div(c):
+    if c.variable_at(0):
+        return ops.scale(1.0 / c.const(1))
+    if c.variable_at(1):
+        return reciprocal_times(c.const(0), 0)
+    if len(c.variables) == 2 and same_rank(c, 1):
+        return reciprocal_times(0, 1)
+    return None
+
+
+_ELEMENTARY_OPS = {"Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal"}
+_NAMED_POWERS = {2.0: "square", 0.5: "sqrt", -0.5: "rsqrt", -1.0: "reciprocal"}
+
+
+def _elementary(c):
+    return unary(_ELEMENTARY_OPS[c.node.op_type], {}) if c.single else None
+
+
+def _pow(c):
+    exponent = c.const(1)
+    if not c.variable_at(0) or exponent is None or exponent.numel() != 1:
+        return None
+    value = float(exponent)
+    if value in _NAMED_POWERS:
+        return unary(_NAMED_POWERS[value], {})
+    if value == 1.0:
+        return ops.scale(1.0)
+    return unary("power", {"exponent": value}) if value == int(value) and value > 2 else None
+
+
+RULES = {"Div": _div, "Pow": _pow, **{op: _elementary for op in _ELEMENTARY_OPS}}
