@@ -152,9 +152,12 @@ def test_box_tolerates_the_dtype_rounding_and_names_the_worst_value():
     assert fit_box(x.astype(np.float64), None, "d") is None
 
 
+CLIP_REFUSAL = "cell clipping (clip) is not supported: unrolling writes the unclipped cell"
+
+
 def _lstm() -> onnx.ModelProto:
     hidden = 3
-    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["Y", "Yh"], hidden_size=hidden),
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["Y", "Yh"], hidden_size=hidden, clip=1.0),  # clip: refused
              helper.make_node("Squeeze", ["Yh", "axes"], ["h"])]
     inits = {"W": np.ones((1, 4 * hidden, 4), np.float32), "R": np.ones((1, 4 * hidden, hidden), np.float32),
              "axes": np.array([0], dtype=np.int64)}
@@ -178,11 +181,11 @@ def test_inspect_lists_unsupported_ops_first_and_exits_2(save, capsys):
     assert code == 2
     assert out.splitlines()[0].startswith("UNSUPPORTED LSTM (opset 17) at node 'LSTM_0'")
     assert err.strip().splitlines() == ["verifier: error: unsupported for conversion: 1 node(s): LSTM (opset 17) "
-                                        "at node 'LSTM_0' (no converter)"]
+                                        f"at node 'LSTM_0' ({CLIP_REFUSAL})"]
     code, out, _ = run_cli(capsys, "inspect", path, "--json")
     payload = json.loads(out)
     assert code == 2 and payload["error_type"] == "UnsupportedOpsError"
-    assert payload["unsupported_ops"] == [{"node": "LSTM_0", "op": "LSTM (opset 17)", "reason": "no converter"}]
+    assert payload["unsupported_ops"] == [{"node": "LSTM_0", "op": "LSTM (opset 17)", "reason": CLIP_REFUSAL}]
 
 
 def test_inspect_names_head_and_candidates(save, capsys):

@@ -57,6 +57,9 @@ class Entry:
     data: str
     task: str = ""
     extra_members: list[dict] = field(default_factory=list)
+    perturb: str = ""  # `--perturb NAME` for every analysis (e.g. an integer input's first float tensor)
+    perturb_box: list[float] | None = None  # the box in that tensor's space (default: `box`)
+    audit_args: list[str] = field(default_factory=list)  # more options for the audit (e.g. --atol 1e-4)
 
     @property
     def model_path(self) -> Path:
@@ -70,8 +73,9 @@ class Entry:
 
     @property
     def box_arg(self) -> str:
-        """`--box LO,HI` value."""
-        return f"{self.box[0]:g},{self.box[1]:g}"
+        """`--box LO,HI` value (the perturbed tensor's box when it has its own)."""
+        low, high = self.perturb_box or self.box
+        return f"{low:g},{high:g}"
 
 
 def load_manifest(path: Path = MANIFEST) -> list[Entry]:
@@ -248,7 +252,8 @@ def run_entry(entry: Entry, stages: list[str], samples: int, time_limit: float, 
     `time_limit` is audit's `--time-limit`; `aux_limit` that of the separate certify and attack runs.
     """
     model, data = str(entry.model_path), str(entry.data_path)
-    common = [model, "--data", data, "--samples", str(samples), "--box", entry.box_arg]
+    common = [model, "--data", data, "--samples", str(samples), "--box", entry.box_arg,
+              *(["--perturb", entry.perturb] if entry.perturb else [])]
     limit, aux = ["--time-limit", f"{time_limit:g}"], ["--time-limit", f"{aux_limit:g}"]
     row: dict = {"name": entry.name}
     logs = CACHE / "logs" / entry.name
@@ -259,7 +264,8 @@ def run_entry(entry: Entry, stages: list[str], samples: int, time_limit: float, 
         elif stage == "audit":
             out = Path("/tmp/corpus-audit") / entry.name
             shutil.rmtree(out, ignore_errors=True)
-            done = measure(["audit", *common, "--out", str(out), "--quiet", *limit], logs / "audit.txt")
+            done = measure(["audit", *common, *entry.audit_args, "--out", str(out), "--quiet", *limit],
+                           logs / "audit.txt")
             row["audit"] = done.to_dict() | audit_summary(out / "report.json")
         elif stage == "certify":
             done = measure(["certify", *common, "--json", *aux], logs / "certify.txt")

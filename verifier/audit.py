@@ -83,6 +83,9 @@ class AuditSettings:
     memory_limit: int | None = None  # bytes; None: half of the available memory
     exact: str = "auto"  # the MILP route (certify.milp_route): auto | on | off
     perturb: str | None = None  # the perturbed input or internal tensor (None: the only input; verifier.perturb)
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # --mean/--std (box.normalised_box)
+    atol: float = 1e-5  # the conversion check's tolerances (--atol/--rtol, as validate's)
+    rtol: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -244,12 +247,15 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
     device = resolve_device(settings.device)
     x, y = samples.x, samples.y
     shard = job.shard(len(x))
-    box, values, fitted = fitted_threat_box(samples, settings.box, perturbation)
+    box, values, fitted = fitted_threat_box(samples, settings.box, perturbation, settings.normalisation)
     scale = budget_scale_warning(values, settings.deltas, settings.norm, fitted)
     warnings += ([perturbation.describe()] if perturbation else []) + ([scale] if scale else [])
     if samples.box is not None:
         warnings.append(f"threat model: the box is per coordinate, lo..hi from {samples.source} "
                         f"(envelope [{samples.box[0]:g}, {samples.box[1]:g}])")
+    if settings.normalisation is not None:
+        warnings.append(f"threat model: the box is per channel, (raw - mean) / std for raw values in "
+                        f"{list(settings.box or (0.0, 1.0))} (--mean/--std; envelope [{fitted[0]:g}, {fitted[1]:g}])")
     if job.agree(clock.expired()):
         stopped_at = "validate"
     else:
@@ -257,7 +263,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
         try:
             converted = clock.run("validate", lambda: convert_model(loaded, settings.output))
             conversion = clock.run("validate", lambda: validate_against_onnxruntime(
-                loaded, converted, x, 1e-5, 1e-5, settings.device, y))
+                loaded, converted, x, settings.atol, settings.rtol, settings.device, y))
         except Terminated as err:  # a signal; the time limit is only checked between these two steps
             stopped_at = "validate"
             warnings.append(f"audit {err}")

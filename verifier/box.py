@@ -4,7 +4,8 @@ Every stage reaches the box through `displacement_box` (cells, bounds, certify, 
 displacement bounds `lo - x <= d <= hi - x` per sample. `Box` extends the scalar `(low, high)`
 pair in two ways without changing those signatures:
 - **per-coordinate ends**: `low`/`high` arrays broadcastable to one sample (a data file's
-  `lo`/`hi`, or `(0 - mean) / std` .. `(1 - mean) / std` of a normalised image);
+  `lo`/`hi`, or `(0 - mean) / std` .. `(1 - mean) / std` per channel of a normalised image,
+  `normalised_box` for `--mean`/`--std`);
 - **held coordinates**: only the first `prod(free_shape)` flattened coordinates (the perturbed
   tensor, of shape `free_shape` per sample) may move; the rest get
   displacement bounds `0 <= d <= 0`, which is how inputs held fixed per sample (packed behind
@@ -107,6 +108,35 @@ class Box(tuple):
             return value.tolist() if isinstance(value, np.ndarray) else value
         return {"low": plain(self.low), "high": plain(self.high),
                 "free_shape": None if self.free_shape is None else list(self.free_shape)}
+
+
+def channel_axis(sample_shape: tuple[int, ...], channels: int) -> int:
+    """The axis of one sample that `channels` per-channel values run along: the first axis of
+    that size (NCHW's C), so the last one (NHWC) only when no earlier axis has that size."""
+    for axis, size in enumerate(sample_shape):
+        if size == channels:
+            return axis
+    raise VerifierError(f"{channels} per-channel values (--mean/--std) but no axis of a sample of shape "
+                        f"{tuple(sample_shape)} has {channels} entries")
+
+
+def normalised_box(mean: tuple[float, ...], std: tuple[float, ...], sample_shape: tuple[int, ...],
+                   raw: tuple[float, float] = (0.0, 1.0)) -> Box:
+    """The box of a normalised input `(v - mean_c) / std_c`, raw values v in `raw` (default
+    [0, 1]): `((raw_low - mean_c) / std_c, (raw_high - mean_c) / std_c)` on channel c
+    (`channel_axis`); one value of each applies to every coordinate."""
+    mean_arr, std_arr = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    if mean_arr.shape != std_arr.shape or mean_arr.ndim != 1 or not mean_arr.size:
+        raise VerifierError(f"--mean and --std need the same number of values (got {mean_arr.size} and "
+                            f"{std_arr.size})")
+    if not (np.all(np.isfinite(mean_arr)) and np.all(np.isfinite(std_arr)) and np.all(std_arr > 0)):
+        raise VerifierError("--mean needs finite values and --std finite values > 0")
+    shape = [1] * len(sample_shape)
+    if mean_arr.size > 1:
+        shape[channel_axis(tuple(sample_shape), mean_arr.size)] = mean_arr.size
+    low = ((raw[0] - mean_arr) / std_arr).reshape(shape if mean_arr.size > 1 else ())
+    high = ((raw[1] - mean_arr) / std_arr).reshape(shape if mean_arr.size > 1 else ())
+    return Box(low, high)
 
 
 def as_box(box: tuple[float, float] | Box | None) -> Box | None:

@@ -25,7 +25,8 @@ from pathlib import Path
 from verifier import __version__
 from verifier.cli_options import (OneLineParser, add_block_size, add_budget, add_data, add_device, add_exact, add_json,
                                   add_model, add_optimise_slopes, add_output, add_perturb, add_time_limit,
-                                  attach_negative_values, deadline, memory_limit, parse_box, parse_deltas, parse_p)
+                                  add_tolerances, attach_negative_values, deadline, memory_limit, parse_box,
+                                  parse_deltas, parse_normalisation, parse_p, tolerances)
 from verifier.deadline import Stopped, Terminated
 from verifier.errors import UsageError, VerifierError
 
@@ -50,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_output(validate)
     add_perturb(validate)
     add_data(validate, random_fallback=True)
-    validate.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
-    validate.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
+    add_tolerances(validate)
     add_device(validate)
     add_json(validate)
     validate.set_defaults(run=_run_validate)
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--min-robust-accuracy", type=float, metavar="A",
                        help="fail if an attack drives the accuracy below A (and no certificate proves it)")
     add_exact(audit)
+    add_tolerances(audit)
     add_time_limit(audit, "certify and each attack get shares and return their best so far; a partial report, exit 3, only if a stage does not fit")
     add_block_size(audit)
     audit.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -144,8 +145,7 @@ def _run_validate(args: argparse.Namespace) -> tuple[int, dict, str]:
     from verifier.data import random_samples
     from verifier.perturb import load_for_analysis
 
-    if args.atol < 0 or args.rtol < 0:
-        raise UsageError("--atol and --rtol must be >= 0")
+    tolerances(args)
     limit = memory_limit(args)
     loaded, samples, perturbation = load_for_analysis(args.model, args.data, args.perturb, args.samples, limit)
     spec = loaded.info.data_input
@@ -221,9 +221,10 @@ def _analysis_inputs(args: argparse.Namespace, deltas: list[float], box: tuple[f
     from verifier.data import budget_scale_warning
     from verifier.perturb import fitted_threat_box
 
+    normalisation = parse_normalisation(args.mean, args.std)
     loaded, converted, samples, perturbation = _labelled_samples(args)
     from verifier.geometry import parse_norm  # torch: only after the input checks
-    box, perturbed, fitted = fitted_threat_box(samples, box, perturbation)
+    box, perturbed, fitted = fitted_threat_box(samples, box, perturbation, normalisation)
     warning = budget_scale_warning(perturbed, deltas, parse_norm(args.norm), fitted)
     if warning and args.job.writer:
         print(f"verifier: warning: {warning}", file=sys.stderr)
@@ -282,9 +283,11 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
         raise UsageError("--data FILE.npz with inputs x and labels y is required")
     if args.grid_points < 2:
         raise UsageError("--grid-points must be at least 2")
+    atol, rtol = tolerances(args)
     settings = AuditSettings(
         deltas=tuple(parse_deltas(args.delta)), p=parse_p(args.p), norm=args.norm, loss=args.loss,
         attacks=tuple(m.strip() for m in args.attacks.split(",") if m.strip()), box=parse_box(args.box),
+        normalisation=parse_normalisation(args.mean, args.std), atol=atol, rtol=rtol,
         samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit, output=args.output,
         perturb=args.perturb,
         thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy),

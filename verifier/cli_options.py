@@ -100,6 +100,26 @@ def parse_box(text: str | None) -> tuple[float, float] | None:
     return low, high
 
 
+def parse_normalisation(mean: str | None, std: str | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """`--mean M1,..` and `--std S1,..` as two equally long tuples (std > 0), or None without them."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise UsageError("--mean and --std go together (per-channel values, e.g. --mean 0.485,0.456,0.406 "
+                         "--std 0.229,0.224,0.225)")
+    values = []
+    for option, text in (("--mean", mean), ("--std", std)):
+        try:
+            values.append(tuple(float(part) for part in text.split(",")))
+        except ValueError:
+            raise UsageError(f"{option}: {text!r} must be comma-separated numbers") from None
+    if len(values[0]) != len(values[1]):
+        raise UsageError(f"--mean has {len(values[0])} values and --std {len(values[1])}; give one per channel")
+    if not all(math.isfinite(v) for v in values[0]) or not all(math.isfinite(v) and v > 0 for v in values[1]):
+        raise UsageError("--mean needs finite values and --std finite values > 0")
+    return values[0], values[1]
+
+
 def add_budget(parser: argparse.ArgumentParser, default_delta: str, default_norm: str) -> None:
     parser.add_argument("--p", type=str, default="2", help="Wasserstein order: a real >= 1 or inf (default 2)")
     parser.add_argument("--norm", default=default_norm, help=f"threat norm inf, 2 or 1 (default {default_norm})")
@@ -107,6 +127,26 @@ def add_budget(parser: argparse.ArgumentParser, default_delta: str, default_norm
                         help=f"budget(s): decimals or fractions, comma-separated (default {default_delta})")
     parser.add_argument("--loss", default="ce", help="ce, margin, zero_one or dlr (default ce)")
     parser.add_argument("--box", default=None, metavar="LOW,HIGH", help="input domain, e.g. 0,1 (default: none)")
+    parser.add_argument("--mean", default=None, metavar="M1,M2,...",
+                        help="per-channel mean of a normalised input (with --std): the box is "
+                             "((LOW - mean) / std, (HIGH - mean) / std) per channel, LOW,HIGH from --box "
+                             "(default 0,1)")
+    parser.add_argument("--std", default=None, metavar="S1,S2,...", help="per-channel std (with --mean)")
+
+
+def add_tolerances(parser: argparse.ArgumentParser) -> None:
+    """`--atol`/`--rtol` of the conversion check (torch vs onnxruntime, elementwise)."""
+    parser.add_argument("--atol", type=float, default=1e-5,
+                        help="absolute tolerance of the torch-vs-onnxruntime check (default 1e-5)")
+    parser.add_argument("--rtol", type=float, default=1e-5,
+                        help="relative tolerance of the torch-vs-onnxruntime check (default 1e-5)")
+
+
+def tolerances(args: argparse.Namespace) -> tuple[float, float]:
+    """(`--atol`, `--rtol`), both checked >= 0."""
+    if not (args.atol >= 0 and args.rtol >= 0):
+        raise UsageError("--atol and --rtol must be >= 0")
+    return args.atol, args.rtol
 
 
 def add_exact(parser: argparse.ArgumentParser) -> None:

@@ -180,6 +180,9 @@ def _read(graph: OperatorGraph, candidate: OutputCandidate, chosen_by: str) -> H
         what = "one score s of a binary model, read as logits [0, s]" if is_binary_classifier(classifier) else None
         return Head(candidate.name, classifier.output[1], "scores", tuple(cut),
                     _reason(candidate, "scores", source, cut, what), chosen_by)
+    elif node is not None and (written := _written_softmax(graph, node)) is not None:
+        cut.append("Exp(a) / ReduceSum(Exp(a))")
+        tensor, source = written, "the logits of a softmax written out as Exp(a) / ReduceSum(Exp(a))"
     elif node is not None and _is_normalisation(graph, node):
         return Head(candidate.name, tensor, "probabilities", tuple(cut),
                     _reason(candidate, "probabilities", "normalised scores a / ReduceSum(a)", cut), chosen_by)
@@ -287,6 +290,46 @@ def _sigmoid_pair(graph: OperatorGraph, node: onnx.NodeProto) -> str | None:
     if _skip_pass_through(graph, sub.input[1], []) != second:
         return None
     return sig.input[0] if _is_single_logit(graph.shape(sig.input[0])) else None
+
+
+def _written_softmax(graph: OperatorGraph, node: onnx.NodeProto) -> str | None:
+    """z when `node` is `Exp(a) / ReduceSum(Exp(a))` over the last axis (the sum moved back by
+    Reshape/Expand, as jax2tf writes it), with `a = z - max(z)` read through to z (softmax is
+    unchanged by the shift); a itself when there is no such shift."""
+    if node.op_type != "Div" or len(node.input) != 2:
+        return None
+    exp, total = _producer(graph, node.input[0]), _producer(graph, _through_broadcast(graph, node.input[1]))
+    if exp is None or exp.op_type != "Exp" or total is None or total.op_type != "ReduceSum":
+        return None
+    if total.input[0] != node.input[0] or not _over_last_axis(graph, total):
+        return None
+    shifted = _producer(graph, exp.input[0])
+    if shifted is not None and shifted.op_type == "Sub":
+        peak = _producer(graph, _through_broadcast(graph, shifted.input[1]))
+        if peak is not None and peak.op_type == "Max" and len(peak.input) == 2:  # Max(-inf or a constant, m)
+            constant = [t for t in peak.input if graph.is_constant(t)]
+            peak = _producer(graph, next(t for t in peak.input if t not in constant)) if len(constant) == 1 else None
+        if peak is not None and peak.op_type == "ReduceMax" and peak.input[0] == shifted.input[0]:
+            return shifted.input[0]
+    return exp.input[0]
+
+
+def _through_broadcast(graph: OperatorGraph, tensor: str) -> str:
+    node = _producer(graph, tensor)
+    while node is not None and node.op_type in (*_PASS_THROUGH, "Expand") and node.input and node.input[0]:
+        tensor = node.input[0]
+        node = _producer(graph, tensor)
+    return tensor
+
+
+def _over_last_axis(graph: OperatorGraph, reduce: onnx.NodeProto) -> bool:
+    shape = graph.shape(reduce.input[0])
+    axes = graph.constant(reduce.input[1]) if len(reduce.input) > 1 and reduce.input[1] else next(
+        (np.asarray(onnx.helper.get_attribute_value(a)) for a in reduce.attribute if a.name == "axes"), None)
+    if shape is None or axes is None or np.asarray(axes).size != 1:
+        return False
+    axis = int(np.asarray(axes).reshape(()))
+    return axis in (-1, len(shape) - 1)
 
 
 def _is_normalisation(graph: OperatorGraph, node: onnx.NodeProto) -> bool:

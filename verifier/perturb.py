@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from verifier.box import Box
+from verifier.box import Box, normalised_box
 from verifier.data import Samples, file_box, load_arrays
 from verifier.errors import DataError, NonFloatInputError, RuntimeRunError, UsageError
 from verifier.finite import require_finite_inputs
@@ -127,12 +127,12 @@ def perturb_at(loaded: LoadedModel, data_path: str | os.PathLike[str], name: str
     feeds = _feeds(loaded, graph, arrays, str(data_path), limit)
     labels = _labels(arrays, len(next(iter(feeds.values()))), str(data_path), limit)
     internal = name not in graph.inputs
-    proto, cut_inputs = loaded.proto, ()
+    proto, cut_inputs = _fixed_to_data(loaded.proto, feeds), ()
     if internal:
         needed = _inputs_behind(graph, name)
         cut_inputs = tuple(i for i in graph.inputs if i not in needed)
-        values = _clean_values(loaded.proto, name, feeds)
-        proto = onnx.utils.Extractor(loaded.proto).extract_model([name, *needed], list(graph.outputs))
+        values = _clean_values(proto, name, feeds)
+        proto = onnx.utils.Extractor(proto).extract_model([name, *needed], list(graph.outputs))
         feeds = {name: values, **{i: feeds[i] for i in needed}}
     order = [name] + [i for i in OperatorGraph(proto).inputs if i != name]
     parts = tuple(Part(i, tuple(int(d) for d in feeds[i].shape[1:]), feeds[i].dtype.name) for i in order)
@@ -144,7 +144,7 @@ def perturb_at(loaded: LoadedModel, data_path: str | os.PathLike[str], name: str
         proto = _pack(proto, parts)
         x = _packed_values(feeds, parts, dtype, str(data_path))
     require_finite_inputs(x, f"the perturbed tensor {name!r}")
-    derived = _describe(proto, loaded)
+    derived = _describe(_batch_fixed_for_folding(proto), loaded)
     box = file_box(arrays, parts[0].shape, str(data_path))
     return derived, Samples(x=x, y=labels, source=str(data_path), box=box), perturbation
 
@@ -209,6 +209,65 @@ def _labels(arrays: dict[str, np.ndarray], count: int, source: str, limit: int |
         raise DataError(f"'y' in {source} must be a 1-D integer array with one label per sample "
                         f"(got dtype {y.dtype}, shape {y.shape}, {count} samples)")
     return y.astype(np.int64)
+
+
+def _fixed_to_data(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """`model` with every free axis of its inputs but the batch axis (a symbolic or unknown
+    size, e.g. a sequence length) fixed to the data's, shapes inferred again (the model itself
+    when none is free). Unrolling a recurrent op needs its length (`verifier.convert.rnn`)."""
+    fixed: dict[str, int] = {}
+    specialised = onnx.ModelProto()
+    specialised.CopyFrom(model)
+    for value_info in specialised.graph.input:
+        if value_info.name not in feeds or not value_info.type.tensor_type.HasField("shape"):
+            continue
+        for axis, dim in enumerate(value_info.type.tensor_type.shape.dim[1:], start=1):
+            if not dim.HasField("dim_value") and axis < feeds[value_info.name].ndim:
+                if dim.HasField("dim_param"):
+                    fixed[dim.dim_param] = int(feeds[value_info.name].shape[axis])
+                dim.dim_value = int(feeds[value_info.name].shape[axis])
+    if not fixed and specialised.graph.input == model.graph.input:
+        return model
+    for value_info in specialised.graph.output:
+        for dim in value_info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in fixed:
+                dim.dim_value = fixed[dim.dim_param]
+    del specialised.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(specialised, data_prop=True)
+
+
+_SHAPE_READERS = frozenset({"Shape", "Size"})
+
+
+def _batch_fixed_for_folding(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the batch axis of its (one) input fixed to 1 when it reads shapes at run time
+    (`Shape`, `Size`: jax2tf and torch exports build Reshape/Expand shapes and zero states from the
+    batch size) that `onnxscript.optimizer` cannot fold with a free batch. Every shape computation
+    then folds to a constant during normalisation, and the fixed batch is made dynamic again
+    there when onnxruntime confirms the graph is batch-generic (`verifier.convert.batch`); the
+    bounds have no rule for computing with shapes."""
+    import onnxscript
+
+    trial = onnx.ModelProto()
+    trial.CopyFrom(model)
+    if not _reads_shapes(model) or not _reads_shapes(onnxscript.optimizer.optimize(trial)):
+        return model
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    dims = fixed.graph.input[0].type.tensor_type.shape.dim
+    if not dims or dims[0].HasField("dim_value"):
+        return model
+    dims[0].dim_value = 1
+    for value_info in fixed.graph.output:
+        out = value_info.type.tensor_type.shape.dim
+        if out and not out[0].HasField("dim_value"):
+            out[0].dim_value = 1
+    del fixed.graph.value_info[:]
+    return fixed
+
+
+def _reads_shapes(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in _SHAPE_READERS and n.domain in ("", "ai.onnx") for n in model.graph.node)
 
 
 def _inputs_behind(graph: OperatorGraph, tensor: str) -> list[str]:
@@ -337,14 +396,19 @@ def load_for_analysis(model_path: str | os.PathLike[str], data_path: str | os.Pa
 
 
 def fitted_threat_box(samples: Samples, box: tuple[float, float] | None, perturbation: Perturbation | None,
+                      normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
                       ) -> tuple[tuple[float, float] | Box | None, np.ndarray, tuple[float, float] | None]:
     """The box every stage uses (held inputs pinned), the perturbed values alone and the user's box
-    (`--box`, or the data file's `lo`/`hi`) fitted to them (`data.fit_box`; both for the
+    (`--box`, or the data file's `lo`/`hi`, or `--mean`/`--std` with `--box` as the raw range,
+    default [0, 1]: `box.normalised_box`) fitted to them (`data.fit_box`; both for the
     budget-scale check)."""
     from verifier.data import fit_box
 
-    if samples.box is not None and box is not None:
-        raise UsageError(f"{samples.source} gives a per-input box (lo, hi) and --box was given too; keep one")
+    if samples.box is not None and (box is not None or normalisation is not None):
+        given = "--box" if normalisation is None else "--mean/--std"
+        raise UsageError(f"{samples.source} gives a per-input box (lo, hi) and {given} was given too; keep one")
     values = samples.x if perturbation is None else perturbation.free_values(samples.x)
+    if normalisation is not None:
+        box = normalised_box(*normalisation, tuple(values.shape[1:]), box or (0.0, 1.0))
     fitted = fit_box(values, box if samples.box is None else samples.box, samples.source)
     return (fitted if perturbation is None else perturbation.threat_box(fitted)), values, fitted

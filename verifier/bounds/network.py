@@ -320,6 +320,11 @@ def _cast(c: _NodeContext) -> Rule | None:
     return ops.monotone(torch.trunc) if to in _INTEGER_ELEMS and c.single else None
 
 
+def _monotone_call(c: _NodeContext) -> Rule | None:
+    """Max/Min with constants, ReduceMax/ReduceMin: non-decreasing in their one variable input."""
+    return ops.monotone(c.builder._module_call(c.fx_node, c.variables)) if c.single else None
+
+
 def _structural(c: _NodeContext) -> Rule | None:
     return ops.structural(c.builder._module_call(c.fx_node, c.variables))
 
@@ -340,6 +345,7 @@ RULES: dict[str, Callable[[_NodeContext], Rule | list[decompose.Part] | None]] =
     "Add": _add_sub, "Sub": _add_sub, "Mul": _mul, "Neg": _neg,
     "LayerNormalization": _layer_norm, "Cast": _cast,
     **{op: _monotone for op in ops.MONOTONE_UNARY},
+    **{op: _monotone_call for op in ("Max", "Min", "ReduceMax", "ReduceMin")},
     **decompose.RULES,
     **{op: _structural for op in ops.STRUCTURAL_OPS},
 }

@@ -275,6 +275,8 @@ def _concretised(state: Bounds, pending: dict[str, torch.Tensor], bias: torch.Te
 
 def _inner(lam: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Σ over unit axes of lam * values, with infinities times zero counted as zero."""
+    if lam.dim() == 2:  # one number per sample (a reduction over all its axes): a single unit
+        lam, values = lam.unsqueeze(-1), values.unsqueeze(-1)
     if values.shape[1] == 1 and values.shape[0] == lam.shape[0] and bool(torch.isfinite(values).all()):
         # values (N, 1, *units) shared by the objectives: one batched matrix-vector product.
         return torch.bmm(lam.flatten(2), values.flatten(1).unsqueeze(-1).to(lam.dtype)).squeeze(-1)

@@ -15,7 +15,7 @@ rewrites the normalised (standard-domain) graph:
 4. the rewritten graph runs in onnxruntime on 2B+1 seeded uniform [0, 1) samples at once (and on
    one sample), and is compared per sample with the user's graph (cut to the analysed outputs,
    before any optimisation) run B samples at a time (the last chunk padded by repeating its last
-   sample): every output must agree within `1e-5 * max(1, max |reference|)` (the check is
+   sample): every output must agree within `1e-4 * max(1, max |reference|)` (the check is
    skipped, and the batch kept, when its samples would exceed `CHECK_ELEMENTS` numbers).
 Anything that fails keeps the fixed batch (`BatchAxis.rewritten` False, with the reason): every
 later stage then runs the module in chunks of B (one sample after another for B = 1), padding a
@@ -33,7 +33,10 @@ import torch
 from onnx import numpy_helper
 
 BATCH_PARAM = "batch"
-CHECK_RTOL = 1e-5
+# float32 kernels sum in an order that depends on the batch size: magika's logits (a real, truly
+# batch-generic model, run as published) differ by 1.7e-5 of their scale between batch 3 and 1 on
+# uniform inputs (1.28e-4 at max |ref| 7.7); samples that interact differ by far more than 1e-4.
+CHECK_RTOL = 1e-4
 CHECK_ELEMENTS = 2**24  # at most this many input numbers in the check (64 MiB of float32)
 _STANDARD_DOMAINS = ("", "ai.onnx")
 

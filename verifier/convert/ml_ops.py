@@ -28,9 +28,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from verifier.convert.rewrite import NodeWriter
+
 ML_DOMAIN = "ai.onnx.ml"
 _POST_TRANSFORMS = ("NONE", "SOFTMAX", "LOGISTIC")
-_REDUCE_AXES_AS_INPUT = 18  # Reduce*-18 take axes as an input (an attribute before)
 _TREES = "a tree ensemble is piecewise constant: its gradient is zero almost everywhere and no Lipschitz bound holds"
 _REFUSED = {
     "TreeEnsembleClassifier": _TREES,
@@ -81,30 +82,18 @@ def lower_ml_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     return lowered
 
 
-class _Builder:
-    """Helpers to write the replacement of one ML node (fresh names, constants, attributes)."""
+class _Builder(NodeWriter):
+    """The replacement of one ML node: `NodeWriter` plus the node, its attributes and what is used."""
 
     def __init__(self, node: onnx.NodeProto, position: int, graph: onnx.GraphProto,
                  constants: dict[str, np.ndarray], used: set[str], opset: int) -> None:
-        self.node, self.graph, self.constants, self.used, self.opset = node, graph, constants, used, opset
-        self.prefix = f"verifier_ml{position}_{node.op_type}"
+        super().__init__(f"verifier_ml{position}_{node.op_type}", graph, constants, opset)
+        self.node, self.used = node, used
         self.attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        self.nodes: list[onnx.NodeProto] = []
 
     def text(self, name: str, default: str) -> str:
         value = self.attributes.get(name, default)
         return value.decode() if isinstance(value, bytes) else str(value)
-
-    def constant(self, suffix: str, value: np.ndarray) -> str:
-        name = f"{self.prefix}_{suffix}"
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
-        self.constants[name] = value
-        return name
-
-    def add(self, op_type: str, inputs: list[str], output: str | None = None, **attributes) -> str:
-        output = output or f"{self.prefix}_{op_type}{len(self.nodes)}"
-        self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attributes))
-        return output
 
     def wanted(self, index: int) -> str | None:
         """The node's output `index` when something uses it."""
@@ -188,10 +177,7 @@ def _normalizer(b: _Builder) -> list[onnx.NodeProto] | None:
     if reduce is None:
         return None
     data = b.add("Cast", [b.node.input[0]], to=onnx.TensorProto.FLOAT)
-    if b.opset >= _REDUCE_AXES_AS_INPUT:
-        scale = b.add(reduce, [data, b.constant("axes", np.array([-1], dtype=np.int64))])
-    else:
-        scale = b.add(reduce, [data], axes=[-1])
+    scale = b.with_axes(reduce, data, [-1])
     b.add("Div", [data, scale], b.node.output[0])
     return b.nodes
 

@@ -8,8 +8,9 @@ Real exports break onnx2torch in a handful of known ways (see docs/architecture.
    `[0, z]` for one binary logit, `log(max(p, floor))` for probabilities) as an extra output;
 3. rewrites a Clip without any finite bound as Identity, a HardSigmoid outside a HardSwish as
    `Clip(alpha x + beta, 0, 1)` (`hard_sigmoid.py`) and the ai.onnx.ml linear models and
-   normalisers as standard ops (`ml_ops.py`), then folds constants and shape computations
-   with `onnxscript.optimizer`;
+   normalisers as standard ops (`ml_ops.py`), LSTM/GRU/RNN unrolled for the static sequence
+   length (`rnn.py`) and GlobalMaxPool as ReduceMax (`global_pool.py`), then folds constants
+   and shape computations with `onnxscript.optimizer`;
 4. gives every node a safe unique name: the names become torch module names and attributes in
    generated code, so a keyword, builtin or attribute of a GraphModule (`class`, `None`, `self`,
    `to`, `training`, `graph`, …), a name starting with `_`, or one taken already becomes
@@ -37,8 +38,10 @@ import torch
 from torch import fx
 
 from verifier.convert.batch import BatchAxis, make_batch_dynamic
+from verifier.convert.global_pool import lower_global_max_pools
 from verifier.convert.hard_sigmoid import lower_hard_sigmoids
 from verifier.convert.ml_ops import lower_ml_ops
+from verifier.convert.rnn import lower_rnns
 from verifier.errors import UnsupportedOpsError
 from verifier.graph import OperatorGraph, node_keys
 from verifier.patterns import find_decomposed
@@ -94,7 +97,7 @@ def normalize_model(model: onnx.ModelProto, output: str | None = None) -> Normal
     _drop_identity_clips(named, graph)
     lower_hard_sigmoids(named, keep={key for match in find_decomposed(graph, graph.topological_order())
                                      for key in match.nodes})
-    named = attach_logits(named, head)
+    named = lower_global_max_pools(lower_rnns(attach_logits(named, head)))
     extracted = lower_ml_ops(onnx.utils.Extractor(named).extract_model(list(graph.inputs), outputs))
     optimized = onnxscript.optimizer.optimize(extracted)
     constants = {t.name for t in optimized.graph.initializer}
