@@ -285,8 +285,9 @@ def test_certify_and_attack_time_limit_exit_3_with_one_line(command, capsys):
 
 
 def test_certify_without_time_for_the_logits_jacobians_keeps_its_certificate(mlp, monkeypatch):
-    """The logits Jacobian (C backward passes per sample) is a refinement: cut, the certificate (from
-    the growth curves) is unchanged, the realising distribution has no linearised moves, and says so."""
+    """The logits Jacobian (C backward passes per sample) and the loss gradients are refinements: cut,
+    the certificate (from the growth curves) is unchanged, the realising distribution has no
+    linearised moves, there is no first-order estimate, and the fallbacks say so."""
     import verifier.certify.tables as tables
 
     loaded = load_model(shipped_model("mlp_gelu"))  # smooth: no cell analysis provides the Jacobian
@@ -299,8 +300,11 @@ def test_certify_without_time_for_the_logits_jacobians_keeps_its_certificate(mlp
         raise Stopped("stopped by the time limit during the logits Jacobians")
 
     monkeypatch.setattr(tables, "logits_jacobian", out_of_time)
+    monkeypatch.setattr(tables, "loss_gradients", out_of_time)
     cut = certify(converted, x, y, [2 / 255], box=(0.0, 1.0), grid_points=8)
     assert cut.results[0].certificate == full.results[0].certificate
+    assert cut.local_slopes is None and cut.results[0].first_order_estimate is None
+    assert any("loss gradients skipped" in line for line in cut.results[0].fallbacks)
     assert cut.results[0].realised_risk <= cut.results[0].certificate
     assert cut.results[0].realised_risk == pytest.approx(cut.results[0].clean_risk)  # nothing moved
     assert any("logits Jacobians skipped" in line for line in cut.results[0].fallbacks)

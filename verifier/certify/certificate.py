@@ -287,7 +287,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     growth = RouteGrowth(curves=tables.curves, by_route={}, winner=tables.winner, clean_loss=tables.clean)
     correct = tables.correct
     local = tables.local_slopes
-    upsilon = _upsilon(local, p) if loss in ("ce", "margin") else None
+    upsilon = _upsilon(local, p) if loss in ("ce", "margin") and local is not None else None
     slope = lipschitz.loss_constant(loss) if loss != "dlr" else math.inf
     results, distributions = [], []
     rounding = 8 * torch.finfo(model.input_dtype).eps

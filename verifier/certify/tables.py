@@ -11,7 +11,7 @@ steps (the dual over lambda, the knapsacks, the means) on exactly the tables one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,10 +120,16 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
     if refine.expired():
         fallbacks.append("time limit: certified radii not (fully) refined by bisection")
     local = None
-    if loss != "zero_one":
-        gradients = loss_gradients(model, x, y, loss, device=device, dtype=torch.float64, deadline=deadline).gradients
-        local = dual_norm(gradients.flatten(1).to(CPU), norm)
-    jacobian = cells.jacobian if cells is not None else _jacobian_or_none(model, x, device, refine)
+    if loss != "zero_one":  # the local slopes only feed the first-order estimate: a refinement
+        gradients = _or_none(lambda: loss_gradients(model, x, y, loss, device=device, dtype=torch.float64,
+                                                    deadline=refine).gradients)
+        if gradients is None:
+            fallbacks.append("time limit: loss gradients skipped, so no local slopes or first-order estimate")
+        else:
+            local = dual_norm(gradients.flatten(1).to(CPU), norm)
+        deadline.check("the loss gradients")
+    jacobian = cells.jacobian if cells is not None else _or_none(
+        lambda: logits_jacobian(model, x, device, torch.float64, deadline=refine).jacobian.to(CPU))
     wanted = move_radii(evidence.radii)
     if jacobian is None:  # the logits Jacobian (C backward passes) is a refinement: without it, no linearised moves
         fallbacks.append("time limit: logits Jacobians skipped, so no linearised moves in the realising distribution")
@@ -146,11 +152,10 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
     return tables, jacobian, milp_report
 
 
-def _jacobian_or_none(model: ConvertedModel, x: torch.Tensor, device: torch.device,
-                      refine: Deadline) -> torch.Tensor | None:
-    """The logits Jacobian (n, C, d) on the CPU, or None when `refine` runs out first (a signal still stops)."""
+def _or_none(work: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """`work()`, or None when its deadline (a refinement's) runs out first; a signal still stops."""
     try:
-        return logits_jacobian(model, x, device, torch.float64, deadline=refine).jacobian.to(CPU)
+        return work()
     except Stopped as err:
         if isinstance(err, Terminated):
             raise
@@ -158,7 +163,8 @@ def _jacobian_or_none(model: ConvertedModel, x: torch.Tensor, device: torch.devi
 
 
 def _cat(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
-    return None if parts[0] is None else torch.cat(list(parts))
+    """The parts in order; None when any is (e.g. a block whose local slopes a time limit cut)."""
+    return None if any(part is None for part in parts) else torch.cat(list(parts))
 
 
 def _cat_curves(parts: Sequence[GrowthCurves | None]) -> GrowthCurves | None:
