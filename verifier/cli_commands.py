@@ -121,8 +121,6 @@ def _analysis_inputs(args: argparse.Namespace, deltas: list[float], box: tuple[f
 
 
 def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
-    from verifier.graph import json_safe
-
     deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
     if args.grid_points < 2:
         raise UsageError("--grid-points must be at least 2")
@@ -138,14 +136,10 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
                      device=args.device, optimise_slopes=args.optimise_slopes)
     if args.save_distributions and args.job.writer:
         save_distributions(result, args.save_distributions)
-    payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted),
-               "warnings": warnings, **_perturbation(perturbation)}
-    return EXIT_OK, json_safe(payload), f"{_perturb_line(perturbation)}head: {converted.head.reason}\n{result.to_text()}"
+    return _analysis_result(args, samples, converted, result, warnings, perturbation)
 
 
 def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
-    from verifier.graph import json_safe
-
     deltas, p, box = parse_deltas(args.delta), parse_p(args.p), parse_box(args.box)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     _refuse_folder(args.save_adversarial)
@@ -160,9 +154,17 @@ def _run_attack(args: argparse.Namespace) -> tuple[int, dict, str]:
                     memory_limit_bytes=memory_limit(args))
     if args.save_adversarial and args.job.writer:
         save_adversarial(report, args.save_adversarial)
-    payload = {"model": args.model, "data": samples.source, **report.to_dict(), "head": _head(converted),
+    return _analysis_result(args, samples, converted, report, warnings, perturbation)
+
+
+def _analysis_result(args: argparse.Namespace, samples, converted, result, warnings: list[str],
+                     perturbation) -> tuple[int, dict, str]:
+    """certify's or attack's exit code, JSON payload and text from its result (`to_dict`, `to_text`)."""
+    from verifier.graph import json_safe
+
+    payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted),
                "warnings": warnings, **_perturbation(perturbation)}
-    return EXIT_OK, json_safe(payload), f"{_perturb_line(perturbation)}head: {converted.head.reason}\n{report.to_text()}"
+    return EXIT_OK, json_safe(payload), f"{_perturb_line(perturbation)}head: {converted.head.reason}\n{result.to_text()}"
 
 
 def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:

@@ -32,6 +32,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from verifier.convert.rewrite import constant_values
+
 BATCH_PARAM = "batch"
 # float32 kernels sum in an order that depends on the batch size: magika's logits (a real, truly
 # batch-generic model, run as published) differ by 1.7e-5 of their scale between batch 3 and 1 on
@@ -159,15 +161,7 @@ def _dim0(model: onnx.ModelProto) -> dict[str, int | None]:
 
 def _shape_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Integer 1-D constants (initializers and Constant nodes' tensors), by tensor name."""
-    found = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in _STANDARD_DOMAINS:
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    found[node.output[0]] = numpy_helper.to_array(attribute.t)
-                elif attribute.name == "value_ints":
-                    found[node.output[0]] = np.asarray(attribute.ints, dtype=np.int64)
-    return {name: value for name, value in found.items() if value.ndim == 1 and value.dtype.kind in "iu"}
+    return {name: value for name, value in constant_values(graph).items() if value.ndim == 1 and value.dtype.kind in "iu"}
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:

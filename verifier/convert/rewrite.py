@@ -23,13 +23,15 @@ def standard_opset(model: onnx.ModelProto) -> int:
 
 
 def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers and the outputs of `Constant` nodes with a tensor value, as arrays."""
+    """Initializers and the outputs of `Constant` nodes with a tensor (or integer-list) value, as arrays."""
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
             for attribute in node.attribute:
                 if attribute.name == "value":
                     values[node.output[0]] = numpy_helper.to_array(attribute.t)
+                elif attribute.name == "value_ints":
+                    values[node.output[0]] = np.asarray(attribute.ints, dtype=np.int64)
     return values
 
 
