@@ -98,8 +98,9 @@ def test_each_method_gets_an_equal_share_of_the_budget_left(mlp, monkeypatch):
     loaded, converted, x, y = mlp
     attack(converted, None, x[:4], y[:4], ["pgd", "wda"], [1 / 255], box=(0.0, 1.0), steps=2, device="cpu",
            budget=budget)
-    # first: half of 0.9 of the 1000 s left; second: 0.9 of the 900 s left at t = 100
-    assert seen == pytest.approx([450.0, 100.0 + 0.9 * 900.0])
+    # first: half of ATTACK_SHARE of the 1000 s left; second: ATTACK_SHARE of the 900 s left at t = 100
+    share = attacks_module.ATTACK_SHARE
+    assert seen == pytest.approx([share / 2 * 1000.0, 100.0 + share * 900.0])
 
 
 def test_audit_attack_cut_by_its_share_still_completes_and_says_so(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ from verifier.losses import check_loss
 from verifier.onnx_io import LoadedModel
 
 METHODS = ("wdapp", "wda", "pgd", "wpgd", "wda-curve")
-ATTACK_SHARE = 0.9  # of a method's part of the time budget spent attacking; the rest is for its replays
+ATTACK_SHARE = 0.75  # of a method's part of the time budget spent attacking; the rest: its replays, a pass in progress
 ATTACKS: dict[str, type[Attack]] = {
     "wdapp": WDAPlusPlus, "wda": WDA, "pgd": PGD, "wpgd": WPGD, "wda-curve": CurveAttack,
 }

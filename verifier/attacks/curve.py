@@ -89,7 +89,7 @@ class CurveAttack(Attack):
         clean = t.loss_of(t.clean_logits, self.rows())
         atoms = t.atoms(best.d, rows).view(t.count, radii.shape[1], *t.x.shape[1:])
         gain = best.value.view(t.count, -1)
-        if extra:  # W-PGD's atoms themselves are candidates too
+        if extra and not self.out_of_time(rows=t.count * extra):  # W-PGD's atoms themselves are candidates too
             atoms = torch.cat([atoms, own], 1)
             gain = torch.cat([gain, t.loss_of(t.logits(own.flatten(0, 1)), own_rows).view(t.count, extra)], 1)
         atoms = atoms.flatten(0, 1)
