@@ -84,7 +84,7 @@ class Attack:
         seconds; the estimate carries over to the next part), and at least as long as a gradient
         pass on the next step's `rows` rows takes by the target's timing of its passes."""
         until = self.until
-        late = until.expired()
+        late = self.cut or until.expired()  # once a loop of this part stopped, none starts again
         if not late and not math.isinf(until.at):
             now = until.clock()
             if self._polled is not None:
