@@ -99,8 +99,10 @@ def test_each_method_gets_an_equal_share_of_the_budget_left(mlp, monkeypatch):
     attack(converted, None, x[:4], y[:4], ["pgd", "wda"], [1 / 255], box=(0.0, 1.0), steps=2, device="cpu",
            budget=budget)
     # first: half of ATTACK_SHARE of the 1000 s left; second: ATTACK_SHARE of the 900 s left at t = 100
+    # (less the replays' reserve, timed on the clean samples in real seconds: milliseconds here)
     share = attacks_module.ATTACK_SHARE
-    assert seen == pytest.approx([share / 2 * 1000.0, 100.0 + share * 900.0])
+    assert seen == pytest.approx([share / 2 * 1000.0, 100.0 + share * 900.0], abs=0.5)
+    assert seen[0] < share / 2 * 1000.0
 
 
 def test_audit_attack_cut_by_its_share_still_completes_and_says_so(tmp_path, monkeypatch):

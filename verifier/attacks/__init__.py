@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -155,11 +156,15 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
     torch_device = resolve_device(device)
     target = _target(model, x, y, p, norm, loss, box, torch_device, deadline, shard, memory_limit_bytes)
     replayer = Replayer(loaded, model, torch_device) if loaded is not None else None
+    began = time.monotonic()
     clean = clean_numbers(target, replayer)
+    # a replay of a method's distributions: up to two atoms per sample (risk, accuracy) per delta
+    replay_seconds = (time.monotonic() - began) * 2 * len(deltas)
     results: list[AttackResult] = []
     budget = deadline if budget is None else budget
     for index, name in enumerate(_progress(chosen, progress)):
-        share = NEVER if math.isinf(budget.at) else budget.sooner(ATTACK_SHARE / (len(chosen) - index))
+        left = len(chosen) - index
+        share = NEVER if math.isinf(budget.at) else _share(budget, ATTACK_SHARE / left, replay_seconds * left)
         runner = ATTACKS[name](target, steps=steps, seed=seed, budget=share, kappa=kappa, topk=topk, radii=radii,
                                box=box)
         for delta, dist in zip(deltas, runner.run(deltas)):
@@ -167,6 +172,14 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
             results.append(measure(name, delta, dist, target, replayer, clean))
     return AttackReport(p=p, norm=norm, loss=loss, box=None if box is None else (float(box[0]), float(box[1])),
                         samples=target.total, seed=int(seed), results=tuple(results), skipped=skipped)
+
+
+def _share(budget: Deadline, fraction: float, reserved: float) -> Deadline:
+    """`fraction` of the time left on `budget` once `reserved` seconds (the replays still to come,
+    timed on the clean samples) are set aside; at least `fraction` of a tenth of what is left."""
+    now = budget.clock()
+    left = max(budget.at - now - reserved, 0.1 * (budget.at - now), 0.0)
+    return Deadline(at=now + fraction * left, clock=budget.clock, stop_when=budget.stop_when)
 
 
 def save_adversarial(report: AttackReport, path: str | os.PathLike[str]) -> None:
