@@ -199,7 +199,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
 
     `device` (auto | cpu | cuda) is where the heavy per-sample work runs: bound propagation, the
     cell analysis, Jacobians and gradients; the per-sample tables, the aggregation, the MILP route
-    and the exactness candidates stay on the CPU.
+    and the exactness candidates stay on the CPU. `auto` means the CPU here: the CUDA path runs only
+    when asked for (`cuda`), until a GPU run of tools/gpu_check.sh has checked it.
 
     `exact` (auto | on | off, or `ExactSettings`) runs the MILP route (§8) at the curve points
     the certificates depend on: `auto` only where it is cheap (see `certify.milp_route`). It needs
@@ -238,7 +239,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     fallbacks: list[str] = []
     lipschitz = global_lipschitz(_normalized(model), norm)
     network: BoundNetwork | None
-    target = resolve_device(device)
+    # `auto` stays on the CPU until the CUDA path has been checked on a GPU (tools/gpu_check.sh)
+    target = torch.device("cpu") if device == "auto" else resolve_device(device)
     cpu_network: BoundNetwork | None
     try:
         network = cpu_network = BoundNetwork.from_model(model)
