@@ -164,7 +164,8 @@ def _analysis_result(args: argparse.Namespace, samples, converted, result, warni
 
     payload = {"model": args.model, "data": samples.source, **result.to_dict(), "head": _head(converted),
                "warnings": warnings, **_perturbation(perturbation)}
-    return EXIT_OK, json_safe(payload), f"{_perturb_line(perturbation)}head: {converted.head.reason}\n{result.to_text()}"
+    text = f"{_perturb_line(perturbation)}head: {converted.head.reason}\n{result.to_text()}"
+    return EXIT_OK, json_safe(payload), text
 
 
 def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:

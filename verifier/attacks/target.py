@@ -27,8 +27,8 @@ import torch
 from verifier.deadline import NEVER, Deadline
 from verifier.distributed import Shard
 from verifier.jacobian import autograd_bytes
-from verifier.resources import memory_limit
 from verifier.losses import loss_values, other_logits
+from verifier.resources import memory_limit
 
 ROWS_PER_PASS = 256  # every forward/gradient pass sees exactly this many rows (padded): per-row results then
 # do not depend on which other rows share the pass, so a sharded run computes what one process computes
@@ -40,11 +40,13 @@ PASS_SHARE = 4  # one pass's autograd tensors may take this fraction (1/PASS_SHA
 def rows_per_pass(module: torch.nn.Module, sample: torch.Tensor, total: int, memory_limit_bytes: int | None,
                   shard: Shard | None = None) -> int:
     """Rows of every forward/gradient pass: `ROWS_PER_PASS`, or fewer when the whole sample has fewer
-    rows to fill it (the next power of two of `total`: a 16-sample audit of a large CNN does not pay
-    for 256 rows; at least `MIN_ROWS_PER_PASS` for a small model, whose passes cost little), and no more than fit in 1/`PASS_SHARE` of the memory
-    limit (autograd's saved tensors of one row of `sample`, measured). A function of the model, the
-    total sample count and the limit only, and the smallest over the ranks of a sharded run, so every
-    rank pads to the same count."""
+    rows to fill it (the next power of two of `total`: a 16-sample audit of a large CNN does not
+    pay for 256 rows; at least `MIN_ROWS_PER_PASS` for a small model, whose passes cost little),
+    and no more than fit in 1/`PASS_SHARE` of the memory limit (autograd's saved tensors of one row
+    of `sample`, measured). A function of the model, the total sample count and the limit only, and
+    the smallest over the ranks of a sharded run, so every rank pads to the same count. Where the
+    limit binds (a large model), the default limit (a fraction of the free memory) may change the
+    count between runs, hence the last bits of the numbers: give `--memory-limit` to pin it."""
     per_row = autograd_bytes(module, sample[:1]) + 3 * sample[:1].numel() * sample.element_size()
     fits = max(1, memory_limit(memory_limit_bytes) // PASS_SHARE // max(per_row, 1))
     floor = min(MIN_ROWS_PER_PASS, max(1, SMALL_PASS_BYTES // max(per_row, 1)))
@@ -53,6 +55,7 @@ def rows_per_pass(module: torch.nn.Module, sample: torch.Tensor, total: int, mem
     if shard is not None and shard.distributed:
         rows = int(shard.gather_one(torch.tensor([rows])).min())
     return rows
+
 
 Objective = Callable[[torch.Tensor, slice], torch.Tensor]  # (logits of a chunk, its rows) -> value per row
 

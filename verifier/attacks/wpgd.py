@@ -65,8 +65,8 @@ class WPGD(Attack):
         alpha = 1.875 * delta / self.steps
         taken = 0
         for step in range(self.steps + 1):
-            if step == 0 and self.out_of_time(agreed=True, rows=t.count):  # no time for one pass: the samples themselves
-                break
+            if step == 0 and self.out_of_time(agreed=True, rows=t.count):
+                break  # no time for one pass: the samples themselves
             _, grad, logits = t.gradient(t.atoms(d, rows), objective)
             loss, margin = t.scores(logits, rows)
             losses, margins, sizes = t.gather(loss, margin, dual_norm(grad, t.norm))  # one exchange per step

@@ -105,8 +105,8 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
     else:
         try:
             milp_network = (exact_network if exact_network is not None else network) if loss != "dlr" else None
-            evidence, milp_report = refine_with_milp(evidence, milp_network, x, norm, box, deltas, p, loss, global_slope,
-                                                     margin_slope, exact, cells, refine)
+            evidence, milp_report = refine_with_milp(evidence, milp_network, x, norm, box, deltas, p, loss,
+                                                     global_slope, margin_slope, exact, cells, refine)
         except Stopped as err:
             if isinstance(err, Terminated):
                 raise
