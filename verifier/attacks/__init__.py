@@ -164,7 +164,7 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
     budget = deadline if budget is None else budget
     for index, name in enumerate(_progress(chosen, progress)):
         left = len(chosen) - index
-        share = NEVER if math.isinf(budget.at) else _share(budget, ATTACK_SHARE / left, replay_seconds * left)
+        share = NEVER if math.isinf(budget.at) else budget.sooner(ATTACK_SHARE / left, replay_seconds * left)
         runner = ATTACKS[name](target, steps=steps, seed=seed, budget=share, kappa=kappa, topk=topk, radii=radii,
                                box=box)
         for delta, dist in zip(deltas, runner.run(deltas)):
@@ -172,14 +172,6 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
             results.append(measure(name, delta, dist, target, replayer, clean))
     return AttackReport(p=p, norm=norm, loss=loss, box=None if box is None else (float(box[0]), float(box[1])),
                         samples=target.total, seed=int(seed), results=tuple(results), skipped=skipped)
-
-
-def _share(budget: Deadline, fraction: float, reserved: float) -> Deadline:
-    """`fraction` of the time left on `budget` once `reserved` seconds (the replays still to come,
-    timed on the clean samples) are set aside; at least `fraction` of a tenth of what is left."""
-    now = budget.clock()
-    left = max(budget.at - now - reserved, 0.1 * (budget.at - now), 0.0)
-    return Deadline(at=now + fraction * left, clock=budget.clock, stop_when=budget.stop_when)
 
 
 def save_adversarial(report: AttackReport, path: str | os.PathLike[str]) -> None:
