@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 from conftest import shipped_data, shipped_model
+from test_deadline import Polls, Ticks  # a stop_when counting its calls (never stopping by default); a ticking clock
 
 from verifier import audit as audit_module
 from verifier.attacks import METHODS, attack
@@ -21,28 +22,6 @@ from verifier.report import validate_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DELTAS = [1 / 255, 4 / 255]
-
-
-class Ticks:
-    """A clock that advances one unit at every reading."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
-
-
-class Polls:
-    """A hard deadline's `stop_when` that never stops, counting the forward/gradient passes."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self) -> bool:
-        self.count += 1
-        return False
 
 
 @pytest.fixture(scope="module")

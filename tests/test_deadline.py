@@ -123,7 +123,7 @@ def test_certify_stops_inside_its_first_bound_computation(mlp):
     assert polls.count == 6
 
 
-class _Ticks:
+class Ticks:
     """A clock that advances one second per reading."""
 
     def __init__(self) -> None:
@@ -140,7 +140,7 @@ def test_certify_under_a_short_limit_returns_a_sound_coarser_certificate(mlp):
     _, converted, x, y = mlp
     x, y = x[:8], y[:8]
     full = certify(converted, x, y, [1 / 255, 4 / 255], box=(0.0, 1.0), grid_points=6)
-    ticks = _Ticks()
+    ticks = Ticks()
     # The full run reads the clock ~480 times, ~320 of them in the bound evidence; with 300 the
     # refinements stop at reading ~240 (80 %), inside the evidence, and the rest needs ~15 more.
     budget = Deadline(at=300.0, clock=ticks)

@@ -86,13 +86,19 @@ def test_milp_optimum_is_the_brute_force_maximum(tmp_path, norm):
                 assert solution.best <= exact + 1e-9
 
 
-def test_milp_on_random_nets_between_attack_and_crown(tmp_path):
+def random_relu_case(tmp_path, count: int):
+    """The seeded random ReLU net of test_bounds as (float64 module, bound network, x, its labels),
+    `count` inputs uniform in [-1, 1]^6 (shared with test_relu_bab)."""
     converted = _load(tmp_path, _random_net("relu", seed=3), "random.onnx")
     module = converted.logits_module.double()
-    network = BoundNetwork.from_model(converted)
-    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, size=(4, 6)))
+    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, size=(count, 6)))
     with torch.no_grad():
         y = module(x).argmax(1)
+    return module, BoundNetwork.from_model(converted), x, y
+
+
+def test_milp_on_random_nets_between_attack_and_crown(tmp_path):
+    module, network, x, y = random_relu_case(tmp_path, 4)
     for norm, radius in (("inf", 0.3), ("1", 0.8)):
         solutions = milp_margins(network, x, y, radius, norm, BOX)
         attack = _attack(module, x, y, torch.full((4,), radius, dtype=torch.float64), norm, BOX, steps=40).detach()
@@ -130,13 +136,20 @@ def test_unencodable_nets_and_norms_leave_the_route_off(tmp_path):
     assert split.results[0].realised_risk <= split.results[0].certificate <= off.results[0].certificate + 1e-12
 
 
-@pytest.mark.parametrize("p", [math.inf, 2.0])
-def test_exact_points_tighten_the_certificate_and_stay_sound(tmp_path, p):
+def tiny_certify_case(tmp_path):
+    """The 2-D tiny ReLU net (converted, float64 module) and 4 seeded inputs in [-0.6, 0.6]^2 with
+    its own labels (shared with test_relu_bab)."""
     converted = _load(tmp_path, _tiny_relu_2d(1), "tiny1.onnx")
     module = converted.logits_module.double()
     x = np.random.default_rng(5).uniform(-0.6, 0.6, size=(4, 2))
     with torch.no_grad():
         y = module(torch.from_numpy(x)).argmax(1).numpy()
+    return converted, module, x, y
+
+
+@pytest.mark.parametrize("p", [math.inf, 2.0])
+def test_exact_points_tighten_the_certificate_and_stay_sound(tmp_path, p):
+    converted, module, x, y = tiny_certify_case(tmp_path)
     deltas = [0.05, 0.3, 0.8]
     off = certify(converted, x, y, deltas, p=p, norm="inf", loss="margin", box=BOX, grid_points=12, exact="off")
     on = certify(converted, x, y, deltas, p=p, norm="inf", loss="margin", box=BOX, grid_points=12,

@@ -66,10 +66,7 @@ def test_bounds_through_max_reduce_max_and_reciprocal_are_sound(tmp_path, writte
     radius = 0.1
     upper = margin_bounds(converted, x, y, radius=radius, norm="inf", box=None).upper.numpy()
     assert np.isfinite(upper).all()
-    for i in range(len(x)):
-        noise = rng.uniform(-radius, radius, size=(4000, 4)).astype(np.float32)
-        logits = converted.logits(torch.as_tensor(x[i] + noise)).detach().numpy().astype(np.float64)
-        assert np.all((logits - logits[:, [y[i]]]).max(0) <= upper[i] + 1e-5)
+    _sampling_stays_below(converted, x, y, upper, radius, 4000, rng)
 
 
 def test_bounds_through_a_scalar_per_sample(tmp_path) -> None:
@@ -94,7 +91,12 @@ def test_bounds_through_a_scalar_per_sample(tmp_path) -> None:
     radius = 0.05
     upper = margin_bounds(converted, x, y, radius=radius, norm="inf", box=None).upper.numpy()
     assert np.isfinite(upper).all()
+    _sampling_stays_below(converted, x, y, upper, radius, 3000, rng)
+
+
+def _sampling_stays_below(converted, x, y, upper, radius: float, count: int, rng) -> None:
+    """`count` uniform points of each sample's l_inf ball never exceed its margin bounds `upper`."""
     for i in range(len(x)):
-        noise = rng.uniform(-radius, radius, size=(3000, 4)).astype(np.float32)
+        noise = rng.uniform(-radius, radius, size=(count, x.shape[1])).astype(np.float32)
         logits = converted.logits(torch.as_tensor(x[i] + noise)).detach().numpy().astype(np.float64)
         assert np.all((logits - logits[:, [y[i]]]).max(0) <= upper[i] + 1e-5)

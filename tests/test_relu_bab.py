@@ -9,8 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_bounds import _random_net
-from test_exact import BOX, _load, _tiny_relu_2d
+from test_exact import BOX, _load, _tiny_relu_2d, random_relu_case, tiny_certify_case
 
 from verifier.bounds.margins import margin_bounds
 from verifier.bounds.network import BoundNetwork
@@ -66,12 +65,7 @@ def test_relu_splitting_meets_the_milp_and_brute_force_on_2d_nets(tmp_path, seed
 
 
 def test_relu_splitting_on_a_random_net_at_any_stop(tmp_path):
-    converted = _load(tmp_path, _random_net("relu", seed=3), "random.onnx")
-    module = converted.logits_module.double()
-    network = BoundNetwork.from_model(converted)
-    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, size=(2, 6)))
-    with torch.no_grad():
-        y = module(x).argmax(1)
+    module, network, x, y = random_relu_case(tmp_path, 2)
     for norm, radius in (("inf", 0.3), ("1", 0.8)):
         truth = milp_margins(network, x, y, radius, norm, BOX)
         linear = margin_bounds(network, x, y, radius, norm, BOX).worst_margin
@@ -119,11 +113,7 @@ def test_penalised_milp_bounds_the_penalised_brute_force_maximum(tmp_path, lam, 
 
 @pytest.mark.parametrize("mode", ["on", "split"])
 def test_certificates_with_penalised_or_split_points_stay_sound(tmp_path, mode):
-    converted = _load(tmp_path, _tiny_relu_2d(1), "tiny1.onnx")
-    module = converted.logits_module.double()
-    x = np.random.default_rng(5).uniform(-0.6, 0.6, size=(4, 2))
-    with torch.no_grad():
-        y = module(torch.from_numpy(x)).argmax(1).numpy()
+    converted, module, x, y = tiny_certify_case(tmp_path)
     deltas = [0.3, 0.8]
     p = 2.0 if mode == "on" else math.inf
     off = certify(converted, x, y, deltas, p=p, norm="inf", loss="margin", box=BOX, grid_points=8, exact="off")
