@@ -127,8 +127,16 @@ def _locate(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, per_row: torch.
     spent radius and rate, and the total gain of the whole box.
     """
     per_row = torch.as_tensor(per_row, dtype=g.dtype, device=g.device)
-    g, lo, hi, per_row = _broadcast(g, lo, hi, per_row)
-    gain, spent, rate, event_radius, event_value, total = _segments(g, lo, hi, norm)
+    # The segments do not depend on the radius or target: sorted once for the rows of g, lo and hi,
+    # then looked up for every value of `per_row` broadcast against them (e.g. a grid of radii).
+    lo, hi = torch.as_tensor(lo, dtype=g.dtype), torch.as_tensor(hi, dtype=g.dtype)
+    rows = torch.broadcast_shapes(g.shape[:-1], lo.shape[:-1], hi.shape[:-1])
+    size = g.shape[-1]
+    segments = _segments(g.expand(*rows, size), lo.expand(*rows, size), hi.expand(*rows, size), norm)
+    shape = torch.broadcast_shapes(rows, per_row.shape)
+    gain, spent, rate, event_radius, event_value = (part.expand(*shape, size) for part in segments[:5])
+    total = segments[5].expand(shape)
+    per_row = per_row.expand(shape)
     reached = (event_value if by_value else event_radius) >= per_row.unsqueeze(-1)
     m = reached.to(torch.int8).argmax(-1)
     return per_row, reached.any(-1), _gather(gain, m), _gather(spent, m), _gather(rate, m), total
