@@ -185,3 +185,53 @@ def test_stable_units_feeding_a_pool_are_still_tightened(tmp_path, monkeypatch):
     monkeypatch.setattr(propagate, "_units_worth_tightening", lambda *args: None)
     every = margin_bounds(network, x, y, 0.05, "inf", box=(0.0, 1.0), device="cpu").upper
     assert torch.allclose(selected, every, rtol=1e-10, atol=1e-10)
+
+
+def _shipped_like_cnn(seed: int):
+    """x(1x8x8) -> Conv -> Relu -> MaxPool 2x2 -> Conv -> Relu -> MaxPool 2x2 -> Gemm (the shipped
+    CNN's layout): the first pool's output reaches a ReLU, the second's only affine nodes."""
+    rng = np.random.default_rng(seed)
+    nodes = [N("Conv", ["x", "cw", "cb"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), N("Relu", ["c"], ["r"]),
+             N("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             N("Conv", ["p", "dw", "db"], ["d"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), N("Relu", ["d"], ["s"]),
+             N("MaxPool", ["s"], ["q"], kernel_shape=[2, 2], strides=[2, 2]), N("Flatten", ["q"], ["f"]),
+             N("Gemm", ["f", "w", "b"], ["y"], transB=1)]
+    inits = [const("cw", rng.normal(size=(4, 1, 3, 3))), const("cb", rng.normal(size=4) * 0.3),
+             const("dw", rng.normal(size=(6, 4, 3, 3)) * 0.4), const("db", rng.normal(size=6) * 0.3),
+             const("w", rng.normal(size=(3, 6 * 2 * 2))), const("b", rng.normal(size=3) * 0.1)]
+    return make_model(nodes, [float_io("x", ["n", 1, 8, 8])], [float_io("y", ["n", 3])], inits)
+
+
+def test_taps_the_pool_does_not_read_need_no_tightening(tmp_path, monkeypatch):
+    """`margins_only`: the losing taps of decided windows (and a decided winner whose pool feeds only
+    affine nodes) keep their interval bounds; the margin and slope bounds stay the same, to rounding."""
+    from verifier.bounds.margins import margins_from
+    from verifier.bounds.propagate import margin_problem
+    from verifier.bounds.slopes import slopes_from
+
+    path = tmp_path / "cnn.onnx"
+    path.write_bytes(_shipped_like_cnn(4).SerializeToString())
+    network = BoundNetwork.from_model(convert_model(load_model(path)))
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.uniform(0, 1, size=(6, 1, 8, 8)))
+    y = torch.from_numpy(rng.integers(0, 3, size=6))
+    tightened = {False: 0, True: 0}
+    mode = [False]
+    original = propagate._linear_interval
+
+    def counting(net, state, region, name, needed, deadline):
+        tightened[mode[0]] += needed.numel() if needed is None else int(needed.sum())
+        return original(net, state, region, name, needed, deadline)
+
+    monkeypatch.setattr(propagate, "_linear_interval", counting)
+    for radius in (0.002, 0.02, 0.1):
+        problem = margin_problem(network, x, y, radius, "inf", (0.0, 1.0), torch.device("cpu"), torch.float64)
+        results = []
+        for margins_only in (False, True):
+            mode[0] = margins_only
+            state = propagate.propagate(network, problem.region, margins_only=margins_only)
+            results.append((margins_from(problem, state).upper, slopes_from(problem, state).per_class))
+        (every_margin, every_slope), (lazy_margin, lazy_slope) = results
+        assert torch.allclose(lazy_margin, every_margin, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(lazy_slope, every_slope, rtol=1e-10, atol=1e-10)
+    assert tightened[True] < tightened[False]  # the rule skips units on this net

@@ -40,10 +40,12 @@ def margin_bounds(model: ConvertedModel | BoundNetwork, x: torch.Tensor | np.nda
     """Upper bounds on all margins over `B_r(x_i, s_i) ∩ box` by linear bound propagation.
 
     `optimise`: search the relaxations' free slopes of the final back-substitution (alpha-CROWN,
-    `verifier.bounds.optimise`); None keeps the default lines.
+    `verifier.bounds.optimise`); None keeps the default lines (and then only the intervals those read
+    are tightened: `propagate(margins_only=True)`).
     """
     problem = margin_problem(model, x, y, radius, parse_norm(norm), box, resolve_device(device), dtype)
-    return margins_from(problem, propagate(problem.network, problem.region, tighten, deadline), deadline, optimise)
+    state = propagate(problem.network, problem.region, tighten, deadline, margins_only=optimise is None)
+    return margins_from(problem, state, deadline, optimise)
 
 
 def margins_from(problem: MarginProblem, state: Bounds, deadline: Deadline = NEVER,

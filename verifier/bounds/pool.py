@@ -34,6 +34,10 @@ class PoolRelaxation:
     upper_weight: torch.Tensor
     upper_offset: torch.Tensor
     input_shape: torch.Size  # (N, C, H, W)
+    # Where both weights are one-hot per window (the default relaxations): the tap of each (N, C, windows)
+    # holding the upper weight and the lower one, so the adjoint moves one number a window, not T.
+    upper_tap: torch.Tensor | None = None
+    lower_tap: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,8 @@ def pool_relaxation(params: dict, node: str, low: torch.Tensor, high: torch.Tens
     # float32 so that rounding noise in the intervals does not flip the choice between tied taps.
     centre = torch.where(windows.valid, 0.5 * lows + 0.5 * highs, -math.inf)
     centre = torch.nan_to_num(centre, nan=-math.inf).to(torch.float32)
-    lower_weight = torch.zeros_like(lows).scatter(-1, centre.argmax(-1, keepdim=True), 1.0)
+    lower_tap = centre.argmax(-1, keepdim=True)
+    lower_weight = torch.zeros_like(lows).scatter(-1, lower_tap, 1.0)
     top = highs.argmax(-1, keepdim=True)
     top_low, top_high = lows.gather(-1, top), highs.gather(-1, top)
     runner_up = highs.scatter(-1, top, -math.inf).amax(-1, keepdim=True)
@@ -94,7 +99,8 @@ def pool_relaxation(params: dict, node: str, low: torch.Tensor, high: torch.Tens
     finite = (torch.isfinite(lows) & torch.isfinite(highs) | ~windows.valid).all(-1, keepdim=True)
     slope = torch.where(finite, torch.nan_to_num(slope, nan=0.0), 0.0)
     upper_weight = torch.zeros_like(highs).scatter(-1, top, slope)
-    return PoolRelaxation(windows.taps, lower_weight, upper_weight, upper_offset(upper_weight, windows), low.shape)
+    return PoolRelaxation(windows.taps, lower_weight, upper_weight, upper_offset(upper_weight, windows), low.shape,
+                          top.squeeze(-1), lower_tap.squeeze(-1))
 
 
 def pool_adjoint(relax: PoolRelaxation, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +109,26 @@ def pool_adjoint(relax: PoolRelaxation, lam: torch.Tensor) -> tuple[torch.Tensor
     count, objectives = lam.shape[:2]
     _, channels, height, width = relax.input_shape
     flat = lam.reshape(count, objectives, channels, -1)  # (N, K, C, windows)
-    positive, negative = flat.clamp_min(0), flat.clamp_max(0)
-    upper, lower = _broadcast(relax.upper_weight, flat), _broadcast(relax.lower_weight, flat)
-    per_tap = positive.unsqueeze(-1) * upper + negative.unsqueeze(-1) * lower  # (N, K, C, windows, taps)
-    per_tap = torch.where(relax.taps >= 0, per_tap, 0.0)  # padding taps read no input
-    index = relax.taps.clamp_min(0).reshape(1, 1, 1, -1).expand(count, objectives, channels, -1)
+    positive = flat.clamp_min(0)
     contribution = torch.zeros(count, objectives, channels, height * width, dtype=lam.dtype, device=lam.device)
-    contribution = contribution.scatter_add(-1, index, per_tap.reshape(count, objectives, channels, -1))
+    if relax.upper_tap is not None and relax.lower_tap is not None and relax.upper_weight.dim() == flat.dim():
+        # One-hot weights: lam > 0 goes to the upper tap times its weight, lam < 0 to the lower tap
+        # (weight 1); the same sums as the general form below, whose other terms are all zeros.
+        rising = flat > 0
+        slope = relax.upper_weight.gather(-1, relax.upper_tap.unsqueeze(-1)).squeeze(-1).unsqueeze(1)
+        tap = torch.where(rising, relax.upper_tap.unsqueeze(1), relax.lower_tap.unsqueeze(1))  # (N, K, C, windows)
+        windows = torch.arange(relax.taps.shape[0], device=lam.device)
+        position = relax.taps[windows.expand_as(tap), tap]
+        value = torch.where(rising, flat * slope, flat)
+        value = torch.where(position >= 0, value, 0.0)  # padding taps read no input
+        contribution = contribution.scatter_add(-1, position.clamp_min(0), value)
+    else:
+        negative = flat.clamp_max(0)
+        upper, lower = _broadcast(relax.upper_weight, flat), _broadcast(relax.lower_weight, flat)
+        per_tap = positive.unsqueeze(-1) * upper + negative.unsqueeze(-1) * lower  # (N, K, C, windows, taps)
+        per_tap = torch.where(relax.taps >= 0, per_tap, 0.0)  # padding taps read no input
+        index = relax.taps.clamp_min(0).reshape(1, 1, 1, -1).expand(count, objectives, channels, -1)
+        contribution = contribution.scatter_add(-1, index, per_tap.reshape(count, objectives, channels, -1))
     ceiling = relax.upper_offset if relax.upper_offset.dim() == flat.dim() else relax.upper_offset.unsqueeze(1)
     # 0 * inf counts as 0: a window with an unbounded input costs nothing when lam+ is 0 there.
     offset = torch.where(positive == 0, 0.0, positive * ceiling).flatten(2).sum(-1)
@@ -137,3 +156,28 @@ def constant_pool_relaxation(params: dict, node: str, low: torch.Tensor, high: t
     one_hot = torch.zeros_like(windows.lows).scatter(-1, winner, 1.0)
     upper_weight = torch.where(decided, one_hot, 0.0)
     return PoolRelaxation(windows.taps, one_hot, upper_weight, upper_offset(upper_weight, windows), low.shape)
+
+
+def taps_read(params: dict, node: str, low: torch.Tensor, high: torch.Tensor, output_read: bool) -> torch.Tensor:
+    """Mask (N, C, H, W) of the MaxPool inputs, with intervals [low, high] (all >= 0, a ReLU's), whose
+    interval the default relaxation, its adjoint and the slope bounds can read.
+
+    A window is decided when its winner's lower bound is positive and beats every other tap's upper
+    bound by a margin that rounding cannot close: then `y = x_w` below and above (offset 0) on every
+    sub-interval, the adjoint and the Clarke Jacobian reach the winner only, and the output interval is
+    the winner's. Its other taps are not read at all; the winner only when `output_read` (the output
+    interval is used later). Inputs in no window are not read either.
+    """
+    count, channels = low.shape[:2]
+    windows = window_bounds(params, node, low, high)
+    lows, highs = windows.lows, windows.highs
+    winner = lows.argmax(-1, keepdim=True)
+    winning_low = lows.gather(-1, winner)
+    rival = highs.scatter(-1, winner, -math.inf).amax(-1, keepdim=True)
+    decided = (winning_low > 0) & (winning_low - rival > 1e-6 * (1.0 + winning_low.abs()))
+    is_winner = torch.zeros_like(lows, dtype=torch.bool).scatter(-1, winner, True)
+    read = windows.valid & (~decided | (is_winner & output_read))  # (N, C, windows, taps)
+    index = windows.taps.clamp_min(0).reshape(1, 1, -1).expand(count, channels, -1)
+    hits = torch.zeros(count, channels, low[0, 0].numel(), dtype=low.dtype, device=low.device)
+    hits.scatter_add_(-1, index, read.reshape(count, channels, -1).to(low.dtype))
+    return (hits > 0).reshape(low.shape)

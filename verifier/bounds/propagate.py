@@ -16,7 +16,7 @@ import torch
 
 from verifier.bounds import bilinear, elementary, ops, relaxations
 from verifier.bounds.network import Activation, BoundNetwork, BoundNode
-from verifier.bounds.pool import PoolRelaxation, pool_adjoint, pool_relaxation
+from verifier.bounds.pool import PoolRelaxation, pool_adjoint, pool_relaxation, taps_read
 from verifier.cells import displacement_box
 from verifier.deadline import NEVER, Deadline
 from verifier.geometry import max_linear
@@ -65,13 +65,15 @@ class Bounds:
 
 
 def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, deadline: Deadline = NEVER,
-              prior: Bounds | None = None) -> Bounds:
+              prior: Bounds | None = None, margins_only: bool = False) -> Bounds:
     """Interval bounds of every node, tightened by back-substitution at nonlinear inputs.
 
     `prior`: bounds already propagated over a superset of `region` for the same samples (a larger
     radius, the whole box); they hold here too, so every interval starts from their intersection and
     units they already settle are not back-substituted again. `deadline` is checked before every node
-    and inside every back-substitution (`Stopped`).
+    and inside every back-substitution (`Stopped`). `margins_only`: the state feeds nothing but the
+    default margin and slope bounds (no MILP, branch and bound or slope search reads its intervals),
+    so units only those would read keep their interval bounds (`pool.taps_read`).
     """
     intervals = {network.input: region.interval()}
     relaxed: dict[str, relaxations.Relaxation] = {}
@@ -85,7 +87,8 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
         if not isinstance(node.rule, ops.Affine) and tighten:
             for name in node.inputs:
                 if name not in tightened:
-                    needed = _units_worth_tightening(network, region, name, consumers, intervals[name])
+                    needed = _units_worth_tightening(network, region, name, consumers, intervals[name],
+                                                     margins_only)
                     intervals[name] = _intersect(intervals[name],
                                                  _linear_interval(network, state, region, name, needed, deadline))
                     tightened.add(name)
@@ -153,14 +156,15 @@ def _nonlinear_consumers(network: BoundNetwork) -> dict[str, list[BoundNode]]:
 
 
 def _units_worth_tightening(network: BoundNetwork, region: InputSet, name: str,
-                            consumers: dict[str, list[BoundNode]],
-                            interval: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+                            consumers: dict[str, list[BoundNode]], interval: tuple[torch.Tensor, torch.Tensor],
+                            margins_only: bool = False) -> torch.Tensor | None:
     """Mask (N, *shape) of the units whose back-substituted interval can change a relaxation (None: all).
 
     A unit whose interval already lies in one linear piece of every activation reading it (a stable
     ReLU) is relaxed exactly whatever its interval. When that activation's output interval is also
     read by a non-affine node (a MaxPool's relaxation depends on it), only a dead ReLU unit (output 0
-    on any sub-interval) is settled. A single affine map of the input on a box (the l_inf ball, or
+    on any sub-interval) is settled; for `margins_only`, also the taps a lone MaxPool reader does not
+    read (`pool.taps_read`). A single affine map of the input on a box (the l_inf ball, or
     the whole box) has an exact interval already: nothing to tighten.
     """
     node = next(n for n in network.nodes if n.name == name)
@@ -176,10 +180,35 @@ def _units_worth_tightening(network: BoundNetwork, region: InputSet, name: str,
             if rule.kind != "relu":
                 return None
             unsettled = interval[1] > 0
+            pool = _lone_pool_reader(network, consumer.name, consumers) if margins_only else None
+            if pool is not None:
+                read = taps_read(pool.rule.params, pool.onnx_node, interval[0].clamp_min(0), interval[1].clamp_min(0),
+                                 not _only_affine_after(network, pool.name))
+                unsettled = unsettled & read
         else:
             unsettled = ~relaxations.settled(rule.kind, *interval, rule.params)
         needed = unsettled if needed is None else needed | unsettled
     return needed
+
+
+def _lone_pool_reader(network: BoundNetwork, name: str, consumers: dict[str, list[BoundNode]]) -> BoundNode | None:
+    """The MaxPool that is the only reader of node `name`'s output (None when there is another reader)."""
+    readers = [n for n in network.nodes if name in n.inputs]
+    if len(readers) != 1 or readers != consumers.get(name):
+        return None
+    reader = readers[0]
+    return reader if isinstance(reader.rule, Activation) and reader.rule.kind == "max_pool" else None
+
+
+def _only_affine_after(network: BoundNetwork, name: str) -> bool:
+    """Every node downstream of `name` is affine: its interval feeds only interval arithmetic of affine
+    nodes, which no relaxation and no back-substitution reads."""
+    downstream, found = {name}, False
+    for node in network.nodes:
+        if downstream.intersection(node.inputs):
+            downstream.add(node.name)
+            found = found or not isinstance(node.rule, ops.Affine)
+    return not found
 
 
 def _linear_interval(network: BoundNetwork, state: Bounds, region: InputSet, name: str,

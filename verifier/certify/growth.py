@@ -94,7 +94,8 @@ def _bounds_at(network: BoundNetwork, x: torch.Tensor, y: torch.Tensor, radius: 
                prior: Bounds | None = None, optimise: SlopeSearch | None = None):
     """Margin upper bounds (-inf at the true class), per-class slope bounds and the propagated state."""
     problem = margin_problem(network, x, y, radius, norm, box, torch.device(device), x.dtype)
-    state = propagate(network, problem.region, tighten=tighten, deadline=deadline, prior=prior)
+    state = propagate(network, problem.region, tighten=tighten, deadline=deadline, prior=prior,
+                      margins_only=optimise is None)  # the state feeds the margins and slopes (and the next prior)
     bounds = margins_from(problem, state, deadline, optimise).upper.masked_fill(problem.true_class, -math.inf)
     return bounds, slopes_from(problem, state, deadline).per_class, state
 
