@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from verifier import __version__
+from verifier.allocator import keep_freed_memory
 from verifier.cli_options import (OneLineParser, add_block_size, add_budget, add_data, add_device, add_exact, add_json,
                                   add_model, add_optimise_slopes, add_output, add_perturb, add_time_limit,
                                   add_tolerances, attach_negative_values)
@@ -141,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
     args.started = started
     _quiet_libraries()
+    keep_freed_memory()  # freed tensors are reused instead of page-faulted in again (verifier.allocator)
     run: Callable[[argparse.Namespace], tuple[int, dict, str]] = args.run
     json_wanted, debug = getattr(args, "json", False), getattr(args, "debug", False)
     args.job = None
