@@ -269,7 +269,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     local_blocks = list(shard.blocks())
     for number, part in enumerate(local_blocks):
         block_x, block_y = inputs[part], labels[part]
-        logits = module(block_x).detach()
+        with torch.no_grad():  # autograd would keep every activation of the block
+            logits = module(block_x)
         require_finite_logits(logits, "torch, float64")
         check_labels(block_y.numpy(), logits.shape[1])
         tables, jacobian, report = block_tables(
