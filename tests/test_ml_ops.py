@@ -240,3 +240,27 @@ def test_column_pipeline_with_a_held_integer_input_audits_in_closed_form(tmp_pat
     scaler, classifier = pipeline[0].named_transformers_["numeric"], pipeline[-1]
     w = classifier.coef_[:, :features] / scaler.scale_  # the decision function's weights on `numeric`
     _assert_exact_worst_accuracy(report, pipeline.decision_function(full), y, w, settings.deltas)
+
+
+def test_nan_imputer_is_the_identity_on_finite_inputs_and_a_number_imputer_is_refused():
+    import onnxruntime as ort
+    from onnx import helper
+
+    def imputer(**attributes) -> onnx.ModelProto:
+        node = helper.make_node("Imputer", ["X"], ["Y"], domain=ML, imputed_value_floats=[0.5, -1.0], **attributes)
+        graph = helper.make_graph([node], "imputer", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [None, 2])],
+                                  [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [None, 2])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ML, 1)])
+
+    x = np.asarray([[0.0, 3.0], [-2.0, 0.0], [1.5, 7.0]], dtype=np.float32)
+    model = imputer(replaced_value_float=float("nan"))
+    (expected,) = ort.InferenceSession(model.SerializeToString()).run(None, {"X": x})
+    lowered = lower_ml_ops(model)
+    assert [n.op_type for n in lowered.graph.node] == ["Identity"]
+    (got,) = ort.InferenceSession(lowered.SerializeToString()).run(None, {"X": x})
+    np.testing.assert_array_equal(got, expected)
+    # replacing zeros is a jump at 0: onnxruntime imputes there, and the node stays for the refusal
+    zeros = imputer(replaced_value_float=0.0)
+    (imputed,) = ort.InferenceSession(zeros.SerializeToString()).run(None, {"X": x})
+    assert imputed[0, 0] == 0.5 and imputed[1, 1] == -1.0
+    assert lower_ml_ops(zeros).graph.node[0].op_type == "Imputer"

@@ -20,6 +20,9 @@ conversion and every later stage (torch, bounds, Jacobians) applies with no new 
   `verifier.perturb`) sits on no kink. A float input is truncated to an integer first, as
   onnxruntime casts it. String categories are not lowered (no string is ever held), nor
   an encoder below opset 11.
+- `Imputer` that replaces NaN (scikit-learn's `SimpleImputer`): the identity, exactly, on the
+  finite inputs every command requires (`verifier.finite`); one that replaces a number is a jump
+  and is refused.
 
 The label output of a classifier (`ArgMax` over the scores, mapped to its labels) is written
 only when something uses it. Piecewise-constant ops (trees, SVM kernels' sign, binarising,
@@ -48,6 +51,7 @@ _REFUSED = {
     "LabelEncoder": "label encoding maps discrete values: nothing continuous to perturb",
     "OneHotEncoder": ("one-hot encoding is lowered for integer categories (|c| <= 2^22, exact in float32) from "
                       "opset 11; this one has string categories, larger integers or an older opset"),
+    "Imputer": "an Imputer of a finite value jumps at that value (no Lipschitz bound); one of NaN is lowered",
     "CategoryMapper": "category mapping maps discrete values: nothing continuous to perturb",
     "DictVectorizer": "takes a map, not a tensor",
     "SVMClassifier": "kernel SVMs are not lowered yet (a linear SVM exports as LinearClassifier)",
@@ -218,6 +222,14 @@ def _one_hot_encoder(b: _Builder) -> list[onnx.NodeProto] | None:
     return b.nodes
 
 
+def _imputer(b: _Builder) -> list[onnx.NodeProto] | None:
+    replaced = b.attributes.get("replaced_value_float", 0.0)
+    if "replaced_value_int64" in b.attributes or not np.isnan(replaced):
+        return None
+    b.add("Identity", [b.node.input[0]], b.node.output[0])  # finite inputs have nothing to impute
+    return b.nodes
+
+
 def _clip01(b: _Builder, data: str) -> str:
     return b.add("Clip", [data, b.constant("zero", np.float32(0.0)), b.constant("one", np.float32(1.0))])
 
@@ -229,4 +241,5 @@ _RULES: dict[str, Callable[[_Builder], list[onnx.NodeProto] | None]] = {
     "Normalizer": _normalizer,
     "ArrayFeatureExtractor": _array_feature_extractor,
     "OneHotEncoder": _one_hot_encoder,
+    "Imputer": _imputer,
 }
