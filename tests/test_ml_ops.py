@@ -264,3 +264,25 @@ def test_nan_imputer_is_the_identity_on_finite_inputs_and_a_number_imputer_is_re
     (imputed,) = ort.InferenceSession(zeros.SerializeToString()).run(None, {"X": x})
     assert imputed[0, 0] == 0.5 and imputed[1, 1] == -1.0
     assert lower_ml_ops(zeros).graph.node[0].op_type == "Imputer"
+
+
+@pytest.mark.parametrize("elem", [onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.DOUBLE])
+def test_feature_vectorizer_lowering_matches_onnxruntime(elem):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("FeatureVectorizer", ["age", "fare", "kids"], ["Y"], domain=ML, inputdimensions=[1, 2, 1])
+    widths = {"age": 1, "fare": 2, "kids": 1}
+    inputs = [helper.make_tensor_value_info(name, elem, [None, width]) for name, width in widths.items()]
+    graph = helper.make_graph([node], "vectorizer", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT,
+                                                                                          [None, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ML, 1)])
+    rng = np.random.default_rng(2)
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    feeds = {name: (rng.normal(size=(5, width)) * 5).astype(dtype) for name, width in widths.items()}
+    (expected,) = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+    lowered = lower_ml_ops(model)
+    assert all(n.domain != ML for n in lowered.graph.node)
+    (got,) = ort.InferenceSession(lowered.SerializeToString()).run(None, feeds)
+    assert got.shape == (5, 4) and np.abs(got).sum() > 0
+    np.testing.assert_array_equal(got, expected)

@@ -20,6 +20,8 @@ conversion and every later stage (torch, bounds, Jacobians) applies with no new 
   `verifier.perturb`) sits on no kink. A float input is truncated to an integer first, as
   onnxruntime casts it. String categories are not lowered (no string is ever held), nor
   an encoder below opset 11.
+- `FeatureVectorizer` (skl2onnx joins the one-column inputs of a Titanic-style export with it):
+  every input cast to float and flattened to `(N, d)`, then `Concat` on the last axis;
 - `Imputer` that replaces NaN (scikit-learn's `SimpleImputer`): the identity, exactly, on the
   finite inputs every command requires (`verifier.finite`); one that replaces a number is a jump
   and is refused.
@@ -222,6 +224,12 @@ def _one_hot_encoder(b: _Builder) -> list[onnx.NodeProto] | None:
     return b.nodes
 
 
+def _feature_vectorizer(b: _Builder) -> list[onnx.NodeProto]:
+    columns = [b.add("Flatten", [b.add("Cast", [name], to=onnx.TensorProto.FLOAT)], axis=1) for name in b.node.input]
+    b.add("Concat", columns, b.node.output[0], axis=-1)
+    return b.nodes
+
+
 def _imputer(b: _Builder) -> list[onnx.NodeProto] | None:
     replaced = b.attributes.get("replaced_value_float", 0.0)
     if "replaced_value_int64" in b.attributes or not np.isnan(replaced):
@@ -242,4 +250,5 @@ _RULES: dict[str, Callable[[_Builder], list[onnx.NodeProto] | None]] = {
     "ArrayFeatureExtractor": _array_feature_extractor,
     "OneHotEncoder": _one_hot_encoder,
     "Imputer": _imputer,
+    "FeatureVectorizer": _feature_vectorizer,
 }
