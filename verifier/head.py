@@ -20,11 +20,10 @@ final `Softmax`, `LogSoftmax`, `Log(Softmax)` or `Sigmoid` (also `Concat(1 - s, 
   as two rows `[-s, s]`, whose log-sigmoids have softmax `[1 - sigmoid(s), sigmoid(s)]`
   exactly); `[0, s]` for one coefficient row with two labels.
 
-A head has one row per sample on axis 0. An output that carries the batch on another axis — the
-per-time-step outputs of a recurrent model exported time first, `(time, batch, C)` — is no
-per-sample classifier: `batch_axis` finds where the data input's batch went (its symbolic name,
-or its fixed size when axis 0 has another), and such an output is refused in one line saying so
-and what would work, instead of being read as `(N, C)` with the wrong rows.
+A head has one row per sample on axis 0: an output that carries the batch on another axis (a
+recurrent model's per-time-step outputs exported time first, `(time, batch, C)`) is no
+per-sample classifier and is refused in one line saying why and what would work
+(`verifier.head_batch`).
 
 `verifier.head_logits.attach_logits` appends the few ONNX nodes that compute those logits, so
 that the converted module and the onnxruntime oracle compute the same tensor.
@@ -39,6 +38,7 @@ import onnx
 
 from verifier.errors import UsageError
 from verifier.graph import OperatorGraph
+from verifier.head_batch import BATCH_NOTE, batch_refusal, misplaced_batch, shape_text
 from verifier.onnx_io import tensor_spec
 
 PROBABILITY_FLOOR = 1e-12
@@ -51,7 +51,6 @@ ML_DOMAIN = "ai.onnx.ml"
 _PASS_THROUGH = frozenset({"Identity", "Reshape", "Cast", "Flatten", "Squeeze", "Unsqueeze", "Dropout", "CastLike"})
 _PASS_THROUGH_NOTE = "a pass-through of the input"
 _NOT_FLOAT_NOTE = "not a float tensor (labels?)"
-_BATCH_NOTE = "the batch on axis"
 _FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 )
@@ -125,7 +124,7 @@ def output_candidates(graph: OperatorGraph) -> tuple[OutputCandidate, ...]:
             usable, note = True, f"ZipMap of {source!r}"
         elif not _is_float(out):
             usable, note = False, _NOT_FLOAT_NOTE
-        elif (misplaced := _misplaced_batch(graph, shape)) is not None:
+        elif (misplaced := misplaced_batch(graph, shape)) is not None:
             usable, note = False, misplaced
         elif graph.is_constant(out.name):
             usable, note = False, "constant: does not depend on the input"
@@ -141,22 +140,22 @@ def choose_head(graph: OperatorGraph, output: str | None = None) -> Head:
     """The head: the named output (`--output`), else the first float output that depends on the
     input through more than data movement (else the first float output)."""
     candidates = output_candidates(graph)
-    listed = ", ".join(f"{c.name} ({c.dtype} {_shape_text(c.shape)})" for c in candidates)
+    listed = ", ".join(f"{c.name} ({c.dtype} {shape_text(c.shape)})" for c in candidates)
     if output is not None:
         chosen = next((c for c in candidates if c.name == output), None)
         if chosen is None:
             raise UsageError(f"--output {output!r} is not an output of the model; its outputs: {listed}")
         if chosen.note == _NOT_FLOAT_NOTE:
             raise UsageError(f"--output {output!r} is {chosen.dtype}, not a float tensor; its outputs: {listed}")
-        if chosen.note.startswith(_BATCH_NOTE):
-            raise UsageError(_batch_refusal(chosen, candidates))
+        if chosen.note.startswith(BATCH_NOTE):
+            raise UsageError(batch_refusal(chosen.name, chosen.note, [c.name for c in candidates if c.usable]))
         return _read(graph, chosen, "--output")
     usable = [c for c in candidates if c.usable and c.note != _PASS_THROUGH_NOTE] or [c for c in candidates
                                                                                    if c.usable]
     if not usable:
-        misplaced = next((c for c in candidates if c.note.startswith(_BATCH_NOTE)), None)
+        misplaced = next((c for c in candidates if c.note.startswith(BATCH_NOTE)), None)
         if misplaced is not None:
-            raise UsageError(_batch_refusal(misplaced, candidates))
+            raise UsageError(batch_refusal(misplaced.name, misplaced.note, []))
         raise UsageError(f"no output can be the classifier head; the model's outputs: {listed}")
     head = _read(graph, usable[0], "default")
     skipped = [f"{c.name} ({c.note})" for c in candidates[:candidates.index(usable[0])]]
@@ -164,40 +163,6 @@ def choose_head(graph: OperatorGraph, output: str | None = None) -> Head:
         head = Head(head.output, head.tensor, head.kind, head.cut,
                     f"{head.reason}; skipped {', '.join(skipped)}", head.chosen_by)
     return head
-
-
-def batch_axis(graph: OperatorGraph, shape: tuple | None) -> int | None:
-    """The axis of `shape` that carries the data input's batch, when the shapes say so: the input's
-    symbolic batch name, or (both fixed) its size where axis 0 has another size; None: unknown."""
-    inputs = [graph.shape(name) for name in graph.inputs]
-    if len(inputs) != 1 or not inputs[0] or not shape:
-        return None
-    batch = inputs[0][0]
-    if batch is None or (isinstance(batch, int) and batch <= 0):
-        return None
-    if shape[0] == batch:
-        return 0
-    if isinstance(batch, int) and (not isinstance(shape[0], int) or len(shape) < 3):
-        return None  # a fixed batch is only told apart from a fixed size by a fixed first axis
-    return shape.index(batch) if batch in shape[1:] else None
-
-
-def _misplaced_batch(graph: OperatorGraph, shape: tuple | None) -> str | None:
-    axis = batch_axis(graph, shape)
-    if axis is None or axis == 0:
-        return None
-    return f"{_BATCH_NOTE} {axis} of {_shape_text(shape)} (time first?), not on axis 0"
-
-
-def _batch_refusal(candidate: OutputCandidate, candidates: tuple[OutputCandidate, ...]) -> str:
-    """One line: why a batch-not-first output cannot be the head, and what would work."""
-    first = [c.name for c in candidates if c.usable]
-    instead = (f"name a batch-first output with --output ({', '.join(first)})" if first else
-               "this model has no batch-first float output: export a head that keeps one row per sample "
-               "(e.g. the last time step, batch first), or cut the graph at a batch-first tensor "
-               "(onnx.utils.Extractor) and audit that model")
-    return (f"output {candidate.name!r} has {candidate.note}: it gives values per position (e.g. per time "
-            f"step), not one row of class scores per sample as the classifier head (N, C) needs; {instead}")
 
 
 def _read(graph: OperatorGraph, candidate: OutputCandidate, chosen_by: str) -> Head:
@@ -405,7 +370,3 @@ def _is_float(value_info: onnx.ValueInfoProto) -> bool:
 def _spec(value_info: onnx.ValueInfoProto) -> tuple[tuple | None, str]:
     spec = tensor_spec(value_info)
     return spec.shape, spec.dtype
-
-
-def _shape_text(shape: tuple | None) -> str:
-    return "?" if shape is None else "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
