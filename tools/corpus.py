@@ -252,14 +252,17 @@ def audit_summary(report_path: Path) -> dict:
     return summary
 
 
-def run_entry(entry: Entry, stages: list[str], samples: int, time_limit: float, aux_limit: float) -> dict:
+def run_entry(entry: Entry, stages: list[str], samples: int, time_limit: float, aux_limit: float,
+              memory_limit: str = "") -> dict:
     """Every requested stage of one model; the results as one dict.
 
-    `time_limit` is audit's `--time-limit`; `aux_limit` that of the separate certify and attack runs.
+    `time_limit` is audit's `--time-limit`; `aux_limit` that of the separate certify and attack runs;
+    `memory_limit` (e.g. "4G"), when given, every stage's `--memory-limit`.
     """
     model, data = str(entry.model_path), str(entry.data_path)
     common = [model, "--data", data, "--samples", str(samples), "--box", entry.box_arg,
-              *(["--perturb", entry.perturb] if entry.perturb else [])]
+              *(["--perturb", entry.perturb] if entry.perturb else []),
+              *(["--memory-limit", memory_limit] if memory_limit else [])]
     limit, aux = ["--time-limit", f"{time_limit:g}"], ["--time-limit", f"{aux_limit:g}"]
     row: dict = {"name": entry.name}
     logs = CACHE / "logs" / entry.name
@@ -335,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--time-limit", type=float, default=600.0, help="audit's --time-limit")
     parser.add_argument("--aux-time-limit", type=float, default=600.0, help="certify's and attack's")
+    parser.add_argument("--memory-limit", default="", help="every stage's --memory-limit (e.g. 4G)")
     args = parser.parse_args(argv)
     entries = load_manifest()
     chosen = [e for e in entries if not args.only or e.name in args.only.split(",")]
@@ -347,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             print(entry.name, make_data(entry))
         else:
             results[entry.name] = results.get(entry.name, {}) | run_entry(
-                entry, args.stages.split(","), args.samples, args.time_limit, args.aux_time_limit)
+                entry, args.stages.split(","), args.samples, args.time_limit, args.aux_time_limit,
+                args.memory_limit)
             results_path.write_text(json.dumps(results, indent=1))
             print(json.dumps(results[entry.name]), flush=True)
     if args.command in ("run", "table"):
