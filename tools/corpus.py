@@ -9,8 +9,8 @@ The corpus is tools/corpus.json; its files live in a cache outside the repositor
     .venv/bin/python tools/corpus.py table                     # Markdown table of the last results
 
 `data` draws inputs uniformly in the model's box with labels = the model's own onnxruntime
-argmax, so the clean accuracy is 100% by construction (scikit-learn entries use the real
-held-out digits and their true labels). Run one model at a time: a real model's audit can
+argmax, so the clean accuracy is 100% by construction (scikit-learn entries use real
+held-out rows of digits or wine and their true labels). Run one model at a time: a real model's audit can
 take minutes and the machine is shared.
 """
 
@@ -171,8 +171,14 @@ def head_labels(output: np.ndarray, batch: int) -> np.ndarray:
 
 
 def make_data(entry: Entry) -> Path:
-    """Write the entry's npz (`x`, `y`) into the cache."""
+    """Write the entry's npz (`x`, `y`; one array per input name for a multi-input entry) into the cache."""
     entry.data_path.parent.mkdir(parents=True, exist_ok=True)
+    if entry.data == "wine-columns":
+        from corpus_sklearn import columns_holdout
+
+        inputs, y = columns_holdout(entry.input["shape"][0])
+        np.savez_compressed(entry.data_path, **inputs, y=y)
+        return entry.data_path
     if entry.data == "digits":
         from corpus_sklearn import digits_holdout
 
