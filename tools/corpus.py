@@ -311,16 +311,19 @@ def table(entries: list[Entry], results: dict) -> str:
                       if "certified_accuracy" in audit else "–")
         size = entry.size + sum(extra["size"] for extra in entry.extra_members)
         lines.append(f"| {entry.name} | {entry.package}=={entry.version} | {size / 1e6:.2f} MB "
-                     f"| {entry.input.get('dtype', 'float32')} {shape} | {seconds(certify)} | {seconds(attack)} "
+                     f"| {entry.input.get('dtype', 'float32')} {shape} | {seconds(certify, audit, 'certify')} "
+                     f"| {seconds(attack, audit, 'attacks')} "
                      f"| {audit.get('exit', '–')} | {fmt(audit.get('wall_s'))} | {fmt(audit.get('peak_mb'))} "
                      f"| {'–' if vac is None else ('yes' if vac else 'no')} | {accuracies} |")
     return "\n".join(lines)
 
 
-def seconds(stage: dict) -> str:
-    """Wall seconds, or the exit code when the command did not succeed."""
+def seconds(stage: dict, audit: dict | None = None, part: str = "") -> str:
+    """Wall seconds, or the exit code when the command did not succeed; without a separate run of
+    the stage, the audit's own time in it (`part` of its timings, marked "in audit")."""
     if not stage:
-        return "–"
+        spent = ((audit or {}).get("timings") or {}).get(part)
+        return "–" if spent is None else f"{spent:.0f} in audit"
     return f"{stage['wall_s']:g}" if stage["exit"] == 0 else f"{stage['wall_s']:g} (exit {stage['exit']})"
 
 
