@@ -130,7 +130,7 @@ def test_a_loop_stops_before_a_step_that_would_end_past_its_share(mlp):
 
     _, converted, x, y = mlp
     target = _target(converted, x[:2], y[:2], 2.0, "inf", "ce", (0.0, 1.0), resolve_device("cpu"), NEVER)
-    readings = iter([0.0, 10.0, 10.0, 20.0, 20.0])  # begin's share, then two readings per poll
+    readings = iter([0.0, 10.0, 20.0])  # begin's share, then one reading per poll
     runner = Attack(target, budget=Deadline(at=25.0, clock=lambda: next(readings)))
     runner.begin(1)
     assert runner.until.at == 25.0
