@@ -224,7 +224,7 @@ class Attack:
                                                                                device=rows.device)),
                               restarts, topk, every_row, first, occurrence[s:s + size])
                  for s in range(0, len(rows), size)]
-        return Best(*(torch.cat([getattr(b, name) for b in parts]) for name in ("d", "value", "flip", "margin")))
+        return Best.joined(parts)
 
     def _search(self, rows: torch.Tensor, radius: torch.Tensor, steps: int, best: Best | None, restarts: int,
                 topk: int, every_row: bool, first: int, occurrence: torch.Tensor) -> Best:

@@ -234,6 +234,11 @@ class Best:
         """Both optima at the same points."""
         return cls(d, value, d, margin)
 
+    @classmethod
+    def joined(cls, parts: list[Best]) -> Best:
+        """The rows of `parts` one after the other (chunks of rows searched apart)."""
+        return cls(*(torch.cat([getattr(b, name) for b in parts]) for name in ("d", "value", "flip", "margin")))
+
     def update(self, d: torch.Tensor, value: torch.Tensor, margin: torch.Tensor) -> None:
         """Keep `d` where its loss (its margin) is strictly higher."""
         higher, wider = value > self.value, margin > self.margin
