@@ -160,7 +160,7 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
     chosen, skipped = resolve_methods(methods, p)
     torch_device = resolve_device(device)
     target = _target(model, x, y, p, norm, loss, box, torch_device, deadline, shard, memory_limit_bytes)
-    replayer = Replayer(loaded, model, torch_device) if loaded is not None else None
+    replayer = Replayer(loaded, model, torch_device, target.rows_per_pass) if loaded is not None else None
     began = time.monotonic()
     clean = clean_numbers(target, replayer)
     # a replay of a method's distributions: up to two atoms per sample (risk, accuracy) per delta
