@@ -205,7 +205,8 @@ class Attack:
         error, and the DLR's denominator moves its maximiser off the margin's). `steps` per run.
         Both optima of `Best` are kept across every run; `self.runs` counts the runs a row still
         correct gets. Rows go in chunks that fit the target's working memory (`Target.rows_at_once`
-        with `ASCEND_COPIES` tensors per row and target), each chunk's `Best` started there. The random starts are per sample: draw numbers fixed per search and
+        with `ASCEND_COPIES` tensors per row and target), each chunk's `Best` started there.
+        The random starts are per sample: draw numbers fixed per search and
         `occurrence` (default: counted in `rows`) telling a sample's rows apart.
         """
         t = self.target

@@ -24,7 +24,8 @@ W-PGD's own allocation, the first-order optimum the shared grid only brackets at
 The attack points do not depend on delta: one pass serves every delta. Memory: the (sample,
 radius) rows are searched in chunks sized from the target's working memory (`Target.rows_at_once`),
 and each chunk leaves only its candidates' distances and gains plus, in the model dtype, the atoms
-an allocation can still choose (`Candidates`), never an (N, K, D) float64 tensor. Example: `CurveAttack(target, radii=torch.tensor([0.05, 0.1, 0.2])).run([0.1])`.
+an allocation can still choose (`Candidates`), never an (N, K, D) float64 tensor.
+Example: `CurveAttack(target, radii=torch.tensor([0.05, 0.1, 0.2])).run([0.1])`.
 """
 
 from __future__ import annotations

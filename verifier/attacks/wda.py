@@ -1,12 +1,12 @@
 """WDA: the targeted Wasserstein distributional attack of arXiv 2510.10000 (method §5).
 
-Per sample, probe the top-k wrong classes (`topk` default 9; 10 probe steps each, run as one
-batch of N*k rows), fix the target j* whose probe reached the highest targeted margin
+Per sample, probe the top-k wrong classes (`topk` default 9; 10 probe steps each, k rows per
+sample in one batch), fix the target j* whose probe reached the highest targeted margin
 `z_j - z_y` (the paper scores by the raw logit z_j; the margin also accounts for z_y moving),
 then run `steps` (default 50) of targeted margin ascent on `z_j* - z_y`, continuing from the
-probe (samples in chunks whose N*k rows fit the working memory, `Target.rows_at_once`; rows are
-independent, so the chunks do not change them); every run uses the base's APGD step-size control (`Attack.ascend`). Every atom is the
-best of x_i, the probe iterates of all targets and the main iterates by the reported loss (the
+probe (samples in chunks whose k rows each fit the working memory, `Target.rows_at_once`; rows
+are independent, so the chunks change no row); every run uses the base's APGD step-size control
+(`Attack.ascend`). Every atom is the best of x_i, the probe iterates of all targets and the main iterates by the reported loss (the
 risk); the accuracy is measured on the most misclassified of them (`Best`). Distributional form with `kappa >= 1`: mass `1 - 1/kappa` stays at x_i and
 `1/kappa` moves within radius `kappa^(1/p) delta` (cost exactly delta^p; kappa = 1 is point-wise,
 p = inf keeps the radius delta). Shapes: Q has N atoms (kappa = 1) or 2N.
