@@ -20,6 +20,7 @@ import torch
 
 from verifier.bounds import bilinear, ops
 from verifier.bounds.elementary import function
+from verifier.bounds.variance import MeanSquare
 
 PAIRWISE_LIMIT = 512  # a Softmax over more entries keeps its interval rule (n² differences per row)
 
@@ -111,7 +112,7 @@ def layer_norm(dims: int, eps: float, scale: torch.Tensor | None, bias: torch.Te
     parts = [
         Part("centred", "Sub", (0,), ops.Affine(centre, centre_magnitude)),
         Part("square", "square", ("centred",), unary("square", {})),
-        Part("variance", "ReduceMean", ("square",), ops.Affine(mean, mean, eps)),
+        Part("variance", "ReduceMean", ("square",), MeanSquare(mean, mean, eps, dims)),
         Part("rsqrt", "rsqrt", ("variance",), unary("rsqrt", {})),
         Part(last, "Mul", ("centred", "rsqrt"), bilinear.product(False, hull)),
     ]
