@@ -5,7 +5,8 @@ bounds pass through these ops instead of stopping at an interval:
 
 - Softmax (method eq. 3.8c): `softmax_i = 1 / Σ_j exp(x_j - x_i)`: the pairwise differences
   (affine), exp, the sum over j (affine), the reciprocal (on [1, ∞)).
-- LayerNormalization (eq. 3.8d): `c = x - mean(x)` (affine), `c²`, `v = mean(c²) + eps` (affine),
+- LayerNormalization (eq. 3.8d): `c = x - mean(x)` (affine), `c²`, `v = mean(c²) + eps` (affine, a
+  `variance.MeanSquare`, whose lower end propagation raises by eq. 3.8f),
   `rsqrt(v)`, the product `c · rsqrt(v)` (bilinear, its interval also intersected with the direct
   LayerNorm interval rule on `c`), then `· scale + bias` (affine).
 - `x / y` = `x · reciprocal(y)`; `a / y` (constant a) = `a · reciprocal(y)`.
