@@ -116,7 +116,10 @@ def _with_variance_floor(network: BoundNetwork, state: Bounds, region: InputSet,
         clean = network.values(region.center)[centred]
     floor = variance.variance_floor(node.rule, centred, clean, lambda target, rows: upper_bound(
         network, state, region, target, rows, deadline), ELEMENT_BUDGET)
-    return torch.fmax(low, floor.to(low.dtype)), high
+    floor = floor.to(low.dtype)
+    if low.dtype != torch.float64:  # rounding to nearest may have gone up
+        floor = torch.nextafter(floor, torch.full_like(floor, -math.inf))
+    return torch.fmax(low, floor), high
 
 
 def _intersect(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):

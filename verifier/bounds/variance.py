@@ -37,18 +37,21 @@ def variance_floor(rule: MeanSquare, centred: str, clean: Tensor, bound: UpperBo
     """A sound lower bound on the variance node (N, *lead, 1, …) from the clean values `clean`
     (N, *lead, *group) of the `centred` node and `bound` (back-substitution to it); `element_budget`
     caps the coefficients built at once (objectives are chunked)."""
-    clean = clean.to(torch.float64)
+    dtype, clean = clean.dtype, clean.to(torch.float64)  # objectives in the bounds' dtype, the floor in float64
     count, lead, group = clean.shape[0], clean.shape[1:clean.dim() - rule.dims], clean.shape[clean.dim() - rule.dims:]
     rows, size = math.prod(lead), math.prod(group)
-    direction = clean.reshape(count, rows, size)
-    lower, upper = torch.empty(count, rows, dtype=torch.float64), torch.empty(count, rows, dtype=torch.float64)
+    direction = clean.reshape(count, rows, size).to(dtype).to(torch.float64)  # w exactly as the objectives hold it
+    device = clean.device
+    lower = torch.empty(count, rows, dtype=torch.float64, device=device)
+    upper = torch.empty_like(lower)
     chunk = max(1, min(rows, element_budget // max(1, 2 * count * rows * size)))
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
-        picked = torch.arange(start, stop)
-        coefficients = torch.zeros(count, 2 * len(picked), rows, size, dtype=torch.float64)
-        coefficients[:, torch.arange(len(picked)), picked] = direction[:, picked]
-        coefficients[:, len(picked) + torch.arange(len(picked)), picked] = -direction[:, picked]
+        picked = torch.arange(start, stop, device=device)
+        slots = torch.arange(len(picked), device=device)
+        coefficients = torch.zeros(count, 2 * len(picked), rows, size, dtype=dtype, device=device)
+        coefficients[:, slots, picked] = direction[:, picked].to(dtype)
+        coefficients[:, len(picked) + slots, picked] = -direction[:, picked].to(dtype)
         values = bound(centred, coefficients.reshape(count, 2 * len(picked), *clean.shape[1:]))
         upper[:, start:stop], lower[:, start:stop] = values[:, :len(picked)], -values[:, len(picked):]
     distance = torch.where(lower > 0, lower, torch.where(upper < 0, -upper, torch.zeros_like(lower)))
