@@ -8,12 +8,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import shipped_data, shipped_model
 from test_deadline import Polls, Ticks  # a stop_when counting its calls (never stopping by default); a ticking clock
 
 from verifier import audit as audit_module
 from verifier.attacks import METHODS, attack
 from verifier.attacks.base import TIME_LIMITED
+from verifier.attacks.result import transport_cost
 from verifier.audit import AuditSettings, audit
 from verifier.convert import convert_model
 from verifier.deadline import NEVER, Deadline
@@ -130,7 +132,7 @@ def test_a_loop_stops_before_a_step_that_would_end_past_its_share(mlp):
 
     _, converted, x, y = mlp
     target = _target(converted, x[:2], y[:2], 2.0, "inf", "ce", (0.0, 1.0), resolve_device("cpu"), NEVER)
-    readings = iter([0.0, 10.0, 10.0, 20.0, 20.0])  # begin's share, then two readings per poll
+    readings = iter([0.0, 10.0, 20.0])  # begin's share, then one reading per poll
     runner = Attack(target, budget=Deadline(at=25.0, clock=lambda: next(readings)))
     runner.begin(1)
     assert runner.until.at == 25.0
@@ -155,3 +157,49 @@ def test_a_loop_does_not_start_a_pass_longer_than_its_share(mlp):
     assert target.rows_per_pass > 30 and runner.out_of_time(rows=10) is True
     runner.begin(1)
     assert runner.out_of_time(rows=0) is False
+
+
+@pytest.mark.parametrize("method", ["pgd", "wda", "wdapp", "wpgd"])
+def test_a_delta_starved_of_steps_reports_no_less_than_a_smaller_delta(mlp, method, monkeypatch):
+    """The larger delta's share is spent before it starts (no step: its own result would be the clean
+    samples); the smaller delta's distribution, feasible there too, is carried forward."""
+    from verifier.attacks.base import Attack
+    from verifier.attacks.monotone import CARRIED
+
+    clock = Ticks()
+    real_begin = Attack.begin
+
+    def begin(self, parts_left):
+        if parts_left == 1:  # the last delta: its share ends before its first step
+            clock.now = 1e9
+        real_begin(self, parts_left)
+
+    monkeypatch.setattr(Attack, "begin", begin)
+    loaded, converted, x, y = mlp
+    small, large = DELTAS
+    report = attack(converted, loaded, x, y, [method], [small, large], p=2.0, norm="inf", box=(0.0, 1.0),
+                    steps=10, device="cpu", budget=Deadline(at=1e6, clock=clock))
+    at_small, at_large = report.results
+    assert at_small.risk > at_small.clean_risk + 1e-3  # the smaller delta got its steps
+    assert TIME_LIMITED in at_large.flags and CARRIED.format(delta=small) in at_large.flags
+    assert at_large.risk == at_small.risk and at_large.robust_accuracy <= at_small.robust_accuracy
+    assert at_large.transport_cost <= large * (1 + 1e-9)
+    assert transport_cost(at_large.atoms, at_large.weights, at_large.source, torch.as_tensor(x), 2.0,
+                          "inf") <= small * (1 + 1e-6)  # the carried atoms are the smaller delta's
+
+
+def test_carrying_forward_never_takes_an_over_budget_distribution(mlp):
+    from dataclasses import replace as changed
+
+    from verifier.attacks.monotone import monotone_in_delta
+
+    loaded, converted, x, y = mlp
+    report = attack(converted, loaded, x, y, ["pgd"], DELTAS, p=2.0, norm="inf", box=(0.0, 1.0), steps=5,
+                    device="cpu")
+    low, high = report.results
+    weak = changed(high, risk=low.risk - 1.0, robust_accuracy=1.0)
+    strong = changed(low, flags=low.flags + ("over-budget",))
+    assert monotone_in_delta([strong, weak])[1] is weak  # an over-budget result is never carried
+    carried = monotone_in_delta([low, weak])[1]
+    assert carried.risk == low.risk and carried.robust_accuracy == low.robust_accuracy
+    assert carried.atoms is low.atoms and carried.delta == high.delta

@@ -13,8 +13,9 @@ from conftest import shipped_data, shipped_model
 from test_attacks_linear import DUAL, _linear
 
 from verifier.attacks import _target, attack
-from verifier.attacks.base import Best
+from verifier.attacks.base import ASCEND_COPIES, Best
 from verifier.attacks.steps import checkpoints
+from verifier.resources import WORKING_FRACTION
 from verifier.attacks.pgd import PGD
 from verifier.attacks.replay import Replayer, clean_numbers, measure
 from verifier.convert import convert_model
@@ -61,10 +62,11 @@ def test_default_never_leaves_a_higher_accuracy_than_the_old_pgd(name, eps):
 
 
 @pytest.mark.parametrize(("norm", "chunked"), [("inf", False), ("2", False), ("inf", True)])
-def test_pgd_reaches_the_exact_robust_accuracy_of_a_linear_model(save, monkeypatch, norm, chunked):
+def test_pgd_reaches_the_exact_robust_accuracy_of_a_linear_model(save, norm, chunked):
     # without a box, sample i can be flipped within delta iff max_j m_ij + delta ||a_j - a_y||_* >= 0
-    if chunked:  # the engine in chunks of 2 rows (150 coordinates over 6 inputs x (9 targets + 1))
-        monkeypatch.setattr("verifier.attacks.base.SEARCH_ELEMENTS", 5 * 6 * 5)
+    # chunked: the engine in chunks of 2 rows (a working share of the limit that holds ASCEND_COPIES
+    # float64 tensors of 6 inputs x (9 targets + 1) for 2 rows, not 3)
+    limit = int((2 * ASCEND_COPIES * 8 * 6 * 10 + 100) / WORKING_FRACTION) if chunked else None
     loaded, model, x, y, weight, logits = _linear(save, classes=5)
     rows = np.arange(len(y))
     margins = logits - logits[rows, y][:, None]
@@ -73,7 +75,8 @@ def test_pgd_reaches_the_exact_robust_accuracy_of_a_linear_model(save, monkeypat
         reach = margins + delta * slopes
         reach[rows, y] = -np.inf
         exact = float((reach.max(1) < 0).mean())
-        report = attack(model, loaded, x, y, ["pgd"], [delta], p=math.inf, norm=norm, loss="ce", steps=20)
+        report = attack(model, loaded, x, y, ["pgd"], [delta], p=math.inf, norm=norm, loss="ce", steps=20,
+                        memory_limit_bytes=limit)
         assert report.results[0].robust_accuracy == pytest.approx(exact), delta
 
 

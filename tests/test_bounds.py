@@ -278,6 +278,28 @@ def test_global_baseline_dominates_exact_growth_and_attacks(norm):
     assert torch.all(gain <= constant * 0.05 + 1e-9)
 
 
+def test_add_of_a_wider_constant_broadcasts_the_variable(tmp_path):
+    """x (n, 1) + c (1, 4) copies x into 4 units: margins of `W (x + c)` are linear in x, so the
+    bound on the worst l_inf margin is the closed form |W sum|-weighted radius (back-substitution
+    sums the copies' adjoints back into x)."""
+    c = np.array([[0.5, -1.0, 2.0, 0.0]], dtype=np.float32)
+    w = np.random.default_rng(5).normal(size=(3, 4)).astype(np.float32)
+    nodes = [N("Add", ["x", "c"], ["s"]), N("Gemm", ["s", "w", "b"], ["y"], transB=1)]
+    model = make_model(nodes, [float_io("x", ["n", 1])], [float_io("y", ["n", 3])],
+                       [const("c", c), const("w", w), const("b", np.zeros(3, dtype=np.float32))])
+    path = tmp_path / "wide_add.onnx"
+    path.write_bytes(model.SerializeToString())
+    converted = convert_model(load_model(path))
+    x = np.random.default_rng(6).uniform(size=(5, 1)).astype(np.float32)
+    logits = (x + c).astype(np.float64) @ w.T.astype(np.float64)
+    y = logits.argmax(1)
+    radius = 0.1
+    slope = w.astype(np.float64).sum(1)  # d logits / dx
+    worst = logits - logits[np.arange(5), y][:, None] + radius * np.abs(slope[None, :] - slope[y][:, None])
+    bounds = margin_bounds(converted, x, y, radius=radius, norm="inf", box=None).upper.numpy()
+    np.testing.assert_allclose(bounds, worst, atol=1e-5)
+
+
 def test_pad_with_a_negative_constant_keeps_exact_intervals(tmp_path):
     """Structural ops that add a constant: the padded entries' interval is exactly the constant."""
     nodes = [N("Pad", ["x", "p", "v"], ["px"], mode="constant"), N("Relu", ["px"], ["r"]),

@@ -29,7 +29,7 @@ def test_manifest_entries_are_complete() -> None:
         low, high = item["box"]
         assert low < high, item["name"]
         assert item["input"]["shape"][0] >= 1 and item["classes"] >= 2
-        assert item["kind"] in ("wheel", "sklearn") and item["data"] in ("synthetic", "digits")
+        assert item["kind"] in ("wheel", "sklearn") and item["data"] in ("synthetic", "digits", "wine-columns")
         for extra in item.get("extra_members", []):
             assert re.fullmatch(r"[0-9a-f]{64}", extra["sha256"]) and extra["size"] > 0
     entries = corpus.load_manifest()

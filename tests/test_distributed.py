@@ -150,7 +150,8 @@ def test_search_draws_per_sample_whatever_the_shard_and_chunks(monkeypatch):
     radius_whole, radius_part = torch.full((30,), 0.5, dtype=torch.float64), torch.full((12,), 0.5, dtype=torch.float64)
     starts = whole.random_start(radius_whole, rows_whole)
     assert torch.equal(part.random_start(radius_part, rows_part), starts[12:24])
-    monkeypatch.setattr(base, "SEARCH_ELEMENTS", 6 * 3 * 5)  # 5 rows per chunk: chunks cut samples apart
+    for attack in (whole, part):  # 5 rows per chunk (ASCEND_COPIES float64 tensors of 6 inputs x 3 targets):
+        object.__setattr__(attack.target, "working_bytes", 5 * base.ASCEND_COPIES * 8 * 6 * 3)  # chunks cut samples
     found_whole = whole.search(rows_whole, radius_whole, 3)
     found_part = part.search(rows_part, radius_part, 3)
     assert torch.equal(found_part.d, found_whole.d[12:24]) and torch.equal(found_part.flip, found_whole.flip[12:24])

@@ -21,7 +21,7 @@ pytest.importorskip("skl2onnx")
 
 def test_examples_are_written_and_consistent(tmp_path):
     assert examples.main([str(tmp_path)]) == 0
-    for model, data in (("logreg", "digits"), ("two", "two"), ("text", "ids")):
+    for model, data in (("logreg", "digits"), ("columns", "wine"), ("two", "two"), ("text", "ids")):
         loaded = load_model(tmp_path / f"{model}.onnx", any_inputs=True)
         arrays = np.load(tmp_path / f"{data}.npz")
         names = [spec.name for spec in loaded.info.inputs]

@@ -276,3 +276,55 @@ def test_audit_takes_the_output_choice(save, tmp_path, one_thread):
     with pytest.raises(UsageError, match="'nope' is not an output"):
         audit(path, data, bad, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def _time_first(batch: int | str = "N", last_step: bool = False) -> onnx.ModelProto:
+    """x (batch, 5, 3) -> Transpose to time first -> MatMul: `logits` (5, batch, 4), per time step;
+    with `last_step` also `last` = logits[-1] (batch, 4), a batch-first head."""
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32), "W")
+    index = numpy_helper.from_array(np.asarray(4, dtype=np.int64), "four")
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+             helper.make_node("MatMul", ["t", "W"], ["logits"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [5, batch, 4])]
+    if last_step:
+        nodes.append(helper.make_node("Gather", ["logits", "four"], ["last"], axis=0))
+        outputs.append(helper.make_tensor_value_info("last", TensorProto.FLOAT, [batch, 4]))
+    graph = helper.make_graph(nodes, "time_first", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 5, 3])],
+                              outputs, [weight, index])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("batch", ["N", 1, 3])
+def test_time_first_output_is_refused_with_why_and_what_works(batch):
+    graph = OperatorGraph(_time_first(batch))
+    (candidate,) = output_candidates(graph)
+    assert not candidate.usable and candidate.note.startswith("the batch on axis 1")
+    with pytest.raises(UsageError, match=r"'logits' has the batch on axis 1 .* no batch-first float output"):
+        choose_head(graph)
+    with pytest.raises(UsageError, match="not one row of class scores per sample"):
+        choose_head(graph, "logits")
+
+
+def test_a_batch_first_output_beside_a_time_first_one_is_the_head(tmp_path):
+    graph = OperatorGraph(_time_first(last_step=True))
+    head = choose_head(graph)
+    assert head.output == "last" and "skipped logits (the batch on axis 1" in head.reason
+    with pytest.raises(UsageError, match=r"name a batch-first output with --output \(last\)"):
+        choose_head(graph, "logits")
+    x = np.random.default_rng(1).normal(size=(6, 5, 3)).astype(np.float32)
+    (expected, last) = ort.InferenceSession(_time_first(last_step=True).SerializeToString()).run(None, {"x": x})
+    np.testing.assert_allclose(last, expected[-1])
+    path = tmp_path / "last.onnx"
+    onnx.save(_time_first(last_step=True), str(path))
+    converted = convert_model(load_model(str(path)))
+    np.testing.assert_allclose(converted.logits(torch.as_tensor(x)).detach().numpy(), last, rtol=1e-5, atol=1e-6)
+
+
+def test_audit_of_a_time_first_model_exits_2_in_one_line(tmp_path, capsys):
+    path, data = tmp_path / "time_first.onnx", tmp_path / "d.npz"
+    onnx.save(_time_first(), str(path))
+    np.savez(data, x=np.zeros((4, 5, 3), np.float32), y=np.zeros(4, np.int64))
+    code, _, err = run_cli(capsys, "audit", path, "--data", data, "--out", tmp_path / "out")
+    error = err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "the batch on axis 1" in error[0]
+    assert not (tmp_path / "out").exists()

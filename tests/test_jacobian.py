@@ -96,3 +96,15 @@ def test_zero_one_has_no_gradient():
     converted, x, y = _model_and_points("mlp_relu", count=2)
     with pytest.raises(errors.UsageError, match="no gradient"):
         loss_gradients(converted, x, y, "zero_one")
+
+
+def test_batched_jacobian_of_outputs_reached_only_through_an_integer_cast_is_zero():
+    """A held integer input reaches the activations through Cast(int64), which autograd does not
+    cross: those units do not move with the input, so their Jacobian is zero (not an error)."""
+    from verifier.jacobian import batched_jacobian
+
+    x = torch.tensor([[0.0, 2.0, 1.0], [1.0, 0.0, 3.0]], dtype=torch.float64)
+    held = batched_jacobian(lambda v: (v[:, 1:].long().double() * 2.0), x, 2)
+    assert held.shape == (2, 2, 3) and not held.any()
+    free = batched_jacobian(lambda v: v[:, :2] * 3.0, x, 2)
+    assert torch.equal(free, 3.0 * torch.eye(2, 3, dtype=torch.float64).expand(2, 2, 3))

@@ -5,6 +5,7 @@ audits end to end."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -16,8 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 from verifier import cli
 from verifier.attacks import attack
 from verifier.audit import AuditSettings, audit
+from verifier.bounds.global_lipschitz import global_lipschitz
 from verifier.bounds.margins import margin_bounds
-from verifier.certify.certificate import certify
+from verifier.certify.certificate import _normalized, certify
 from verifier.convert import convert_model
 from verifier.errors import MultipleInputsError, NonFloatInputError, UsageError
 from verifier.onnx_io import load_model
@@ -110,6 +112,23 @@ def test_held_input_never_moves_in_bounds(two_inputs, norm, dual):
     diff = W_A.T[None, :, :] - W_A.T[y][:, None, :]
     closed = logits - logits[np.arange(len(y)), y][:, None] + 0.3 * np.linalg.norm(diff, ord=dual, axis=-1)
     np.testing.assert_allclose(bounds.upper.numpy(), closed, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm, dual", [("inf", 1), ("2", 2)])
+def test_global_constant_ignores_the_held_integer_input(two_inputs, norm, dual, tmp_path):
+    """The held `b` (behind an integer Cast) never moves: the logits' global constant is that of
+    `a W_A` alone, ||W_A||_{norm -> inf} (max over classes of the dual norm of a column); counting
+    the Cast (it rounds) as a variable made it infinite, and every no-box certificate with it."""
+    path, data, _, _, _ = two_inputs
+    loaded, _, point = load_for_analysis(path, data, "a")
+    packed = _normalized(convert_model(loaded))
+    assert math.isinf(global_lipschitz(packed, norm).logits_constant)
+    bound = global_lipschitz(packed, norm, free=point.free).logits_constant
+    alone = _save([helper.make_node("MatMul", ["a", "WA"], ["logits"])],
+                  [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 5])], {"WA": W_A},
+                  tmp_path / "alone.onnx")
+    assert bound == global_lipschitz(_normalized(convert_model(load_model(alone))), norm).logits_constant
+    assert bound >= np.linalg.norm(W_A.astype(np.float64), ord=dual, axis=0).max() - 1e-9
 
 
 def test_attacks_and_certificate_keep_held_inputs(two_inputs):

@@ -9,8 +9,8 @@ The corpus is tools/corpus.json; its files live in a cache outside the repositor
     .venv/bin/python tools/corpus.py table                     # Markdown table of the last results
 
 `data` draws inputs uniformly in the model's box with labels = the model's own onnxruntime
-argmax, so the clean accuracy is 100% by construction (scikit-learn entries use the real
-held-out digits and their true labels). Run one model at a time: a real model's audit can
+argmax, so the clean accuracy is 100% by construction (scikit-learn entries use real
+held-out rows of digits or wine and their true labels). Run one model at a time: a real model's audit can
 take minutes and the machine is shared.
 """
 
@@ -171,8 +171,14 @@ def head_labels(output: np.ndarray, batch: int) -> np.ndarray:
 
 
 def make_data(entry: Entry) -> Path:
-    """Write the entry's npz (`x`, `y`) into the cache."""
+    """Write the entry's npz (`x`, `y`; one array per input name for a multi-input entry) into the cache."""
     entry.data_path.parent.mkdir(parents=True, exist_ok=True)
+    if entry.data == "wine-columns":
+        from corpus_sklearn import columns_holdout
+
+        inputs, y = columns_holdout(entry.input["shape"][0])
+        np.savez_compressed(entry.data_path, **inputs, y=y)
+        return entry.data_path
     if entry.data == "digits":
         from corpus_sklearn import digits_holdout
 
@@ -246,14 +252,17 @@ def audit_summary(report_path: Path) -> dict:
     return summary
 
 
-def run_entry(entry: Entry, stages: list[str], samples: int, time_limit: float, aux_limit: float) -> dict:
+def run_entry(entry: Entry, stages: list[str], samples: int, time_limit: float, aux_limit: float,
+              memory_limit: str = "") -> dict:
     """Every requested stage of one model; the results as one dict.
 
-    `time_limit` is audit's `--time-limit`; `aux_limit` that of the separate certify and attack runs.
+    `time_limit` is audit's `--time-limit`; `aux_limit` that of the separate certify and attack runs;
+    `memory_limit` (e.g. "4G"), when given, every stage's `--memory-limit`.
     """
     model, data = str(entry.model_path), str(entry.data_path)
     common = [model, "--data", data, "--samples", str(samples), "--box", entry.box_arg,
-              *(["--perturb", entry.perturb] if entry.perturb else [])]
+              *(["--perturb", entry.perturb] if entry.perturb else []),
+              *(["--memory-limit", memory_limit] if memory_limit else [])]
     limit, aux = ["--time-limit", f"{time_limit:g}"], ["--time-limit", f"{aux_limit:g}"]
     row: dict = {"name": entry.name}
     logs = CACHE / "logs" / entry.name
@@ -302,16 +311,19 @@ def table(entries: list[Entry], results: dict) -> str:
                       if "certified_accuracy" in audit else "–")
         size = entry.size + sum(extra["size"] for extra in entry.extra_members)
         lines.append(f"| {entry.name} | {entry.package}=={entry.version} | {size / 1e6:.2f} MB "
-                     f"| {entry.input.get('dtype', 'float32')} {shape} | {seconds(certify)} | {seconds(attack)} "
+                     f"| {entry.input.get('dtype', 'float32')} {shape} | {seconds(certify, audit, 'certify')} "
+                     f"| {seconds(attack, audit, 'attacks')} "
                      f"| {audit.get('exit', '–')} | {fmt(audit.get('wall_s'))} | {fmt(audit.get('peak_mb'))} "
                      f"| {'–' if vac is None else ('yes' if vac else 'no')} | {accuracies} |")
     return "\n".join(lines)
 
 
-def seconds(stage: dict) -> str:
-    """Wall seconds, or the exit code when the command did not succeed."""
+def seconds(stage: dict, audit: dict | None = None, part: str = "") -> str:
+    """Wall seconds, or the exit code when the command did not succeed; without a separate run of
+    the stage, the audit's own time in it (`part` of its timings, marked "in audit")."""
     if not stage:
-        return "–"
+        spent = ((audit or {}).get("timings") or {}).get(part)
+        return "–" if spent is None else f"{spent:.0f} in audit"
     return f"{stage['wall_s']:g}" if stage["exit"] == 0 else f"{stage['wall_s']:g} (exit {stage['exit']})"
 
 
@@ -329,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--time-limit", type=float, default=600.0, help="audit's --time-limit")
     parser.add_argument("--aux-time-limit", type=float, default=600.0, help="certify's and attack's")
+    parser.add_argument("--memory-limit", default="", help="every stage's --memory-limit (e.g. 4G)")
     args = parser.parse_args(argv)
     entries = load_manifest()
     chosen = [e for e in entries if not args.only or e.name in args.only.split(",")]
@@ -341,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             print(entry.name, make_data(entry))
         else:
             results[entry.name] = results.get(entry.name, {}) | run_entry(
-                entry, args.stages.split(","), args.samples, args.time_limit, args.aux_time_limit)
+                entry, args.stages.split(","), args.samples, args.time_limit, args.aux_time_limit,
+                args.memory_limit)
             results_path.write_text(json.dumps(results, indent=1))
             print(json.dumps(results[entry.name]), flush=True)
     if args.command in ("run", "table"):

@@ -6,6 +6,11 @@ Writes, all small and seeded:
 - `logreg.onnx` + `digits.npz`: scikit-learn's `LogisticRegression` on the bundled digits
   (pixels / 16 in [0, 1]), exported by `skl2onnx.to_onnx(model, x[:1])`; the data is 64 held-out
   digits with their true labels;
+- `columns.onnx` + `wine.npz`: scikit-learn's `Pipeline(ColumnTransformer(StandardScaler |
+  OneHotEncoder), LogisticRegression)` on the bundled wine data, exported by skl2onnx with one
+  input per column group, `numeric` (float32, 11 measurements in [0, 1]) and `categorical`
+  (int64, 2 binned measurements: tools/corpus_sklearn.py says how); the data is the 48
+  held-out rows with their true labels (npz keys `numeric`, `categorical`, `y`);
 - `two.onnx` + `two.npz`: a two-input MLP, `a` (N, 4) and `b` (N, 3) concatenated -> Gemm ->
   Relu -> Gemm -> 3 logits; npz keys `a`, `b`, `y` (labels: the model's own argmax);
 - `text.onnx` + `ids.npz`: a text classifier on int64 token ids (N, 6): embedding `Gather` (its
@@ -53,6 +58,16 @@ def write_logreg(folder: Path) -> None:
     model = LogisticRegression(max_iter=2000).fit(x[:1500], y[:1500])
     onnx.save(skl2onnx.to_onnx(model, x[:1], target_opset=OPSET), str(folder / "logreg.onnx"))
     np.savez(folder / "digits.npz", x=x[1500:1564], y=y[1500:1564])
+
+
+def write_columns(folder: Path) -> None:
+    """`columns.onnx` (inputs numeric, categorical), `wine.npz` (the held-out rows, true labels)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from corpus_sklearn import WINE_TRAIN_ROWS, columns_holdout, export_sklearn
+
+    export_sklearn("skl-columns-logreg", folder / "columns.onnx")
+    inputs, y = columns_holdout(178 - WINE_TRAIN_ROWS)
+    np.savez(folder / "wine.npz", **inputs, y=y)
 
 
 def write_two_inputs(folder: Path, rng: np.random.Generator) -> None:
@@ -119,10 +134,11 @@ def main(argv: list[str]) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     write_logreg(folder)
+    write_columns(folder)
     write_two_inputs(folder, rng)
     write_text(folder, rng)
     write_vnnlib(folder, rng)
-    print(f"wrote logreg.onnx digits.npz two.onnx two.npz text.onnx ids.npz net.onnx prop.vnnlib in {folder}")
+    print(f"wrote logreg.onnx digits.npz columns.onnx wine.npz two.onnx two.npz text.onnx ids.npz net.onnx prop.vnnlib in {folder}")
     return 0
 
 

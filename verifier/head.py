@@ -20,6 +20,11 @@ final `Softmax`, `LogSoftmax`, `Log(Softmax)` or `Sigmoid` (also `Concat(1 - s, 
   as two rows `[-s, s]`, whose log-sigmoids have softmax `[1 - sigmoid(s), sigmoid(s)]`
   exactly); `[0, s]` for one coefficient row with two labels.
 
+A head has one row per sample on axis 0: an output that carries the batch on another axis (a
+recurrent model's per-time-step outputs exported time first, `(time, batch, C)`) is no
+per-sample classifier and is refused in one line saying why and what would work
+(`verifier.head_batch`).
+
 `verifier.head_logits.attach_logits` appends the few ONNX nodes that compute those logits, so
 that the converted module and the onnxruntime oracle compute the same tensor.
 """
@@ -33,6 +38,7 @@ import onnx
 
 from verifier.errors import UsageError
 from verifier.graph import OperatorGraph
+from verifier.head_batch import BATCH_NOTE, batch_refusal, misplaced_batch, shape_text
 from verifier.onnx_io import tensor_spec
 
 PROBABILITY_FLOOR = 1e-12
@@ -118,6 +124,8 @@ def output_candidates(graph: OperatorGraph) -> tuple[OutputCandidate, ...]:
             usable, note = True, f"ZipMap of {source!r}"
         elif not _is_float(out):
             usable, note = False, _NOT_FLOAT_NOTE
+        elif (misplaced := misplaced_batch(graph, shape)) is not None:
+            usable, note = False, misplaced
         elif graph.is_constant(out.name):
             usable, note = False, "constant: does not depend on the input"
         elif _is_pass_through_of_input(graph, out.name):
@@ -132,17 +140,22 @@ def choose_head(graph: OperatorGraph, output: str | None = None) -> Head:
     """The head: the named output (`--output`), else the first float output that depends on the
     input through more than data movement (else the first float output)."""
     candidates = output_candidates(graph)
-    listed = ", ".join(f"{c.name} ({c.dtype} {_shape_text(c.shape)})" for c in candidates)
+    listed = ", ".join(f"{c.name} ({c.dtype} {shape_text(c.shape)})" for c in candidates)
     if output is not None:
         chosen = next((c for c in candidates if c.name == output), None)
         if chosen is None:
             raise UsageError(f"--output {output!r} is not an output of the model; its outputs: {listed}")
         if chosen.note == _NOT_FLOAT_NOTE:
             raise UsageError(f"--output {output!r} is {chosen.dtype}, not a float tensor; its outputs: {listed}")
+        if chosen.note.startswith(BATCH_NOTE):
+            raise UsageError(batch_refusal(chosen.name, chosen.note, [c.name for c in candidates if c.usable]))
         return _read(graph, chosen, "--output")
     usable = [c for c in candidates if c.usable and c.note != _PASS_THROUGH_NOTE] or [c for c in candidates
                                                                                    if c.usable]
     if not usable:
+        misplaced = next((c for c in candidates if c.note.startswith(BATCH_NOTE)), None)
+        if misplaced is not None:
+            raise UsageError(batch_refusal(misplaced.name, misplaced.note, []))
         raise UsageError(f"no output can be the classifier head; the model's outputs: {listed}")
     head = _read(graph, usable[0], "default")
     skipped = [f"{c.name} ({c.note})" for c in candidates[:candidates.index(usable[0])]]
@@ -357,7 +370,3 @@ def _is_float(value_info: onnx.ValueInfoProto) -> bool:
 def _spec(value_info: onnx.ValueInfoProto) -> tuple[tuple | None, str]:
     spec = tensor_spec(value_info)
     return spec.shape, spec.dtype
-
-
-def _shape_text(shape: tuple | None) -> str:
-    return "?" if shape is None else "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"

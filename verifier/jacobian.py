@@ -112,6 +112,8 @@ def batched_jacobian(function: Callable[[torch.Tensor], torch.Tensor], x: torch.
         with torch.enable_grad():
             values = function(repeated).reshape(count, outputs, outputs)
             chosen = values.diagonal(dim1=1, dim2=2).sum()
+            if not chosen.requires_grad:  # outputs that depend on x only through integer casts (held inputs)
+                return torch.zeros(count, outputs, *shape, dtype=x.dtype, device=x.device)
             (grad,) = torch.autograd.grad(chosen, repeated)
         return grad.reshape(count, outputs, *shape)
     repeated = x.detach().repeat_interleave(inputs, 0)

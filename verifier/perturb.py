@@ -144,7 +144,7 @@ def perturb_at(loaded: LoadedModel, data_path: str | os.PathLike[str], name: str
         proto = _pack(proto, parts)
         x = _packed_values(feeds, parts, dtype, str(data_path))
     require_finite_inputs(x, f"the perturbed tensor {name!r}")
-    derived = _describe(_batch_fixed_for_folding(proto), loaded)
+    derived = _describe(proto, loaded)
     box = file_box(arrays, parts[0].shape, str(data_path))
     return derived, Samples(x=x, y=labels, source=str(data_path), box=box), perturbation
 
@@ -234,40 +234,6 @@ def _fixed_to_data(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx
                 dim.dim_value = fixed[dim.dim_param]
     del specialised.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(specialised, data_prop=True)
-
-
-_SHAPE_READERS = frozenset({"Shape", "Size"})
-
-
-def _batch_fixed_for_folding(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with the batch axis of its (one) input fixed to 1 when it reads shapes at run time
-    (`Shape`, `Size`: jax2tf and torch exports build Reshape/Expand shapes and zero states from the
-    batch size) that `onnxscript.optimizer` cannot fold with a free batch. Every shape computation
-    then folds to a constant during normalisation, and the fixed batch is made dynamic again
-    there when onnxruntime confirms the graph is batch-generic (`verifier.convert.batch`); the
-    bounds have no rule for computing with shapes."""
-    import onnxscript
-
-    trial = onnx.ModelProto()
-    trial.CopyFrom(model)
-    if not _reads_shapes(model) or not _reads_shapes(onnxscript.optimizer.optimize(trial)):
-        return model
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    dims = fixed.graph.input[0].type.tensor_type.shape.dim
-    if not dims or dims[0].HasField("dim_value"):
-        return model
-    dims[0].dim_value = 1
-    for value_info in fixed.graph.output:
-        out = value_info.type.tensor_type.shape.dim
-        if out and not out[0].HasField("dim_value"):
-            out[0].dim_value = 1
-    del fixed.graph.value_info[:]
-    return fixed
-
-
-def _reads_shapes(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in _SHAPE_READERS and n.domain in ("", "ai.onnx") for n in model.graph.node)
 
 
 def _inputs_behind(graph: OperatorGraph, tensor: str) -> list[str]:

@@ -5,6 +5,11 @@ The limit is `--memory-limit` when given, else half of the memory the system rep
 made from declared shapes and file sizes before any allocation, so that a model declaring a
 dimension of 10^10, a fixed batch of 10^9 or a 2.5 GB external tensor is refused in one line
 instead of exhausting the machine.
+
+How the limit is shared is said here once: one forward/gradient pass's autograd tensors may take
+`PASS_FRACTION` of it (`pass_bytes`), an attack's own working tensors (iterates, gradients,
+candidates of the rows it processes at once) `WORKING_FRACTION` (`working_bytes`); the rest is left
+for the model, the onnxruntime session, the results kept and the interpreter.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Sequence
 from verifier.errors import ResourceLimitError, UsageError
 
 DEFAULT_FRACTION = 0.5
+PASS_FRACTION = 0.25  # of the limit: the autograd tensors of one forward/gradient pass
+WORKING_FRACTION = 0.25  # of the limit: an attack's iterates, gradients and candidates held at once
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 
@@ -50,6 +57,21 @@ def available_memory() -> int:
 def memory_limit(requested: int | None = None) -> int:
     """The limit in bytes: `requested`, else half of the available memory."""
     return int(requested) if requested is not None else int(available_memory() * DEFAULT_FRACTION)
+
+
+def pass_bytes(limit: int | None = None) -> int:
+    """Bytes one forward/gradient pass may use (`PASS_FRACTION` of `memory_limit(limit)`)."""
+    return int(memory_limit(limit) * PASS_FRACTION)
+
+
+def working_bytes(limit: int | None = None) -> int:
+    """Bytes an attack's own working tensors may use at once (`WORKING_FRACTION` of `memory_limit(limit)`)."""
+    return int(memory_limit(limit) * WORKING_FRACTION)
+
+
+def rows_fitting(budget: int, row_bytes: int) -> int:
+    """How many rows of `row_bytes` each fit in `budget` bytes (at least one)."""
+    return max(1, int(budget) // max(int(row_bytes), 1))
 
 
 def require_within(what: str, needed: int | float, limit: int | None = None) -> None:

@@ -72,7 +72,7 @@ class ModelSummary:
             *(f"output     {_spec(s)}  [{_role(c, self.head)}]" for s, c in zip(info.outputs, self._by_output())),
             f"head       {self.head.reason if self.head else 'none'}"
             + (" (chosen by --output)" if self.head and self.head.chosen_by == "--output" else ""),
-            f"logits     {self.logits or 'none (no float output)'}",
+            f"logits     {self.logits or 'none (no output can be the head)'}",
             f"family     {self.family}",
             *([f"batch      {self.batch.describe()}"] if self.batch is not None else []),
             *(f"warning    constant with infinite values: {where}" for where in info.infinite_constants),
@@ -121,7 +121,7 @@ def summarize_model(loaded: LoadedModel, output: str | None = None) -> ModelSumm
     candidates = output_candidates(graph)
     head = choose_head(graph, output) if output is not None or any(c.usable for c in candidates) else None
     needed = _perturb_needed(loaded.info)
-    normalized, blocked = (None, None) if needed else conversion_check(loaded, output)
+    normalized, blocked = (None, None) if needed or head is None else conversion_check(loaded, output)
     return ModelSummary(
         info=loaded.info,
         op_histogram=graph.op_histogram(),

@@ -23,6 +23,7 @@ import torch
 from verifier.attacks.base import Attack, Target
 from verifier.attacks.target import rows_per_pass
 from verifier.attacks.curve import CurveAttack
+from verifier.attacks.monotone import monotone_in_delta
 from verifier.attacks.pgd import PGD
 from verifier.attacks.replay import Replayer, clean_numbers, measure
 from verifier.attacks.result import AttackReport, AttackResult, Distribution, transport_cost
@@ -41,6 +42,7 @@ from verifier.geometry import parse_norm
 from verifier.jacobian import prepared_module
 from verifier.losses import check_loss
 from verifier.onnx_io import LoadedModel
+from verifier.resources import working_bytes
 
 METHODS = ("wdapp", "wda", "pgd", "wpgd", "wda-curve")
 ATTACK_SHARE = 0.75  # of a method's part of the time budget spent attacking; the rest: its replays, a pass in progress
@@ -109,7 +111,8 @@ def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, de
         raise UsageError(f"the shard has {shard.count} samples but x has {len(inputs)}")
     total = len(inputs) if shard is None else shard.total
     rows = rows_per_pass(module, inputs, total, memory_limit_bytes, shard)
-    target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed, deadline, shard, rows)
+    target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed, deadline, shard, rows,
+                    working_bytes=working_bytes(memory_limit_bytes))
     classes = target.logits(inputs[:1]).shape[-1]
     check_labels(labels.cpu().numpy(), classes)
     return target
@@ -136,7 +139,9 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
     Anytime: `budget` (default: `deadline`) is shared out, each method getting an equal part of
     the time left (`ATTACK_SHARE` of it, the rest for the replays) and each delta an equal part of
     its method's; a loop past its part stops at its next step and the method returns the best
-    points found so far, flagged "time-limited". `deadline` is the hard limit, checked before every
+    points found so far, flagged "time-limited". A method's result at a delta is never weaker than
+    at a smaller one: the smaller delta's distribution, feasible there too, is carried forward
+    (`verifier.attacks.monotone`, flagged "carried from delta ..."). `deadline` is the hard limit, checked before every
     forward or gradient pass (each step, each chunk of atoms) and before each replay; past it
     `verifier.deadline.Stopped` is raised.
 
@@ -155,7 +160,7 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
     chosen, skipped = resolve_methods(methods, p)
     torch_device = resolve_device(device)
     target = _target(model, x, y, p, norm, loss, box, torch_device, deadline, shard, memory_limit_bytes)
-    replayer = Replayer(loaded, model, torch_device) if loaded is not None else None
+    replayer = Replayer(loaded, model, torch_device, target.rows_per_pass) if loaded is not None else None
     began = time.monotonic()
     clean = clean_numbers(target, replayer)
     # a replay of a method's distributions: up to two atoms per sample (risk, accuracy) per delta
@@ -167,9 +172,11 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
         share = NEVER if math.isinf(budget.at) else budget.sooner(ATTACK_SHARE / left, replay_seconds * left)
         runner = ATTACKS[name](target, steps=steps, seed=seed, budget=share, kappa=kappa, topk=topk, radii=radii,
                                box=box)
+        measured = []
         for delta, dist in zip(deltas, runner.run(deltas)):
             deadline.check("the replay of an attack")
-            results.append(measure(name, delta, dist, target, replayer, clean))
+            measured.append(measure(name, delta, dist, target, replayer, clean))
+        results.extend(monotone_in_delta(measured))  # a smaller delta's distribution is feasible at a larger one
     return AttackReport(p=p, norm=norm, loss=loss, box=None if box is None else (float(box[0]), float(box[1])),
                         samples=target.total, seed=int(seed), results=tuple(results), skipped=skipped)
 

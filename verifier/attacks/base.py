@@ -34,7 +34,7 @@ from verifier.deadline import NEVER, Deadline
 SHRINK = 1e-6  # radii are shrunk by this factor so that float64 costs stay within the budget
 MOMENTUM = 0.75  # APGD's momentum alpha
 OSCILLATION = 0.75  # APGD's rho: halve the step when fewer than rho of the steps since the last checkpoint rose
-SEARCH_ELEMENTS = 2**23  # coordinates per iterate tensor of one search chunk (64 MiB in float64)
+ASCEND_COPIES = 16  # float64 (rows, D) tensors `ascend` holds per row: iterates, gradients, best points, temporaries
 TIME_LIMITED = "time-limited (stopped early: a weaker lower bound)"
 
 
@@ -84,13 +84,13 @@ class Attack:
         seconds; the estimate carries over to the next part), and at least as long as a gradient
         pass on the next step's `rows` rows takes by the target's timing of its passes."""
         until = self.until
-        late = self.cut or until.expired()  # once a loop of this part stopped, none starts again
+        late = self.cut or (until.stop_when is not None and until.stop_when())  # once a loop stopped, none restarts
         if not late and not math.isinf(until.at):
-            now = until.clock()
+            now = until.clock()  # read once: the expiry and the step estimate
             if self._polled is not None:
                 self._step = now - self._polled
             self._polled = now
-            late = now + max(self._step, self.target.step_seconds(rows)) > until.at
+            late = now >= until.at or now + max(self._step, self.target.step_seconds(rows)) > until.at
         if agreed and self.target.shard is not None:
             late = bool(self.target.gather(torch.tensor([late]))[0].any())
         self.cut = self.cut or late
@@ -204,8 +204,9 @@ class Attack:
         attacks after the risk: the highest loss may lie towards another class than the first
         error, and the DLR's denominator moves its maximiser off the margin's). `steps` per run.
         Both optima of `Best` are kept across every run; `self.runs` counts the runs a row still
-        correct gets. Rows go in chunks of at most `SEARCH_ELEMENTS` coordinates per iterate tensor
-        (all targets). The random starts are per sample: draw numbers fixed per search and
+        correct gets. Rows go in chunks that fit the target's working memory (`Target.rows_at_once`
+        with `ASCEND_COPIES` tensors per row and target), each chunk's `Best` started there.
+        The random starts are per sample: draw numbers fixed per search and
         `occurrence` (default: counted in `rows`) telling a sample's rows apart.
         """
         t = self.target
@@ -216,19 +217,20 @@ class Attack:
         occurrence = occurrences(rows) if occurrence is None else occurrence
         k = max(1, min(topk, t.clean_logits.shape[-1] - 1))
         self.runs = restarts + (k if topk > 0 else 0)  # the runs a row still correct gets (shard-independent)
-        return self._search(rows, radius, steps, self.start_best(rows) if best is None else best, restarts, topk,
-                            every_row, first, occurrence)
+        size = self.target.rows_at_once(ASCEND_COPIES * (max(topk, 0) + 1))
+        if len(rows) <= size:
+            return self._search(rows, radius, steps, best, restarts, topk, every_row, first, occurrence)
+        parts = [self._search(rows[s:s + size], radius[s:s + size], steps,
+                              None if best is None else best.take(torch.arange(s, min(s + size, len(rows)),
+                                                                               device=rows.device)),
+                              restarts, topk, every_row, first, occurrence[s:s + size])
+                 for s in range(0, len(rows), size)]
+        return Best.joined(parts)
 
-    def _search(self, rows: torch.Tensor, radius: torch.Tensor, steps: int, best: Best, restarts: int, topk: int,
-                every_row: bool, first: int, occurrence: torch.Tensor) -> Best:
+    def _search(self, rows: torch.Tensor, radius: torch.Tensor, steps: int, best: Best | None, restarts: int,
+                topk: int, every_row: bool, first: int, occurrence: torch.Tensor) -> Best:
         t = self.target
-        size = max(1, SEARCH_ELEMENTS // (t.flat.shape[1] * (max(topk, 0) + 1)))
-        if len(rows) > size:
-            parts = [self._search(rows[s:s + size], radius[s:s + size], steps,
-                                  best.take(torch.arange(s, min(s + size, len(rows)), device=rows.device)),
-                                  restarts, topk, every_row, first, occurrence[s:s + size])
-                     for s in range(0, len(rows), size)]
-            return Best(*(torch.cat([getattr(b, name) for b in parts]) for name in ("d", "value", "flip", "margin")))
+        best = self.start_best(rows) if best is None else best
         for run in range(restarts):
             if self.out_of_time():
                 return best

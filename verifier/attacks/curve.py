@@ -21,7 +21,11 @@ smaller radius). Per-sample radii (p in (1, inf), default grid, option `wpgd`, d
 W-PGD's highest-risk atom at every delta and the engine's point at that atom's radius join each
 sample's candidates (after the grid's, whose points are unchanged), so the knapsack is never below
 W-PGD's own allocation, the first-order optimum the shared grid only brackets at small budgets.
-The attack points do not depend on delta: one pass serves every delta. Example: `CurveAttack(target, radii=torch.tensor([0.05, 0.1, 0.2])).run([0.1])`.
+The attack points do not depend on delta: one pass serves every delta. Memory: the (sample,
+radius) rows are searched in chunks sized from the target's working memory (`Target.rows_at_once`),
+and each chunk leaves only its candidates' distances and gains plus, in the model dtype, the atoms
+an allocation can still choose (`Candidates`), never an (N, K, D) float64 tensor.
+Example: `CurveAttack(target, radii=torch.tensor([0.05, 0.1, 0.2])).run([0.1])`.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ from collections.abc import Sequence
 
 import torch
 
-from verifier.attacks.base import SHRINK, Attack
+from verifier.attacks.base import ASCEND_COPIES, SHRINK, Attack
+from verifier.attacks.draws import occurrences
 from verifier.attacks.result import Distribution
 from verifier.attacks.wpgd import WPGD
-from verifier.certify.allocation import allocate
+from verifier.certify.allocation import allocate, upper_hull
 from verifier.certify.certificate import grid_of
 from verifier.certify.growth import box_reach
 from verifier.geometry import vector_norm
@@ -63,7 +68,7 @@ class CurveAttack(Attack):
     name = "wda-curve"
     default_steps = 30
 
-    def _points(self, deltas: Sequence[float]):
+    def _points(self, deltas: Sequence[float]) -> Candidates:
         t = self.target
         given = self.options.get("radii")
         if given is None:
@@ -77,24 +82,33 @@ class CurveAttack(Attack):
                                                                           dtype=torch.float64)]))
         grid = grid[grid > 0].to(t.flat.device)
         if len(grid) == 0:  # every delta is 0: nothing moves
-            empty = torch.zeros(t.count, 0, dtype=torch.float64)
-            return t.x[:0], empty, empty
+            return Candidates(t.count, 0, math.inf)
         own = self.wpgd_points(deltas)  # (N, J, *shape): per-sample radii of W-PGD's allocation
         extra = own.shape[1]
         own_rows = self.rows(extra)
         own_radii = self._distances(own.flatten(0, 1), own_rows).view(t.count, extra)
         radii = torch.cat([grid.expand(t.count, len(grid)), own_radii], 1)  # the grid first: its rows'
-        rows = self.rows(radii.shape[1])  # results (and random starts) are those of a search on it alone
-        best = self.search(rows, radii.flatten(), self.steps, every_row=True)
+        width = radii.shape[1]  # results (and random starts) are those of a search on it alone
+        store = Candidates(t.count, width + extra, t.p)
         clean = t.loss_of(t.clean_logits, self.rows())
-        atoms = t.atoms(best.d, rows).view(t.count, radii.shape[1], *t.x.shape[1:])
-        gain = best.value.view(t.count, -1)
         if extra and not self.out_of_time(rows=t.count * extra):  # W-PGD's atoms themselves are candidates too
-            atoms = torch.cat([atoms, own], 1)
-            gain = torch.cat([gain, t.loss_of(t.logits(own.flatten(0, 1)), own_rows).view(t.count, extra)], 1)
-        atoms = atoms.flatten(0, 1)
-        distance = self._distances(atoms, self.rows(gain.shape[1])).view(gain.shape)
-        return atoms, distance.cpu(), (gain - clean.unsqueeze(-1)).cpu()
+            gain = t.loss_of(t.logits(own.flatten(0, 1)), own_rows) - clean[own_rows]
+            store.add(own_rows, torch.arange(width, width + extra).repeat(t.count), own.flatten(0, 1),
+                      self._distances(own.flatten(0, 1), own_rows), gain)
+        del own
+        rows, radius = self.rows(width), radii.flatten()
+        occurrence, first = occurrences(rows), self.draws
+        topk = int(self.options.get("topk", 9))
+        size = t.rows_at_once(ASCEND_COPIES * (topk + 1))  # the chunks `search` itself would take
+        for start in range(0, len(rows), size):
+            part = slice(start, start + size)
+            self.draws = first  # every chunk draws what the whole search would: per (sample, occurrence)
+            best = self.search(rows[part], radius[part], self.steps, every_row=True, occurrence=occurrence[part])
+            atoms = t.atoms(best.d, rows[part])
+            store.add(rows[part], torch.arange(len(rows))[part] % width, atoms,
+                      self._distances(atoms, rows[part]), best.value - clean[rows[part]])
+            store.prune(range(start // width, min(start + size, len(rows)) // width))  # samples now complete
+        return store
 
     def _distances(self, atoms: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """`||atom - x_i||_r` in float64 of model-dtype atoms on rows of samples `rows`."""
@@ -148,21 +162,64 @@ class CurveAttack(Attack):
         t = self.target
         start = time.perf_counter()
         self.begin(1)  # one batch of points serves every delta
-        atoms, distance, gain = self._points(deltas)
+        store = self._points(deltas)
         shared = time.perf_counter() - start
-        per_sample = distance.shape[1]
         out = []
         for delta in deltas:
             start = time.perf_counter()
             limit = float(delta) * (1 - SHRINK)
             if math.isinf(t.p):
-                choice = self._pointwise(distance, gain, float(delta))
+                choice = self._pointwise(store.distance, store.gain, float(delta))
             else:
-                choice = self._allocated(distance, gain, limit)
+                choice = self._allocated(store.distance, store.gain, limit)
             choice = [c for c in choice if c[2] > 0]
-            parts = [t.x[i:i + 1] if k < 0 else atoms[i * per_sample + k:i * per_sample + k + 1] for i, k, _ in choice]
+            parts = [t.x[i:i + 1] if k < 0 else store.atom(i, k) for i, k, _ in choice]
             out.append(Distribution(
                 torch.cat(parts), torch.tensor([w for _, _, w in choice], dtype=torch.float64),
                 torch.tensor([i for i, _, _ in choice], dtype=torch.int64), self.steps * self.runs, self.flags(),
                 shared + time.perf_counter() - start))
         return out
+
+
+class Candidates:
+    """The curve attack's candidates, stored compactly: per (sample, candidate) its measured distance
+    and gain (dense float64 tables on the CPU; 0, 0 where none was found), and the atom itself (model
+    dtype, one (1, *input shape) tensor per kept candidate) only while it may still be allocated: a
+    candidate that gains nothing is never stored, and once a sample's candidates are all in, only those
+    `allocate` can choose are kept (p < inf: its upper concave hull, `upper_hull`, the very vertices
+    `allocate` takes; p = inf: its Pareto front in (distance, gain), which holds the first best point
+    within any radius). Instead of an (N, K, D) tensor, the moved atoms on some N x (hull) rows."""
+
+    def __init__(self, count: int, width: int, p: float) -> None:
+        self.distance = torch.zeros(count, width, dtype=torch.float64)
+        self.gain = torch.zeros(count, width, dtype=torch.float64)
+        self.p = p
+        self.atoms: dict[tuple[int, int], torch.Tensor] = {}
+
+    def add(self, samples: torch.Tensor, slots: torch.Tensor, atoms: torch.Tensor, distance: torch.Tensor,
+            gain: torch.Tensor) -> None:
+        """Candidates `slots[m]` of samples `samples[m]`: atom `atoms[m]`, its distance and gain."""
+        samples, slots = samples.cpu(), slots.cpu()
+        self.distance[samples, slots] = distance.cpu().to(torch.float64)
+        self.gain[samples, slots] = gain.cpu().to(torch.float64)
+        for m in (gain > 0).nonzero().squeeze(-1).tolist():
+            self.atoms[(int(samples[m]), int(slots[m]))] = atoms[m:m + 1].clone()  # not a view of the chunk
+
+    def prune(self, samples) -> None:
+        """Drop the atoms of `samples` that no allocation can choose (their candidates are all in)."""
+        for i in samples:
+            costs, gains = self.distance[i].tolist(), self.gain[i].tolist()
+            if math.isinf(self.p):
+                keep = {k for k in range(len(costs)) if not any(
+                    costs[j] <= costs[k] and (gains[j] > gains[k] or (gains[j] == gains[k] and j < k))
+                    for j in range(len(costs)) if j != k)}
+            else:
+                powered = [0.0] + (self.distance[i].to(torch.float64) ** self.p).tolist()
+                keep = {v - 1 for v in upper_hull(powered, [0.0] + gains) if v > 0}
+            for k in range(len(costs)):
+                if k not in keep:
+                    self.atoms.pop((i, k), None)
+
+    def atom(self, sample: int, slot: int) -> torch.Tensor:
+        """The stored atom (1, *input shape) of candidate `slot` of `sample`."""
+        return self.atoms[(sample, slot)]

@@ -22,13 +22,16 @@ from verifier.validate import onnxruntime_session, oracle_model, run_onnxruntime
 
 LOSS_ATOL = 1e-4
 LOSS_RTOL = 1e-4
-_CHUNK = 256  # rows per onnxruntime run, padded: per-row results do not depend on the other rows
+ROWS = 256  # default rows per onnxruntime run, padded: per-row results do not depend on the other rows
 
 
 class Replayer:
-    """An onnxruntime session of the original model that returns the logits of a batch."""
+    """An onnxruntime session of the original model that returns the logits of a batch, in runs of
+    `rows` rows (padded; `attack()` gives its target's `rows_per_pass`, sized to the sample and the
+    memory limit: 16 samples of a large CNN are not padded to 256 images)."""
 
-    def __init__(self, loaded: LoadedModel, model: ConvertedModel, device: torch.device) -> None:
+    def __init__(self, loaded: LoadedModel, model: ConvertedModel, device: torch.device, rows: int = ROWS) -> None:
+        self.rows = int(rows)
         self.name = model.output_names[model.logits_index]
         self.session = onnxruntime_session(with_outputs(oracle_model(loaded, model), (self.name,)), device)
         self.input_name = model.input_spec.name
@@ -38,7 +41,7 @@ class Replayer:
     def logits(self, atoms: torch.Tensor) -> torch.Tensor:
         """Logits (M, C) in float64 from onnxruntime (fixed-batch models get padded chunks)."""
         data = atoms.detach().cpu().numpy()
-        step = self.fixed or _CHUNK
+        step = self.fixed or self.rows
         parts = []
         for start in range(0, len(data), step):
             chunk = data[start:start + step]

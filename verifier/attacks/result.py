@@ -79,6 +79,8 @@ class AttackResult:
     weights: torch.Tensor = field(repr=False)
     source: torch.Tensor = field(repr=False)
     accuracy_atoms: torch.Tensor | None = field(default=None, repr=False)  # where the accuracy was measured
+    accuracy_weights: torch.Tensor | None = field(default=None, repr=False)  # its weights (None: `weights`)
+    accuracy_source: torch.Tensor | None = field(default=None, repr=False)  # its sources (None: `source`)
 
     def to_dict(self) -> dict:
         """JSON-ready form (the distribution itself is left out)."""

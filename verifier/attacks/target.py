@@ -28,13 +28,12 @@ from verifier.deadline import NEVER, Deadline
 from verifier.distributed import Shard
 from verifier.jacobian import autograd_bytes
 from verifier.losses import loss_values, other_logits
-from verifier.resources import memory_limit
+from verifier import resources
 
 ROWS_PER_PASS = 256  # every forward/gradient pass sees exactly this many rows (padded): per-row results then
 # do not depend on which other rows share the pass, so a sharded run computes what one process computes
 MIN_ROWS_PER_PASS = 64  # the fewest rows a pass of a small model is padded to (fewer: more passes of little work)
 SMALL_PASS_BYTES = 2**26  # ... where MIN_ROWS_PER_PASS rows fit in this many bytes of autograd tensors
-PASS_SHARE = 4  # one pass's autograd tensors may take this fraction (1/PASS_SHARE) of the memory limit
 
 
 def rows_per_pass(module: torch.nn.Module, sample: torch.Tensor, total: int, memory_limit_bytes: int | None,
@@ -42,13 +41,13 @@ def rows_per_pass(module: torch.nn.Module, sample: torch.Tensor, total: int, mem
     """Rows of every forward/gradient pass: `ROWS_PER_PASS`, or fewer when the whole sample has fewer
     rows to fill it (the next power of two of `total`: a 16-sample audit of a large CNN does not
     pay for 256 rows; at least `MIN_ROWS_PER_PASS` for a small model, whose passes cost little),
-    and no more than fit in 1/`PASS_SHARE` of the memory limit (autograd's saved tensors of one row
+    and no more than fit in `verifier.resources.pass_bytes` of the limit (autograd's saved tensors of one row
     of `sample`, measured). A function of the model, the total sample count and the limit only, and
     the smallest over the ranks of a sharded run, so every rank pads to the same count. Where the
     limit binds (a large model), the default limit (a fraction of the free memory) may change the
     count between runs, hence the last bits of the numbers: give `--memory-limit` to pin it."""
     per_row = autograd_bytes(module, sample[:1]) + 3 * sample[:1].numel() * sample.element_size()
-    fits = max(1, memory_limit(memory_limit_bytes) // PASS_SHARE // max(per_row, 1))
+    fits = resources.rows_fitting(resources.pass_bytes(memory_limit_bytes), per_row)
     floor = min(MIN_ROWS_PER_PASS, max(1, SMALL_PASS_BYTES // max(per_row, 1)))
     wanted = max(floor, 1 << max(0, int(total) - 1).bit_length())
     rows = int(min(ROWS_PER_PASS, wanted, fits))
@@ -83,6 +82,12 @@ class Target:
     shard: Shard | None = None  # which samples of the whole sample these are (None: all of them)
     rows_per_pass: int = ROWS_PER_PASS  # rows of every pass (padded); `rows_per_pass()` sizes it
     timing: dict = field(default_factory=dict, compare=False)  # seconds per padded row: "forward", "gradient"
+    working_bytes: int = field(default_factory=resources.working_bytes)  # an attack's own tensors at once (`resources`)
+
+    def rows_at_once(self, copies: int, itemsize: int = 8) -> int:
+        """How many rows an attack may hold at once when each row takes `copies` tensors of D
+        coordinates of `itemsize` bytes (iterates, gradients, best points...): from `working_bytes`."""
+        return resources.rows_fitting(self.working_bytes, copies * self.x[0].numel() * itemsize)
 
     def step_seconds(self, rows: int) -> float:
         """How long one gradient step on `rows` rows should take, from the passes timed so far (a
@@ -114,9 +119,9 @@ class Target:
         """Number of samples N."""
         return len(self.y)
 
-    @property
+    @cached_property
     def flat(self) -> torch.Tensor:
-        """The samples flattened, float64 (N, D)."""
+        """The samples flattened, float64 (N, D), computed once."""
         return self.x.flatten(1).to(torch.float64)
 
     def atoms(self, d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -228,6 +233,11 @@ class Best:
     def at(cls, d: torch.Tensor, value: torch.Tensor, margin: torch.Tensor) -> Best:
         """Both optima at the same points."""
         return cls(d, value, d, margin)
+
+    @classmethod
+    def joined(cls, parts: list[Best]) -> Best:
+        """The rows of `parts` one after the other (chunks of rows searched apart)."""
+        return cls(*(torch.cat([getattr(b, name) for b in parts]) for name in ("d", "value", "flip", "margin")))
 
     def update(self, d: torch.Tensor, value: torch.Tensor, margin: torch.Tensor) -> None:
         """Keep `d` where its loss (its margin) is strictly higher."""

@@ -1,11 +1,12 @@
 """WDA: the targeted Wasserstein distributional attack of arXiv 2510.10000 (method §5).
 
-Per sample, probe the top-k wrong classes (`topk` default 9; 10 probe steps each, run as one
-batch of N*k rows), fix the target j* whose probe reached the highest targeted margin
+Per sample, probe the top-k wrong classes (`topk` default 9; 10 probe steps each, k rows per
+sample in one batch), fix the target j* whose probe reached the highest targeted margin
 `z_j - z_y` (the paper scores by the raw logit z_j; the margin also accounts for z_y moving),
 then run `steps` (default 50) of targeted margin ascent on `z_j* - z_y`, continuing from the
-probe; every run uses the base's APGD step-size control (`Attack.ascend`). Every atom is the
-best of x_i, the probe iterates of all targets and the main iterates by the reported loss (the
+probe (samples in chunks whose k rows each fit the working memory, `Target.rows_at_once`; rows
+are independent, so the chunks change no row); every run uses the base's APGD step-size control
+(`Attack.ascend`). Every atom is the best of x_i, the probe iterates of all targets and the main iterates by the reported loss (the
 risk); the accuracy is measured on the most misclassified of them (`Best`). Distributional form with `kappa >= 1`: mass `1 - 1/kappa` stays at x_i and
 `1/kappa` moves within radius `kappa^(1/p) delta` (cost exactly delta^p; kappa = 1 is point-wise,
 p = inf keeps the radius delta). Shapes: Q has N atoms (kappa = 1) or 2N.
@@ -18,7 +19,7 @@ import math
 
 import torch
 
-from verifier.attacks.base import Attack, Best, top_wrong_classes
+from verifier.attacks.base import ASCEND_COPIES, Attack, Best, top_wrong_classes
 from verifier.attacks.result import Distribution
 
 PROBE_STEPS = 10
@@ -57,7 +58,9 @@ class WDA(Attack):
         classes = top_wrong_classes(t.clean_logits, t.y, int(self.options.get("topk", 9)))
         own = self.rows()
         radius = torch.full((t.count,), reach, dtype=torch.float64, device=t.flat.device)
-        best = probe_and_ascend(self, own, radius, classes, self.steps)
+        size = t.rows_at_once(ASCEND_COPIES * classes.shape[1])  # samples whose k probes fit the working memory
+        best = Best.joined([probe_and_ascend(self, own[s:s + size], radius[s:s + size], classes[s:s + size], self.steps)
+                            for s in range(0, t.count, size)])
         steps = PROBE_STEPS * classes.shape[1] + self.steps
         accuracy = best.accuracy_d()
         if kappa == 1.0:

@@ -5,7 +5,8 @@ ascent direction of `z_j - z_y` for each of the top-k wrong classes, `topk` defa
 the trial with the highest margin `max_j z_j - z_y`) with geometrically growing steps (`steps`
 default 100; the first is `min(delta, reach)/20`, the growth makes the steps add up to twice
 the reach, the farthest an atom may travel: `delta N^(1/p)` capped at the box's extent,
-`delta` for p = inf) until the first flip; then 10 bisection
+`delta` for p = inf; each step's trials in chunks of samples that fit the working memory,
+`Target.rows_at_once`) until the first flip; then 10 bisection
 steps between the last correct and the first wrong iterate. When the flips found leave budget
 unspent (p < inf: the last, fractional flip may lie beyond the reach, since a fraction alpha of a
 sample may travel delta (N / alpha)^(1/p)), the correct samples still unflipped walk again with
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from verifier.attacks.base import SHRINK, Attack, top_wrong_classes
+from verifier.attacks.base import ASCEND_COPIES, SHRINK, Attack, top_wrong_classes
 from verifier.attacks.steps import steepest_ascent
 from verifier.certify.allocation import flip_allocation
 from verifier.attacks.result import Distribution
@@ -78,28 +79,30 @@ class WDAPlusPlus(Attack):
         found = torch.zeros(t.count, dtype=torch.bool, device=t.flat.device)
         active = correct.clone()
         step_size, taken = first_step, 0
+        size = t.rows_at_once(ASCEND_COPIES * k)  # samples whose k trials fit the working memory at once
         for step in range(self.steps):
             index = active.nonzero().squeeze(-1)
             if len(index) == 0 or self.out_of_time(rows=len(index) * k):
                 break
             taken += 1
-            rows = index.repeat_interleave(k)
-            start = current[index].repeat_interleave(k, 0)
-            _, grad, _ = t.gradient(t.atoms(start, rows), t.targeted_objective(rows, classes[index].flatten()))
-            if step == 0:
-                self.note_zero_gradient(rows, grad)
-            direction = steepest_ascent(grad, start, t.lower[rows], t.upper[rows], t.norm)
-            trial = self.clip(start + step_size * direction, rows)
-            score = self._margin(trial, rows).view(-1, k)
-            pick = score.argmax(-1)
-            chosen = trial.view(-1, k, trial.shape[-1])[torch.arange(len(index)), pick]
-            flipped = score.max(-1).values >= FLIP_MARGIN
-            stuck = (chosen == current[index]).all(-1) & ~flipped
-            last_ok[index[flipped]] = current[index[flipped]]
-            first_bad[index[flipped]] = chosen[flipped]
-            found[index[flipped]] = True
-            current[index] = chosen
-            active[index[flipped | stuck]] = False
+            for chunk in index.split(size):  # samples walk independently: chunks change no row
+                rows = chunk.repeat_interleave(k)
+                start = current[chunk].repeat_interleave(k, 0)
+                _, grad, _ = t.gradient(t.atoms(start, rows), t.targeted_objective(rows, classes[chunk].flatten()))
+                if step == 0:
+                    self.note_zero_gradient(rows, grad)
+                direction = steepest_ascent(grad, start, t.lower[rows], t.upper[rows], t.norm)
+                trial = self.clip(start + step_size * direction, rows)
+                del start, grad, direction
+                score = self._margin(trial, rows).view(-1, k)
+                chosen = trial.view(-1, k, trial.shape[-1])[torch.arange(len(chunk)), score.argmax(-1)]
+                flipped = score.max(-1).values >= FLIP_MARGIN
+                stuck = (chosen == current[chunk]).all(-1) & ~flipped
+                last_ok[chunk[flipped]] = current[chunk[flipped]]
+                first_bad[chunk[flipped]] = chosen[flipped]
+                found[chunk[flipped]] = True
+                current[chunk] = chosen
+                active[chunk[flipped | stuck]] = False
             step_size *= growth
         return last_ok, first_bad, found, taken
 

@@ -5,7 +5,8 @@ bounds pass through these ops instead of stopping at an interval:
 
 - Softmax (method eq. 3.8c): `softmax_i = 1 / Σ_j exp(x_j - x_i)`: the pairwise differences
   (affine), exp, the sum over j (affine), the reciprocal (on [1, ∞)).
-- LayerNormalization (eq. 3.8d): `c = x - mean(x)` (affine), `c²`, `v = mean(c²) + eps` (affine),
+- LayerNormalization (eq. 3.8d): `c = x - mean(x)` (affine), `c²`, `v = mean(c²) + eps` (affine, a
+  `variance.MeanSquare`, whose lower end propagation raises by eq. 3.8f),
   `rsqrt(v)`, the product `c · rsqrt(v)` (bilinear, its interval also intersected with the direct
   LayerNorm interval rule on `c`), then `· scale + bias` (affine).
 - `x / y` = `x · reciprocal(y)`; `a / y` (constant a) = `a · reciprocal(y)`.
@@ -20,6 +21,7 @@ import torch
 
 from verifier.bounds import bilinear, ops
 from verifier.bounds.elementary import function
+from verifier.bounds.variance import MeanSquare
 
 PAIRWISE_LIMIT = 512  # a Softmax over more entries keeps its interval rule (n² differences per row)
 
@@ -111,7 +113,7 @@ def layer_norm(dims: int, eps: float, scale: torch.Tensor | None, bias: torch.Te
     parts = [
         Part("centred", "Sub", (0,), ops.Affine(centre, centre_magnitude)),
         Part("square", "square", ("centred",), unary("square", {})),
-        Part("variance", "ReduceMean", ("square",), ops.Affine(mean, mean, eps)),
+        Part("variance", "ReduceMean", ("square",), MeanSquare(mean, mean, eps, dims)),
         Part("rsqrt", "rsqrt", ("variance",), unary("rsqrt", {})),
         Part(last, "Mul", ("centred", "rsqrt"), bilinear.product(False, hull)),
     ]

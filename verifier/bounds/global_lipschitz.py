@@ -111,8 +111,11 @@ def _shapes(proto: onnx.ModelProto) -> dict[str, tuple[Dim, ...]]:
     return found
 
 
-def global_lipschitz(model: NormalizedModel, norm: str) -> GlobalLipschitz:
-    """Bound the Lipschitz constant of the logits in threat norm `norm` ("inf", "2" or "1")."""
+def global_lipschitz(model: NormalizedModel, norm: str, free: int | None = None) -> GlobalLipschitz:
+    """Bound the Lipschitz constant of the logits in threat norm `norm` ("inf", "2" or "1").
+
+    `free`: only the first `free` coordinates of the (packed, `(N, width)`) input move (held
+    inputs of `--perturb` sit behind them), so a Slice of the input beyond them is a constant."""
     norm = _check_norm(norm)
     graph = OperatorGraph(model.proto)
     logits = model.output_names[model.logits_index]
@@ -129,7 +132,9 @@ def global_lipschitz(model: NormalizedModel, norm: str) -> GlobalLipschitz:
             continue
         op = OpView(node, norm, graph, lips, shapes)
         site = owner.get(key)
-        if site is not None:
+        if free is not None and _held_slice(op, model.input_name, free):
+            gain, lip = 0.0, 0.0
+        elif site is not None:
             if site.output not in node.output:
                 continue  # an inner node of a decomposed activation: the site is one step
             gain = _site_gain(site, op)
@@ -142,7 +147,7 @@ def global_lipschitz(model: NormalizedModel, norm: str) -> GlobalLipschitz:
             except (ValueError, IndexError, TypeError, KeyError, ZeroDivisionError):
                 gain, lip = UNBOUNDED  # malformed attributes / shapes: no bound, never a crash
         per_node[key] = gain
-        if math.isinf(gain):
+        if math.isinf(gain) and lip != 0.0:  # a gain that meets no variation (held inputs) bounds nothing
             unbounded.append((key, node.op_type if node.domain in _STANDARD else f"{node.domain}.{node.op_type}"))
         for tensor in node.output:
             if tensor:
@@ -150,6 +155,16 @@ def global_lipschitz(model: NormalizedModel, norm: str) -> GlobalLipschitz:
     constant = 0.0 if graph.is_constant(logits) else lips.get(logits, INF)
     return GlobalLipschitz(norm=norm, logits_constant=float(constant), per_node=per_node,
                            unbounded_at=tuple(unbounded))
+
+
+def _held_slice(op: OpView, input_name: str, free: int) -> bool:
+    """A Slice of the packed input's coordinates `>= free` along axis 1 (held, never moved)."""
+    node = op.node
+    if node.op_type != "Slice" or node.input[0] != input_name or len(node.input) < 4:
+        return False
+    starts, axes = op.const(1), op.const(3)
+    return (starts is not None and axes is not None and starts.size == 1 and int(axes.ravel()[0]) in (1, -1)
+            and int(starts.ravel()[0]) >= free)
 
 
 __all__ = ["ACTIVATION_CONSTANTS", "LOSS_LIP_Z", "NORMS", "RULES", "GlobalLipschitz", "global_lipschitz",

@@ -67,6 +67,10 @@ class BoundNetwork:
         """Forward pass through the rules (a check that the network matches the model)."""
         return self._values(x)[self.output]
 
+    def values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every node's value (and the input's) on concrete inputs, by name."""
+        return self._values(x)
+
     def units(self, x: torch.Tensor) -> int:
         """Values per sample over every node and the input (what one interval pass stores twice)."""
         return sum(value[0].numel() for value in self._values(x[:1]).values())

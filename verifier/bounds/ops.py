@@ -98,8 +98,12 @@ def scale(factor: torch.Tensor | float, offset: torch.Tensor | float = 0.0) -> A
 
 
 def shift(offset: torch.Tensor | float, sign: float = 1.0) -> Affine:
-    """`sign * u + offset` (Add/Sub with a constant)."""
-    return Affine(lambda u: sign * u, lambda r: r, offset)
+    """`sign * u + offset` (Add/Sub with a constant); a constant wider than `u` broadcasts `u` to
+    its shape (the linear part then copies u, so its adjoint sums the copies back)."""
+    def widened(u: torch.Tensor) -> torch.Tensor:
+        return u.expand(torch.broadcast_shapes(u.shape, offset.shape)) if torch.is_tensor(offset) else u
+
+    return Affine(lambda u: sign * widened(u), widened, offset)
 
 
 def add_variables(signs: Sequence[float]) -> Affine:

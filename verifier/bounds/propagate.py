@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verifier.bounds import bilinear, elementary, ops, relaxations
+from verifier.bounds import bilinear, elementary, ops, relaxations, variance
 from verifier.bounds.network import Activation, BoundNetwork, BoundNode
 from verifier.bounds.pool import PoolRelaxation, pool_adjoint, pool_relaxation, taps_read
 from verifier.cells import displacement_box
@@ -91,6 +91,7 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
                                                      margins_only)
                     intervals[name] = _intersect(intervals[name],
                                                  _linear_interval(network, state, region, name, needed, deadline))
+                    intervals[name] = _with_variance_floor(network, state, region, name, deadline)
                     tightened.add(name)
         interval = _interval(node, [intervals[i] for i in node.inputs])
         intervals[node.name] = interval if node.op in _DATA_MOVEMENT else widen(*interval)
@@ -105,6 +106,23 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
         elif isinstance(node.rule, bilinear.Product):
             relaxed[node.name] = bilinear.relax(node.rule, *(intervals[i] for i in node.inputs), intervals[node.name])
     return state
+
+
+def _with_variance_floor(network: BoundNetwork, state: Bounds, region: InputSet, name: str, deadline: Deadline):
+    """A LayerNorm variance's interval raised to its Cauchy–Schwarz floor (method eq. 3.8f); others as they are."""
+    low, high = state.intervals[name]
+    node = next(n for n in network.nodes if n.name == name)
+    if not isinstance(node.rule, variance.MeanSquare):
+        return low, high
+    centred = next(n for n in network.nodes if n.name == node.inputs[0]).inputs[0]
+    with torch.no_grad():
+        clean = network.values(region.center)[centred]
+    floor = variance.variance_floor(node.rule, centred, clean, lambda target, rows: upper_bound(
+        network, state, region, target, rows, deadline), ELEMENT_BUDGET)
+    floor = floor.to(low.dtype)
+    if low.dtype != torch.float64:  # rounding to nearest may have gone up
+        floor = torch.nextafter(floor, torch.full_like(floor, -math.inf))
+    return torch.fmax(low, floor), high
 
 
 def _intersect(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):

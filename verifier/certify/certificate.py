@@ -26,6 +26,7 @@ import torch
 from verifier.bounds.global_lipschitz import global_lipschitz
 from verifier.bounds.network import BoundNetwork
 from verifier.bounds.optimise import SlopeSearch
+from verifier.box import Box
 from verifier.cells import displacement_box
 from verifier.certify.accuracy import certified_accuracy
 from verifier.certify.aggregate import excess_bound, grid, linear_closed_form, penalised_excess, used_points
@@ -237,7 +238,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         raise UsageError(f"the shard has {shard.count} samples but x has {len(inputs)}")
     module = prepared_module(model, "cpu", torch.float64)  # a float64 copy; the model is left as it is
     fallbacks: list[str] = []
-    lipschitz = global_lipschitz(_normalized(model), norm)
+    lipschitz = global_lipschitz(_normalized(model), norm, box.free if isinstance(box, Box) else None)
     network: BoundNetwork | None
     # `auto` stays on the CPU until the CUDA path has been checked on a GPU (tools/gpu_check.sh)
     target = torch.device("cpu") if device == "auto" else resolve_device(device)
@@ -269,7 +270,8 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     local_blocks = list(shard.blocks())
     for number, part in enumerate(local_blocks):
         block_x, block_y = inputs[part], labels[part]
-        logits = module(block_x).detach()
+        with torch.no_grad():  # autograd would keep every activation of the block
+            logits = module(block_x)
         require_finite_logits(logits, "torch, float64")
         check_labels(block_y.numpy(), logits.shape[1])
         tables, jacobian, report = block_tables(

@@ -75,15 +75,15 @@ def _moves(jacobian: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, l
     return classes, argmax_linear(directions[rows, classes], lower, upper, radius, norm)
 
 
-def candidates(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, jacobian: torch.Tensor,
-               lower: torch.Tensor, upper: torch.Tensor, radii: torch.Tensor, norm: str, loss: str,
-               deadline: Deadline = NEVER) -> Candidates:
-    """Evaluate the candidate move of every sample at every radius (one forward pass per radius).
+def candidates(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
+               jacobian: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, radii: torch.Tensor, norm: str,
+               loss: str, deadline: Deadline = NEVER) -> Candidates:
+    """Evaluate the candidate move of every sample at every radius (one forward pass per radius);
+    `logits` are the module's clean logits of `x`.
 
     `deadline` is checked per radius; past it the candidates are those of the radii reached (the
     realising distribution is then built from fewer moves; a signal still stops everything)."""
     with torch.no_grad():
-        logits = module(x)
         clean = loss_values(logits, y, loss)
         flat_jacobian = jacobian.flatten(2)
         empty = torch.zeros(len(x), 0, dtype=x.dtype)

@@ -136,7 +136,7 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
         jacobian, wanted = torch.zeros(len(x), logits.shape[1], 0, dtype=x.dtype), wanted[:0]
     deadline.check("the logits Jacobians")
     lower, upper = displacement_box(x, box)
-    moves = candidates(module, x, y, jacobian, lower, upper, wanted, norm, loss, refine)
+    moves = candidates(module, x, y, logits, jacobian, lower, upper, wanted, norm, loss, refine)
     deadline.check("the exactness candidates")
     if len(moves.radii) < len(wanted):
         fallbacks.append(f"time limit: exactness candidates at {len(moves.radii)} of {len(wanted)} radii")

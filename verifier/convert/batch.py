@@ -41,6 +41,7 @@ BATCH_PARAM = "batch"
 CHECK_RTOL = 1e-4
 CHECK_ELEMENTS = 2**24  # at most this many input numbers in the check (64 MiB of float32)
 _STANDARD_DOMAINS = ("", "ai.onnx")
+_SHAPE_READERS = frozenset({"Shape", "Size"})
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,31 @@ class BatchAxis:
         """JSON-ready form."""
         return {"fixed": self.fixed, "rewritten": self.rewritten, "reason": self.reason or None,
                 "module_batch": self.module_batch}
+
+
+def reads_shapes(model: onnx.ModelProto) -> bool:
+    """Whether the graph computes with tensor shapes at run time (`Shape`, `Size`)."""
+    return any(n.op_type in _SHAPE_READERS and n.domain in _STANDARD_DOMAINS for n in model.graph.node)
+
+
+def with_batch_fixed(model: onnx.ModelProto, input_name: str, batch: int = 1) -> onnx.ModelProto | None:
+    """A copy of `model` whose data input (and every output) has dim 0 fixed to `batch`; None when
+    the input's dim 0 is fixed already. Exports that build Reshape/Expand shapes or zero states
+    from the batch size at run time (tf2onnx's Flatten, jax2tf, torch) fold to constants only with
+    a fixed batch, which `make_batch_dynamic` then frees again where onnxruntime confirms it."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    value_info = next(vi for vi in fixed.graph.input if vi.name == input_name)
+    dims = value_info.type.tensor_type.shape.dim
+    if not dims or dims[0].HasField("dim_value"):
+        return None
+    dims[0].dim_value = batch
+    for output in fixed.graph.output:
+        out = output.type.tensor_type.shape.dim
+        if out and not out[0].HasField("dim_value"):
+            out[0].dim_value = batch
+    del fixed.graph.value_info[:]
+    return fixed
 
 
 def fixed_batch_of(model: onnx.ModelProto, input_name: str) -> int | None:

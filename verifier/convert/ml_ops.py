@@ -12,7 +12,19 @@ conversion and every later stage (torch, bounds, Jacobians) applies with no new 
 - `LinearRegressor`: `X W^T + b` (post-transform NONE only);
 - `Scaler`: `(X - offset) * scale`;
 - `Normalizer`: `X / ||X||` per row for L1 and L2, `X / max(X)` for MAX;
-- `ArrayFeatureExtractor` with constant indices: `Gather` on the last axis.
+- `ArrayFeatureExtractor` with constant indices: `Gather` on the last axis;
+- `OneHotEncoder` with integer categories `c`: `Clip(2t + 1.5, 0, 1) - Clip(2t - 0.5, 0, 1)`
+  with `t = x - c` on a new last axis, a trapezoid equal to 1 on `|t| <= 1/4` and 0 on
+  `|t| >= 3/4`: exact on integers (1 iff `x = c`, all zeros for an unknown value as `zeros=1`
+  asks) and constant near each of them, so a held integer input (`--perturb` another input,
+  `verifier.perturb`) sits on no kink. A float input is truncated to an integer first, as
+  onnxruntime casts it. String categories are not lowered (no string is ever held), nor
+  an encoder below opset 11.
+- `FeatureVectorizer` (skl2onnx joins the one-column inputs of a Titanic-style export with it):
+  every input cast to float and flattened to `(N, d)`, then `Concat` on the last axis;
+- `Imputer` that replaces NaN (scikit-learn's `SimpleImputer`): the identity, exactly, on the
+  finite inputs every command requires (`verifier.finite`); one that replaces a number is a jump
+  and is refused.
 
 The label output of a classifier (`ArgMax` over the scores, mapped to its labels) is written
 only when something uses it. Piecewise-constant ops (trees, SVM kernels' sign, binarising,
@@ -39,7 +51,9 @@ _REFUSED = {
     "TreeEnsemble": _TREES,
     "Binarizer": "a threshold is piecewise constant: no gradient, no Lipschitz bound",
     "LabelEncoder": "label encoding maps discrete values: nothing continuous to perturb",
-    "OneHotEncoder": "one-hot encoding maps discrete values: nothing continuous to perturb",
+    "OneHotEncoder": ("one-hot encoding is lowered for integer categories (|c| <= 2^22, exact in float32) from "
+                      "opset 11; this one has string categories, larger integers or an older opset"),
+    "Imputer": "an Imputer of a finite value jumps at that value (no Lipschitz bound); one of NaN is lowered",
     "CategoryMapper": "category mapping maps discrete values: nothing continuous to perturb",
     "DictVectorizer": "takes a map, not a tensor",
     "SVMClassifier": "kernel SVMs are not lowered yet (a linear SVM exports as LinearClassifier)",
@@ -191,10 +205,50 @@ def _array_feature_extractor(b: _Builder) -> list[onnx.NodeProto] | None:
     return b.nodes
 
 
+_EXACT_FLOAT32_INTEGERS = 2 ** 22  # 2c + 1.5 stays exact in float32 up to here
+
+
+def _one_hot_encoder(b: _Builder) -> list[onnx.NodeProto] | None:
+    categories = np.asarray(b.attributes.get("cats_int64s") or [], dtype=np.int64)
+    if categories.size == 0 or np.abs(categories).max() > _EXACT_FLOAT32_INTEGERS or b.opset < 11:
+        return None  # below opset 11 Unsqueeze takes no negative axis and Clip no input bounds
+    whole = b.add("Cast", [b.node.input[0]], to=onnx.TensorProto.INT64)  # onnxruntime truncates a float input
+    data = b.add("Cast", [whole], to=onnx.TensorProto.FLOAT)
+    # 2x spread over the categories by the Mul (an Add of a wider constant would broadcast instead)
+    twos = np.full(categories.shape, 2.0, dtype=np.float32)
+    doubled = b.add("Mul", [b.with_axes("Unsqueeze", data, [-1]), b.constant("two", twos)])
+    twice = 2.0 * categories.astype(np.float32)
+    ramps = [b.add("Add", [doubled, b.constant("shift", (shift - twice).astype(np.float32))]) for shift in (1.5, -0.5)]
+    up, down = (_clip01(b, ramp) for ramp in ramps)
+    b.add("Sub", [up, down], b.node.output[0])
+    return b.nodes
+
+
+def _feature_vectorizer(b: _Builder) -> list[onnx.NodeProto]:
+    columns = [b.add("Flatten", [b.add("Cast", [name], to=onnx.TensorProto.FLOAT)], axis=1) for name in b.node.input]
+    b.add("Concat", columns, b.node.output[0], axis=-1)
+    return b.nodes
+
+
+def _imputer(b: _Builder) -> list[onnx.NodeProto] | None:
+    replaced = b.attributes.get("replaced_value_float", 0.0)
+    if "replaced_value_int64" in b.attributes or not np.isnan(replaced):
+        return None
+    b.add("Identity", [b.node.input[0]], b.node.output[0])  # finite inputs have nothing to impute
+    return b.nodes
+
+
+def _clip01(b: _Builder, data: str) -> str:
+    return b.add("Clip", [data, b.constant("zero", np.float32(0.0)), b.constant("one", np.float32(1.0))])
+
+
 _RULES: dict[str, Callable[[_Builder], list[onnx.NodeProto] | None]] = {
     "LinearClassifier": _linear_classifier,
     "LinearRegressor": _linear_regressor,
     "Scaler": _scaler,
     "Normalizer": _normalizer,
     "ArrayFeatureExtractor": _array_feature_extractor,
+    "OneHotEncoder": _one_hot_encoder,
+    "Imputer": _imputer,
+    "FeatureVectorizer": _feature_vectorizer,
 }

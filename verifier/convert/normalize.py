@@ -10,7 +10,8 @@ Real exports break onnx2torch in a handful of known ways (see docs/architecture.
    `Clip(alpha x + beta, 0, 1)` (`hard_sigmoid.py`) and the ai.onnx.ml linear models and
    normalisers as standard ops (`ml_ops.py`), LSTM/GRU/RNN unrolled for the static sequence
    length (`rnn.py`) and GlobalMaxPool as ReduceMax (`global_pool.py`), then folds constants
-   and shape computations with `onnxscript.optimizer`;
+   and shape computations with `onnxscript.optimizer` (those that read a dynamic batch size at
+   run time, with the batch fixed to 1 and then freed again as in 5.);
 4. gives every node a safe unique name: the names become torch module names and attributes in
    generated code, so a keyword, builtin or attribute of a GraphModule (`class`, `None`, `self`,
    `to`, `training`, `graph`, …), a name starting with `_`, or one taken already becomes
@@ -37,7 +38,7 @@ import onnxscript
 import torch
 from torch import fx
 
-from verifier.convert.batch import BatchAxis, make_batch_dynamic
+from verifier.convert.batch import BatchAxis, make_batch_dynamic, reads_shapes, with_batch_fixed
 from verifier.convert.global_pool import lower_global_max_pools
 from verifier.convert.hard_sigmoid import lower_hard_sigmoids
 from verifier.convert.ml_ops import lower_ml_ops
@@ -102,7 +103,8 @@ def normalize_model(model: onnx.ModelProto, output: str | None = None) -> Normal
     optimized = onnxscript.optimizer.optimize(extracted)
     constants = {t.name for t in optimized.graph.initializer}
     input_name = next(vi.name for vi in optimized.graph.input if vi.name not in constants)
-    optimized, batch = make_batch_dynamic(optimized, extracted, input_name)
+    optimized, batch = _shapes_folded(optimized, extracted, input_name) or make_batch_dynamic(
+        optimized, extracted, input_name)
     original_names = _rename_nodes(optimized.graph)
     _move_to_own_domain(optimized)
     names = tuple(o.name for o in optimized.graph.output)
@@ -115,6 +117,19 @@ def normalize_model(model: onnx.ModelProto, output: str | None = None) -> Normal
         original_names=original_names,
         batch=batch,
     )
+
+
+def _shapes_folded(optimized: onnx.ModelProto, extracted: onnx.ModelProto,
+                   input_name: str) -> tuple[onnx.ModelProto, BatchAxis] | None:
+    """The graph with its run-time shape computations folded, the batch still dynamic: folded with
+    the batch fixed to 1, then freed and checked in onnxruntime (the bounds have no rule for
+    computing with shapes). None when nothing is left to fold or the freed graph fails its check."""
+    if not reads_shapes(optimized) or (fixed := with_batch_fixed(extracted, input_name)) is None:
+        return None
+    folded, axis = make_batch_dynamic(onnxscript.optimizer.optimize(fixed), fixed, input_name)
+    if not axis.rewritten or reads_shapes(folded):
+        return None
+    return folded, BatchAxis()
 
 
 def _drop_identity_clips(model: onnx.ModelProto, graph: OperatorGraph) -> None:
