@@ -54,3 +54,37 @@ def test_growth_dominates_brute_force(tmp_path, loss, norm):
             brute = float(losses[inside].max()) - float(result.clean_loss[i])
             assert float(values[i, k]) >= brute - 1e-9
     assert set(result.winner.unique().tolist()) <= {0, 1, 2, 3}
+
+
+def test_samples_per_pass_counts_the_slope_pass_and_its_rows_split_exactly(tmp_path, monkeypatch):
+    """A propagation's samples are sized to the interval pass and to the slope pass of one objective
+    row (its widest tensor: a MaxPool's windows per tap); the slope pass takes its rows a few at a
+    time, which changes no bound."""
+    from conftest import const, float_io, make_model
+    from onnx import helper
+
+    from verifier.bounds import slopes
+    from verifier.certify.growth import samples_per_pass
+
+    nodes = [helper.make_node("Conv", ["x", "K"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    rng = np.random.default_rng(3)
+    model = make_model(nodes, [float_io("x", ["n", 1, 8, 8])], [float_io("y", ["n", 7])],
+                       [const("K", rng.normal(size=(4, 1, 3, 3))), const("W", rng.normal(size=(7, 256)))])
+    path = tmp_path / "pool.onnx"
+    path.write_bytes(model.SerializeToString())
+    converted = convert_model(load_model(path))
+    network = BoundNetwork.from_model(converted)
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    sizes = network.value_sizes(x)
+    assert network.widest_backward(sizes) == 4 * 8 * 8 * 9  # the pool's 256 windows x 9 taps
+    per_sample = max(sum(sizes.values()) * 10, 4 * 8 * 8 * 9 * 6) * 8
+    assert samples_per_pass(network, x, 1 << 26) == (1 << 25) // per_sample
+    assert samples_per_pass(network, x, 1 << 10) == 1  # never fewer than one sample
+    y = converted.logits(x.float()).argmax(1)
+    whole = slopes.slope_bounds(converted, x, y, 0.05, "inf", (0.0, 1.0)).per_class
+    monkeypatch.setattr(slopes, "SLOPE_ELEMENTS", 1)  # one objective row at a time
+    one_by_one = slopes.slope_bounds(converted, x, y, 0.05, "inf", (0.0, 1.0)).per_class
+    assert torch.isfinite(whole).all() and torch.equal(whole, one_by_one)

@@ -6,7 +6,8 @@ way; the next block of that size is page-faulted in and zeroed again. Bound prop
 and frees tensors of megabytes thousands of times, so on the shipped CNN this was more than a third
 of certify's CPU time, spent in the kernel (docs/benchmarks.md, session 6). `keep_freed_memory()`
 raises both thresholds (`mallopt`), so freed blocks stay in the process and are reused; the peak
-resident memory barely moves (measured +8 % on that run). Anything other than glibc, or a user who
+resident memory barely moves on that run; the thresholds stop short of the largest tensors so
+that their memory is still returned. Anything other than glibc, or a user who
 set the allocator through the environment, is left alone.
 """
 
@@ -18,7 +19,11 @@ import os
 import platform
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-_THRESHOLD = 1 << 30  # bytes: blocks up to 1 GiB come from the heap; up to 1 GiB of free top is kept
+# Blocks up to 64 MiB come from the heap and are reused; larger ones are still mapped and handed
+# back, and up to 256 MiB of free heap top is kept. With 1 GiB for both, the freed halves of
+# gigabyte tensors stayed resident: malviz-resnet18's certify peaked at 11.6 GB under
+# --memory-limit 4G (docs/benchmarks.md, session 6).
+_MMAP_THRESHOLD, _TRIM_THRESHOLD = 64 << 20, 256 << 20
 _ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
@@ -34,4 +39,4 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _THRESHOLD))
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))

@@ -12,6 +12,7 @@ listed in one error.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -73,7 +74,22 @@ class BoundNetwork:
 
     def units(self, x: torch.Tensor) -> int:
         """Values per sample over every node and the input (what one interval pass stores twice)."""
-        return sum(value[0].numel() for value in self._values(x[:1]).values())
+        return sum(self.value_sizes(x).values())
+
+    def value_sizes(self, x: torch.Tensor) -> dict[str, int]:
+        """Values per sample of the input and of every node, by name."""
+        return {name: value[0].numel() for name, value in self._values(x[:1]).items()}
+
+    def widest_backward(self, sizes: dict[str, int]) -> int:
+        """Values per sample of the widest tensor a backward pass over the nodes holds, from
+        `value_sizes`: a node's value, or a MaxPool's value per tap of its windows."""
+        widest = max(sizes.values())
+        for node in self.nodes:
+            if isinstance(node.rule, Activation) and node.rule.kind == "max_pool" and node.name in sizes:
+                kernel = node.rule.params.get("kernel_shape") or [1]
+                taps = math.prod(int(k) for k in (kernel if isinstance(kernel, (list, tuple)) else [kernel]))
+                widest = max(widest, sizes[node.name] * taps)
+        return widest
 
     def _values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         values = {self.input: x}

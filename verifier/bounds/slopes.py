@@ -58,15 +58,32 @@ def slope_bounds(model: ConvertedModel | BoundNetwork, x: torch.Tensor | np.ndar
     return slopes_from(problem, propagate(problem.network, problem.region, deadline=deadline), deadline)
 
 
+# Gradient values one backward pass of the slope bounds holds per copy (128 MB in float64).
+SLOPE_ELEMENTS = 2**24
+
+
 def slopes_from(problem: MarginProblem, state: Bounds, deadline: Deadline = NEVER) -> SlopeBounds:
-    """Slope bounds from an already propagated state (shared with `margins_from`; `deadline`: per node)."""
-    gradient, unsupported = _backward_intervals(problem.network, state.intervals, problem.rows, deadline)
+    """Slope bounds from an already propagated state (shared with `margins_from`; `deadline`: per node).
+
+    The objective rows (one per class) are independent: they go backwards as many at a time as keep
+    (samples x rows x the widest tensor of the pass) within `SLOPE_ELEMENTS`, at least one."""
+    rows = problem.rows
+    sizes = {name: low[0].numel() for name, (low, _) in state.intervals.items()}
+    widest = problem.network.widest_backward(sizes) if sizes else 1
+    step = max(1, SLOPE_ELEMENTS // max(1, len(rows) * widest))
+    parts, unsupported = [], ()
+    for start in range(0, rows.shape[1], step):
+        gradient, unsupported = _backward_intervals(problem.network, state.intervals, rows[:, start:start + step],
+                                                    deadline)
+        if gradient is None:
+            break
+        low, high = gradient
+        parts.append(dual_norm(torch.maximum(low.abs(), high.abs()).flatten(2), problem.region.norm))
     if gradient is None:
         per_class = torch.full(problem.true_class.shape, math.inf, dtype=problem.rows.dtype,
                                device=problem.labels.device)
     else:
-        low, high = gradient
-        per_class = dual_norm(torch.maximum(low.abs(), high.abs()).flatten(2), problem.region.norm)
+        per_class = torch.cat(parts, 1)
     return SlopeBounds(norm=problem.region.norm, radius=problem.region.radius, labels=problem.labels,
                        per_class=per_class.masked_fill(problem.true_class, 0.0), unsupported=unsupported)
 

@@ -103,11 +103,19 @@ def _bounds_at(network: BoundNetwork, x: torch.Tensor, y: torch.Tensor, radius: 
 # Bytes per node value per sample kept by one propagation: the interval (2), an activation's four
 # relaxation lines, the slope pass's intervals, and the tightened copy of the previous radius.
 _COPIES_PER_UNIT = 10
+# The slope pass carries interval pairs of the gradients backwards (the pending pair, the incoming
+# one and the rule's temporaries, a MaxPool's per tap) of the widest tensor, per objective row;
+# `slopes_from` takes as many rows at once as fit its element budget, at least one.
+_SLOPE_COPIES = 6
 
 
 def samples_per_pass(network: BoundNetwork, x: torch.Tensor, memory_limit_bytes: int | None) -> int:
-    """How many samples one propagation may hold under the memory limit (half of it; at least one)."""
-    per_sample = network.units(x) * x.element_size() * _COPIES_PER_UNIT
+    """How many samples one propagation (and the slope pass behind it, one objective row at a time
+    at least) may hold under the memory limit (half of it; at least one)."""
+    sizes = network.value_sizes(x)
+    interval_pass = sum(sizes.values()) * _COPIES_PER_UNIT
+    slope_pass = network.widest_backward(sizes) * _SLOPE_COPIES
+    per_sample = max(interval_pass, slope_pass) * x.element_size()
     return max(1, memory_limit(memory_limit_bytes) // 2 // max(per_sample, 1))
 
 
