@@ -35,7 +35,7 @@ def _injected_failure(*_args, **_kwargs):
 def _rank(rank: int, world: int, ports: list[int], runs: list[list[str]], folder: str, failing: int) -> None:
     """One torchrun-like worker: the environment torchrun sets, then `verifier` once per run."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      VERIFIER_COLLECTIVE_TIMEOUT="60")
+                      VERIFIER_COLLECTIVE_TIMEOUT="180")  # a loaded box slows one rank
     torch.set_num_threads(1)
     if rank == failing:
         import verifier.certify.certificate as certificate
