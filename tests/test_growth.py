@@ -56,14 +56,15 @@ def test_growth_dominates_brute_force(tmp_path, loss, norm):
     assert set(result.winner.unique().tolist()) <= {0, 1, 2, 3}
 
 
-def test_samples_per_pass_counts_the_slope_pass_and_its_rows_split_exactly(tmp_path, monkeypatch):
+def test_samples_per_pass_counts_the_backward_passes_and_their_rows_split_exactly(tmp_path, monkeypatch):
     """A propagation's samples are sized to the interval pass and to the slope pass of one objective
-    row (its widest tensor: a MaxPool's windows per tap); the slope pass takes its rows a few at a
-    time, which changes no bound."""
+    row (its widest tensor: a MaxPool's windows per tap); the margin and slope passes take their rows
+    a few at a time, which changes no bound."""
     from conftest import const, float_io, make_model
     from onnx import helper
 
-    from verifier.bounds import slopes
+    from verifier.bounds import propagate, slopes
+    from verifier.bounds.margins import margin_bounds
     from verifier.certify.growth import samples_per_pass
 
     nodes = [helper.make_node("Conv", ["x", "K"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
@@ -85,6 +86,10 @@ def test_samples_per_pass_counts_the_slope_pass_and_its_rows_split_exactly(tmp_p
     assert samples_per_pass(network, x, 1 << 10) == 1  # never fewer than one sample
     y = converted.logits(x.float()).argmax(1)
     whole = slopes.slope_bounds(converted, x, y, 0.05, "inf", (0.0, 1.0)).per_class
-    monkeypatch.setattr(slopes, "SLOPE_ELEMENTS", 1)  # one objective row at a time
+    margins = margin_bounds(converted, x, y, radius=0.05, norm="inf", box=(0.0, 1.0)).upper
+    monkeypatch.setattr(propagate, "ROW_ELEMENTS", 1)  # one objective row at a time
     one_by_one = slopes.slope_bounds(converted, x, y, 0.05, "inf", (0.0, 1.0)).per_class
     assert torch.isfinite(whole).all() and torch.equal(whole, one_by_one)
+    row_by_row = margin_bounds(converted, x, y, radius=0.05, norm="inf", box=(0.0, 1.0)).upper
+    assert torch.isfinite(margins).all()
+    torch.testing.assert_close(row_by_row, margins, rtol=0, atol=1e-12)

@@ -9,7 +9,8 @@ import torch
 
 from verifier.bounds.network import BoundNetwork
 from verifier.bounds.optimise import SlopeSearch, optimised_upper_bound
-from verifier.bounds.propagate import Bounds, MarginProblem, PerClassResult, margin_problem, propagate, upper_bound
+from verifier.bounds.propagate import (Bounds, MarginProblem, PerClassResult, margin_problem, propagate, rows_at_once,
+                                       upper_bound)
 from verifier.convert import ConvertedModel
 from verifier.deadline import NEVER, Deadline
 from verifier.device import resolve_device
@@ -51,8 +52,12 @@ def margin_bounds(model: ConvertedModel | BoundNetwork, x: torch.Tensor | np.nda
 def margins_from(problem: MarginProblem, state: Bounds, deadline: Deadline = NEVER,
                  optimise: SlopeSearch | None = None) -> MarginBounds:
     """Margin bounds from an already propagated state (shared with `slopes_from`)."""
-    if optimise is None:
-        values = upper_bound(problem.network, state, problem.region, problem.network.output, problem.rows, deadline)
+    if optimise is None:  # the margins' rows are independent: a few at a time (propagate.ROW_ELEMENTS)
+        rows = problem.rows
+        step = rows_at_once(problem.network, state.intervals, len(rows))
+        values = torch.cat([upper_bound(problem.network, state, problem.region, problem.network.output,
+                                        rows[:, start:start + step], deadline)
+                            for start in range(0, rows.shape[1], step)], 1)
     else:
         values = optimised_upper_bound(problem.network, state, problem.region, problem.network.output, problem.rows,
                                        optimise, deadline)

@@ -28,6 +28,16 @@ UNIT_CHUNK = 512
 # sized to keep that under this many elements (64 MB in float64), which also bounds the work
 # between two deadline checks.
 ELEMENT_BUDGET = 2**23
+# Objective rows (margins, slopes: independent) go backwards as many at a time as keep samples x
+# rows x the widest tensor of the pass under this many values per copy (128 MB in float64).
+ROW_ELEMENTS = 2**24
+
+
+def rows_at_once(network: BoundNetwork, intervals: dict, samples: int) -> int:
+    """How many objective rows one backward pass over `network` takes at once (at least one)."""
+    sizes = {name: low[0].numel() for name, (low, _) in intervals.items()}
+    widest = network.widest_backward(sizes) if sizes else 1
+    return max(1, ROW_ELEMENTS // max(1, samples * widest))
 
 
 @dataclass(frozen=True)

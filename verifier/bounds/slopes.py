@@ -22,7 +22,7 @@ import torch
 
 from verifier.bounds import bilinear, ops, relaxations
 from verifier.bounds.network import Activation, BoundNetwork
-from verifier.bounds.propagate import Bounds, MarginProblem, PerClassResult, margin_problem, propagate
+from verifier.bounds.propagate import Bounds, MarginProblem, PerClassResult, margin_problem, propagate, rows_at_once
 from verifier.cells import window_index
 from verifier.convert import ConvertedModel
 from verifier.deadline import NEVER, Deadline
@@ -58,19 +58,13 @@ def slope_bounds(model: ConvertedModel | BoundNetwork, x: torch.Tensor | np.ndar
     return slopes_from(problem, propagate(problem.network, problem.region, deadline=deadline), deadline)
 
 
-# Gradient values one backward pass of the slope bounds holds per copy (128 MB in float64).
-SLOPE_ELEMENTS = 2**24
-
-
 def slopes_from(problem: MarginProblem, state: Bounds, deadline: Deadline = NEVER) -> SlopeBounds:
     """Slope bounds from an already propagated state (shared with `margins_from`; `deadline`: per node).
 
     The objective rows (one per class) are independent: they go backwards as many at a time as keep
-    (samples x rows x the widest tensor of the pass) within `SLOPE_ELEMENTS`, at least one."""
+    (samples x rows x the widest tensor of the pass) within `propagate.ROW_ELEMENTS`, at least one."""
     rows = problem.rows
-    sizes = {name: low[0].numel() for name, (low, _) in state.intervals.items()}
-    widest = problem.network.widest_backward(sizes) if sizes else 1
-    step = max(1, SLOPE_ELEMENTS // max(1, len(rows) * widest))
+    step = rows_at_once(problem.network, state.intervals, len(rows))
     parts, unsupported = [], ()
     for start in range(0, rows.shape[1], step):
         gradient, unsupported = _backward_intervals(problem.network, state.intervals, rows[:, start:start + step],
