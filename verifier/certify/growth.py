@@ -105,7 +105,7 @@ def _bounds_at(network: BoundNetwork, x: torch.Tensor, y: torch.Tensor, radius: 
 _COPIES_PER_UNIT = 10
 # The slope pass carries interval pairs of the gradients backwards (the pending pair, the incoming
 # one and the rule's temporaries, a MaxPool's per tap) of the widest tensor, per objective row;
-# `slopes_from` takes as many rows at once as fit its element budget, at least one.
+# the margin and slope passes take as many rows at once as `propagate.ROW_ELEMENTS` allows, at least one.
 _SLOPE_COPIES = 6
 
 
