@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from verifier.bounds.windows import same_pads
 
 Linear = Callable[..., torch.Tensor]
+# The transpose of a linear map applied to rows (B, *out), given the inputs' per-row shapes (None:
+# not written for these shapes, take the vjp).
+Adjoint = Callable[[torch.Tensor, Sequence[torch.Size]], tuple[torch.Tensor, ...] | None]
 
 STRUCTURAL_OPS = frozenset(
     """Reshape Flatten Transpose Squeeze Unsqueeze Identity Dropout Slice Gather Concat Split Pad
@@ -36,11 +39,16 @@ MONOTONE_UNARY = {"Erf": torch.erf, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh
 
 @dataclass(frozen=True)
 class Affine:
-    """`v = linear(u_1, …) + offset`; `magnitude(r_1, …) = |linear|(r_1, …)` for radii r >= 0."""
+    """`v = linear(u_1, …) + offset`; `magnitude(r_1, …) = |linear|(r_1, …)` for radii r >= 0.
+
+    `adjoint` (optional): the transpose of `linear` written out (a weighted op's own kernel); without
+    it back-substitution takes the vjp of `linear`.
+    """
 
     linear: Linear
     magnitude: Linear
     offset: torch.Tensor | float = 0.0
+    adjoint: Adjoint | None = field(default=None, repr=False)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.linear(*inputs) + self.offset
@@ -81,7 +89,8 @@ def gemm(attributes: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> A
     alpha, beta = float(_attr(attributes, "alpha", 1.0)), float(_attr(attributes, "beta", 1.0))
     matrix = alpha * (weight.T if _attr(attributes, "transB", 0) else weight)
     offset = 0.0 if bias is None else beta * bias
-    return Affine(lambda u: u @ matrix, lambda r: r @ matrix.abs(), offset)
+    return Affine(lambda u: u @ matrix, lambda r: r @ matrix.abs(), offset,
+                  adjoint=lambda rows, shapes: (rows @ matrix.T,))
 
 
 def matmul(constant: torch.Tensor, variable_first: bool) -> Affine:
@@ -108,7 +117,12 @@ def shift(offset: torch.Tensor | float, sign: float = 1.0) -> Affine:
 
 def add_variables(signs: Sequence[float]) -> Affine:
     """Sum of variable inputs with signs (Add, Sub of two branches)."""
-    return Affine(lambda *us: sum(s * u for s, u in zip(signs, us)), lambda *rs: sum(rs))
+    def adjoint(rows: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor, ...] | None:
+        if any(len(shape) != rows.dim() - 1 for shape in shapes):
+            return None  # broadcasting across ranks: the vjp sums the copies
+        return tuple(s * rows.sum_to_size(len(rows), *shape) for s, shape in zip(signs, shapes))
+
+    return Affine(lambda *us: sum(s * u for s, u in zip(signs, us)), lambda *rs: sum(rs), adjoint=adjoint)
 
 
 def batch_norm(attributes: dict, gamma, beta, mean, var) -> Affine:
@@ -151,34 +165,54 @@ def conv(attributes: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> A
     pads = list(_attr(attributes, "pads", [0] * (2 * dims)))
     function = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
 
-    def padding_for(u: torch.Tensor) -> list[int]:
+    def sides_for(spatial: Sequence[int]) -> tuple[list[int], list[int]]:
         if auto_pad in ("NOTSET", "VALID"):
-            begin, end = (pads[:dims], pads[dims:]) if auto_pad == "NOTSET" else ([0] * dims, [0] * dims)
-        else:
-            sides = [same_pads(u.shape[2 + axis], weight.shape[2 + axis], strides[axis], dilations[axis],
-                               lower=auto_pad != "SAME_UPPER") for axis in range(dims)]
-            begin, end = [b for b, _ in sides], [e for _, e in sides]
+            return (pads[:dims], pads[dims:]) if auto_pad == "NOTSET" else ([0] * dims, [0] * dims)
+        sides = [same_pads(spatial[axis], weight.shape[2 + axis], strides[axis], dilations[axis],
+                           lower=auto_pad != "SAME_UPPER") for axis in range(dims)]
+        return [b for b, _ in sides], [e for _, e in sides]
+
+    def apply(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        begin, end = sides_for(u.shape[2:])
+        if begin == end:  # symmetric: the kernel pads (no padded copy of u)
+            return function(u, kernel, stride=strides, padding=begin, dilation=dilations, groups=groups)
         flat: list[int] = []
         for axis in reversed(range(dims)):
             flat += [begin[axis], end[axis]]
-        return flat
+        return function(F.pad(u, flat), kernel, stride=strides, dilation=dilations, groups=groups)
 
-    def apply(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        return function(F.pad(u, padding_for(u)), kernel, stride=strides, dilation=dilations, groups=groups)
+    def adjoint(rows: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor]:
+        # The input gradient of the convolution (its transpose), the kernel's own backward.
+        spatial = list(shapes[0][1:])
+        begin, end = sides_for(spatial)
+        symmetric = begin == end
+        padded = spatial if symmetric else [s + b + e for s, b, e in zip(spatial, begin, end)]
+        placeholder = rows.new_empty(1).expand(len(rows), shapes[0][0], *padded)
+        grad = torch.ops.aten.convolution_backward(
+            rows, placeholder, weight.to(rows.dtype), None, strides, begin if symmetric else [0] * dims, dilations,
+            False, [0] * dims, groups, (True, False, False))[0]
+        if not symmetric:  # the adjoint of zero padding drops the padded border
+            for axis in range(dims):
+                grad = grad.narrow(2 + axis, begin[axis], spatial[axis])
+        return (grad,)
 
     offset = 0.0 if bias is None else _LazyChannelOffset(bias)
-    return Affine(lambda u: apply(u, weight), lambda r: apply(r, weight.abs()), offset)
+    return Affine(lambda u: apply(u, weight), lambda r: apply(r, weight.abs()), offset, adjoint=adjoint)
 
 
-def structural(call: Callable[..., torch.Tensor]) -> Affine:
+def structural(call: Callable[..., torch.Tensor], reshape: bool = False) -> Affine:
     """A data-movement / averaging op whose linear part is entrywise non-negative.
 
     `call` may add a constant (Pad with a non-zero value): the radius map subtracts `call(0)`.
+    `reshape`: the op keeps the elements' order (Reshape, Flatten), so its adjoint reshapes back.
     """
     def magnitude(*radii: torch.Tensor) -> torch.Tensor:
         return call(*radii) - call(*[torch.zeros_like(r) for r in radii])
 
-    return Affine(call, magnitude)
+    def adjoint(rows: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor]:
+        return (rows.reshape(len(rows), *shapes[0]),)
+
+    return Affine(call, magnitude, adjoint=adjoint if reshape else None)
 
 
 # ---- interval-only rules -------------------------------------------------------------------

@@ -99,8 +99,9 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
                 if name not in tightened:
                     needed = _units_worth_tightening(network, region, name, consumers, intervals[name],
                                                      margins_only)
-                    intervals[name] = _intersect(intervals[name],
-                                                 _linear_interval(network, state, region, name, needed, deadline))
+                    upper_first = margins_only and _dead_settles(network, name)
+                    intervals[name] = _intersect(intervals[name], _linear_interval(
+                        network, state, region, name, needed, deadline, upper_first=upper_first))
                     intervals[name] = _with_variance_floor(network, state, region, name, deadline)
                     tightened.add(name)
         interval = _interval(node, [intervals[i] for i in node.inputs])
@@ -219,6 +220,15 @@ def _units_worth_tightening(network: BoundNetwork, region: InputSet, name: str,
     return needed
 
 
+def _dead_settles(network: BoundNetwork, name: str) -> bool:
+    """Every reader of node `name` is a ReLU (and it is not the output): a unit whose upper bound is at
+    most 0 then needs no lower bound. Its ReLU's lines are 0 and its output interval [0, 0] whatever
+    the lower bound, and nothing else reads the node's interval (with `margins_only`)."""
+    readers = [n for n in network.nodes if name in n.inputs]
+    return name != network.output and bool(readers) and all(
+        isinstance(n.rule, Activation) and n.rule.kind == "relu" for n in readers)
+
+
 def _lone_pool_reader(network: BoundNetwork, name: str, consumers: dict[str, list[BoundNode]]) -> BoundNode | None:
     """The MaxPool that is the only reader of node `name`'s output (None when there is another reader)."""
     readers = [n for n in network.nodes if name in n.inputs]
@@ -240,31 +250,54 @@ def _only_affine_after(network: BoundNetwork, name: str) -> bool:
 
 
 def _linear_interval(network: BoundNetwork, state: Bounds, region: InputSet, name: str,
-                     needed: torch.Tensor | None, deadline: Deadline):
+                     needed: torch.Tensor | None, deadline: Deadline, upper_first: bool = False):
     """Bounds of the `needed` units of node `name` (all when None) by back-substitution, chunked.
 
     Units are chosen per sample (padded to the sample with the most); the others keep the interval.
+    `upper_first`: every reader of the node is a ReLU whose lower bound nothing else reads (see
+    `_dead_settles`), so the upper bounds go first and the lower bound is computed only for units
+    still above 0 (a unit at or below 0 is dead: its ReLU is the zero line and outputs [0, 0]
+    whatever its lower bound).
     """
     low, high = state.intervals[name]
     count, units = low.shape[0], low[0].numel()
     flat_needed = torch.ones(count, units, dtype=torch.bool, device=low.device) if needed is None \
         else needed.reshape(count, units)
-    width = int(flat_needed.sum(1).max()) if units else 0
-    # Needed units first in each sample's row; a sample with fewer repeats some (still sound) bounds.
-    order = torch.argsort((~flat_needed).to(torch.int8), dim=1, stable=True)[:, :width]
-    widest = max(bounds[0][0].numel() for bounds in state.intervals.values())
-    chunk = max(1, min(UNIT_CHUNK, ELEMENT_BUDGET // (2 * count * widest)))
     new_low, new_high = low.reshape(count, units).clone(), high.reshape(count, units).clone()
-    for start in range(0, width, chunk):
-        index = order[:, start:start + chunk]  # (N, m)
-        m = index.shape[1]
-        rows = torch.zeros(count, 2 * m, units, dtype=low.dtype, device=low.device)
-        rows[:, :m].scatter_(2, index.unsqueeze(-1), 1.0)
-        rows[:, m:].scatter_(2, index.unsqueeze(-1), -1.0)
-        values = upper_bound(network, state, region, name, rows.reshape(count, 2 * m, *low.shape[1:]), deadline)
-        new_high.scatter_(1, index, values[:, :m])
-        new_low.scatter_(1, index, -values[:, m:])
+    bound = _chunked_bounds(network, state, region, name, deadline)
+    if not upper_first:
+        bound(flat_needed, ((new_high, 1.0), (new_low, -1.0)))
+    else:
+        bound(flat_needed, ((new_high, 1.0),))
+        bound(flat_needed & (torch.fmin(new_high, high.reshape(count, units)) > 0), ((new_low, -1.0),))
     return new_low.reshape(low.shape), new_high.reshape(high.shape)
+
+
+def _chunked_bounds(network: BoundNetwork, state: Bounds, region: InputSet, name: str, deadline: Deadline):
+    """`bound(mask, sides)`: back-substitute the masked units of node `name` in chunks; each side
+    `(target (N, units), sign)` gets the units' upper bound (sign 1) or lower bound (sign -1)."""
+    low = state.intervals[name][0]
+    count, units = low.shape[0], low[0].numel()
+    widest = max(bounds[0][0].numel() for bounds in state.intervals.values())
+    rows_per_pass = 2 * max(1, min(UNIT_CHUNK, ELEMENT_BUDGET // (2 * count * widest)))
+
+    def bound(mask: torch.Tensor, sides: tuple[tuple[torch.Tensor, float], ...]) -> None:
+        width = int(mask.sum(1).max()) if units else 0
+        # Masked units first in each sample's row; a sample with fewer repeats some (still sound) bounds.
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+        chunk = rows_per_pass // len(sides)
+        for start in range(0, width, chunk):
+            index = order[:, start:start + chunk]  # (N, m)
+            m = index.shape[1]
+            rows = torch.zeros(count, len(sides) * m, units, dtype=low.dtype, device=low.device)
+            for side, (_, sign) in enumerate(sides):  # +e_i for the upper bound, -e_i for the lower bound
+                rows[:, side * m:(side + 1) * m].scatter_(2, index.unsqueeze(-1), sign)
+            values = upper_bound(network, state, region, name, rows.reshape(count, len(sides) * m, *low.shape[1:]),
+                                 deadline)
+            for side, (target, sign) in enumerate(sides):
+                target.scatter_(1, index, sign * values[:, side * m:(side + 1) * m])
+
+    return bound
 
 
 def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: str,
@@ -295,12 +328,9 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
             contributions, offset = bilinear.adjoint(rule, state.relaxed[node.name], lam)
             bias = bias + offset
         elif isinstance(rule, Activation) and node.name in state.relaxed:
-            relax = state.relaxed[node.name]
-            positive, negative = lam.clamp_min(0), lam.clamp_max(0)
-            upper_slope, lower_slope = _per_objective(relax.upper_slope, lam), _per_objective(relax.lower_slope, lam)
-            upper_offset, lower_offset = _per_objective(relax.upper_offset, lam), _per_objective(relax.lower_offset, lam)
-            contributions = [positive * upper_slope + negative * lower_slope]
-            bias = bias + _inner(positive, upper_offset) + _inner(negative, lower_offset)
+            contribution, offset = _relaxation_adjoint(state.relaxed[node.name], lam)
+            contributions = [contribution]
+            bias = bias + offset
         else:
             low, high = state.intervals[node.name]
             bias = bias + _inner(lam.clamp_min(0), high.unsqueeze(1)) + _inner(lam.clamp_max(0), low.unsqueeze(1))
@@ -312,6 +342,30 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
     value = torch.nan_to_num(value, nan=math.inf, posinf=math.inf, neginf=-math.inf)  # undefined: no bound
     value = torch.fmin(value, cut)
     return value + _ROUNDING * (1.0 + value.abs())
+
+
+def _relaxation_adjoint(relax: relaxations.Relaxation, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lam` through an activation's lines: each coefficient takes the upper line where positive, the
+    lower line elsewhere; returns the coefficients on its input and `<lam+, upper offset> + <lam-, lower offset>`."""
+    upper_slope, lower_slope = _per_objective(relax.upper_slope, lam), _per_objective(relax.lower_slope, lam)
+    positive = lam > 0
+    contribution = lam * torch.where(positive, upper_slope, lower_slope)  # = lam+ * upper + lam- * lower
+    return contribution, _signed_inner(lam, positive, _per_objective(relax.upper_offset, lam),
+                                       _per_objective(relax.lower_offset, lam))
+
+
+def _signed_inner(lam: torch.Tensor, positive: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """`<lam+, upper> + <lam-, lower>` over unit axes, only over the units where an offset is not zero
+    (a ReLU's offsets vanish on its stable units), when the offsets are shared by the objectives."""
+    if upper.dim() == lam.dim() and upper.shape[1] == 1 and lower.shape[1] == 1 and lam.dim() > 2:
+        count, objectives = lam.shape[:2]
+        flat_upper, flat_lower = upper.reshape(count, -1), lower.reshape(count, -1)
+        active = ((flat_upper != 0) | (flat_lower != 0)).any(0).nonzero().squeeze(1)  # (U,) over all samples
+        lam = lam.reshape(count, objectives, -1).index_select(2, active)
+        positive = positive.reshape(count, objectives, -1).index_select(2, active)
+        upper, lower = flat_upper.index_select(1, active).unsqueeze(1), flat_lower.index_select(1, active).unsqueeze(1)
+    zero = torch.zeros((), dtype=lam.dtype, device=lam.device)
+    return _inner(torch.where(positive, lam, zero), upper) + _inner(torch.where(positive, zero, lam), lower)
 
 
 def _per_objective(line: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -347,7 +401,9 @@ def _affine_adjoint(rule: ops.Affine, lam: torch.Tensor, shapes: list[torch.Size
     count, objectives = lam.shape[:2]
     flat = lam.reshape(count * objectives, *lam.shape[2:])
     zeros = [torch.zeros(1, *shape, dtype=lam.dtype, device=lam.device) for shape in shapes]
-    adjoints = _transpose(rule.linear, zeros, flat)
+    adjoints = None if rule.adjoint is None else rule.adjoint(flat, shapes)
+    if adjoints is None:
+        adjoints = _transpose(rule.linear, zeros, flat)
     contributions = [a.reshape(count, objectives, *a.shape[1:]) for a in adjoints]
     offset_value = rule(*zeros)
     if isinstance(offset_value, torch.Tensor) and offset_value.abs().sum() > 0:
