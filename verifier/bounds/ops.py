@@ -48,7 +48,7 @@ class Affine:
     linear: Linear
     magnitude: Linear
     offset: torch.Tensor | float = 0.0
-    adjoint: Adjoint | None = field(default=None, repr=False)
+    adjoint: Adjoint | None = field(default=None, repr=False, kw_only=True)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.linear(*inputs) + self.offset
