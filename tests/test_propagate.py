@@ -14,7 +14,8 @@ from onnx import helper
 from verifier.bounds import ops, relaxations
 from verifier.bounds.margins import margins_from
 from verifier.bounds.network import BoundNetwork
-from verifier.bounds.propagate import _relaxation_adjoint, _transpose, margin_problem, propagate
+from verifier.bounds.adjoints import relaxation_adjoint, transpose
+from verifier.bounds.propagate import margin_problem, propagate
 from verifier.convert import convert_model
 from verifier.onnx_io import load_model
 
@@ -50,7 +51,8 @@ def residual(tmp_path_factory):
 
 def _without_adjoints(network: BoundNetwork) -> BoundNetwork:
     """The same network with every written adjoint removed (back-substitution takes vjps)."""
-    nodes = tuple(dataclasses.replace(n, rule=dataclasses.replace(n.rule, adjoint=None))
+    plain = {"adjoint": None, "unit_adjoint": None, "unit_signs": None}
+    nodes = tuple(dataclasses.replace(n, rule=dataclasses.replace(n.rule, **plain))
                   if isinstance(n.rule, ops.Affine) else n for n in network.nodes)
     return dataclasses.replace(network, nodes=nodes)
 
@@ -71,7 +73,7 @@ def test_written_adjoints_equal_the_vjp(residual):
         shapes = [values[i].shape[1:] for i in node.inputs]
         rows = torch.randn(5, *values[node.name].shape[1:], dtype=torch.float64)
         zeros = [torch.zeros(1, *shape, dtype=torch.float64) for shape in shapes]
-        for mine, reference in zip(node.rule.adjoint(rows, shapes), _transpose(node.rule.linear, zeros, rows)):
+        for mine, reference in zip(node.rule.adjoint(rows, shapes), transpose(node.rule.linear, zeros, rows)):
             assert mine.shape == reference.shape
             assert torch.allclose(mine, reference, rtol=0, atol=1e-13), node.name
 
@@ -82,7 +84,7 @@ def test_written_adjoints_equal_the_vjp(residual):
     {"auto_pad": "SAME_LOWER", "group": 2},
     {"auto_pad": "VALID", "strides": [3, 2]},
 ])
-def test_conv_adjoint_is_the_transpose(attributes):
+def test_conv_adjoint_is_thetranspose(attributes):
     generator = torch.Generator().manual_seed(1)
     groups = attributes.get("group", 1)
     weight = torch.randn(4, 4 // groups, 3, 2, dtype=torch.float64, generator=generator)
@@ -93,6 +95,13 @@ def test_conv_adjoint_is_the_transpose(attributes):
     (adjoint,) = rule.adjoint(rows, [u.shape[1:]])
     # <rows, L u> = <L^T rows, u> for every sample
     assert torch.allclose((rows * out).flatten(1).sum(1), (adjoint * u).flatten(1).sum(1), rtol=1e-12, atol=1e-12)
+    # unit rows: the kernel placed at the unit's window = the transpose of the one-hot row, exactly
+    index = torch.randperm(out[0].numel(), generator=generator)[:20]
+    one_hot = torch.zeros(20, out[0].numel(), dtype=torch.float64).scatter_(1, index.unsqueeze(1), 1.0)
+    sign = torch.where(torch.arange(20) % 2 == 0, 1.0, -1.0).double()
+    (placed,) = rule.unit_adjoint(index, sign, [u.shape[1:]])
+    assert torch.equal(placed, rule.adjoint(one_hot.reshape(20, *out.shape[1:]) * sign.reshape(-1, 1, 1, 1),
+                                            [u.shape[1:]])[0])
 
 
 def test_relaxation_adjoint_is_the_signed_line_choice():
@@ -105,7 +114,7 @@ def test_relaxation_adjoint_is_the_signed_line_choice():
     positive, negative = lam.clamp_min(0), lam.clamp_max(0)
     expected = positive * relax.upper_slope.unsqueeze(1) + negative * relax.lower_slope.unsqueeze(1)
     offset = (positive * relax.upper_offset.unsqueeze(1) + negative * relax.lower_offset.unsqueeze(1)).flatten(2).sum(-1)
-    contribution, bias = _relaxation_adjoint(relax, lam)
+    contribution, bias = relaxation_adjoint(relax, lam)
     assert torch.equal(contribution, expected)
     assert torch.allclose(bias, offset, rtol=1e-14, atol=1e-14)
 

@@ -29,6 +29,9 @@ Linear = Callable[..., torch.Tensor]
 # The transpose of a linear map applied to rows (B, *out), given the inputs' per-row shapes (None:
 # not written for these shapes, take the vjp).
 Adjoint = Callable[[torch.Tensor, Sequence[torch.Size]], tuple[torch.Tensor, ...] | None]
+# The transpose applied to signed unit rows sign_b e_(index_b), from the flat output-unit index and
+# the sign of each row (B,).
+UnitAdjoint = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Size]], tuple[torch.Tensor, ...]]
 
 STRUCTURAL_OPS = frozenset(
     """Reshape Flatten Transpose Squeeze Unsqueeze Identity Dropout Slice Gather Concat Split Pad
@@ -42,13 +45,17 @@ class Affine:
     """`v = linear(u_1, …) + offset`; `magnitude(r_1, …) = |linear|(r_1, …)` for radii r >= 0.
 
     `adjoint` (optional): the transpose of `linear` written out (a weighted op's own kernel); without
-    it back-substitution takes the vjp of `linear`.
+    it back-substitution takes the vjp of `linear`. `unit_adjoint`: the transpose of unit rows `e_i`
+    read off the weights; `unit_signs`: `linear` is `Σ s_i u_i` of same-shape inputs, so a unit row
+    reaches input i as `s_i e_i` (`verifier.bounds.adjoints`).
     """
 
     linear: Linear
     magnitude: Linear
     offset: torch.Tensor | float = 0.0
     adjoint: Adjoint | None = field(default=None, repr=False, kw_only=True)
+    unit_adjoint: UnitAdjoint | None = field(default=None, repr=False, kw_only=True)
+    unit_signs: tuple[float, ...] | None = field(default=None, kw_only=True)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.linear(*inputs) + self.offset
@@ -90,7 +97,8 @@ def gemm(attributes: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> A
     matrix = alpha * (weight.T if _attr(attributes, "transB", 0) else weight)
     offset = 0.0 if bias is None else beta * bias
     return Affine(lambda u: u @ matrix, lambda r: r @ matrix.abs(), offset,
-                  adjoint=lambda rows, shapes: (rows @ matrix.T,))
+                  adjoint=lambda rows, shapes: (rows @ matrix.T,),
+                  unit_adjoint=lambda index, sign, shapes: (matrix.T.index_select(0, index) * sign.unsqueeze(1),))
 
 
 def matmul(constant: torch.Tensor, variable_first: bool) -> Affine:
@@ -120,9 +128,12 @@ def add_variables(signs: Sequence[float]) -> Affine:
     def adjoint(rows: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor, ...] | None:
         if any(len(shape) != rows.dim() - 1 for shape in shapes):
             return None  # broadcasting across ranks: the vjp sums the copies
-        return tuple(s * rows.sum_to_size(len(rows), *shape) for s, shape in zip(signs, shapes))
+        # a sign of 1 passes the rows themselves (back-substitution never writes into its coefficients)
+        return tuple(rows.sum_to_size(len(rows), *shape) * s if s != 1 else rows.sum_to_size(len(rows), *shape)
+                     for s, shape in zip(signs, shapes))
 
-    return Affine(lambda *us: sum(s * u for s, u in zip(signs, us)), lambda *rs: sum(rs), adjoint=adjoint)
+    return Affine(lambda *us: sum(s * u for s, u in zip(signs, us)), lambda *rs: sum(rs), adjoint=adjoint,
+                  unit_signs=tuple(float(s) for s in signs))
 
 
 def batch_norm(attributes: dict, gamma, beta, mean, var) -> Affine:
@@ -196,8 +207,35 @@ def conv(attributes: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> A
                 grad = grad.narrow(2 + axis, begin[axis], spatial[axis])
         return (grad,)
 
+    def unit_adjoint(index: torch.Tensor, sign: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor]:
+        # The transpose of s e_(c, o) is the kernel s W[c] placed at output o's window in the padded input
+        # (the taps of one window are distinct inputs: no sums), cropped to the input.
+        channels, spatial = shapes[0][0], list(shapes[0][1:])
+        begin, end = sides_for(spatial)
+        padded = [s + b + e for s, b, e in zip(spatial, begin, end)]
+        kernel = list(weight.shape[2:])
+        out = [(p - d * (k - 1) - 1) // st + 1 for p, k, st, d in zip(padded, kernel, strides, dilations)]
+        unravelled = torch.unravel_index(index, (weight.shape[0], *out))
+        unit_channel, places = unravelled[0], unravelled[1:]
+        per_group = channels // groups
+        group = unit_channel // (weight.shape[0] // groups)
+        rows = torch.arange(len(index), device=index.device).reshape(-1, *[1] * (dims + 1))
+        read = group.unsqueeze(1) * per_group + torch.arange(per_group, device=index.device)
+        where = [rows, read.reshape(len(index), per_group, *[1] * dims)]
+        for axis in range(dims):
+            taps = places[axis].unsqueeze(1) * strides[axis] + torch.arange(kernel[axis], device=index.device) * dilations[axis]
+            shape = [len(index)] + [1] * (dims + 1)
+            shape[2 + axis] = kernel[axis]
+            where.append(taps.reshape(shape))
+        placed = weight.new_zeros(len(index), channels, *padded)
+        placed[tuple(where)] = weight[unit_channel] * sign.reshape(-1, *[1] * (dims + 1))
+        for axis in range(dims):
+            placed = placed.narrow(2 + axis, begin[axis], spatial[axis])
+        return (placed,)
+
     offset = 0.0 if bias is None else _LazyChannelOffset(bias)
-    return Affine(lambda u: apply(u, weight), lambda r: apply(r, weight.abs()), offset, adjoint=adjoint)
+    return Affine(lambda u: apply(u, weight), lambda r: apply(r, weight.abs()), offset, adjoint=adjoint,
+                  unit_adjoint=unit_adjoint)
 
 
 def structural(call: Callable[..., torch.Tensor], reshape: bool = False) -> Affine:

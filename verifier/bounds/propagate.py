@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from verifier.bounds import bilinear, elementary, ops, relaxations, variance
+from verifier.bounds.adjoints import UnitRows, affine_adjoint, inner, relaxation_adjoint, units_passed
 from verifier.bounds.network import Activation, BoundNetwork, BoundNode
 from verifier.bounds.pool import PoolRelaxation, pool_adjoint, pool_relaxation, taps_read
 from verifier.cells import displacement_box
@@ -292,8 +293,9 @@ def _chunked_bounds(network: BoundNetwork, state: Bounds, region: InputSet, name
             rows = torch.zeros(count, len(sides) * m, units, dtype=low.dtype, device=low.device)
             for side, (_, sign) in enumerate(sides):  # +e_i for the upper bound, -e_i for the lower bound
                 rows[:, side * m:(side + 1) * m].scatter_(2, index.unsqueeze(-1), sign)
+            signs = torch.tensor([sign for _, sign in sides], dtype=low.dtype, device=low.device).repeat_interleave(m)
             values = upper_bound(network, state, region, name, rows.reshape(count, len(sides) * m, *low.shape[1:]),
-                                 deadline)
+                                 deadline, UnitRows(index.repeat(1, len(sides)), signs))
             for side, (target, sign) in enumerate(sides):
                 target.scatter_(1, index, sign * values[:, side * m:(side + 1) * m])
 
@@ -301,10 +303,15 @@ def _chunked_bounds(network: BoundNetwork, state: Bounds, region: InputSet, name
 
 
 def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: str,
-                coefficients: torch.Tensor, deadline: Deadline = NEVER) -> torch.Tensor:
-    """Sound upper bounds (N, K) of `<coefficients_k, v_target>` over the input set (`deadline`: per node)."""
+                coefficients: torch.Tensor, deadline: Deadline = NEVER, units: UnitRows | None = None) -> torch.Tensor:
+    """Sound upper bounds (N, K) of `<coefficients_k, v_target>` over the input set (`deadline`: per node).
+
+    `units`: the coefficients are those signed unit rows (`adjoints.UnitRows`), which lets the first
+    affine nodes place their transposes instead of computing them.
+    """
     count, objectives = coefficients.shape[:2]
     pending: dict[str, torch.Tensor] = {target: coefficients}
+    unit_rows = {} if units is None else {target: units}  # pending entries that are still those unit rows
     bias = torch.zeros(count, objectives, dtype=coefficients.dtype, device=coefficients.device)
     position = next(i for i, n in enumerate(network.nodes) if n.name == target) if target != network.input else -1
     cut = torch.full_like(bias, math.inf)  # the best bound stopping at a product or elementary node (§3.8)
@@ -312,13 +319,16 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
         lam = pending.pop(node.name, None)
         if lam is None:
             continue
+        units = unit_rows.pop(node.name, None)
+        passed = [None] * len(node.inputs)
         deadline.check("back-substitution")
         rule = node.rule
         if isinstance(rule, bilinear.Product) or getattr(rule, "kind", None) in elementary.KINDS:
             cut = torch.fmin(cut, _concretised(state, {node.name: lam, **pending}, bias))
         if isinstance(rule, ops.Affine):
             shapes = [state.intervals[i][0].shape[1:] for i in node.inputs]
-            contributions, offset = _affine_adjoint(rule, lam, shapes)
+            contributions, offset = affine_adjoint(rule, lam, shapes, units)
+            passed = units_passed(rule, units, shapes, lam.shape[2:])
             bias = bias + offset
         elif isinstance(rule, Activation) and isinstance(state.relaxed.get(node.name), PoolRelaxation):
             contribution, offset = pool_adjoint(state.relaxed[node.name], lam)
@@ -328,50 +338,26 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
             contributions, offset = bilinear.adjoint(rule, state.relaxed[node.name], lam)
             bias = bias + offset
         elif isinstance(rule, Activation) and node.name in state.relaxed:
-            contribution, offset = _relaxation_adjoint(state.relaxed[node.name], lam)
+            contribution, offset = relaxation_adjoint(state.relaxed[node.name], lam)
             contributions = [contribution]
             bias = bias + offset
         else:
             low, high = state.intervals[node.name]
-            bias = bias + _inner(lam.clamp_min(0), high.unsqueeze(1)) + _inner(lam.clamp_max(0), low.unsqueeze(1))
+            bias = bias + inner(lam.clamp_min(0), high.unsqueeze(1)) + inner(lam.clamp_max(0), low.unsqueeze(1))
             contributions = []
-        for name, contribution in zip(node.inputs, contributions):
-            pending[name] = pending[name] + contribution if name in pending else contribution
+        for name, contribution, rows in zip(node.inputs, contributions, passed):
+            if name in pending:
+                pending[name] = pending[name] + contribution
+                unit_rows.pop(name, None)
+            else:
+                pending[name] = contribution
+                if rows is not None:
+                    unit_rows[name] = rows
     lam = pending.pop(network.input, None)
     value = bias if lam is None else bias + region.maximise(lam)
     value = torch.nan_to_num(value, nan=math.inf, posinf=math.inf, neginf=-math.inf)  # undefined: no bound
     value = torch.fmin(value, cut)
     return value + _ROUNDING * (1.0 + value.abs())
-
-
-def _relaxation_adjoint(relax: relaxations.Relaxation, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`lam` through an activation's lines: each coefficient takes the upper line where positive, the
-    lower line elsewhere; returns the coefficients on its input and `<lam+, upper offset> + <lam-, lower offset>`."""
-    upper_slope, lower_slope = _per_objective(relax.upper_slope, lam), _per_objective(relax.lower_slope, lam)
-    positive = lam > 0
-    contribution = lam * torch.where(positive, upper_slope, lower_slope)  # = lam+ * upper + lam- * lower
-    return contribution, _signed_inner(lam, positive, _per_objective(relax.upper_offset, lam),
-                                       _per_objective(relax.lower_offset, lam))
-
-
-def _signed_inner(lam: torch.Tensor, positive: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """`<lam+, upper> + <lam-, lower>` over unit axes, only over the units where an offset is not zero
-    (a ReLU's offsets vanish on its stable units), when the offsets are shared by the objectives."""
-    if upper.dim() == lam.dim() and upper.shape[1] == 1 and lower.shape[1] == 1 and lam.dim() > 2:
-        count, objectives = lam.shape[:2]
-        flat_upper, flat_lower = upper.reshape(count, -1), lower.reshape(count, -1)
-        active = ((flat_upper != 0) | (flat_lower != 0)).any(0).nonzero().squeeze(1)  # (U,) over all samples
-        lam = lam.reshape(count, objectives, -1).index_select(2, active)
-        positive = positive.reshape(count, objectives, -1).index_select(2, active)
-        upper, lower = flat_upper.index_select(1, active).unsqueeze(1), flat_lower.index_select(1, active).unsqueeze(1)
-    zero = torch.zeros((), dtype=lam.dtype, device=lam.device)
-    return _inner(torch.where(positive, lam, zero), upper) + _inner(torch.where(positive, zero, lam), lower)
-
-
-def _per_objective(line: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """A relaxation line (N, *units) shared by the objectives gets their axis; one per objective
-    (N, K, *units, from `verifier.bounds.optimise`) is used as it is."""
-    return line if line.dim() == lam.dim() else line.unsqueeze(1)
 
 
 def _concretised(state: Bounds, pending: dict[str, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
@@ -380,48 +366,8 @@ def _concretised(state: Bounds, pending: dict[str, torch.Tensor], bias: torch.Te
     total = bias
     for name, lam in pending.items():
         low, high = state.intervals[name]
-        total = total + _inner(lam.clamp_min(0), high.unsqueeze(1)) + _inner(lam.clamp_max(0), low.unsqueeze(1))
+        total = total + inner(lam.clamp_min(0), high.unsqueeze(1)) + inner(lam.clamp_max(0), low.unsqueeze(1))
     return torch.nan_to_num(total, nan=math.inf)
-
-
-def _inner(lam: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Σ over unit axes of lam * values, with infinities times zero counted as zero."""
-    if lam.dim() == 2:  # one number per sample (a reduction over all its axes): a single unit
-        lam, values = lam.unsqueeze(-1), values.unsqueeze(-1)
-    if values.shape[1] == 1 and values.shape[0] == lam.shape[0] and bool(torch.isfinite(values).all()):
-        # values (N, 1, *units) shared by the objectives: one batched matrix-vector product.
-        return torch.bmm(lam.flatten(2), values.flatten(1).unsqueeze(-1).to(lam.dtype)).squeeze(-1)
-    product = lam * values
-    product = torch.where(lam == 0, torch.zeros_like(product), product)
-    return product.flatten(2).sum(-1)
-
-
-def _affine_adjoint(rule: ops.Affine, lam: torch.Tensor, shapes: list[torch.Size]):
-    """Adjoint of the linear part applied to lam (N, K, *out), and <lam, offset>."""
-    count, objectives = lam.shape[:2]
-    flat = lam.reshape(count * objectives, *lam.shape[2:])
-    zeros = [torch.zeros(1, *shape, dtype=lam.dtype, device=lam.device) for shape in shapes]
-    adjoints = None if rule.adjoint is None else rule.adjoint(flat, shapes)
-    if adjoints is None:
-        adjoints = _transpose(rule.linear, zeros, flat)
-    contributions = [a.reshape(count, objectives, *a.shape[1:]) for a in adjoints]
-    offset_value = rule(*zeros)
-    if isinstance(offset_value, torch.Tensor) and offset_value.abs().sum() > 0:
-        offset = (lam * offset_value.unsqueeze(1)).flatten(2).sum(-1)
-    else:
-        offset = torch.zeros(count, objectives, dtype=lam.dtype, device=lam.device)
-    return contributions, offset
-
-
-def _transpose(linear, zeros: list[torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The adjoint of a linear map applied to each of `rows` (B, *out): one vjp at a single point,
-    vmapped over the rows (half the work of a vjp at a batch of B, whose forward pass is wasted)."""
-    _, pullback = torch.func.vjp(linear, *zeros)
-    try:
-        return torch.func.vmap(lambda row: tuple(a.squeeze(0) for a in pullback(row.unsqueeze(0))))(rows)
-    except RuntimeError:  # an op without a batching rule: one vjp at the whole batch
-        batch = [z.expand(len(rows), *z.shape[1:]).contiguous() for z in zeros]
-        return torch.func.vjp(linear, *batch)[1](rows)
 
 
 @dataclass(frozen=True)
