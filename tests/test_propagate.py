@@ -117,6 +117,12 @@ def test_relaxation_adjoint_is_the_signed_line_choice():
     contribution, bias = relaxation_adjoint(relax, lam)
     assert torch.equal(contribution, expected)
     assert torch.allclose(bias, offset, rtol=1e-14, atol=1e-14)
+    # lines per objective (the slope search's) take the general path: the same values
+    lines = {field.name: getattr(relax, field.name).unsqueeze(1).expand(2, 7, 5, 3)
+             for field in dataclasses.fields(relax)}
+    contribution, bias = relaxation_adjoint(relaxations.Relaxation(**lines), lam)
+    assert torch.equal(contribution, expected)
+    assert torch.allclose(bias, offset, rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("radius", [0.02, 0.08])

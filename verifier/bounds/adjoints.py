@@ -76,26 +76,35 @@ def transpose(linear, zeros: list[torch.Tensor], rows: torch.Tensor) -> tuple[to
 
 def relaxation_adjoint(relax: relaxations.Relaxation, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`lam` through an activation's lines: each coefficient takes the upper line where positive, the
-    lower line elsewhere; returns the coefficients on its input and `<lam+, upper offset> + <lam-, lower offset>`."""
-    upper_slope, lower_slope = per_objective(relax.upper_slope, lam), per_objective(relax.lower_slope, lam)
-    positive = lam > 0
-    contribution = lam * torch.where(positive, upper_slope, lower_slope)  # = lam+ * upper + lam- * lower
-    return contribution, _signed_inner(lam, positive, per_objective(relax.upper_offset, lam),
-                                       per_objective(relax.lower_offset, lam))
+    lower line elsewhere; returns the coefficients on its input and `<lam+, upper offset> + <lam-, lower offset>`.
 
-
-def _signed_inner(lam: torch.Tensor, positive: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """`<lam+, upper> + <lam-, lower>` over unit axes, only over the units where an offset is not zero
-    (a ReLU's offsets vanish on its stable units), when the offsets are shared by the objectives."""
-    if upper.dim() == lam.dim() and upper.shape[1] == 1 and lower.shape[1] == 1 and lam.dim() > 2:
-        count, objectives = lam.shape[:2]
-        flat_upper, flat_lower = upper.reshape(count, -1), lower.reshape(count, -1)
-        active = ((flat_upper != 0) | (flat_lower != 0)).any(0).nonzero().squeeze(1)  # (U,) over all samples
-        lam = lam.reshape(count, objectives, -1).index_select(2, active)
-        positive = positive.reshape(count, objectives, -1).index_select(2, active)
-        upper, lower = flat_upper.index_select(1, active).unsqueeze(1), flat_lower.index_select(1, active).unsqueeze(1)
+    With lines shared by the objectives, the choice is made only on the units whose two lines differ
+    (a ReLU's unstable units); elsewhere both lines are one, of offset 0, and `lam` is multiplied by its slope.
+    """
+    lines = [per_objective(line, lam) for line in (relax.upper_slope, relax.lower_slope, relax.upper_offset,
+                                                   relax.lower_offset)]
+    if lam.dim() <= 2 or any(line.dim() != lam.dim() or line.shape[1] != 1 for line in lines):
+        upper_slope, lower_slope, upper_offset, lower_offset = lines
+        positive = lam > 0
+        contribution = lam * torch.where(positive, upper_slope, lower_slope)  # = lam+ * upper + lam- * lower
+        zero = torch.zeros((), dtype=lam.dtype, device=lam.device)
+        return contribution, (inner(torch.where(positive, lam, zero), upper_offset)
+                              + inner(torch.where(positive, zero, lam), lower_offset))
+    count, objectives = lam.shape[:2]
+    upper_slope, lower_slope, upper_offset, lower_offset = (line.reshape(count, 1, -1) for line in lines)
+    differ = ((upper_slope != lower_slope) | (upper_offset != 0) | (lower_offset != 0)).flatten(1).any(0)
+    chosen = differ.nonzero().squeeze(1)  # (U,) over all samples
+    flat = lam.reshape(count, objectives, -1)
+    contribution = flat * lower_slope
+    picked = flat.index_select(2, chosen)
+    positive = picked > 0
     zero = torch.zeros((), dtype=lam.dtype, device=lam.device)
-    return inner(torch.where(positive, lam, zero), upper) + inner(torch.where(positive, zero, lam), lower)
+    upper_slope, lower_slope, upper_offset, lower_offset = (line.index_select(2, chosen) for line in (
+        upper_slope, lower_slope, upper_offset, lower_offset))
+    contribution.index_copy_(2, chosen, picked * torch.where(positive, upper_slope, lower_slope))
+    bias = inner(torch.where(positive, picked, zero), upper_offset) + inner(torch.where(positive, zero, picked),
+                                                                             lower_offset)
+    return contribution.reshape(lam.shape), bias
 
 
 def per_objective(line: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
