@@ -319,7 +319,7 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
         lam = pending.pop(node.name, None)
         if lam is None:
             continue
-        units = unit_rows.pop(node.name, None)
+        as_units = unit_rows.pop(node.name, None)
         passed = [None] * len(node.inputs)
         deadline.check("back-substitution")
         rule = node.rule
@@ -327,8 +327,8 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
             cut = torch.fmin(cut, _concretised(state, {node.name: lam, **pending}, bias))
         if isinstance(rule, ops.Affine):
             shapes = [state.intervals[i][0].shape[1:] for i in node.inputs]
-            contributions, offset = affine_adjoint(rule, lam, shapes, units)
-            passed = units_passed(rule, units, shapes, lam.shape[2:])
+            contributions, offset = affine_adjoint(rule, lam, shapes, as_units)
+            passed = units_passed(rule, as_units, shapes, lam.shape[2:])
             bias = bias + offset
         elif isinstance(rule, Activation) and isinstance(state.relaxed.get(node.name), PoolRelaxation):
             contribution, offset = pool_adjoint(state.relaxed[node.name], lam)
