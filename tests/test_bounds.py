@@ -376,7 +376,7 @@ def test_settled_units_lie_in_one_linear_piece():
 
 
 def test_transpose_of_a_linear_map_is_its_adjoint():
-    from verifier.bounds.propagate import _transpose
+    from verifier.bounds.adjoints import transpose as _transpose
 
     weight = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     conv = lambda u: torch.nn.functional.conv2d(u, weight, stride=2, padding=1)  # noqa: E731

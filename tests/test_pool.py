@@ -219,9 +219,9 @@ def test_taps_the_pool_does_not_read_need_no_tightening(tmp_path, monkeypatch):
     mode = [False]
     original = propagate._linear_interval
 
-    def counting(net, state, region, name, needed, deadline):
+    def counting(net, state, region, name, needed, deadline, **options):
         tightened[mode[0]] += needed.numel() if needed is None else int(needed.sum())
-        return original(net, state, region, name, needed, deadline)
+        return original(net, state, region, name, needed, deadline, **options)
 
     monkeypatch.setattr(propagate, "_linear_interval", counting)
     for radius in (0.002, 0.02, 0.1):

@@ -8,7 +8,8 @@ margin (p = inf, method §3.6): 1 is tight. Usage:
     .venv/bin/python tools/bench.py certify [--samples 1000] [--models mlp_relu] [--p 2] [--norm inf]
                                            [--loss ce] [--out docs/bench-certify.json]
 
-`certify` (tools/bench_certify.py) compares certificates with every attack on the audit budgets
+`resnet` (tools/bench_resnet.py) times one sample's CROWN margin bound on a CIFAR ResNet per radius
+(`--profile cprofile|torch` adds the profile). `certify` (tools/bench_certify.py) compares certificates with every attack on the audit budgets
 1/255 .. 8/255 and prints Markdown tables for docs/benchmarks.md.
 """
 
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["certify"]:
         return main_certify(argv[1:])
+    if argv[:1] == ["resnet"]:
+        from bench_resnet import main as main_resnet
+        return main_resnet(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--models", default="mlp_relu,cnn")

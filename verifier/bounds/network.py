@@ -346,7 +346,8 @@ def _monotone_call(c: _NodeContext) -> Rule | None:
 
 
 def _structural(c: _NodeContext) -> Rule | None:
-    return ops.structural(c.builder._module_call(c.fx_node, c.variables))
+    return ops.structural(c.builder._module_call(c.fx_node, c.variables),
+                          reshape=c.node.op_type in ("Reshape", "Flatten") and c.single)
 
 
 def _expand(name: str, key: str, inputs: tuple[str, ...], parts: list[decompose.Part]) -> list[BoundNode]:

@@ -26,6 +26,12 @@ import torch.nn.functional as F
 from verifier.bounds.windows import same_pads
 
 Linear = Callable[..., torch.Tensor]
+# The transpose of a linear map applied to rows (B, *out), given the inputs' per-row shapes (None:
+# not written for these shapes, take the vjp).
+Adjoint = Callable[[torch.Tensor, Sequence[torch.Size]], tuple[torch.Tensor, ...] | None]
+# The transpose applied to signed unit rows sign_b e_(index_b), from the flat output-unit index and
+# the sign of each row (B,).
+UnitAdjoint = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Size]], tuple[torch.Tensor, ...]]
 
 STRUCTURAL_OPS = frozenset(
     """Reshape Flatten Transpose Squeeze Unsqueeze Identity Dropout Slice Gather Concat Split Pad
@@ -36,11 +42,20 @@ MONOTONE_UNARY = {"Erf": torch.erf, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh
 
 @dataclass(frozen=True)
 class Affine:
-    """`v = linear(u_1, …) + offset`; `magnitude(r_1, …) = |linear|(r_1, …)` for radii r >= 0."""
+    """`v = linear(u_1, …) + offset`; `magnitude(r_1, …) = |linear|(r_1, …)` for radii r >= 0.
+
+    `adjoint` (optional): the transpose of `linear` written out (a weighted op's own kernel); without
+    it back-substitution takes the vjp of `linear`. `unit_adjoint`: the transpose of unit rows `e_i`
+    read off the weights; `unit_signs`: `linear` is `Σ s_i u_i` of same-shape inputs, so a unit row
+    reaches input i as `s_i e_i` (`verifier.bounds.adjoints`).
+    """
 
     linear: Linear
     magnitude: Linear
     offset: torch.Tensor | float = 0.0
+    adjoint: Adjoint | None = field(default=None, repr=False, kw_only=True)
+    unit_adjoint: UnitAdjoint | None = field(default=None, repr=False, kw_only=True)
+    unit_signs: tuple[float, ...] | None = field(default=None, kw_only=True)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.linear(*inputs) + self.offset
@@ -81,7 +96,9 @@ def gemm(attributes: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> A
     alpha, beta = float(_attr(attributes, "alpha", 1.0)), float(_attr(attributes, "beta", 1.0))
     matrix = alpha * (weight.T if _attr(attributes, "transB", 0) else weight)
     offset = 0.0 if bias is None else beta * bias
-    return Affine(lambda u: u @ matrix, lambda r: r @ matrix.abs(), offset)
+    return Affine(lambda u: u @ matrix, lambda r: r @ matrix.abs(), offset,
+                  adjoint=lambda rows, shapes: (rows @ matrix.T,),
+                  unit_adjoint=lambda index, sign, shapes: (matrix.T.index_select(0, index) * sign.unsqueeze(1),))
 
 
 def matmul(constant: torch.Tensor, variable_first: bool) -> Affine:
@@ -108,7 +125,15 @@ def shift(offset: torch.Tensor | float, sign: float = 1.0) -> Affine:
 
 def add_variables(signs: Sequence[float]) -> Affine:
     """Sum of variable inputs with signs (Add, Sub of two branches)."""
-    return Affine(lambda *us: sum(s * u for s, u in zip(signs, us)), lambda *rs: sum(rs))
+    def adjoint(rows: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor, ...] | None:
+        if any(len(shape) != rows.dim() - 1 for shape in shapes):
+            return None  # broadcasting across ranks: the vjp sums the copies
+        # a sign of 1 passes the rows themselves (back-substitution never writes into its coefficients)
+        return tuple(rows.sum_to_size(len(rows), *shape) * s if s != 1 else rows.sum_to_size(len(rows), *shape)
+                     for s, shape in zip(signs, shapes))
+
+    return Affine(lambda *us: sum(s * u for s, u in zip(signs, us)), lambda *rs: sum(rs), adjoint=adjoint,
+                  unit_signs=tuple(float(s) for s in signs))
 
 
 def batch_norm(attributes: dict, gamma, beta, mean, var) -> Affine:
@@ -151,34 +176,81 @@ def conv(attributes: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> A
     pads = list(_attr(attributes, "pads", [0] * (2 * dims)))
     function = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
 
-    def padding_for(u: torch.Tensor) -> list[int]:
+    def sides_for(spatial: Sequence[int]) -> tuple[list[int], list[int]]:
         if auto_pad in ("NOTSET", "VALID"):
-            begin, end = (pads[:dims], pads[dims:]) if auto_pad == "NOTSET" else ([0] * dims, [0] * dims)
-        else:
-            sides = [same_pads(u.shape[2 + axis], weight.shape[2 + axis], strides[axis], dilations[axis],
-                               lower=auto_pad != "SAME_UPPER") for axis in range(dims)]
-            begin, end = [b for b, _ in sides], [e for _, e in sides]
+            return (pads[:dims], pads[dims:]) if auto_pad == "NOTSET" else ([0] * dims, [0] * dims)
+        sides = [same_pads(spatial[axis], weight.shape[2 + axis], strides[axis], dilations[axis],
+                           lower=auto_pad != "SAME_UPPER") for axis in range(dims)]
+        return [b for b, _ in sides], [e for _, e in sides]
+
+    def apply(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        begin, end = sides_for(u.shape[2:])
+        if begin == end:  # symmetric: the kernel pads (no padded copy of u)
+            return function(u, kernel, stride=strides, padding=begin, dilation=dilations, groups=groups)
         flat: list[int] = []
         for axis in reversed(range(dims)):
             flat += [begin[axis], end[axis]]
-        return flat
+        return function(F.pad(u, flat), kernel, stride=strides, dilation=dilations, groups=groups)
 
-    def apply(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        return function(F.pad(u, padding_for(u)), kernel, stride=strides, dilation=dilations, groups=groups)
+    def adjoint(rows: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor]:
+        # The input gradient of the convolution (its transpose), the kernel's own backward.
+        spatial = list(shapes[0][1:])
+        begin, end = sides_for(spatial)
+        symmetric = begin == end
+        padded = spatial if symmetric else [s + b + e for s, b, e in zip(spatial, begin, end)]
+        placeholder = rows.new_empty(1).expand(len(rows), shapes[0][0], *padded)
+        grad = torch.ops.aten.convolution_backward(
+            rows, placeholder, weight.to(rows.dtype), None, strides, begin if symmetric else [0] * dims, dilations,
+            False, [0] * dims, groups, (True, False, False))[0]
+        if not symmetric:  # the adjoint of zero padding drops the padded border
+            for axis in range(dims):
+                grad = grad.narrow(2 + axis, begin[axis], spatial[axis])
+        return (grad,)
+
+    def unit_adjoint(index: torch.Tensor, sign: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor]:
+        # The transpose of s e_(c, o) is the kernel s W[c] placed at output o's window in the padded input
+        # (the taps of one window are distinct inputs: no sums), cropped to the input.
+        channels, spatial = shapes[0][0], list(shapes[0][1:])
+        begin, end = sides_for(spatial)
+        padded = [s + b + e for s, b, e in zip(spatial, begin, end)]
+        kernel = list(weight.shape[2:])
+        out = [(p - d * (k - 1) - 1) // st + 1 for p, k, st, d in zip(padded, kernel, strides, dilations)]
+        unravelled = torch.unravel_index(index, (weight.shape[0], *out))
+        unit_channel, places = unravelled[0], unravelled[1:]
+        per_group = channels // groups
+        group = unit_channel // (weight.shape[0] // groups)
+        rows = torch.arange(len(index), device=index.device).reshape(-1, *[1] * (dims + 1))
+        read = group.unsqueeze(1) * per_group + torch.arange(per_group, device=index.device)
+        where = [rows, read.reshape(len(index), per_group, *[1] * dims)]
+        for axis in range(dims):
+            taps = places[axis].unsqueeze(1) * strides[axis] + torch.arange(kernel[axis], device=index.device) * dilations[axis]
+            shape = [len(index)] + [1] * (dims + 1)
+            shape[2 + axis] = kernel[axis]
+            where.append(taps.reshape(shape))
+        placed = weight.new_zeros(len(index), channels, *padded)
+        placed[tuple(where)] = weight[unit_channel] * sign.reshape(-1, *[1] * (dims + 1))
+        for axis in range(dims):
+            placed = placed.narrow(2 + axis, begin[axis], spatial[axis])
+        return (placed,)
 
     offset = 0.0 if bias is None else _LazyChannelOffset(bias)
-    return Affine(lambda u: apply(u, weight), lambda r: apply(r, weight.abs()), offset)
+    return Affine(lambda u: apply(u, weight), lambda r: apply(r, weight.abs()), offset, adjoint=adjoint,
+                  unit_adjoint=unit_adjoint)
 
 
-def structural(call: Callable[..., torch.Tensor]) -> Affine:
+def structural(call: Callable[..., torch.Tensor], reshape: bool = False) -> Affine:
     """A data-movement / averaging op whose linear part is entrywise non-negative.
 
     `call` may add a constant (Pad with a non-zero value): the radius map subtracts `call(0)`.
+    `reshape`: the op keeps the elements' order (Reshape, Flatten), so its adjoint reshapes back.
     """
     def magnitude(*radii: torch.Tensor) -> torch.Tensor:
         return call(*radii) - call(*[torch.zeros_like(r) for r in radii])
 
-    return Affine(call, magnitude)
+    def adjoint(rows: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor]:
+        return (rows.reshape(len(rows), *shapes[0]),)
+
+    return Affine(call, magnitude, adjoint=adjoint if reshape else None)
 
 
 # ---- interval-only rules -------------------------------------------------------------------

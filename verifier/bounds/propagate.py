@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from verifier.bounds import bilinear, elementary, ops, relaxations, variance
+from verifier.bounds.adjoints import UnitRows, affine_adjoint, inner, relaxation_adjoint, units_passed
 from verifier.bounds.network import Activation, BoundNetwork, BoundNode
 from verifier.bounds.pool import PoolRelaxation, pool_adjoint, pool_relaxation, taps_read
 from verifier.cells import displacement_box
@@ -99,8 +100,9 @@ def propagate(network: BoundNetwork, region: InputSet, tighten: bool = True, dea
                 if name not in tightened:
                     needed = _units_worth_tightening(network, region, name, consumers, intervals[name],
                                                      margins_only)
-                    intervals[name] = _intersect(intervals[name],
-                                                 _linear_interval(network, state, region, name, needed, deadline))
+                    upper_first = margins_only and _dead_settles(network, name)
+                    intervals[name] = _intersect(intervals[name], _linear_interval(
+                        network, state, region, name, needed, deadline, upper_first=upper_first))
                     intervals[name] = _with_variance_floor(network, state, region, name, deadline)
                     tightened.add(name)
         interval = _interval(node, [intervals[i] for i in node.inputs])
@@ -219,6 +221,15 @@ def _units_worth_tightening(network: BoundNetwork, region: InputSet, name: str,
     return needed
 
 
+def _dead_settles(network: BoundNetwork, name: str) -> bool:
+    """Every reader of node `name` is a ReLU (and it is not the output): a unit whose upper bound is at
+    most 0 then needs no lower bound. Its ReLU's lines are 0 and its output interval [0, 0] whatever
+    the lower bound, and nothing else reads the node's interval (with `margins_only`)."""
+    readers = [n for n in network.nodes if name in n.inputs]
+    return name != network.output and bool(readers) and all(
+        isinstance(n.rule, Activation) and n.rule.kind == "relu" for n in readers)
+
+
 def _lone_pool_reader(network: BoundNetwork, name: str, consumers: dict[str, list[BoundNode]]) -> BoundNode | None:
     """The MaxPool that is the only reader of node `name`'s output (None when there is another reader)."""
     readers = [n for n in network.nodes if name in n.inputs]
@@ -240,38 +251,67 @@ def _only_affine_after(network: BoundNetwork, name: str) -> bool:
 
 
 def _linear_interval(network: BoundNetwork, state: Bounds, region: InputSet, name: str,
-                     needed: torch.Tensor | None, deadline: Deadline):
+                     needed: torch.Tensor | None, deadline: Deadline, upper_first: bool = False):
     """Bounds of the `needed` units of node `name` (all when None) by back-substitution, chunked.
 
     Units are chosen per sample (padded to the sample with the most); the others keep the interval.
+    `upper_first`: every reader of the node is a ReLU whose lower bound nothing else reads (see
+    `_dead_settles`), so the upper bounds go first and the lower bound is computed only for units
+    still above 0 (a unit at or below 0 is dead: its ReLU is the zero line and outputs [0, 0]
+    whatever its lower bound).
     """
     low, high = state.intervals[name]
     count, units = low.shape[0], low[0].numel()
     flat_needed = torch.ones(count, units, dtype=torch.bool, device=low.device) if needed is None \
         else needed.reshape(count, units)
-    width = int(flat_needed.sum(1).max()) if units else 0
-    # Needed units first in each sample's row; a sample with fewer repeats some (still sound) bounds.
-    order = torch.argsort((~flat_needed).to(torch.int8), dim=1, stable=True)[:, :width]
-    widest = max(bounds[0][0].numel() for bounds in state.intervals.values())
-    chunk = max(1, min(UNIT_CHUNK, ELEMENT_BUDGET // (2 * count * widest)))
     new_low, new_high = low.reshape(count, units).clone(), high.reshape(count, units).clone()
-    for start in range(0, width, chunk):
-        index = order[:, start:start + chunk]  # (N, m)
-        m = index.shape[1]
-        rows = torch.zeros(count, 2 * m, units, dtype=low.dtype, device=low.device)
-        rows[:, :m].scatter_(2, index.unsqueeze(-1), 1.0)
-        rows[:, m:].scatter_(2, index.unsqueeze(-1), -1.0)
-        values = upper_bound(network, state, region, name, rows.reshape(count, 2 * m, *low.shape[1:]), deadline)
-        new_high.scatter_(1, index, values[:, :m])
-        new_low.scatter_(1, index, -values[:, m:])
+    bound = _chunked_bounds(network, state, region, name, deadline)
+    if not upper_first:
+        bound(flat_needed, ((new_high, 1.0), (new_low, -1.0)))
+    else:
+        bound(flat_needed, ((new_high, 1.0),))
+        bound(flat_needed & (torch.fmin(new_high, high.reshape(count, units)) > 0), ((new_low, -1.0),))
     return new_low.reshape(low.shape), new_high.reshape(high.shape)
 
 
+def _chunked_bounds(network: BoundNetwork, state: Bounds, region: InputSet, name: str, deadline: Deadline):
+    """`bound(mask, sides)`: back-substitute the masked units of node `name` in chunks; each side
+    `(target (N, units), sign)` gets the units' upper bound (sign 1) or lower bound (sign -1)."""
+    low = state.intervals[name][0]
+    count, units = low.shape[0], low[0].numel()
+    widest = max(bounds[0][0].numel() for bounds in state.intervals.values())
+    rows_per_pass = 2 * max(1, min(UNIT_CHUNK, ELEMENT_BUDGET // (2 * count * widest)))
+
+    def bound(mask: torch.Tensor, sides: tuple[tuple[torch.Tensor, float], ...]) -> None:
+        width = int(mask.sum(1).max()) if units else 0
+        # Masked units first in each sample's row; a sample with fewer repeats some (still sound) bounds.
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+        chunk = rows_per_pass // len(sides)
+        for start in range(0, width, chunk):
+            index = order[:, start:start + chunk]  # (N, m)
+            m = index.shape[1]
+            rows = torch.zeros(count, len(sides) * m, units, dtype=low.dtype, device=low.device)
+            for side, (_, sign) in enumerate(sides):  # +e_i for the upper bound, -e_i for the lower bound
+                rows[:, side * m:(side + 1) * m].scatter_(2, index.unsqueeze(-1), sign)
+            signs = torch.tensor([sign for _, sign in sides], dtype=low.dtype, device=low.device).repeat_interleave(m)
+            values = upper_bound(network, state, region, name, rows.reshape(count, len(sides) * m, *low.shape[1:]),
+                                 deadline, UnitRows(index.repeat(1, len(sides)), signs))
+            for side, (target, sign) in enumerate(sides):
+                target.scatter_(1, index, sign * values[:, side * m:(side + 1) * m])
+
+    return bound
+
+
 def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: str,
-                coefficients: torch.Tensor, deadline: Deadline = NEVER) -> torch.Tensor:
-    """Sound upper bounds (N, K) of `<coefficients_k, v_target>` over the input set (`deadline`: per node)."""
+                coefficients: torch.Tensor, deadline: Deadline = NEVER, units: UnitRows | None = None) -> torch.Tensor:
+    """Sound upper bounds (N, K) of `<coefficients_k, v_target>` over the input set (`deadline`: per node).
+
+    `units`: the coefficients are those signed unit rows (`adjoints.UnitRows`), which lets the first
+    affine nodes place their transposes instead of computing them.
+    """
     count, objectives = coefficients.shape[:2]
     pending: dict[str, torch.Tensor] = {target: coefficients}
+    unit_rows = {} if units is None else {target: units}  # pending entries that are still those unit rows
     bias = torch.zeros(count, objectives, dtype=coefficients.dtype, device=coefficients.device)
     position = next(i for i, n in enumerate(network.nodes) if n.name == target) if target != network.input else -1
     cut = torch.full_like(bias, math.inf)  # the best bound stopping at a product or elementary node (§3.8)
@@ -279,13 +319,16 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
         lam = pending.pop(node.name, None)
         if lam is None:
             continue
+        as_units = unit_rows.pop(node.name, None)
+        passed = [None] * len(node.inputs)
         deadline.check("back-substitution")
         rule = node.rule
         if isinstance(rule, bilinear.Product) or getattr(rule, "kind", None) in elementary.KINDS:
             cut = torch.fmin(cut, _concretised(state, {node.name: lam, **pending}, bias))
         if isinstance(rule, ops.Affine):
             shapes = [state.intervals[i][0].shape[1:] for i in node.inputs]
-            contributions, offset = _affine_adjoint(rule, lam, shapes)
+            contributions, offset = affine_adjoint(rule, lam, shapes, as_units)
+            passed = units_passed(rule, as_units, shapes, lam.shape[2:])
             bias = bias + offset
         elif isinstance(rule, Activation) and isinstance(state.relaxed.get(node.name), PoolRelaxation):
             contribution, offset = pool_adjoint(state.relaxed[node.name], lam)
@@ -295,29 +338,26 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
             contributions, offset = bilinear.adjoint(rule, state.relaxed[node.name], lam)
             bias = bias + offset
         elif isinstance(rule, Activation) and node.name in state.relaxed:
-            relax = state.relaxed[node.name]
-            positive, negative = lam.clamp_min(0), lam.clamp_max(0)
-            upper_slope, lower_slope = _per_objective(relax.upper_slope, lam), _per_objective(relax.lower_slope, lam)
-            upper_offset, lower_offset = _per_objective(relax.upper_offset, lam), _per_objective(relax.lower_offset, lam)
-            contributions = [positive * upper_slope + negative * lower_slope]
-            bias = bias + _inner(positive, upper_offset) + _inner(negative, lower_offset)
+            contribution, offset = relaxation_adjoint(state.relaxed[node.name], lam)
+            contributions = [contribution]
+            bias = bias + offset
         else:
             low, high = state.intervals[node.name]
-            bias = bias + _inner(lam.clamp_min(0), high.unsqueeze(1)) + _inner(lam.clamp_max(0), low.unsqueeze(1))
+            bias = bias + inner(lam.clamp_min(0), high.unsqueeze(1)) + inner(lam.clamp_max(0), low.unsqueeze(1))
             contributions = []
-        for name, contribution in zip(node.inputs, contributions):
-            pending[name] = pending[name] + contribution if name in pending else contribution
+        for name, contribution, rows in zip(node.inputs, contributions, passed):
+            if name in pending:
+                pending[name] = pending[name] + contribution
+                unit_rows.pop(name, None)
+            else:
+                pending[name] = contribution
+                if rows is not None:
+                    unit_rows[name] = rows
     lam = pending.pop(network.input, None)
     value = bias if lam is None else bias + region.maximise(lam)
     value = torch.nan_to_num(value, nan=math.inf, posinf=math.inf, neginf=-math.inf)  # undefined: no bound
     value = torch.fmin(value, cut)
     return value + _ROUNDING * (1.0 + value.abs())
-
-
-def _per_objective(line: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """A relaxation line (N, *units) shared by the objectives gets their axis; one per objective
-    (N, K, *units, from `verifier.bounds.optimise`) is used as it is."""
-    return line if line.dim() == lam.dim() else line.unsqueeze(1)
 
 
 def _concretised(state: Bounds, pending: dict[str, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
@@ -326,46 +366,8 @@ def _concretised(state: Bounds, pending: dict[str, torch.Tensor], bias: torch.Te
     total = bias
     for name, lam in pending.items():
         low, high = state.intervals[name]
-        total = total + _inner(lam.clamp_min(0), high.unsqueeze(1)) + _inner(lam.clamp_max(0), low.unsqueeze(1))
+        total = total + inner(lam.clamp_min(0), high.unsqueeze(1)) + inner(lam.clamp_max(0), low.unsqueeze(1))
     return torch.nan_to_num(total, nan=math.inf)
-
-
-def _inner(lam: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Σ over unit axes of lam * values, with infinities times zero counted as zero."""
-    if lam.dim() == 2:  # one number per sample (a reduction over all its axes): a single unit
-        lam, values = lam.unsqueeze(-1), values.unsqueeze(-1)
-    if values.shape[1] == 1 and values.shape[0] == lam.shape[0] and bool(torch.isfinite(values).all()):
-        # values (N, 1, *units) shared by the objectives: one batched matrix-vector product.
-        return torch.bmm(lam.flatten(2), values.flatten(1).unsqueeze(-1).to(lam.dtype)).squeeze(-1)
-    product = lam * values
-    product = torch.where(lam == 0, torch.zeros_like(product), product)
-    return product.flatten(2).sum(-1)
-
-
-def _affine_adjoint(rule: ops.Affine, lam: torch.Tensor, shapes: list[torch.Size]):
-    """Adjoint of the linear part applied to lam (N, K, *out), and <lam, offset>."""
-    count, objectives = lam.shape[:2]
-    flat = lam.reshape(count * objectives, *lam.shape[2:])
-    zeros = [torch.zeros(1, *shape, dtype=lam.dtype, device=lam.device) for shape in shapes]
-    adjoints = _transpose(rule.linear, zeros, flat)
-    contributions = [a.reshape(count, objectives, *a.shape[1:]) for a in adjoints]
-    offset_value = rule(*zeros)
-    if isinstance(offset_value, torch.Tensor) and offset_value.abs().sum() > 0:
-        offset = (lam * offset_value.unsqueeze(1)).flatten(2).sum(-1)
-    else:
-        offset = torch.zeros(count, objectives, dtype=lam.dtype, device=lam.device)
-    return contributions, offset
-
-
-def _transpose(linear, zeros: list[torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The adjoint of a linear map applied to each of `rows` (B, *out): one vjp at a single point,
-    vmapped over the rows (half the work of a vjp at a batch of B, whose forward pass is wasted)."""
-    _, pullback = torch.func.vjp(linear, *zeros)
-    try:
-        return torch.func.vmap(lambda row: tuple(a.squeeze(0) for a in pullback(row.unsqueeze(0))))(rows)
-    except RuntimeError:  # an op without a batching rule: one vjp at the whole batch
-        batch = [z.expand(len(rows), *z.shape[1:]).contiguous() for z in zeros]
-        return torch.func.vjp(linear, *batch)[1](rows)
 
 
 @dataclass(frozen=True)
