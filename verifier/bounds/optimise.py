@@ -5,14 +5,18 @@ free parameters of the lines whose every value in a range is sound on those inte
 - the lower slope `alpha in [a, 1]` of every unstable ReLU / LeakyReLU / PReLU / Abs unit
   (`sigma(h) >= alpha h` for `h` of either sign when `a <= alpha <= 1`);
 - the upper weights `a in [0, 1]^T` of every MaxPool window (`pool.upper_offset`, eq. P1) and its
-  lower weights, a convex combination of the taps (kept on the simplex as a softmax).
+  lower weights, a convex combination of the taps (kept on the simplex as a softmax);
+- the mixing weights in [0, 1] of McCormick's two lower and two upper planes of every product of two
+  variables (method eq. 3.8g) and the tangent point in [l, u] of every convex / concave elementary
+  function (eq. 3.8h).
 One set per objective (as in alpha-CROWN). Adam on the sum of the bounds improves them; every
 iterate is a sound bound, so the minimum over the iterates is returned and a deadline may stop
 the search at any step. By default the intermediate intervals stay those of `propagate`;
 `SlopeSearch(intermediate=True)` also re-bounds, at every step, the unstable inputs of each ReLU-type
-node after the first by back-substitution through the earlier nodes' lines, with one parameter set
-per intermediate row while they fit `INTERMEDIATE_BUDGET` (else one shared set per node), each
-re-bounded interval intersected with the fixed one.
+node after the first and (`smooth`) every affine input of a later product or smooth function, by
+back-substitution through the earlier nodes' lines, with one parameter set per intermediate row
+while they fit `INTERMEDIATE_BUDGET` (a few samples at a time; else one shared set per node), each
+re-bounded interval intersected with the fixed one; the re-bounded widths join the objective.
 """
 
 from __future__ import annotations
