@@ -72,11 +72,17 @@ class Planes:
     offset_hi: Tensor
     x_shape: torch.Size  # per-sample shapes of the two inputs (for broadcasting back)
     y_shape: torch.Size
+    per_objective: bool = False  # slopes and offsets carry an objective axis K at 1 (optimised weights)
 
 
-def relax(rule: Product, x: Pair, y: Pair, own: Pair | None = None) -> Planes:
+def relax(rule: Product, x: Pair, y: Pair, own: Pair | None = None, weights: Tensor | None = None) -> Planes:
     """McCormick planes of every product of `rule` on the input intervals x, y (each (N, *shape));
-    `own`: the product's own (sound, rounded) interval, used where a `hull` makes it tighter."""
+    `own`: the product's own (sound, rounded) interval, used where a `hull` makes it tighter.
+
+    `weights` (N, K, 2, *units) in [0, 1], units the output's shape (MatMul: (*b, M, K, P)): per
+    objective, the weight of the first plane of each side in a convex combination of its two planes
+    (method eq. 3.8g); the planes then carry the objective axis. None: the corner rule's choice.
+    """
     x_shape, y_shape = x[0].shape[1:], y[0].shape[1:]
     if rule.matmul:
         batch = torch.broadcast_shapes(x[0].shape[:-2], y[0].shape[:-2])
@@ -86,19 +92,31 @@ def relax(rule: Product, x: Pair, y: Pair, own: Pair | None = None) -> Planes:
     lx, ux, ly, uy = torch.broadcast_tensors(lx, ux, ly, uy)
     finite = torch.isfinite(lx) & torch.isfinite(ux) & torch.isfinite(ly) & torch.isfinite(uy)
     lx, ux, ly, uy = (torch.where(finite, v, 0.0) for v in (lx, ux, ly, uy))
-    first_lo = ux * uy >= lx * ly  # the plane exact on x = lx, y = ly misses at (ux, uy)
-    first_hi = ux * ly <= lx * uy  # the plane exact on x = lx, y = uy misses at (ux, ly)
-    a_lo, b_lo = torch.where(first_lo, ly, uy), torch.where(first_lo, lx, ux)
-    a_hi, b_hi = torch.where(first_hi, uy, ly), torch.where(first_hi, lx, ux)
-    c_lo, c_hi = -a_lo * b_lo, -a_hi * b_hi  # -lx ly | -ux uy and -lx uy | -ux ly
-    # Outward by the float64 error of evaluating a plane `a x + b y + c` on the box (a few ulps of
-    # its terms' magnitudes), so that even the plane computed in floats stays on its side.
     reach_x, reach_y = torch.maximum(lx.abs(), ux.abs()), torch.maximum(ly.abs(), uy.abs())
-    pad_lo = 4 * _EPS64 * (a_lo.abs() * reach_x + b_lo.abs() * reach_y + c_lo.abs())
-    pad_hi = 4 * _EPS64 * (a_hi.abs() * reach_x + b_hi.abs() * reach_y + c_hi.abs())
+    if weights is None:
+        first_lo = ux * uy >= lx * ly  # the plane exact on x = lx, y = ly misses at (ux, uy)
+        first_hi = ux * ly <= lx * uy  # the plane exact on x = lx, y = uy misses at (ux, ly)
+        a_lo, b_lo = torch.where(first_lo, ly, uy), torch.where(first_lo, lx, ux)
+        a_hi, b_hi = torch.where(first_hi, uy, ly), torch.where(first_hi, lx, ux)
+        c_lo, c_hi = -a_lo * b_lo, -a_hi * b_hi  # -lx ly | -ux uy and -lx uy | -ux ly
+        # Outward by the float64 error of evaluating a plane `a x + b y + c` on the box (a few ulps of
+        # its terms' magnitudes), so that even the plane computed in floats stays on its side.
+        pad_lo = 4 * _EPS64 * (a_lo.abs() * reach_x + b_lo.abs() * reach_y + c_lo.abs())
+        pad_hi = 4 * _EPS64 * (a_hi.abs() * reach_x + b_hi.abs() * reach_y + c_hi.abs())
+    else:
+        lx, ux, ly, uy, reach_x, reach_y, finite = (v.unsqueeze(1) for v in (lx, ux, ly, uy, reach_x, reach_y, finite))
+        w_lo, w_hi = weights[:, :, 0].clamp(0.0, 1.0), weights[:, :, 1].clamp(0.0, 1.0)
+        a_lo, b_lo = w_lo * ly + (1 - w_lo) * uy, w_lo * lx + (1 - w_lo) * ux
+        a_hi, b_hi = w_hi * uy + (1 - w_hi) * ly, w_hi * lx + (1 - w_hi) * ux
+        c_lo, c_hi = -(w_lo * (lx * ly) + (1 - w_lo) * (ux * uy)), -(w_hi * (lx * uy) + (1 - w_hi) * (ux * ly))
+        # Every coefficient is a convex combination of terms of magnitude <= reach_y, reach_x and
+        # reach_x·reach_y: computing them and the plane costs a few ulps of 3·reach_x·reach_y.
+        pad_lo = pad_hi = 16 * _EPS64 * reach_x * reach_y
     c_lo, c_hi = c_lo - pad_lo, c_hi + pad_hi
     # An infinite end: flat planes at the interval of the product (0 * inf counted as unbounded).
     corners = torch.stack([x[0] * y[0], x[0] * y[1], x[1] * y[0], x[1] * y[1]])
+    if weights is not None:
+        corners = corners.unsqueeze(2)
     flat_lo = torch.nan_to_num(corners, nan=-math.inf).amin(0).expand_as(c_lo)
     flat_hi = torch.nan_to_num(corners, nan=math.inf).amax(0).expand_as(c_hi)
     a_lo, b_lo, a_hi, b_hi = (torch.where(finite, v, 0.0) for v in (a_lo, b_lo, a_hi, b_hi))
@@ -107,33 +125,58 @@ def relax(rule: Product, x: Pair, y: Pair, own: Pair | None = None) -> Planes:
         # Where the planes' worst gap (wx·wy, at the missed corner) exceeds the width of the direct
         # interval (LayerNorm's rule: a huge rsqrt upper end when the variance may be ~0), flat
         # lines at that interval are the tighter choice.
-        low, high = (v.expand_as(c_lo) for v in own)
+        low, high = (v.unsqueeze(1) if weights is not None else v for v in own)
         flat = (ux - lx) * (uy - ly) > high - low
+        low, high = low.expand_as(c_lo), high.expand_as(c_hi)
         a_lo, b_lo, a_hi, b_hi = (torch.where(flat, 0.0, v) for v in (a_lo, b_lo, a_hi, b_hi))
         c_lo, c_hi = torch.where(flat, low, c_lo), torch.where(flat, high, c_hi)
     if rule.matmul:
         c_lo, c_hi = c_lo.sum(-2), c_hi.sum(-2)
-    return Planes(a_lo, b_lo, c_lo, a_hi, b_hi, c_hi, x_shape, y_shape)
+    return Planes(a_lo, b_lo, c_lo, a_hi, b_hi, c_hi, x_shape, y_shape, weights is not None)
+
+
+def default_weights(rule: Product, x: Pair, y: Pair, objectives: int) -> Tensor:
+    """The corner rule's choice as weights (N, objectives, 2, *units) for `relax` (1: the first plane)."""
+    if rule.matmul:
+        batch = torch.broadcast_shapes(x[0].shape[:-2], y[0].shape[:-2])
+        x = tuple(v.expand(*batch, *v.shape[-2:]).unsqueeze(-1) for v in x)
+        y = tuple(v.expand(*batch, *v.shape[-2:]).unsqueeze(-3) for v in y)
+    lx, ux, ly, uy = torch.broadcast_tensors(x[0], x[1], y[0], y[1])
+    first = torch.stack([ux * uy >= lx * ly, ux * ly <= lx * uy], 1).to(lx.dtype)
+    return first.unsqueeze(1).expand(-1, objectives, *first.shape[1:]).clone()
 
 
 def adjoint(rule: Product, planes: Planes, lam: Tensor) -> tuple[list[Tensor], Tensor]:
     """Coefficients on x and y, and the bias `(N, K)`, of an upper bound of `<lam, z>` (lam: (N, K, *out))."""
     positive, negative = lam.clamp_min(0), lam.clamp_max(0)
     count, objectives = lam.shape[:2]
+    if planes.per_objective and planes.a_hi.shape[1] == 1 < objectives:  # one set shared by the objectives
+        planes = Planes(*(v.squeeze(1) for v in (planes.a_lo, planes.b_lo, planes.offset_lo, planes.a_hi,
+                                                   planes.b_hi, planes.offset_hi)), planes.x_shape, planes.y_shape)
     if rule.matmul:
-        def through(slope_hi: Tensor, slope_lo: Tensor, pattern: str) -> Tensor:
+        own = "nq" if planes.per_objective else "n"
+
+        def through(slope_hi: Tensor, slope_lo: Tensor, out: str) -> Tensor:
+            pattern = f"nq...mp,{own}...mkp->nq...{out}"
             return torch.einsum(pattern, positive, slope_hi) + torch.einsum(pattern, negative, slope_lo)
-        to_x = through(planes.a_hi, planes.a_lo, "nq...mp,n...mkp->nq...mk")
-        to_y = through(planes.b_hi, planes.b_lo, "nq...mp,n...mkp->nq...kp")
+        to_x = through(planes.a_hi, planes.a_lo, "mk")
+        to_y = through(planes.b_hi, planes.b_lo, "kp")
     else:
-        upper_a, lower_a = planes.a_hi.unsqueeze(1), planes.a_lo.unsqueeze(1)
-        upper_b, lower_b = planes.b_hi.unsqueeze(1), planes.b_lo.unsqueeze(1)
+        lines = (planes.a_hi, planes.a_lo, planes.b_hi, planes.b_lo)
+        upper_a, lower_a, upper_b, lower_b = lines if planes.per_objective else (v.unsqueeze(1) for v in lines)
         to_x = positive * upper_a + negative * lower_a
         to_y = positive * upper_b + negative * lower_b
     to_x = to_x.sum_to_size(count, objectives, *planes.x_shape)
     to_y = to_y.sum_to_size(count, objectives, *planes.y_shape)
-    bias = _inner(positive, planes.offset_hi) + _inner(negative, planes.offset_lo)
+    inner = _inner_each if planes.per_objective else _inner
+    bias = inner(positive, planes.offset_hi) + inner(negative, planes.offset_lo)
     return [to_x, to_y], bias
+
+
+def _inner_each(lam: Tensor, offsets: Tensor) -> Tensor:
+    """Σ over unit axes of lam * offsets, offsets (N, K, *out) one per objective (0 * inf = 0)."""
+    product = lam * offsets.expand_as(lam)
+    return torch.where(lam == 0, torch.zeros_like(product), product).flatten(2).sum(-1)
 
 
 def _inner(lam: Tensor, offsets: Tensor) -> Tensor:

@@ -96,6 +96,19 @@ def _tangent_point(kind: str, s: Tensor, l: Tensor, u: Tensor, params: Params) -
     return torch.minimum(torch.maximum(t, l), u)
 
 
+def default_position(kind: str, lower: Tensor, upper: Tensor, params: Params = None) -> Tensor:
+    """Where in [l, u] (0..1) the default tangent line touches (0.5 where it is undefined or flat)."""
+    l, u = lower.to(torch.float64), upper.to(torch.float64)
+    valid, convex = _shape(kind, l, u, params)
+    l, u = torch.where(valid, l, 1.0), torch.where(valid, u, 2.0)
+    sign = torch.where(convex, 1.0, -1.0)
+    width = u - l
+    safe = torch.where(width > 0, width, 1.0)
+    chord = sign * (function(kind, u, params) - function(kind, l, params)) / safe
+    t = _tangent_point(kind, sign * chord, l, u, params)
+    return torch.where(valid & (width > 0), (t - l) / safe, 0.5).clamp(0.0, 1.0)
+
+
 def _shape(kind: str, l: Tensor, u: Tensor, params: Params) -> tuple[Tensor, Tensor]:
     """Masks (valid, convex): the interval is inside the domain with finite values; f is convex there
     (else concave where valid)."""
@@ -152,9 +165,18 @@ def derivative_range(kind: str, lower: Tensor, upper: Tensor, params: Params = N
     return lo - _ERROR * lo.abs(), hi + _ERROR * hi.abs()
 
 
-def linear_relaxation(kind: str, lower: Tensor, upper: Tensor, params: Params = None) -> Lines:
-    """Lines `a_lo x + b_lo <= f(x) <= a_hi x + b_hi` on [lower, upper] (float64), elementwise."""
+def linear_relaxation(kind: str, lower: Tensor, upper: Tensor, params: Params = None,
+                      position: Tensor | None = None) -> Lines:
+    """Lines `a_lo x + b_lo <= f(x) <= a_hi x + b_hi` on [lower, upper] (float64), elementwise.
+
+    `position` (broadcastable to the intervals, e.g. (N, K, *units) against (N, 1, *units)): the
+    tangent line touches at `l + position (u - l)`, position clamped to [0, 1] (method eq. 3.8h);
+    None: the tangent parallel to the chord. Any point of [l, u] gives a sound tangent.
+    """
     l_raw, u_raw = torch.broadcast_tensors(lower.to(torch.float64), upper.to(torch.float64))
+    if position is not None:
+        position = position.to(torch.float64).clamp(0.0, 1.0)
+        l_raw, u_raw, position = torch.broadcast_tensors(l_raw, u_raw, position)
     valid, convex = _shape(kind, l_raw, u_raw, params)
     # Work on a placeholder interval where invalid, then replace those units by flat lines.
     l, u = torch.where(valid, l_raw, 1.0), torch.where(valid, u_raw, 2.0)
@@ -178,7 +200,8 @@ def linear_relaxation(kind: str, lower: Tensor, upper: Tensor, params: Params = 
     # Lower line: the tangent at t (slope exactly s' = h'(t) as computed). By convexity
     # h(x) - s' x >= g(t) + (h'(t) - s')(x - t) for the true h'(t); its computed value differs from
     # s' by the derivative's rounding error, covered by `_ERROR * |h'(t)| * width`.
-    t = torch.where(tiny, middle, _tangent_point(kind, sign * s, l, u, params))
+    t = _tangent_point(kind, sign * s, l, u, params) if position is None else l + position * width
+    t = torch.where(tiny, middle, torch.minimum(torch.maximum(t, l), u))
     slope_t = dh(t)
     g_t = h(t) - slope_t * t
     lower_offset = g_t - _ERROR * (1.0 + h(t).abs() + (slope_t * t).abs() + slope_t.abs() * width)

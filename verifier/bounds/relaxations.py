@@ -211,14 +211,18 @@ def lipschitz_constant(kind: str, params: Params = None, slope: Tensor | float |
 
 
 def linear_relaxation(kind: str, lower: Tensor, upper: Tensor, params: Params = None,
-                      slope: Tensor | float | None = None) -> Relaxation:
-    """Sound lower and upper lines of the activation on [lower, upper] (bounds-design.md §5)."""
+                      slope: Tensor | float | None = None, position: Tensor | None = None) -> Relaxation:
+    """Sound lower and upper lines of the activation on [lower, upper] (bounds-design.md §5).
+
+    `position`: for the elementary kinds only, where in [l, u] (0..1) the tangent line touches
+    (`elementary.linear_relaxation`, an optimised parameter); None: the default lines."""
     if kind in elementary.KINDS:
-        lines = elementary.linear_relaxation(kind, lower, upper, params)
+        lines = elementary.linear_relaxation(kind, lower, upper, params, position)
         dtype = torch.promote_types(lower.dtype, upper.dtype)
         if dtype == torch.float64:
             return Relaxation(*lines)
         ends = [torch.nan_to_num(e.to(torch.float64), posinf=0.0, neginf=0.0) for e in (lower, upper)]
+        ends = torch.broadcast_tensors(*ends, lines[0])[:2]
         return Relaxation(*_finish(lines, *ends, dtype))
     key = _key(kind, params)
     l_raw, u_raw, a, dtype = _prepare(kind, lower, upper, params, slope)
