@@ -5,10 +5,19 @@ value."""
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
+from conftest import shipped_data, shipped_model
 
+from verifier.attacks import _target
+from verifier.attacks.replay import Replayer, clean_numbers, measure
+from verifier.attacks.result import Distribution
+from verifier.convert import convert_model
+from verifier.deadline import NEVER
 from verifier.jacobian import autograd_bytes, chunked_logits, forward_bytes
+from verifier.losses import loss_values
+from verifier.onnx_io import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,3 +64,44 @@ def test_the_clean_forward_pass_runs_in_the_rows_that_fit_and_changes_no_value()
     spy.seen.clear()
     chunked_logits(spy, x, 10**12, fixed_batch=4)
     assert spy.seen[1:] == [4, 4, 3]  # a kept fixed batch sets the chunks
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    loaded = load_model(shipped_model("cnn"))
+    data = np.load(shipped_data("cnn"))
+    return loaded, convert_model(loaded), data["x"][:10], data["y"][:10]
+
+
+def test_a_replay_in_chunks_of_rows_equals_the_one_shot_replay(cnn):
+    loaded, model, x, _ = cnn
+    atoms = torch.as_tensor(x) + 0.01
+    one_shot = Replayer(loaded, model, torch.device("cpu"), rows=16).logits(atoms)
+    chunked = Replayer(loaded, model, torch.device("cpu"), rows=4).logits(atoms)  # 4 + 4 + 2 (padded)
+    assert one_shot.shape == (10, 10)
+    assert torch.equal(chunked, one_shot)
+    assert torch.equal(Replayer(loaded, model, torch.device("cpu"), rows=4).logits(atoms), chunked)  # no state kept
+
+
+def test_atoms_left_at_their_samples_cost_no_pass_and_keep_their_values(cnn, monkeypatch):
+    """A distribution of 10 atoms of which 7 are their samples: 3 rows replayed (one pass of the
+    target's row count), and the same numbers as replaying all 10."""
+    loaded, model, x, y = cnn
+    target = _target(model, x, y, 2.0, "inf", "ce", (0.0, 1.0), torch.device("cpu"), NEVER)
+    source = torch.arange(10)
+    atoms = target.x.clone()
+    atoms[[1, 4, 8]] += 0.02
+    dist = Distribution(atoms, torch.full((10,), 0.1, dtype=torch.float64), source, 1, ())
+    full = Replayer(loaded, model, torch.device("cpu"), target.rows_per_pass)
+    expected_ort, expected_torch = full.logits(atoms), target.logits(atoms)
+    replayer = Replayer(loaded, model, torch.device("cpu"), target.rows_per_pass)
+    clean = clean_numbers(target, replayer)
+    seen = []
+    real = Replayer.logits
+    monkeypatch.setattr(Replayer, "logits", lambda self, a: seen.append(len(a)) or real(self, a))
+    result = measure("pgd", 0.1, dist, target, replayer, clean)
+    assert seen == [3]  # the samples' own onnxruntime logits were computed once, by clean_numbers
+    labels = target.y
+    assert result.risk == pytest.approx(float(loss_values(expected_ort, labels, "ce").mean()), rel=1e-12, abs=1e-12)
+    assert result.robust_accuracy == float((loss_values(expected_ort, labels, "margin") < 0).double().mean())
+    torch.testing.assert_close(target.clean_logits[[0, 2]], expected_torch[[0, 2]], rtol=0, atol=0)

@@ -112,7 +112,7 @@ def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, de
     rows = rows_per_pass(module, inputs, total, memory_limit_bytes, shard)
     target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed, deadline, shard, rows,
                     working_bytes=working_bytes(memory_limit_bytes))
-    classes = target.logits(inputs[:1]).shape[-1]
+    classes = target.clean_logits.shape[-1]  # (a pass every attack needs: the samples' own logits)
     check_labels(labels.cpu().numpy(), classes)
     return target
 
