@@ -220,9 +220,9 @@ class _Slowing(torch.nn.Module):
 
 @pytest.mark.parametrize("method", ["pgd", "wda"])
 def test_a_pass_that_suddenly_takes_3x_longer_still_ends_in_a_time_limited_result(mlp, method, monkeypatch):
-    """The share is far away, the hard deadline near (t = 30): the loops stop while the next step and
-    the replays, even 3x slower than the slowest pass seen, still fit before it; without that guard
-    the loops run into the hard deadline and the attack raises `Stopped`."""
+    """The share is far away, the hard deadline near (t = 30): the loops stop while the next step, even
+    3x slower than the slowest pass seen, and the replays after it still fit before it; without that
+    guard the loops run into the hard deadline and the attack raises `Stopped`."""
     import verifier.attacks as attacks_module
 
     clock = Ticks()

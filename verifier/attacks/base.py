@@ -37,8 +37,8 @@ MOMENTUM = 0.75  # APGD's momentum alpha
 OSCILLATION = 0.75  # APGD's rho: halve the step when fewer than rho of the steps since the last checkpoint rose
 ASCEND_COPIES = 16  # float64 (rows, D) tensors `ascend` holds per row: iterates, gradients, best points, temporaries
 TIME_LIMITED = "time-limited (stopped early: a weaker lower bound)"
-SLOWDOWN = 3.0  # how much slower than the slowest recent ones the next step and the replays may turn out
-# (a loaded machine) and still end before the hard deadline: a loop stops before it would risk it
+SLOWDOWN = 3.0  # how much slower than the slowest recent ones the next step may turn out (a loaded machine)
+# and still leave the replays after it their time before the hard deadline: a loop stops before it would risk it
 
 
 class Attack:
@@ -88,9 +88,10 @@ class Attack:
         last `RECENT_PASSES` times between two polls of a part (one pass of a large model can take
         longer than a share's last seconds; the estimate carries over to the next part), and at
         least as long as a gradient pass on the next step's `rows` rows takes by the target's timing
-        of its slowest recent passes. And it stops when that step and the `reserve` after the loops,
-        both `SLOWDOWN` times slower, could end past the hard deadline (`Target.deadline`, which
-        raises `Stopped`): a sudden slow pass ends the attack with its time-limited result."""
+        of its slowest recent passes. And it stops when that step, `SLOWDOWN` times slower, and then
+        the `reserve` after the loops (the replays, timed on the slowest passes so far) could end past
+        the hard deadline (`Target.deadline`, which raises `Stopped`): a sudden slow pass ends the
+        attack with its time-limited result."""
         until = self.until
         late = self.cut or (until.stop_when is not None and until.stop_when())  # once a loop stopped, none restarts
         if not late and not math.isinf(until.at):
@@ -101,7 +102,7 @@ class Attack:
             step = max(max(self._steps, default=0.0), self.target.step_seconds(rows))
             hard = self.target.deadline
             late = (now >= until.at or now + step > until.at
-                    or (not math.isinf(hard.at) and hard.clock() + SLOWDOWN * (step + self.reserve) > hard.at))
+                    or (not math.isinf(hard.at) and hard.clock() + SLOWDOWN * step + self.reserve > hard.at))
         if agreed and self.target.shard is not None:
             late = bool(self.target.gather(torch.tensor([late]))[0].any())
         self.cut = self.cut or late
