@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -18,3 +21,29 @@ def test_thresholds_are_set_on_glibc_unless_the_environment_sets_them(monkeypatc
     assert keep_freed_memory() is True
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert keep_freed_memory() is False
+
+
+_FREED_AND_RELEASED = """
+import numpy as np
+from verifier.allocator import keep_freed_memory, release_freed_memory
+
+def resident_mb():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096 / 2**20
+
+assert keep_freed_memory()
+blocks = [np.ones(1 << 17) for _ in range(400)]  # 400 blocks of 1 MiB, from the heap
+del blocks[::2]  # 200 MiB freed between blocks still in use: kept resident by the thresholds
+before = resident_mb()
+assert release_freed_memory()
+print(before - resident_mb())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_released_memory_leaves_the_process():
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                                            "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")}
+    done = subprocess.run([sys.executable, "-c", _FREED_AND_RELEASED], capture_output=True, text=True, env=env,
+                          timeout=60, check=True)
+    assert float(done.stdout) > 150  # of the 200 MiB freed (a fresh process: its allocator settings apart)

@@ -203,3 +203,54 @@ def test_carrying_forward_never_takes_an_over_budget_distribution(mlp):
     carried = monotone_in_delta([low, weak])[1]
     assert carried.risk == low.risk and carried.robust_accuracy == low.robust_accuracy
     assert carried.atoms is low.atoms and carried.delta == high.delta
+
+
+class _Slowing(torch.nn.Module):
+    """A module whose every forward pass advances a fake clock: 1 s, then 3 s from t = 10 on (a
+    machine that suddenly gets loaded)."""
+
+    def __init__(self, inner: torch.nn.Module, clock) -> None:
+        super().__init__()
+        self.inner, self.clock = inner, clock
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.now += 1.0 if self.clock.now < 10.0 else 3.0
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("method", ["pgd", "wda"])
+def test_a_pass_that_suddenly_takes_3x_longer_still_ends_in_a_time_limited_result(mlp, method, monkeypatch):
+    """The share is far away, the hard deadline near (t = 30): the loops stop while the next step, even
+    3x slower than the slowest pass seen, and the replays after it still fit before it; without that
+    guard the loops run into the hard deadline and the attack raises `Stopped`."""
+    import verifier.attacks as attacks_module
+
+    clock = Ticks()
+    clock.now = 0.0
+    real = attacks_module.prepared_module
+    monkeypatch.setattr(attacks_module, "prepared_module", lambda *a, **k: _Slowing(real(*a, **k), clock))
+    readings = lambda: clock.now  # noqa: E731 - the clock only the passes advance
+    loaded, converted, x, y = mlp
+    report = attack(converted, None, x[:8], y[:8], [method], [4 / 255], p=2.0, norm="inf", box=(0.0, 1.0),
+                    steps=500, device="cpu", deadline=Deadline(at=30.0, clock=readings),
+                    budget=Deadline(at=1000.0, clock=readings))
+    (result,) = report.results
+    assert TIME_LIMITED in result.flags and clock.now <= 30.0
+    assert result.steps > 0 or result.risk >= result.clean_risk  # it stopped with its best points, not an error
+    assert result.transport_cost <= result.delta * (1 + 1e-9)
+
+
+def test_a_step_is_predicted_from_the_slowest_recent_one_not_the_last(mlp):
+    """Polls at t = 10, 40 (a step of 30 s), 45 (one of 5 s): with the share ending at t = 70, the
+    30 s step still counts, so the poll at 45 stops (the last step alone would have allowed 65)."""
+    from verifier.attacks import _target
+    from verifier.attacks.base import Attack
+    from verifier.device import resolve_device
+
+    _, converted, x, y = mlp
+    target = _target(converted, x[:2], y[:2], 2.0, "inf", "ce", (0.0, 1.0), resolve_device("cpu"), NEVER)
+    readings = iter([0.0, 10.0, 40.0, 45.0])  # begin's share, then one reading per poll
+    runner = Attack(target, budget=Deadline(at=70.0, clock=lambda: next(readings)))
+    runner.begin(1)
+    assert runner.out_of_time() is False and runner.out_of_time() is False  # t = 10; t = 40 (+30 = 70, not past)
+    assert runner.out_of_time() is True  # t = 45: the slowest recent step (30 s) would end past 70

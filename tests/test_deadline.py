@@ -243,7 +243,9 @@ def test_audit_stopped_inside_an_attack_writes_a_valid_partial_report(tmp_path, 
     settings = AuditSettings(deltas=(1 / 255, 4 / 255), attacks=("wdapp", "pgd"), box=(0.0, 1.0), samples=16,
                              grid_points=8, steps=5, time_limit=3600.0)
     outcome = audit(shipped_model("mlp_relu"), shipped_data("mlp_relu"), settings, tmp_path)
-    assert stopping.calls[0] == 6  # stopped at the sixth poll, inside pgd's steps
+    # the clock reaches the limit at its sixth reading, inside pgd's steps (the passes time themselves on the
+    # same clock, so a few more readings follow): its loops stop there and the replay's check raises
+    assert stopping.calls[0] >= 6
     assert outcome.exit_code == 3
     report = json.loads((tmp_path / "report.json").read_text())
     validate_report(report)

@@ -8,7 +8,8 @@ of certify's CPU time, spent in the kernel (docs/benchmarks.md, session 6). `kee
 raises both thresholds (`mallopt`), so freed blocks stay in the process and are reused; the peak
 resident memory barely moves on that run; the thresholds stop short of the largest tensors so
 that their memory is still returned. Anything other than glibc, or a user who
-set the allocator through the environment, is left alone.
+set the allocator through the environment, is left alone. `release_freed_memory()` hands the free
+pages of every heap back (`malloc_trim`), between stages whose freed tensors the next one will not reuse.
 """
 
 from __future__ import annotations
@@ -27,16 +28,32 @@ _MMAP_THRESHOLD, _TRIM_THRESHOLD = 64 << 20, 256 << 20
 _ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
+def _libc():
+    """glibc as a ctypes library, or None (another C library, or none loadable)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Give the free pages of every malloc heap back to the kernel (`malloc_trim(0)`); True when some were."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return bool(trim(0))
+
+
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; True when both were set."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
     if any(name in os.environ for name in _ENVIRONMENT):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))

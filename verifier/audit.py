@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from verifier import __version__
+from verifier.allocator import release_freed_memory
 from verifier.attacks import METHODS, attack, resolve_methods
 from verifier.attacks.base import TIME_LIMITED
 from verifier.certify.certificate import Certificate, certify
@@ -287,6 +288,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                 job.share(err)
                 stopped_at = "certify"
                 warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
+            release_freed_memory()  # certify's freed tensors stay in the heaps otherwise, under every attack
             methods = settings.attacks if certificate is not None else ()
             for index, method in enumerate(methods):
                 if job.agree(clock.expired()):
@@ -306,6 +308,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                     stopped_at = "attacks"
                     warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
                     break
+                release_freed_memory()
                 attacks_done[method] = [_attack_entry(r) for r in report.results]
                 late = [f"{r.delta:g}" for r in report.results if TIME_LIMITED in r.flags]
                 if late:

@@ -89,6 +89,42 @@ def autograd_bytes(module: torch.nn.Module, sample: torch.Tensor) -> int:
     return kept[0]
 
 
+def forward_bytes(module: torch.nn.Module, sample: torch.Tensor) -> int:
+    """Bytes one row of a forward pass of `module` can hold at once (measured on `sample`, one row):
+    autograd's saved tensors (every activation a pass may keep) plus the largest unfolded input of
+    a convolution (CPU convolutions without a oneDNN kernel, float64 ones included, build the
+    im2col matrix of the whole batch: C_in / groups x kernel taps x output positions per row)."""
+    unfolded = [0]
+
+    def note(conv: torch.nn.Module, _inputs, output: torch.Tensor) -> None:
+        taps = math.prod(conv.kernel_size) * conv.in_channels // conv.groups
+        unfolded[0] = max(unfolded[0], taps * math.prod(output.shape[2:]) * output.element_size())
+
+    hooks = [m.register_forward_hook(note) for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    try:
+        kept = autograd_bytes(module, sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return kept + unfolded[0]
+
+
+def chunked_logits(module: torch.nn.Module, x: torch.Tensor, memory_bytes: int,
+                   fixed_batch: int | None = None, deadline: Deadline = NEVER) -> torch.Tensor:
+    """`module(x)` without autograd, in chunks of the rows whose `forward_bytes` fit in `memory_bytes`
+    (chunks of `fixed_batch` for a module that keeps one); samples do not interact, so the rows are
+    those of one pass over all of `x` (`deadline`: per chunk)."""
+    if len(x) == 0:
+        with torch.no_grad():
+            return module(x)
+    parts = []
+    with torch.no_grad():
+        for part in _chunks(len(x), forward_bytes(module, x[:1]), fixed_batch, memory_bytes):
+            deadline.check("the clean forward pass")
+            parts.append(module(x[part]))
+    return torch.cat(parts)
+
+
 def _fixed_batch(model: ConvertedModel) -> int | None:
     return model.module_batch
 

@@ -101,8 +101,10 @@ class ValidationReport:
         })
 
 
-def onnxruntime_session(model: onnx.ModelProto, device: torch.device):
-    """An InferenceSession on CUDA when asked for and available, else the CPU provider."""
+def onnxruntime_session(model: onnx.ModelProto, device: torch.device, arena: bool = True):
+    """An InferenceSession on CUDA when asked for and available, else the CPU provider. `arena=False`
+    for a session that lives long beside other work (the attacks' replays): onnxruntime's CPU arena
+    keeps the largest run's memory until the session ends; without it each run gives its memory back."""
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -113,6 +115,7 @@ def onnxruntime_session(model: onnx.ModelProto, device: torch.device):
     ort.set_default_logger_severity(4)  # fatal only: its failures reach the user as our one line
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    options.enable_cpu_mem_arena = arena
     try:
         return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types for every failure

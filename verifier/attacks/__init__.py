@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -113,7 +112,7 @@ def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, de
     rows = rows_per_pass(module, inputs, total, memory_limit_bytes, shard)
     target = Target(module, inputs, labels, norm, float(p), loss, lower, upper, fixed, deadline, shard, rows,
                     working_bytes=working_bytes(memory_limit_bytes))
-    classes = target.logits(inputs[:1]).shape[-1]
+    classes = target.clean_logits.shape[-1]  # (a pass every attack needs: the samples' own logits)
     check_labels(labels.cpu().numpy(), classes)
     return target
 
@@ -161,17 +160,18 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
     torch_device = resolve_device(device)
     target = _target(model, x, y, p, norm, loss, box, torch_device, deadline, shard, memory_limit_bytes)
     replayer = Replayer(loaded, model, torch_device, target.rows_per_pass) if loaded is not None else None
-    began = time.monotonic()
+    began = deadline.clock()
     clean = clean_numbers(target, replayer)
-    # a replay of a method's distributions: up to two atoms per sample (risk, accuracy) per delta
-    replay_seconds = (time.monotonic() - began) * 2 * len(deltas)
+    # a replay of a method's distributions: up to two atoms per sample (risk, accuracy) per delta, each
+    # a torch forward pass (`measure` compares the runtimes) and an onnxruntime one, timed on the clean samples
+    replay_seconds = (deadline.clock() - began + target.forward_seconds(target.count)) * 2 * len(deltas)
     results: list[AttackResult] = []
     budget = deadline if budget is None else budget
     for index, name in enumerate(_progress(chosen, progress)):
         left = len(chosen) - index
         share = NEVER if math.isinf(budget.at) else budget.sooner(ATTACK_SHARE / left, replay_seconds * left)
-        runner = ATTACKS[name](target, steps=steps, seed=seed, budget=share, kappa=kappa, topk=topk, radii=radii,
-                               box=box)
+        runner = ATTACKS[name](target, steps=steps, seed=seed, budget=share, reserve=replay_seconds, kappa=kappa,
+                               topk=topk, radii=radii, box=box)
         measured = []
         for delta, dist in zip(deltas, runner.run(deltas)):
             deadline.check("the replay of an attack")

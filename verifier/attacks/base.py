@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import ClassVar
@@ -28,7 +29,7 @@ import torch
 from verifier.attacks.draws import ball_displacements, occurrences, seeded_generators
 from verifier.attacks.result import Distribution
 from verifier.attacks.steps import checkpoints, project_ball, schedule, steepest_ascent
-from verifier.attacks.target import Best, Objective, Target, top_wrong_classes
+from verifier.attacks.target import RECENT_PASSES, Best, Objective, Target, top_wrong_classes
 from verifier.deadline import NEVER, Deadline
 
 SHRINK = 1e-6  # radii are shrunk by this factor so that float64 costs stay within the budget
@@ -36,6 +37,8 @@ MOMENTUM = 0.75  # APGD's momentum alpha
 OSCILLATION = 0.75  # APGD's rho: halve the step when fewer than rho of the steps since the last checkpoint rose
 ASCEND_COPIES = 16  # float64 (rows, D) tensors `ascend` holds per row: iterates, gradients, best points, temporaries
 TIME_LIMITED = "time-limited (stopped early: a weaker lower bound)"
+SLOWDOWN = 3.0  # how much slower than the slowest recent ones the next step may turn out (a loaded machine)
+# and still leave the replays after it their time before the hard deadline: a loop stops before it would risk it
 
 
 class Attack:
@@ -45,7 +48,7 @@ class Attack:
     default_steps: ClassVar[int] = 50
 
     def __init__(self, target: Target, steps: int | None = None, seed: int = 0, budget: Deadline = NEVER,
-                 **options) -> None:
+                 reserve: float = 0.0, **options) -> None:
         self.target = target
         self.steps = int(steps) if steps is not None else self.default_steps
         self.seed = int(seed)
@@ -56,7 +59,9 @@ class Attack:
         self.budget = budget  # soft: when the whole run should end (`begin` shares it out per delta)
         self.until = budget  # soft: when the current delta's loops should end
         self.cut = False  # whether a loop of the current delta stopped early at `until`
-        self._polled, self._step = None, 0.0  # the last poll of `until` and the time since the one before
+        self.reserve = float(reserve)  # seconds of work after the loops (the replays) the hard deadline must fit
+        self._polled = None  # the last poll of `until`
+        self._steps: deque[float] = deque(maxlen=RECENT_PASSES)  # the times between the last polls
 
     def run(self, deltas: Sequence[float]) -> list[Distribution]:
         """One distribution per delta (default: `attack(delta)` for each, timed)."""
@@ -79,18 +84,25 @@ class Attack:
         """Whether the current part's loops should stop now (then the part is flagged time-limited).
         `agreed`: every rank of a sharded run gives the same answer (one exchange; for loops that
         exchange per step), otherwise each rank decides for its own rows. A loop also stops when the
-        next step would end past the share: a step is taken to last as long as the time between the
-        last two polls of a part (one pass of a large model can take longer than a share's last
-        seconds; the estimate carries over to the next part), and at least as long as a gradient
-        pass on the next step's `rows` rows takes by the target's timing of its passes."""
+        next step would end past the share: a step is taken to last as long as the slowest of the
+        last `RECENT_PASSES` times between two polls of a part (one pass of a large model can take
+        longer than a share's last seconds; the estimate carries over to the next part), and at
+        least as long as a gradient pass on the next step's `rows` rows takes by the target's timing
+        of its slowest recent passes. And it stops when that step, `SLOWDOWN` times slower, and then
+        the `reserve` after the loops (the replays, timed on the slowest passes so far) could end past
+        the hard deadline (`Target.deadline`, which raises `Stopped`): a sudden slow pass ends the
+        attack with its time-limited result."""
         until = self.until
         late = self.cut or (until.stop_when is not None and until.stop_when())  # once a loop stopped, none restarts
         if not late and not math.isinf(until.at):
             now = until.clock()  # read once: the expiry and the step estimate
             if self._polled is not None:
-                self._step = now - self._polled
+                self._steps.append(now - self._polled)
             self._polled = now
-            late = now >= until.at or now + max(self._step, self.target.step_seconds(rows)) > until.at
+            step = max(max(self._steps, default=0.0), self.target.step_seconds(rows))
+            hard = self.target.deadline
+            late = (now >= until.at or now + step > until.at
+                    or (not math.isinf(hard.at) and hard.clock() + SLOWDOWN * step + self.reserve > hard.at))
         if agreed and self.target.shard is not None:
             late = bool(self.target.gather(torch.tensor([late]))[0].any())
         self.cut = self.cut or late

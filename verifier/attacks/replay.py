@@ -1,7 +1,9 @@
 """Replay in onnxruntime: every returned atom is re-evaluated by the original ONNX model.
 
 The reported risk and accuracy come from onnxruntime's logits (the oracle, as in
-`verifier.validate`). When torch and onnxruntime disagree on an atom, on its error indicator
+`verifier.validate`). An atom that is its sample itself (an attack starved of steps returns the
+samples) takes the samples' logits, computed once per runtime in passes of the same row count,
+so only moved atoms cost a pass. When torch and onnxruntime disagree on an atom, on its error indicator
 (margin >= 0) or on its loss beyond `1e-4 + 1e-4 |loss|`, the result carries the flag
 "onnxruntime-disagrees" and the onnxruntime value is what counts.
 """
@@ -33,10 +35,18 @@ class Replayer:
     def __init__(self, loaded: LoadedModel, model: ConvertedModel, device: torch.device, rows: int = ROWS) -> None:
         self.rows = int(rows)
         self.name = model.output_names[model.logits_index]
-        self.session = onnxruntime_session(with_outputs(oracle_model(loaded, model), (self.name,)), device)
+        self.session = onnxruntime_session(with_outputs(oracle_model(loaded, model), (self.name,)), device,
+                                           arena=False)  # it lives beside the attacks' passes: no kept arena
         self.input_name = model.input_spec.name
         shape = model.input_spec.shape
         self.fixed = shape[0] if shape and isinstance(shape[0], int) else None
+        self._samples: tuple[torch.Tensor, torch.Tensor] | None = None  # (samples, their logits), once
+
+    def samples_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """`logits(x)` of a target's samples, computed on the first call for these samples only."""
+        if self._samples is None or self._samples[0] is not x:
+            self._samples = (x, self.logits(x))
+        return self._samples[1]
 
     def logits(self, atoms: torch.Tensor) -> torch.Tensor:
         """Logits (M, C) in float64 from onnxruntime (fixed-batch models get padded chunks)."""
@@ -63,14 +73,26 @@ def disagreeing(torch_logits: torch.Tensor, ort_logits: torch.Tensor, labels: to
 
 
 
-def _replayed(atoms: torch.Tensor, labels: torch.Tensor, target: Target,
-              replayer: Replayer | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of atoms (onnxruntime when replayed) and, per atom, whether the two runtimes disagree."""
-    torch_logits = target.logits(atoms.to(target.x.device)).cpu()
+def _replayed(atoms: torch.Tensor, labels: torch.Tensor, target: Target, replayer: Replayer | None,
+              source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of atoms (onnxruntime when replayed) and, per atom, whether the two runtimes disagree;
+    atoms equal to their sample `x[source]` take the samples' logits (no pass)."""
+    atoms = atoms.to(target.x.device)
+    moved = (atoms.flatten(1) != target.x[source.to(target.x.device)].flatten(1)).any(1).cpu()
+    torch_logits = _merged(target.clean_logits.cpu()[source], moved, lambda: target.logits(atoms[moved]).cpu())
     if replayer is None:
         return torch_logits, torch.zeros(len(labels), dtype=torch.bool)
-    logits = replayer.logits(atoms)
+    logits = _merged(replayer.samples_logits(target.x)[source], moved, lambda: replayer.logits(atoms[moved]))
     return logits, disagreeing(torch_logits, logits, labels, target.loss)
+
+
+def _merged(samples: torch.Tensor, moved: torch.Tensor, of_moved) -> torch.Tensor:
+    """The samples' logits, with the rows `moved` replaced by `of_moved()` (called only when some moved)."""
+    if not bool(moved.any()):
+        return samples
+    merged = samples.clone()
+    merged[moved] = of_moved().to(merged.dtype)
+    return merged
 
 
 def measure(method: str, delta: float, dist: Distribution, target: Target, replayer: Replayer | None,
@@ -86,11 +108,11 @@ def measure(method: str, delta: float, dist: Distribution, target: Target, repla
     order = torch.sort(dist.source.cpu(), stable=True).indices
     source, atoms = dist.source.cpu()[order], dist.atoms[order.to(dist.atoms.device)]
     labels = target.y.cpu()[source]
-    logits, off = _replayed(atoms, labels, target, replayer)
+    logits, off = _replayed(atoms, labels, target, replayer, source)
     accuracy_atoms, accuracy_logits, accuracy_off = atoms, logits, off
     if dist.accuracy_atoms is not None:
         accuracy_atoms = dist.accuracy_atoms[order.to(dist.accuracy_atoms.device)]
-        accuracy_logits, accuracy_off = _replayed(accuracy_atoms, labels, target, replayer)
+        accuracy_logits, accuracy_off = _replayed(accuracy_atoms, labels, target, replayer, source)
     has_accuracy = torch.full((len(labels),), dist.accuracy_atoms is not None)
     x = target.x.cpu()
     (weights, losses, accuracy_margins, distance, accuracy_distance, off, accuracy_off, has_accuracy, atoms,
@@ -128,7 +150,7 @@ def measure(method: str, delta: float, dist: Distribution, target: Target, repla
 
 def clean_numbers(target: Target, replayer: Replayer | None) -> tuple[float, float]:
     """(clean risk, clean accuracy) of the sample, from onnxruntime when replayed."""
-    logits = replayer.logits(target.x) if replayer is not None else target.clean_logits.cpu()
+    logits = replayer.samples_logits(target.x) if replayer is not None else target.clean_logits.cpu()
     require_finite_logits(logits, "onnxruntime" if replayer is not None else "torch")
     labels = target.y.cpu()
     losses, correct = target.gather(loss_values(logits, labels, target.loss),

@@ -17,7 +17,7 @@ for the risk, the most misclassified point for the accuracy).
 from __future__ import annotations
 
 import math
-import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -34,6 +34,7 @@ ROWS_PER_PASS = 256  # every forward/gradient pass sees exactly this many rows (
 # do not depend on which other rows share the pass, so a sharded run computes what one process computes
 MIN_ROWS_PER_PASS = 64  # the fewest rows a pass of a small model is padded to (fewer: more passes of little work)
 SMALL_PASS_BYTES = 2**26  # ... where MIN_ROWS_PER_PASS rows fit in this many bytes of autograd tensors
+RECENT_PASSES = 8  # a pass is predicted from the slowest of this many recent ones (a loaded machine varies)
 
 
 def rows_per_pass(module: torch.nn.Module, sample: torch.Tensor, total: int, memory_limit_bytes: int | None,
@@ -82,6 +83,8 @@ class Target:
     shard: Shard | None = None  # which samples of the whole sample these are (None: all of them)
     rows_per_pass: int = ROWS_PER_PASS  # rows of every pass (padded); `rows_per_pass()` sizes it
     timing: dict = field(default_factory=dict, compare=False)  # seconds per padded row: "forward", "gradient"
+    # (the slowest of the last `RECENT_PASSES` passes of each kind, timed on the deadline's clock)
+    recent: dict = field(default_factory=dict, compare=False)  # kind -> the last passes' seconds per row
     working_bytes: int = field(default_factory=resources.working_bytes)  # an attack's own tensors at once (`resources`)
 
     def rows_at_once(self, copies: int, itemsize: int = 8) -> int:
@@ -90,11 +93,23 @@ class Target:
         return resources.rows_fitting(self.working_bytes, copies * self.x[0].numel() * itemsize)
 
     def step_seconds(self, rows: int) -> float:
-        """How long one gradient step on `rows` rows should take, from the passes timed so far (a
+        """How long one gradient step on `rows` rows should take, from the slowest recent passes (a
         gradient pass taken as three forward passes until one is timed; 0 before any pass)."""
-        per_row = self.timing.get("gradient", 3.0 * self.timing.get("forward", 0.0))
+        return self._padded_rows(rows) * self.timing.get("gradient", 3.0 * self.timing.get("forward", 0.0))
+
+    def forward_seconds(self, rows: int) -> float:
+        """How long forward passes of `rows` rows should take, from the slowest recent ones (0 before any)."""
+        return self._padded_rows(rows) * self.timing.get("forward", 0.0)
+
+    def _padded_rows(self, rows: int) -> int:
         step = self.fixed_batch or self.rows_per_pass
-        return math.ceil(rows / step) * step * per_row
+        return math.ceil(rows / step) * step
+
+    def _timed(self, kind: str, began: float, rows: int) -> None:
+        """Record a pass of `rows` padded rows that began at `began` (on the deadline's clock)."""
+        passes = self.recent.setdefault(kind, deque(maxlen=RECENT_PASSES))
+        passes.append((self.deadline.clock() - began) / rows)
+        self.timing[kind] = max(passes)
 
     @property
     def total(self) -> int:
@@ -155,10 +170,10 @@ class Target:
         with torch.no_grad():
             for part in self._chunks(len(atoms)):
                 self.deadline.check("an attack step")
-                chunk, began = atoms[part], time.perf_counter()
+                chunk, began = atoms[part], self.deadline.clock()
                 padded = self._padded(chunk)
                 parts.append(self.module(padded)[: len(chunk)].to(torch.float64))
-                self.timing["forward"] = (time.perf_counter() - began) / len(padded)
+                self._timed("forward", began, len(padded))
         return torch.cat(parts)
 
     def gradient(self, atoms: torch.Tensor, objective: Objective):
@@ -169,7 +184,7 @@ class Target:
         values, grads, logits = [], [], []
         for part in self._chunks(len(atoms)):
             self.deadline.check("an attack step")
-            began = time.perf_counter()
+            began = self.deadline.clock()
             chunk = self._padded(atoms[part]).detach().requires_grad_(True)
             with torch.enable_grad():
                 out = self.module(chunk)[: part.stop - part.start]
@@ -178,7 +193,7 @@ class Target:
             values.append(value.detach().to(torch.float64))
             grads.append(grad[: part.stop - part.start].flatten(1).to(torch.float64))
             logits.append(out.detach().to(torch.float64))
-            self.timing["gradient"] = (time.perf_counter() - began) / len(chunk)
+            self._timed("gradient", began, len(chunk))
         return torch.cat(values), torch.cat(grads), torch.cat(logits)
 
     def loss_of(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,9 @@ from verifier.distributed import Shard
 from verifier.errors import UsageError, VerifierError
 from verifier.finite import require_finite_inputs, require_finite_logits, require_no_nan
 from verifier.geometry import parse_norm
-from verifier.jacobian import prepared_module
+from verifier.jacobian import chunked_logits, prepared_module
 from verifier.losses import check_loss
+from verifier.resources import pass_bytes
 
 # Under a time limit the refinements get this share of the time left; the rest is for the
 # Jacobians, the aggregation per delta and the realising distributions.
@@ -230,7 +231,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
         raise UsageError(f"p must be >= 1 (got {p})")
     if not deltas or not all(d >= 0 and math.isfinite(d) for d in deltas):
         raise UsageError("give at least one delta, all finite and >= 0")
-    _require_finite_model_logits(model, x)
+    _require_finite_model_logits(model, x, memory_limit_bytes)
     inputs = torch.as_tensor(x).to(torch.float64)
     labels = torch.as_tensor(y, dtype=torch.long)
     shard = Shard.whole(len(inputs)) if shard is None else shard
@@ -270,8 +271,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     local_blocks = list(shard.blocks())
     for number, part in enumerate(local_blocks):
         block_x, block_y = inputs[part], labels[part]
-        with torch.no_grad():  # autograd would keep every activation of the block
-            logits = module(block_x)
+        logits = chunked_logits(module, block_x, pass_bytes(memory_limit_bytes), model.module_batch)
         require_finite_logits(logits, "torch, float64")
         check_labels(block_y.numpy(), logits.shape[1])
         tables, jacobian, report = block_tables(
@@ -378,13 +378,14 @@ def _placed(module: torch.nn.Module, blocks: list[BlockInputs], found: Candidate
     return [p for lows, _ in every for p in lows], [p for _, highs in every for p in highs]
 
 
-def _require_finite_model_logits(model: ConvertedModel, x: torch.Tensor | np.ndarray) -> None:
+def _require_finite_model_logits(model: ConvertedModel, x: torch.Tensor | np.ndarray,
+                                 memory_limit_bytes: int | None = None) -> None:
     """The inputs and clean logits must be finite in the model's own dtype, not only in float64."""
     dtype = model.input_dtype
     inputs = torch.as_tensor(x).to(dtype)
     require_finite_inputs(inputs, "x")
-    with torch.no_grad():
-        logits = prepared_module(model, "cpu", dtype)(inputs)
+    logits = chunked_logits(prepared_module(model, "cpu", dtype), inputs, pass_bytes(memory_limit_bytes),
+                            model.module_batch)
     require_finite_logits(logits, f"torch, {str(dtype).replace('torch.', '')}")
 
 
