@@ -47,3 +47,31 @@ def test_released_memory_leaves_the_process():
     done = subprocess.run([sys.executable, "-c", _FREED_AND_RELEASED], capture_output=True, text=True, env=env,
                           timeout=60, check=True)
     assert float(done.stdout) > 150  # of the 200 MiB freed (a fresh process: its allocator settings apart)
+
+
+def test_release_frees_tensors_that_only_a_reference_cycle_keeps():
+    """A stage's leftovers in reference cycles (fx modules, autograd graphs) go before the trim, not
+    at the collector's next full pass: the attacks must not run beside certify's dead tensors."""
+    import gc
+    import weakref
+
+    import torch
+
+    from verifier.allocator import release_freed_memory
+
+    class Holder:
+        pass
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        holder = Holder()
+        holder.itself, holder.tensor = holder, torch.zeros(1000, dtype=torch.float64)
+        alive = weakref.ref(holder.tensor)
+        del holder
+        assert alive() is not None  # refcounts alone cannot free a cycle
+        release_freed_memory()
+        assert alive() is None
+    finally:
+        if enabled:
+            gc.enable()

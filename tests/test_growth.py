@@ -93,3 +93,28 @@ def test_samples_per_pass_counts_the_backward_passes_and_their_rows_split_exactl
     row_by_row = margin_bounds(converted, x, y, radius=0.05, norm="inf", box=(0.0, 1.0)).upper
     assert torch.isfinite(margins).all()
     torch.testing.assert_close(row_by_row, margins, rtol=0, atol=1e-12)
+
+
+def test_widest_backward_counts_a_convolutions_unfolded_input(tmp_path):
+    """A float64 CPU convolution's transpose unfolds its rows (C_in x taps per output position, the
+    tumor-vgg16 audit's 6 GB): the passes are sized to that, not to the widest node value."""
+    from conftest import const, float_io, make_model
+    from onnx import helper
+
+    from verifier.certify.growth import samples_per_pass
+
+    nodes = [helper.make_node("Conv", ["x", "K"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    rng = np.random.default_rng(4)
+    model = make_model(nodes, [float_io("x", ["n", 4, 6, 6])], [float_io("y", ["n", 3])],
+                       [const("K", rng.normal(size=(2, 4, 3, 3))), const("W", rng.normal(size=(3, 72)))])
+    path = tmp_path / "conv.onnx"
+    path.write_bytes(model.SerializeToString())
+    network = BoundNetwork.from_model(convert_model(load_model(path)))
+    x = torch.rand(2, 4, 6, 6, dtype=torch.float64)
+    sizes = network.value_sizes(x)
+    assert max(sizes.values()) == 4 * 36  # the input
+    assert network.widest_backward(sizes) == 2 * 36 * (4 * 9 // 2)  # 36 positions x 4 channels x 9 taps
+    per_sample = max(sum(sizes.values()) * 10, 2 * 36 * 18 * 6) * 8
+    assert samples_per_pass(network, x, 1 << 24) == (1 << 23) // per_sample

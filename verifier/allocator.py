@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import platform
 
@@ -39,7 +40,11 @@ def _libc():
 
 
 def release_freed_memory() -> bool:
-    """Give the free pages of every malloc heap back to the kernel (`malloc_trim(0)`); True when some were."""
+    """Free what only reference cycles keep alive (a torch.fx module's copies and autograd graphs
+    hold cycles, so their tensors would outlive the stage until the collector's next full pass),
+    then give the free pages of every malloc heap back to the kernel (`malloc_trim(0)`); True when
+    some pages were."""
+    gc.collect()
     libc = _libc()
     trim = getattr(libc, "malloc_trim", None)
     if trim is None:

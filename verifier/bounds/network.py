@@ -82,9 +82,12 @@ class BoundNetwork:
 
     def widest_backward(self, sizes: dict[str, int]) -> int:
         """Values per sample of the widest tensor a backward pass over the nodes holds, from
-        `value_sizes`: a node's value, or a MaxPool's value per tap of its windows."""
+        `value_sizes`: a node's value, a MaxPool's value per tap of its windows, or what an affine
+        op's transpose holds per row (`ops.Affine.workspace`: a convolution's unfolded input)."""
         widest = max(sizes.values())
         for node in self.nodes:
+            if isinstance(node.rule, ops.Affine) and node.rule.workspace and node.name in sizes:
+                widest = max(widest, math.ceil(sizes[node.name] * node.rule.workspace))
             if isinstance(node.rule, Activation) and node.rule.kind == "max_pool" and node.name in sizes:
                 kernel = node.rule.params.get("kernel_shape") or [1]
                 taps = math.prod(int(k) for k in (kernel if isinstance(kernel, (list, tuple)) else [kernel]))

@@ -47,7 +47,9 @@ class Affine:
     `adjoint` (optional): the transpose of `linear` written out (a weighted op's own kernel); without
     it back-substitution takes the vjp of `linear`. `unit_adjoint`: the transpose of unit rows `e_i`
     read off the weights; `unit_signs`: `linear` is `Σ s_i u_i` of same-shape inputs, so a unit row
-    reaches input i as `s_i e_i` (`verifier.bounds.adjoints`).
+    reaches input i as `s_i e_i` (`verifier.bounds.adjoints`). `workspace`: values per output value
+    that the transpose's kernel holds besides its rows (a CPU convolution's unfolded matrix), for
+    sizing passes (`BoundNetwork.widest_backward`).
     """
 
     linear: Linear
@@ -56,6 +58,7 @@ class Affine:
     adjoint: Adjoint | None = field(default=None, repr=False, kw_only=True)
     unit_adjoint: UnitAdjoint | None = field(default=None, repr=False, kw_only=True)
     unit_signs: tuple[float, ...] | None = field(default=None, kw_only=True)
+    workspace: float = field(default=0.0, kw_only=True)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.linear(*inputs) + self.offset
@@ -234,8 +237,11 @@ def conv(attributes: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> A
         return (placed,)
 
     offset = 0.0 if bias is None else _LazyChannelOffset(bias)
+    # CPU kernels without oneDNN (float64 among them) unfold the input: per output position, the
+    # C_in/groups x taps entries of each group (counted for every group: an upper estimate).
+    unfolded = groups * weight.shape[1] * math.prod(weight.shape[2:]) / weight.shape[0]
     return Affine(lambda u: apply(u, weight), lambda r: apply(r, weight.abs()), offset, adjoint=adjoint,
-                  unit_adjoint=unit_adjoint)
+                  unit_adjoint=unit_adjoint, workspace=unfolded)
 
 
 def structural(call: Callable[..., torch.Tensor], reshape: bool = False) -> Affine:

@@ -25,9 +25,9 @@ from verifier.geometry import max_linear
 _RELAXED = frozenset({"relu", "leaky_relu", "prelu", "abs", "clip", "gelu", "silu", "sigmoid", "tanh",
                       "softplus", "hard_swish"}) | elementary.KINDS
 UNIT_CHUNK = 512
-# Back-substitution holds (samples x objectives x widest node) coefficients at once: a unit chunk is
-# sized to keep that under this many elements (64 MB in float64), which also bounds the work
-# between two deadline checks.
+# Back-substitution holds (samples x objectives x the widest tensor of the pass, as counted by
+# `BoundNetwork.widest_backward`) coefficients at once: a unit chunk is sized to keep that under
+# this many elements (64 MB in float64), which also bounds the work between two deadline checks.
 ELEMENT_BUDGET = 2**23
 # Objective rows (margins, slopes: independent) go backwards as many at a time as keep samples x
 # rows x the widest tensor of the pass under this many values per copy (128 MB in float64).
@@ -279,7 +279,7 @@ def _chunked_bounds(network: BoundNetwork, state: Bounds, region: InputSet, name
     `(target (N, units), sign)` gets the units' upper bound (sign 1) or lower bound (sign -1)."""
     low = state.intervals[name][0]
     count, units = low.shape[0], low[0].numel()
-    widest = max(bounds[0][0].numel() for bounds in state.intervals.values())
+    widest = network.widest_backward({node: bounds[0][0].numel() for node, bounds in state.intervals.items()})
     rows_per_pass = 2 * max(1, min(UNIT_CHUNK, ELEMENT_BUDGET // (2 * count * widest)))
 
     def bound(mask: torch.Tensor, sides: tuple[tuple[torch.Tensor, float], ...]) -> None:
