@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from verifier.bounds import bilinear, ops, relaxations
+from verifier.bounds.adjoints import transpose
 from verifier.bounds.network import Activation, BoundNetwork
 from verifier.bounds.propagate import Bounds, MarginProblem, PerClassResult, margin_problem, propagate, rows_at_once
 from verifier.cells import window_index
@@ -137,11 +138,12 @@ def _affine_backward(rule: ops.Affine, grad: Pair, shapes: list[torch.Size]) -> 
     count, objectives = low.shape[:2]
     centre = torch.nan_to_num((low + high) / 2, nan=0.0).reshape(count * objectives, *low.shape[2:])  # inf - inf
     radius = ((high - low) / 2).reshape(count * objectives, *low.shape[2:])
-    zeros = [torch.zeros(count * objectives, *shape, dtype=low.dtype, device=low.device) for shape in shapes]
-    _, pull_linear = torch.func.vjp(rule.linear, *zeros)
-    _, pull_magnitude = torch.func.vjp(rule.magnitude, *zeros)
+    # The transposes of the rows, not a vjp at a batch of rows (whose forward pass, a convolution's
+    # unfolded input among it, is wasted work and memory): the rule's written adjoint where it has one.
+    zeros = [torch.zeros(1, *shape, dtype=low.dtype, device=low.device) for shape in shapes]
+    linear = rule.adjoint(centre, shapes) if rule.adjoint is not None else transpose(rule.linear, zeros, centre)
     results = []
-    for c, r in zip(pull_linear(centre), pull_magnitude(radius)):
+    for c, r in zip(linear, transpose(rule.magnitude, zeros, radius)):
         c, r = c.reshape(count, objectives, *c.shape[1:]), r.reshape(count, objectives, *r.shape[1:])
         results.append((torch.nan_to_num(c - r, nan=-math.inf), torch.nan_to_num(c + r, nan=math.inf)))
     return results
