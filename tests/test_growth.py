@@ -81,7 +81,7 @@ def test_samples_per_pass_counts_the_backward_passes_and_their_rows_split_exactl
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     sizes = network.value_sizes(x)
     assert network.widest_backward(sizes) == 4 * 8 * 8 * 9  # the pool's 256 windows x 9 taps
-    per_sample = max(sum(sizes.values()) * 10, 4 * 8 * 8 * 9 * 6) * 8
+    per_sample = (sum(sizes.values()) * 10 + 4 * 8 * 8 * 9 * 6) * 8
     assert samples_per_pass(network, x, 1 << 26) == (1 << 25) // per_sample
     assert samples_per_pass(network, x, 1 << 10) == 1  # never fewer than one sample
     y = converted.logits(x.float()).argmax(1)
@@ -116,5 +116,5 @@ def test_widest_backward_counts_a_convolutions_unfolded_input(tmp_path):
     sizes = network.value_sizes(x)
     assert max(sizes.values()) == 4 * 36  # the input
     assert network.widest_backward(sizes) == 2 * 36 * (4 * 9 // 2)  # 36 positions x 4 channels x 9 taps
-    per_sample = max(sum(sizes.values()) * 10, 2 * 36 * 18 * 6) * 8
+    per_sample = (sum(sizes.values()) * 10 + 2 * 36 * 18 * 6) * 8
     assert samples_per_pass(network, x, 1 << 24) == (1 << 23) // per_sample

@@ -278,6 +278,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
             stopped_at = "certify"
         else:
             announce("certify")
+            release_freed_memory()  # the conversion check's freed tensors and sessions, before certify's passes
             try:
                 certificate = clock.run("certify", lambda: certify(
                     converted, shard.local(x), shard.local(y), list(settings.deltas), p=settings.p,

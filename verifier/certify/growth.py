@@ -110,12 +110,13 @@ _SLOPE_COPIES = 6
 
 
 def samples_per_pass(network: BoundNetwork, x: torch.Tensor, memory_limit_bytes: int | None) -> int:
-    """How many samples one propagation (and the slope pass behind it, one objective row at a time
-    at least) may hold under the memory limit (half of it; at least one)."""
+    """How many samples one propagation and the slope pass behind it (one objective row at a time at
+    least, while the propagation's intervals are held) may hold under the memory limit (half of it;
+    at least one)."""
     sizes = network.value_sizes(x)
     interval_pass = sum(sizes.values()) * _COPIES_PER_UNIT
     slope_pass = network.widest_backward(sizes) * _SLOPE_COPIES
-    per_sample = max(interval_pass, slope_pass) * x.element_size()
+    per_sample = (interval_pass + slope_pass) * x.element_size()
     return max(1, memory_limit(memory_limit_bytes) // 2 // max(per_sample, 1))
 
 
