@@ -118,3 +118,24 @@ def test_widest_backward_counts_a_convolutions_unfolded_input(tmp_path):
     assert network.widest_backward(sizes) == 2 * 36 * (4 * 9 // 2)  # 36 positions x 4 channels x 9 taps
     per_sample = (sum(sizes.values()) * 10 + 2 * 36 * 18 * 6) * 8
     assert samples_per_pass(network, x, 1 << 24) == (1 << 23) // per_sample
+
+
+def test_large_passes_trim_the_heaps_after_each_propagation(tmp_path, monkeypatch):
+    """Passes above `_TRIM_AFTER_BYTES` hand the heaps' free pages back after each propagation (one
+    cheap and one tight pass per grid radius, and the whole domain's); smaller ones never do."""
+    from verifier.certify import growth
+
+    path = tmp_path / "net.onnx"
+    path.write_bytes(_tiny_2d_net(1).SerializeToString())
+    converted = convert_model(load_model(path))
+    x = torch.from_numpy(np.random.default_rng(1).uniform(-0.7, 0.7, size=(4, 2)))
+    y = torch.tensor([0, 1, 2, 0])
+    logits = converted.logits_module.double()(x).detach()
+    network, radii = BoundNetwork.from_model(converted), grid(1.0, count=5)
+    calls = []
+    monkeypatch.setattr(growth, "trim_heaps", lambda: calls.append(1))
+    collect_evidence(network, x, y, logits, "inf", radii, (-1.0, 1.0))
+    assert not calls  # a few kilobytes a pass
+    monkeypatch.setattr(growth, "_TRIM_AFTER_BYTES", 1)
+    collect_evidence(network, x, y, logits, "inf", radii, (-1.0, 1.0))
+    assert len(calls) == 2 * len(radii)  # (points - 1 radii + the whole domain) x (cheap, tight)

@@ -9,7 +9,8 @@ raises both thresholds (`mallopt`), so freed blocks stay in the process and are 
 resident memory barely moves on that run; the thresholds stop short of the largest tensors so
 that their memory is still returned. Anything other than glibc, or a user who
 set the allocator through the environment, is left alone. `release_freed_memory()` hands the free
-pages of every heap back (`malloc_trim`), between stages whose freed tensors the next one will not reuse.
+pages of every heap back (`malloc_trim`), between stages whose freed tensors the next one will not reuse;
+`trim_heaps()` does the same without the cycle collection, between large passes of one stage.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def release_freed_memory() -> bool:
     then give the free pages of every malloc heap back to the kernel (`malloc_trim(0)`); True when
     some pages were."""
     gc.collect()
+    return trim_heaps()
+
+
+def trim_heaps() -> bool:
+    """Give the free pages of every malloc heap back to the kernel (`malloc_trim(0)`); True when some
+    were. Between large passes whose blocks (below the mmap threshold) would otherwise fragment the
+    heaps and keep the resident memory growing from pass to pass."""
     libc = _libc()
     trim = getattr(libc, "malloc_trim", None)
     if trim is None:

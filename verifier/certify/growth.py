@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from verifier.allocator import trim_heaps
 from verifier.bounds.margins import margins_from
 from verifier.bounds.network import BoundNetwork
 from verifier.bounds.optimise import SlopeSearch
@@ -107,17 +108,24 @@ _COPIES_PER_UNIT = 10
 # one and the rule's temporaries, a MaxPool's per tap) of the widest tensor, per objective row;
 # the margin and slope passes take as many rows at once as `propagate.ROW_ELEMENTS` allows, at least one.
 _SLOPE_COPIES = 6
+# Passes at least this large hand the heaps' free pages back after them: their tensors, each below
+# the allocator's mmap threshold, fragment the heaps otherwise (tumor-vgg16's resident memory grew
+# 3.2 -> 4.6 GB over certify's one-sample passes; docs/benchmarks.md, session 7).
+_TRIM_AFTER_BYTES = 256 << 20
 
 
 def samples_per_pass(network: BoundNetwork, x: torch.Tensor, memory_limit_bytes: int | None) -> int:
     """How many samples one propagation and the slope pass behind it (one objective row at a time at
     least, while the propagation's intervals are held) may hold under the memory limit (half of it;
     at least one)."""
+    return max(1, memory_limit(memory_limit_bytes) // 2 // max(_bytes_per_sample(network, x), 1))
+
+
+def _bytes_per_sample(network: BoundNetwork, x: torch.Tensor) -> int:
     sizes = network.value_sizes(x)
     interval_pass = sum(sizes.values()) * _COPIES_PER_UNIT
     slope_pass = network.widest_backward(sizes) * _SLOPE_COPIES
-    per_sample = (interval_pass + slope_pass) * x.element_size()
-    return max(1, memory_limit(memory_limit_bytes) // 2 // max(per_sample, 1))
+    return (interval_pass + slope_pass) * x.element_size()
 
 
 def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
@@ -155,6 +163,7 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
         domain_slopes = torch.full_like(domain, math.inf)
         step = samples_per_pass(network, x, memory_limit_bytes)
         parts = [slice(start, min(start + step, count)) for start in range(0, count, step)]
+        large_passes = min(step, count) * _bytes_per_sample(network, x) >= _TRIM_AFTER_BYTES
 
         def bound(part: slice, index: int | None, tighten: bool, prior: Bounds | None = None) -> Bounds:
             radius = math.inf if index is None else radii[index]
@@ -168,6 +177,8 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
                 linear[part, index] = torch.minimum(linear[part, index], bounds)
                 slopes[part, index] = torch.minimum(slopes[part, index], slope)
                 tightened[part, index] |= tighten
+            if large_passes:
+                trim_heaps()
             return state
 
         try:
