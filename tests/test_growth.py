@@ -139,3 +139,41 @@ def test_large_passes_trim_the_heaps_after_each_propagation(tmp_path, monkeypatc
     monkeypatch.setattr(growth, "_TRIM_AFTER_BYTES", 1)
     collect_evidence(network, x, y, logits, "inf", radii, (-1.0, 1.0))
     assert len(calls) == 2 * len(radii)  # (points - 1 radii + the whole domain) x (cheap, tight)
+
+
+def test_a_bound_pass_over_the_memory_limit_is_skipped_with_a_note(tmp_path):
+    """One sample is the smallest pass: where even it needs more than half the limit, no linear bounds
+    are computed (as without a network) and the evidence says why; above that the bounds are there."""
+    path = tmp_path / "net.onnx"
+    path.write_bytes(_tiny_2d_net(1).SerializeToString())
+    converted = convert_model(load_model(path))
+    x = torch.from_numpy(np.random.default_rng(2).uniform(-0.7, 0.7, size=(3, 2)))
+    y = torch.tensor([0, 1, 2])
+    logits = converted.logits_module.double()(x).detach()
+    network, radii = BoundNetwork.from_model(converted), grid(1.0, count=4)
+    from verifier.certify.growth import _bytes_per_sample
+
+    needed = _bytes_per_sample(network, x)
+    starved = collect_evidence(network, x, y, logits, "inf", radii, (-1.0, 1.0), memory_limit_bytes=2 * needed - 2)
+    assert starved.linear is None and starved.slopes is None
+    assert any(note.startswith("memory limit: one sample's bound pass needs") for note in starved.notes)
+    fitting = collect_evidence(network, x, y, logits, "inf", radii, (-1.0, 1.0), memory_limit_bytes=2 * needed)
+    assert fitting.linear is not None and torch.isfinite(fitting.linear[:, 1:]).any() and not fitting.notes
+
+
+def test_certify_without_room_for_one_bound_pass_falls_back_and_says_so(tmp_path):
+    from verifier.certify.certificate import certify
+
+    path = tmp_path / "net.onnx"
+    path.write_bytes(_tiny_2d_net(1).SerializeToString())
+    converted = convert_model(load_model(path))
+    x = torch.from_numpy(np.random.default_rng(5).uniform(-0.7, 0.7, size=(6, 2))).float()
+    y = converted.logits(x).argmax(1)
+    roomy = certify(converted, x, y, [0.05], box=(-1.0, 1.0), exact="off")
+    tight = certify(converted, x, y, [0.05], box=(-1.0, 1.0), exact="off", memory_limit_bytes=64)
+    assert any(f.startswith("memory limit: one sample's bound pass") for f in tight.fallbacks)
+    assert not any(f.startswith("memory limit") for f in roomy.fallbacks)
+    for result in (roomy, tight):  # sound either way: at least the certificate's own distribution
+        assert math.isfinite(result.results[0].certificate)
+        assert result.results[0].certificate >= result.results[0].realised_risk - 1e-12
+    assert tight.results[0].certificate >= roomy.results[0].certificate - 1e-12

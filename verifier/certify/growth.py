@@ -80,7 +80,7 @@ class MarginEvidence:
     cell_radius: torch.Tensor | None  # (N,)
     reach: torch.Tensor  # (N,): D_i
     tightened: torch.Tensor | None = None  # (N, K+1) bool: point bounded with tightened intermediate intervals
-    notes: tuple[str, ...] = ()  # what a time limit cut short
+    notes: tuple[str, ...] = ()  # what a time or memory limit cut short
     milp: torch.Tensor | None = None  # (N, K+1, C): MILP margin bounds where it ran (inf elsewhere, -inf at j = y)
 
     def milp_ran(self) -> torch.Tensor:
@@ -141,7 +141,8 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
     (each ball contains the next, so its intervals seed the next propagation), the whole domain
     last. Each point keeps the smaller of its bounds. The propagations run on `device` (that of
     `network`'s constants); the tables are kept on the CPU. Samples go in chunks that fit half of
-    `memory_limit_bytes` (default `resources.memory_limit()`). Past `deadline` the pass in progress
+    `memory_limit_bytes` (default `resources.memory_limit()`); where one sample does not, there are
+    no linear bounds (a note says so), as without a network. Past `deadline` the pass in progress
     ends where it is (`notes` say how far the tight pass got): a point without a tight bound keeps
     its cheap one, and is also capped by every larger radius. A signal (`Terminated`) still stops
     everything. `whole_domain=False` skips the whole-domain passes (`whole_box`, `domain_slope`
@@ -150,6 +151,12 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
     """
     linear = slopes = whole_box = domain_slope = tightened = None
     notes: list[str] = []
+    if network is not None:
+        needed, allowed = _bytes_per_sample(network, x.to(radii.dtype)), memory_limit(memory_limit_bytes) // 2
+        if needed > allowed:  # one sample is the smallest pass: it cannot be cut to fit
+            notes.append(f"memory limit: one sample's bound pass needs about {needed / 2**30:.2g} GiB, over "
+                         f"the {allowed / 2**30:.2g} GiB (half the memory limit) it may take: no linear bounds")
+            network = None
     if network is not None:
         x = x.to(radii.dtype)
         count, points, classes = len(x), len(radii), logits.shape[1]

@@ -86,6 +86,8 @@ def block_tables(model: ConvertedModel, module: torch.nn.Module, network: BoundN
     evidence = collect_evidence(network, x, y, logits, norm, radii, box, None, device=device, progress=progress,
                                 deadline=refine, memory_limit_bytes=memory_limit_bytes, optimise=optimise)
     fallbacks += evidence.notes
+    if evidence.linear is None:  # no bound pass fits (a note says why): the bisection and MILP take none either
+        network = exact_network = None
     deadline.check("the bounds per radius")
     cells = None
     if model.piecewise_linear:  # every kink is a site: the model is affine on each cell
