@@ -278,8 +278,8 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
             stopped_at = "certify"
         else:
             announce("certify")
-            release_freed_memory()  # the conversion check's freed tensors and sessions, before certify's passes
-            try:
+            try:  # a signal may come at any point in here: Terminated leaves a partial report
+                release_freed_memory()  # the conversion check's freed tensors and sessions, before certify's passes
                 certificate = clock.run("certify", lambda: certify(
                     converted, shard.local(x), shard.local(y), list(settings.deltas), p=settings.p,
                     norm=settings.norm, loss=settings.loss, box=box, grid_points=settings.grid_points,
@@ -289,7 +289,6 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                 job.share(err)
                 stopped_at = "certify"
                 warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
-            release_freed_memory()  # certify's freed tensors stay in the heaps otherwise, under every attack
             methods = settings.attacks if certificate is not None else ()
             for index, method in enumerate(methods):
                 if job.agree(clock.expired()):
@@ -299,6 +298,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                 # anytime: each attack gets an equal share of the time left, and stops early with its best
                 share = clock.deadline().sooner(ATTACKS_SHARE / (len(methods) - index))
                 try:
+                    release_freed_memory()  # the last stage's freed tensors stay in the heaps otherwise
                     report = clock.run("attacks", lambda m=method, b=share: attack(
                         converted, loaded, shard.local(x), shard.local(y), [m], list(settings.deltas), p=settings.p,
                         norm=settings.norm, loss=settings.loss, box=box, steps=settings.steps, seed=settings.seed,
@@ -309,7 +309,6 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                     stopped_at = "attacks"
                     warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
                     break
-                release_freed_memory()
                 attacks_done[method] = [_attack_entry(r) for r in report.results]
                 late = [f"{r.delta:g}" for r in report.results if TIME_LIMITED in r.flags]
                 if late:
