@@ -154,7 +154,6 @@ def _compare_fast_and_generic(network: BoundNetwork, radius: float, seed: int) -
         live = generic_high > 0
         assert torch.allclose(fast_low[live], generic_low[live], rtol=1e-12, atol=1e-12)
         skipped += int((fast_low < generic_low - 1e-9).sum())
-    return skipped
     # soundness: sampled points of the ball's margins stay under both bounds, every live unit's
     # sampled pre-activation inside both intervals
     points = (x.unsqueeze(0) + (torch.rand(200, *x.shape, dtype=torch.float64, generator=generator) * 2 - 1)
@@ -170,6 +169,7 @@ def _compare_fast_and_generic(network: BoundNetwork, radius: float, seed: int) -
             assert torch.all(value <= high + 1e-9), node.name
             live = high > 0 if node.name in _relu_inputs(network) else torch.ones_like(high, dtype=torch.bool)
             assert torch.all((value >= low - 1e-9) | ~live), node.name
+    return skipped
 
 
 def _relu_inputs(network: BoundNetwork) -> set[str]:

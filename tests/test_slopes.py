@@ -70,3 +70,20 @@ def test_transformer_slopes_pass_through_the_decomposed_attention_and_layer_norm
     at_centre = dual_norm(_margin_gradients(module, x, y), "inf")
     tight = slope_bounds(converted, x, y, 1e-9, "inf", box=(0.0, 1.0), device="cpu").per_class
     assert torch.all(at_centre <= tight + 1e-9) and torch.all(tight <= 1.01 * at_centre + 1e-9)
+
+
+def test_a_sum_across_ranks_goes_back_through_the_vjp():
+    """`add_variables` writes no adjoint for inputs of different ranks (it returns None): the slope pass
+    takes the generic transpose there, and both gradients are the rows summed to each input's shape."""
+    import torch
+
+    from verifier.bounds import ops
+    from verifier.bounds.slopes import _affine_backward
+
+    rule = ops.add_variables([1.0, -1.0])
+    low = torch.arange(24, dtype=torch.float64).reshape(2, 1, 3, 4) - 12
+    high = low + 1.0
+    (first_low, first_high), (second_low, second_high) = _affine_backward(
+        rule, (low, high), [torch.Size([3, 4]), torch.Size([4])])
+    assert torch.equal(first_low, low) and torch.equal(first_high, high)
+    assert torch.equal(second_low, -high.sum(2)) and torch.equal(second_high, -low.sum(2))

@@ -83,7 +83,8 @@ def relaxation_adjoint(relax: relaxations.Relaxation, lam: torch.Tensor) -> tupl
     """
     lines = [per_objective(line, lam) for line in (relax.upper_slope, relax.lower_slope, relax.upper_offset,
                                                    relax.lower_offset)]
-    if lam.dim() <= 2 or any(line.dim() != lam.dim() or line.shape[1] != 1 for line in lines):
+    if lam.dim() <= 2 or any(line.dim() != lam.dim() or line.shape[1] != 1 or line.shape[0] != lam.shape[0]
+                             or line.shape[2:] != lam.shape[2:] for line in lines):  # the fast path needs full lines
         upper_slope, lower_slope, upper_offset, lower_offset = lines
         positive = lam > 0
         contribution = lam * torch.where(positive, upper_slope, lower_slope)  # = lam+ * upper + lam- * lower

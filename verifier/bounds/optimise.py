@@ -74,11 +74,18 @@ def optimised_upper_bound(network: BoundNetwork, state: Bounds, region: InputSet
     """
     count = coefficients.shape[0]
     chunk = _samples_at_once(network, state, region, search) if search.intermediate and count > 1 else count
-    if chunk < count:  # samples are independent: a few at a time keep the per-row parameters in budget
-        return torch.cat([optimised_upper_bound(network, _take_state(state, part), _take_region(region, part), target,
-                                                coefficients[part], search, deadline)
-                          for part in torch.arange(count, device=coefficients.device).split(chunk)])
     best = upper_bound(network, state, region, target, coefficients, deadline)
+    if chunk < count:  # samples are independent: a few at a time keep the per-row parameters in budget
+        for part in torch.arange(count, device=coefficients.device).split(chunk):
+            try:
+                best[part] = torch.minimum(best[part], optimised_upper_bound(
+                    network, _take_state(state, part), _take_region(region, part), target, coefficients[part],
+                    search, deadline))
+            except Stopped as err:  # the parts not searched keep the default bound
+                if isinstance(err, Terminated):
+                    raise
+                break
+        return best
     free = _free_parameters(network, state, coefficients.shape[1], search)
     if not free or search.steps <= 0:
         return best

@@ -141,7 +141,9 @@ def _affine_backward(rule: ops.Affine, grad: Pair, shapes: list[torch.Size]) -> 
     # The transposes of the rows, not a vjp at a batch of rows (whose forward pass, a convolution's
     # unfolded input among it, is wasted work and memory): the rule's written adjoint where it has one.
     zeros = [torch.zeros(1, *shape, dtype=low.dtype, device=low.device) for shape in shapes]
-    linear = rule.adjoint(centre, shapes) if rule.adjoint is not None else transpose(rule.linear, zeros, centre)
+    linear = rule.adjoint(centre, shapes) if rule.adjoint is not None else None  # None: not written for these shapes
+    if linear is None:
+        linear = transpose(rule.linear, zeros, centre)
     results = []
     for c, r in zip(linear, transpose(rule.magnitude, zeros, radius)):
         c, r = c.reshape(count, objectives, *c.shape[1:]), r.reshape(count, objectives, *r.shape[1:])
