@@ -27,6 +27,19 @@ def _intervals(kind: str, pairs: list[tuple[float, float]]) -> tuple[torch.Tenso
     return lower, lower + width
 
 
+def _assert_lines_contain(relax, kind: str, params: dict, lower: torch.Tensor, upper: torch.Tensor):
+    """Both lines of `relax` bound the function at points spread over each interval (where it is
+    defined); returns the points, the values and where they are defined."""
+    x = _points(lower, upper)
+    value = elementary.function(kind, x, params)
+    defined = torch.isfinite(value)
+    below = relax.lower_slope[:, None] * x + relax.lower_offset[:, None]
+    above = relax.upper_slope[:, None] * x + relax.upper_offset[:, None]
+    assert torch.all((below <= value) | ~defined)
+    assert torch.all((value <= above) | ~defined)
+    return x, value, defined
+
+
 def _points(lower: torch.Tensor, upper: torch.Tensor, count: int = 65) -> torch.Tensor:
     """Both ends and `count - 2` interior points of every interval (BATCH, count)."""
     steps = torch.linspace(0.0, 1.0, count, dtype=torch.float64)
@@ -40,13 +53,7 @@ def test_lines_and_interval_contain_the_function(kind, params, pairs):
     lower, upper = _intervals(kind, pairs)
     relax = relaxations.linear_relaxation(kind, lower, upper, params)
     low, high = relaxations.interval(kind, lower, upper, params)
-    x = _points(lower, upper)
-    value = elementary.function(kind, x, params)
-    defined = torch.isfinite(value)
-    below = relax.lower_slope[:, None] * x + relax.lower_offset[:, None]
-    above = relax.upper_slope[:, None] * x + relax.upper_offset[:, None]
-    assert torch.all((below <= value) | ~defined)
-    assert torch.all((value <= above) | ~defined)
+    x, value, defined = _assert_lines_contain(relax, kind, params, lower, upper)
     assert torch.all(((low[:, None] <= value) & (value <= high[:, None])) | ~defined)
     d_low, d_high = relaxations.derivative_range(kind, lower, upper, params)
     x.requires_grad_(True)

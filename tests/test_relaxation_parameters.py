@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_bilinear import BOX, _joint_points, _pair
 from test_decompose import _attacked, _export, _TinyTransformer
-from test_elementary import INTERVALS, KINDS, _intervals, _points
+from test_elementary import INTERVALS, KINDS, _assert_lines_contain, _intervals
 
 from verifier.bounds import bilinear, elementary, relaxations
 from verifier.bounds.margins import margin_bounds
@@ -92,13 +92,7 @@ def test_tangent_at_any_position_contains_the_function(kind, params, pairs, posi
     lower, upper = _intervals(kind, pairs)
     position = torch.tensor(positions, dtype=torch.float64)
     relax = relaxations.linear_relaxation(kind, lower, upper, params, position=position)
-    x = _points(lower, upper)
-    value = elementary.function(kind, x, params)
-    defined = torch.isfinite(value)
-    below = relax.lower_slope[:, None] * x + relax.lower_offset[:, None]
-    above = relax.upper_slope[:, None] * x + relax.upper_offset[:, None]
-    assert torch.all((below <= value) | ~defined)
-    assert torch.all((value <= above) | ~defined)
+    _assert_lines_contain(relax, kind, params, lower, upper)
 
 
 def test_default_position_gives_the_default_lines():
