@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from verifier.bounds import ops
+from verifier.bounds.adjoints import inner, per_objective
 
 Pair = tuple[Tensor, Tensor]
 _EPS64 = torch.finfo(torch.float64).eps
@@ -168,21 +169,6 @@ def adjoint(rule: Product, planes: Planes, lam: Tensor) -> tuple[list[Tensor], T
         to_y = positive * upper_b + negative * lower_b
     to_x = to_x.sum_to_size(count, objectives, *planes.x_shape)
     to_y = to_y.sum_to_size(count, objectives, *planes.y_shape)
-    inner = _inner_each if planes.per_objective else _inner
-    bias = inner(positive, planes.offset_hi) + inner(negative, planes.offset_lo)
+    bias = (inner(positive, per_objective(planes.offset_hi, positive))
+            + inner(negative, per_objective(planes.offset_lo, negative)))
     return [to_x, to_y], bias
-
-
-def _inner_each(lam: Tensor, offsets: Tensor) -> Tensor:
-    """Σ over unit axes of lam * offsets, offsets (N, K, *out) one per objective (0 * inf = 0)."""
-    product = lam * offsets.expand_as(lam)
-    return torch.where(lam == 0, torch.zeros_like(product), product).flatten(2).sum(-1)
-
-
-def _inner(lam: Tensor, offsets: Tensor) -> Tensor:
-    """Σ over unit axes of lam * offsets (offsets (N, *out) shared by the K objectives; 0 * inf = 0)."""
-    if bool(torch.isfinite(offsets).all()):
-        return torch.bmm(lam.flatten(2), offsets.flatten(1).unsqueeze(-1).to(lam.dtype)).squeeze(-1)
-    product = lam * offsets.unsqueeze(1)
-    product = torch.where(lam == 0, torch.zeros_like(product), product)
-    return product.flatten(2).sum(-1)
