@@ -118,7 +118,11 @@ def samples_per_pass(network: BoundNetwork, x: torch.Tensor, memory_limit_bytes:
     """How many samples one propagation and the slope pass behind it (one objective row at a time at
     least, while the propagation's intervals are held) may hold under the memory limit (half of it;
     at least one)."""
-    return max(1, memory_limit(memory_limit_bytes) // 2 // max(_bytes_per_sample(network, x), 1))
+    return _samples_fitting(_bytes_per_sample(network, x), memory_limit_bytes)
+
+
+def _samples_fitting(bytes_per_sample: int, memory_limit_bytes: int | None) -> int:
+    return max(1, memory_limit(memory_limit_bytes) // 2 // max(bytes_per_sample, 1))
 
 
 def _bytes_per_sample(network: BoundNetwork, x: torch.Tensor) -> int:
@@ -168,9 +172,9 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
         tightened[:, 0] = True
         domain = torch.full((count, classes), math.inf, dtype=radii.dtype)
         domain_slopes = torch.full_like(domain, math.inf)
-        step = samples_per_pass(network, x, memory_limit_bytes)
+        step = _samples_fitting(needed, memory_limit_bytes)
         parts = [slice(start, min(start + step, count)) for start in range(0, count, step)]
-        large_passes = min(step, count) * _bytes_per_sample(network, x) >= _TRIM_AFTER_BYTES
+        large_passes = min(step, count) * needed >= _TRIM_AFTER_BYTES
 
         def bound(part: slice, index: int | None, tighten: bool, prior: Bounds | None = None) -> Bounds:
             radius = math.inf if index is None else radii[index]
