@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -110,3 +111,15 @@ def test_a_refusal_does_not_import_torch(tmp_path, argv):
              "print(code, 'torch' in sys.modules, 'onnx2torch' in sys.modules)" % args)
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["2", "False", "False"], result.stderr
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_rank_ends_with_its_code_and_flushed_output(world):
+    """end_process: a rank (WORLD_SIZE > 1) leaves through os._exit, so atexit never runs, yet what it
+    printed arrives and the code is the command's; a lone process exits normally (atexit runs)."""
+    script = ("import atexit, sys; from verifier.cli import end_process; atexit.register(print, 'atexit ran');"
+              "print('result', end=''); sys.stderr.write('line'); end_process(3)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "WORLD_SIZE": world})
+    assert done.returncode == 3 and done.stderr == "line"
+    assert done.stdout == ("result" if world == "2" else "resultatexit ran\n")

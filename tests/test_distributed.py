@@ -4,10 +4,10 @@ a rank that fails ends both with exit 2 and one line."""
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,9 @@ def _injected_failure(*_args, **_kwargs):
 
 
 def _rank(rank: int, world: int, ports: list[int], runs: list[list[str]], folder: str, failing: int) -> None:
-    """One torchrun-like worker: the environment torchrun sets, then `verifier` once per run."""
+    """One torchrun-like worker: the environment torchrun sets, then `verifier` once per run, and the
+    console script's end of the process (a C-level abort would show its Python stack on stderr)."""
+    faulthandler.enable()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       VERIFIER_COLLECTIVE_TIMEOUT="180")  # a loaded box slows one rank
     torch.set_num_threads(1)
@@ -48,7 +50,7 @@ def _rank(rank: int, world: int, ports: list[int], runs: list[list[str]], folder
         with open(f"{stem}.out", "w") as out, open(f"{stem}.err", "w") as err, \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             codes.append(cli.main([*argv, "--samples", SAMPLES, "--block-size", BLOCK]))
-    sys.exit(max(codes))
+    cli.end_process(max(codes))
 
 
 def _spawn(runs: list[list[str]], folder: Path, failing: int = -1) -> list[int]:

@@ -1,7 +1,5 @@
 """`python -m verifier` (and `torchrun -m verifier`): the same entry point as the console script."""
 
-import sys
+from verifier.cli import entry
 
-from verifier.cli import main
-
-sys.exit(main())
+entry()

@@ -171,6 +171,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def entry() -> None:
+    """The `verifier` console script and `python -m verifier`: `main`, then the process ends with its code."""
+    end_process(main())
+
+
+def end_process(code: int) -> None:
+    """End this process with `code`. A torchrun rank skips the interpreter's teardown (`os._exit`, after
+    flushing): the C++ threads of gloo and of rank 0's rendezvous store can abort the process there
+    (SIGABRT, "terminate called without an active exception") after the result is already out."""
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _leave(job) -> None:
     if job is not None and job.world > 1:
         from verifier.distributed import leave
@@ -236,4 +253,4 @@ def _stop_on_termination():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
