@@ -160,8 +160,10 @@ def add_exact(parser: argparse.ArgumentParser) -> None:
 def add_optimise_slopes(parser: argparse.ArgumentParser) -> None:
     """`--optimise-slopes`: alpha-CROWN style search of the relaxations' free slopes (method §7)."""
     parser.add_argument("--optimise-slopes", action="store_true",
-                        help="tighter margin bounds: search the free slopes of the ReLU and MaxPool relaxations "
-                             "by projected gradient (alpha-CROWN style; several times slower; default off)")
+                        help="tighter margin bounds: search the relaxations' free parameters by projected "
+                             "gradient (alpha-CROWN style: ReLU-family and MaxPool slopes, the product planes' "
+                             "mixing weights and exp/reciprocal/rsqrt/square tangent points; several times "
+                             "slower; default off)")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
