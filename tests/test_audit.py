@@ -30,7 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def passing(tmp_path_factory):
     out = tmp_path_factory.mktemp("audit")
-    settings = AuditSettings(**{**SETTINGS.__dict__, "thresholds": Thresholds(max_risk=100.0)})
+    settings = AuditSettings(**{**SETTINGS.__dict__, "thresholds": Thresholds(max_risk=100.0),
+                                "optimise_slopes": "final"})
     return audit(shipped_model("mlp_relu"), shipped_data("mlp_relu"), settings, out), out
 
 
@@ -42,6 +43,7 @@ def test_report_is_schema_valid_and_complete(passing):
     assert on_disk["complete"] is True and on_disk["verdict"]["passed"] is True
     assert [r["delta"] for r in on_disk["results"]] == pytest.approx(list(DELTAS))
     assert on_disk["warnings"] == []  # clean <= attack <= certificate held everywhere
+    assert on_disk["settings"]["optimise_slopes"] == "final"
     for row in on_disk["results"]:
         assert set(row["attacks"]) == {"wdapp", "pgd"}
         assert row["clean_risk"] <= row["best_attack_risk"] <= row["certificate"] <= row["global_bound"]
@@ -64,11 +66,14 @@ def test_numbers_equal_certify_and_attack_alone(passing):
     converted = convert_model(loaded)
     samples = load_samples(shipped_data("mlp_relu"), loaded.info.data_input, SETTINGS.samples)
     alone = certify(converted, samples.x, samples.y, list(DELTAS), p=2.0, norm="inf", loss="ce", box=(0.0, 1.0),
+                    grid_points=8, optimise_slopes="final")  # as the audit ran it
+    plain = certify(converted, samples.x, samples.y, list(DELTAS), p=2.0, norm="inf", loss="ce", box=(0.0, 1.0),
                     grid_points=8)
     attacked = attack(converted, loaded, samples.x, samples.y, ["pgd"], list(DELTAS), p=2.0, norm="inf", loss="ce",
                       box=(0.0, 1.0), steps=5, seed=0, device="cpu")
     for row, certified, pgd in zip(outcome.report["results"], alone.results, attacked.results):
         assert row["certificate"] == certified.certificate
+        assert certified.certificate < plain.results[list(DELTAS).index(row["delta"])].certificate - 1e-4  # 0.2772 vs 0.2784
         assert row["certified_accuracy"] == certified.certified_accuracy
         assert row["attacks"]["pgd"]["risk"] == pgd.risk
     assert outcome.report["local_slopes"]["per_sample"] == alone.local_slopes.tolist()

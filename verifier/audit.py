@@ -27,7 +27,7 @@ from verifier import __version__
 from verifier.allocator import release_freed_memory
 from verifier.attacks import METHODS, attack, resolve_methods
 from verifier.attacks.base import TIME_LIMITED
-from verifier.certify.certificate import Certificate, certify
+from verifier.certify.certificate import Certificate, certify, slope_search
 from verifier.certify.milp_route import EXACT_MODES
 from verifier.convert import convert_model
 from verifier.data import budget_scale_warning, load_samples
@@ -83,6 +83,7 @@ class AuditSettings:
     output: str | None = None  # the graph output that is the classifier head (None: the default choice)
     memory_limit: int | None = None  # bytes; None: half of the available memory
     exact: str = "auto"  # the MILP route (certify.milp_route): auto | on | off
+    optimise_slopes: str | None = None  # certify's slope search (None: off, "final", "intermediate")
     perturb: str | None = None  # the perturbed input or internal tensor (None: the only input; verifier.perturb)
     normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # --mean/--std (box.normalised_box)
     atol: float = 1e-5  # the conversion check's tolerances (--atol/--rtol, as validate's)
@@ -131,6 +132,7 @@ def _check(settings: AuditSettings) -> AuditSettings:
         raise UsageError(f"p must be >= 1 (got {settings.p})")
     if settings.exact not in EXACT_MODES:
         raise UsageError(f"exact must be one of {', '.join(EXACT_MODES)} (got {settings.exact!r})")
+    slope_search(settings.optimise_slopes)  # refuses an unknown search in one line
     if settings.time_limit is not None and not settings.time_limit > 0:
         raise UsageError(f"the time limit must be > 0 seconds (got {settings.time_limit})")
     gates = settings.thresholds
@@ -284,7 +286,8 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                     converted, shard.local(x), shard.local(y), list(settings.deltas), p=settings.p,
                     norm=settings.norm, loss=settings.loss, box=box, grid_points=settings.grid_points,
                     progress=progress, deadline=clock.deadline(), memory_limit_bytes=settings.memory_limit,
-                    refine_share=CERTIFY_REFINE_SHARE, exact=settings.exact, shard=shard, device=settings.device))
+                    refine_share=CERTIFY_REFINE_SHARE, exact=settings.exact, shard=shard, device=settings.device,
+                    optimise_slopes=settings.optimise_slopes))
             except Stopped as err:
                 job.share(err)
                 stopped_at = "certify"
@@ -330,6 +333,7 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
             "box": None if settings.box is None else list(settings.box), "deltas": list(settings.deltas),
             "attacks": list(settings.attacks), "samples": len(samples), "time_limit": settings.time_limit,
             "thresholds": dict(settings.thresholds.__dict__), "exact": settings.exact,
+            "optimise_slopes": settings.optimise_slopes,
         },
         "exact_mode": None if certificate is None or certificate.exact_mode is None else certificate.exact_mode.to_dict(),
         "timings": {**clock.timings, "total": None},

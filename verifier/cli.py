@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--min-robust-accuracy", type=float, metavar="A",
                        help="fail if an attack drives the accuracy below A (and no certificate proves it)")
     add_exact(audit)
+    add_optimise_slopes(audit)
     add_tolerances(audit)
     add_time_limit(audit, "certify and each attack get shares and return their best so far; a partial report, exit 3, only if a stage does not fit")
     add_block_size(audit)

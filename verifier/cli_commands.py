@@ -183,7 +183,8 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
         samples=args.samples, seed=args.seed, device=args.device, time_limit=args.time_limit, output=args.output,
         perturb=args.perturb,
         thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy),
-        memory_limit=memory_limit(args), grid_points=args.grid_points, exact=args.exact)
+        memory_limit=memory_limit(args), grid_points=args.grid_points, exact=args.exact,
+        optimise_slopes=args.optimise_slopes)
     progress = _progress_wanted(args)
 
     def announce(stage: str) -> None:  # one line per stage, terminal or log file (CI), unless --quiet

@@ -159,11 +159,12 @@ def add_exact(parser: argparse.ArgumentParser) -> None:
 
 def add_optimise_slopes(parser: argparse.ArgumentParser) -> None:
     """`--optimise-slopes`: alpha-CROWN style search of the relaxations' free slopes (method §7)."""
-    parser.add_argument("--optimise-slopes", action="store_true",
+    parser.add_argument("--optimise-slopes", nargs="?", const="final", default=None, choices=("final", "intermediate"),
                         help="tighter margin bounds: search the relaxations' free parameters by projected "
                              "gradient (alpha-CROWN style: ReLU-family and MaxPool slopes, the product planes' "
                              "mixing weights and exp/reciprocal/rsqrt/square tangent points; several times "
-                             "slower; default off)")
+                             "slower; default off). `intermediate`: also re-bound every later unstable node's "
+                             "input with its own parameters at each step (tighter again, far slower)")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:

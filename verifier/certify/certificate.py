@@ -156,6 +156,16 @@ def _upsilon(local_slopes: torch.Tensor, p: float) -> float:
     return float((local_slopes**q).mean() ** (1.0 / q))
 
 
+def slope_search(optimise_slopes: bool | str) -> SlopeSearch | None:
+    """The search `certify(optimise_slopes=...)` asks for: None (off), the final parameters
+    (True / "final") or the intermediate bounds too ("intermediate")."""
+    if optimise_slopes in (False, None, "off"):
+        return None
+    if optimise_slopes not in (True, "final", "intermediate"):
+        raise UsageError(f"--optimise-slopes takes final or intermediate (got {optimise_slopes!r})")
+    return SlopeSearch(intermediate=optimise_slopes == "intermediate")
+
+
 def radius_grid(inputs: torch.Tensor, deltas: Sequence[float], p: float, box, norm: str,
                 grid_points: int) -> torch.Tensor:
     """One grid for every delta: up to the farthest a single sample can move (N^(1/p) delta, capped);
@@ -196,7 +206,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             exact_tolerance: float = EXACT_TOLERANCE, progress: bool = False,
             deadline: Deadline = NEVER, memory_limit_bytes: int | None = None,
             refine_share: float = REFINE_SHARE, exact: ExactSettings | str = "auto",
-            shard: Shard | None = None, device: str = "cpu", optimise_slopes: bool = False) -> Certificate:
+            shard: Shard | None = None, device: str = "cpu", optimise_slopes: bool | str = False) -> Certificate:
     """Certificates (upper bounds on R(delta)) for every delta, in float64.
 
     `device` (auto | cpu | cuda) is where the heavy per-sample work runs: bound propagation, the
@@ -224,7 +234,9 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
     are gathered and every rank returns the certificate one process computes over all samples.
 
     `optimise_slopes`: the tightened margin bounds also search the relaxations' free slopes
-    (alpha-CROWN style, `verifier.bounds.optimise`): tighter, several times slower.
+    (alpha-CROWN style, `verifier.bounds.optimise`): tighter, several times slower. True or "final":
+    the final back-substitution's parameters; "intermediate": also every later unstable node's input
+    bounds re-bounded with their own parameters at each step (tighter again, far slower).
     """
     norm, loss = parse_norm(norm), check_loss(loss)
     if not p >= 1:
@@ -279,7 +291,7 @@ def certify(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.Tensor
             lipschitz.loss_constant(loss), lipschitz.loss_constant("margin"), settings, deadline,
             refine.sooner(1.0 / (len(local_blocks) - number)),  # the refinement time left, shared by the blocks left
             memory_limit_bytes, progress, refusal, device=target, exact_network=cpu_network,
-            optimise=SlopeSearch() if optimise_slopes else None)
+            optimise=slope_search(optimise_slopes))
         parts.append(tables)
         reports.append(report)
         blocks.append(BlockInputs(part.start, block_x, block_y, jacobian, *displacement_box(block_x, box), logits))

@@ -153,7 +153,8 @@ REPORT_SCHEMA: dict = {
             "thresholds": _strict({"max_risk": _nullable(_NUMBER),
                                    "min_certified_accuracy": _nullable(_PROB),
                                    "min_robust_accuracy": _nullable(_PROB)}),
-        }, {"exact": {"enum": ["auto", "on", "split", "off"]}}),
+        }, {"exact": {"enum": ["auto", "on", "split", "off"]},
+            "optimise_slopes": _nullable({"enum": ["final", "intermediate"]})}),
         "timings": _strict({name: _nullable(_NONNEG) for name in (*STAGES, "total")}),
         "local_slopes": _nullable(_strict({
             "norm": {"enum": ["inf", "2", "1"]},
