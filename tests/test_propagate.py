@@ -102,6 +102,9 @@ def test_conv_adjoint_is_thetranspose(attributes):
     (placed,) = rule.unit_adjoint(index, sign, [u.shape[1:]])
     assert torch.equal(placed, rule.adjoint(one_hot.reshape(20, *out.shape[1:]) * sign.reshape(-1, 1, 1, 1),
                                             [u.shape[1:]])[0])
+    # signs +-1 read a table of every unit's transpose; other signs place the kernel: the same values
+    (doubled,) = rule.unit_adjoint(index, 2 * sign, [u.shape[1:]])
+    assert torch.equal(doubled, 2 * placed)
 
 
 def test_relaxation_adjoint_is_the_signed_line_choice():
