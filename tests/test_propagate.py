@@ -102,6 +102,9 @@ def test_conv_adjoint_is_thetranspose(attributes):
     (placed,) = rule.unit_adjoint(index, sign, [u.shape[1:]])
     assert torch.equal(placed, rule.adjoint(one_hot.reshape(20, *out.shape[1:]) * sign.reshape(-1, 1, 1, 1),
                                             [u.shape[1:]])[0])
+    # signs +-1 read a table of every unit's transpose; other signs place the kernel: the same values
+    (doubled,) = rule.unit_adjoint(index, 2 * sign, [u.shape[1:]])
+    assert torch.equal(doubled, 2 * placed)
 
 
 def test_relaxation_adjoint_is_the_signed_line_choice():
@@ -117,6 +120,15 @@ def test_relaxation_adjoint_is_the_signed_line_choice():
     contribution, bias = relaxation_adjoint(relax, lam)
     assert torch.equal(contribution, expected)
     assert torch.allclose(bias, offset, rtol=1e-14, atol=1e-14)
+    # samples with different numbers of unstable units (each sample's are gathered, padded to the most)
+    stable_first = torch.cat([low[:1].abs() + 0.1, low[1:]])
+    uneven = relaxations.linear_relaxation("relu", stable_first, high.abs() + 0.2)
+    assert not uneven.upper_offset[0].any() and uneven.upper_offset[1].any()  # sample 0 has no unstable unit
+    up, down = uneven.upper_slope.unsqueeze(1), uneven.lower_slope.unsqueeze(1)
+    contribution, bias = relaxation_adjoint(uneven, lam)
+    assert torch.equal(contribution, lam.clamp_min(0) * up + lam.clamp_max(0) * down)
+    assert torch.allclose(bias, (lam.clamp_min(0) * uneven.upper_offset.unsqueeze(1)).flatten(2).sum(-1),
+                          rtol=1e-14, atol=1e-14)
     # lines per objective (the slope search's) take the general path: the same values
     lines = {field.name: getattr(relax, field.name).unsqueeze(1).expand(2, 7, 5, 3)
              for field in dataclasses.fields(relax)}

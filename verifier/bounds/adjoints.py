@@ -93,18 +93,23 @@ def relaxation_adjoint(relax: relaxations.Relaxation, lam: torch.Tensor) -> tupl
                               + inner(torch.where(positive, zero, lam), lower_offset))
     count, objectives = lam.shape[:2]
     upper_slope, lower_slope, upper_offset, lower_offset = (line.reshape(count, 1, -1) for line in lines)
-    differ = ((upper_slope != lower_slope) | (upper_offset != 0) | (lower_offset != 0)).flatten(1).any(0)
-    chosen = differ.nonzero().squeeze(1)  # (U,) over all samples
+    differ = ((upper_slope != lower_slope) | (upper_offset != 0) | (lower_offset != 0)).flatten(1)  # (N, units)
+    # Each sample's differing units first (ascending), padded to the sample with the most by units whose
+    # lines agree (there the choice gives `lam * lower_slope` again and the offsets add 0).
+    width = int(differ.sum(1).max())
+    order = torch.argsort((~differ).to(torch.int8), dim=1, stable=True)[:, :width].unsqueeze(1)  # (N, 1, M)
     flat = lam.reshape(count, objectives, -1)
     contribution = flat * lower_slope
-    picked = flat.index_select(2, chosen)
+    index = order.expand(count, objectives, width)
+    picked = flat.gather(2, index)  # gather/scatter_: 2-3x faster along the last axis than index_select
     positive = picked > 0
     zero = torch.zeros((), dtype=lam.dtype, device=lam.device)
-    upper_slope, lower_slope, upper_offset, lower_offset = (line.index_select(2, chosen) for line in (
+    upper_slope, lower_slope, upper_offset, lower_offset = (line.gather(2, order) for line in (
         upper_slope, lower_slope, upper_offset, lower_offset))
-    contribution.index_copy_(2, chosen, picked * torch.where(positive, upper_slope, lower_slope))
-    bias = inner(torch.where(positive, picked, zero), upper_offset) + inner(torch.where(positive, zero, picked),
-                                                                             lower_offset)
+    contribution.scatter_(2, index, picked * torch.where(positive, upper_slope, lower_slope))
+    bias = inner(torch.where(positive, picked, zero), upper_offset)
+    if bool(lower_offset.any()):  # a ReLU's lower lines have no offset
+        bias = bias + inner(torch.where(positive, zero, picked), lower_offset)
     return contribution.reshape(lam.shape), bias
 
 

@@ -37,6 +37,8 @@ STRUCTURAL_OPS = frozenset(
     """Reshape Flatten Transpose Squeeze Unsqueeze Identity Dropout Slice Gather Concat Split Pad
     AveragePool GlobalAveragePool ReduceMean ReduceSum Expand Tile Sum Mean""".split()
 )
+# A Conv's table of placed unit transposes (`unit_adjoint`) is kept when it has at most this many values.
+UNIT_TABLE_ELEMENTS = 2**22
 MONOTONE_UNARY = {"Erf": torch.erf, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Relu": torch.relu}
 
 
@@ -210,7 +212,33 @@ def conv(attributes: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> A
                 grad = grad.narrow(2 + axis, begin[axis], spatial[axis])
         return (grad,)
 
+    tables: dict[tuple, torch.Tensor | None] = {}
+
     def unit_adjoint(index: torch.Tensor, sign: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor]:
+        # Signs +-1 on a small layer: rows of the table of every unit's placed transpose (the same values).
+        key = (tuple(shapes[0]), index.device)
+        if key not in tables:
+            tables[key] = unit_table(shapes, index.device)
+        table = tables[key]
+        if table is None or not bool(((sign == 1) | (sign == -1)).all()):
+            return place_units(index, sign, shapes)
+        units = len(table) // 2
+        return (table.index_select(0, index + units * (sign < 0)).reshape(len(index), *shapes[0]),)
+
+    def unit_table(shapes: Sequence[torch.Size], device: torch.device) -> torch.Tensor | None:
+        # (2 * units, inputs): the transposes of +e_i (first half) and -e_i; None above UNIT_TABLE_ELEMENTS.
+        begin, end = sides_for(list(shapes[0][1:]))
+        padded = [s + b + e for s, b, e in zip(shapes[0][1:], begin, end)]
+        out = [(p - d * (k - 1) - 1) // st + 1 for p, k, st, d in zip(padded, weight.shape[2:], strides, dilations)]
+        units = weight.shape[0] * math.prod(out)
+        if 2 * units * math.prod(shapes[0]) > UNIT_TABLE_ELEMENTS:
+            return None
+        index = torch.arange(units, device=device).repeat(2)
+        sign = torch.ones(2 * units, dtype=weight.dtype, device=device)
+        sign[units:] = -1.0
+        return place_units(index, sign, shapes)[0].reshape(2 * units, -1).contiguous()
+
+    def place_units(index: torch.Tensor, sign: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor]:
         # The transpose of s e_(c, o) is the kernel s W[c] placed at output o's window in the padded input
         # (the taps of one window are distinct inputs: no sums), cropped to the input.
         channels, spatial = shapes[0][0], list(shapes[0][1:])

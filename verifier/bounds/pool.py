@@ -116,12 +116,15 @@ def pool_adjoint(relax: PoolRelaxation, lam: torch.Tensor) -> tuple[torch.Tensor
         # (weight 1); the same sums as the general form below, whose other terms are all zeros.
         rising = flat > 0
         slope = relax.upper_weight.gather(-1, relax.upper_tap.unsqueeze(-1)).squeeze(-1).unsqueeze(1)
-        tap = torch.where(rising, relax.upper_tap.unsqueeze(1), relax.lower_tap.unsqueeze(1))  # (N, K, C, windows)
         windows = torch.arange(relax.taps.shape[0], device=lam.device)
-        position = relax.taps[windows.expand_as(tap), tap]
+        # the input position each window's coefficient reaches when positive / otherwise (N, C, windows)
+        rises_to, falls_to = relax.taps[windows, relax.upper_tap], relax.taps[windows, relax.lower_tap]
+        position = torch.where(rising, rises_to.unsqueeze(1), falls_to.unsqueeze(1))  # (N, K, C, windows)
         value = torch.where(rising, flat * slope, flat)
-        value = torch.where(position >= 0, value, 0.0)  # padding taps read no input
-        contribution = contribution.scatter_add(-1, position.clamp_min(0), value)
+        if bool((rises_to < 0).any() or (falls_to < 0).any()):
+            value = torch.where(position >= 0, value, 0.0)  # padding taps read no input
+            position = position.clamp_min(0)
+        contribution = contribution.scatter_add(-1, position, value)
     else:
         negative = flat.clamp_max(0)
         upper, lower = _broadcast(relax.upper_weight, flat), _broadcast(relax.lower_weight, flat)
@@ -130,8 +133,11 @@ def pool_adjoint(relax: PoolRelaxation, lam: torch.Tensor) -> tuple[torch.Tensor
         index = relax.taps.clamp_min(0).reshape(1, 1, 1, -1).expand(count, objectives, channels, -1)
         contribution = contribution.scatter_add(-1, index, per_tap.reshape(count, objectives, channels, -1))
     ceiling = relax.upper_offset if relax.upper_offset.dim() == flat.dim() else relax.upper_offset.unsqueeze(1)
-    # 0 * inf counts as 0: a window with an unbounded input costs nothing when lam+ is 0 there.
-    offset = torch.where(positive == 0, 0.0, positive * ceiling).flatten(2).sum(-1)
+    product = positive * ceiling
+    if not bool(torch.isfinite(relax.upper_offset).all()):
+        # 0 * inf counts as 0: a window with an unbounded input costs nothing when lam+ is 0 there.
+        product = torch.where(positive == 0, 0.0, product)
+    offset = product.flatten(2).sum(-1)
     return contribution.reshape(count, objectives, channels, height, width), offset
 
 
