@@ -85,6 +85,7 @@ class Target:
     timing: dict = field(default_factory=dict, compare=False)  # seconds per padded row: "forward", "gradient"
     # (the slowest of the last `RECENT_PASSES` passes of each kind, timed on the deadline's clock)
     recent: dict = field(default_factory=dict, compare=False)  # kind -> the last passes' seconds per row
+    passes: dict = field(default_factory=dict, compare=False)  # kind -> passes run so far ("forward", "gradient")
     working_bytes: int = field(default_factory=resources.working_bytes)  # an attack's own tensors at once (`resources`)
 
     def rows_at_once(self, copies: int, itemsize: int = 8) -> int:
@@ -110,6 +111,7 @@ class Target:
         passes = self.recent.setdefault(kind, deque(maxlen=RECENT_PASSES))
         passes.append((self.deadline.clock() - began) / rows)
         self.timing[kind] = max(passes)
+        self.passes[kind] = self.passes.get(kind, 0) + 1
 
     @property
     def total(self) -> int:
