@@ -192,7 +192,8 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
     chosen, skipped = resolve_methods(methods, p)
     if prepared is None:
         prepared = prepare(model, loaded, x, y, p, norm, loss, box, device, deadline, shard, memory_limit_bytes)
-    target, replayer, clean, replay = prepared.target, prepared.replayer, prepared.clean, prepared.replay_seconds
+    target, replayer, clean, replay = (prepared.target.with_deadline(deadline), prepared.replayer, prepared.clean,
+                                       prepared.replay_seconds)
     if (target.p, target.norm, target.loss) != (p, norm, loss):
         raise UsageError(f"the prepared target is for p={target.p:g}, norm {target.norm}, loss {target.loss}; "
                          f"this attack asks for p={p:g}, norm {norm}, loss {loss}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -87,6 +87,14 @@ class Target:
     recent: dict = field(default_factory=dict, compare=False)  # kind -> the last passes' seconds per row
     passes: dict = field(default_factory=dict, compare=False)  # kind -> passes run so far ("forward", "gradient")
     working_bytes: int = field(default_factory=resources.working_bytes)  # an attack's own tensors at once (`resources`)
+
+    def with_deadline(self, deadline: Deadline) -> Target:
+        """This target under another hard deadline, its samples' logits and pass timings shared (no pass)."""
+        if deadline is self.deadline:
+            return self
+        other = replace(self, deadline=deadline)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("flat", "clean_logits")})
+        return other
 
     def rows_at_once(self, copies: int, itemsize: int = 8) -> int:
         """How many rows an attack may hold at once when each row takes `copies` tensors of D
