@@ -64,15 +64,19 @@ class WPGD(Attack):
         best_d, best_value, flip_d, best_errors = d, -math.inf, d, -1
         alpha = 1.875 * delta / self.steps
         taken = 0
+
+        def keep(point: torch.Tensor, value: float, errors: int) -> None:  # the batch's two best iterates
+            nonlocal best_d, best_value, flip_d, best_errors
+            if value > best_value:
+                best_d, best_value = point, value
+            if errors > best_errors:
+                flip_d, best_errors = point, errors
         for step in range(self.steps + 1):
             if step == 0 and self.out_of_time(agreed=True, rows=t.count):
                 break  # no time for one pass: the samples themselves
             _, grad, logits = t.gradient(t.atoms(d, rows), objective)
             value, errors, sizes = self._scored(logits, rows, dual_norm(grad, t.norm))  # one exchange per step
-            if value > best_value:
-                best_d, best_value = d, value
-            if errors > best_errors:
-                flip_d, best_errors = d, errors
+            keep(d, value, errors)
             if step == self.steps:
                 break
             late = self.out_of_time(agreed=True)
@@ -91,11 +95,7 @@ class WPGD(Attack):
             else:
                 d = self._contract(d, delta * (1 - SHRINK))
             if late:  # out of time after the first step: its point, by one forward pass
-                value, errors = self._scored(t.logits(t.atoms(d, rows)), rows)
-                if value > best_value:
-                    best_d, best_value = d, value
-                if errors > best_errors:
-                    flip_d, best_errors = d, errors
+                keep(d, *self._scored(t.logits(t.atoms(d, rows)), rows))
                 break
         return self.pointwise(best_d, taken, accuracy_d=flip_d)
 
