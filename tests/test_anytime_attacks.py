@@ -254,3 +254,70 @@ def test_a_step_is_predicted_from_the_slowest_recent_one_not_the_last(mlp):
     runner.begin(1)
     assert runner.out_of_time() is False and runner.out_of_time() is False  # t = 10; t = 40 (+30 = 70, not past)
     assert runner.out_of_time() is True  # t = 45: the slowest recent step (30 s) would end past 70
+
+
+class _Stepping(torch.nn.Module):
+    """A module whose every forward pass advances a fake clock by `seconds` (a large model's pass)."""
+
+    def __init__(self, inner: torch.nn.Module, clock, seconds: float) -> None:
+        super().__init__()
+        self.inner, self.clock, self.seconds = inner, clock, seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.now += self.seconds
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("hard, stepped", [(200.0, True), (50.0, False)])
+def test_a_first_step_longer_than_the_share_is_taken_when_it_fits_the_hard_limit(mlp, monkeypatch, hard, stepped):
+    """Every pass takes 10 s (the clean logits end at t = 10), a gradient step is predicted at 30 s
+    and the share ends near t = 10: before, no step fitted the share and the attack returned the
+    samples themselves. Now the first step is taken when it (30), the pass that evaluates its point
+    (10) and the replay (10), 1.25 x 50 s from t = 10, end before the hard limit (t = 200): a real
+    step, time-limited; with the hard limit at t = 50 it is not, and the result says that no step was
+    taken."""
+    import verifier.attacks as attacks_module
+    from verifier.deadline import NO_STEP
+
+    clock = Ticks()
+    real = attacks_module.prepared_module
+    monkeypatch.setattr(attacks_module, "prepared_module", lambda *a, **k: _Stepping(real(*a, **k), clock, 10.0))
+    readings = lambda: clock.now  # noqa: E731 - the clock only the passes advance
+    loaded, converted, x, y = mlp
+    report = attack(converted, None, x[:8], y[:8], ["pgd"], [4 / 255], p=2.0, norm="inf", box=(0.0, 1.0),
+                    steps=50, device="cpu", deadline=Deadline(at=hard, clock=readings),
+                    budget=Deadline(at=15.0, clock=readings))
+    (result,) = report.results
+    assert TIME_LIMITED in result.flags and clock.now <= hard
+    assert result.transport_cost <= result.delta * (1 + 1e-9)
+    if stepped:
+        assert NO_STEP not in result.flags and result.risk > result.clean_risk + 1e-6
+    else:
+        assert NO_STEP in result.flags and result.risk == result.clean_risk
+
+
+def test_the_first_step_counts_the_hard_limit_not_the_share(mlp):
+    """One gradient step of the target's rows predicted at 20 s, a share ending at t = 10, one
+    delta's replay 5 s: at t = 1 the first step is granted when t = 100 is the hard limit (1 + 1.25
+    (20 + the evaluating pass + 5) fits), refused when it is t = 25; a second step keeps to the share."""
+    from verifier.attacks import _target
+    from verifier.attacks.base import Attack
+    from verifier.device import resolve_device
+
+    _, converted, x, y = mlp
+    now = [0.0]
+    readings = lambda: now[0]  # noqa: E731
+    answers = []
+    for hard in (100.0, 25.0):
+        target = _target(converted, x[:2], y[:2], 2.0, "inf", "ce", (0.0, 1.0), resolve_device("cpu"),
+                         Deadline(at=hard, clock=readings))
+        target.timing.update(gradient=20.0 / target.rows_per_pass, forward=1.0 / target.rows_per_pass)
+        runner = Attack(target, budget=Deadline(at=10.0, clock=readings), reserve=5.0)
+        now[0] = 0.0
+        runner.begin(1)
+        now[0] = 1.0
+        answers.append(runner.out_of_time(rows=2))
+        if hard == 100.0:
+            now[0] = 3.0  # (a step of the fake clock's own: 2 s)
+            assert runner.out_of_time(rows=2) is True  # the second step: past its share's t = 10 by the estimate
+    assert answers == [False, True]

@@ -566,3 +566,30 @@ def test_warnings_split_into_problems_and_notes():
     assert "**Warnings** (these numbers contradict each other; please report them)" in text
     only_notes = finalize_report({**raw_report(), "warnings": notes})
     assert '<div class="warn">' not in render_html(only_notes) and "**Warnings**" not in render_markdown(only_notes)
+
+
+def test_an_attack_that_took_no_step_is_not_the_best_attack_nor_the_attacked_accuracy():
+    """A result flagged NO_STEP holds the samples' own numbers: left out of best attack and attacked
+    accuracy (which a robust-accuracy gate would otherwise pass on the clean accuracy)."""
+    from verifier.deadline import NO_STEP
+
+    raw = raw_report()
+    raw["settings"]["thresholds"] = {"max_risk": None, "min_certified_accuracy": None, "min_robust_accuracy": 0.93}
+    for result in raw["results"]:
+        result["attacks"]["wda"].update(risk=0.0812, robust_accuracy=0.98, flags=[NO_STEP])
+    raw["results"][2]["attacks"]["pgd"].update(risk=0.0812, robust_accuracy=0.98, flags=[NO_STEP])
+    report = finalize_report(raw)
+    validate_report(report)
+    low, _, high = report["results"]
+    assert (low["best_attack"], low["best_attack_risk"], low["best_attack_accuracy"]) == ("pgd", 0.1402, 0.96)
+    assert (high["best_attack"], high["best_attack_risk"], high["best_attack_accuracy"]) == (None, None, None)
+    assert high["tightness"] is None and high["verdict"]["min_robust_accuracy"] == "fail"
+    assert "delta=0.2: attacked accuracy — below 93.0% (no attack took a step within the time limit)" \
+        in report["verdict"]["failures"]
+    unset = _finalized(settings__thresholds={"max_risk": None, "min_certified_accuracy": None,
+                                             "min_robust_accuracy": None},
+                       results__2__attacks={"pgd": _attack(0.0812, 0.98, 0.0, flags=[NO_STEP])})
+    assert unset["verdict"]["summary"] == (
+        "No thresholds set; at delta=0.2 no attack took a step within the time limit (not attacked: no attacked "
+        "risk or accuracy); certificate 0.6633, clean 0.0812.")
+    assert "| 0.2 | 0.0812 | — |" in render_markdown(unset)

@@ -25,8 +25,8 @@ import numpy as np
 
 from verifier import __version__
 from verifier.allocator import release_freed_memory
-from verifier.attacks import METHODS, attack, resolve_methods
-from verifier.attacks.base import TIME_LIMITED
+from verifier.attacks import METHODS, attack, prepare, resolve_methods
+from verifier.attacks.base import NO_STEP, TIME_LIMITED
 from verifier.certify.certificate import Certificate, certify, slope_search
 from verifier.certify.milp_route import EXACT_MODES
 from verifier.convert import convert_model
@@ -212,6 +212,16 @@ def _attack_entry(result) -> dict:
             "flags": list(result.flags)}
 
 
+def _late_warnings(method: str, results) -> list[str]:
+    """One line for the deltas where the attack took no step, one for those its time limit cut short."""
+    idle = [f"{r.delta:g}" for r in results if NO_STEP in r.flags]
+    late = [f"{r.delta:g}" for r in results if TIME_LIMITED in r.flags and NO_STEP not in r.flags]
+    return ([f"attack {method} took no step within the time limit at delta {', '.join(idle)}: not attacked "
+             "there (its numbers are the samples' own, left out of the best attack)"] if idle else []) + \
+        ([f"attack {method} stopped early by the time limit at delta {', '.join(late)}: "
+          "its numbers there are weaker lower bounds"] if late else [])
+
+
 def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
           settings: AuditSettings = AuditSettings(), out_dir: str | os.PathLike[str] = "verifier-report",
           on_stage: Callable[[str], None] | None = None, progress: bool = False,
@@ -293,30 +303,33 @@ def audit(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
                 stopped_at = "certify"
                 warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
             methods = settings.attacks if certificate is not None else ()
+            prepared = None
             for index, method in enumerate(methods):
                 if job.agree(clock.expired()):
                     stopped_at = "attacks"
                     break
                 announce(f"attack {method}")
-                # anytime: each attack gets an equal share of the time left, and stops early with its best
-                share = clock.deadline().sooner(ATTACKS_SHARE / (len(methods) - index))
                 try:
                     release_freed_memory()  # the last stage's freed tensors stay in the heaps otherwise
+                    if prepared is None:  # once for every attack: the target, the replayer, the clean numbers
+                        prepared = clock.run("attacks", lambda: prepare(
+                            converted, loaded, shard.local(x), shard.local(y), p=settings.p, norm=settings.norm,
+                            loss=settings.loss, box=box, device=settings.device, deadline=clock.deadline(),
+                            shard=shard, memory_limit_bytes=settings.memory_limit))
+                    # anytime: each attack gets an equal share of the time left, and stops early with its best
+                    share = clock.deadline().sooner(ATTACKS_SHARE / (len(methods) - index))
                     report = clock.run("attacks", lambda m=method, b=share: attack(
                         converted, loaded, shard.local(x), shard.local(y), [m], list(settings.deltas), p=settings.p,
                         norm=settings.norm, loss=settings.loss, box=box, steps=settings.steps, seed=settings.seed,
                         device=settings.device, progress=progress, deadline=clock.deadline(), shard=shard,
-                        budget=b, memory_limit_bytes=settings.memory_limit))
+                        budget=b, memory_limit_bytes=settings.memory_limit, prepared=prepared))
                 except Stopped as err:
                     job.share(err)
                     stopped_at = "attacks"
                     warnings += [f"audit {err}"] if isinstance(err, Terminated) else []
                     break
                 attacks_done[method] = [_attack_entry(r) for r in report.results]
-                late = [f"{r.delta:g}" for r in report.results if TIME_LIMITED in r.flags]
-                if late:
-                    warnings.append(f"attack {method} stopped early by the time limit at delta {', '.join(late)}: "
-                                    "its numbers there are weaker lower bounds")
+                warnings += _late_warnings(method, report.results)
     announce("report")
     began = time.monotonic()
     raw = {

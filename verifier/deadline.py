@@ -16,6 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
+# the flag of an anytime attack result whose time left it no step: its numbers are the samples' own
+# (here, torch-free, so that the report can tell such results apart without importing the attacks)
+NO_STEP = "no step taken within the time limit (the samples themselves: not an attack result)"
+
+
 class Stopped(Exception):
     """The caller asked to stop (e.g. an audit's time limit): no result, nothing wrong."""
 
@@ -71,4 +76,4 @@ class Deadline:
 
 NEVER = Deadline()
 
-__all__ = ["NEVER", "Deadline", "Stopped"]
+__all__ = ["NEVER", "NO_STEP", "Deadline", "Stopped"]

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -117,6 +118,34 @@ def _target(model: ConvertedModel, x, y, p: float, norm: str, loss: str, box, de
     return target
 
 
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """What every method of an `attack()` call needs before its loops, built once by `prepare` (an
+    audit runs its methods as separate calls on one `Prepared`): the target (module, samples, their
+    logits, the pass timings), the onnxruntime replayer, the clean (risk, accuracy), and the seconds
+    one delta's replay should take (a torch and an onnxruntime pass of the samples: `measure`
+    compares the runtimes on every moved atom; timed on the clean samples)."""
+
+    target: Target
+    replayer: Replayer | None
+    clean: tuple[float, float]
+    replay_seconds: float
+
+
+def prepare(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | np.ndarray,
+            y: torch.Tensor | np.ndarray, p: float = 2.0, norm: str = "inf", loss: str = "ce",
+            box: tuple[float, float] | None = None, device: str = "auto", deadline: Deadline = NEVER,
+            shard: Shard | None = None, memory_limit_bytes: int | None = None) -> Prepared:
+    """The target, replayer and clean numbers for `attack()` (arguments as there); `loaded=None`: no replay."""
+    torch_device = resolve_device(device)
+    target = _target(model, x, y, float(p), parse_norm(norm), check_loss(loss), box, torch_device, deadline, shard,
+                     memory_limit_bytes)
+    replayer = Replayer(loaded, model, torch_device, target.rows_per_pass) if loaded is not None else None
+    began = deadline.clock()
+    clean = clean_numbers(target, replayer)
+    return Prepared(target, replayer, clean, deadline.clock() - began + target.forward_seconds(target.count))
+
+
 def _progress(methods: tuple[str, ...], progress: bool):
     """tqdm over the methods on stderr (tqdm is optional: without it, no bar)."""
     try:
@@ -132,7 +161,7 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
            steps: int | None = None, kappa: float = 1.0, topk: int = 9, seed: int = 0, device: str = "auto",
            radii: torch.Tensor | None = None, progress: bool = False, deadline: Deadline = NEVER,
            shard: Shard | None = None, budget: Deadline | None = None,
-           memory_limit_bytes: int | None = None) -> AttackReport:
+           memory_limit_bytes: int | None = None, prepared: Prepared | None = None) -> AttackReport:
     """Run every method at every delta; one `AttackResult` per (method, delta), in that order.
 
     Anytime: `budget` (default: `deadline`) is shared out, each method getting an equal part of
@@ -152,25 +181,28 @@ def attack(model: ConvertedModel, loaded: LoadedModel | None, x: torch.Tensor | 
     `shard` (verifier.distributed): `x`, `y` are this rank's samples of a sharded run; the global
     steps (knapsacks, W-PGD's batch coupling, means) gather the other ranks' per-sample tables, and
     every rank returns the same report, that of one process over all samples.
+
+    `prepared` (`prepare` with the same model, samples and threat model): reused instead of building
+    the target and replaying the clean samples again (on a large model these passes cost as much as
+    a step).
     """
     p, norm, loss = float(p), parse_norm(norm), check_loss(loss)
     deltas = [float(d) for d in deltas]
     _check(p, deltas, kappa, topk, steps, radii)
     chosen, skipped = resolve_methods(methods, p)
-    torch_device = resolve_device(device)
-    target = _target(model, x, y, p, norm, loss, box, torch_device, deadline, shard, memory_limit_bytes)
-    replayer = Replayer(loaded, model, torch_device, target.rows_per_pass) if loaded is not None else None
-    began = deadline.clock()
-    clean = clean_numbers(target, replayer)
-    # a replay of a method's distributions: up to two atoms per sample (risk, accuracy) per delta, each
-    # a torch forward pass (`measure` compares the runtimes) and an onnxruntime one, timed on the clean samples
-    replay_seconds = (deadline.clock() - began + target.forward_seconds(target.count)) * 2 * len(deltas)
+    if prepared is None:
+        prepared = prepare(model, loaded, x, y, p, norm, loss, box, device, deadline, shard, memory_limit_bytes)
+    target, replayer, clean, replay = (prepared.target.with_deadline(deadline), prepared.replayer, prepared.clean,
+                                       prepared.replay_seconds)
+    if (target.p, target.norm, target.loss) != (p, norm, loss):
+        raise UsageError(f"the prepared target is for p={target.p:g}, norm {target.norm}, loss {target.loss}; "
+                         f"this attack asks for p={p:g}, norm {norm}, loss {loss}")
     results: list[AttackResult] = []
     budget = deadline if budget is None else budget
     for index, name in enumerate(_progress(chosen, progress)):
         left = len(chosen) - index
-        share = NEVER if math.isinf(budget.at) else budget.sooner(ATTACK_SHARE / left, replay_seconds * left)
-        runner = ATTACKS[name](target, steps=steps, seed=seed, budget=share, reserve=replay_seconds, kappa=kappa,
+        share = NEVER if math.isinf(budget.at) else budget.sooner(ATTACK_SHARE / left, replay * len(deltas) * left)
+        runner = ATTACKS[name](target, steps=steps, seed=seed, budget=share, reserve=replay, kappa=kappa,
                                topk=topk, radii=radii, box=box)
         measured = []
         for delta, dist in zip(deltas, runner.run(deltas)):
@@ -190,5 +222,5 @@ def save_adversarial(report: AttackReport, path: str | os.PathLike[str]) -> None
                        deltas=np.array([r.delta for r in report.results]))
 
 
-__all__ = ["ATTACKS", "METHODS", "AttackReport", "AttackResult", "Distribution", "attack", "resolve_methods",
-           "save_adversarial", "transport_cost"]
+__all__ = ["ATTACKS", "METHODS", "AttackReport", "AttackResult", "Distribution", "Prepared", "attack", "prepare",
+           "resolve_methods", "save_adversarial", "transport_cost"]

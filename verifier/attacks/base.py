@@ -12,7 +12,11 @@ not a shared stream), so results do not depend on the sharding.
 
 `budget` makes an attack anytime: past it every loop stops at its next step and the attack returns
 the best points found so far (still within the budget of perturbation, so still a lower bound),
-flagged "time-limited"; the hard `Target.deadline` still raises `Stopped`.
+flagged "time-limited"; the hard `Target.deadline` still raises `Stopped`. Under a finite hard
+deadline an attack's first step may run past its share when it, the pass that evaluates its
+point and the replays end before the hard deadline (a large model's step can be longer than a
+share); a part that took no gradient step at all is flagged `NO_STEP`: its numbers are the
+samples' own, not an attack result.
 """
 
 from __future__ import annotations
@@ -30,13 +34,16 @@ from verifier.attacks.draws import ball_displacements, occurrences, seeded_gener
 from verifier.attacks.result import Distribution
 from verifier.attacks.steps import checkpoints, project_ball, schedule, steepest_ascent
 from verifier.attacks.target import RECENT_PASSES, Best, Objective, Target, top_wrong_classes
-from verifier.deadline import NEVER, Deadline
+from verifier.deadline import NEVER, NO_STEP, Deadline
 
 SHRINK = 1e-6  # radii are shrunk by this factor so that float64 costs stay within the budget
 MOMENTUM = 0.75  # APGD's momentum alpha
 OSCILLATION = 0.75  # APGD's rho: halve the step when fewer than rho of the steps since the last checkpoint rose
 ASCEND_COPIES = 16  # float64 (rows, D) tensors `ascend` holds per row: iterates, gradients, best points, temporaries
 TIME_LIMITED = "time-limited (stopped early: a weaker lower bound)"
+FIRST_STEP_MARGIN = 1.25  # the first step of a run past its share: its predicted end (with the pass that
+# evaluates its point and the replays) times this must fit before the hard deadline (load varies; the
+# attacks after it still need a moment to return their results)
 SLOWDOWN = 3.0  # how much slower than the slowest recent ones the next step may turn out (a loaded machine)
 # and still leave the replays after it their time before the hard deadline: a loop stops before it would risk it
 
@@ -59,7 +66,11 @@ class Attack:
         self.budget = budget  # soft: when the whole run should end (`begin` shares it out per delta)
         self.until = budget  # soft: when the current delta's loops should end
         self.cut = False  # whether a loop of the current delta stopped early at `until`
-        self.reserve = float(reserve)  # seconds of work after the loops (the replays) the hard deadline must fit
+        self.reserve = float(reserve)  # seconds of one delta's replay after the loops, which the hard deadline must fit
+        self.deltas_per_part = 1  # deltas whose atoms one part's steps move (one pass for every delta: all of them)
+        self._replays_due = 0  # deltas of the parts before this one whose atoms moved (their replays cost passes)
+        self.first_step_open = True  # no step on rows granted yet in this run: the first may run past the share
+        self._from: int | None = None  # the target's gradient passes when the current part began
         self._polled = None  # the last poll of `until`
         self._steps: deque[float] = deque(maxlen=RECENT_PASSES)  # the times between the last polls
 
@@ -76,6 +87,9 @@ class Attack:
     def begin(self, parts_left: int) -> None:
         """Start a part of the run (a delta, or every delta at once): it gets an equal share of the
         budget left with the `parts_left - 1` parts after it."""
+        if self.stepped():
+            self._replays_due += self.deltas_per_part
+        self._from = self.target.passes.get("gradient", 0)
         self.until = self.budget.sooner(1.0 / max(1, parts_left))
         self.cut = False
         self._polled = None  # the step estimate carries over: it is the model's, not the part's
@@ -91,7 +105,11 @@ class Attack:
         of its slowest recent passes. And it stops when that step, `SLOWDOWN` times slower, and then
         the `reserve` after the loops (the replays, timed on the slowest passes so far) could end past
         the hard deadline (`Target.deadline`, which raises `Stopped`): a sudden slow pass ends the
-        attack with its time-limited result."""
+        attack with its time-limited result. Until the run's first step on rows is granted (with a
+        finite hard deadline), the share does not count: the step is granted when it, the forward
+        pass that evaluates its point and the replays end before the hard deadline as predicted (a
+        share shorter than one step of a large model would otherwise leave the attack stepless), with
+        `FIRST_STEP_MARGIN` on that prediction."""
         until = self.until
         late = self.cut or (until.stop_when is not None and until.stop_when())  # once a loop stopped, none restarts
         if not late and not math.isinf(until.at):
@@ -101,12 +119,37 @@ class Attack:
             self._polled = now
             step = max(max(self._steps, default=0.0), self.target.step_seconds(rows))
             hard = self.target.deadline
-            late = (now >= until.at or now + step > until.at
-                    or (not math.isinf(hard.at) and hard.clock() + SLOWDOWN * step + self.reserve > hard.at))
+            if self.first_step_open and not math.isinf(hard.at):
+                predicted = step + self.target.forward_seconds(rows) + self.replays_due()
+                late = hard.clock() + FIRST_STEP_MARGIN * predicted > hard.at
+            else:
+                late = (now >= until.at or now + step > until.at
+                        or (not math.isinf(hard.at) and hard.clock() + SLOWDOWN * step + self.replays_due() > hard.at))
+            self.first_step_open = self.first_step_open and (late or rows == 0)
         if agreed and self.target.shard is not None:
             late = bool(self.target.gather(torch.tensor([late]))[0].any())
         self.cut = self.cut or late
         return late
+
+    def replays_due(self) -> float:
+        """Seconds of the replays the hard deadline must still fit if a step is taken now: the deltas of
+        the earlier parts that moved atoms and those of the current part (unmoved atoms cost no pass)."""
+        return self.reserve * (self._replays_due + self.deltas_per_part)
+
+    def stepped(self) -> bool:
+        """Whether the current part has taken a gradient pass (every attack's steps are gradient passes)."""
+        return self._from is not None and self.target.passes.get("gradient", 0) > self._from
+
+    def evaluation_fits(self, rows: int, agreed: bool = False) -> bool:
+        """Whether a forward pass of `rows` rows (a cut loop's last point) and then the replays still
+        end before the hard deadline as predicted, with `FIRST_STEP_MARGIN` (`agreed`: one answer for
+        every rank)."""
+        hard = self.target.deadline
+        predicted = self.target.forward_seconds(rows) + self.replays_due()
+        fits = math.isinf(hard.at) or hard.clock() + FIRST_STEP_MARGIN * predicted <= hard.at
+        if agreed and self.target.shard is not None:
+            fits = bool(self.target.gather(torch.tensor([fits]))[0].all())
+        return fits
 
     def attack(self, delta: float) -> Distribution:
         """The distribution for one budget."""
@@ -199,7 +242,7 @@ class Attack:
             z = self.project(d + eta.unsqueeze(-1) * direction, radius, rows)
             alpha = MOMENTUM if step > 0 else 1.0
             previous, d = d, self.project(d + alpha * (z - d) + (1 - alpha) * (d - previous), radius, rows)
-        if not cut:  # out of time, the last iterate is left unevaluated: the best so far stands
+        if not cut or (step > 0 and self.evaluation_fits(len(rows))):  # else the best so far stands
             best.update(d, *t.scores(t.logits(t.atoms(d, rows)), rows))
         return best, d
 
@@ -275,9 +318,10 @@ class Attack:
     def flags(self) -> tuple[str, ...]:
         """Warnings gathered while attacking (e.g. samples whose gradient vanished), over every rank."""
         count = int(self.target.gather(self.zero_gradient.cpu())[0].sum())
-        cut = bool(self.target.gather(torch.tensor([self.cut]))[0].any())
+        cut, stepped = (bool(v.any()) for v in self.target.gather(torch.tensor([self.cut]),
+                                                                  torch.tensor([self.stepped()])))
         return (((f"zero-gradient ({count} of {self.target.total} samples)",) if count else ())
-                + ((TIME_LIMITED,) if cut else ()))
+                + ((TIME_LIMITED,) if cut else ()) + ((NO_STEP,) if cut and not stepped else ()))
 
     def pointwise(self, d: torch.Tensor, steps: int, accuracy_d: torch.Tensor | None = None) -> Distribution:
         """Q = (1/N) sum_i delta(x_i + d_i): one atom per sample (the risk); the accuracy is measured

@@ -125,9 +125,12 @@ class CurveAttack(Attack):
         chosen = self.options.get("radii") is None and self.options.get("wpgd", True)
         if math.isinf(t.p) or t.p == 1 or not chosen or not positive:
             return t.x[:, None][:, :0]
-        runner = WPGD(t, seed=self.seed, budget=self.until)  # within this attack's time share
+        # within this attack's time share, reserving the replays of every delta this part serves
+        runner = WPGD(t, seed=self.seed, budget=self.until, reserve=self.replays_due())
+        runner.first_step_open = self.first_step_open
         points = torch.stack([runner.attack(delta).atoms for delta in positive], 1)
         self.cut = self.cut or runner.cut
+        self.first_step_open = self.first_step_open and runner.first_step_open
         return points
 
     def _pointwise(self, distance: torch.Tensor, gain: torch.Tensor, delta: float) -> list[tuple[int, int, float]]:
@@ -161,7 +164,8 @@ class CurveAttack(Attack):
         """One batch of attack points for every delta, then one hull allocation per delta."""
         t = self.target
         start = time.perf_counter()
-        self.begin(1)  # one batch of points serves every delta
+        self.deltas_per_part = len(deltas)  # one batch of points serves every delta (and moves each one's atoms)
+        self.begin(1)
         store = self._points(deltas)
         shared = time.perf_counter() - start
         out = []

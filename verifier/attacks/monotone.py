@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from verifier.attacks.base import NO_STEP
 from verifier.attacks.result import AttackResult
 
 BUDGET_RTOL = 1e-6  # the tolerance of `measure`'s over-budget check
@@ -63,10 +64,13 @@ def _combined(result: AttackResult, risk_from: AttackResult, accuracy_from: Atta
     atoms, weights, source = _accuracy_part(accuracy_from)
     same = accuracy_from is risk_from
     carried = sorted({r.delta for r in (risk_from, accuracy_from) if r is not result})
+    # numbers carried from a delta that took steps are an attack's result here too
+    attacked = any(r is not result and NO_STEP not in r.flags for r in (risk_from, accuracy_from))
     return replace(
         result, risk=risk_from.risk, robust_accuracy=accuracy_from.robust_accuracy,
         transport_cost=max(risk_from.transport_cost, accuracy_from.transport_cost),
-        flags=tuple(result.flags) + tuple(CARRIED.format(delta=d) for d in carried),
+        flags=tuple(f for f in result.flags if not (attacked and f == NO_STEP))
+        + tuple(CARRIED.format(delta=d) for d in carried),
         atoms=risk_from.atoms, weights=risk_from.weights, source=risk_from.source,
         accuracy_atoms=None if same and risk_from.accuracy_atoms is None else atoms,
         accuracy_weights=None if same else weights, accuracy_source=None if same else source)

@@ -3,12 +3,18 @@
 The reported risk and accuracy come from onnxruntime's logits (the oracle, as in
 `verifier.validate`). An atom that is its sample itself (an attack starved of steps returns the
 samples) takes the samples' logits, computed once per runtime in passes of the same row count,
-so only moved atoms cost a pass. When torch and onnxruntime disagree on an atom, on its error indicator
+so only moved atoms cost a pass, and an accuracy atom equal to its risk atom takes that atom's
+logits. When the accuracy atoms' own passes would end past the hard deadline (`Target.deadline`,
+as predicted from the slowest passes so far), the accuracy is measured on the risk atoms
+(feasible too, a weaker number; flagged `ACCURACY_ON_RISK`). When torch and onnxruntime disagree on an atom, on its error indicator
 (margin >= 0) or on its loss beyond `1e-4 + 1e-4 |loss|`, the result carries the flag
 "onnxruntime-disagrees" and the onnxruntime value is what counts.
 """
 
 from __future__ import annotations
+
+import math
+import time
 
 import numpy as np
 import torch
@@ -25,6 +31,7 @@ from verifier.validate import onnxruntime_session, oracle_model, run_onnxruntime
 LOSS_ATOL = 1e-4
 LOSS_RTOL = 1e-4
 ROWS = 256  # default rows per onnxruntime run, padded: per-row results do not depend on the other rows
+ACCURACY_ON_RISK = "accuracy measured on the risk atoms (its own atoms' replay did not fit the time limit)"
 
 
 class Replayer:
@@ -41,6 +48,7 @@ class Replayer:
         shape = model.input_spec.shape
         self.fixed = shape[0] if shape and isinstance(shape[0], int) else None
         self._samples: tuple[torch.Tensor, torch.Tensor] | None = None  # (samples, their logits), once
+        self.row_seconds = 0.0  # the slowest run so far, per padded row (wall seconds)
 
     def samples_logits(self, x: torch.Tensor) -> torch.Tensor:
         """`logits(x)` of a target's samples, computed on the first call for these samples only."""
@@ -58,9 +66,16 @@ class Replayer:
             size = len(chunk)
             if size < step:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - size, axis=0)])
+            began = time.perf_counter()
             (out,) = run_onnxruntime(self.session, [self.name], self.input_name, chunk, self.fixed)
+            self.row_seconds = max(self.row_seconds, (time.perf_counter() - began) / step)
             parts.append(np.asarray(out, dtype=np.float64).reshape(len(chunk), -1)[:size])
         return torch.from_numpy(np.concatenate(parts))
+
+    def seconds(self, rows: int) -> float:
+        """How long runs of `rows` rows should take (padded; from the slowest run so far, 0 before any)."""
+        step = self.fixed or self.rows
+        return -(-rows // step) * step * self.row_seconds
 
 
 def disagreeing(torch_logits: torch.Tensor, ort_logits: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
@@ -110,10 +125,21 @@ def measure(method: str, delta: float, dist: Distribution, target: Target, repla
     labels = target.y.cpu()[source]
     logits, off = _replayed(atoms, labels, target, replayer, source)
     accuracy_atoms, accuracy_logits, accuracy_off = atoms, logits, off
+    flags = list(dist.flags)
+    own = torch.zeros(len(labels), dtype=torch.bool)  # rows whose accuracy atom is not their risk atom
     if dist.accuracy_atoms is not None:
         accuracy_atoms = dist.accuracy_atoms[order.to(dist.accuracy_atoms.device)]
-        accuracy_logits, accuracy_off = _replayed(accuracy_atoms, labels, target, replayer, source)
-    has_accuracy = torch.full((len(labels),), dist.accuracy_atoms is not None)
+        own = (accuracy_atoms.flatten(1) != atoms.flatten(1)).any(1).cpu()
+    fits = _fits(target, replayer, int(own.sum()))  # every rank asks: one exchange in a sharded run
+    if dist.accuracy_atoms is not None:
+        if not fits:
+            accuracy_atoms = atoms
+            flags.append(ACCURACY_ON_RISK)
+        elif bool(own.any()):
+            accuracy_logits, accuracy_off = logits.clone(), off.clone()
+            accuracy_logits[own], accuracy_off[own] = _replayed(accuracy_atoms[own.to(accuracy_atoms.device)],
+                                                                labels[own], target, replayer, source[own])
+    has_accuracy = torch.full((len(labels),), accuracy_atoms is not atoms)
     x = target.x.cpu()
     (weights, losses, accuracy_margins, distance, accuracy_distance, off, accuracy_off, has_accuracy, atoms,
      accuracy_atoms, source) = target.gather(
@@ -127,7 +153,6 @@ def measure(method: str, delta: float, dist: Distribution, target: Target, repla
     if separate:
         cost = max(cost, cost_of(weights, accuracy_distance, target.p))
         count += int(accuracy_off.sum())
-    flags = list(dist.flags)
     if replayer is None:
         flags.append("not-replayed")
     elif count:
@@ -146,6 +171,15 @@ def measure(method: str, delta: float, dist: Distribution, target: Target, repla
         seconds=float(dist.seconds), flags=tuple(flags), replayed_in_onnxruntime=replayer is not None,
         atoms=atoms, weights=weights, source=source, accuracy_atoms=accuracy_atoms if separate else None,
     )
+
+
+def _fits(target: Target, replayer: Replayer | None, rows: int) -> bool:
+    """Whether the torch and onnxruntime passes of `rows` moved atoms should end before the hard deadline
+    (one answer for every rank of a sharded run)."""
+    hard = target.deadline
+    cost = target.forward_seconds(rows) + (replayer.seconds(rows) if replayer is not None else 0.0)
+    fits = rows == 0 or math.isinf(hard.at) or hard.clock() + cost <= hard.at
+    return fits if target.shard is None else bool(target.gather(torch.tensor([fits]))[0].all())
 
 
 def clean_numbers(target: Target, replayer: Replayer | None) -> tuple[float, float]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -85,7 +85,16 @@ class Target:
     timing: dict = field(default_factory=dict, compare=False)  # seconds per padded row: "forward", "gradient"
     # (the slowest of the last `RECENT_PASSES` passes of each kind, timed on the deadline's clock)
     recent: dict = field(default_factory=dict, compare=False)  # kind -> the last passes' seconds per row
+    passes: dict = field(default_factory=dict, compare=False)  # kind -> passes run so far ("forward", "gradient")
     working_bytes: int = field(default_factory=resources.working_bytes)  # an attack's own tensors at once (`resources`)
+
+    def with_deadline(self, deadline: Deadline) -> Target:
+        """This target under another hard deadline, its samples' logits and pass timings shared (no pass)."""
+        if deadline is self.deadline:
+            return self
+        other = replace(self, deadline=deadline)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("flat", "clean_logits")})
+        return other
 
     def rows_at_once(self, copies: int, itemsize: int = 8) -> int:
         """How many rows an attack may hold at once when each row takes `copies` tensors of D
@@ -110,6 +119,7 @@ class Target:
         passes = self.recent.setdefault(kind, deque(maxlen=RECENT_PASSES))
         passes.append((self.deadline.clock() - began) / rows)
         self.timing[kind] = max(passes)
+        self.passes[kind] = self.passes.get(kind, 0) + 1
 
     @property
     def total(self) -> int:

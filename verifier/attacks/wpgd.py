@@ -64,19 +64,24 @@ class WPGD(Attack):
         best_d, best_value, flip_d, best_errors = d, -math.inf, d, -1
         alpha = 1.875 * delta / self.steps
         taken = 0
+
+        def keep(point: torch.Tensor, value: float, errors: int) -> None:  # the batch's two best iterates
+            nonlocal best_d, best_value, flip_d, best_errors
+            if value > best_value:
+                best_d, best_value = point, value
+            if errors > best_errors:
+                flip_d, best_errors = point, errors
         for step in range(self.steps + 1):
             if step == 0 and self.out_of_time(agreed=True, rows=t.count):
                 break  # no time for one pass: the samples themselves
             _, grad, logits = t.gradient(t.atoms(d, rows), objective)
-            loss, margin = t.scores(logits, rows)
-            losses, margins, sizes = t.gather(loss, margin, dual_norm(grad, t.norm))  # one exchange per step
-            value, errors = float(losses.mean()), int((margins >= 0).sum())
-            if value > best_value:
-                best_d, best_value = d, value
-            if errors > best_errors:
-                flip_d, best_errors = d, errors
-            if step == self.steps or self.out_of_time(agreed=True):
+            value, errors, sizes = self._scored(logits, rows, dual_norm(grad, t.norm))  # one exchange per step
+            keep(d, value, errors)
+            if step == self.steps:
                 break
+            late = self.out_of_time(agreed=True)
+            if late and (taken > 0 or not self.evaluation_fits(t.count, agreed=True)):
+                break  # (the first step's point is still taken and evaluated when a forward pass fits)
             if step == 0:
                 self.note_zero_gradient(rows, grad)
             direction = wpgd_direction(grad, d, t.lower, t.upper, t.norm, t.p, sizes.max().to(grad.device))
@@ -89,7 +94,17 @@ class WPGD(Attack):
                 d = self.project(d, radius, rows)
             else:
                 d = self._contract(d, delta * (1 - SHRINK))
+            if late:  # out of time after the first step: its point, by one forward pass
+                keep(d, *self._scored(t.logits(t.atoms(d, rows)), rows))
+                break
         return self.pointwise(best_d, taken, accuracy_d=flip_d)
+
+    def _scored(self, logits: torch.Tensor, rows: torch.Tensor, *more: torch.Tensor) -> tuple:
+        """(mean loss, number misclassified) of the whole batch at one iterate, then `more` per-row
+        tensors gathered in the same exchange (every rank's rows)."""
+        loss, margin = self.target.scores(logits, rows)
+        losses, margins, *gathered = self.target.gather(loss, margin, *more)
+        return (float(losses.mean()), int((margins >= 0).sum()), *gathered)
 
     def _contract(self, d: torch.Tensor, limit: float) -> torch.Tensor:
         """Back onto the W_p ball with c = min(1, limit / W): r = inf clamps each image to

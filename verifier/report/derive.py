@@ -14,7 +14,7 @@ import numpy as np
 from verifier.graph import json_safe
 from verifier.report.numbers import fmt, fmt_pct, value
 from verifier.report.schema import THRESHOLDS, ReportSchemaError
-from verifier.report.summary import weakest_attack
+from verifier.report.summary import attacks_that_stepped, weakest_attack
 
 EXIT_PASSED, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 3
 _SOUND_TOL = 1e-6
@@ -39,7 +39,8 @@ def _num(item) -> float | None:
 
 
 def _best(attacks: dict) -> tuple[str | None, float | None, float | None]:
-    """(method with the highest risk, that risk, lowest attacked accuracy over all methods)."""
+    """(method with the highest risk, that risk, lowest attacked accuracy) over the methods that took a step."""
+    attacks = attacks_that_stepped(attacks)
     risks = {m: _num(a.get("risk")) for m, a in attacks.items() if _num(a.get("risk")) is not None}
     accuracies = [_num(a.get("robust_accuracy")) for a in attacks.values()]
     accuracies = [a for a in accuracies if a is not None]
@@ -84,7 +85,9 @@ def _checks(result: dict, thresholds: dict) -> tuple[dict, list[str]]:
         verdict["min_robust_accuracy"] = "pass" if ok else "fail"
         if not ok:
             reasons.append(f"{at}: attacked accuracy {fmt_pct(attacked)} below {fmt_pct(limit)}"
-                           + (f" (attack {weakest_attack(result)})" if attacked is not None else " (no attack ran)"))
+                           + (f" (attack {weakest_attack(result)})" if attacked is not None else
+                              " (no attack took a step within the time limit)" if result["attacks"] else
+                              " (no attack ran)"))
     return verdict, reasons
 
 
@@ -129,6 +132,10 @@ def _summary(report: dict, failures: list[str], checks: int, thresholds_set: boo
     last = results[-1]
     numbers = (f"at delta={fmt(last['delta'])} the risk lies in [{fmt(last['best_attack_risk'])}, "
                f"{fmt(last['certificate'])}] (best attack, certificate), clean {fmt(last['clean_risk'])}.")
+    if last["attacks"] and last["best_attack_risk"] is None:  # every attack flagged NO_STEP there
+        numbers = (f"at delta={fmt(last['delta'])} no attack took a step within the time limit (not attacked: "
+                   f"no attacked risk or accuracy); certificate {fmt(last['certificate'])}, clean "
+                   f"{fmt(last['clean_risk'])}.")
     lead = "no threshold failed so far; " if thresholds_set else "No thresholds set; "
     return (partial + lead + numbers) if partial else lead + numbers
 

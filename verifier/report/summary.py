@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from verifier.deadline import NO_STEP
 from verifier.report.numbers import fmt, fmt_delta, fmt_pct, value
 from verifier.report.schema import THRESHOLDS
 
@@ -41,9 +42,15 @@ def _finite(item) -> float | None:
     return number if number is not None and math.isfinite(number) else None
 
 
+def attacks_that_stepped(attacks: dict) -> dict:
+    """The attacks of one delta that took a step (a result flagged `NO_STEP` holds the samples' own
+    numbers: no attack result, so never the best attack nor the attacked accuracy)."""
+    return {m: a for m, a in attacks.items() if NO_STEP not in a.get("flags", ())}
+
+
 def weakest_attack(result: dict) -> str | None:
     """The attack with the lowest accuracy at this delta (`best_attack_accuracy`), None without one."""
-    accuracies = {m: _finite(a.get("robust_accuracy")) for m, a in result["attacks"].items()}
+    accuracies = {m: _finite(a.get("robust_accuracy")) for m, a in attacks_that_stepped(result["attacks"]).items()}
     accuracies = {m: a for m, a in accuracies.items() if a is not None}
     return min(sorted(accuracies), key=accuracies.__getitem__) if accuracies else None
 
