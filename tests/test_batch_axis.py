@@ -119,8 +119,9 @@ def test_torch_encoder_layer_folds_converts_and_gets_sound_linear_bounds(encoder
     found = _attacked(module, x, y, radius, box=(-1.0, 1.0))
     assert torch.all(clean <= found + 1e-12) and torch.all(found <= bound + 1e-9)
     assert torch.all(bound < whole)
-    # measured 1.27-1.50x the attack's gain over the clean margin at 1/255 (4 samples, these three)
-    assert float((bound - clean).mean()) < 2.0 * float((found - clean).mean())
+    # the bound's excess over the clean margin: 1.016x the attack's on the six audit-12 exports
+    # (relu, gelu, gelu-tanh; 4 samples at 1/255), against ~2000-9000x for the whole-box bound
+    assert float((bound - clean).mean()) < 1.25 * float((found - clean).mean())
 
 
 def _certify(capsys, path, x: np.ndarray, folder) -> dict:
