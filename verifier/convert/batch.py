@@ -8,7 +8,9 @@ rewrites the normalised (standard-domain) graph:
 2. every shape constant that hard-codes the batch is rewritten: a `Reshape` shape whose first
    entry is the batch gets 0 ("copy dim 0", `allowzero=0`, when its data input's dim 0 is the
    batch) or -1 (when no other entry is -1, nor 0 under `allowzero=1`); an `Expand` shape whose
-   first entry is the batch gets 1 when its input already carries the batch. `Flatten`, `Gemm`,
+   first entry is the batch gets 1 when its input already carries the batch; a shape whose batch
+   entry is another one (`batch_entries`: the entry that doubles between folds at batch 1 and 2)
+   gets -1 there (Reshape) or 1 (Expand). `Flatten`, `Gemm`,
    `Conv`, … are batch-generic as they are. `ConstantOfShape`/`Tile` are left alone: the check
    below decides whether they broadcast;
 3. shapes are inferred again (strict) and the model checked;

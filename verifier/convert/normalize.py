@@ -11,7 +11,8 @@ Real exports break onnx2torch in a handful of known ways (see docs/architecture.
    normalisers as standard ops (`ml_ops.py`), LSTM/GRU/RNN unrolled for the static sequence
    length (`rnn.py`) and GlobalMaxPool as ReduceMax (`global_pool.py`), then folds constants
    and shape computations with `onnxscript.optimizer` (those that read a dynamic batch size at
-   run time, with the batch fixed to 1 and then freed again as in 5.);
+   run time, with the batch fixed to 1 and then freed again as in 5.; a fold at batch 2 shows
+   which shape entry carries the batch where it is not the first, as in (L, N*H, d) heads);
 4. gives every node a safe unique name: the names become torch module names and attributes in
    generated code, so a keyword, builtin or attribute of a GraphModule (`class`, `None`, `self`,
    `to`, `training`, `graph`, …), a name starting with `_`, or one taken already becomes
