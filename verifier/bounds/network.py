@@ -7,7 +7,9 @@ kind), a `bilinear.Product` of two variables, or an `Interval`-only rule. Softma
 Div by a variable become several nodes (`verifier.bounds.decompose`; part `s` of fx node `n` is
 named `n.s`, the last one `n`). The ONNX node (op type, attributes, constants) decides the rule;
 the converted module is reused only to execute structural ops. Every node without a rule is
-listed in one error.
+listed in one error. Nodes around a tensor that holds the batch off axis 0 are re-laid out to act
+per sample, or the network is refused naming the first node where that fails
+(`verifier.bounds.batch_axis`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import fx
 
 from verifier.bounds import bilinear, decompose, ops
+from verifier.bounds.batch_axis import batch_first
 from verifier.bounds.ops import Activation
 from verifier.convert import ConvertedModel
 from verifier.convert.compat import import_onnx2torch
@@ -145,6 +148,9 @@ class _Builder:
         network = BoundNetwork(input=input_name, output=output_name, nodes=tuple(_drop_unused(nodes, output_name)))
         shape = self.model.input_spec.shape or ()
         if len(shape) > 1 and all(isinstance(d, int) for d in shape[1:]):
+            network, moved = batch_first(network, tuple(shape[1:]), self.dtype, self.device)
+            if moved is not None:
+                raise UnsupportedOpsError("bounds", [moved])
             probe = torch.zeros(1, *shape[1:], dtype=self.dtype, device=self.device)
             network = replace(network, classes=int(network.evaluate(probe).shape[-1]))
         return network

@@ -8,7 +8,9 @@ rewrites the normalised (standard-domain) graph:
 2. every shape constant that hard-codes the batch is rewritten: a `Reshape` shape whose first
    entry is the batch gets 0 ("copy dim 0", `allowzero=0`, when its data input's dim 0 is the
    batch) or -1 (when no other entry is -1, nor 0 under `allowzero=1`); an `Expand` shape whose
-   first entry is the batch gets 1 when its input already carries the batch. `Flatten`, `Gemm`,
+   first entry is the batch gets 1 when its input already carries the batch; a shape whose batch
+   entry is another one (`batch_entries`: the entry that doubles between folds at batch 1 and 2)
+   gets -1 there (Reshape) or 1 (Expand). `Flatten`, `Gemm`,
    `Conv`, … are batch-generic as they are. `ConstantOfShape`/`Tile` are left alone: the check
    below decides whether they broadcast;
 3. shapes are inferred again (strict) and the model checked;
@@ -105,15 +107,16 @@ def fixed_batch_of(model: onnx.ModelProto, input_name: str) -> int | None:
     return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
 
 
-def make_batch_dynamic(model: onnx.ModelProto, reference: onnx.ModelProto,
-                       input_name: str) -> tuple[onnx.ModelProto, BatchAxis]:
+def make_batch_dynamic(model: onnx.ModelProto, reference: onnx.ModelProto, input_name: str,
+                       entries: dict[str, int] | None = None) -> tuple[onnx.ModelProto, BatchAxis]:
     """`model` with a dynamic batch when the rewrite is checked against `reference` (the user's
-    graph with the same outputs) in onnxruntime; else `model` itself and the reason."""
+    graph with the same outputs) in onnxruntime; else `model` itself and the reason. `entries`
+    (`batch_entries`): shape constants that carry the batch in another entry than the first."""
     batch = fixed_batch_of(model, input_name)
     if batch is None:
         return model, BatchAxis()
     try:
-        rewritten = _rewrite(model, input_name, batch)
+        rewritten = _rewrite(model, input_name, batch, entries)
         _check_in_onnxruntime(rewritten, reference, input_name, batch)
     except _NotBatchGeneric as err:
         return model, BatchAxis(batch, False, str(err))
@@ -124,7 +127,8 @@ class _NotBatchGeneric(Exception):
     """The rewrite does not apply or did not pass its check (the message says why)."""
 
 
-def _rewrite(model: onnx.ModelProto, input_name: str, batch: int) -> onnx.ModelProto:
+def _rewrite(model: onnx.ModelProto, input_name: str, batch: int,
+             entries: dict[str, int] | None = None) -> onnx.ModelProto:
     value_info = next(vi for vi in model.graph.input if vi.name == input_name)
     if any(not d.HasField("dim_value") for d in value_info.type.tensor_type.shape.dim[1:]):
         raise _NotBatchGeneric("the input has unknown sizes beyond the batch axis")
@@ -148,9 +152,13 @@ def _rewrite(model: onnx.ModelProto, input_name: str, batch: int) -> onnx.ModelP
         if data in constants or shape_name not in constants or constants[shape_name].size == 0:
             continue
         shape = constants[shape_name].astype(np.int64).copy()
-        if shape[0] != batch or shapes.get(data) != batch:
+        inner = (entries or {}).get(node.name)
+        if shape[0] == batch and shapes.get(data) == batch and inner in (None, 0):
+            shape[0] = _batch_entry(node, shape, batch)
+        elif inner is not None:
+            shape[inner] = _inner_batch_entry(node, shape, inner)
+        else:
             continue
-        shape[0] = _batch_entry(node, shape, batch)
         new_name = f"{shape_name}__dynamic_batch_{position}"
         graph.initializer.append(numpy_helper.from_array(shape, new_name))
         node.input[1] = new_name
@@ -174,6 +182,34 @@ def _batch_entry(node: onnx.NodeProto, shape: np.ndarray, batch: int) -> int:
     if -1 not in shape[1:] and 0 not in shape[1:]:
         return -1
     raise _NotBatchGeneric(f"Reshape {node.name!r} (allowzero=1) already has a -1 or 0 beside batch {batch}")
+
+
+def _inner_batch_entry(node: onnx.NodeProto, shape: np.ndarray, index: int) -> int:
+    """Entry `index` of a shape constant that carries the batch (a multiple of it) off axis 0."""
+    if node.op_type == "Expand":
+        return 1  # broadcasting keeps the batch the input carries there (onnxruntime checks it)
+    if -1 in np.delete(shape, index):
+        raise _NotBatchGeneric(f"Reshape {node.name!r} already has a -1 beside the batch entry {index}")
+    return -1
+
+
+def batch_entries(at_one: onnx.ModelProto, at_two: onnx.ModelProto) -> dict[str, int]:
+    """Node name -> the entry of its Reshape/Expand shape constant that carries the batch, from the
+    same graph folded with the batch fixed to 1 and to 2: the one entry that doubles (nodes whose
+    constants differ otherwise, or where no single entry doubles, are left out)."""
+    first, second = _shape_constants(at_one.graph), _shape_constants(at_two.graph)
+    found: dict[str, int] = {}
+    shapes_two = {n.name: n.input[1] for n in at_two.graph.node if n.op_type in ("Reshape", "Expand")
+                  and len(n.input) > 1 and n.name}
+    for node in at_one.graph.node:
+        name = shapes_two.get(node.name)
+        if name is None or len(node.input) < 2 or node.input[1] not in first or name not in second:
+            continue
+        one, two = first[node.input[1]], second[name]
+        differ = np.flatnonzero(one != two) if one.shape == two.shape else []
+        if len(differ) == 1 and two[differ[0]] == 2 * one[differ[0]]:
+            found[node.name] = int(differ[0])
+    return found
 
 
 def _dim0(model: onnx.ModelProto) -> dict[str, int | None]:

@@ -11,7 +11,8 @@ Real exports break onnx2torch in a handful of known ways (see docs/architecture.
    normalisers as standard ops (`ml_ops.py`), LSTM/GRU/RNN unrolled for the static sequence
    length (`rnn.py`) and GlobalMaxPool as ReduceMax (`global_pool.py`), then folds constants
    and shape computations with `onnxscript.optimizer` (those that read a dynamic batch size at
-   run time, with the batch fixed to 1 and then freed again as in 5.);
+   run time, with the batch fixed to 1 and then freed again as in 5.; a fold at batch 2 shows
+   which shape entry carries the batch where it is not the first, as in (L, N*H, d) heads);
 4. gives every node a safe unique name: the names become torch module names and attributes in
    generated code, so a keyword, builtin or attribute of a GraphModule (`class`, `None`, `self`,
    `to`, `training`, `graph`, …), a name starting with `_`, or one taken already becomes
@@ -38,7 +39,7 @@ import onnxscript
 import torch
 from torch import fx
 
-from verifier.convert.batch import BatchAxis, make_batch_dynamic, reads_shapes, with_batch_fixed
+from verifier.convert.batch import BatchAxis, batch_entries, make_batch_dynamic, reads_shapes, with_batch_fixed
 from verifier.convert.global_pool import lower_global_max_pools
 from verifier.convert.hard_sigmoid import lower_hard_sigmoids
 from verifier.convert.ml_ops import lower_ml_ops
@@ -126,7 +127,10 @@ def _shapes_folded(optimized: onnx.ModelProto, extracted: onnx.ModelProto,
     computing with shapes). None when nothing is left to fold or the freed graph fails its check."""
     if not reads_shapes(optimized) or (fixed := with_batch_fixed(extracted, input_name)) is None:
         return None
-    folded, axis = make_batch_dynamic(onnxscript.optimizer.optimize(fixed), fixed, input_name)
+    at_one = onnxscript.optimizer.optimize(fixed)
+    # a batch folded into another axis ((L, N*H, d) heads) shows as the entry that doubles at batch 2
+    entries = batch_entries(at_one, onnxscript.optimizer.optimize(with_batch_fixed(extracted, input_name, 2)))
+    folded, axis = make_batch_dynamic(at_one, fixed, input_name, entries)
     if not axis.rewritten or reads_shapes(folded):
         return None
     return folded, BatchAxis()
