@@ -296,6 +296,42 @@ def test_a_first_step_longer_than_the_share_is_taken_when_it_fits_the_hard_limit
         assert NO_STEP in result.flags and result.risk == result.clean_risk
 
 
+class _SlowGradient(torch.nn.Module):
+    """Forward passes advance a fake clock by 10 s, gradient passes by 60 s (twice the prediction)."""
+
+    def __init__(self, inner: torch.nn.Module, clock) -> None:
+        super().__init__()
+        self.inner, self.clock = inner, clock
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.now += 60.0 if torch.is_grad_enabled() and x.requires_grad else 10.0
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("hard, stepped", [(140.0, False), (1000.0, True)])
+def test_a_gradient_pass_that_moved_nothing_is_no_step(mlp, monkeypatch, hard, stepped):
+    """W-PGD's first gradient pass is at the samples themselves: when it runs long and no step may
+    follow (hard limit t = 140), the result is the samples' own numbers and must say that no step was
+    taken (before, only "time-limited": shown as an attack result); with time for it, a real step."""
+    import verifier.attacks as attacks_module
+    from verifier.deadline import NO_STEP
+
+    clock = Ticks()
+    real = attacks_module.prepared_module
+    monkeypatch.setattr(attacks_module, "prepared_module", lambda *a, **k: _SlowGradient(real(*a, **k), clock))
+    readings = lambda: clock.now  # noqa: E731 - the clock only the passes advance
+    _, converted, x, y = mlp
+    report = attack(converted, None, x[:8], y[:8], ["wpgd"], [8 / 255], p=2.0, norm="inf", box=(0.0, 1.0),
+                    steps=50, device="cpu", deadline=Deadline(at=hard, clock=readings),
+                    budget=Deadline(at=15.0, clock=readings))
+    (result,) = report.results
+    assert TIME_LIMITED in result.flags
+    if stepped:
+        assert NO_STEP not in result.flags and result.steps >= 1 and result.risk > result.clean_risk + 1e-6
+    else:
+        assert NO_STEP in result.flags and result.steps == 0 and result.risk == result.clean_risk
+
+
 def test_the_first_step_counts_the_hard_limit_not_the_share(mlp):
     """One gradient step of the target's rows predicted at 20 s, a share ending at t = 10, one
     delta's replay 5 s: at t = 1 the first step is granted when t = 100 is the hard limit (1 + 1.25

@@ -125,9 +125,10 @@ class Attack:
             else:
                 late = (now >= until.at or now + step > until.at
                         or (not math.isinf(hard.at) and hard.clock() + SLOWDOWN * step + self.replays_due() > hard.at))
-            self.first_step_open = self.first_step_open and (late or rows == 0)
         if agreed and self.target.shard is not None:
             late = bool(self.target.gather(torch.tensor([late]))[0].any())
+        if not math.isinf(until.at):  # granted only by the answer every rank acts on
+            self.first_step_open = self.first_step_open and (late or rows == 0)
         self.cut = self.cut or late
         return late
 
@@ -315,11 +316,13 @@ class Attack:
         zero = torch.bincount(rows[(grad == 0).all(-1)], minlength=count)
         self.zero_gradient |= (total > 0) & (zero == total)
 
-    def flags(self) -> tuple[str, ...]:
-        """Warnings gathered while attacking (e.g. samples whose gradient vanished), over every rank."""
+    def flags(self, moved: bool = True) -> tuple[str, ...]:
+        """Warnings gathered while attacking (e.g. samples whose gradient vanished), over every rank.
+        `moved`: whether this rank's distribution moved any atom off its sample (a part whose gradient
+        passes moved nothing, e.g. W-PGD's pass at the samples with no step after it, took no step)."""
         count = int(self.target.gather(self.zero_gradient.cpu())[0].sum())
         cut, stepped = (bool(v.any()) for v in self.target.gather(torch.tensor([self.cut]),
-                                                                  torch.tensor([self.stepped()])))
+                                                                  torch.tensor([self.stepped() and moved])))
         return (((f"zero-gradient ({count} of {self.target.total} samples)",) if count else ())
                 + ((TIME_LIMITED,) if cut else ()) + ((NO_STEP,) if cut and not stepped else ()))
 
@@ -330,5 +333,6 @@ class Attack:
         rows = self.rows()
         weights = torch.full((t.count,), 1.0 / t.total, dtype=torch.float64)
         differs = accuracy_d is not None and bool((accuracy_d != d).any())
-        return Distribution(t.atoms(d, rows), weights, rows.cpu(), steps, self.flags(),
+        moved = bool((d != 0).any()) or (differs and bool((accuracy_d != 0).any()))
+        return Distribution(t.atoms(d, rows), weights, rows.cpu(), steps, self.flags(moved),
                             accuracy_atoms=t.atoms(accuracy_d, rows) if differs else None)

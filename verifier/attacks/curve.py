@@ -180,7 +180,8 @@ class CurveAttack(Attack):
             parts = [t.x[i:i + 1] if k < 0 else store.atom(i, k) for i, k, _ in choice]
             out.append(Distribution(
                 torch.cat(parts), torch.tensor([w for _, _, w in choice], dtype=torch.float64),
-                torch.tensor([i for i, _, _ in choice], dtype=torch.int64), self.steps * self.runs, self.flags(),
+                torch.tensor([i for i, _, _ in choice], dtype=torch.int64), self.steps * self.runs,
+                self.flags(moved=any(k >= 0 for _, k, _ in choice)),
                 shared + time.perf_counter() - start))
         return out
 
