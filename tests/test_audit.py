@@ -120,6 +120,13 @@ def test_conversion_mismatch_stops_the_audit_with_exit_1(tmp_path, monkeypatch):
     assert "conversion check failed" in outcome.report["verdict"]["failures"][0]
 
 
+@pytest.mark.parametrize("given, spelled", [(True, "final"), (False, None), ("off", None), ("intermediate", "intermediate")])
+def test_slope_search_settings_are_spelled_as_the_report_schema_says(given, spelled):
+    from verifier.audit import _check
+
+    assert _check(AuditSettings(**{**SETTINGS.__dict__, "optimise_slopes": given})).optimise_slopes == spelled
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--data", "missing.npz"], "not found"),
     ([], "--data FILE.npz with inputs x and labels y is required"),

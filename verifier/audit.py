@@ -16,7 +16,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -132,7 +132,9 @@ def _check(settings: AuditSettings) -> AuditSettings:
         raise UsageError(f"p must be >= 1 (got {settings.p})")
     if settings.exact not in EXACT_MODES:
         raise UsageError(f"exact must be one of {', '.join(EXACT_MODES)} (got {settings.exact!r})")
-    slope_search(settings.optimise_slopes)  # refuses an unknown search in one line
+    search = slope_search(settings.optimise_slopes)  # refuses an unknown search in one line
+    settings = replace(settings, optimise_slopes=None if search is None else  # the report's spelling
+                       "intermediate" if search.intermediate else "final")
     if settings.time_limit is not None and not settings.time_limit > 0:
         raise UsageError(f"the time limit must be > 0 seconds (got {settings.time_limit})")
     gates = settings.thresholds

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from verifier.cli_options import (deadline, memory_limit, parse_box, parse_deltas, parse_normalisation, parse_p,
-                                  tolerances)
+from verifier.cli_options import (deadline, memory_limit, optimise_mode, parse_box, parse_deltas, parse_normalisation,
+                                  parse_p, tolerances)
 from verifier.errors import UsageError
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_TIME_LIMIT, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -133,7 +133,7 @@ def _run_certify(args: argparse.Namespace) -> tuple[int, dict, str]:
     result = certify(converted, shard.local(samples.x), shard.local(samples.y), deltas, p=p, norm=args.norm,
                      loss=args.loss, box=box, grid_points=args.grid_points, progress=_progress_wanted(args),
                      deadline=stop_at, memory_limit_bytes=memory_limit(args), exact=args.exact, shard=shard,
-                     device=args.device, optimise_slopes=args.optimise_slopes)
+                     device=args.device, optimise_slopes=optimise_mode(args))
     if args.save_distributions and args.job.writer:
         save_distributions(result, args.save_distributions)
     return _analysis_result(args, samples, converted, result, warnings, perturbation)
@@ -184,7 +184,7 @@ def _run_audit(args: argparse.Namespace) -> tuple[int, dict, str]:
         perturb=args.perturb,
         thresholds=Thresholds(args.max_risk, args.min_certified_accuracy, args.min_robust_accuracy),
         memory_limit=memory_limit(args), grid_points=args.grid_points, exact=args.exact,
-        optimise_slopes=args.optimise_slopes)
+        optimise_slopes=optimise_mode(args))
     progress = _progress_wanted(args)
 
     def announce(stage: str) -> None:  # one line per stage, terminal or log file (CI), unless --quiet

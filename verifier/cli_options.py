@@ -159,12 +159,21 @@ def add_exact(parser: argparse.ArgumentParser) -> None:
 
 def add_optimise_slopes(parser: argparse.ArgumentParser) -> None:
     """`--optimise-slopes`: alpha-CROWN style search of the relaxations' free slopes (method §7)."""
-    parser.add_argument("--optimise-slopes", nargs="?", const="final", default=None, choices=("final", "intermediate"),
+    parser.add_argument("--optimise-slopes", action="store_true",
                         help="tighter margin bounds: search the relaxations' free parameters by projected "
                              "gradient (alpha-CROWN style: ReLU-family and MaxPool slopes, the product planes' "
                              "mixing weights and exp/reciprocal/rsqrt/square tangent points; several times "
-                             "slower; default off). `intermediate`: also re-bound every later unstable node's "
-                             "input with its own parameters at each step (tighter again, far slower)")
+                             "slower; default off)")
+    parser.add_argument("--optimise-intermediate", action="store_true",
+                        help="with the slope search (implies --optimise-slopes), also re-bound every later "
+                             "unstable node's input with its own parameters at each step (tighter again, far slower)")
+
+
+def optimise_mode(args: argparse.Namespace) -> str | None:
+    """The slope search `--optimise-slopes` / `--optimise-intermediate` ask for: None, "final" or "intermediate"."""
+    if args.optimise_intermediate:
+        return "intermediate"
+    return "final" if args.optimise_slopes else None
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
