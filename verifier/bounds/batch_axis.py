@@ -74,21 +74,25 @@ def batch_first(network: BoundNetwork, sample_shape: tuple[int, ...], dtype: tor
     generator = torch.Generator().manual_seed(0)
     pair = torch.rand(2, *sample_shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
     with torch.no_grad():
-        layouts, runs, problem = _layouts(network, pair)
+        layouts, _, problem = _layouts(network, pair, keep=False)  # the common case: only live values held
         if problem is not None:
             return network, problem
         if all(_normal(layout) for layout in layouts.values()):
             return network, None
+        layouts, runs, _ = _layouts(network, pair, keep=True)  # every value, for the check of the re-laid network
         laid = replace(network, nodes=tuple(_laid_out(node, layouts, dtype, device) for node in network.nodes))
         return laid, _mismatch(laid, layouts, runs)
 
 
-def _layouts(network: BoundNetwork, pair: torch.Tensor):
+def _layouts(network: BoundNetwork, pair: torch.Tensor, keep: bool):
+    """Every tensor's layout from runs on `pair` and on each of its two samples (`keep`: every run's
+    values returned; else each is dropped after its last reader, as a large model needs)."""
     from verifier.bounds.network import forward  # network.py builds with this module
 
     runs = {"pair": {network.input: pair}, "first": {network.input: pair[:1]}, "second": {network.input: pair[1:]}}
     layouts: dict[str, Layout | tuple[Layout, ...]] = {network.input: Layout(0, 1, 1, (1, *pair.shape[1:]))}
-    for node in network.nodes:
+    last_read = {name: index for index, node in enumerate(network.nodes) for name in node.inputs}
+    for index, node in enumerate(network.nodes):
         for label, values in runs.items():
             try:
                 values[node.name] = forward(node, [values[i] for i in node.inputs])
@@ -102,6 +106,10 @@ def _layouts(network: BoundNetwork, pair: torch.Tensor):
         if reason is not None:
             return layouts, runs, (node.onnx_node, node.op, reason)
         layouts[node.name] = tuple(parts) if isinstance(pair_value, (tuple, list)) else parts[0]
+        if not keep:
+            for values in runs.values():
+                for name in [n for n in values if last_read.get(n, -1) <= index]:
+                    del values[name]
     return layouts, runs, None
 
 
