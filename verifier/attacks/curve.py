@@ -181,7 +181,7 @@ class CurveAttack(Attack):
             out.append(Distribution(
                 torch.cat(parts), torch.tensor([w for _, _, w in choice], dtype=torch.float64),
                 torch.tensor([i for i, _, _ in choice], dtype=torch.int64), self.steps * self.runs,
-                self.flags(moved=any(k >= 0 for _, k, _ in choice)),
+                self.flags(moved=any(k >= 0 and float(store.distance[i, k]) > 0 for i, k, _ in choice)),
                 shared + time.perf_counter() - start))
         return out
 
