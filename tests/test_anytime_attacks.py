@@ -257,15 +257,34 @@ def test_a_step_is_predicted_from_the_slowest_recent_one_not_the_last(mlp):
 
 
 class _Stepping(torch.nn.Module):
-    """A module whose every forward pass advances a fake clock by `seconds` (a large model's pass)."""
+    """A module whose every forward pass advances a fake clock by `seconds` (a large model's pass),
+    a gradient pass by `gradient_seconds` (default the same)."""
 
-    def __init__(self, inner: torch.nn.Module, clock, seconds: float) -> None:
+    def __init__(self, inner: torch.nn.Module, clock, seconds: float, gradient_seconds: float | None = None) -> None:
         super().__init__()
         self.inner, self.clock, self.seconds = inner, clock, seconds
+        self.gradient_seconds = seconds if gradient_seconds is None else gradient_seconds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.clock.now += self.seconds
+        self.clock.now += self.gradient_seconds if torch.is_grad_enabled() and x.requires_grad else self.seconds
         return self.inner(x)
+
+
+def _attack_on_a_fake_clock(mlp, monkeypatch, method: str, delta: float, hard: float, *seconds: float):
+    """One attack of the first 8 samples whose passes advance a fake clock (`_Stepping(*seconds)`),
+    the share ending at t = 15 and the hard limit at `hard`; its one result and the clock."""
+    import verifier.attacks as attacks_module
+
+    clock = Ticks()
+    real = attacks_module.prepared_module
+    monkeypatch.setattr(attacks_module, "prepared_module", lambda *a, **k: _Stepping(real(*a, **k), clock, *seconds))
+    readings = lambda: clock.now  # noqa: E731 - the clock only the passes advance
+    _, converted, x, y = mlp
+    report = attack(converted, None, x[:8], y[:8], [method], [delta], p=2.0, norm="inf", box=(0.0, 1.0),
+                    steps=50, device="cpu", deadline=Deadline(at=hard, clock=readings),
+                    budget=Deadline(at=15.0, clock=readings))
+    (result,) = report.results
+    return result, clock
 
 
 @pytest.mark.parametrize("hard, stepped", [(200.0, True), (50.0, False)])
@@ -276,18 +295,9 @@ def test_a_first_step_longer_than_the_share_is_taken_when_it_fits_the_hard_limit
     (10) and the replay (10), 1.25 x 50 s from t = 10, end before the hard limit (t = 200): a real
     step, time-limited; with the hard limit at t = 50 it is not, and the result says that no step was
     taken."""
-    import verifier.attacks as attacks_module
     from verifier.deadline import NO_STEP
 
-    clock = Ticks()
-    real = attacks_module.prepared_module
-    monkeypatch.setattr(attacks_module, "prepared_module", lambda *a, **k: _Stepping(real(*a, **k), clock, 10.0))
-    readings = lambda: clock.now  # noqa: E731 - the clock only the passes advance
-    loaded, converted, x, y = mlp
-    report = attack(converted, None, x[:8], y[:8], ["pgd"], [4 / 255], p=2.0, norm="inf", box=(0.0, 1.0),
-                    steps=50, device="cpu", deadline=Deadline(at=hard, clock=readings),
-                    budget=Deadline(at=15.0, clock=readings))
-    (result,) = report.results
+    result, clock = _attack_on_a_fake_clock(mlp, monkeypatch, "pgd", 4 / 255, hard, 10.0)
     assert TIME_LIMITED in result.flags and clock.now <= hard
     assert result.transport_cost <= result.delta * (1 + 1e-9)
     if stepped:
@@ -296,35 +306,14 @@ def test_a_first_step_longer_than_the_share_is_taken_when_it_fits_the_hard_limit
         assert NO_STEP in result.flags and result.risk == result.clean_risk
 
 
-class _SlowGradient(torch.nn.Module):
-    """Forward passes advance a fake clock by 10 s, gradient passes by 60 s (twice the prediction)."""
-
-    def __init__(self, inner: torch.nn.Module, clock) -> None:
-        super().__init__()
-        self.inner, self.clock = inner, clock
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.clock.now += 60.0 if torch.is_grad_enabled() and x.requires_grad else 10.0
-        return self.inner(x)
-
-
 @pytest.mark.parametrize("hard, stepped", [(140.0, False), (1000.0, True)])
 def test_a_gradient_pass_that_moved_nothing_is_no_step(mlp, monkeypatch, hard, stepped):
     """W-PGD's first gradient pass is at the samples themselves: when it runs long and no step may
     follow (hard limit t = 140), the result is the samples' own numbers and must say that no step was
     taken (before, only "time-limited": shown as an attack result); with time for it, a real step."""
-    import verifier.attacks as attacks_module
     from verifier.deadline import NO_STEP
 
-    clock = Ticks()
-    real = attacks_module.prepared_module
-    monkeypatch.setattr(attacks_module, "prepared_module", lambda *a, **k: _SlowGradient(real(*a, **k), clock))
-    readings = lambda: clock.now  # noqa: E731 - the clock only the passes advance
-    _, converted, x, y = mlp
-    report = attack(converted, None, x[:8], y[:8], ["wpgd"], [8 / 255], p=2.0, norm="inf", box=(0.0, 1.0),
-                    steps=50, device="cpu", deadline=Deadline(at=hard, clock=readings),
-                    budget=Deadline(at=15.0, clock=readings))
-    (result,) = report.results
+    result, _ = _attack_on_a_fake_clock(mlp, monkeypatch, "wpgd", 8 / 255, hard, 10.0, 60.0)  # a gradient pass 60 s
     assert TIME_LIMITED in result.flags
     if stepped:
         assert NO_STEP not in result.flags and result.steps >= 1 and result.risk > result.clean_risk + 1e-6
