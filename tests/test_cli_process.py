@@ -62,6 +62,29 @@ def test_sigterm_during_certify_is_one_line_and_incomplete_json():
     assert json.loads(stdout) == {"error": "stopped by SIGTERM", "error_type": "Terminated", "complete": False}
 
 
+def test_a_signal_that_library_code_rewraps_is_still_a_signal(capsys, monkeypatch):
+    # CI saw SIGTERM land inside inspect.getfullargspec (called while torch imports), which re-raises
+    # every exception as TypeError('unsupported callable'): that is a stop by the signal, not a bug
+    import inspect
+
+    import verifier.summary
+    from verifier.deadline import Terminated
+
+    def signalled(*_args, **_kwargs):
+        raise Terminated("stopped by SIGTERM")
+
+    def library_call(*_args, **_kwargs):
+        odd = type("Odd", (), {"__signature__": property(signalled), "__call__": lambda self: None})
+        inspect.getfullargspec(odd())
+
+    monkeypatch.setattr(verifier.summary, "inspect_model", library_call)
+    code = cli.main(["inspect", str(shipped_model("mlp_relu")), "--json"])
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_TERMINATED
+    assert captured.err.strip() == "verifier: stopped by SIGTERM; no result"
+    assert json.loads(captured.out) == {"error": "stopped by SIGTERM", "error_type": "Terminated", "complete": False}
+
+
 def test_closed_pipe_is_not_a_traceback():
     reader = subprocess.Popen(["head", "-c", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     writer = subprocess.run([sys.executable, "-m", "verifier", "inspect", str(shipped_model("transformer")), "--json"],

@@ -310,3 +310,27 @@ def test_certify_without_time_for_the_logits_jacobians_keeps_its_certificate(mlp
     assert cut.results[0].realised_risk <= cut.results[0].certificate
     assert cut.results[0].realised_risk == pytest.approx(cut.results[0].clean_risk)  # nothing moved
     assert any("logits Jacobians skipped" in line for line in cut.results[0].fallbacks)
+
+
+def test_a_rewrapped_signal_is_found_and_the_audit_clock_re_raises_it():
+    from verifier.audit import _Clock
+    from verifier.deadline import Terminated, terminated_cause
+
+    signal = Terminated("stopped by SIGTERM")
+
+    def library_work():
+        try:
+            raise signal
+        except Exception as err:  # what inspect.getfullargspec does with any exception
+            raise TypeError("unsupported callable") from err
+
+    with pytest.raises(TypeError) as wrapped:
+        library_work()
+    assert terminated_cause(wrapped.value) is signal
+    assert terminated_cause(TypeError("a real bug")) is None
+    clock = _Clock(None)
+    with pytest.raises(Terminated) as raised:
+        clock.run("certify", library_work)
+    assert raised.value is signal and clock.timings["certify"] is not None
+    with pytest.raises(ZeroDivisionError):  # a real error stays itself
+        clock.run("attacks", lambda: 1 / 0)

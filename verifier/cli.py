@@ -26,7 +26,7 @@ from verifier.allocator import keep_freed_memory
 from verifier.cli_options import (OneLineParser, add_block_size, add_budget, add_data, add_device, add_exact, add_json,
                                   add_model, add_optimise_slopes, add_output, add_perturb, add_time_limit,
                                   add_tolerances, attach_negative_values)
-from verifier.deadline import Stopped, Terminated
+from verifier.deadline import Stopped, Terminated, terminated_cause
 from verifier.errors import VerifierError
 
 from verifier.cli_commands import (EXIT_INTERNAL, EXIT_TERMINATED, EXIT_TIME_LIMIT, _run_attack, _run_audit,
@@ -203,6 +203,7 @@ def _failure(err: BaseException, args: argparse.Namespace, json_wanted: bool, de
 
     quiet = args.job is not None and not args.job.writer and not isinstance(err, CollectiveError)
     fail = _silent if quiet else _fail
+    err = terminated_cause(err) or err  # a signal re-raised by library code as another error
     if isinstance(err, VerifierError):
         return fail(err.exit_code, f"verifier: error: {err}", str(err), type(err).__name__, json_wanted, debug)
     if isinstance(err, Terminated):

@@ -30,6 +30,18 @@ class Terminated(Stopped):
     partial report; raised by the CLI's signal handler wherever the main thread is."""
 
 
+def terminated_cause(err: BaseException) -> Terminated | None:
+    """The `Terminated` behind `err`, if the signal landed inside library code that wrapped it (e.g.
+    `inspect.getfullargspec`, run while torch imports, turns any exception into a TypeError)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Terminated):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @dataclass(frozen=True)
 class Deadline:
     """Stop once `clock()` reaches `at`, or as soon as `stop_when()` (if given) returns True."""
