@@ -55,8 +55,8 @@ def test_the_clean_forward_pass_runs_in_the_rows_that_fit_and_changes_no_value()
     spy = Rows(net)
     chunked = chunked_logits(spy, x, 3 * per_row + per_row // 2)
     assert spy.seen[1:] == [3, 3, 3, 2]  # after the one-row measurement: 11 rows, 3 at a time
-    with torch.no_grad():
-        assert torch.equal(chunked, net(x))
+    with torch.no_grad():  # a batch of 3 and one of 11 may take different convolution kernels on some CPUs
+        torch.testing.assert_close(chunked, net(x), rtol=1e-13, atol=1e-15)
     spy.seen.clear()
     one_at_a_time = chunked_logits(spy, x, 1)
     assert spy.seen[1:] == [1] * 11  # at least one row
