@@ -121,6 +121,26 @@ def test_hand_written_norm_and_elementary_ops_are_relaxed_soundly(save):
         _check_objectives(network, center, radius, torch.Generator().manual_seed(3))
 
 
+def test_real_exponent_powers_are_relaxed_soundly(save):
+    """Pow(s, 1.5), Pow(s, 0.5 + 0.25), Pow(s, -2), Pow(s, -0.7) of s = softplus-like positive units."""
+    rng = np.random.default_rng(4)
+    nodes = [N("Gemm", ["x", "w", "c"], ["h"], transB=1), N("Exp", ["h"], ["e"]), N("Add", ["e", "one"], ["s"]),
+             N("Pow", ["s", "a"], ["p1"]), N("Pow", ["s", "b"], ["p2"]), N("Pow", ["s", "m2"], ["p3"]),
+             N("Pow", ["s", "m07"], ["p4"]), N("Concat", ["p1", "p2", "p3", "p4"], ["y"], axis=-1)]
+    inits = [const("w", rng.normal(size=(3, 3))), const("c", rng.normal(size=3)), const("one", 1.0),
+             const("a", 1.5), const("b", 0.75), const("m2", -2.0), const("m07", -0.7)]
+    network = _network(save, nodes, [3], [12], inits)
+    exponents = sorted(n.rule.params["exponent"] for n in network.nodes if getattr(n.rule, "kind", "") == "power")
+    assert exponents == pytest.approx([-2.0, -0.7, 0.75, 1.5])  # (float32 constants)
+    center = torch.from_numpy(rng.uniform(-1, 1, size=(4, 3)))
+    for radius in (1e-3, 0.05, 0.3):
+        result = _check_objectives(network, center, radius, torch.Generator().manual_seed(5))
+        if radius == 1e-3:  # linear, not flat: the bound is within a few % of the sampled maximum's excess
+            reached = result["reached"].amax(0)
+            gap = (result["bound"] - reached) / (reached - result["reached"].amin(0))
+            assert float(gap.max()) < 0.05
+
+
 class _Block(torch.nn.Module):
     def __init__(self, dim: int, heads: int, norm: bool) -> None:
         super().__init__()

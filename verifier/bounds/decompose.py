@@ -172,7 +172,7 @@ def _pow(c):
         return unary(_NAMED_POWERS[value], {})
     if value == 1.0:
         return ops.scale(1.0)
-    return unary("power", {"exponent": value}) if value == int(value) and value > 2 else None
+    return unary("power", {"exponent": value}) if math.isfinite(value) and value != 0.0 else None
 
 
 RULES = {"Div": _div, "Pow": _pow, **{op: _elementary for op in _ELEMENTARY_OPS}}

@@ -9,8 +9,11 @@ value is computed in float64 and widened by an explicit bound on its rounding er
 the function is neither convex nor concave on the interval (odd powers across 0), the lines are
 flat at the interval's ends.
 
-Kinds: exp, log, sqrt, rsqrt (x^-1/2), reciprocal (1/x, either sign), square, power (integer
-exponent `params["exponent"]` >= 2).
+Kinds: exp, log, sqrt, rsqrt (x^-1/2), reciprocal (1/x, either sign), square, power (exponent
+`params["exponent"]`: an integer >= 2 on the whole line; any other real a != 0, 1 on x > 0, where x^a
+is convex for a > 1 or a < 0 and concave for 0 < a < 1 — x^a of x < 0 is NaN for a non-integer a, so
+such an end counts as 0 like sqrt's; a negative integer is bounded on x > 0 only, its interval across
+or below 0 is unbounded).
 """
 
 from __future__ import annotations
@@ -30,11 +33,32 @@ Params = Mapping[str, float | str] | None
 Lines = tuple[Tensor, Tensor, Tensor, Tensor]  # lower slope, lower offset, upper slope, upper offset
 
 
-def _exponent(params: Params) -> int:
+def _exponent(params: Params) -> float:
+    """The exponent: an int when it is an integer >= 2 (x^n on the whole line), else a float."""
     value = float((params or {}).get("exponent", 2))
-    if value != int(value) or value < 2:
-        raise ValueError(f"power: integer exponent >= 2 expected, got {value}")
-    return int(value)
+    if not math.isfinite(value) or value in (0.0, 1.0):
+        raise ValueError(f"power: a finite exponent other than 0 and 1 expected, got {value}")
+    return int(value) if value == int(value) and value >= 2 else value
+
+
+def _odd_integer(params: Params) -> bool:
+    n = _exponent(params)
+    return isinstance(n, int) and n % 2 == 1
+
+
+def _even_integer(params: Params) -> bool:
+    n = _exponent(params)
+    return isinstance(n, int) and n % 2 == 0
+
+
+def _real(params: Params) -> bool:
+    """A power on x > 0 only: not an integer >= 2."""
+    return not isinstance(_exponent(params), int)
+
+
+def _negative_integer(params: Params) -> bool:
+    a = _exponent(params)
+    return _real(params) and a < 0 and a == int(a)
 
 
 def function(kind: str, x: Tensor, params: Params = None) -> Tensor:
@@ -70,7 +94,7 @@ def _derivative(kind: str, x: Tensor, params: Params) -> Tensor:
     if kind == "square":
         return 2.0 * x
     n = _exponent(params)
-    return n * x ** (n - 1)
+    return n * x ** (n - 1)  # (a real n: on x > 0, the only domain its relaxation uses)
 
 
 def _tangent_point(kind: str, s: Tensor, l: Tensor, u: Tensor, params: Params) -> Tensor:
@@ -88,6 +112,9 @@ def _tangent_point(kind: str, s: Tensor, l: Tensor, u: Tensor, params: Params) -
             t = torch.sign(l + u) * torch.sqrt(l * u)
         elif kind == "square":
             t = 0.5 * (l + u)
+        elif _real(params):  # a t^(a-1) = s on t > 0
+            a = _exponent(params)
+            t = (s / a) ** (1.0 / (a - 1.0))
         else:
             n = _exponent(params)
             root = (s.abs() / n) ** (1.0 / (n - 1))
@@ -119,7 +146,11 @@ def _shape(kind: str, l: Tensor, u: Tensor, params: Params) -> tuple[Tensor, Ten
     elif kind == "reciprocal":
         valid = finite & ((l > 0) | (u < 0))
         convex = l > 0
-    elif kind == "power" and _exponent(params) % 2 == 1:
+    elif kind == "power" and _real(params):
+        a = _exponent(params)
+        valid = finite & (l > 0)
+        convex = torch.full_like(valid, a > 1 or a < 0)
+    elif kind == "power" and _odd_integer(params):
         valid = finite & ((l >= 0) | (u <= 0))
         convex = l >= 0
     else:  # exp, square, even powers: convex everywhere
@@ -131,6 +162,8 @@ def _shape(kind: str, l: Tensor, u: Tensor, params: Params) -> tuple[Tensor, Ten
 def interval(kind: str, lower: Tensor, upper: Tensor, params: Params = None) -> tuple[Tensor, Tensor]:
     """Sound [min, max] of the function over [lower, upper] (float64, widened)."""
     l, u = lower.to(torch.float64), upper.to(torch.float64)
+    if kind == "power" and _real(params):
+        return _real_power_interval(l, u, params)
     if kind in ("log", "sqrt", "rsqrt"):  # the domain (0, inf) (sqrt: [0, inf)); outside it: undefined
         l = l.clamp_min(0.0)
     fl, fu = function(kind, l, params), function(kind, u, params)
@@ -141,28 +174,52 @@ def interval(kind: str, lower: Tensor, upper: Tensor, params: Params = None) -> 
             lo, hi = torch.where(across, -math.inf, lo), torch.where(across, math.inf, hi)
     else:
         lo, hi = torch.minimum(fl, fu), torch.maximum(fl, fu)
-        if kind == "square" or (kind == "power" and _exponent(params) % 2 == 0):
+        if kind == "square" or (kind == "power" and _even_integer(params)):
             lo = torch.where((l <= 0) & (u >= 0), torch.zeros_like(lo), lo)
-    lo = torch.nan_to_num(lo, nan=-math.inf)
-    hi = torch.nan_to_num(hi, nan=math.inf)
-    return lo - _ERROR * lo.abs(), hi + _ERROR * hi.abs()
+    return _widened(lo, hi)
+
+
+def _widened(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """[lo, hi] widened by the rounding bound; a NaN end (an undefined value) becomes unbounded."""
+    infinite = {"posinf": math.inf, "neginf": -math.inf}  # (nan_to_num's default clips them to finite)
+    lo = torch.nan_to_num(lo, nan=-math.inf, **infinite)
+    hi = torch.nan_to_num(hi, nan=math.inf, **infinite)
+    lo, hi = lo - _ERROR * lo.abs(), hi + _ERROR * hi.abs()  # an infinite end of the wrong sign: NaN
+    return torch.nan_to_num(lo, nan=-math.inf, **infinite), torch.nan_to_num(hi, nan=math.inf, **infinite)
+
+
+def _real_power_interval(l: Tensor, u: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+    """x^a (a real, not an integer >= 2) is monotone on x > 0: increasing for a > 0, decreasing for
+    a < 0. A non-integer a takes the domain [0, inf) (x < 0 gives NaN: those ends count as 0); a
+    negative integer, defined on x < 0 too, is bounded only on intervals inside x > 0."""
+    a = _exponent(params)
+    if _negative_integer(params):
+        inside = l > 0
+        lo = torch.where(inside, function("power", u, params), -math.inf)
+        hi = torch.where(inside, function("power", l, params), math.inf)
+        return _widened(lo, hi)
+    fl, fu = function("power", l.clamp_min(0.0), params), function("power", u.clamp_min(0.0), params)
+    return _widened(*((fl, fu) if a > 0 else (fu, fl)))
 
 
 def derivative_range(kind: str, lower: Tensor, upper: Tensor, params: Params = None) -> tuple[Tensor, Tensor]:
     """Sound range of f' over [lower, upper]: f' is monotone on every convex or concave piece."""
     l, u = lower.to(torch.float64), upper.to(torch.float64)
-    if kind in ("log", "sqrt", "rsqrt"):
+    if kind == "power" and _negative_integer(params):  # f'' has one sign on x > 0: f' is monotone there
+        inside = l > 0
+        dl, du = _derivative(kind, l, params), _derivative(kind, u, params)
+        return _widened(torch.where(inside, torch.minimum(dl, du), -math.inf),
+                        torch.where(inside, torch.maximum(dl, du), math.inf))
+    if kind in ("log", "sqrt", "rsqrt") or (kind == "power" and _real(params)):
         l = l.clamp_min(0.0)
     dl, du = _derivative(kind, l, params), _derivative(kind, u, params)
     lo, hi = torch.minimum(dl, du), torch.maximum(dl, du)
     if kind == "reciprocal":
         across = (l <= 0) & (u >= 0)
         lo = torch.where(across, -math.inf, lo)
-    if kind == "power" and _exponent(params) % 2 == 1:  # n x^(n-1) >= 0 with its minimum 0 at x = 0
+    if kind == "power" and _odd_integer(params):  # n x^(n-1) >= 0 with its minimum 0 at x = 0
         lo = torch.where((l < 0) & (u > 0), torch.zeros_like(lo), lo)
-    lo = torch.nan_to_num(lo, nan=-math.inf)
-    hi = torch.nan_to_num(hi, nan=math.inf)
-    return lo - _ERROR * lo.abs(), hi + _ERROR * hi.abs()
+    return _widened(lo, hi)
 
 
 def linear_relaxation(kind: str, lower: Tensor, upper: Tensor, params: Params = None,
