@@ -68,19 +68,22 @@ def test_a_transposed_batch_is_laid_out_per_sample_and_bounded_exactly(save):
 class _EncoderModel(torch.nn.Module):
     """A user's first Transformer: Linear embedding, nn.TransformerEncoderLayer, mean, Linear head."""
 
-    def __init__(self, activation: str, norm_first: bool) -> None:
+    def __init__(self, activation: str, norm_first: bool, causal: bool = False) -> None:
         super().__init__()
         self.embed = torch.nn.Linear(2, 8)
         self.layer = torch.nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True,
                                                       dropout=0.0, activation=activation, norm_first=norm_first)
         self.head = torch.nn.Linear(8, 3)
+        # a causal mask (both exporters write it as Add of a constant with -inf above the diagonal)
+        self.mask = torch.triu(torch.ones(3, 3, dtype=torch.bool), 1) if causal else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.head(self.layer(self.embed(x.reshape(x.shape[0], 3, 2))).mean(1))
+        return self.head(self.layer(self.embed(x.reshape(x.shape[0], 3, 2)), src_mask=self.mask).mean(1))
 
 
-_VARIANTS = {"legacy-relu": (False, "relu", False), "legacy-gelu-normfirst": (False, "gelu", True),
-             "dynamo-gelu-normfirst": (True, "gelu", True)}  # a dynamo export costs ~15 s on the 2-core box
+_VARIANTS = {"legacy-relu": (False, "relu", False, False), "legacy-gelu-normfirst": (False, "gelu", True, False),
+             "dynamo-gelu-normfirst": (True, "gelu", True, False),  # a dynamo export costs ~15 s on the 2-core box
+             "legacy-relu-causal": (False, "relu", False, True), "dynamo-gelu-causal": (True, "gelu", False, True)}
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +91,10 @@ def encoders(tmp_path_factory) -> dict[str, str]:
     """Each variant exported once (seeded weights): name -> path."""
     folder = tmp_path_factory.mktemp("encoders")
     paths = {}
-    for name, (dynamo, activation, norm_first) in _VARIANTS.items():
+    for name, (dynamo, activation, norm_first, causal) in _VARIANTS.items():
         torch.manual_seed(0)
         paths[name] = str(folder / f"{name}.onnx")
-        _export(_EncoderModel(activation, norm_first).eval(), 6, paths[name], dynamo)
+        _export(_EncoderModel(activation, norm_first, causal).eval(), 6, paths[name], dynamo)
     return paths
 
 
@@ -109,6 +112,11 @@ def test_torch_encoder_layer_folds_converts_and_gets_sound_linear_bounds(encoder
         assert np.allclose(got, expected, atol=1e-5)
     network = BoundNetwork.from_model(converted)
     assert not any(type(n.rule) is ops.Interval for n in network.nodes)  # every op passes linear bounds
+    # a masked Softmax drops the -inf entries: its reciprocal is followed by the kept rows (a Mul by 0/1)
+    masked = [n.name for n in network.nodes if n.op == "Mul" and n.inputs[0].endswith(".reciprocal")]
+    assert len(masked) == (1 if _VARIANTS[variant][3] else 0)
+    probe = torch.from_numpy(np.random.default_rng(7).uniform(-1, 1, size=(3, 6)))
+    torch.testing.assert_close(network.evaluate(probe), converted.logits_module.double()(probe), rtol=1e-6, atol=1e-6)
     module = converted.logits_module.double()
     x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, size=(4, 6)))
     y = module(x).argmax(1)

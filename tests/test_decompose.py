@@ -8,6 +8,7 @@ import itertools
 import math
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from conftest import const, float_io, make_model, shipped_data, shipped_model
@@ -139,6 +140,72 @@ def test_real_exponent_powers_are_relaxed_soundly(save):
             reached = result["reached"].amax(0)
             gap = (result["bound"] - reached) / (reached - result["reached"].amin(0))
             assert float(gap.max()) < 0.05
+
+
+_MASK = np.array([[0.0, -np.inf, 0.0], [-np.inf, 0.0, 0.0]], np.float32)  # every row and column keeps one
+
+
+@pytest.mark.parametrize("form, axis", [("add", -1), ("add", 1), ("where", -1), ("where-true", 1)])
+def test_a_minus_inf_attention_mask_is_dropped_by_its_softmax(save, form, axis):
+    """Add(scores, mask) or Where(cond, scores, -inf) into a Softmax (over the last axis or, moved, the
+    first): the network computes the model's softmax (masked entries exactly 0, where a -inf in the
+    bounds gave NaN before) and its linear bounds hold on dense samples."""
+    rng = np.random.default_rng(6)
+    kept = np.isfinite(_MASK)
+    nodes = [N("Gemm", ["x", "w", "c"], ["h"], transB=1), N("Reshape", ["h", "shape"], ["s"])]
+    inits = [const("w", rng.normal(size=(6, 3))), const("c", rng.normal(size=6)),
+             const("shape", np.array([-1, 2, 3], np.int64)), const("flat", np.array([-1, 4], np.int64))]
+    if form == "add":
+        nodes.append(N("Add", ["s", "mask"], ["m"]))
+        inits.append(const("mask", _MASK))
+    elif form == "where":
+        nodes.append(N("Where", ["keep", "s", "minus"], ["m"]))
+        inits += [const("keep", kept), const("minus", np.float32(-np.inf))]
+    else:  # the variable where the condition is False
+        nodes.append(N("Where", ["drop", "minus", "s"], ["m"]))
+        inits += [const("drop", ~kept), const("minus", np.float32(-np.inf))]
+    # softmax · V, then flat: a Softmax inside the logits' path (a last one would be read as the head)
+    nodes += [N("Softmax", ["m"], ["p"], axis=axis), N("MatMul", ["p", "v"], ["pv"]), N("Reshape", ["pv", "flat"], ["y"])]
+    inits.append(const("v", rng.normal(size=(3, 2))))
+    model = make_model(nodes, [float_io("x", ["n", 3])], [float_io("y", ["n", 4])], inits)
+    path = save(model)
+    network = BoundNetwork.from_model(convert_model(load_model(path)))
+    center = torch.from_numpy(rng.uniform(-1, 1, size=(4, 3)))
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(
+        None, {"x": center.numpy().astype(np.float32)})[0]
+    values = network.values(center)
+    assert np.allclose(values[network.output].numpy().reshape(expected.shape), expected, atol=1e-5)
+    softmax = next(n.name for n in network.nodes if n.op == "MatMul")  # the node before softmax · V
+    probabilities = values[network.nodes[[n.name for n in network.nodes].index(softmax) - 1].name]
+    assert torch.all(probabilities[:, ~torch.from_numpy(kept)] == 0)
+    assert torch.allclose(probabilities.sum(axis), torch.ones((), dtype=torch.float64), atol=1e-12)
+    for radius in (1e-3, 0.1, 0.6):
+        result = _check_objectives(network, center, radius, torch.Generator().manual_seed(7))
+        assert torch.isfinite(result["bound"]).all()
+
+
+def test_where_with_a_constant_condition_selects_exactly(save):
+    """Where(cond, h, g) of two variables and Where(cond, 2.5, h): affine, so a tiny box bounds them tightly."""
+    rng = np.random.default_rng(8)
+    cond = np.array([True, False, True, False])
+    nodes = [N("Gemm", ["x", "w", "c"], ["h"], transB=1), N("Exp", ["h"], ["g"]),
+             N("Where", ["cond", "h", "g"], ["a"]), N("Where", ["cond", "k", "h"], ["b"]),
+             N("Concat", ["a", "b"], ["y"], axis=-1)]
+    inits = [const("w", rng.normal(size=(4, 3))), const("c", rng.normal(size=4)), const("cond", cond),
+             const("k", np.float32(2.5))]
+    model = make_model(nodes, [float_io("x", ["n", 3])], [float_io("y", ["n", 8])], inits)
+    path = save(model)
+    network = BoundNetwork.from_model(convert_model(load_model(path)))
+    assert [n.op for n in network.nodes].count("Where") == 2
+    center = torch.from_numpy(rng.uniform(-1, 1, size=(3, 3)))
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(
+        None, {"x": center.numpy().astype(np.float32)})[0]
+    assert np.allclose(network.evaluate(center).numpy(), expected, atol=1e-5)
+    for radius in (1e-3, 0.2):
+        _check_objectives(network, center, radius, torch.Generator().manual_seed(9))
+    low, high = propagate(network, _region(center, 0.2)).intervals[network.output]
+    assert torch.allclose(low[:, [4, 6]], torch.full((3, 2), 2.5, dtype=torch.float64), rtol=1e-10, atol=0)
+    assert torch.allclose(high[:, [4, 6]], torch.full((3, 2), 2.5, dtype=torch.float64), rtol=1e-10, atol=0)
 
 
 class _Block(torch.nn.Module):

@@ -42,8 +42,13 @@ def unary(kind: str, params: dict) -> ops.Activation:
     return ops.Activation(kind, dict(params), None, lambda u: function(kind, u, params))
 
 
-def softmax(axis: int, coerce_2d: bool, shape: list[int | None]) -> list[Part] | None:
-    """Parts of a Softmax over `axis` of a per-sample input of `shape` (None: keep the interval rule)."""
+def softmax(axis: int, coerce_2d: bool, shape: list[int | None],
+            keep: torch.Tensor | None = None) -> list[Part] | None:
+    """Parts of a Softmax over `axis` of a per-sample input of `shape` (None: keep the interval rule).
+
+    `keep` (bool, `(1, *shape)`): the entries a constant -inf mask leaves (method eq. 3.8c'): a kept
+    row's softmax runs over its kept entries only, a masked entry's output is 0 (exp(-inf) = 0); the
+    masked inputs' own values are never read."""
     rank = len(shape) + 1  # with the batch axis
     start = axis % rank
     if start == 0:
@@ -80,14 +85,39 @@ def softmax(axis: int, coerce_2d: bool, shape: list[int | None]) -> list[Part] |
         return (last.unsqueeze(-2) + last.unsqueeze(-1)) * off
 
     moved = start != rank - 1  # the normalised axes are not already the last one
-    parts = [
-        Part("differences", "Sub", (0,), ops.Affine(differences, spread)),
-        Part("exp", "exp", ("differences",), unary("exp", {})),
-        Part("sum", "ReduceSum", ("exp",), ops.structural(lambda e: e.sum(-1))),
-        Part("reciprocal" if moved else "", "reciprocal", ("sum",), unary("reciprocal", {})),
-    ]
+    if keep is None:
+        parts = [
+            Part("differences", "Sub", (0,), ops.Affine(differences, spread)),
+            Part("exp", "exp", ("differences",), unary("exp", {})),
+            Part("sum", "ReduceSum", ("exp",), ops.structural(lambda e: e.sum(-1))),
+            Part("reciprocal" if moved else "", "reciprocal", ("sum",), unary("reciprocal", {})),
+        ]
+    else:
+        kept = to_last(keep)  # (1, ..., n): row i of a softmax, entries j
+        pairs = kept.unsqueeze(-1) & kept.unsqueeze(-2)  # [..., i, j]: both kept; else the difference is 0
+        columns = kept.unsqueeze(-2).to(torch.float64)
+
+        def kept_differences(u: torch.Tensor) -> torch.Tensor:
+            return torch.where(pairs, differences(u), 0.0)
+
+        def kept_spread(r: torch.Tensor) -> torch.Tensor:
+            return torch.where(pairs, spread(r), 0.0)
+
+        def kept_sum(e: torch.Tensor) -> torch.Tensor:  # exp(0) = 1 at the dropped pairs, weighted 0
+            return (e * columns.to(e.dtype)).sum(-1)
+
+        def kept_rows(v: torch.Tensor) -> torch.Tensor:
+            return torch.where(kept, v, 0.0)
+
+        parts = [
+            Part("differences", "Sub", (0,), ops.Affine(kept_differences, kept_spread)),
+            Part("exp", "exp", ("differences",), unary("exp", {})),
+            Part("sum", "ReduceSum", ("exp",), ops.structural(kept_sum)),
+            Part("reciprocal", "reciprocal", ("sum",), unary("reciprocal", {})),
+            Part("kept" if moved else "", "Mul", ("reciprocal",), ops.structural(kept_rows)),
+        ]
     if moved:
-        parts.append(Part("", "Transpose", ("reciprocal",), ops.structural(from_last)))
+        parts.append(Part("", "Transpose", (parts[-1].suffix,), ops.structural(from_last)))
     return parts
 
 

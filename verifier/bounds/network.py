@@ -124,6 +124,8 @@ class _Builder:
         self.sites_by_output = {s.output: s for s in model.logit_sites}
         self.inner = {key for s in model.logit_sites for key in s.nodes}
         self.problems: list[tuple[str, str, str]] = []
+        # a -inf attention mask (Add or Where of a constant) feeding a Softmax: its kept entries, by tensor
+        self.softmax_masks: dict[str, torch.Tensor] = {}
 
     def constant(self, tensor: str) -> torch.Tensor | None:
         value = self.graph.constant(tensor)
@@ -193,7 +195,34 @@ class _Builder:
             return None
         shape = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
         return decompose.softmax(int(site.params.get("axis", -1)), bool(site.params.get("coerce_2d", False)),
-                                 shape)
+                                 shape, keep=self.softmax_masks.get(site.input))
+
+    def softmax_mask(self, output: str, keep: torch.Tensor) -> torch.Tensor | None:
+        """`keep` (False: a -inf entry of a constant mask) broadcast to `output`'s per-sample shape, and
+        recorded for the Softmax that reads it — when a Softmax (opset >= 13, over one axis) is the only
+        reader of `output` and no row of it is masked whole; else None (the mask is not taken)."""
+        sites = [s for s in self.model.logit_sites if s.kind == "softmax" and s.input == output]
+        readers = self.graph.consumers.get(output, [])
+        if len(sites) != 1 or len(readers) != 1 or readers[0] not in sites[0].nodes:
+            return None
+        if sites[0].params.get("coerce_2d", False):
+            return None
+        try:
+            dims = self._shape(output)
+        except KeyError:
+            return None
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+        if any(d is None for d in shape):
+            return None
+        try:
+            kept = torch.broadcast_to(keep.to(torch.bool), (1, *shape))
+        except RuntimeError:
+            return None  # the mask carries a batch of its own
+        axis = int(sites[0].params.get("axis", -1)) % (len(shape) + 1)
+        if axis == 0 or not bool(kept.any(axis).all()):
+            return None  # a row with no kept entry is NaN in the model itself
+        self.softmax_masks[output] = kept
+        return kept
 
     def _activation(self, site: ActivationSite) -> Activation:
         slope = None
@@ -301,6 +330,12 @@ def _add_sub(c: _NodeContext) -> Rule | None:
         return None
     first = c.variable_at(0)
     other = c.const(1) if first else c.const(0)
+    masked = None if subtract else _masked_constant(c, other, torch.zeros((), dtype=torch.bool))
+    if masked is not None:
+        return ops.shift(masked)
+    if not bool(torch.isfinite(other).all()):  # back-substitution would meet 0 * inf
+        raise ValueError("an infinite constant (other than a -inf mask that only a Softmax reads) has no "
+                         "linear bound here")
     if not subtract:
         return ops.shift(other)
     return ops.shift(-other) if first else ops.shift(other, sign=-1.0)  # x - c, or c - x
@@ -314,6 +349,38 @@ def _mul(c: _NodeContext) -> Rule | list[decompose.Part] | None:
     if c.variables[0] == c.variables[1]:  # x * x: one input
         return [decompose.Part("", "square", (0,), decompose.unary("square", {}))]
     return bilinear.product(False) if decompose.same_rank(c, 1) else ops.product()
+
+
+def _masked_constant(c: _NodeContext, constant: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor | None:
+    """A constant that masks attention scores with -inf where the node's output takes it (`chosen`:
+    where the output is the variable's, whatever the constant), its -inf entries replaced by 0 — when
+    only a Softmax reads the output, which then drops those entries (the builder records the mask);
+    else None."""
+    if not bool(torch.isneginf(constant).any()) or bool((torch.isnan(constant) | torch.isposinf(constant)).any()):
+        return None
+    try:
+        keep = chosen | ~torch.isneginf(constant)
+    except RuntimeError:
+        return None
+    if c.builder.softmax_mask(c.node.output[0], keep) is None:
+        return None
+    return torch.where(torch.isneginf(constant), torch.zeros_like(constant), constant)
+
+
+def _where(c: _NodeContext) -> Rule | None:
+    """Where with a constant condition (a mask); a condition that depends on the input is no affine map."""
+    condition = c.const(0)
+    if condition is None:
+        return None
+    if len(c.variables) == 2 and c.node.input[0] not in c.variables:
+        return ops.select(condition)
+    if c.variable_at(1) or c.variable_at(2):
+        true_branch = c.variable_at(1)
+        constant = c.const(2 if true_branch else 1)
+        chosen = (condition != 0) if true_branch else (condition == 0)
+        masked = _masked_constant(c, constant, chosen)
+        return ops.select_constant(condition, constant if masked is None else masked, variable_when=true_branch)
+    return None
 
 
 def _neg(c: _NodeContext) -> Rule | None:
@@ -372,7 +439,7 @@ def _expand(name: str, key: str, inputs: tuple[str, ...], parts: list[decompose.
 # activation kinds never reach this table: they are sites (see verifier.graph).
 RULES: dict[str, Callable[[_NodeContext], Rule | list[decompose.Part] | None]] = {
     "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm,
-    "Add": _add_sub, "Sub": _add_sub, "Mul": _mul, "Neg": _neg,
+    "Add": _add_sub, "Sub": _add_sub, "Mul": _mul, "Neg": _neg, "Where": _where,
     "LayerNormalization": _layer_norm, "Cast": _cast,
     **{op: _monotone for op in ops.MONOTONE_UNARY},
     **{op: _monotone_call for op in ("Max", "Min", "ReduceMax", "ReduceMin")},

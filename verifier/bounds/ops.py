@@ -141,6 +141,24 @@ def add_variables(signs: Sequence[float]) -> Affine:
                   unit_signs=tuple(float(s) for s in signs))
 
 
+def select(condition: torch.Tensor) -> Affine:
+    """`Where(condition, a, b)` with a constant condition and two variable branches: each value is one
+    of its inputs' (exact)."""
+    keep = condition != 0
+    return Affine(lambda a, b: torch.where(keep, a, b), lambda ra, rb: torch.where(keep, ra, rb))
+
+
+def select_constant(condition: torch.Tensor, constant: torch.Tensor, variable_when: bool) -> Affine:
+    """`Where` with a constant condition, one variable branch (taken where the condition is
+    `variable_when`) and a finite constant other one: `keep·u + (1 - keep)·constant`, exact."""
+    keep = (condition != 0) if variable_when else (condition == 0)
+    if not bool(torch.isfinite(constant).all()):
+        raise ValueError("a constant branch with an infinite value (e.g. a -inf attention mask) has no "
+                         "linear bound here")
+    return Affine(lambda u: torch.where(keep, u, 0.0), lambda r: torch.where(keep, r, 0.0),
+                  torch.where(keep, 0.0, constant))
+
+
 def batch_norm(attributes: dict, gamma, beta, mean, var) -> Affine:
     """Inference BatchNormalization over axis 1."""
     eps = float(_attr(attributes, "epsilon", 1e-5))
