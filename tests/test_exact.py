@@ -16,7 +16,7 @@ from verifier.bounds.margins import margin_bounds
 from verifier.bounds.network import BoundNetwork
 from verifier.certify.aggregate import GrowthCurves, used_points
 from verifier.certify.certificate import certify
-from verifier.certify.exactness import EXACT_TOLERANCE
+from verifier.certify.exactness import EXACT_TOLERANCE, is_exact
 from verifier.certify.milp_route import ExactSettings
 from verifier.convert import convert_model
 from verifier.exact.encode import NotEncodable, encode_network
@@ -186,3 +186,10 @@ def test_used_points_mark_the_delta_column_and_the_maximising_piece():
     used = used_points(curves, 0.2, 1.0, 1.2)
     assert used[0].tolist() == [False, True, True, False]
     assert not used[1].any()  # a sample that gains nothing uses no point
+
+
+def test_an_infinite_certificate_is_never_called_exact():
+    # (a masked Transformer without a box printed "exact: yes" next to an infinite certificate)
+    assert not is_exact(math.inf, 2.58)
+    assert not is_exact(2.6, math.inf)
+    assert is_exact(2.58 + EXACT_TOLERANCE / 2, 2.58) and not is_exact(2.7, 2.58)

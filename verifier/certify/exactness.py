@@ -198,7 +198,7 @@ def summarise(delta: float, p: float, low: Sequence[Placed], high: Sequence[Plac
 
 def is_exact(certificate: float | None, realised: float, tolerance: float = EXACT_TOLERANCE) -> bool:
     """Whether the certificate is met by an explicit distribution (§3.5)."""
-    if certificate is None:
-        return False
+    if certificate is None or not math.isfinite(certificate) or not math.isfinite(realised):
+        return False  # an infinite certificate is met by nothing (inf <= tolerance * inf would say it is)
     gap = certificate - realised  # negative beyond rounding would be a soundness bug, never "exact"
     return -1e-6 * max(1.0, abs(certificate)) <= gap <= tolerance * max(1.0, abs(certificate))
