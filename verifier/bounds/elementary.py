@@ -181,11 +181,11 @@ def interval(kind: str, lower: Tensor, upper: Tensor, params: Params = None) -> 
 
 def _widened(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """[lo, hi] widened by the rounding bound; a NaN end (an undefined value) becomes unbounded."""
-    infinite = {"posinf": math.inf, "neginf": -math.inf}  # (nan_to_num's default clips them to finite)
-    lo = torch.nan_to_num(lo, nan=-math.inf, **infinite)
-    hi = torch.nan_to_num(hi, nan=math.inf, **infinite)
-    lo, hi = lo - _ERROR * lo.abs(), hi + _ERROR * hi.abs()  # an infinite end of the wrong sign: NaN
-    return torch.nan_to_num(lo, nan=-math.inf, **infinite), torch.nan_to_num(hi, nan=math.inf, **infinite)
+    # An overflowed end becomes the largest float (sound: a lower end of +inf means a value above it),
+    # and the widening overflows an upper +inf (lower -inf) end back to infinity.
+    lo = torch.nan_to_num(lo, nan=-math.inf)
+    hi = torch.nan_to_num(hi, nan=math.inf)
+    return lo - _ERROR * lo.abs(), hi + _ERROR * hi.abs()
 
 
 def _real_power_interval(l: Tensor, u: Tensor, params: Params) -> tuple[Tensor, Tensor]:
