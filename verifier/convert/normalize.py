@@ -12,7 +12,9 @@ Real exports break onnx2torch in a handful of known ways (see docs/architecture.
    length (`rnn.py`) and GlobalMaxPool as ReduceMax (`global_pool.py`), then folds constants
    and shape computations with `onnxscript.optimizer` (those that read a dynamic batch size at
    run time, with the batch fixed to 1 and then freed again as in 5.; a fold at batch 2 shows
-   which shape entry carries the batch where it is not the first, as in (L, N*H, d) heads);
+   which shape entry carries the batch where it is not the first, as in (L, N*H, d) heads); what
+   the optimizer leaves of that arithmetic with every size static is folded by running it in
+   onnxruntime (`fold.py`: torch's F.pad pads, `Shape → Gather → Add → Pad` chains);
 4. gives every node a safe unique name: the names become torch module names and attributes in
    generated code, so a keyword, builtin or attribute of a GraphModule (`class`, `None`, `self`,
    `to`, `training`, `graph`, …), a name starting with `_`, or one taken already becomes
@@ -40,6 +42,7 @@ import torch
 from torch import fx
 
 from verifier.convert.batch import BatchAxis, batch_entries, make_batch_dynamic, reads_shapes, with_batch_fixed
+from verifier.convert.fold import static_values_folded
 from verifier.convert.global_pool import lower_global_max_pools
 from verifier.convert.hard_sigmoid import lower_hard_sigmoids
 from verifier.convert.ml_ops import lower_ml_ops
@@ -105,7 +108,7 @@ def normalize_model(model: onnx.ModelProto, output: str | None = None) -> Normal
     constants = {t.name for t in optimized.graph.initializer}
     input_name = next(vi.name for vi in optimized.graph.input if vi.name not in constants)
     optimized, batch = _shapes_folded(optimized, extracted, input_name) or make_batch_dynamic(
-        optimized, extracted, input_name)
+        _static_shapes_folded(optimized, input_name), extracted, input_name)
     original_names = _rename_nodes(optimized.graph)
     _move_to_own_domain(optimized)
     names = tuple(o.name for o in optimized.graph.output)
@@ -127,17 +130,27 @@ def _shapes_folded(optimized: onnx.ModelProto, extracted: onnx.ModelProto,
     computing with shapes). None when nothing is left to fold or the freed graph fails its check."""
     if not reads_shapes(optimized) or (fixed := with_batch_fixed(extracted, input_name)) is None:
         return None
-    at_one = onnxscript.optimizer.optimize(fixed)
+    at_one = _static_shapes_folded(onnxscript.optimizer.optimize(fixed), input_name)
     # a batch folded into another axis ((L, N*H, d) heads) shows as the entry that doubles at batch 2
     at_two = with_batch_fixed(extracted, input_name, 2)
     try:
-        entries = batch_entries(at_one, onnxscript.optimizer.optimize(at_two)) if at_two is not None else {}
+        entries = batch_entries(at_one, _static_shapes_folded(onnxscript.optimizer.optimize(at_two), input_name)
+                                ) if at_two is not None else {}
     except Exception:  # noqa: BLE001 - the optimizer's many failure types: fold as at batch 1 only
         entries = {}
     folded, axis = make_batch_dynamic(at_one, fixed, input_name, entries)
     if not axis.rewritten or reads_shapes(folded):
         return None
     return folded, BatchAxis()
+
+
+def _static_shapes_folded(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
+    """A graph with static sizes whose shape arithmetic the optimizer left, folded by running it
+    (`verifier.convert.fold`) and optimised again; else the graph itself."""
+    if not reads_shapes(model):
+        return model
+    folded = static_values_folded(model, input_name)
+    return model if folded is None else onnxscript.optimizer.optimize(folded)
 
 
 def _drop_identity_clips(model: onnx.ModelProto, graph: OperatorGraph) -> None:
