@@ -23,6 +23,7 @@ from verifier.cells import displacement_box
 from verifier.certify.certificate import certify
 from verifier.convert import convert_model
 from verifier.data import load_samples
+from verifier.errors import UnsupportedOpsError
 from verifier.losses import loss_values
 from verifier.onnx_io import load_model
 
@@ -182,6 +183,21 @@ def test_a_minus_inf_attention_mask_is_dropped_by_its_softmax(save, form, axis):
     for radius in (1e-3, 0.1, 0.6):
         result = _check_objectives(network, center, radius, torch.Generator().manual_seed(7))
         assert torch.isfinite(result["bound"]).all()
+
+
+def test_a_mask_on_a_softmax_too_wide_for_pairs_is_refused_not_dropped(save):
+    """Over more than PAIRWISE_LIMIT entries the Softmax keeps its interval rule, which knows no mask:
+    the -inf Add must then be refused (its 0 stand-ins would be normalised over)."""
+    width = decompose.PAIRWISE_LIMIT + 8
+    mask = np.where(np.arange(width) % 2 == 0, 0.0, -np.inf).astype(np.float32)
+    nodes = [N("Gemm", ["x", "w", "c"], ["h"], transB=1), N("Add", ["h", "mask"], ["m"]),
+             N("Softmax", ["m"], ["p"], axis=-1), N("MatMul", ["p", "v"], ["y"])]
+    rng = np.random.default_rng(10)
+    inits = [const("w", rng.normal(size=(width, 3))), const("c", rng.normal(size=width)), const("mask", mask),
+             const("v", rng.normal(size=(width, 2)))]
+    model = make_model(nodes, [float_io("x", ["n", 3])], [float_io("y", ["n", 2])], inits)
+    with pytest.raises(UnsupportedOpsError, match="infinite constant"):
+        BoundNetwork.from_model(convert_model(load_model(save(model))))
 
 
 def test_where_with_a_constant_condition_selects_exactly(save):

@@ -68,3 +68,25 @@ def test_run_time_padding_arithmetic_is_folded_and_bounds_hold(tmp_path, dynamic
 def test_nothing_is_folded_without_static_sizes(tmp_path):
     model = onnx.load(_export(tmp_path / "padded.onnx", True))  # the batch axis is symbolic
     assert static_values_folded(model, "x") is None
+
+
+def test_a_shape_that_follows_the_data_is_not_folded():
+    # the count of non-integer entries (NonZero): 0 at zeros and at ones, 4 on most data; a fold on
+    # probes would bake one count in
+    from conftest import const, float_io, make_model
+    from onnx import helper
+
+    node = helper.make_node
+    nodes = [node("Round", ["x"], ["r"]), node("Sub", ["x", "r"], ["d"]), node("NonZero", ["d"], ["nz"]),
+             node("Shape", ["nz"], ["s"]), node("Gather", ["s", "one"], ["n"], axis=0),
+             node("Cast", ["n"], ["nf"], to=1), node("Gemm", ["x", "w", "b"], ["h"], transB=1),
+             node("Add", ["h", "nf"], ["y"])]
+    inits = [const("one", np.array(1, np.int64)), const("w", np.eye(3, 4)), const("b", np.zeros(3))]
+    model = make_model(nodes, [float_io("x", [1, 4])], [float_io("y", [1, 3])], inits)
+    assert static_values_folded(model, "x") is None
+    # a Shape of the input itself (sizes only) is folded
+    nodes = [node("Shape", ["x"], ["s"]), node("Gather", ["s", "one"], ["n"], axis=0),
+             node("Cast", ["n"], ["nf"], to=1), node("Gemm", ["x", "w", "b"], ["h"], transB=1),
+             node("Add", ["h", "nf"], ["y"])]
+    folded = static_values_folded(make_model(nodes, [float_io("x", [1, 4])], [float_io("y", [1, 3])], inits), "x")
+    assert folded is not None and "Shape" not in {n.op_type for n in folded.graph.node}

@@ -157,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.job is not None:
                 args.job.finish()
     except BaseException as err:  # noqa: BLE001 - every failure ends in one line (rank 0 speaks for all)
+        err = terminated_cause(err) or err  # a signal re-raised by library code as another error
         if args.job is not None:
             args.job.share(err)
         code = _failure(err, args, json_wanted, debug)
@@ -203,7 +204,6 @@ def _failure(err: BaseException, args: argparse.Namespace, json_wanted: bool, de
 
     quiet = args.job is not None and not args.job.writer and not isinstance(err, CollectiveError)
     fail = _silent if quiet else _fail
-    err = terminated_cause(err) or err  # a signal re-raised by library code as another error
     if isinstance(err, VerifierError):
         return fail(err.exit_code, f"verifier: error: {err}", str(err), type(err).__name__, json_wanted, debug)
     if isinstance(err, Terminated):

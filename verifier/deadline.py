@@ -30,6 +30,14 @@ class Terminated(Stopped):
     partial report; raised by the CLI's signal handler wherever the main thread is."""
 
 
+def reraise_signal(err: BaseException) -> None:
+    """Raise the `Terminated` behind `err`, if any: for handlers that turn any failure of a library
+    call into a refusal or a fallback, which must not swallow a SIGTERM that landed inside it."""
+    terminated = terminated_cause(err)
+    if terminated is not None:
+        raise terminated
+
+
 def terminated_cause(err: BaseException) -> Terminated | None:
     """The `Terminated` behind `err`, if the signal landed inside library code that wrapped it (e.g.
     `inspect.getfullargspec`, run while torch imports, turns any exception into a TypeError)."""

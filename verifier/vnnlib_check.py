@@ -29,7 +29,7 @@ import torch
 from verifier.bounds.network import BoundNetwork
 from verifier.bounds.propagate import InputSet, propagate, upper_bound
 from verifier.convert import ConvertedModel
-from verifier.deadline import NEVER, Deadline, Stopped
+from verifier.deadline import NEVER, Deadline, Stopped, reraise_signal
 from verifier.errors import ConversionError, UnsupportedOpsError, UsageError
 from verifier.jacobian import prepared_module
 from verifier.onnx_io import LoadedModel
@@ -118,7 +118,8 @@ def check_property(loaded: LoadedModel, converted: ConvertedModel, prop: Propert
                 left_high, right_low = high.copy(), low.copy()
                 left_high[axis], right_low[axis] = middle, middle
                 queue.extend([(low, left_high), (right_low, high)])
-    except Stopped:
+    except Stopped as err:
+        reraise_signal(err)  # a SIGTERM is no time limit
         return VnnResult("timeout", "the time limit was reached", time.monotonic() - began, boxes)
     return VnnResult("unsat", "sound bounds refute every unsafe conjunction on every input box",
                      time.monotonic() - began, boxes)

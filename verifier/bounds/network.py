@@ -170,6 +170,9 @@ class _Builder:
             parts = self._softmax_parts(site) if site.kind == "softmax" else None
             if parts is not None:
                 return _expand(fx_node.name, key, inputs, parts)
+            if site.input in self.softmax_masks:  # (never: softmax_mask takes only what the parts can drop)
+                self.problems.append((key, "Softmax", "a -inf mask this Softmax's rule cannot drop"))
+                return []
             return [BoundNode(fx_node.name, site.kind, key, inputs, self._activation(site))]
         if key in self.inner:
             return []  # inside a decomposed activation: covered by the site's node
@@ -219,7 +222,9 @@ class _Builder:
         except RuntimeError:
             return None  # the mask carries a batch of its own
         axis = int(sites[0].params.get("axis", -1)) % (len(shape) + 1)
-        if axis == 0 or not bool(kept.any(axis).all()):
+        if axis == 0 or shape[axis - 1] > decompose.PAIRWISE_LIMIT:
+            return None  # the Softmax keeps its interval rule, which knows no mask
+        if not bool(kept.any(axis).all()):
             return None  # a row with no kept entry is NaN in the model itself
         self.softmax_masks[output] = kept
         return kept

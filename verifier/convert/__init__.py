@@ -29,6 +29,7 @@ from verifier.convert.compat import import_onnx2torch
 from verifier.convert.batch import BatchAxis, pad_rows
 from verifier.convert.ml_ops import ML_DOMAIN, refusal_reason
 from verifier.convert.normalize import NormalizedModel, normalize_model
+from verifier.deadline import reraise_signal
 from verifier.errors import ConversionError, UnsupportedOpsError
 from verifier.graph import PIECEWISE_LINEAR_KINDS, ActivationSite, OperatorGraph
 from verifier.head import Head
@@ -201,6 +202,7 @@ def _check_supported(normalized: NormalizedModel, onnx_graph: OnnxGraph) -> None
             why = refusal_reason(node.operation_type) if domain == ML_DOMAIN else None
             problems.append((name, f"{label} (opset {opsets.get(domain, 1)})", why or _reason(err)))
         except Exception as err:  # noqa: BLE001 - a converter choking on attributes is also unsupported
+            reraise_signal(err)
             problems.append((name, label, f"{type(err).__name__}: {err}"))
     if problems:
         raise UnsupportedOpsError("conversion", problems)

@@ -35,6 +35,7 @@ import torch
 from onnx import numpy_helper
 
 from verifier.convert.rewrite import constant_values
+from verifier.deadline import reraise_signal
 
 BATCH_PARAM = "batch"
 # float32 kernels sum in an order that depends on the batch size: magika's logits (a real, truly
@@ -257,12 +258,14 @@ def _check_in_onnxruntime(rewritten: onnx.ModelProto, reference: onnx.ModelProto
     except _NotBatchGeneric:
         raise
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+        reraise_signal(err)
         raise _NotBatchGeneric(f"onnxruntime cannot run the fixed-batch graph: {_short(err)}") from err
     try:
         dynamic = ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
         together = dynamic.run(names, {input_name: x})
         alone = dynamic.run(names, {input_name: x[:1]})
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+        reraise_signal(err)
         raise _NotBatchGeneric(f"onnxruntime cannot run the rewritten graph on {count} samples: "
                                f"{_short(err)}") from err
     for name, want, got, one in zip(names, expected, together, alone):

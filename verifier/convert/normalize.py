@@ -47,6 +47,7 @@ from verifier.convert.global_pool import lower_global_max_pools
 from verifier.convert.hard_sigmoid import lower_hard_sigmoids
 from verifier.convert.ml_ops import lower_ml_ops
 from verifier.convert.rnn import lower_rnns
+from verifier.deadline import reraise_signal
 from verifier.errors import UnsupportedOpsError
 from verifier.graph import OperatorGraph, node_keys
 from verifier.patterns import find_decomposed
@@ -136,7 +137,8 @@ def _shapes_folded(optimized: onnx.ModelProto, extracted: onnx.ModelProto,
     try:
         entries = batch_entries(at_one, _static_shapes_folded(onnxscript.optimizer.optimize(at_two), input_name)
                                 ) if at_two is not None else {}
-    except Exception:  # noqa: BLE001 - the optimizer's many failure types: fold as at batch 1 only
+    except Exception as err:  # noqa: BLE001 - the optimizer's many failure types: fold as at batch 1 only
+        reraise_signal(err)
         entries = {}
     folded, axis = make_batch_dynamic(at_one, fixed, input_name, entries)
     if not axis.rewritten or reads_shapes(folded):
