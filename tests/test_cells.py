@@ -196,3 +196,35 @@ def test_pruned_distance_to_kinks_equals_the_full_minimum(monkeypatch, norm, box
     monkeypatch.setattr(cells, "_FIRST_CANDIDATES", 1)  # forces the widening loop
     assert torch.equal(cells._distance_to_kinks(kappa, grad, lower, upper, norm), full)
     assert float(full[0]) == 0.0
+
+
+class _TickingClock:
+    """Every reading is one second later: each unit pass 'takes' one second."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize("seconds, stops", [(5.0, True), (1e9, False)])
+def test_cells_stop_after_one_pass_when_the_passes_left_cannot_finish(seconds, stops):
+    from verifier.deadline import Deadline, Stopped
+
+    loaded = load_model(shipped_model("cnn"))
+    model = convert_model(loaded)
+    samples = load_samples(shipped_data("cnn"), loaded.info.data_input, limit=2)
+    clock = _TickingClock()
+    deadline = Deadline.after(seconds, clock=clock)
+    # a small memory limit: many passes over the units (the first one is timed, one tick)
+    run = lambda: cell_analysis(model, samples.x, samples.y, "inf", box=(0.0, 1.0), deadline=deadline,  # noqa: E731
+                                memory_limit_bytes=2 << 20)
+    if stops:
+        with pytest.raises(Stopped, match="would not finish within the time limit"):
+            run()
+        assert clock.now < 12  # right after the first pass, not at the limit's end of many passes
+    else:  # the same cells as with no limit at all
+        reference = cell_analysis(model, samples.x, samples.y, "inf", box=(0.0, 1.0), memory_limit_bytes=2 << 20)
+        assert torch.equal(run().radius, reference.radius)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from verifier.box import displacement_box
 from verifier.convert import ConvertedModel, pad_rows
-from verifier.deadline import NEVER, Deadline
+from verifier.deadline import NEVER, Deadline, Stopped
 from verifier.device import resolve_device
 from verifier.errors import VerifierError
 from verifier.geometry import dual_norm, max_linear, max_linear_rate, parse_norm, radius_to_reach
@@ -139,10 +139,11 @@ def cell_analysis(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch.
     step = fixed or max(1, min(_CHUNK, budget // (row * (classes + 1))))
     rows_per_pass = max(1, budget // (row * step))
     parts = []
+    chunks = math.ceil(len(inputs) / step)
     for i in range(0, len(inputs), step):
         deadline.check("cell analysis")
         parts.append(_analyse_chunk(probe, sites, inputs[i:i + step], lower[i:i + step], upper[i:i + step], norm,
-                                    fixed, rows_per_pass, deadline))
+                                    fixed, rows_per_pass, deadline, chunks if i == 0 else 0))
     logits = torch.cat([p[0] for p in parts])
     jacobian = torch.cat([p[1] for p in parts])
     return CellAnalysis(
@@ -184,7 +185,11 @@ def _piecewise_linear_sites(model: ConvertedModel) -> list[ActivationSite]:
 
 def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch.Tensor, lower: torch.Tensor,
                    upper: torch.Tensor, norm: str, fixed_batch: int | None, rows_per_pass: int,
-                   deadline: Deadline):
+                   deadline: Deadline, predict_chunks: int = 0):
+    """One chunk of samples. `predict_chunks` > 0 (the first chunk, of that many): after its first
+    pass over a chunk of units, stop (`Stopped`) when the passes left, at that pass's time, cannot
+    finish before `deadline` — a ResNet-50 at 224² needs hours of them, and the work so far would
+    be thrown away at the limit anyway."""
     count = len(x)
     with torch.no_grad():
         logits, values = probe(pad_rows(x, fixed_batch or 1))  # a fixed batch: the last chunk padded
@@ -195,6 +200,7 @@ def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch
     radius = torch.full((len(x),), math.inf, dtype=x.dtype, device=x.device)
     closest = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
     patterns: dict[int, torch.Tensor] = {}
+    passes = sum(_unit_passes(site, values[site.index][0], rows_per_pass) for site in sites)
     for site in sites:
         pre = values[site.index][0]
         # Units in chunks along the flattened site; a MaxPool chunk holds whole channels (its windows).
@@ -208,7 +214,14 @@ def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch
             def units(v: torch.Tensor, index=site.index, start=start, stop=stop) -> torch.Tensor:
                 return probe(v)[1][index][0].flatten(1)[:, start:stop]
 
+            began = deadline.clock()
             grads = batched_jacobian(units, x, stop - start, fixed_batch).detach().flatten(2)
+            if predict_chunks:
+                left = (deadline.clock() - began) * (passes * predict_chunks - 1)
+                predict_chunks = 0
+                if deadline.at != math.inf and deadline.clock() + left > deadline.at:
+                    raise Stopped(f"cell analysis: its {left:.3g} s of unit passes left would not "
+                                  "finish within the time limit")
             part = pre.flatten(1)[:, start:stop]
             if site.kind == "max_pool":
                 part = part.reshape(count, -1, *pre.shape[2:])
@@ -221,6 +234,12 @@ def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch
         merged = torch.cat(site_patterns, 1)
         patterns[site.index] = merged if site.kind == "max_pool" else merged.reshape(pre.shape)
     return logits, jac, radius, closest, patterns
+
+
+def _unit_passes(site: ActivationSite, pre: torch.Tensor, rows_per_pass: int) -> int:
+    """How many passes `_analyse_chunk` makes over the units of one site."""
+    block = math.prod(pre.shape[2:]) if site.kind == "max_pool" else 1
+    return math.ceil(pre[0].numel() / max(block, rows_per_pass // block * block))
 
 
 _FIRST_CANDIDATES = 64
