@@ -186,10 +186,10 @@ def _piecewise_linear_sites(model: ConvertedModel) -> list[ActivationSite]:
 def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch.Tensor, lower: torch.Tensor,
                    upper: torch.Tensor, norm: str, fixed_batch: int | None, rows_per_pass: int,
                    deadline: Deadline, predict_chunks: int = 0):
-    """One chunk of samples. `predict_chunks` > 0 (the first chunk, of that many): after its first
-    pass over a chunk of units, stop (`Stopped`) when the passes left, at that pass's time, cannot
-    finish before `deadline` — a ResNet-50 at 224² needs hours of them, and the work so far would
-    be thrown away at the limit anyway."""
+    """One chunk of samples. `predict_chunks` > 0 (the first chunk, of that many): after its second
+    pass over a chunk of units (the first one carries the warm-up), stop (`Stopped`) when the passes
+    left, at that pass's time, cannot finish before `deadline` — a ResNet-50 at 224² needs hours of
+    them, and the work so far would be thrown away at the limit anyway."""
     count = len(x)
     with torch.no_grad():
         logits, values = probe(pad_rows(x, fixed_batch or 1))  # a fixed batch: the last chunk padded
@@ -201,6 +201,7 @@ def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch
     closest = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
     patterns: dict[int, torch.Tensor] = {}
     passes = sum(_unit_passes(site, values[site.index][0], rows_per_pass) for site in sites)
+    done = 0
     for site in sites:
         pre = values[site.index][0]
         # Units in chunks along the flattened site; a MaxPool chunk holds whole channels (its windows).
@@ -216,8 +217,9 @@ def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch
 
             began = deadline.clock()
             grads = batched_jacobian(units, x, stop - start, fixed_batch).detach().flatten(2)
-            if predict_chunks:
-                left = (deadline.clock() - began) * (passes * predict_chunks - 1)
+            done += 1
+            if predict_chunks and done == 2:
+                left = (deadline.clock() - began) * (passes * predict_chunks - 2)
                 predict_chunks = 0
                 if deadline.at != math.inf and deadline.clock() + left > deadline.at:
                     raise Stopped(f"cell analysis: its {left:.3g} s of unit passes left would not "
