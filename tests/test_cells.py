@@ -198,25 +198,16 @@ def test_pruned_distance_to_kinks_equals_the_full_minimum(monkeypatch, norm, box
     assert float(full[0]) == 0.0
 
 
-class _TickingClock:
-    """Every reading is one second later: each unit pass 'takes' one second."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
-
-
 @pytest.mark.parametrize("seconds, stops", [(5.0, True), (1e9, False)])
 def test_cells_stop_after_one_pass_when_the_passes_left_cannot_finish(seconds, stops):
+    from test_deadline import Ticks  # each unit pass 'takes' one second
+
     from verifier.deadline import Deadline, Stopped
 
     loaded = load_model(shipped_model("cnn"))
     model = convert_model(loaded)
     samples = load_samples(shipped_data("cnn"), loaded.info.data_input, limit=2)
-    clock = _TickingClock()
+    clock = Ticks()
     deadline = Deadline.after(seconds, clock=clock)
     # a small memory limit: many passes over the units (the second one is timed, one tick)
     run = lambda: cell_analysis(model, samples.x, samples.y, "inf", box=(0.0, 1.0), deadline=deadline,  # noqa: E731
