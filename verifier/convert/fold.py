@@ -40,7 +40,7 @@ _SHAPE_PARAMETERS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1,
 def static_values_folded(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto | None:
     """`model` with every value that depends on the input only through its shape replaced by an
     initializer; None when there is nothing to fold, a size of the input is not static, or the
-    values could not be computed (or differed between two inputs)."""
+    values could not be computed (or differed between the probe inputs, or the folded graph's outputs did)."""
     graph = model.graph
     value_info = next((vi for vi in graph.input if vi.name == input_name), None)
     if value_info is None:
@@ -62,7 +62,8 @@ def static_values_folded(model: onnx.ModelProto, input_name: str) -> onnx.ModelP
         return None
     if not _shapes_follow_sizes(graph, input_name, static):
         return None
-    kept = [n for n in graph.node if n not in static_nodes]
+    folded_ids = {id(n) for n in static_nodes}
+    kept = [n for n in graph.node if id(n) not in folded_ids]
     read = {t for n in kept for t in n.input if t} | {o.name for o in graph.output}
     produced = {t for n in static_nodes for t in n.output if t}
     frontier = sorted(produced & read)
