@@ -32,7 +32,7 @@ from verifier.certify.milp_route import EXACT_MODES
 from verifier.convert import convert_model
 from verifier.data import budget_scale_warning, load_samples
 from verifier.perturb import fitted_threat_box, load_for_analysis
-from verifier.deadline import Deadline, Stopped, Terminated, terminated_cause
+from verifier.deadline import Deadline, Stopped, Terminated, reraise_signal
 from verifier.device import resolve_device
 from verifier.distributed import Job
 from verifier.errors import UsageError
@@ -121,10 +121,8 @@ class _Clock:
         try:
             return work()
         except Exception as err:  # a signal that library code re-raised as another error is still a signal
-            terminated = terminated_cause(err)
-            if terminated is None or terminated is err:
-                raise
-            raise terminated from err
+            reraise_signal(err)
+            raise
         finally:
             self.timings[stage] = (self.timings[stage] or 0.0) + time.monotonic() - began
 

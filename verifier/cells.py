@@ -204,9 +204,7 @@ def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch
     done = 0
     for site in sites:
         pre = values[site.index][0]
-        # Units in chunks along the flattened site; a MaxPool chunk holds whole channels (its windows).
-        block = math.prod(pre.shape[2:]) if site.kind == "max_pool" else 1
-        width = max(block, rows_per_pass // block * block)
+        width = _unit_width(site, pre, rows_per_pass)
         site_patterns = []
         for start in range(0, pre[0].numel(), width):
             deadline.check("cell analysis")
@@ -238,10 +236,16 @@ def _analyse_chunk(probe: torch.nn.Module, sites: list[ActivationSite], x: torch
     return logits, jac, radius, closest, patterns
 
 
+def _unit_width(site: ActivationSite, pre: torch.Tensor, rows_per_pass: int) -> int:
+    """Units per pass of `_analyse_chunk` along a flattened site; a MaxPool chunk holds whole
+    channels (its windows)."""
+    block = math.prod(pre.shape[2:]) if site.kind == "max_pool" else 1
+    return max(block, rows_per_pass // block * block)
+
+
 def _unit_passes(site: ActivationSite, pre: torch.Tensor, rows_per_pass: int) -> int:
     """How many passes `_analyse_chunk` makes over the units of one site."""
-    block = math.prod(pre.shape[2:]) if site.kind == "max_pool" else 1
-    return math.ceil(pre[0].numel() / max(block, rows_per_pass // block * block))
+    return math.ceil(pre[0].numel() / _unit_width(site, pre, rows_per_pass))
 
 
 _FIRST_CANDIDATES = 64

@@ -95,7 +95,7 @@ def softmax(axis: int, coerce_2d: bool, shape: list[int | None],
     else:
         kept = to_last(keep)  # (1, ..., n): row i of a softmax, entries j
         pairs = kept.unsqueeze(-1) & kept.unsqueeze(-2)  # [..., i, j]: both kept; else the difference is 0
-        columns = kept.unsqueeze(-2).to(torch.float64)
+        columns = kept.unsqueeze(-2)  # [..., 1, j]: entry j of every row's sum
 
         def kept_differences(u: torch.Tensor) -> torch.Tensor:
             return torch.where(pairs, differences(u), 0.0)
@@ -103,8 +103,8 @@ def softmax(axis: int, coerce_2d: bool, shape: list[int | None],
         def kept_spread(r: torch.Tensor) -> torch.Tensor:
             return torch.where(pairs, spread(r), 0.0)
 
-        def kept_sum(e: torch.Tensor) -> torch.Tensor:  # exp(0) = 1 at the dropped pairs, weighted 0
-            return (e * columns.to(e.dtype)).sum(-1)
+        def kept_sum(e: torch.Tensor) -> torch.Tensor:  # the dropped pairs' exp(0) = 1 left out
+            return torch.where(columns, e, 0.0).sum(-1)
 
         def kept_rows(v: torch.Tensor) -> torch.Tensor:
             return torch.where(kept, v, 0.0)

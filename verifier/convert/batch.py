@@ -44,7 +44,7 @@ BATCH_PARAM = "batch"
 CHECK_RTOL = 1e-4
 CHECK_ELEMENTS = 2**24  # at most this many input numbers in the check (64 MiB of float32)
 _STANDARD_DOMAINS = ("", "ai.onnx")
-_SHAPE_READERS = frozenset({"Shape", "Size"})
+SHAPE_READERS = frozenset({"Shape", "Size"})
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class BatchAxis:
 
 def reads_shapes(model: onnx.ModelProto) -> bool:
     """Whether the graph computes with tensor shapes at run time (`Shape`, `Size`)."""
-    return any(n.op_type in _SHAPE_READERS and n.domain in _STANDARD_DOMAINS for n in model.graph.node)
+    return any(n.op_type in SHAPE_READERS and n.domain in _STANDARD_DOMAINS for n in model.graph.node)
 
 
 def with_batch_fixed(model: onnx.ModelProto, input_name: str, batch: int = 1) -> onnx.ModelProto | None:

@@ -4,8 +4,8 @@ With every input size static (the batch fixed), a tensor's shape is a constant, 
 value computed only from shapes and constants (`Shape → Gather → Add/Div → Concat → Pad`,
 `ConstantOfShape` of such a value, …). Some exports keep such chains after the optimizer
 (opennsfw's torch export: 40 nodes of run-time padding arithmetic), and the bounds have no rule
-for computing with shapes. Here onnxruntime evaluates the chains once — on two different inputs,
-which must agree — and their results become initializers, kept only if the folded graph computes
+for computing with shapes. Here onnxruntime evaluates the chains — on three probe inputs, which
+must agree — and their results become initializers, kept only if the folded graph computes
 the same outputs as the unfolded one on those inputs. A chain is folded only where every tensor a
 Shape reads has a shape set by the input's sizes alone (no NonZero, control flow or custom op on
 its way, no Reshape to a shape computed from data), so the values cannot change with the data.
@@ -13,13 +13,14 @@ its way, no Reshape to a shape computed from data), so the values cannot change 
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from verifier.convert.batch import SHAPE_READERS
+from verifier.convert.rewrite import STANDARD_DOMAINS
 from verifier.deadline import reraise_signal
 
-_STANDARD_DOMAINS = ("", "ai.onnx")
-_SHAPE_READERS = frozenset({"Shape", "Size"})
 # ops whose output may depend on the input's values even where their inputs are "static" here
 _RANDOM = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                      "Bernoulli"})
@@ -53,12 +54,12 @@ def static_values_folded(model: onnx.ModelProto, input_name: str) -> onnx.ModelP
     static_nodes = []
     for node in graph.node:  # the graph's nodes are in topological order (onnx.checker)
         inputs = [t for t in node.input if t]
-        is_static = node.domain in _STANDARD_DOMAINS and node.op_type not in _RANDOM and (
-            node.op_type in _SHAPE_READERS or all(t in static for t in inputs))
+        is_static = node.domain in STANDARD_DOMAINS and node.op_type not in _RANDOM and (
+            node.op_type in SHAPE_READERS or all(t in static for t in inputs))
         if is_static and not _has_subgraph(node):
             static.update(t for t in node.output if t)
             static_nodes.append(node)
-    if not any(n.op_type in _SHAPE_READERS for n in static_nodes):
+    if not any(n.op_type in SHAPE_READERS for n in static_nodes):
         return None
     if not _shapes_follow_sizes(graph, input_name, static):
         return None
@@ -88,11 +89,11 @@ def _shapes_follow_sizes(graph: onnx.GraphProto, input_name: str, static: set[st
     sized = {input_name} | static  # tensors whose shape does not depend on the input's values
     for node in graph.node:
         parameters = _SHAPE_PARAMETERS.get(node.op_type, ())
-        follows = (node.domain in _STANDARD_DOMAINS and node.op_type not in _DATA_SHAPED
+        follows = (node.domain in STANDARD_DOMAINS and node.op_type not in _DATA_SHAPED
                    and not _has_subgraph(node)
                    and all(t in sized for t in node.input if t)
                    and all(node.input[i] in static for i in parameters if i < len(node.input) and node.input[i]))
-        if node.op_type in _SHAPE_READERS and node.domain in _STANDARD_DOMAINS and node.input[0] not in sized:
+        if node.op_type in SHAPE_READERS and node.domain in STANDARD_DOMAINS and node.input[0] not in sized:
             return False
         if follows:
             sized.update(t for t in node.output if t)
@@ -107,22 +108,13 @@ def _evaluate(model: onnx.ModelProto, input_name: str, elem_type: int, sizes: li
               names: list[str]) -> dict | None:
     """The values of `names` computed by onnxruntime on three inputs (zeros, ones, uniform noise);
     None when it cannot run them or they differ (a value that reads the input's data is not static)."""
-    try:
-        import numpy as np
-        import onnxruntime as ort
-    except ImportError:
-        return None
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        runs = [session.run(names, {input_name: x}) for x in _probes(sizes, dtype)]
+        session = _session(probe, optimised=False)
+        runs = [session.run(names, {input_name: x}) for x in _probes(sizes, elem_type)]
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
         reraise_signal(err)
         return None
@@ -132,27 +124,32 @@ def _evaluate(model: onnx.ModelProto, input_name: str, elem_type: int, sizes: li
     return {name: np.asarray(value) for name, value in zip(names, first)}
 
 
-def _probes(sizes: list[int], dtype) -> list:
-    import numpy as np
-
+def _probes(sizes: list[int], elem_type: int) -> list[np.ndarray]:
+    """The inputs every fold is computed and checked on: zeros, ones and uniform noise."""
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
     noise = np.random.default_rng(0).uniform(-1.0, 1.0, sizes) * 3.7
     return [np.zeros(sizes, dtype), np.ones(sizes, dtype), noise.astype(dtype)]
+
+
+def _session(model: onnx.ModelProto, optimised: bool = True):
+    """A quiet CPU onnxruntime session (`optimised=False`: no graph rewrites, e.g. for a probe that
+    reads intermediate values)."""
+    import onnxruntime as ort  # here: a refusal before conversion never imports it
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    if not optimised:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _same_outputs(model: onnx.ModelProto, folded: onnx.ModelProto, input_name: str, elem_type: int,
                   sizes: list[int]) -> bool:
     """The folded graph computes the user's outputs on the probe inputs (to float rounding)."""
-    import numpy as np
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
     names = [o.name for o in model.graph.output]
-    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
     try:
-        sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                    for m in (model, folded)]
-        for x in _probes(sizes, dtype):
+        sessions = [_session(m) for m in (model, folded)]
+        for x in _probes(sizes, elem_type):
             want, got = (session.run(names, {input_name: x}) for session in sessions)
             for a, b in zip(want, got):
                 a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
