@@ -88,6 +88,51 @@ def test_layer_norm_relaxation_holds_on_dense_samples_and_is_at_least_as_tight(s
     assert torch.all(result["bound"] - result["reached"].amax(0) < 1e-3)
 
 
+def test_layer_norm_outputs_on_a_wide_box_are_bounded_by_their_sphere_exactly(save):
+    """On a box so wide that every centred input may be 0, `<a, y>` over y = γ ⊙ ĉ + β is bounded by
+    `<a, β> + sqrt(n) ||P(γ ⊙ a)||_2` (eq. 3.8i), a supremum that the direction P(γ ⊙ a) reaches in
+    the limit; the per-unit direct interval would give `Σ |γ_k a_k| sqrt(n - 1)`."""
+    generator = torch.Generator().manual_seed(3)
+    scale, bias = np.array([1.5, -0.7, 0.3, 2.0, 0.9, -1.2], np.float32), np.array([0.1, 0, -0.4, 0.2, 0, 0.5], np.float32)
+    network = _network(save, [N("LayerNormalization", ["x", "s", "b"], ["y"], axis=-1, epsilon=1e-5)], [6], [6],
+                       [const("s", scale), const("b", bias)])
+    gamma, beta = torch.from_numpy(scale).double(), torch.from_numpy(bias).double()
+    center = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    region = _region(center, 100.0)
+    state = propagate(network, region)
+    rows = torch.randn(4, 3, 6, generator=generator, dtype=torch.float64)
+    bound = upper_bound(network, state, region, network.output, rows)
+    a = rows * gamma
+    direction = a - a.mean(-1, keepdim=True)
+    sphere = rows @ beta + math.sqrt(6) * direction.norm(dim=-1)
+    per_unit = rows @ beta + a.abs().sum(-1) * math.sqrt(5)
+    gain, unit_gain = sphere - rows @ beta, per_unit - rows @ beta
+    assert torch.all(gain < unit_gain) and gain.sum() < 0.8 * unit_gain.sum()  # the joint bound matters here
+    assert torch.allclose(bound, sphere, rtol=1e-7, atol=1e-7)
+    # the point whose centred input is 50 along P(γ ⊙ a) reaches it (within eps's effect)
+    points = center.mean(-1, keepdim=True).unsqueeze(1) + 50 * direction / direction.norm(dim=-1, keepdim=True)
+    assert torch.all((points - center.unsqueeze(1)).abs() <= 100)
+    reached = (network.evaluate(points.reshape(-1, 6)).reshape(4, 3, 6) * rows).sum(-1)
+    assert torch.all(reached <= bound) and torch.all(bound - reached < 1e-5)
+
+
+def test_layer_norm_sphere_stays_sound_when_only_some_units_are_flat(save):
+    """A Linear map into a LayerNorm: at mid radii some products keep their planes and others are on
+    flat lines (bounded jointly by the sphere); dense samples of the box never exceed a bound."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(3, 6, generator=generator).numpy()
+    nodes = [N("MatMul", ["x", "w"], ["h"]), N("LayerNormalization", ["h", "s", "b"], ["y"], axis=-1, epsilon=1e-5)]
+    scale, bias = np.array([1.5, -0.7, 0.3, 2.0, 0.9, -1.2], np.float32), np.zeros(6, np.float32)
+    network = _network(save, nodes, [3], [6], [const("w", weight), const("s", scale), const("b", bias)])
+    center = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    mixed = False
+    for radius in (0.05, 0.3, 1.0, 3.0, 30.0):
+        state = _check_objectives(network, center, radius, generator)["state"]
+        flat = state.relaxed[network.nodes[-2].name].flat
+        mixed = mixed or bool((flat.flatten(1).any(1) & ~flat.flatten(1).all(1)).any())
+    assert mixed  # some sample had both kinds of units at one radius
+
+
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_softmax_relaxation_holds_on_dense_samples_and_is_at_least_as_tight(save, axis):
     generator = torch.Generator().manual_seed(1)

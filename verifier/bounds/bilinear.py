@@ -37,13 +37,18 @@ _EPS64 = torch.finfo(torch.float64).eps
 @dataclass(frozen=True)
 class Product(ops.Interval):
     """`x * y` (`matmul=False`) or `x @ y` of two variable inputs; `hull`: an optional extra interval
-    rule on the input intervals, intersected with the product's (LayerNorm's direct bounds)."""
+    rule on the input intervals, intersected with the product's (LayerNorm's direct bounds).
+
+    `sphere_dims` > 0 (LayerNorm's `c · rsqrt(mean c² + eps)`): over each group of the last
+    `sphere_dims` axes the true outputs sum to 0 and have Euclidean norm below `sqrt(n)` (n units),
+    which bounds the units on flat lines jointly (method eq. 3.8i)."""
 
     matmul: bool = False
     hull: Callable[[Sequence[Pair]], Pair] | None = None
+    sphere_dims: int = 0
 
 
-def product(matmul: bool, hull: Callable[[Sequence[Pair]], Pair] | None = None) -> Product:
+def product(matmul: bool, hull: Callable[[Sequence[Pair]], Pair] | None = None, sphere_dims: int = 0) -> Product:
     """The rule of an elementwise or a matrix product of two variables."""
     base = ops.matrix_product() if matmul else ops.product()
 
@@ -54,7 +59,7 @@ def product(matmul: bool, hull: Callable[[Sequence[Pair]], Pair] | None = None) 
         hull_low, hull_high = hull(bounds)
         return torch.fmax(low, hull_low), torch.fmin(high, hull_high)
 
-    return Product(rule=rule, forward=base.forward, matmul=matmul, hull=hull)
+    return Product(rule=rule, forward=base.forward, matmul=matmul, hull=hull, sphere_dims=sphere_dims)
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,8 @@ class Planes:
     x_shape: torch.Size  # per-sample shapes of the two inputs (for broadcasting back)
     y_shape: torch.Size
     per_objective: bool = False  # slopes and offsets carry an objective axis K at 1 (optimised weights)
+    flat: Tensor | None = None  # (N, [1,] *out): units on flat lines that the sphere bounds jointly (eq. 3.8i)
+    sphere_dims: int = 0
 
 
 def relax(rule: Product, x: Pair, y: Pair, own: Pair | None = None, weights: Tensor | None = None) -> Planes:
@@ -122,6 +129,7 @@ def relax(rule: Product, x: Pair, y: Pair, own: Pair | None = None, weights: Ten
     flat_hi = torch.nan_to_num(corners, nan=math.inf).amax(0).expand_as(c_hi)
     a_lo, b_lo, a_hi, b_hi = (torch.where(finite, v, 0.0) for v in (a_lo, b_lo, a_hi, b_hi))
     c_lo, c_hi = torch.where(finite, c_lo, flat_lo), torch.where(finite, c_hi, flat_hi)
+    on_sphere = None
     if rule.hull is not None and own is not None:
         # Where the planes' worst gap (wx·wy, at the missed corner) exceeds the width of the direct
         # interval (LayerNorm's rule: a huge rsqrt upper end when the variance may be ~0), flat
@@ -131,9 +139,12 @@ def relax(rule: Product, x: Pair, y: Pair, own: Pair | None = None, weights: Ten
         low, high = low.expand_as(c_lo), high.expand_as(c_hi)
         a_lo, b_lo, a_hi, b_hi = (torch.where(flat, 0.0, v) for v in (a_lo, b_lo, a_hi, b_hi))
         c_lo, c_hi = torch.where(flat, low, c_lo), torch.where(flat, high, c_hi)
+        if rule.sphere_dims and not rule.matmul:
+            on_sphere = flat | ~finite
     if rule.matmul:
         c_lo, c_hi = c_lo.sum(-2), c_hi.sum(-2)
-    return Planes(a_lo, b_lo, c_lo, a_hi, b_hi, c_hi, x_shape, y_shape, weights is not None)
+    return Planes(a_lo, b_lo, c_lo, a_hi, b_hi, c_hi, x_shape, y_shape, weights is not None, on_sphere,
+                  rule.sphere_dims if on_sphere is not None else 0)
 
 
 def default_weights(rule: Product, x: Pair, y: Pair, objectives: int) -> Tensor:
@@ -153,7 +164,8 @@ def adjoint(rule: Product, planes: Planes, lam: Tensor) -> tuple[list[Tensor], T
     count, objectives = lam.shape[:2]
     if planes.per_objective and planes.a_hi.shape[1] == 1 < objectives:  # one set shared by the objectives
         planes = Planes(*(v.squeeze(1) for v in (planes.a_lo, planes.b_lo, planes.offset_lo, planes.a_hi,
-                                                   planes.b_hi, planes.offset_hi)), planes.x_shape, planes.y_shape)
+                                                   planes.b_hi, planes.offset_hi)), planes.x_shape, planes.y_shape,
+                        flat=None if planes.flat is None else planes.flat.squeeze(1), sphere_dims=planes.sphere_dims)
     if rule.matmul:
         own = "nq" if planes.per_objective else "n"
 
@@ -169,6 +181,24 @@ def adjoint(rule: Product, planes: Planes, lam: Tensor) -> tuple[list[Tensor], T
         to_y = positive * upper_b + negative * lower_b
     to_x = to_x.sum_to_size(count, objectives, *planes.x_shape)
     to_y = to_y.sum_to_size(count, objectives, *planes.y_shape)
-    bias = (inner(positive, per_objective(planes.offset_hi, positive))
-            + inner(negative, per_objective(planes.offset_lo, negative)))
-    return [to_x, to_y], bias
+    offset_hi, offset_lo = per_objective(planes.offset_hi, positive), per_objective(planes.offset_lo, negative)
+    if planes.flat is None or not bool(planes.flat.any()):
+        return [to_x, to_y], inner(positive, offset_hi) + inner(negative, offset_lo)
+    flat = per_objective(planes.flat, lam)
+    bias = inner(positive, torch.where(flat, 0.0, offset_hi)) + inner(negative, torch.where(flat, 0.0, offset_lo))
+    return [to_x, to_y], bias + sphere_bound(lam, flat, offset_hi, offset_lo, planes.sphere_dims)
+
+
+def sphere_bound(lam: Tensor, flat: Tensor, high: Tensor, low: Tensor, dims: int) -> Tensor:
+    """Upper bound (N, K) of `Σ_{k flat} lam_k z_k`, per group of the last `dims` axes the smaller of the
+    units' own intervals and the sphere (method eq. 3.8i): `z` sums to 0 with `||z||_2 < sqrt(n)`, so
+    `<a, z> <= sqrt(n) ||a - mean(a)||_2` for `a` = lam on the flat units, 0 elsewhere."""
+    axes = tuple(range(-dims, 0))
+    units = math.prod(lam.shape[-dims:])
+    own = (torch.where(flat & (lam > 0), lam * high, 0.0) + torch.where(flat & (lam < 0), lam * low, 0.0)).sum(axes)
+    picked = torch.where(flat, lam, 0.0)
+    total, squares = picked.sum(axes), (picked * picked).sum(axes)
+    centred = (squares - total * total / units).clamp_min(1e-300).sqrt()  # ||a - mean(a)||_2 (no 0-gradient NaN)
+    # outward for float64 rounding of the outputs (sum ~ n·eps·||z||) and of this sum of squares
+    sphere = math.sqrt(units) * (centred * (1 + 1e-9) + 1e-9 * squares.clamp_min(1e-300).sqrt())
+    return torch.minimum(own, sphere).reshape(*lam.shape[:2], -1).sum(-1)

@@ -145,7 +145,7 @@ def layer_norm(dims: int, eps: float, scale: torch.Tensor | None, bias: torch.Te
         Part("square", "square", ("centred",), unary("square", {})),
         Part("variance", "ReduceMean", ("square",), MeanSquare(mean, mean, eps, dims)),
         Part("rsqrt", "rsqrt", ("variance",), unary("rsqrt", {})),
-        Part(last, "Mul", ("centred", "rsqrt"), bilinear.product(False, hull)),
+        Part(last, "Mul", ("centred", "rsqrt"), bilinear.product(False, hull, sphere_dims=dims)),
     ]
     if last:
         factor = 1.0 if scale is None else scale

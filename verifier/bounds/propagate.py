@@ -315,6 +315,7 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
     bias = torch.zeros(count, objectives, dtype=coefficients.dtype, device=coefficients.device)
     position = next(i for i, n in enumerate(network.nodes) if n.name == target) if target != network.input else -1
     cut = torch.full_like(bias, math.inf)  # the best bound stopping at a product or elementary node (§3.8)
+    spheres = None  # LayerNorm products by name: their group dims (eq. 3.8i)
     for node in reversed(network.nodes[: position + 1]):
         lam = pending.pop(node.name, None)
         if lam is None:
@@ -324,7 +325,10 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
         deadline.check("back-substitution")
         rule = node.rule
         if isinstance(rule, bilinear.Product) or getattr(rule, "kind", None) in elementary.KINDS:
-            cut = torch.fmin(cut, _concretised(state, {node.name: lam, **pending}, bias))
+            if spheres is None:
+                spheres = {n.name: n.rule.sphere_dims for n in network.nodes
+                           if isinstance(n.rule, bilinear.Product) and n.rule.sphere_dims}
+            cut = torch.fmin(cut, _concretised(state, {node.name: lam, **pending}, bias, spheres))
         if isinstance(rule, ops.Affine):
             shapes = [state.intervals[i][0].shape[1:] for i in node.inputs]
             contributions, offset = affine_adjoint(rule, lam, shapes, as_units)
@@ -360,12 +364,18 @@ def upper_bound(network: BoundNetwork, state: Bounds, region: InputSet, target: 
     return value + _ROUNDING * (1.0 + value.abs())
 
 
-def _concretised(state: Bounds, pending: dict[str, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
-    """`bias + Σ <lam, v>` with every pending node's v bounded by its interval: a sound upper bound
-    wherever back-substitution stops (it keeps a loose relaxation from costing more than an interval)."""
+def _concretised(state: Bounds, pending: dict[str, torch.Tensor], bias: torch.Tensor,
+                 spheres: dict[str, int]) -> torch.Tensor:
+    """`bias + Σ <lam, v>` with every pending node's v bounded by its interval, a LayerNorm product's
+    groups by the smaller of their intervals and the sphere (eq. 3.8i): a sound upper bound wherever
+    back-substitution stops (it keeps a loose relaxation from costing more than an interval)."""
     total = bias
     for name, lam in pending.items():
         low, high = state.intervals[name]
+        if name in spheres:
+            everywhere = torch.ones_like(lam, dtype=torch.bool)
+            total = total + bilinear.sphere_bound(lam, everywhere, high.unsqueeze(1), low.unsqueeze(1), spheres[name])
+            continue
         total = total + inner(lam.clamp_min(0), high.unsqueeze(1)) + inner(lam.clamp_max(0), low.unsqueeze(1))
     return torch.nan_to_num(total, nan=math.inf)
 
