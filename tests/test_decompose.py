@@ -133,6 +133,66 @@ def test_layer_norm_sphere_stays_sound_when_only_some_units_are_flat(save):
     assert mixed  # some sample had both kinds of units at one radius
 
 
+def _written_layer_norm(opset: int, numerator: str = "c", square: str = "Pow", axes=(-1,)) -> list:
+    """LayerNorm as torch's legacy exporter writes it below opset 17 (axes as an input from 18)."""
+    def mean(source: str, out: str):
+        if opset >= 18:
+            return N("ReduceMean", [source, "axes"], [out])
+        return N("ReduceMean", [source], [out], axes=list(axes))
+    squared = N("Pow", ["c", "two"], ["q"]) if square == "Pow" else N("Mul", ["c", "c"], ["q"])
+    return [mean("x", "m"), N("Sub", ["x", "m"], ["c"]), squared, mean("q", "v"), N("Add", ["v", "eps"], ["t"]),
+            N("Sqrt", ["t"], ["s"]), N("Div", [numerator, "s"], ["d"]), N("Mul", ["d", "g"], ["gd"]),
+            N("Add", ["gd", "b"], ["y"])]
+
+
+@pytest.mark.parametrize("opset,square", [(16, "Pow"), (18, "Pow"), (16, "Mul")])
+def test_a_written_out_layer_norm_gets_the_layer_norm_relaxation(tmp_path, opset, square):
+    """The Div of a written-out LayerNorm is bounded as LayerNormalization (direct interval, variance
+    floor, sphere): the same bounds as the op at every radius, sound on dense samples."""
+    generator = torch.Generator().manual_seed(5)
+    scale, bias = np.array([1.5, -0.7, 0.3, 2.0], np.float32), np.array([0.1, 0.0, -0.4, 0.2], np.float32)
+    inits = [const("g", scale), const("b", bias), const("two", np.float32(2.0)), const("eps", np.float32(1e-5)),
+             const("axes", np.array([-1], np.int64))]
+    io = [float_io("x", ["n", 4])], [float_io("y", ["n", 4])]
+    written = make_model(_written_layer_norm(opset, square=square), *io, inits, opset=opset)
+    fused = make_model([N("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)], *io, inits[:2])
+    networks = []
+    for name, model in (("written", written), ("fused", fused)):
+        (tmp_path / f"{name}.onnx").write_bytes(model.SerializeToString())
+        networks.append(BoundNetwork.from_model(convert_model(load_model(tmp_path / f"{name}.onnx"))))
+    assert "reciprocal" not in [n.op for n in networks[0].nodes] and "rsqrt" in [n.op for n in networks[0].nodes]
+    center = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    rows = torch.randn(5, 3, 4, generator=generator, dtype=torch.float64)
+    for radius in (1e-3, 0.3, 5.0):
+        region = _region(center, radius)
+        bounds = [upper_bound(n, propagate(n, region), region, n.output, rows) for n in networks]
+        assert torch.allclose(bounds[0], bounds[1], rtol=1e-9, atol=1e-9)
+        _check_objectives(networks[0], center, radius, generator)
+
+
+@pytest.mark.parametrize("variant", ["rms", "other axes"])
+def test_a_norm_that_is_not_a_layer_norm_keeps_the_division_rule(tmp_path, variant):
+    """An RMS norm (no centring) or means over different axes is not LayerNorm: Div stays
+    `x · 1/y`, still sound."""
+    generator = torch.Generator().manual_seed(6)
+    if variant == "rms":
+        nodes = _written_layer_norm(16)
+        nodes[1] = N("Identity", ["x"], ["c"])  # c = x: no centring
+        nodes = nodes[1:]
+    else:
+        nodes = _written_layer_norm(16)
+        nodes[3] = N("ReduceMean", ["q"], ["v"], axes=[-2, -1])
+    inits = [const("g", np.ones((1, 4), np.float32)), const("b", np.zeros((1, 4), np.float32)),
+             const("two", np.float32(2.0)), const("eps", np.float32(1e-5))]
+    model = make_model(nodes, [float_io("x", ["n", 2, 4])], [float_io("y", ["n", 2, 4])], inits, opset=16)
+    (tmp_path / "norm.onnx").write_bytes(model.SerializeToString())
+    network = BoundNetwork.from_model(convert_model(load_model(tmp_path / "norm.onnx")))
+    assert "reciprocal" in [n.op for n in network.nodes]
+    center = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)
+    for radius in (1e-3, 0.3):
+        _check_objectives(network, center, radius, generator)
+
+
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_softmax_relaxation_holds_on_dense_samples_and_is_at_least_as_tight(save, axis):
     generator = torch.Generator().manual_seed(1)
@@ -149,7 +209,8 @@ def test_softmax_relaxation_holds_on_dense_samples_and_is_at_least_as_tight(save
 
 
 def test_hand_written_norm_and_elementary_ops_are_relaxed_soundly(save):
-    """(h - mean) / Sqrt(mean(Pow(h - mean, 2)) + eps), Exp, Log, Reciprocal, Div by a variable, x * x."""
+    """(h - mean) / Sqrt(mean(Pow(h - mean, 2)) + eps) (relaxed as LayerNorm: rsqrt), Exp, Log, Sqrt,
+    Reciprocal, Div by a variable, x * x."""
     rng = np.random.default_rng(2)
     nodes = [N("Gemm", ["x", "w", "c"], ["h"], transB=1),
              N("ReduceMean", ["h"], ["m"], axes=[-1]), N("Sub", ["h", "m"], ["d"]),
@@ -157,12 +218,13 @@ def test_hand_written_norm_and_elementary_ops_are_relaxed_soundly(save):
              N("Add", ["v", "eps"], ["ve"]), N("Sqrt", ["ve"], ["s"]), N("Div", ["d", "s"], ["n"]),
              N("Exp", ["n"], ["e"]), N("Add", ["e", "one"], ["e1"]), N("Log", ["e1"], ["sp"]),
              N("Reciprocal", ["e1"], ["r"]), N("Div", ["one", "e1"], ["r2"]), N("Mul", ["r", "r2"], ["rr"]),
-             N("Mul", ["sp", "sp"], ["sq"]), N("Concat", ["sp", "rr", "sq"], ["y"], axis=-1)]
+             N("Mul", ["sp", "sp"], ["sq"]), N("Sqrt", ["e1"], ["rt"]),
+             N("Concat", ["sp", "rr", "sq", "rt"], ["y"], axis=-1)]
     inits = [const("w", rng.normal(size=(3, 3))), const("c", rng.normal(size=3)), const("two", 2.0),
              const("eps", 1e-5), const("one", 1.0)]
-    network = _network(save, nodes, [3], [9], inits)
+    network = _network(save, nodes, [3], [12], inits)
     kinds = {getattr(n.rule, "kind", type(n.rule).__name__) for n in network.nodes}
-    assert {"square", "sqrt", "reciprocal", "exp", "log", "Product"} <= kinds
+    assert {"square", "rsqrt", "sqrt", "reciprocal", "exp", "log", "Product"} <= kinds
     center = torch.from_numpy(rng.uniform(-1, 1, size=(4, 3)))
     for radius in (1e-3, 0.05, 0.3):
         _check_objectives(network, center, radius, torch.Generator().manual_seed(3))

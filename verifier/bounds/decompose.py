@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from onnx import helper
 
 from verifier.bounds import bilinear, ops
 from verifier.bounds.elementary import function
@@ -132,6 +134,19 @@ def layer_norm(dims: int, eps: float, scale: torch.Tensor | None, bias: torch.Te
         count = math.prod(r.shape[-dims:])
         return r * (1.0 - 2.0 / count) + r.sum(axes, keepdim=True) / count
 
+    last = "" if scale is None and bias is None else "normalised"
+    parts = [Part("centred", "Sub", (0,), ops.Affine(centre, centre_magnitude)), *normalised(dims, eps, "centred", last)]
+    if last:
+        factor = 1.0 if scale is None else scale
+        parts.append(Part("", "Affine", ("normalised",), ops.scale(factor, 0.0 if bias is None else bias)))
+    return parts
+
+
+def normalised(dims: int, eps: float, centred: int | str = 0, last: str = "") -> list[Part]:
+    """Parts of `c / sqrt(mean(c²) + eps)` over the last `dims` axes of an already centred `c` (the
+    part or input position `centred`): LayerNorm's square, variance, rsqrt and product (eq. 3.8d, 3.8i)."""
+    axes = tuple(range(-dims, 0))
+
     def mean(q: torch.Tensor) -> torch.Tensor:
         return q.mean(axes, keepdim=True)
 
@@ -139,18 +154,12 @@ def layer_norm(dims: int, eps: float, scale: torch.Tensor | None, bias: torch.Te
         (c_lo, c_hi), _ = bounds
         return ops.normalised_bounds(c_lo, c_hi, dims, eps)
 
-    last = "" if scale is None and bias is None else "normalised"
-    parts = [
-        Part("centred", "Sub", (0,), ops.Affine(centre, centre_magnitude)),
-        Part("square", "square", ("centred",), unary("square", {})),
+    return [
+        Part("square", "square", (centred,), unary("square", {})),
         Part("variance", "ReduceMean", ("square",), MeanSquare(mean, mean, eps, dims)),
         Part("rsqrt", "rsqrt", ("variance",), unary("rsqrt", {})),
-        Part(last, "Mul", ("centred", "rsqrt"), bilinear.product(False, hull, sphere_dims=dims)),
+        Part(last, "Mul", (centred, "rsqrt"), bilinear.product(False, hull, sphere_dims=dims)),
     ]
-    if last:
-        factor = 1.0 if scale is None else scale
-        parts.append(Part("", "Affine", ("normalised",), ops.scale(factor, 0.0 if bias is None else bias)))
-    return parts
 
 
 def reciprocal_times(numerator: int | torch.Tensor, denominator: int) -> list[Part]:
@@ -181,8 +190,58 @@ def _div(c):
     if c.variable_at(1):
         return reciprocal_times(c.const(0), 0)
     if len(c.variables) == 2 and same_rank(c, 1):
-        return reciprocal_times(0, 1)
+        written = written_layer_norm(c)
+        return reciprocal_times(0, 1) if written is None else normalised(*written)
     return None
+
+
+def written_layer_norm(c) -> tuple[int, float] | None:
+    """`(dims, eps)` when this `Div(a, b)` is a LayerNorm written out (torch's legacy export below
+    opset 17, tf2onnx): `a = x - ReduceMean(x)` and `b = Sqrt(ReduceMean(a²) + eps)`, both means over
+    the same last `dims` axes (keepdims), `eps > 0` a constant; else None."""
+    graph, centred = c.builder.graph, c.node.input[0]
+
+    def producer(tensor: str, *ops_: str):
+        node = graph.nodes.get(graph.producer.get(tensor, ""))
+        return node if node is not None and node.op_type in ops_ and node.domain in ("", "ai.onnx") else None
+
+    def mean_axes(node) -> tuple[int, ...] | None:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axes = attributes.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = graph.constant(node.input[1])
+        if axes is None or not attributes.get("keepdims", 1) or attributes.get("noop_with_empty_axes", 0):
+            return None
+        rank = len(c.builder._shape(node.input[0]))
+        chosen = tuple(sorted({int(a) % rank - rank for a in np.atleast_1d(axes)}))
+        return chosen if len(chosen) < rank else None  # never over the batch axis
+
+    root = producer(c.node.input[1], "Sqrt")
+    shifted = root and producer(root.input[0], "Add")
+    if not shifted:
+        return None
+    constants = [graph.constant(t) for t in shifted.input]
+    if sum(v is not None for v in constants) != 1:
+        return None
+    eps = next(v for v in constants if v is not None)
+    variance = producer(next(t for t, v in zip(shifted.input, constants) if v is None), "ReduceMean")
+    square = variance and producer(variance.input[0], "Pow", "Mul")
+    subtract = producer(centred, "Sub")
+    if not (square and subtract) or np.size(eps) != 1 or not float(np.ravel(eps)[0]) > 0:
+        return None
+    if square.op_type == "Pow":
+        exponent = graph.constant(square.input[1])
+        squared = square.input[0] == centred and exponent is not None and np.size(exponent) == 1 and float(
+            np.ravel(exponent)[0]) == 2.0
+    else:
+        squared = list(square.input) == [centred, centred]
+    average = producer(subtract.input[1], "ReduceMean")
+    if not squared or average is None or average.input[0] != subtract.input[0]:
+        return None
+    axes = mean_axes(variance)
+    if axes is None or axes != mean_axes(average) or axes != tuple(range(-len(axes), 0)):
+        return None
+    return len(axes), float(np.ravel(eps)[0])
 
 
 _ELEMENTARY_OPS = {"Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal"}
