@@ -8,7 +8,9 @@ bounds pass through these ops instead of stopping at an interval:
 - LayerNormalization (eq. 3.8d): `c = x - mean(x)` (affine), `c²`, `v = mean(c²) + eps` (affine, a
   `variance.MeanSquare`, whose lower end propagation raises by eq. 3.8f),
   `rsqrt(v)`, the product `c · rsqrt(v)` (bilinear, its interval also intersected with the direct
-  LayerNorm interval rule on `c`), then `· scale + bias` (affine).
+  LayerNorm interval rule on `c`), then `· scale + bias` (affine). A LayerNorm written out as
+  `Div(x - mean(x), Sqrt(mean((x - mean(x))²) + eps))` gets the same parts from its centred input
+  (`written_layer_norm`).
 - `x / y` = `x · reciprocal(y)`; `a / y` (constant a) = `a · reciprocal(y)`.
 """
 
