@@ -114,6 +114,12 @@ def test_layer_norm_outputs_on_a_wide_box_are_bounded_by_their_sphere_exactly(sa
     assert torch.all((points - center.unsqueeze(1)).abs() <= 100)
     reached = (network.evaluate(points.reshape(-1, 6)).reshape(4, 3, 6) * rows).sum(-1)
     assert torch.all(reached <= bound) and torch.all(bound - reached < 1e-5)
+    # nearly constant coefficients: ||P a|| is small against ||a|| (a one-pass Σa² − (Σa)²/n loses it)
+    for offset, spread in ((1.0, 3e-8), (1e6, 1e-2)):
+        near = (offset + spread * direction[:1, :1] / direction[:1, :1].norm(dim=-1, keepdim=True)) / gamma
+        bound = upper_bound(network, state, region, network.output, near.expand(4, 1, 6).clone())
+        reached = (network.evaluate(points[:, :1].reshape(-1, 6)) * near[0]).sum(-1, keepdim=True)
+        assert torch.all(reached <= bound)
 
 
 def test_layer_norm_sphere_stays_sound_when_only_some_units_are_flat(save):

@@ -197,8 +197,11 @@ def sphere_bound(lam: Tensor, flat: Tensor, high: Tensor, low: Tensor, dims: int
     units = math.prod(lam.shape[-dims:])
     own = (torch.where(flat & (lam > 0), lam * high, 0.0) + torch.where(flat & (lam < 0), lam * low, 0.0)).sum(axes)
     picked = torch.where(flat, lam, 0.0)
-    total, squares = picked.sum(axes), (picked * picked).sum(axes)
-    centred = (squares - total * total / units).clamp_min(1e-300).sqrt()  # ||a - mean(a)||_2 (no 0-gradient NaN)
-    # outward for float64 rounding of the outputs (sum ~ n·eps·||z||) and of this sum of squares
-    sphere = math.sqrt(units) * (centred * (1 + 1e-9) + 1e-9 * squares.clamp_min(1e-300).sqrt())
+    # ||a - mean(a)||_2 in two passes (Σa² − (Σa)²/n cancels when a is nearly constant); clamped: no
+    # NaN gradient at 0
+    deviation = picked - picked.sum(axes, keepdim=True) / units
+    centred = (deviation * deviation).sum(axes).clamp_min(1e-300).sqrt()
+    magnitude = (picked * picked).sum(axes).clamp_min(1e-300).sqrt()
+    # outward for float64 rounding: of this norm (relative ~n·eps) and of `Σ z_k = 0` (~n·eps·||z||)
+    sphere = math.sqrt(units) * (centred * (1 + 1e-9) + 1e-9 * magnitude)
     return torch.minimum(own, sphere).reshape(*lam.shape[:2], -1).sum(-1)
