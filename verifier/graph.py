@@ -134,6 +134,10 @@ class OperatorGraph:
         """The value of a tensor known at load time (initializer or Constant output), else None."""
         return self.constants.get(tensor)
 
+    def scalar(self, tensor: str) -> float | None:
+        """A load-time constant with exactly one element, as a float; else None."""
+        return _scalar(self.constant(tensor))
+
     def shape(self, tensor: str) -> tuple[int | str | None, ...] | None:
         """A tensor's shape from the model's value infos (ints, symbolic names, None), or None if unknown."""
         if tensor in self.constants:
@@ -222,7 +226,7 @@ class OperatorGraph:
         known = True
         for slot in (0, 1):
             if len(node.input) > slot + 1 and node.input[slot + 1]:
-                bounds[slot] = _scalar(self.constant(node.input[slot + 1]))
+                bounds[slot] = self.scalar(node.input[slot + 1])
                 known &= bounds[slot] is not None
         low, high = (None if v is None else float(v) for v in bounds)
         low = None if low is not None and low == -math.inf else low

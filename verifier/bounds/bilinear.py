@@ -80,7 +80,6 @@ class Planes:
     y_shape: torch.Size
     per_objective: bool = False  # slopes and offsets carry an objective axis K at 1 (optimised weights)
     flat: Tensor | None = None  # (N, [1,] *out): units on flat lines that the sphere bounds jointly (eq. 3.8i)
-    sphere_dims: int = 0
 
 
 def relax(rule: Product, x: Pair, y: Pair, own: Pair | None = None, weights: Tensor | None = None) -> Planes:
@@ -143,8 +142,7 @@ def relax(rule: Product, x: Pair, y: Pair, own: Pair | None = None, weights: Ten
             on_sphere = flat | ~finite
     if rule.matmul:
         c_lo, c_hi = c_lo.sum(-2), c_hi.sum(-2)
-    return Planes(a_lo, b_lo, c_lo, a_hi, b_hi, c_hi, x_shape, y_shape, weights is not None, on_sphere,
-                  rule.sphere_dims if on_sphere is not None else 0)
+    return Planes(a_lo, b_lo, c_lo, a_hi, b_hi, c_hi, x_shape, y_shape, weights is not None, on_sphere)
 
 
 def default_weights(rule: Product, x: Pair, y: Pair, objectives: int) -> Tensor:
@@ -165,7 +163,7 @@ def adjoint(rule: Product, planes: Planes, lam: Tensor) -> tuple[list[Tensor], T
     if planes.per_objective and planes.a_hi.shape[1] == 1 < objectives:  # one set shared by the objectives
         planes = Planes(*(v.squeeze(1) for v in (planes.a_lo, planes.b_lo, planes.offset_lo, planes.a_hi,
                                                    planes.b_hi, planes.offset_hi)), planes.x_shape, planes.y_shape,
-                        flat=None if planes.flat is None else planes.flat.squeeze(1), sphere_dims=planes.sphere_dims)
+                        flat=None if planes.flat is None else planes.flat.squeeze(1))
     if rule.matmul:
         own = "nq" if planes.per_objective else "n"
 
@@ -186,7 +184,7 @@ def adjoint(rule: Product, planes: Planes, lam: Tensor) -> tuple[list[Tensor], T
         return [to_x, to_y], inner(positive, offset_hi) + inner(negative, offset_lo)
     flat = per_objective(planes.flat, lam)
     bias = inner(positive, torch.where(flat, 0.0, offset_hi)) + inner(negative, torch.where(flat, 0.0, offset_lo))
-    return [to_x, to_y], bias + sphere_bound(lam, flat, offset_hi, offset_lo, planes.sphere_dims)
+    return [to_x, to_y], bias + sphere_bound(lam, flat, offset_hi, offset_lo, rule.sphere_dims)
 
 
 def sphere_bound(lam: Tensor, flat: Tensor, high: Tensor, low: Tensor, dims: int) -> Tensor:

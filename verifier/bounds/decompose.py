@@ -222,19 +222,17 @@ def written_layer_norm(c) -> tuple[int, float] | None:
     shifted = root and producer(root.input[0], "Add")
     if not shifted:
         return None
-    constants = [graph.constant(t) for t in shifted.input]
-    if sum(v is not None for v in constants) != 1:
+    constants = [graph.constant(t) is not None for t in shifted.input]
+    if sum(constants) != 1:
         return None
-    eps = next(v for v in constants if v is not None)
-    variance = producer(next(t for t, v in zip(shifted.input, constants) if v is None), "ReduceMean")
+    eps = graph.scalar(shifted.input[constants.index(True)])
+    variance = producer(shifted.input[constants.index(False)], "ReduceMean")
     square = variance and producer(variance.input[0], "Pow", "Mul")
     subtract = producer(centred, "Sub")
-    if not (square and subtract) or np.size(eps) != 1 or not float(np.ravel(eps)[0]) > 0:
+    if not (square and subtract) or eps is None or not eps > 0:
         return None
     if square.op_type == "Pow":
-        exponent = graph.constant(square.input[1])
-        squared = square.input[0] == centred and exponent is not None and np.size(exponent) == 1 and float(
-            np.ravel(exponent)[0]) == 2.0
+        squared = square.input[0] == centred and graph.scalar(square.input[1]) == 2.0
     else:
         squared = list(square.input) == [centred, centred]
     average = producer(subtract.input[1], "ReduceMean")
@@ -243,7 +241,7 @@ def written_layer_norm(c) -> tuple[int, float] | None:
     axes = mean_axes(variance)
     if axes is None or axes != mean_axes(average) or axes != tuple(range(-len(axes), 0)):
         return None
-    return len(axes), float(np.ravel(eps)[0])
+    return len(axes), eps
 
 
 _ELEMENTARY_OPS = {"Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal"}
