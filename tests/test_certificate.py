@@ -10,7 +10,7 @@ from conftest import shipped_data, shipped_model
 from test_bounds import _attack, _worst_margin
 
 from verifier import errors
-from verifier.certify.certificate import certify
+from verifier.certify.certificate import certify, grid_of
 from verifier.convert import convert_model
 from verifier.data import load_samples
 from verifier.onnx_io import load_model
@@ -71,3 +71,17 @@ def test_certify_leaves_the_model_in_its_own_dtype():
     certify(converted, samples.x, samples.y, [0.01], p=2.0, norm="2", loss="ce", box=(0.0, 1.0), grid_points=4)
     after = converted.logits(torch.from_numpy(samples.x))  # float32 weights untouched by the float64 analysis
     assert after.dtype == torch.float32 and torch.equal(before, after)
+
+
+@pytest.mark.parametrize(("p", "reach", "top"), [(2.0, math.inf, 1.28), (2.0, 0.5, 0.5), (2.0, 0.1, 0.1),
+                                                  (2.0, 0.05, 0.05), (math.inf, math.inf, 0.02)])
+def test_the_grid_doubles_past_the_full_move_up_to_the_reach(p, reach, top):
+    """16 samples, deltas 0.01 and 0.02: for p = 2 a whole sample moves at most 4 * 0.02 = 0.08, and the
+    grid goes on to 0.16, 0.32, 0.64, 1.28 (those below the reach, then the reach); p = inf stops at 0.02."""
+    radii = grid_of(16, reach, [0.01, 0.02], p, 6)
+    full = min(0.02 * (4 if p == 2.0 else 1), reach)
+    beyond = [float(r) for r in radii if r > full * (1 + 1e-12)]
+    assert float(radii.max()) == pytest.approx(top)
+    doublings = [r for r in (0.16, 0.32, 0.64, 1.28) if r < reach] + ([reach] if full < reach < 1.28 else [])
+    assert beyond == pytest.approx(doublings if p == 2.0 else [])
+    assert {0.01, 0.02} <= {round(float(r), 12) for r in radii}

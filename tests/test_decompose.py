@@ -199,6 +199,82 @@ def test_a_norm_that_is_not_a_layer_norm_keeps_the_division_rule(tmp_path, varia
         _check_objectives(network, center, radius, generator)
 
 
+def _flax_layer_norm(rows: int, width: int, variant: str) -> tuple[list, list]:
+    """LayerNorm over the last axis (of `(n, rows, width)`) as jax2tf writes flax's: means as `ReduceSum · 1/n` without kept
+    axes (and with `noop_with_empty_axes`, moot for given axes, as magika's), broadcast back by Reshape, variance `Max(0, mean(x²) - m²)`, `Reciprocal(Sqrt(· + eps))` times
+    the scale, then `(x - m) ·` it; `variant` changes one piece (see the tests)."""
+    inverse = 1.0 / (width - 1 if variant == "wrong count" else width)
+    floor = 0.1 if variant == "positive floor" else 0.0
+    back = [-1, 1, rows] if variant == "wrong reshape" else [-1, rows, 1]
+    inits = [const("axes", np.array([-1], np.int64)), const("inv", np.float32(inverse)), const("floor", np.float32(floor)),
+             const("back", np.array(back, np.int64)), const("eps", np.float32(1e-6)),
+             const("g", np.linspace(0.5, 1.5, width, dtype=np.float32)), const("b", np.float32(0.25))]
+    nodes = [N("ReduceSum", ["x", "axes"], ["s"], keepdims=0, noop_with_empty_axes=1), N("Mul", ["s", "inv"], ["m"]),
+             N("Reshape", ["m", "back"], ["mb"]), N("Sub", ["x", "mb"], ["c"])]
+    if variant == "two pass":
+        nodes += [N("Mul", ["c", "c"], ["cc"]), N("ReduceSum", ["cc", "axes"], ["s2"], keepdims=0),
+                  N("Mul", ["s2", "inv"], ["v"])]
+    else:
+        nodes += [N("Mul", ["x", "x"], ["xx"]), N("ReduceSum", ["xx", "axes"], ["s2"], keepdims=0),
+                  N("Mul", ["s2", "inv"], ["e2"]), N("Mul", ["m", "m"], ["mm"]), N("Sub", ["e2", "mm"], ["d"]),
+                  N("Max", ["floor", "d"], ["v"])]
+    nodes += [N("Reshape", ["v", "back"], ["vb"]), N("Add", ["vb", "eps"], ["t"])]
+    if variant == "pow, no scale":
+        inits.append(const("power", np.float32(-0.5)))
+        nodes += [N("Pow", ["t", "power"], ["rs"]), N("Mul", ["rs", "c"], ["y0"])]
+    else:
+        nodes += [N("Sqrt", ["t"], ["st"]), N("Reciprocal", ["st"], ["r"]), N("Mul", ["r", "g"], ["rs"]),
+                  N("Mul", ["c", "rs"], ["y0"])]
+    return nodes + [N("Add", ["y0", "b"], ["y"])], inits
+
+
+@pytest.mark.parametrize("variant", ["fast", "two pass", "pow, no scale"])
+def test_a_flax_layer_norm_gets_the_layer_norm_relaxation(tmp_path, variant):
+    """jax2tf's LayerNorm (e.g. magika's) is bounded as LayerNormalization from its centred input on:
+    the same bounds as the op at every radius, sound on dense samples, the model's values."""
+    generator = torch.Generator().manual_seed(8)
+    nodes, inits = _flax_layer_norm(2, 4, variant)  # 1/4 is exact in float32: the same bounds to 1e-9
+    io = [float_io("x", ["n", 2, 4])], [float_io("y", ["n", 2, 4])]
+    flax = make_model(nodes, *io, inits)
+    scale = np.ones(4, np.float32) if variant == "pow, no scale" else np.linspace(0.5, 1.5, 4, dtype=np.float32)
+    fused = make_model([N("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-6)], *io,
+                       [const("g", scale), const("b", np.full(4, 0.25, np.float32))])
+    networks = []
+    for name, model in (("flax", flax), ("fused", fused)):
+        (tmp_path / f"{name}.onnx").write_bytes(model.SerializeToString())
+        networks.append(BoundNetwork.from_model(convert_model(load_model(tmp_path / f"{name}.onnx"))))
+    assert "rsqrt" in [n.op for n in networks[0].nodes]
+    assert not {"Sqrt", "Reciprocal", "Max"} & {n.op for n in networks[0].nodes}
+    center = torch.randn(4, 2, 4, generator=generator, dtype=torch.float64)
+    session = ort.InferenceSession(str(tmp_path / "flax.onnx"))
+    reached = session.run(None, {"x": center.float().numpy()})[0]
+    assert np.allclose(networks[0].evaluate(center).numpy(), reached, atol=1e-5)
+    rows = torch.randn(4, 3, 2, 4, generator=generator, dtype=torch.float64)
+    for radius in (1e-3, 0.3, 5.0):
+        region = _region(center, radius)
+        bounds = [upper_bound(n, propagate(n, region), region, n.output, rows) for n in networks]
+        assert torch.allclose(bounds[0], bounds[1], rtol=1e-9, atol=1e-9)
+        _check_objectives(networks[0], center, radius, generator)
+
+
+@pytest.mark.parametrize("variant", ["positive floor", "wrong count", "wrong reshape"])
+def test_a_flax_like_norm_that_is_not_a_layer_norm_keeps_the_product_rules(tmp_path, variant):
+    """A floor above 0 (not exact on the reals), a mean that is not 1/n of the sum, or means broadcast
+    back along the wrong axis (caught by the probe, not the pattern) keep `sqrt`, `reciprocal` and the
+    products: the model's values, still sound."""
+    generator = torch.Generator().manual_seed(9)
+    nodes, inits = _flax_layer_norm(3, 3, variant)
+    model = make_model(nodes, [float_io("x", ["n", 3, 3])], [float_io("y", ["n", 3, 3])], inits)
+    (tmp_path / "norm.onnx").write_bytes(model.SerializeToString())
+    network = BoundNetwork.from_model(convert_model(load_model(tmp_path / "norm.onnx")))
+    assert {"Sqrt", "Reciprocal", "Max"} <= {n.op for n in network.nodes} and "rsqrt" not in [n.op for n in network.nodes]
+    center = torch.randn(3, 3, 3, generator=generator, dtype=torch.float64)
+    reached = ort.InferenceSession(str(tmp_path / "norm.onnx")).run(None, {"x": center.float().numpy()})[0]
+    assert np.allclose(network.evaluate(center).numpy(), reached, atol=1e-4)
+    for radius in (1e-3, 0.1):
+        _check_objectives(network, center, radius, generator)
+
+
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_softmax_relaxation_holds_on_dense_samples_and_is_at_least_as_tight(save, axis):
     generator = torch.Generator().manual_seed(1)
@@ -451,6 +527,47 @@ def test_random_tiny_transformer_certificate_is_above_the_attacks(tmp_path):
         found = max([r.risk for r in attacked.results if r.delta == row.delta] + [row.realised_risk])
         assert row.clean_risk <= found + 1e-9 and found <= row.certificate + 1e-6
         assert row.certificate < whole_box
+
+
+@pytest.mark.parametrize("form", ["op", "flax"])
+def test_a_layer_norm_before_the_head_bounds_the_certificate_without_a_box(tmp_path, form):
+    """Gemm -> LayerNorm -> Gemm with no box: the logits are bounded on all of R^d, so the W_2 CE
+    certificate is finite (its tail is the whole-space bound, where it was inf), above W-PGD and PGD,
+    at most the whole-space bound and within 4x the attack's gain; both LayerNorm forms give the same."""
+    rng = np.random.default_rng(12)
+    if form == "op":
+        norm = [N("LayerNormalization", ["h3", "g", "b"], ["n3"], axis=-1, epsilon=1e-6)]
+        extra = [const("g", np.linspace(0.5, 1.5, 4, dtype=np.float32)), const("b", np.float32(0.25) * np.ones(4))]
+    else:
+        norm, extra = _flax_layer_norm(1, 4, "fast")
+        norm = [N(n.op_type, [{"x": "h3"}.get(t, t) for t in n.input], [{"y": "n3"}.get(t, t) for t in n.output],
+                  **{a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in norm]
+    shape = [const("rows", np.array([-1, 1, 4], np.int64)), const("flat", np.array([-1, 4], np.int64))]
+    nodes = [N("Gemm", ["x", "w1", "c1"], ["h"], transB=1), N("Reshape", ["h", "rows"], ["h3"]), *norm,
+             N("Reshape", ["n3", "flat"], ["n"]), N("Gemm", ["n", "w2", "c2"], ["y"], transB=1)]
+    inits = [const("w1", rng.normal(size=(4, 5))), const("c1", rng.normal(size=4)), const("w2", rng.normal(size=(3, 4))),
+             const("c2", rng.normal(size=3)), *shape, *extra]
+    (tmp_path / "ln.onnx").write_bytes(make_model(nodes, [float_io("x", ["n", 5])], [float_io("y", ["n", 3])],
+                                                  inits).SerializeToString())
+    loaded = load_model(tmp_path / "ln.onnx")
+    converted = convert_model(loaded)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    y = np.argmax(ort.InferenceSession(str(tmp_path / "ln.onnx")).run(None, {"x": x})[0], 1)
+    deltas = [0.01, 0.05]
+    certified = certify(converted, x, y, deltas, p=2.0, norm="2", loss="ce", box=None, grid_points=4, exact="off")
+    attacked = attack(converted, loaded, x, y, ["pgd", "wpgd"], deltas, p=2.0, norm="2", loss="ce", box=None,
+                      steps=30, seed=0, device="cpu")
+    whole = margin_bounds(converted, x, y, math.inf, "2", box=None, device="cpu").upper
+    whole_space = float(torch.logsumexp(whole, 1).mean())
+    assert math.isfinite(whole_space)
+    for row in certified.results:
+        found = max([r.risk for r in attacked.results if r.delta == row.delta] + [row.realised_risk])
+        assert row.clean_risk <= found + 1e-9 and found <= row.certificate + 1e-6
+        assert math.isfinite(row.certificate) and row.certificate <= whole_space * (1 + 1e-5)
+    # the grid's doublings past sqrt(N) delta bound the far mass (without them: 13.8x the attack at 0.05)
+    row = certified.results[-1]
+    found = max([r.risk for r in attacked.results if r.delta == row.delta] + [row.realised_risk])
+    assert row.certificate - row.clean_risk <= 4 * (found - row.clean_risk)
 
 
 def test_shipped_transformer_bound_is_sound_and_not_vacuous():

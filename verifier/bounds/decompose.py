@@ -26,7 +26,9 @@ from onnx import helper
 from verifier.bounds import bilinear, ops
 from verifier.bounds.elementary import function
 from verifier.bounds.variance import MeanSquare
+from verifier.convert.normalize import VERIFIER_DOMAIN
 
+_DOMAINS = ("", "ai.onnx", VERIFIER_DOMAIN)
 PAIRWISE_LIMIT = 512  # a Softmax over more entries keeps its interval rule (n² differences per row)
 
 
@@ -197,51 +199,201 @@ def _div(c):
     return None
 
 
+def _producer(graph, tensor: str, *ops_: str):
+    """The node of one of `ops_` that writes `tensor`, else None (standard ops, or ours for the same
+    op: the normalised model's Reshape, verifier.convert.normalize)."""
+    node = graph.nodes.get(graph.producer.get(tensor, ""))
+    return node if node is not None and node.op_type in ops_ and node.domain in _DOMAINS else None
+
+
+def _reduced_axes(c, node, keepdims_only: bool) -> tuple[int, ...] | None:
+    """The axes (negative, sorted) a ReduceMean/ReduceSum reduces, when they are the last ones and not
+    the batch axis (and, with `keepdims_only`, it keeps them); else None."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    axes = attributes.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = c.builder.graph.constant(node.input[1])
+    if axes is None or (keepdims_only and not attributes.get("keepdims", 1)):
+        return None  # (noop_with_empty_axes only matters for empty axes, refused below: 0 reduced)
+    rank = len(c.builder._shape(node.input[0]))
+    chosen = tuple(sorted({int(a) % rank - rank for a in np.atleast_1d(axes)}))
+    return chosen if 0 < len(chosen) < rank and chosen == tuple(range(-len(chosen), 0)) else None
+
+
 def written_layer_norm(c) -> tuple[int, float] | None:
     """`(dims, eps)` when this `Div(a, b)` is a LayerNorm written out (torch's legacy export below
     opset 17, tf2onnx): `a = x - ReduceMean(x)` and `b = Sqrt(ReduceMean(a²) + eps)`, both means over
     the same last `dims` axes (keepdims), `eps > 0` a constant; else None."""
     graph, centred = c.builder.graph, c.node.input[0]
-
-    def producer(tensor: str, *ops_: str):
-        node = graph.nodes.get(graph.producer.get(tensor, ""))
-        return node if node is not None and node.op_type in ops_ and node.domain in ("", "ai.onnx") else None
-
-    def mean_axes(node) -> tuple[int, ...] | None:
-        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        axes = attributes.get("axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            axes = graph.constant(node.input[1])
-        if axes is None or not attributes.get("keepdims", 1) or attributes.get("noop_with_empty_axes", 0):
-            return None
-        rank = len(c.builder._shape(node.input[0]))
-        chosen = tuple(sorted({int(a) % rank - rank for a in np.atleast_1d(axes)}))
-        return chosen if len(chosen) < rank else None  # never over the batch axis
-
-    root = producer(c.node.input[1], "Sqrt")
-    shifted = root and producer(root.input[0], "Add")
-    if not shifted:
+    root = _producer(graph, c.node.input[1], "Sqrt")
+    eps, variance = _shifted(graph, root.input[0]) if root else (None, None)
+    variance = variance and _producer(graph, variance, "ReduceMean")
+    subtract = _producer(graph, centred, "Sub")
+    if not (variance and subtract) or not _is_square_of(graph, variance.input[0], centred):
         return None
-    constants = [graph.constant(t) is not None for t in shifted.input]
-    if sum(constants) != 1:
+    average = _producer(graph, subtract.input[1], "ReduceMean")
+    if average is None or average.input[0] != subtract.input[0]:
         return None
-    eps = graph.scalar(shifted.input[constants.index(True)])
-    variance = producer(shifted.input[constants.index(False)], "ReduceMean")
-    square = variance and producer(variance.input[0], "Pow", "Mul")
-    subtract = producer(centred, "Sub")
-    if not (square and subtract) or eps is None or not eps > 0:
-        return None
-    if square.op_type == "Pow":
-        squared = square.input[0] == centred and graph.scalar(square.input[1]) == 2.0
-    else:
-        squared = list(square.input) == [centred, centred]
-    average = producer(subtract.input[1], "ReduceMean")
-    if not squared or average is None or average.input[0] != subtract.input[0]:
-        return None
-    axes = mean_axes(variance)
-    if axes is None or axes != mean_axes(average) or axes != tuple(range(-len(axes), 0)):
+    axes = _reduced_axes(c, variance, True)
+    if axes is None or axes != _reduced_axes(c, average, True):
         return None
     return len(axes), eps
+
+
+def _shifted(graph, tensor: str) -> tuple[float | None, str | None]:
+    """`(eps, v)` when `tensor = v + eps` with `eps > 0` a scalar constant; else (None, None)."""
+    shifted = _producer(graph, tensor, "Add")
+    if shifted is None:
+        return None, None
+    constants = [graph.constant(t) is not None for t in shifted.input]
+    if sum(constants) != 1:
+        return None, None
+    eps = graph.scalar(shifted.input[constants.index(True)])
+    return (eps, shifted.input[constants.index(False)]) if eps is not None and eps > 0 else (None, None)
+
+
+def _is_square_of(graph, tensor: str, base: str) -> bool:
+    """Whether `tensor = base²`, as `Pow(base, 2)` or `Mul(base, base)`."""
+    square = _producer(graph, tensor, "Pow", "Mul")
+    if square is None:
+        return False
+    if square.op_type == "Pow":
+        return square.input[0] == base and graph.scalar(square.input[1]) == 2.0
+    return list(square.input) == [base, base]
+
+
+_BROADCASTS = ("Reshape", "Expand", "Unsqueeze", "Identity")
+
+
+def _unbroadcast(graph, tensor: str) -> str:
+    """`tensor` before the reshapes and expansions that write it."""
+    node = _producer(graph, tensor, *_BROADCASTS)
+    while node is not None:
+        tensor = node.input[0]
+        node = _producer(graph, tensor, *_BROADCASTS)
+    return tensor
+
+
+def _mean_of(c, tensor: str) -> tuple[str, tuple[int, ...]] | None:
+    """`(x, axes)` when `tensor` is the mean of x over its last axes: `ReduceMean(x)`, or `ReduceSum(x)`
+    times `1/n` or divided by `n` (n the reduced entries' count, to float32 precision); else None."""
+    graph = c.builder.graph
+    node = _producer(graph, tensor, "ReduceMean")
+    if node is not None:
+        axes = _reduced_axes(c, node, False)
+        return None if axes is None else (node.input[0], axes)
+    scaled = _producer(graph, tensor, "Mul", "Div")
+    if scaled is None or (scaled.op_type == "Div" and graph.constant(scaled.input[1]) is None):
+        return None
+    constants = [graph.scalar(t) for t in scaled.input]
+    if sum(v is not None for v in constants) != 1:
+        return None
+    factor = next(v for v in constants if v is not None)
+    total = _producer(graph, scaled.input[constants.index(None)], "ReduceSum")
+    axes = total and _reduced_axes(c, total, False)
+    if axes is None:
+        return None
+    dims = c.builder._shape(total.input[0])[len(c.builder._shape(total.input[0])) + axes[0]:]
+    if not all(d.HasField("dim_value") for d in dims):
+        return None
+    count = math.prod(d.dim_value for d in dims)
+    per_entry = factor if scaled.op_type == "Mul" else 1.0 / factor
+    return (total.input[0], axes) if abs(per_entry * count - 1.0) <= 1e-6 else None
+
+
+def flax_layer_norm(c) -> tuple[int, str, int, float, str | None] | None:
+    """`(centred, x, dims, eps, scale)` when this `Mul` is a LayerNorm as jax2tf writes flax's (and
+    tf2onnx Keras's fused form): `(x - m) · rsqrt(var + eps) [· scale]`, with `m` the mean of x over its
+    last `dims` axes, `var` either `mean(x²) - m²` (flax's fast variance, possibly floored at a constant
+    `≤ 0` by Max, exact on the reals) or `mean((x - m)²)`, `rsqrt` as `Reciprocal(Sqrt)` or `Pow(·, -0.5)`,
+    reshapes and expansions anywhere between; `centred` is the variable position of `x - m`, `scale`
+    the constant factor's tensor. Else None."""
+    graph = c.builder.graph
+    for position in (0, 1):
+        subtract = _producer(graph, c.node.input[position], "Sub")
+        mean = subtract and _unbroadcast(graph, subtract.input[1])
+        averaged = mean and _mean_of(c, mean)
+        if averaged is None or averaged[0] != subtract.input[0]:
+            continue
+        x, axes = averaged
+        factor, scale = c.node.input[1 - position], None
+        scaled = _producer(graph, factor, "Mul")
+        if scaled is not None:
+            constants = [graph.constant(t) is not None for t in scaled.input]
+            if sum(constants) == 1:
+                scale, factor = scaled.input[constants.index(True)], scaled.input[constants.index(False)]
+        root = _producer(graph, factor, "Reciprocal")
+        root = root and _producer(graph, root.input[0], "Sqrt")
+        power = _producer(graph, factor, "Pow")
+        if power is not None and graph.scalar(power.input[1]) == -0.5:
+            shifted = power.input[0]
+        elif root is not None:
+            shifted = root.input[0]
+        else:
+            continue
+        eps, variance = _shifted(graph, _unbroadcast(graph, shifted))
+        if variance is not None and _variance_of(c, _unbroadcast(graph, variance), x, mean, axes):
+            return position, x, len(axes), eps, scale
+    return None
+
+
+def flax_layer_norm_parts(c) -> list[Part] | None:
+    """The LayerNorm parts (eq. 3.8d) of a `flax_layer_norm` Mul, from its centred input on, when the
+    model's own values on a random probe agree with them (the reshapes between the means and their
+    readers are not checked otherwise); else None."""
+    try:
+        found = flax_layer_norm(c)
+    except KeyError:  # a tensor of the pattern has no known shape
+        return None
+    if found is None:
+        return None
+    position, x, dims, eps, scale = found
+    factor = None if scale is None else c.builder.constant(scale)
+    if not _probe_agrees(c, x, dims, eps, factor):
+        return None
+    parts = normalised(dims, eps, position, "" if factor is None else "normalised")
+    if factor is not None:
+        parts.append(Part("", "Affine", ("normalised",), ops.scale(factor)))
+    return parts
+
+
+def _probe_agrees(c, x: str, dims: int, eps: float, factor: torch.Tensor | None) -> bool:
+    """Whether the Mul's value on the builder's probe is x's LayerNorm over its last `dims` axes."""
+    source, reached = c.builder.probe_value(x), c.builder.probe_value(c.node.output[0])
+    if source is None or reached is None:
+        return False
+    axes = tuple(range(-dims, 0))
+    centred = source.double() - source.double().mean(axes, keepdim=True)
+    expected = centred / torch.sqrt(centred.square().mean(axes, keepdim=True) + eps)
+    if factor is not None:
+        expected = expected * factor.double().cpu()
+    return expected.shape == reached.shape and torch.allclose(reached.double(), expected, rtol=1e-3, atol=1e-4)
+
+
+def _variance_of(c, tensor: str, x: str, mean: str, axes: tuple[int, ...]) -> bool:
+    """Whether `tensor` is the variance of x over `axes` about `mean`: `mean(x²) - mean²` (possibly
+    `Max(a, ·)` with a constant `a ≤ 0`) or `mean((x - mean)²)`."""
+    graph = c.builder.graph
+    floored = _producer(graph, tensor, "Max")
+    if floored is not None and len(floored.input) == 2:
+        floors = [graph.scalar(t) for t in floored.input]
+        if sum(v is not None for v in floors) != 1 or next(v for v in floors if v is not None) > 0:
+            return False
+        tensor = _unbroadcast(graph, floored.input[floors.index(None)])
+    difference = _producer(graph, tensor, "Sub")
+    if difference is not None:
+        moment = _mean_of(c, difference.input[0])
+        squared = _producer(graph, difference.input[1], "Pow", "Mul")
+        base = squared.input[0] if squared is not None else ""
+        return (moment is not None and moment[1] == axes and _is_square_of(graph, moment[0], x)
+                and _is_square_of(graph, difference.input[1], base) and _unbroadcast(graph, base) == mean)
+    spread = _mean_of(c, tensor)
+    if spread is None or spread[1] != axes:
+        return False
+    square = _producer(graph, spread[0], "Pow", "Mul")
+    deviation = square and _producer(graph, square.input[0], "Sub")
+    return bool(deviation and _is_square_of(graph, spread[0], square.input[0]) and deviation.input[0] == x
+                and _unbroadcast(graph, deviation.input[1]) == mean)
 
 
 _ELEMENTARY_OPS = {"Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal"}

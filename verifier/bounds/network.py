@@ -126,6 +126,7 @@ class _Builder:
         self.problems: list[tuple[str, str, str]] = []
         # a -inf attention mask (Add or Where of a constant) feeding a Softmax: its kept entries, by tensor
         self.softmax_masks: dict[str, torch.Tensor] = {}
+        self._probe: dict[str, torch.Tensor] | None = None  # the model's values on a random input (probe_value)
 
     def constant(self, tensor: str) -> torch.Tensor | None:
         value = self.graph.constant(tensor)
@@ -190,6 +191,29 @@ class _Builder:
         if isinstance(rule, list):
             return _expand(fx_node.name, key, inputs, rule)
         return [BoundNode(fx_node.name, onnx_node.op_type, key, inputs, rule)]
+
+    def probe_value(self, tensor: str) -> torch.Tensor | None:
+        """`tensor`'s value (on the CPU) when the model runs on a seeded random normal input of two
+        samples; None when the input shape is not static, the run fails or the tensor is not kept."""
+        if self._probe is None:
+            self._probe = self._probe_values()
+        fx_name = self.model.tensor_nodes.get(tensor)
+        return self._probe.get(fx_name) if fx_name is not None else None
+
+    def _probe_values(self) -> dict[str, torch.Tensor]:
+        shape = self.model.input_spec.shape or ()
+        if len(shape) < 2 or not all(isinstance(d, int) for d in shape[1:]):
+            return {}
+        parameter = next(iter(self.module.parameters()), torch.zeros(()))
+        dtype = parameter.dtype if parameter.is_floating_point() else torch.float32
+        x = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0)).to(parameter.device, dtype)
+        interpreter = fx.Interpreter(self.module, garbage_collect_values=False)
+        try:
+            with torch.no_grad():
+                interpreter.run(x)
+        except Exception:  # noqa: BLE001 - a model that cannot run on the probe gets no probe
+            return {}
+        return {node.name: value.detach().cpu() for node, value in interpreter.env.items() if torch.is_tensor(value)}
 
     def _softmax_parts(self, site: ActivationSite) -> list[decompose.Part] | None:
         try:
@@ -353,7 +377,9 @@ def _mul(c: _NodeContext) -> Rule | list[decompose.Part] | None:
         return None
     if c.variables[0] == c.variables[1]:  # x * x: one input
         return [decompose.Part("", "square", (0,), decompose.unary("square", {}))]
-    return bilinear.product(False) if decompose.same_rank(c, 1) else ops.product()
+    if not decompose.same_rank(c, 1):
+        return ops.product()
+    return decompose.flax_layer_norm_parts(c) or bilinear.product(False)
 
 
 def _masked_constant(c: _NodeContext, constant: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor | None:

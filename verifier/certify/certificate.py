@@ -174,13 +174,23 @@ def radius_grid(inputs: torch.Tensor, deltas: Sequence[float], p: float, box, no
     return grid_of(len(inputs), reach, deltas, p, grid_points)
 
 
+FAR_DOUBLINGS = 4  # grid radii past N^(1/p) delta: top * 2, 4, 8, 16 (capped by the reach)
+
+
 def grid_of(count: int, reach: float, deltas: Sequence[float], p: float, grid_points: int) -> torch.Tensor:
     """`radius_grid` of `count` samples whose farthest point in the box is `reach` away (inf: no box):
-    the form a sharded run uses, with N and the reach over every rank."""
+    the form a sharded run uses, with N and the reach over every rank.
+
+    For p < inf a fraction of a sample's mass may travel past N^(1/p) delta (eq. 5.3's hull): a few
+    doublings beyond it (and the reach itself when it comes first) give the hull bounds there instead
+    of the tail piece's slope and whole-box cap alone."""
     top = max(deltas) * (1.0 if math.isinf(p) else min(count ** (1.0 / p), 20.0))
     top = min(top, reach)
     top = max(top, max(deltas), 1e-6)  # a grid even when every delta is 0
-    return torch.unique(torch.cat([grid(top, grid_points),
+    far = top * 2.0 ** torch.arange(1, FAR_DOUBLINGS + 1, dtype=torch.float64)
+    last = [reach] if top < reach <= top * 2.0 ** FAR_DOUBLINGS else []
+    far = torch.cat([far[far < reach], torch.tensor(last, dtype=torch.float64)])
+    return torch.unique(torch.cat([grid(top, grid_points), far if not math.isinf(p) else far[:0],
                                    torch.tensor([float(d) for d in deltas], dtype=torch.float64)]))
 
 

@@ -73,7 +73,7 @@ class MarginEvidence:
     labels: torch.Tensor  # (N,)
     linear: torch.Tensor | None  # (N, K+1, C): upper bounds of z_j - z_y, -inf at j = y
     slopes: torch.Tensor | None  # (N, K+1, C): Jacobian-route bound on each margin's slope on each ball
-    whole_box: torch.Tensor | None  # (N, C): margin upper bounds over the whole box
+    whole_box: torch.Tensor | None  # (N, C): margin upper bounds over the whole box (all of R^d without one)
     domain_slope: torch.Tensor | None  # (N, C): slope bounds over the whole box (or all of R^d)
     cell_margins: torch.Tensor | None  # (N, K+1, C): exact in-cell margins (valid up to the radius)
     cell_rates: torch.Tensor | None  # (N, K+1, C): their supergradients in s (tangents, concave in-cell)
@@ -218,8 +218,8 @@ def collect_evidence(network: BoundNetwork | None, x: torch.Tensor, y: torch.Ten
         domain.masked_fill_(true_class, -math.inf)
         finite = torch.isfinite(domain_slopes).any() or torch.isfinite(domain).any()
         domain_slope = domain_slopes if finite else None
-        if box is not None and finite:
-            whole_box = domain
+        if finite:  # over the box, or all of R^d without one (a LayerNorm bounds what follows it)
+            whole_box = torch.nan_to_num(domain, nan=math.inf, posinf=math.inf, neginf=-math.inf)
     return with_cells(MarginEvidence(
         radii=radii, logits=logits, labels=y, linear=linear, slopes=slopes, whole_box=whole_box,
         domain_slope=domain_slope, cell_margins=None, cell_rates=None, cell_radius=None,
