@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -216,6 +217,8 @@ def _reduced_axes(c, node, keepdims_only: bool) -> tuple[int, ...] | None:
     if axes is None or (keepdims_only and not attributes.get("keepdims", 1)):
         return None  # (noop_with_empty_axes only matters for empty axes, refused below: 0 reduced)
     rank = len(c.builder._shape(node.input[0]))
+    if rank == 0:
+        return None
     chosen = tuple(sorted({int(a) % rank - rank for a in np.atleast_1d(axes)}))
     return chosen if 0 < len(chosen) < rank and chosen == tuple(range(-len(chosen), 0)) else None
 
@@ -276,7 +279,8 @@ def _unbroadcast(graph, tensor: str) -> str:
 
 def _mean_of(c, tensor: str) -> tuple[str, tuple[int, ...]] | None:
     """`(x, axes)` when `tensor` is the mean of x over its last axes: `ReduceMean(x)`, or `ReduceSum(x)`
-    times `1/n` or divided by `n` (n the reduced entries' count, to float32 precision); else None."""
+    times `1/n` or divided by `n`, n the reduced entries' count, exactly (a rounded `1/n`, e.g. float32's
+    1/3, leaves `x - m` off centre by `ε·mean(x)`, unbounded on R^d); else None."""
     graph = c.builder.graph
     node = _producer(graph, tensor, "ReduceMean")
     if node is not None:
@@ -297,16 +301,16 @@ def _mean_of(c, tensor: str) -> tuple[str, tuple[int, ...]] | None:
     if not all(d.HasField("dim_value") for d in dims):
         return None
     count = math.prod(d.dim_value for d in dims)
-    per_entry = factor if scaled.op_type == "Mul" else 1.0 / factor
-    return (total.input[0], axes) if abs(per_entry * count - 1.0) <= 1e-6 else None
+    exact = Fraction(factor) * count == 1 if scaled.op_type == "Mul" else factor == count
+    return (total.input[0], axes) if exact else None
 
 
 def flax_layer_norm(c) -> tuple[int, str, int, float, str | None] | None:
-    """`(centred, x, dims, eps, scale)` when this `Mul` is a LayerNorm as jax2tf writes flax's (and
-    tf2onnx Keras's fused form): `(x - m) · rsqrt(var + eps) [· scale]`, with `m` the mean of x over its
-    last `dims` axes, `var` either `mean(x²) - m²` (flax's fast variance, possibly floored at a constant
-    `≤ 0` by Max, exact on the reals) or `mean((x - m)²)`, `rsqrt` as `Reciprocal(Sqrt)` or `Pow(·, -0.5)`,
-    reshapes and expansions anywhere between; `centred` is the variable position of `x - m`, `scale`
+    """`(centred, x, dims, eps, scale)` when this `Mul` is a LayerNorm as jax2tf writes flax's:
+    `(x - m) · rsqrt(var + eps) [· scale]`, with `m` the mean of x over its last `dims` axes, `var`
+    either `mean(x²) - m²` (flax's fast variance, possibly floored at a constant `≤ 0` by Max, exact on
+    the reals) or `mean((x - m)²)`, `rsqrt` as `Reciprocal(Sqrt)` or `Pow(·, -0.5)`, reshapes and
+    expansions anywhere between; `centred` is the variable position of `x - m`, `scale`
     the constant factor's tensor. Else None."""
     graph = c.builder.graph
     for position in (0, 1):
@@ -364,7 +368,10 @@ def _probe_agrees(c, x: str, dims: int, eps: float, factor: torch.Tensor | None)
         return False
     axes = tuple(range(-dims, 0))
     centred = source.double() - source.double().mean(axes, keepdim=True)
-    expected = centred / torch.sqrt(centred.square().mean(axes, keepdim=True) + eps)
+    variance = centred.square().mean(axes, keepdim=True)
+    if not bool((variance > 100 * eps).all()):  # x nearly constant on the probe: both sides ~0, no evidence
+        return False
+    expected = centred / torch.sqrt(variance + eps)
     if factor is not None:
         expected = expected * factor.double().cpu()
     return expected.shape == reached.shape and torch.allclose(reached.double(), expected, rtol=1e-3, atol=1e-4)

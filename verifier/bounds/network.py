@@ -14,6 +14,7 @@ per sample, or the network is refused naming the first node where that fails
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Callable
@@ -204,7 +205,7 @@ class _Builder:
         shape = self.model.input_spec.shape or ()
         if len(shape) < 2 or not all(isinstance(d, int) for d in shape[1:]):
             return {}
-        parameter = next(iter(self.module.parameters()), torch.zeros(()))
+        parameter = next(itertools.chain(self.module.parameters(), self.module.buffers()), torch.zeros(()))
         dtype = parameter.dtype if parameter.is_floating_point() else torch.float32
         x = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0)).to(parameter.device, dtype)
         interpreter = fx.Interpreter(self.module, garbage_collect_values=False)

@@ -168,8 +168,9 @@ def slope_search(optimise_slopes: bool | str) -> SlopeSearch | None:
 
 def radius_grid(inputs: torch.Tensor, deltas: Sequence[float], p: float, box, norm: str,
                 grid_points: int) -> torch.Tensor:
-    """One grid for every delta: up to the farthest a single sample can move (N^(1/p) delta, capped);
-    the curve attack (`verifier.attacks.curve`) attacks at these radii too."""
+    """One grid for every delta: up to the farthest a whole sample can move (N^(1/p) delta, capped),
+    then for p < inf `grid_of`'s doublings; the curve attack (`verifier.attacks.curve`) attacks at
+    these radii too."""
     reach = float(box_reach(inputs, box, norm).max()) if box is not None else math.inf
     return grid_of(len(inputs), reach, deltas, p, grid_points)
 
@@ -181,16 +182,18 @@ def grid_of(count: int, reach: float, deltas: Sequence[float], p: float, grid_po
     """`radius_grid` of `count` samples whose farthest point in the box is `reach` away (inf: no box):
     the form a sharded run uses, with N and the reach over every rank.
 
-    For p < inf a fraction of a sample's mass may travel past N^(1/p) delta (eq. 5.3's hull): a few
-    doublings beyond it (and the reach itself when it comes first) give the hull bounds there instead
-    of the tail piece's slope and whole-box cap alone."""
+    For p < inf a fraction of a sample's mass may travel past N^(1/p) delta (method §2, "Reach"): a
+    few doublings beyond it (and the reach itself when it comes within them) give bounds there
+    instead of the tail piece's slope and whole-box cap alone."""
     top = max(deltas) * (1.0 if math.isinf(p) else min(count ** (1.0 / p), 20.0))
     top = min(top, reach)
     top = max(top, max(deltas), 1e-6)  # a grid even when every delta is 0
-    far = top * 2.0 ** torch.arange(1, FAR_DOUBLINGS + 1, dtype=torch.float64)
-    last = [reach] if top < reach <= top * 2.0 ** FAR_DOUBLINGS else []
-    far = torch.cat([far[far < reach], torch.tensor(last, dtype=torch.float64)])
-    return torch.unique(torch.cat([grid(top, grid_points), far if not math.isinf(p) else far[:0],
+    far = torch.zeros(0, dtype=torch.float64)
+    if not math.isinf(p):
+        far = top * 2.0 ** torch.arange(1, FAR_DOUBLINGS + 1, dtype=torch.float64)
+        last = [reach] if top < reach <= top * 2.0 ** FAR_DOUBLINGS else []
+        far = torch.cat([far[far < reach], torch.tensor(last, dtype=torch.float64)])
+    return torch.unique(torch.cat([grid(top, grid_points), far,
                                    torch.tensor([float(d) for d in deltas], dtype=torch.float64)]))
 
 
