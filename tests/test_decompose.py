@@ -200,14 +200,15 @@ def test_a_norm_that_is_not_a_layer_norm_keeps_the_division_rule(tmp_path, varia
 
 
 def _flax_layer_norm(rows: int, width: int, variant: str) -> tuple[list, list]:
-    """LayerNorm over the last axis (of `(n, rows, width)`) as jax2tf writes flax's: means as `ReduceSum · 1/n` without kept
-    axes (and with `noop_with_empty_axes`, moot for given axes, as magika's), broadcast back by Reshape, variance `Max(0, mean(x²) - m²)`, `Reciprocal(Sqrt(· + eps))` times
-    the scale, then `(x - m) ·` it; `variant` changes one piece (see the tests)."""
+    """LayerNorm over the last axis (of `(n, rows, width)`) as jax2tf writes flax's: means as
+    `ReduceSum · 1/n` without kept axes (and with `noop_with_empty_axes`, moot for given axes, as
+    magika's), broadcast back by Reshape, variance `Max(0, mean(x²) - m²)`, `Reciprocal(Sqrt(· + eps))`
+    times the scale, then `(x - m) ·` it; `variant` changes one piece (see the tests)."""
     inverse = 1.0 / (width - 1 if variant == "wrong count" else width)
     floor = 0.1 if variant == "positive floor" else 0.0
     back = [-1, 1, rows] if variant == "wrong reshape" else [-1, rows, 1]
-    inits = [const("axes", np.array([-1], np.int64)), const("inv", np.float32(inverse)), const("floor", np.float32(floor)),
-             const("back", np.array(back, np.int64)), const("eps", np.float32(1e-6)),
+    inits = [const("axes", np.array([-1], np.int64)), const("inv", np.float32(inverse)),
+             const("floor", np.float32(floor)), const("back", np.array(back, np.int64)), const("eps", np.float32(1e-6)),
              const("g", np.linspace(0.5, 1.5, width, dtype=np.float32)), const("b", np.float32(0.25))]
     nodes = [N("ReduceSum", ["x", "axes"], ["s"], keepdims=0, noop_with_empty_axes=1), N("Mul", ["s", "inv"], ["m"]),
              N("Reshape", ["m", "back"], ["mb"]), N("Sub", ["x", "mb"], ["c"])]

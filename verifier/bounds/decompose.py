@@ -384,7 +384,7 @@ def _variance_of(c, tensor: str, x: str, mean: str, axes: tuple[int, ...]) -> bo
     floored = _producer(graph, tensor, "Max")
     if floored is not None and len(floored.input) == 2:
         floors = [graph.scalar(t) for t in floored.input]
-        if sum(v is not None for v in floors) != 1 or next(v for v in floors if v is not None) > 0:
+        if sum(v is not None for v in floors) != 1 or not next(v for v in floors if v is not None) <= 0:  # NaN too
             return False
         tensor = _unbroadcast(graph, floored.input[floors.index(None)])
     difference = _producer(graph, tensor, "Sub")
