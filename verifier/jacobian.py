@@ -58,8 +58,9 @@ def prepared_module(model: ConvertedModel, device: str | torch.device = "auto",
     return module.to(device=target, dtype=dtype).eval()
 
 
-def _as_tensor(x: torch.Tensor | np.ndarray, module: torch.nn.Module) -> torch.Tensor:
-    # the first float weight: integer buffers (Squeeze axes, shapes) keep their dtype under .to()
+def as_module_input(x: torch.Tensor | np.ndarray, module: torch.nn.Module) -> torch.Tensor:
+    """`x` on the module's device, float input in its dtype (that of its first float weight:
+    integer buffers such as Squeeze axes or shapes keep their dtype under `.to()`)."""
     tensors = [*module.parameters(), *module.buffers()]
     reference = next((t for t in tensors if t.is_floating_point()), tensors[0] if tensors else torch.empty(0))
     tensor = torch.as_tensor(x)
@@ -171,7 +172,7 @@ def logits_jacobian(model: ConvertedModel, x: torch.Tensor | np.ndarray, device:
                     memory_bytes: int = DEFAULT_MEMORY_BYTES, deadline: Deadline = NEVER) -> LogitJacobians:
     """Exact Jacobians of the logits for every sample, chunked under `memory_bytes` (`deadline`: per chunk)."""
     module = prepared_module(model, device, dtype)
-    inputs = _as_tensor(x, module)
+    inputs = as_module_input(x, module)
     fixed = _fixed_batch(model)
     with torch.no_grad():
         probe = module(inputs[:1])  # a kept fixed batch: `prepared_module` pads
@@ -197,7 +198,7 @@ def loss_gradients(model: ConvertedModel, x: torch.Tensor | np.ndarray, y: torch
     if check_loss(loss) not in DIFFERENTIABLE_LOSSES:
         raise UsageError(f"the {loss} loss has no gradient; choose one of {', '.join(DIFFERENTIABLE_LOSSES)}")
     module = prepared_module(model, device, dtype)
-    inputs = _as_tensor(x, module)
+    inputs = as_module_input(x, module)
     labels = torch.as_tensor(y, dtype=torch.long, device=inputs.device)
     per_sample = math.prod(inputs.shape[1:]) * inputs.element_size() * 8 + autograd_bytes(module, inputs[:1])
     values, grads, logits = [], [], []

@@ -255,14 +255,19 @@ def _shifted(graph, tensor: str) -> tuple[float | None, str | None]:
     return (eps, shifted.input[constants.index(False)]) if eps is not None and eps > 0 else (None, None)
 
 
-def _is_square_of(graph, tensor: str, base: str) -> bool:
-    """Whether `tensor = base²`, as `Pow(base, 2)` or `Mul(base, base)`."""
+def _square_base(graph, tensor: str) -> str | None:
+    """`b` when `tensor = b²`, as `Pow(b, 2)` or `Mul(b, b)`; else None."""
     square = _producer(graph, tensor, "Pow", "Mul")
     if square is None:
-        return False
+        return None
     if square.op_type == "Pow":
-        return square.input[0] == base and graph.scalar(square.input[1]) == 2.0
-    return list(square.input) == [base, base]
+        return square.input[0] if graph.scalar(square.input[1]) == 2.0 else None
+    return square.input[0] if square.input[0] == square.input[1] else None
+
+
+def _is_square_of(graph, tensor: str, base: str) -> bool:
+    """Whether `tensor = base²`."""
+    return _square_base(graph, tensor) == base
 
 
 _BROADCASTS = ("Reshape", "Expand", "Unsqueeze", "Identity")
@@ -297,7 +302,7 @@ def _mean_of(c, tensor: str) -> tuple[str, tuple[int, ...]] | None:
     axes = total and _reduced_axes(c, total, False)
     if axes is None:
         return None
-    dims = c.builder._shape(total.input[0])[len(c.builder._shape(total.input[0])) + axes[0]:]
+    dims = c.builder._shape(total.input[0])[axes[0]:]  # axes are negative: the reduced trailing dims
     if not all(d.HasField("dim_value") for d in dims):
         return None
     count = math.prod(d.dim_value for d in dims)
@@ -389,18 +394,15 @@ def _variance_of(c, tensor: str, x: str, mean: str, axes: tuple[int, ...]) -> bo
         tensor = _unbroadcast(graph, floored.input[floors.index(None)])
     difference = _producer(graph, tensor, "Sub")
     if difference is not None:
-        moment = _mean_of(c, difference.input[0])
-        squared = _producer(graph, difference.input[1], "Pow", "Mul")
-        base = squared.input[0] if squared is not None else ""
+        moment, base = _mean_of(c, difference.input[0]), _square_base(graph, difference.input[1])
         return (moment is not None and moment[1] == axes and _is_square_of(graph, moment[0], x)
-                and _is_square_of(graph, difference.input[1], base) and _unbroadcast(graph, base) == mean)
+                and base is not None and _unbroadcast(graph, base) == mean)
     spread = _mean_of(c, tensor)
     if spread is None or spread[1] != axes:
         return False
-    square = _producer(graph, spread[0], "Pow", "Mul")
-    deviation = square and _producer(graph, square.input[0], "Sub")
-    return bool(deviation and _is_square_of(graph, spread[0], square.input[0]) and deviation.input[0] == x
-                and _unbroadcast(graph, deviation.input[1]) == mean)
+    base = _square_base(graph, spread[0])
+    deviation = base and _producer(graph, base, "Sub")
+    return bool(deviation and deviation.input[0] == x and _unbroadcast(graph, deviation.input[1]) == mean)
 
 
 _ELEMENTARY_OPS = {"Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal"}

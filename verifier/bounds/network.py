@@ -14,7 +14,6 @@ per sample, or the network is refused naming the first node where that fails
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from verifier.convert import ConvertedModel
 from verifier.convert.compat import import_onnx2torch
 from verifier.errors import UnsupportedOpsError
 from verifier.graph import ActivationSite, OperatorGraph
+from verifier.jacobian import as_module_input
 
 import_onnx2torch()
 from onnx2torch.onnx_graph import OnnxGraph  # noqa: E402
@@ -205,9 +205,7 @@ class _Builder:
         shape = self.model.input_spec.shape or ()
         if len(shape) < 2 or not all(isinstance(d, int) for d in shape[1:]):
             return {}
-        parameter = next(itertools.chain(self.module.parameters(), self.module.buffers()), torch.zeros(()))
-        dtype = parameter.dtype if parameter.is_floating_point() else torch.float32
-        x = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0)).to(parameter.device, dtype)
+        x = as_module_input(torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0)), self.module)
         interpreter = fx.Interpreter(self.module, garbage_collect_values=False)
         try:
             with torch.no_grad():
